@@ -1,0 +1,1 @@
+//! The applets of the multicall binary.

@@ -1,0 +1,1 @@
+//! Command line of the applets (LOCAL_API.md §18).

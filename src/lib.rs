@@ -1,0 +1,19 @@
+//! miio_client: the MIIO/OT client daemon and its applets, as a library the multicall binary drives.
+//!
+//! Layer rules (see ARCHITECTURE.md):
+//! - `time`, `timer`, `wire` and `config` parsers are pure: no I/O, no clock, never panic on input.
+//! - `proto` holds the sans-IO state machines: `handle_*(now, ..)`, `poll_action()`, `poll_timeout()`.
+//! - `io` is the only layer with syscalls; it decides nothing. All `unsafe` lives in `io::sys`.
+#![deny(unsafe_code)]
+
+pub mod applets;
+pub mod cli;
+pub mod config;
+pub mod io;
+pub mod proto;
+pub mod time;
+pub mod timer;
+pub mod wire;
+
+/// The version printed by `-v` (`miio-client <version>`, LOCAL_API.md §18).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
