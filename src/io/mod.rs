@@ -1,1 +1,7 @@
 //! The only layer with syscalls: the reactor, the clock, signals, logging, files at run time.
+//! It decides nothing: bytes go to `wire`, decisions come from `proto`.
+
+pub mod clock;
+pub mod log;
+pub mod reactor;
+pub mod sys;
