@@ -453,19 +453,43 @@ mod tests {
         assert_eq!(a.loglevel, 2);
         assert_eq!(a.keepalive, Duration::from_secs(20));
         assert_eq!(a.transports, vec![Transport::Udp, Transport::Tcp]);
-        assert_eq!((a.lan_port, a.local_port, a.ble_port), (54321, 54322, 54323));
+        assert_eq!(
+            (a.lan_port, a.local_port, a.ble_port),
+            (54321, 54322, 54323)
+        );
     }
 
     #[test]
     fn vendor_short_options_and_clusters() {
-        let a = p(&["-D", "-d/tmp/x", "-l", "3", "-L", "/tmp/log", "-H", "127.0.0.1", "-p8053"]).unwrap();
+        let a = p(&[
+            "-D",
+            "-d/tmp/x",
+            "-l",
+            "3",
+            "-L",
+            "/tmp/log",
+            "-H",
+            "127.0.0.1",
+            "-p8053",
+        ])
+        .unwrap();
         assert!(a.daemonize);
         assert_eq!(a.datadir, "/tmp/x/");
         assert_eq!(a.loglevel, 3);
         assert_eq!(a.logfile.as_deref(), Some("/tmp/log"));
         assert_eq!(a.host.as_deref(), Some("127.0.0.1"));
         assert_eq!(a.port, Some(8053));
-        let b = p(&["-Dl4", "-eE", "-o", "FILE_STORE", "-n", "128", "-i", "60000"]).unwrap();
+        let b = p(&[
+            "-Dl4",
+            "-eE",
+            "-o",
+            "FILE_STORE",
+            "-n",
+            "128",
+            "-i",
+            "60000",
+        ])
+        .unwrap();
         assert!(b.daemonize && b.enckey && b.encdata);
         assert_eq!(b.loglevel, 4);
         assert_eq!(b.interval_ms, Some(60000));
@@ -505,8 +529,14 @@ mod tests {
         assert!(matches!(p(&["-l"]), Err(CliError::Usage(_))));
         assert!(matches!(p(&["-l", "9"]), Err(CliError::Usage(_))));
         assert!(matches!(p(&["-p", "70000"]), Err(CliError::Usage(_))));
-        assert!(matches!(p(&["--keepalive", "abc"]), Err(CliError::Usage(_))));
-        assert!(matches!(p(&["--transports", "udp,udp"]), Err(CliError::Usage(_))));
+        assert!(matches!(
+            p(&["--keepalive", "abc"]),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            p(&["--transports", "udp,udp"]),
+            Err(CliError::Usage(_))
+        ));
         assert!(matches!(p(&["--no-mdns=1"]), Err(CliError::Usage(_))));
         assert!(matches!(p(&["stray"]), Err(CliError::Usage(_))));
         assert!(matches!(

@@ -40,7 +40,10 @@ fn help_and_version_print_on_stderr_and_exit_1() {
 fn unknown_option_and_c_with_h_exit_1_with_usage() {
     let (code, _, err) = run(&["--no-such-option"]);
     assert_eq!(code, 1);
-    assert!(err.contains("unknown option") && err.contains("Usage:"), "{err}");
+    assert!(
+        err.contains("unknown option") && err.contains("Usage:"),
+        "{err}"
+    );
     let (code, _, err) = run(&["-C", "de", "-H", "127.0.0.1"]);
     assert_eq!(code, 1);
     assert!(err.contains("-C and -H"), "{err}");
@@ -70,7 +73,10 @@ fn bad_device_conf_keeps_daemon_up_and_sighup_brings_it_on() {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("device.conf:")).collect();
     assert_eq!(lines.len(), 1, "one clear line: {log}");
     assert!(lines[0].contains("[E]"), "{log}");
-    assert!(!log.contains("short"), "the key value must not be logged: {log}");
+    assert!(
+        !log.contains("short"),
+        "the key value must not be logged: {log}"
+    );
     assert!(d.is_running());
     assert!(!log.contains("STATE_TOKEN_DONE"));
 
@@ -90,13 +96,26 @@ fn provisioned_device_reaches_sta_mode_and_sigterm_exits_0() {
     let dir = TempDir::new("sta");
     dir.write("device.conf", GOOD_DEVICE_CONF);
     dir.write("device.token", "ABCDEFGHIJKLMNOP");
-    dir.write("wifi.conf", "ssid=\"home\"\npsk=\"secretpw\"\nkey_mgmt=WPA\n");
+    dir.write(
+        "wifi.conf",
+        "ssid=\"home\"\npsk=\"secretpw\"\nkey_mgmt=WPA\n",
+    );
     let args = base_args(&dir);
     let mut d = Daemon::start(&dir, &strs(&args));
-    assert!(d.wait_log("STATE: (4) -> STATE_WIFI_STA_MODE", T), "log: {}", d.log_text());
-    assert_eq!(std::fs::read_to_string(dir.join("device.token")).unwrap(), "ABCDEFGHIJKLMNOP");
+    assert!(
+        d.wait_log("STATE: (4) -> STATE_WIFI_STA_MODE", T),
+        "log: {}",
+        d.log_text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("device.token")).unwrap(),
+        "ABCDEFGHIJKLMNOP"
+    );
     let log = d.log_text();
-    assert!(!log.contains("secretpw") && !log.contains("ABCDEFGHIJKLMNOP"), "{log}");
+    assert!(
+        !log.contains("secretpw") && !log.contains("ABCDEFGHIJKLMNOP"),
+        "{log}"
+    );
     d.signal("INT");
     assert_eq!(d.wait_exit(T), Some(0));
 }
@@ -113,7 +132,8 @@ fn port_in_use_gives_the_vendor_message_and_exit_1() {
     let mut d = Daemon::start(&dir, &strs(&args));
     assert_eq!(d.wait_exit(T), Some(1));
     assert!(
-        d.log_text().contains("Quit, maybe another miio_client is already running."),
+        d.log_text()
+            .contains("Quit, maybe another miio_client is already running."),
         "{}",
         d.log_text()
     );

@@ -82,7 +82,7 @@ fn fresh_token() -> Secret16 {
             *b ^= t[i % 8].wrapping_mul(i as u8 | 1);
         }
     }
-    crate::config::token::generate(&raw).unwrap_or_else(|| Secret16::from_bytes(*b"0123456789abcdef"))
+    crate::config::token::generate(&raw).unwrap_or_else(|| Secret16::new(*b"0123456789abcdef"))
 }
 
 impl Daemon {
@@ -272,7 +272,11 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    info!("miio_client {} starting, data dir {}", crate::VERSION, a.datadir);
+    info!(
+        "miio_client {} starting, data dir {}",
+        crate::VERSION,
+        a.datadir
+    );
     let mut d = Daemon {
         args: a,
         log,

@@ -8,9 +8,7 @@ pub mod client;
 pub type Entry = fn(&[String]) -> i32;
 
 /// Only applets that really work are listed (and installed as links by `make install`).
-pub const APPLETS: &[(&str, Entry)] = &[
-    ("miio_client", client::main),
-];
+pub const APPLETS: &[(&str, Entry)] = &[("miio_client", client::main)];
 
 fn find(name: &str) -> Option<Entry> {
     APPLETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
@@ -21,7 +19,11 @@ fn basename(p: &str) -> &str {
 }
 
 fn list() -> String {
-    APPLETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" ")
+    APPLETS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Runs the applet named by `argv` and returns its exit status.

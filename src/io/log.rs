@@ -101,7 +101,9 @@ pub fn init(level: u8, path: Option<&str>) -> io::Result<LogHandle> {
                 record.args()
             )
         })
-        .target(env_logger::Target::Pipe(Box::new(SharedWriter(sink.clone()))))
+        .target(env_logger::Target::Pipe(Box::new(SharedWriter(
+            sink.clone(),
+        ))))
         .try_init();
     set_level(level);
     Ok(LogHandle { sink })
@@ -119,10 +121,7 @@ impl LogHandle {
     }
 
     pub fn has_file(&self) -> bool {
-        self.sink
-            .lock()
-            .map(|s| s.file.is_some())
-            .unwrap_or(false)
+        self.sink.lock().map(|s| s.file.is_some()).unwrap_or(false)
     }
 }
 

@@ -2,6 +2,9 @@
 //! It decides nothing: bytes go to `wire`, decisions come from `proto`.
 
 pub mod clock;
+pub mod conn;
+pub mod datafiles;
 pub mod log;
 pub mod reactor;
+pub mod resolver;
 pub mod sys;

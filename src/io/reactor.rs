@@ -78,11 +78,8 @@ impl Reactor {
         let poll = Poll::new()?;
         let timer = File::from(sys::timerfd_boottime()?);
         let (r, w) = sys::pipe()?;
-        poll.registry().register(
-            &mut SourceFd(&timer.as_raw_fd()),
-            TIMER,
-            Interest::READABLE,
-        )?;
+        poll.registry()
+            .register(&mut SourceFd(&timer.as_raw_fd()), TIMER, Interest::READABLE)?;
         poll.registry()
             .register(&mut SourceFd(&r.as_raw_fd()), SIGNAL, Interest::READABLE)?;
         sys::install_signal_pipe(

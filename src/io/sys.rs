@@ -39,7 +39,9 @@ pub fn wall_secs() -> i64 {
     };
     // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    ts.tv_sec as i64
+    #[allow(clippy::unnecessary_cast)] // time_t is i32 on armv7
+    let s = ts.tv_sec as i64;
+    s
 }
 
 /// Broken-down local time: (year, month 1-12, day, hour, minute, second).
@@ -66,10 +68,7 @@ pub fn localtime(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
 pub fn timerfd_boottime() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; on success we own the returned descriptor.
     let fd = check(unsafe {
-        libc::timerfd_create(
-            libc::CLOCK_BOOTTIME,
-            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-        )
+        libc::timerfd_create(libc::CLOCK_BOOTTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
     })?;
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -60,7 +60,10 @@ impl State {
 
     /// The token is known from `token_done` on, including the did/key states after it (P§4.2).
     pub fn token_known(self) -> bool {
-        !matches!(self, State::DeviceInit | State::DidkeyReq1 | State::DidkeyDone)
+        !matches!(
+            self,
+            State::DeviceInit | State::DidkeyReq1 | State::DidkeyDone
+        )
     }
 }
 
