@@ -205,7 +205,6 @@ impl Local {
                 log::warn!("too many sockets to track");
                 self.conns.remove(&conn);
                 self.push_close(conn);
-                return;
             } else {
                 c.class = Class::Ordinary;
                 for t in held {
