@@ -1,0 +1,1458 @@
+//! The cloud link machine (PROTOCOL.md §5): server list, connect, hello and time sync, `_otc.info`,
+//! keepalive and pings, upstream requests with id rewrite and acks, downstream commands with
+//! first-reply-wins, the reply cache, the periodic refresh and the reconnect backoff.
+//!
+//! Contract (ARCHITECTURE.md §3): sans-IO. No socket, no clock, no file. Inputs are `start`, `stop`,
+//! `handle_*(now, ..)`, `upstream`, `local_reply`, `self_reply`; outputs are [`Action`]s drained with
+//! [`Cloud::poll_action`]; [`Cloud::poll_timeout`] is the earliest non-lazy deadline. Randomness (cloud
+//! ids, DNS shuffle, backoff jitter) comes from a PRNG seeded by the caller ([`CloudConfig::seed`]).
+//!
+//! The reactor's side of the protocol:
+//! - `Resolve{transport, host, port}`: resolve off the loop (at most 10 s), then call
+//!   [`Cloud::handle_resolved`] with the IPv4 A records or an error text. Nothing is filtered by the
+//!   reactor: the machine drops 0/8, 127/8, 224/3 (P§5.1 D1). The first-octet rule needs the local
+//!   address on the route, so it is checked in [`Cloud::handle_connected`].
+//! - `Connect{transport, addr}`: drop any previous cloud socket, open a new one (UDP: a new connected
+//!   socket; TCP: a non-blocking connect). Call [`Cloud::handle_connected`] with the socket's local
+//!   address once it is set up (UDP: at once), or [`Cloud::handle_connect_failed`]. The machine owns
+//!   the 5 s connect deadline.
+//! - `Send(bytes)`: one packet on the current cloud socket (one datagram, or bytes on the stream).
+//! - `Close`: close the cloud socket. Data read after it must not be delivered.
+//! - Received data: [`Cloud::handle_datagram`] (UDP, one datagram each) or [`Cloud::handle_stream`]
+//!   (TCP, any chunking, chunks of at most 64 KiB). EOF or a socket error: [`Cloud::handle_link_down`].
+//!   `ECONNREFUSED` on the UDP socket is NOT reported: it counts as nothing received (P§5.6).
+//! - `NeedInfo`: answer with [`Cloud::handle_info`] (the helper's `_internal.info` answer, or the
+//!   daemon's own `{"params":{..}}`).
+//! - `ToClient`, `Command`, `SelfMethod`, `Event`: for the node (see [`Action`]).
+
+use core::fmt;
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use log::{debug, info, warn};
+use serde_json::{Map, Value};
+
+use crate::time::{Duration, Instant};
+use crate::timer::TimerWheel;
+use crate::wire::crypto::Keys;
+use crate::wire::miio::{self, Packet};
+use crate::wire::rpc;
+
+/// Hello resend period and the wait after the last one (P§5.3 D4).
+const HELLO_PERIOD: Duration = Duration::from_secs(5);
+/// Hellos sent before an attempt fails (P§5.3 D4).
+const HELLO_TRIES: u8 = 3;
+/// TCP connect deadline (P§5.2).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refresh: how long to wait for the time-sync reply before `_otc.info` (P§5.10).
+const REFRESH_HELLO_WAIT: Duration = Duration::from_secs(5);
+/// Keepalive misses that declare the link lost (P§5.6).
+const KEEPALIVE_MISSES: u8 = 3;
+/// UDP retransmissions of an unacked upstream request (P§5.7 D5).
+const RETRANSMITS: u8 = 3;
+/// Pending upstream requests (P§5.7).
+const MAX_UPSTREAM: usize = 128;
+/// Pending downstream commands (P§5.8).
+const MAX_DOWNSTREAM: usize = 64;
+/// Reply cache size and lifetime (P§5.8).
+const REPLY_CACHE: usize = 32;
+const REPLY_TTL: Duration = Duration::from_secs(60);
+/// Keepalive stamps remembered to tell a pong from a cloud ping (P§5.6).
+const SENT_STAMPS: usize = 8;
+/// Default refresh period when the cloud sends no `otc_test.interval` (P§5.4).
+const DEFAULT_REFRESH: Duration = Duration::from_secs(1800);
+/// Shortest refresh period taken from the cloud: a bad value must not make us chatter.
+const MIN_CLOUD_REFRESH: Duration = Duration::from_secs(60);
+/// `otc_list` entries kept: bounded memory whatever the cloud sends.
+const MAX_OTC_LIST: usize = 16;
+/// Ids of upstream requests: 1..=2^31-1, never 0 (P§5.7 D5).
+const MAX_CLOUD_ID: u32 = 0x7fff_ffff;
+
+/// Methods the daemon answers itself; the node does that (P§4.6).
+const SELF_METHODS: [&str; 4] = [
+    "miIO.info",
+    "miIO.wifi_assoc_state",
+    "miIO.config_tz",
+    "miIO.config_loglevel",
+];
+/// Methods accepted only from the LAN; the cloud gets -32601 (P§4.6).
+const LAN_ONLY: [&str; 3] = ["miIO.config_router", "miIO.config", "miIO.stop_diag_mode"];
+
+/// A cloud transport (P§5.2). The lead may unify it with `cli::Transport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        })
+    }
+}
+
+/// One transport's server: a host name or IPv4 literal and a port (P§5.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    /// Set by `-H`, `--udp-host`, `--tcp-host`: its addresses are never filtered (P§5.1 D1).
+    pub explicit: bool,
+}
+
+/// A local client of the node (54322 connection, agent link, MQTT). The lead may unify it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientId(pub u32);
+
+/// Everything the machine needs to know, fixed for a run.
+#[derive(Clone)]
+pub struct CloudConfig {
+    pub did: u32,
+    /// The cloud key: 16 ASCII characters used as bytes (P§2.5). Secret.
+    pub key: [u8; 16],
+    pub model: String,
+    pub mac: String,
+    /// 32 lowercase hex chars of the token, for `_otc.info` (P§5.4). Secret.
+    pub token_hex: String,
+    /// Order of the transports tried (`--transports`).
+    pub transports: Vec<Transport>,
+    pub udp: Endpoint,
+    pub tcp: Endpoint,
+    pub keepalive: Duration,
+    pub ack_timeout: Duration,
+    pub user_ack_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// `-i`: overrides `otc_test.interval` (P§5.10).
+    pub refresh: Option<Duration>,
+    pub max_cloud_payload: usize,
+    pub seed: u64,
+}
+
+impl CloudConfig {
+    /// The defaults of P§5.1–§5.9 for a device identity; `cc` is the country code (`-C`).
+    pub fn new(did: u32, key: [u8; 16], model: &str, mac: &str, token_hex: &str, cc: &str) -> Self {
+        let (udp, tcp) = default_hosts(cc);
+        CloudConfig {
+            did,
+            key,
+            model: model.to_owned(),
+            mac: mac.to_owned(),
+            token_hex: token_hex.to_owned(),
+            transports: vec![Transport::Udp, Transport::Tcp],
+            udp: Endpoint {
+                host: udp,
+                port: 8053,
+                explicit: false,
+            },
+            tcp: Endpoint {
+                host: tcp,
+                port: 80,
+                explicit: false,
+            },
+            keepalive: Duration::from_secs(20),
+            ack_timeout: Duration::from_secs(3),
+            user_ack_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
+            refresh: None,
+            max_cloud_payload: 1024,
+            seed: 0,
+        }
+    }
+}
+
+/// Default host names for a country code: `<cc>.ot.io.mi.com` unless it is empty or `cn` (P§5.1 D1).
+pub fn default_hosts(cc: &str) -> (String, String) {
+    if cc.is_empty() || cc.eq_ignore_ascii_case("cn") {
+        ("ot.io.mi.com".into(), "ott.io.mi.com".into())
+    } else {
+        (format!("{cc}.ot.io.mi.com"), format!("{cc}.ott.io.mi.com"))
+    }
+}
+
+// The key and token never reach a log line (P§2.5).
+impl fmt::Debug for CloudConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloudConfig")
+            .field("did", &self.did)
+            .field("key", &"<redacted>")
+            .field("model", &self.model)
+            .field("mac", &self.mac)
+            .field("token_hex", &"<redacted>")
+            .field("transports", &self.transports)
+            .field("udp", &self.udp)
+            .field("tcp", &self.tcp)
+            .field("keepalive", &self.keepalive)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("user_ack_timeout", &self.user_ack_timeout)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("refresh", &self.refresh)
+            .field("max_cloud_payload", &self.max_cloud_payload)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Changes the node turns into states and `local.status` broadcasts (LOCAL_API.md §6, §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudEvent {
+    /// An attempt began: state `cloud_trying` (not broadcast).
+    Trying,
+    /// A server address resolved and the socket is set up: broadcast `internet_connected`.
+    InternetConnected,
+    /// Name resolution or connect failed: broadcast `internet_failed`.
+    InternetFailed,
+    /// Session up (after the D12 idle report on the first one): state and broadcast `cloud_connected`.
+    Connected,
+    /// An attempt failed or the link was lost: state and broadcast `cloud_retry`.
+    Retry,
+}
+
+/// What the reactor or the node must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Resolve `host` off the loop; answer with [`Cloud::handle_resolved`].
+    Resolve {
+        transport: Transport,
+        host: String,
+        port: u16,
+    },
+    /// Open a new cloud socket to `addr`; answer with `handle_connected` / `handle_connect_failed`.
+    Connect {
+        transport: Transport,
+        addr: SocketAddrV4,
+    },
+    /// One packet on the current cloud socket.
+    Send(Vec<u8>),
+    /// Close the cloud socket.
+    Close,
+    /// Get the device info; answer with [`Cloud::handle_info`].
+    NeedInfo,
+    /// A message for one local client only (an ack with its id restored, or an error).
+    ToClient {
+        client: ClientId,
+        text: String,
+    },
+    /// A cloud command to broadcast verbatim to local clients (P§5.8 D6). `id` is the tracked id, if
+    /// any; the node answers at once with `self_reply(-9999)` if it collides with a pending LAN id (P§4.7).
+    Command {
+        text: String,
+        id: Option<u32>,
+    },
+    /// A method the daemon answers itself (P§4.6); answer with [`Cloud::self_reply`] when `id` is set.
+    SelfMethod {
+        id: Option<u32>,
+        method: String,
+        params: Value,
+    },
+    Event(CloudEvent),
+}
+
+/// The machine's state as the node reports it (LOCAL_API.md §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudState {
+    /// Not started, or stopped (AP mode, shutdown).
+    Stopped,
+    /// `cloud_trying`.
+    Trying,
+    /// `cloud_connected` (announced).
+    Connected,
+    /// `cloud_retry`: waiting for the backoff.
+    Retry,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    Backoff,
+    Connect,
+    Hello,
+    Keepalive,
+    Refresh,
+    RefreshHello,
+    /// Ack deadline of an upstream request, by cloud id.
+    Ack(u32),
+    /// User-ack deadline of a downstream command, by cloud command id.
+    User(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Stopped,
+    /// Waiting for the backoff timer.
+    Retry,
+    Resolving,
+    Connecting,
+    /// Hello sent, waiting for the time sync.
+    Hello,
+    /// Time synced; getting the info or waiting for the `_otc.info` ack.
+    Info,
+    /// `_otc.info` acked: session up.
+    Up,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Server {
+    addr: SocketAddrV4,
+    from_dns: bool,
+}
+
+#[derive(Clone, Debug)]
+enum Origin {
+    Client { client: ClientId, orig: u64 },
+    Info { refresh: bool },
+    IdleReport,
+}
+
+#[derive(Clone, Debug)]
+struct Upstream {
+    cloud_id: u32,
+    origin: Origin,
+    /// The text as sent (id rewritten), kept for retransmission.
+    text: String,
+    sends: u8,
+}
+
+#[derive(Clone, Debug)]
+struct Downstream {
+    id: u32,
+    /// A -10000/-32601 reply held as a fallback (P§5.8 D16).
+    held: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Cached {
+    id: u32,
+    text: String,
+    until: Instant,
+}
+
+/// splitmix64: tiny, seeded, good enough for ids, shuffles and jitter.
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0); the modulo bias is irrelevant at these sizes.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The cloud link machine. See the module doc for the reactor protocol.
+pub struct Cloud {
+    cfg: CloudConfig,
+    keys: Keys,
+    rng: Rng,
+    wheel: TimerWheel<Timer>,
+    actions: VecDeque<Action>,
+    phase: Phase,
+    /// `Connected` emitted for this session.
+    announced: bool,
+    /// The transport of the socket the reactor holds, if any.
+    link: Option<Transport>,
+    /// Bumped on every new socket: a handler can tell whether the link changed under it.
+    generation: u32,
+    current: Option<Server>,
+
+    // Server list (P§5.1): the list of transport `tidx`, when `list_built`.
+    tidx: usize,
+    list_built: bool,
+    list: Vec<Server>,
+    pos: usize,
+    otc_list: Vec<SocketAddrV4>,
+    cloud_interval: Duration,
+    /// k of D4: consecutive failures.
+    failures: u32,
+
+    // Stamps (P§4.3, §5.5).
+    offset: i64,
+    last_tx: u32,
+    sent_stamps: [u32; SENT_STAMPS],
+    sent_idx: usize,
+    last_rx: Option<u32>,
+    hello_out: bool,
+    hellos: u8,
+
+    // Keepalive (P§5.6).
+    ka_sent: bool,
+    rx_since_ka: bool,
+    misses: u8,
+
+    info_for: Option<bool>,
+    rx_buf: Vec<u8>,
+    next_id: u32,
+    ups: Vec<Upstream>,
+    downs: Vec<Downstream>,
+    cache: VecDeque<Cached>,
+    idle_reported: bool,
+    bind: Option<(String, Option<String>)>,
+    drop_log_at: Option<Instant>,
+    drops_quiet: u32,
+}
+
+impl Cloud {
+    pub fn new(cfg: CloudConfig) -> Cloud {
+        let mut rng = Rng(cfg.seed);
+        let next_id = 1 + rng.below(u64::from(MAX_CLOUD_ID)) as u32;
+        let keys = Keys::new(&cfg.key);
+        Cloud {
+            cfg,
+            keys,
+            rng,
+            wheel: TimerWheel::new(),
+            actions: VecDeque::new(),
+            phase: Phase::Stopped,
+            announced: false,
+            link: None,
+            generation: 0,
+            current: None,
+            tidx: 0,
+            list_built: false,
+            list: Vec::new(),
+            pos: 0,
+            otc_list: Vec::new(),
+            cloud_interval: DEFAULT_REFRESH,
+            failures: 0,
+            offset: 0,
+            last_tx: 0,
+            sent_stamps: [0; SENT_STAMPS],
+            sent_idx: 0,
+            last_rx: None,
+            hello_out: false,
+            hellos: 0,
+            ka_sent: false,
+            rx_since_ka: false,
+            misses: 0,
+            info_for: None,
+            rx_buf: Vec::new(),
+            next_id,
+            ups: Vec::new(),
+            downs: Vec::new(),
+            cache: VecDeque::new(),
+            idle_reported: false,
+            bind: None,
+            drop_log_at: None,
+            drops_quiet: 0,
+        }
+    }
+
+    // ---- outputs ---------------------------------------------------------------------------
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest deadline that must wake the daemon.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wheel.earliest()
+    }
+
+    pub fn state(&self) -> CloudState {
+        match self.phase {
+            Phase::Stopped => CloudState::Stopped,
+            Phase::Retry => CloudState::Retry,
+            Phase::Up if self.announced => CloudState::Connected,
+            _ => CloudState::Trying,
+        }
+    }
+
+    /// For `local.prep_suspend` (LOCAL_API.md §12): upstream awaiting an ack, or an attempt in progress.
+    pub fn is_busy(&self) -> bool {
+        !self.ups.is_empty()
+            || matches!(
+                self.phase,
+                Phase::Resolving | Phase::Connecting | Phase::Hello | Phase::Info
+            )
+    }
+
+    /// The device stamp: boottime seconds + the time-sync offset (P§4.3). For LAN replies and `local.time`.
+    pub fn stamp(&self, now: Instant) -> u32 {
+        secs(now).wrapping_add(self.offset) as u32
+    }
+
+    /// The offset set by the last accepted time sync (0 before).
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// After a provisioning in this run: `uid` and the phone's `bind_key` go into `_otc.info` (P§5.4).
+    pub fn set_bind(&mut self, uid: String, bindkey: Option<String>) {
+        self.bind = Some((uid, bindkey));
+    }
+
+    /// `params` (the helper's, or the daemon's own) with `model`, `mac` (upper case), `token` and
+    /// `life` appended or replaced (P§5.4). Without `uid`/`bindkey`: this is also INFO for `miIO.info`.
+    pub fn info_params(&self, now: Instant, params: &Map<String, Value>) -> Map<String, Value> {
+        let mut p = params.clone();
+        p.insert("model".into(), self.cfg.model.clone().into());
+        p.insert("mac".into(), self.cfg.mac.to_ascii_uppercase().into());
+        p.insert("token".into(), self.cfg.token_hex.clone().into());
+        p.insert("life".into(), secs(now).into());
+        p
+    }
+
+    // ---- life cycle ------------------------------------------------------------------------
+
+    /// Starts connecting at once (P§5.9 D4: the first attempt is immediate). No-op when running.
+    pub fn start(&mut self, now: Instant) {
+        if self.phase != Phase::Stopped {
+            return;
+        }
+        self.failures = 0;
+        self.begin_attempt(now);
+    }
+
+    /// Closes everything: AP mode, a new identity, shutdown. Pending upstream senders get -30011.
+    pub fn stop(&mut self, _now: Instant) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        self.end_session();
+        self.wheel = TimerWheel::new();
+        self.phase = Phase::Stopped;
+        self.list_built = false;
+        self.list.clear();
+        self.tidx = 0;
+        self.pos = 0;
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(t) = self.wheel.pop_due(now) {
+            self.fire(now, t);
+        }
+    }
+
+    fn fire(&mut self, now: Instant, t: Timer) {
+        match t {
+            Timer::Backoff => {
+                if self.phase == Phase::Retry {
+                    self.begin_attempt(now);
+                }
+            }
+            Timer::Connect => {
+                if self.phase == Phase::Connecting {
+                    self.connect_failed(now, "connect timeout");
+                }
+            }
+            Timer::Hello => self.hello_tick(now),
+            Timer::Keepalive => self.keepalive_tick(now),
+            Timer::Refresh => self.refresh_tick(now),
+            Timer::RefreshHello => {
+                // P§5.10: 5 s without a time-sync reply; go on with `_otc.info`.
+                if self.phase == Phase::Up {
+                    self.hello_out = false;
+                    self.want_info(false);
+                }
+            }
+            Timer::Ack(id) => self.ack_timeout(now, id),
+            Timer::User(id) => self.user_timeout(now, id),
+        }
+    }
+
+    // ---- attempts, DNS, connect ------------------------------------------------------------
+
+    fn begin_attempt(&mut self, now: Instant) {
+        self.phase = Phase::Resolving;
+        self.emit(Action::Event(CloudEvent::Trying));
+        self.next_server(now);
+    }
+
+    fn transport(&self) -> Transport {
+        self.cfg
+            .transports
+            .get(self.tidx)
+            .copied()
+            .unwrap_or(Transport::Udp)
+    }
+
+    fn endpoint(&self, t: Transport) -> &Endpoint {
+        match t {
+            Transport::Udp => &self.cfg.udp,
+            Transport::Tcp => &self.cfg.tcp,
+        }
+    }
+
+    /// Connects to the next server, or asks for the next transport's list (P§5.1, §5.9).
+    fn next_server(&mut self, now: Instant) {
+        // Each round either connects, asks the resolver, or builds a list from an IP literal; a list of
+        // literals can be empty only when filtered, so one pass over the transports is enough.
+        for _ in 0..=self.cfg.transports.len() {
+            if let Some(&s) = self.list.get(self.pos).filter(|_| self.list_built) {
+                self.pos += 1;
+                self.connect(now, s);
+                return;
+            }
+            if self.list_built {
+                self.tidx = (self.tidx + 1) % self.cfg.transports.len().max(1);
+            }
+            self.list_built = false;
+            self.list.clear();
+            self.pos = 0;
+            let t = self.transport();
+            let ep = self.endpoint(t).clone();
+            match ep.host.parse::<Ipv4Addr>() {
+                Ok(ip) => self.build_list(vec![ip]),
+                Err(_) => {
+                    self.phase = Phase::Resolving;
+                    info!("getaddrinfo ({}:{}) for {t}", ep.host, ep.port);
+                    self.emit(Action::Resolve {
+                        transport: t,
+                        host: ep.host,
+                        port: ep.port,
+                    });
+                    return;
+                }
+            }
+        }
+        self.dns_failed(now, "no usable server address");
+    }
+
+    /// The resolver's answer to the last `Resolve`. Stale answers are ignored.
+    pub fn handle_resolved(&mut self, now: Instant, result: Result<Vec<Ipv4Addr>, String>) {
+        if self.phase != Phase::Resolving {
+            return;
+        }
+        match result {
+            Ok(addrs) => {
+                self.build_list(addrs);
+                if self.list.is_empty() {
+                    self.dns_failed(now, "no usable address");
+                } else {
+                    self.next_server(now);
+                }
+            }
+            Err(e) => {
+                // Keep what does not need DNS (otc_list) for the next attempt.
+                self.build_list(Vec::new());
+                self.dns_failed(now, &e);
+            }
+        }
+    }
+
+    fn dns_failed(&mut self, now: Instant, why: &str) {
+        let t = self.transport();
+        warn!("resolving {} for {t} failed: {why}", self.endpoint(t).host);
+        self.emit(Action::Event(CloudEvent::InternetFailed));
+        self.fail(now, "name resolution failed");
+    }
+
+    /// DNS records (filtered unless explicit, shuffled), then for UDP the `otc_list` entries (P§5.1).
+    fn build_list(&mut self, mut addrs: Vec<Ipv4Addr>) {
+        let t = self.transport();
+        let ep = self.endpoint(t);
+        let (port, from_dns) = (ep.port, !ep.explicit);
+        if from_dns {
+            addrs.retain(|a| {
+                let o = a.octets()[0];
+                let bad = o == 0 || o == 127 || o >= 224;
+                if bad {
+                    warn!("server ip({a}) from DNS refused");
+                }
+                !bad
+            });
+        }
+        // Fisher-Yates.
+        for i in (1..addrs.len()).rev() {
+            let j = self.rng.below(i as u64 + 1) as usize;
+            addrs.swap(i, j);
+        }
+        let mut list: Vec<Server> = Vec::new();
+        let dns = addrs.into_iter().map(|ip| Server {
+            addr: SocketAddrV4::new(ip, port),
+            from_dns,
+        });
+        let otc = self.otc_list.iter().map(|&addr| Server {
+            addr,
+            from_dns: false,
+        });
+        let otc = otc.filter(|_| t == Transport::Udp);
+        for s in dns.chain(otc) {
+            if !list.iter().any(|x| x.addr == s.addr) {
+                list.push(s);
+            }
+        }
+        self.list = list;
+        self.pos = 0;
+        self.list_built = true;
+    }
+
+    fn connect(&mut self, now: Instant, s: Server) {
+        let t = self.transport();
+        self.phase = Phase::Connecting;
+        self.current = Some(s);
+        self.link = Some(t);
+        self.generation = self.generation.wrapping_add(1);
+        info!("connecting to {} over {t}", s.addr);
+        self.emit(Action::Connect {
+            transport: t,
+            addr: s.addr,
+        });
+        self.wheel.set(Timer::Connect, now + CONNECT_TIMEOUT);
+    }
+
+    /// The socket is set up; `local` is its local address (the route to the server).
+    pub fn handle_connected(&mut self, now: Instant, local: Ipv4Addr) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        self.wheel.cancel(Timer::Connect);
+        if let Some(s) = self.current {
+            // P§5.1 D1: a router that answers DNS with a LAN address.
+            if s.from_dns && s.addr.ip().octets()[0] == local.octets()[0] {
+                warn!(
+                    "server ip({}), my ip({local}), we might be using a buggy router.",
+                    s.addr.ip()
+                );
+                self.connect_failed(now, "server address on the local network");
+                return;
+            }
+        }
+        self.emit(Action::Event(CloudEvent::InternetConnected));
+        self.last_tx = 0;
+        self.sent_stamps = [0; SENT_STAMPS];
+        self.last_rx = None;
+        self.rx_buf.clear();
+        self.phase = Phase::Hello;
+        self.hellos = 0;
+        self.hello_tick(now);
+    }
+
+    /// The connect failed (refused, unreachable, ...).
+    pub fn handle_connect_failed(&mut self, now: Instant, reason: &str) {
+        if self.phase == Phase::Connecting {
+            self.connect_failed(now, reason);
+        }
+    }
+
+    fn connect_failed(&mut self, now: Instant, reason: &str) {
+        if let Some(s) = self.current {
+            warn!("connect to {} failed: {reason}", s.addr);
+        }
+        self.emit(Action::Event(CloudEvent::InternetFailed));
+        self.fail(now, "connect failed");
+    }
+
+    /// EOF or an error on the cloud socket (not `ECONNREFUSED` on UDP).
+    pub fn handle_link_down(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Connecting => self.connect_failed(now, "socket error"),
+            Phase::Hello | Phase::Info | Phase::Up => self.fail(now, "link down"),
+            _ => {}
+        }
+    }
+
+    /// Closes the socket and fails what depends on it; no state change, no event.
+    fn end_session(&mut self) {
+        if self.link.take().is_some() {
+            self.emit(Action::Close);
+        }
+        for t in [
+            Timer::Connect,
+            Timer::Hello,
+            Timer::Keepalive,
+            Timer::Refresh,
+            Timer::RefreshHello,
+        ] {
+            self.wheel.cancel(t);
+        }
+        self.current = None;
+        self.hello_out = false;
+        self.info_for = None;
+        self.announced = false;
+        self.rx_buf = Vec::new();
+        // P§5.7 D5: every pending request fails at once.
+        for up in std::mem::take(&mut self.ups) {
+            self.wheel.cancel(Timer::Ack(up.cloud_id));
+            if let Origin::Client { client, orig } = up.origin {
+                self.tell_client(client, orig, -30011, "OT server disconnected");
+            }
+        }
+        // Replies to this session's commands can no longer go up.
+        for d in std::mem::take(&mut self.downs) {
+            self.wheel.cancel(Timer::User(d.id));
+        }
+    }
+
+    /// An attempt failed or the link was lost (P§5.9): close, fail pending, back off.
+    fn fail(&mut self, now: Instant, why: &str) {
+        warn!("cloud: {why}, retry later");
+        self.end_session();
+        self.failures = self.failures.saturating_add(1);
+        let delay = self.backoff(self.failures);
+        info!("next cloud attempt in {delay}");
+        self.wheel.set(Timer::Backoff, now + delay);
+        if self.phase != Phase::Retry {
+            self.emit(Action::Event(CloudEvent::Retry));
+        }
+        self.phase = Phase::Retry;
+    }
+
+    /// D4: min(cap, base·2^(k−1)) · U[0.8, 1.2], clamped to [1 s, cap].
+    fn backoff(&mut self, k: u32) -> Duration {
+        let cap = self.cfg.backoff_max.millis().max(1000);
+        let shift = k.saturating_sub(1).min(40);
+        let d = self
+            .cfg
+            .backoff_min
+            .millis()
+            .saturating_mul(1u64 << shift)
+            .min(cap);
+        let permille = 800 + self.rng.below(401);
+        let d = d.saturating_mul(permille) / 1000;
+        Duration::from_millis(d.clamp(1000, cap))
+    }
+
+    // ---- hello, time sync, info ------------------------------------------------------------
+
+    fn hello_tick(&mut self, now: Instant) {
+        if self.phase != Phase::Hello {
+            return;
+        }
+        if self.hellos >= HELLO_TRIES {
+            // P§5.3 D4: fails 5 s after the 3rd unanswered hello.
+            self.fail(now, "no time-sync reply to 3 hellos");
+            return;
+        }
+        self.hellos += 1;
+        self.hello_out = true;
+        debug!("cloud hello ({}/{HELLO_TRIES})", self.hellos);
+        self.emit(Action::Send(miio::cloud_hello().to_vec()));
+        self.wheel.set(Timer::Hello, now + HELLO_PERIOD);
+    }
+
+    fn time_sync(&mut self, now: Instant, server: u32) {
+        // P§5.3: only while our hello on this connection is unanswered, and never stamp 0 (our own hello).
+        if !self.hello_out || server == 0 {
+            debug!("time-sync reply ignored (stamp {server})");
+            return;
+        }
+        self.hello_out = false;
+        self.rx_since_ka = true;
+        let local = secs(now);
+        self.offset = i64::from(server) - local;
+        info!(
+            "sync time with server, server: {server}, local(mono): {local}, diff: {}",
+            self.offset
+        );
+        match self.phase {
+            Phase::Hello => {
+                self.wheel.cancel(Timer::Hello);
+                self.phase = Phase::Info;
+                self.want_info(true);
+            }
+            Phase::Up if self.wheel.cancel(Timer::RefreshHello) => self.want_info(false),
+            _ => {}
+        }
+    }
+
+    fn want_info(&mut self, session: bool) {
+        self.info_for = Some(session);
+        self.emit(Action::NeedInfo);
+    }
+
+    /// The answer to `NeedInfo`: the helper's `_internal.info` object (its `params` plus top-level
+    /// extras), or the daemon's own `{"params":{..}}`. Sent as `_otc.info` (P§5.4).
+    pub fn handle_info(&mut self, now: Instant, info: &Map<String, Value>) {
+        let session = match self.info_for {
+            Some(true) if self.phase == Phase::Info => true,
+            Some(false) if self.phase == Phase::Up => false,
+            _ => return,
+        };
+        self.info_for = None;
+        let empty = Map::new();
+        let params = match info.get("params") {
+            Some(Value::Object(p)) => p,
+            _ => &empty,
+        };
+        let mut params = self.info_params(now, params);
+        if let Some((uid, bindkey)) = &self.bind {
+            params.insert("uid".into(), uid.clone().into());
+            if let Some(k) = bindkey {
+                params.insert("bindkey".into(), k.clone().into());
+            }
+        }
+        let id = self.alloc_id();
+        let mut msg = Map::new();
+        msg.insert("id".into(), id.into());
+        msg.insert("method".into(), "_otc.info".into());
+        msg.insert("params".into(), Value::Object(params));
+        for (k, v) in info {
+            if !matches!(k.as_str(), "id" | "method" | "params") {
+                msg.insert(k.clone(), v.clone());
+            }
+        }
+        let text = Value::Object(msg).to_string();
+        if text.len() > self.cfg.max_cloud_payload {
+            warn!("_otc.info too long ({} bytes), not sent", text.len());
+            if session {
+                self.fail(now, "_otc.info too long");
+            }
+            return;
+        }
+        // The text holds the token: its content stays out of the log.
+        info!("send _otc.info, id:{id}");
+        self.send_up(now, id, Origin::Info { refresh: !session }, text);
+    }
+
+    fn info_reply(&mut self, now: Instant, obj: &Map<String, Value>, refresh: bool) {
+        match obj.get("result") {
+            Some(Value::Object(r)) => {
+                self.apply_otc(r);
+                if !refresh && self.phase == Phase::Info {
+                    self.session_up(now);
+                }
+            }
+            _ if refresh => warn!("refresh: _otc.info not accepted"),
+            _ => self.fail(now, "_otc.info refused"),
+        }
+    }
+
+    /// `otc_list` and `otc_test.interval` of an `_otc.info` reply (P§5.4).
+    fn apply_otc(&mut self, r: &Map<String, Value>) {
+        if let Some(Value::Array(entries)) = r.get("otc_list") {
+            let mut list: Vec<SocketAddrV4> = Vec::new();
+            for e in entries {
+                let ip = e.get("ip").and_then(Value::as_str);
+                let ip = ip.and_then(|s| s.parse::<Ipv4Addr>().ok());
+                let port = e.get("port").and_then(Value::as_u64);
+                let port = port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0);
+                if let (Some(ip), Some(port)) = (ip, port) {
+                    let a = SocketAddrV4::new(ip, port);
+                    if !ip.is_unspecified() && !list.contains(&a) && list.len() < MAX_OTC_LIST {
+                        list.push(a);
+                    }
+                }
+            }
+            debug!("otc_list: {} entries", list.len());
+            self.otc_list = list;
+        }
+        let iv = r.get("otc_test").and_then(|t| t.get("interval"));
+        if let Some(s) = iv.and_then(Value::as_u64).filter(|&s| s > 0) {
+            self.cloud_interval = Duration::from_secs(s).max(MIN_CLOUD_REFRESH);
+        }
+    }
+
+    fn refresh_period(&self) -> Duration {
+        self.cfg
+            .refresh
+            .unwrap_or(self.cloud_interval)
+            .max(Duration::from_secs(1))
+    }
+
+    /// P§5.3 step 6.
+    fn session_up(&mut self, now: Instant) {
+        self.phase = Phase::Up;
+        self.failures = 0;
+        self.misses = 0;
+        self.ka_sent = false;
+        self.rx_since_ka = false;
+        info!("cloud connected");
+        self.wheel.set(Timer::Keepalive, now + self.cfg.keepalive);
+        self.wheel.set(Timer::Refresh, now + self.refresh_period());
+        if self.idle_reported {
+            self.announce();
+        } else {
+            // D12: the first session after start reports OTA idle, and only then is announced.
+            let id = self.alloc_id();
+            let text = format!(r#"{{"id":{id},"method":"props","params":{{"ota_state":"idle"}}}}"#);
+            self.send_up(now, id, Origin::IdleReport, text);
+        }
+    }
+
+    fn announce(&mut self) {
+        if self.phase == Phase::Up && !self.announced {
+            self.announced = true;
+            self.emit(Action::Event(CloudEvent::Connected));
+        }
+    }
+
+    fn refresh_tick(&mut self, now: Instant) {
+        if self.phase != Phase::Up {
+            return;
+        }
+        self.wheel.set(Timer::Refresh, now + self.refresh_period());
+        let busy = self.info_for.is_some()
+            || self.wheel.is_armed(Timer::RefreshHello)
+            || self
+                .ups
+                .iter()
+                .any(|u| matches!(u.origin, Origin::Info { .. }));
+        if busy {
+            return;
+        }
+        debug!("refresh: cloud hello");
+        self.hello_out = true;
+        self.emit(Action::Send(miio::cloud_hello().to_vec()));
+        self.wheel
+            .set(Timer::RefreshHello, now + REFRESH_HELLO_WAIT);
+    }
+
+    // ---- keepalive -------------------------------------------------------------------------
+
+    fn keepalive_tick(&mut self, now: Instant) {
+        if self.phase != Phase::Up {
+            return;
+        }
+        // P§5.6: a miss is a tick with nothing valid since the previous keepalive.
+        if self.ka_sent && !self.rx_since_ka {
+            self.misses += 1;
+            info!("server_noack: {}", self.misses);
+        } else {
+            self.misses = 0;
+        }
+        if self.misses >= KEEPALIVE_MISSES {
+            self.fail(now, "3 keepalives unanswered");
+            return;
+        }
+        let stamp = self.stamp(now).max(self.last_tx.saturating_add(1));
+        self.last_tx = stamp;
+        self.sent_stamps[self.sent_idx % SENT_STAMPS] = stamp;
+        self.sent_idx = self.sent_idx.wrapping_add(1);
+        self.emit(Action::Send(
+            miio::keepalive(&self.keys, self.cfg.did, stamp).to_vec(),
+        ));
+        self.ka_sent = true;
+        self.rx_since_ka = false;
+        self.wheel.set(Timer::Keepalive, now + self.cfg.keepalive);
+    }
+
+    // ---- receiving -------------------------------------------------------------------------
+
+    fn receiving(&self, t: Transport) -> bool {
+        self.link == Some(t) && matches!(self.phase, Phase::Hello | Phase::Info | Phase::Up)
+    }
+
+    /// One UDP datagram from the cloud socket.
+    pub fn handle_datagram(&mut self, now: Instant, data: &[u8]) {
+        if self.receiving(Transport::Udp) {
+            self.on_packet(now, data);
+        }
+    }
+
+    /// Bytes read from the TCP cloud socket, in any chunking (P§5.2).
+    pub fn handle_stream(&mut self, now: Instant, data: &[u8]) {
+        if !self.receiving(Transport::Tcp) {
+            return;
+        }
+        let gen = self.generation;
+        self.rx_buf.extend_from_slice(data);
+        loop {
+            match miio::stream_frame_len(&self.rx_buf) {
+                Err(e) => {
+                    warn!("{e}");
+                    self.fail(now, "stream protocol error");
+                    return;
+                }
+                Ok(Some(n)) if n <= self.rx_buf.len() => {
+                    let pkt: Vec<u8> = self.rx_buf.drain(..n).collect();
+                    self.on_packet(now, &pkt);
+                    if self.generation != gen || !self.receiving(Transport::Tcp) {
+                        return;
+                    }
+                }
+                Ok(_) => break,
+            }
+        }
+        // Only a partial frame (< 64 KiB) is left: the buffer stays bounded.
+        if self.rx_buf.is_empty() {
+            self.rx_buf = Vec::new();
+        }
+    }
+
+    /// P§2.7, at the first failure drop with one rate-limited log line.
+    fn on_packet(&mut self, now: Instant, data: &[u8]) {
+        let pkt = match Packet::new_checked(data) {
+            Ok(p) => p,
+            Err(e) => return self.dropped(now, &e),
+        };
+        if pkt.is_control() {
+            if pkt.ids_all_ff() {
+                self.time_sync(now, pkt.stamp());
+            } else {
+                self.control(now, &pkt, data);
+            }
+            return;
+        }
+        match miio::open(&self.keys, self.cfg.did, &pkt) {
+            Ok(o) => {
+                self.rx_since_ka = true;
+                self.last_rx = Some(self.last_rx.map_or(pkt.stamp(), |l| l.max(pkt.stamp())));
+                self.on_message(now, &o.text, &o.value);
+            }
+            Err(e) => self.dropped(now, &e),
+        }
+    }
+
+    /// A pong, or a cloud-initiated ping (P§5.6).
+    fn control(&mut self, now: Instant, pkt: &Packet<&[u8]>, raw: &[u8]) {
+        if pkt.did() != self.cfg.did {
+            return self.dropped(now, &miio::Error::DidMismatch { got: pkt.did() });
+        }
+        let sum = pkt.checksum();
+        let md5_ok = miio::control_md5_ok(&self.keys, pkt);
+        let filler = sum == [0; 16] || sum == [0xff; 16];
+        let stamp = pkt.stamp();
+        let ours = self.sent_stamps.contains(&stamp) && stamp != 0;
+        if md5_ok && !ours && self.last_rx.map_or(true, |l| stamp > l) {
+            debug!("ping from the cloud, stamp {stamp}: echoed");
+            self.last_rx = Some(stamp);
+            self.rx_since_ka = true;
+            self.emit(Action::Send(raw.to_vec()));
+        } else if md5_ok || filler {
+            self.rx_since_ka = true;
+        } else {
+            self.dropped(now, &miio::Error::Md5Mismatch);
+        }
+    }
+
+    fn dropped(&mut self, now: Instant, why: &dyn fmt::Display) {
+        // P§2.7: at most one line per second from the cloud.
+        if self
+            .drop_log_at
+            .is_some_and(|t| now.saturating_since(t) < Duration::from_secs(1))
+        {
+            self.drops_quiet = self.drops_quiet.saturating_add(1);
+            return;
+        }
+        if self.drops_quiet > 0 {
+            warn!("{why} ({} more dropped)", self.drops_quiet);
+        } else {
+            warn!("{why}");
+        }
+        self.drop_log_at = Some(now);
+        self.drops_quiet = 0;
+    }
+
+    /// An authenticated JSON object from the cloud.
+    fn on_message(&mut self, now: Instant, text: &str, obj: &Map<String, Value>) {
+        match obj.get("method") {
+            None => {
+                let id = obj.get("id").and_then(rpc::id_u32);
+                match id.and_then(|id| self.ups.iter().position(|u| u.cloud_id == id)) {
+                    Some(i) => self.acked(now, i, text, obj),
+                    // P§5.8: the cloud's ack of one of our replies.
+                    None => debug!("cloud ack swallowed: id {id:?}"),
+                }
+            }
+            Some(Value::String(m)) => self.command(now, m, text, obj),
+            Some(_) => self.dropped(now, &"cloud message with a non-string method"),
+        }
+    }
+
+    // ---- upstream (P§5.7) ------------------------------------------------------------------
+
+    /// A request from a local client (`method` present, not `local.*`/`_internal.*`).
+    pub fn upstream(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        text: &str,
+        obj: &Map<String, Value>,
+    ) {
+        let Some(idv) = obj.get("id") else {
+            // Fire-and-forget: once, as is, untracked.
+            if self.phase != Phase::Up {
+                info!("cloud down, notification dropped");
+            } else if text.len() > self.cfg.max_cloud_payload {
+                warn!(
+                    "msg too long, bigger than OT_MAX_PAYLOAD ({})",
+                    self.cfg.max_cloud_payload
+                );
+            } else {
+                self.send_json(now, text);
+            }
+            return;
+        };
+        let Some(orig) = idv.as_u64() else {
+            self.emit(Action::ToClient {
+                client,
+                text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),
+            });
+            return;
+        };
+        if self.phase != Phase::Up {
+            return self.tell_client(client, orig, -30011, "OT server disconnected");
+        }
+        if self.ups.len() >= MAX_UPSTREAM {
+            return self.tell_client(client, orig, -30011, "OT queue full");
+        }
+        let id = self.alloc_id();
+        let Some(new) = rpc::rewrite_id(text, u64::from(id)) else {
+            self.emit(Action::ToClient {
+                client,
+                text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),
+            });
+            return;
+        };
+        if new.len() > self.cfg.max_cloud_payload {
+            warn!(
+                "msg too long, bigger than OT_MAX_PAYLOAD ({})",
+                self.cfg.max_cloud_payload
+            );
+            return self.tell_client(client, orig, -32600, "msg too long");
+        }
+        debug!("U, orig_id:{orig}, id:{id}, client:{}", client.0);
+        self.send_up(now, id, Origin::Client { client, orig }, new);
+    }
+
+    fn tell_client(&mut self, client: ClientId, orig: u64, code: i64, msg: &str) {
+        let text = rpc::error_reply(Some(&Value::from(orig)), code, msg);
+        self.emit(Action::ToClient { client, text });
+    }
+
+    fn alloc_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = if id >= MAX_CLOUD_ID { 1 } else { id + 1 };
+            if !self.ups.iter().any(|u| u.cloud_id == id) {
+                return id;
+            }
+        }
+    }
+
+    fn send_up(&mut self, now: Instant, cloud_id: u32, origin: Origin, text: String) {
+        self.send_json(now, &text);
+        self.ups.push(Upstream {
+            cloud_id,
+            origin,
+            text,
+            sends: 1,
+        });
+        self.wheel
+            .set(Timer::Ack(cloud_id), now + self.cfg.ack_timeout);
+    }
+
+    fn ack_timeout(&mut self, now: Instant, id: u32) {
+        let Some(i) = self.ups.iter().position(|u| u.cloud_id == id) else {
+            return;
+        };
+        if self.link == Some(Transport::Udp) {
+            if let Some(up) = self.ups.get_mut(i).filter(|u| u.sends <= RETRANSMITS) {
+                // D5: same payload and id, fresh stamp and MD5.
+                up.sends += 1;
+                let text = up.text.clone();
+                debug!("retransmit id:{id}");
+                self.send_json(now, &text);
+                self.wheel.set(Timer::Ack(id), now + self.cfg.ack_timeout);
+                return;
+            }
+        }
+        let up = self.ups.remove(i);
+        match up.origin {
+            Origin::Client { client, orig } => {
+                warn!("OT server noack, id:{id}");
+                self.tell_client(client, orig, -30011, "OT server noack");
+            }
+            Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
+            Origin::Info { refresh: false } => self.fail(now, "_otc.info not acked"),
+            Origin::IdleReport => {
+                warn!("ota_state idle report not acked");
+                self.idle_reported = true;
+                self.announce();
+            }
+        }
+    }
+
+    fn acked(&mut self, now: Instant, i: usize, text: &str, obj: &Map<String, Value>) {
+        let up = self.ups.remove(i);
+        self.wheel.cancel(Timer::Ack(up.cloud_id));
+        match up.origin {
+            Origin::Client { client, orig } => {
+                // D5: only the id changes back.
+                let text = rpc::rewrite_id(text, orig).unwrap_or_else(|| text.to_owned());
+                self.emit(Action::ToClient { client, text });
+            }
+            Origin::Info { refresh } => self.info_reply(now, obj, refresh),
+            Origin::IdleReport => {
+                self.idle_reported = true;
+                self.announce();
+            }
+        }
+    }
+
+    // ---- downstream (P§5.8) ----------------------------------------------------------------
+
+    fn command(&mut self, now: Instant, method: &str, text: &str, obj: &Map<String, Value>) {
+        if method.starts_with("local.") || method.starts_with("_internal.") {
+            return self.dropped(now, &format_args!("cloud method {method} dropped"));
+        }
+        let lan_only = LAN_ONLY.contains(&method);
+        let own = SELF_METHODS.contains(&method);
+        let params = obj.get("params").cloned().unwrap_or(Value::Null);
+        // Id 0 is never answered (P§5.8), so such a command is not tracked either.
+        let Some(id) = obj.get("id").and_then(rpc::id_u32).filter(|&id| id != 0) else {
+            if own {
+                self.emit(Action::SelfMethod {
+                    id: None,
+                    method: method.to_owned(),
+                    params,
+                });
+            } else if !lan_only {
+                self.emit(Action::Command {
+                    text: text.to_owned(),
+                    id: None,
+                });
+            }
+            return;
+        };
+        if self.downs.iter().any(|d| d.id == id) {
+            info!("cloud msg repeated, id:{id}");
+            return;
+        }
+        let now_cached = self
+            .cache
+            .iter()
+            .find(|c| c.id == id && c.until > now)
+            .map(|c| c.text.clone());
+        if let Some(reply) = now_cached {
+            info!("cloud msg repeated, id:{id}: answered from the cache");
+            return self.send_json(now, &reply);
+        }
+        if lan_only {
+            warn!("LAN-only method {method} from the cloud refused");
+            let reply = rpc::error_reply(Some(&id.into()), -32601, "Method not found");
+            return self.reply_sent(now, id, reply);
+        }
+        if self.downs.len() >= MAX_DOWNSTREAM {
+            warn!("too many pending cloud commands, id:{id}");
+            let reply = rpc::error_reply(Some(&id.into()), -9999, "user ack timeout");
+            return self.reply_sent(now, id, reply);
+        }
+        self.downs.push(Downstream { id, held: None });
+        self.wheel
+            .set(Timer::User(id), now + self.cfg.user_ack_timeout);
+        if own {
+            self.emit(Action::SelfMethod {
+                id: Some(id),
+                method: method.to_owned(),
+                params,
+            });
+        } else {
+            self.emit(Action::Command {
+                text: text.to_owned(),
+                id: Some(id),
+            });
+        }
+    }
+
+    /// A reply from a local client (no `method`, integer `id`). Returns whether its id was a pending
+    /// cloud command (else the node may try the LAN machine). The first reply wins (P§5.8).
+    pub fn local_reply(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        text: &str,
+        obj: &Map<String, Value>,
+    ) -> bool {
+        let Some(id) = obj.get("id").and_then(rpc::id_u32) else {
+            return false;
+        };
+        let code = obj
+            .get("error")
+            .and_then(|e| e.get("code"))
+            .and_then(Value::as_i64);
+        self.reply(now, Some(client), id, text, code)
+    }
+
+    /// The daemon's own answer to a `SelfMethod` (or a -9999 for a command that collides with a LAN id).
+    pub fn self_reply(&mut self, now: Instant, id: u32, text: &str) -> bool {
+        self.reply(now, None, id, text, None)
+    }
+
+    fn reply(
+        &mut self,
+        now: Instant,
+        client: Option<ClientId>,
+        id: u32,
+        text: &str,
+        code: Option<i64>,
+    ) -> bool {
+        if id == 0 {
+            return false;
+        }
+        let Some(i) = self.downs.iter().position(|d| d.id == id) else {
+            return false;
+        };
+        if text.len() > self.cfg.max_cloud_payload {
+            // P§2.7: not sent, does not count; the command stays pending.
+            warn!(
+                "msg too long, bigger than OT_MAX_PAYLOAD ({})",
+                self.cfg.max_cloud_payload
+            );
+            if let Some(c) = client {
+                self.tell_client(c, u64::from(id), -32600, "msg too long");
+            }
+            return true;
+        }
+        if matches!(code, Some(-10000 | -32601)) {
+            // D16: held as a fallback; any other reply replaces it.
+            if let Some(d) = self.downs.get_mut(i) {
+                d.held.get_or_insert_with(|| text.to_owned());
+            }
+            return true;
+        }
+        self.downs.remove(i);
+        self.wheel.cancel(Timer::User(id));
+        self.reply_sent(now, id, text.to_owned());
+        true
+    }
+
+    fn user_timeout(&mut self, now: Instant, id: u32) {
+        let Some(i) = self.downs.iter().position(|d| d.id == id) else {
+            return;
+        };
+        let d = self.downs.remove(i);
+        let reply = d.held.unwrap_or_else(|| {
+            info!("user ack timeout, id:{id}");
+            rpc::error_reply(Some(&id.into()), -9999, "user ack timeout")
+        });
+        self.reply_sent(now, id, reply);
+    }
+
+    /// Sends a reply to a cloud command and remembers it for repeats (P§5.8).
+    fn reply_sent(&mut self, now: Instant, id: u32, text: String) {
+        self.send_json(now, &text);
+        self.cache.retain(|c| c.until > now && c.id != id);
+        if self.cache.len() >= REPLY_CACHE {
+            self.cache.pop_front();
+        }
+        self.cache.push_back(Cached {
+            id,
+            text,
+            until: now + REPLY_TTL,
+        });
+    }
+
+    // ---- sending ---------------------------------------------------------------------------
+
+    /// One data packet on the link, with a stamp that never decreases in the session (P§5.5 D4).
+    fn send_json(&mut self, now: Instant, text: &str) {
+        if self.link.is_none() {
+            debug!("no cloud link, message not sent");
+            return;
+        }
+        let stamp = self.stamp(now).max(self.last_tx);
+        self.last_tx = stamp;
+        let pkt = miio::seal(&self.keys, self.cfg.did, stamp, text.as_bytes());
+        self.emit(Action::Send(pkt));
+    }
+
+    fn emit(&mut self, a: Action) {
+        self.actions.push_back(a);
+    }
+}
+
+fn secs(now: Instant) -> i64 {
+    i64::try_from(now.secs()).unwrap_or(i64::MAX)
+}
