@@ -1,1 +1,4 @@
 //! The applets of the multicall binary.
+
+#[cfg(feature = "fakecloud")]
+pub mod fakecloud;
