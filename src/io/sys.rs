@@ -210,6 +210,42 @@ pub fn pid() -> u32 {
     std::process::id()
 }
 
+/// The netmask of the interface that holds `ip` (for INFO's `netif`, PROTOCOL.md §5.4).
+pub fn netmask_of(ip: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned and is not freed yet.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && !ifa.ifa_netmask.is_null() {
+            // SAFETY: a non-null ifa_addr points to a sockaddr whose family we check first.
+            let fam = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(fam) == libc::AF_INET {
+                // SAFETY: AF_INET addresses (and their masks) are sockaddr_in.
+                let (a, m) = unsafe {
+                    (
+                        &*(ifa.ifa_addr as *const libc::sockaddr_in),
+                        &*(ifa.ifa_netmask as *const libc::sockaddr_in),
+                    )
+                };
+                if u32::from_be(a.sin_addr.s_addr) == u32::from(ip) {
+                    found = Some(std::net::Ipv4Addr::from(u32::from_be(m.sin_addr.s_addr)));
+                    break;
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +255,14 @@ mod tests {
         let a = boottime_ms();
         assert!(a > 0);
         assert!(boottime_ms() >= a);
+    }
+
+    #[test]
+    fn loopback_has_a_netmask() {
+        assert_eq!(
+            netmask_of(std::net::Ipv4Addr::LOCALHOST),
+            Some(std::net::Ipv4Addr::new(255, 0, 0, 0))
+        );
     }
 
     #[test]

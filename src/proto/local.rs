@@ -273,6 +273,15 @@ impl Local {
         }
     }
 
+    /// The splitter found a syntax error in `conn`'s stream: -32700, then close (L§3).
+    pub fn syntax_error(&mut self, conn: ConnId) {
+        if self.conns.remove(&conn).is_some() {
+            log::warn!("local client {conn}: JSON syntax error; closing");
+            self.push_send(conn, error_no_id(RpcError::Parse));
+            self.push_close(conn);
+        }
+    }
+
     /// One complete JSON value from `conn` (as cut by the splitter). Framing errors are answered
     /// here (L§3); a well-formed message is classified and returned for routing.
     pub fn handle_value(&mut self, _now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {

@@ -3,4 +3,5 @@
 
 pub mod cloud;
 pub mod local;
+pub mod node;
 pub mod state;
