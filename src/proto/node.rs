@@ -546,3 +546,206 @@ impl Node {
         self.pump(now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::crypto::Keys;
+    use crate::wire::miio;
+
+    const KEY: [u8; 16] = *b"YWJjZGVmZ2hpamts";
+    const DID: u32 = 1234567;
+
+    fn identity(provisioned: bool) -> Identity {
+        Identity {
+            did: DID,
+            key: KEY,
+            mac: "aa:bb:cc:01:02:03".into(),
+            model: "acme.dev.v1".into(),
+            vendor: "acme".into(),
+            token: *b"ABCDEFGHIJKLMNOP",
+            provisioned,
+            ssid: "home".into(),
+            fw_ver: Some("1.2.3_0001".into()),
+            country: None,
+        }
+    }
+
+    fn node() -> Node {
+        let mut c = CloudConfig::new(0, [0; 16], "", "", "", "");
+        c.udp.host = "127.0.0.1".into();
+        c.udp.explicit = true;
+        c.udp.port = 8053;
+        c.seed = 7;
+        Node::new(NodeConfig {
+            max_clients: 20,
+            max_sleep: Duration::from_secs(3600),
+            cloud: c,
+            country_override: None,
+            hosts_explicit: (true, false),
+        })
+    }
+
+    /// Plays a cooperative cloud: answers resolve, connect, hello and every request. Returns the
+    /// local-connection messages seen.
+    fn serve(n: &mut Node, now: Instant) -> Vec<(ConnId, String)> {
+        let keys = Keys::new(&KEY);
+        let mut out = Vec::new();
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::Resolve { .. } => n.cloud_resolved(now, Ok(vec![Ipv4Addr::LOCALHOST])),
+                Action::Connect { .. } => n.cloud_connected(
+                    now,
+                    Netif {
+                        ip: "127.0.0.1".into(),
+                        mask: "255.0.0.0".into(),
+                        gw: String::new(),
+                    },
+                    Ipv4Addr::LOCALHOST,
+                ),
+                Action::CloudSend(b) => {
+                    let Ok(p) = miio::Packet::new_checked(&b[..]) else {
+                        continue;
+                    };
+                    if p.is_control() && p.ids_all_ff() {
+                        n.cloud_datagram(now, &miio::time_sync_reply(1_700_000_000));
+                    } else if p.is_control() {
+                        n.cloud_datagram(now, &b); // pong
+                    } else if let Ok(o) = miio::open(&keys, DID, &p) {
+                        if let Some(id) = o.value.get("id") {
+                            if let Some(m) = o.value.get("method") {
+                                let ack = if m == "_otc.info" {
+                                    format!("{{\"id\":{id},\"result\":{{\"otc_list\":[]}}}}")
+                                } else {
+                                    format!("{{\"id\":{id},\"result\":\"ok\"}}")
+                                };
+                                let pkt = miio::seal(&keys, DID, p.stamp(), ack.as_bytes());
+                                n.cloud_datagram(now, &pkt);
+                            }
+                        }
+                    }
+                }
+                Action::Local(LocalAction::Send(c, t)) => out.push((c, t)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn ask_suspend(n: &mut Node, now: Instant) -> u64 {
+        n.local_value(
+            now,
+            1,
+            br#"{"id":9527,"method":"local.prep_suspend","params":[]}"#,
+        );
+        let out = serve(n, now);
+        let reply = out
+            .iter()
+            .find(|(_, t)| t.contains("resp_suspend"))
+            .expect("resp_suspend");
+        let v: Value = serde_json::from_str(&reply.1).unwrap();
+        assert_eq!(v["id"], 9527);
+        v["params"]["wakeup_time"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn ap_mode_idle_sleeps_max_and_broadcasts_ap_mode() {
+        let mut n = node();
+        let t0 = Instant(5_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.set_identity(t0, identity(false));
+        assert_eq!(n.state(), State::WifiApMode);
+        // The classification window of conn 1 is the only deadline; once it passed the wheel is empty.
+        let t1 = t0 + Duration::from_secs(2);
+        n.handle_timeout(t1);
+        let out = serve(&mut n, t1);
+        assert!(
+            out.iter().any(|(_, t)| t.contains("wifi_ap_mode")),
+            "{out:?}"
+        );
+        assert_eq!(n.poll_timeout(), None);
+        assert_eq!(ask_suspend(&mut n, t1), 3600);
+    }
+
+    #[test]
+    fn suspend_busy_while_trying_then_keepalive_bound() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.set_identity(t0, identity(true));
+        // Before the cloud answered anything an attempt is in progress → 0. (`ask_suspend` then
+        // plays the session to cloud_connected.)
+        assert_eq!(ask_suspend(&mut n, t0), 0);
+        assert_eq!(n.state(), State::CloudConnected);
+        let t1 = t0 + Duration::from_secs(2);
+        n.handle_timeout(t1); // conn 1 classified
+        serve(&mut n, t1);
+        // First keepalive 20 s after connect; answered at once by `serve`.
+        let ka = t0 + Duration::from_secs(20);
+        n.handle_timeout(ka);
+        serve(&mut n, ka);
+        // L§12 example: 7.2 s after a keepalive, interval 20 s → 13.
+        assert_eq!(ask_suspend(&mut n, ka + Duration::from_millis(7200)), 13);
+        // An upstream request awaiting its ack makes the board busy.
+        let t2 = ka + Duration::from_millis(7300);
+        n.local_value(t2, 1, br#"{"id":1,"method":"props","params":{}}"#);
+        let mut sent = false;
+        while let Some(a) = n.poll_action() {
+            sent |= matches!(a, Action::CloudSend(_));
+        }
+        assert!(sent);
+        assert_eq!(ask_suspend(&mut n, t2), 0);
+    }
+
+    #[test]
+    fn one_day_jump_fires_overdue_timers_once() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.set_identity(t0, identity(true));
+        serve(&mut n, t0);
+        assert_eq!(n.state(), State::CloudConnected);
+        // Suspended for a day: the keepalive is overdue. One tick fires once (one keepalive sent),
+        // then the next deadline is a full interval from now, not a burst of catch-up ticks.
+        let later = t0 + Duration::from_secs(86_400);
+        n.handle_timeout(later);
+        let mut keepalives = 0;
+        while let Some(a) = n.poll_action() {
+            if let Action::CloudSend(b) = a {
+                // 32 bytes with our did: a keepalive (the refresh hello has ff ids).
+                if b.len() == 32 && b[8..12] == DID.to_be_bytes() {
+                    keepalives += 1;
+                }
+            }
+        }
+        assert_eq!(keepalives, 1);
+        let next = n.poll_timeout().expect("keepalive re-armed");
+        assert!(
+            next > later && next <= later + Duration::from_secs(20),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn local_queries_and_unknown_local_method() {
+        let mut n = node();
+        let t0 = Instant(65_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.set_identity(t0, identity(false));
+        n.local_value(t0, 1, br#"{"id":1,"method":"local.query_status"}"#);
+        n.local_value(t0, 1, br#"{"id":2,"method":"local.query_time"}"#);
+        n.local_value(t0, 1, br#"{"id":3,"method":"local.query_country"}"#);
+        n.local_value(t0, 1, br#"{"id":4,"method":"local.nonesuch"}"#);
+        n.local_value(t0, 1, br#"{"method":"local.query_time"}"#);
+        let out: Vec<String> = serve(&mut n, t0).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            out,
+            vec![
+                r#"{"method":"local.status","params":"wifi_ap_mode"}"#,
+                r#"{"id":1,"method":"local.status","params":"wifi_ap_mode"}"#,
+                r#"{"id":2,"method":"local.time","params":65}"#,
+                r#"{"id":3,"method":"local.country","params":"prc"}"#,
+                r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#,
+            ]
+        );
+    }
+}
