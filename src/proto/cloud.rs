@@ -46,6 +46,11 @@ const HELLO_TRIES: u8 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Refresh: how long to wait for the time-sync reply before `_otc.info` (P§5.10).
 const REFRESH_HELLO_WAIT: Duration = Duration::from_secs(5);
+/// How long the session start waits for the node's info (its helper timeout is 10 s, LOCAL_API.md §9)
+/// before the attempt fails: a guard, so that a lost answer cannot stall the link for ever.
+const INFO_WAIT: Duration = Duration::from_secs(30);
+/// DNS answers kept per name: bounded memory whatever the resolver returns.
+const MAX_DNS: usize = 16;
 /// Keepalive misses that declare the link lost (P§5.6).
 const KEEPALIVE_MISSES: u8 = 3;
 /// UDP retransmissions of an unacked upstream request (P§5.7 D5).
@@ -270,6 +275,8 @@ enum Timer {
     Backoff,
     Connect,
     Hello,
+    /// The session start waits for `handle_info`.
+    Info,
     Keepalive,
     Refresh,
     RefreshHello,
@@ -546,6 +553,11 @@ impl Cloud {
                 }
             }
             Timer::Hello => self.hello_tick(now),
+            Timer::Info => {
+                if self.phase == Phase::Info && self.info_for == Some(true) {
+                    self.fail(now, "no device info");
+                }
+            }
             Timer::Keepalive => self.keepalive_tick(now),
             Timer::Refresh => self.refresh_tick(now),
             Timer::RefreshHello => {
@@ -667,6 +679,7 @@ impl Cloud {
             let j = self.rng.below(i as u64 + 1) as usize;
             addrs.swap(i, j);
         }
+        addrs.truncate(MAX_DNS);
         let mut list: Vec<Server> = Vec::new();
         let dns = addrs.into_iter().map(|ip| Server {
             addr: SocketAddrV4::new(ip, port),
@@ -760,6 +773,7 @@ impl Cloud {
         for t in [
             Timer::Connect,
             Timer::Hello,
+            Timer::Info,
             Timer::Keepalive,
             Timer::Refresh,
             Timer::RefreshHello,
@@ -849,6 +863,7 @@ impl Cloud {
             Phase::Hello => {
                 self.wheel.cancel(Timer::Hello);
                 self.phase = Phase::Info;
+                self.wheel.set(Timer::Info, now + INFO_WAIT);
                 self.want_info(true);
             }
             Phase::Up if self.wheel.cancel(Timer::RefreshHello) => self.want_info(false),
@@ -870,6 +885,7 @@ impl Cloud {
             _ => return,
         };
         self.info_for = None;
+        self.wheel.cancel(Timer::Info);
         let empty = Map::new();
         let params = match info.get("params") {
             Some(Value::Object(p)) => p,
@@ -1160,6 +1176,12 @@ impl Cloud {
         text: &str,
         obj: &Map<String, Value>,
     ) {
+        let method = obj.get("method").and_then(Value::as_str).unwrap_or("");
+        if method.starts_with("local.") || method.starts_with("_internal.") {
+            // P§5.7: these never reach the cloud, whoever routed them here.
+            warn!("{method} is not sent to the cloud");
+            return;
+        }
         let Some(idv) = obj.get("id") else {
             // Fire-and-forget: once, as is, untracked.
             if self.phase != Phase::Up {
@@ -1298,7 +1320,9 @@ impl Cloud {
                     method: method.to_owned(),
                     params,
                 });
-            } else if !lan_only {
+            } else if lan_only {
+                debug!("LAN-only notification {method} from the cloud dropped");
+            } else {
                 self.emit(Action::Command {
                     text: text.to_owned(),
                     id: None,
@@ -1804,6 +1828,28 @@ mod tests {
             h.take(),
             vec![Action::Close, Action::Event(CloudEvent::Retry)]
         );
+    }
+
+    #[test]
+    fn a_lost_info_answer_fails_the_attempt_after_the_guard() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.deliver(&miio::time_sync_reply(T0));
+        assert_eq!(h.take().last(), Some(&Action::NeedInfo));
+        assert!(h.c.is_busy());
+        h.advance(29_999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        // A late answer is ignored.
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.quiet();
     }
 
     #[test]
@@ -2465,6 +2511,17 @@ mod tests {
         h.upstream(3, r#"{"method":"c"}"#);
         h.quiet();
         // Also before the idle report is acked the session is up: requests go through.
+    }
+
+    #[test]
+    fn local_and_internal_methods_never_go_up() {
+        let mut h = H::connected(cfg());
+        h.upstream(1, r#"{"id":1,"method":"local.query_status"}"#);
+        h.upstream(1, r#"{"method":"_internal.info","params":{}}"#);
+        h.quiet();
+        // Nor LAN-only notifications from the cloud down.
+        h.deliver_json(r#"{"method":"miIO.config","params":{"enauth":0}}"#);
+        h.quiet();
     }
 
     #[test]
