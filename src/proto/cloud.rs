@@ -135,10 +135,6 @@ pub struct CloudConfig {
     pub refresh: Option<Duration>,
     pub max_cloud_payload: usize,
     pub seed: u64,
-    /// The did/key request of a bootstrap did 0 or 1 (P§5.11 D14, `--didkey-method`).
-    pub didkey_method: String,
-    /// `vendor` of the did/key request (from `response_dinfo`, LOCAL_API.md §9.3).
-    pub vendor: String,
 }
 
 impl CloudConfig {
@@ -170,8 +166,6 @@ impl CloudConfig {
             refresh: None,
             max_cloud_payload: 1024,
             seed: 0,
-            didkey_method: "_otc.didkey_req".into(),
-            vendor: String::new(),
         }
     }
 }
@@ -204,7 +198,6 @@ impl fmt::Debug for CloudConfig {
             .field("backoff_max", &self.backoff_max)
             .field("refresh", &self.refresh)
             .field("max_cloud_payload", &self.max_cloud_payload)
-            .field("didkey_method", &self.didkey_method)
             .finish_non_exhaustive()
     }
 }
@@ -222,18 +215,6 @@ pub enum CloudEvent {
     Connected,
     /// An attempt failed or the link was lost: state and broadcast `cloud_retry`.
     Retry,
-    /// Bootstrap did (0/1): the did/key request went up, state `didkey_req2` (LOCAL_API.md §16).
-    DidKeyRequested,
-}
-
-/// A cloud key as the did/key exchange assigns it: 16 ASCII alphanumerics. Debug never shows it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct CloudKey(pub [u8; 16]);
-
-impl fmt::Debug for CloudKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CloudKey(<redacted>)")
-    }
 }
 
 /// What the reactor or the node must do.
@@ -274,12 +255,6 @@ pub enum Action {
         params: Value,
     },
     Event(CloudEvent),
-    /// P§5.11: the cloud assigned an identity. The machine has closed the bootstrap session and
-    /// stopped; the node stores it (LOCAL_API.md §16 step 4), calls `set_identity` and `start` again.
-    NewIdentity {
-        did: u32,
-        key: CloudKey,
-    },
 }
 
 /// The machine's state as the node reports it (LOCAL_API.md §7).
@@ -320,8 +295,6 @@ enum Phase {
     Connecting,
     /// Hello sent, waiting for the time sync.
     Hello,
-    /// Bootstrap did: waiting for the did/key reply (P§5.11).
-    DidKey,
     /// Time synced; getting the info or waiting for the `_otc.info` ack.
     Info,
     /// `_otc.info` acked: session up.
@@ -339,7 +312,6 @@ enum Origin {
     Client { client: ClientId, orig: u64 },
     Info { refresh: bool },
     IdleReport,
-    DidKey,
 }
 
 #[derive(Clone, Debug)]
@@ -432,7 +404,6 @@ pub struct Cloud {
     cache: VecDeque<Cached>,
     idle_reported: bool,
     bind: Option<(String, Option<String>)>,
-    didkey_data: Value,
     drop_log_at: Option<Instant>,
     drops_quiet: u32,
 }
@@ -478,7 +449,6 @@ impl Cloud {
             cache: VecDeque::new(),
             idle_reported: false,
             bind: None,
-            didkey_data: Value::Null,
             drop_log_at: None,
             drops_quiet: 0,
         }
@@ -509,7 +479,7 @@ impl Cloud {
         !self.ups.is_empty()
             || matches!(
                 self.phase,
-                Phase::Resolving | Phase::Connecting | Phase::Hello | Phase::DidKey | Phase::Info
+                Phase::Resolving | Phase::Connecting | Phase::Hello | Phase::Info
             )
     }
 
@@ -526,19 +496,6 @@ impl Cloud {
     /// After a provisioning in this run: `uid` and the phone's `bind_key` go into `_otc.info` (P§5.4).
     pub fn set_bind(&mut self, uid: String, bindkey: Option<String>) {
         self.bind = Some((uid, bindkey));
-    }
-
-    /// The helper's `res_didkeymac` material, sent unread as `data` (LOCAL_API.md §16 step 1).
-    pub fn set_didkey_data(&mut self, data: Value) {
-        self.didkey_data = data;
-    }
-
-    /// A new identity (after `NewIdentity`, or a did/key the node read). Takes effect on the next
-    /// session; call it between `stop` and `start`.
-    pub fn set_identity(&mut self, did: u32, key: CloudKey) {
-        self.cfg.did = did;
-        self.cfg.key = key.0;
-        self.keys = Keys::new(&key.0);
     }
 
     /// `params` (the helper's, or the daemon's own) with `model`, `mac` (upper case), `token` and
@@ -803,7 +760,7 @@ impl Cloud {
     pub fn handle_link_down(&mut self, now: Instant) {
         match self.phase {
             Phase::Connecting => self.connect_failed(now, "socket error"),
-            Phase::Hello | Phase::DidKey | Phase::Info | Phase::Up => self.fail(now, "link down"),
+            Phase::Hello | Phase::Info | Phase::Up => self.fail(now, "link down"),
             _ => {}
         }
     }
@@ -903,10 +860,6 @@ impl Cloud {
             self.offset
         );
         match self.phase {
-            Phase::Hello if self.cfg.did <= 1 => {
-                self.wheel.cancel(Timer::Hello);
-                self.didkey_request(now);
-            }
             Phase::Hello => {
                 self.wheel.cancel(Timer::Hello);
                 self.phase = Phase::Info;
@@ -916,62 +869,6 @@ impl Cloud {
             Phase::Up if self.wheel.cancel(Timer::RefreshHello) => self.want_info(false),
             _ => {}
         }
-    }
-
-    /// P§5.11: a bootstrap did asks the cloud for its identity, with the helper's material.
-    fn didkey_request(&mut self, now: Instant) {
-        self.phase = Phase::DidKey;
-        let id = self.alloc_id();
-        let mut params = Map::new();
-        params.insert("type".into(), self.cfg.did.into());
-        params.insert("model".into(), self.cfg.model.clone().into());
-        params.insert("mac".into(), self.cfg.mac.to_ascii_uppercase().into());
-        params.insert("vendor".into(), self.cfg.vendor.clone().into());
-        params.insert("data".into(), self.didkey_data.clone());
-        let text = rpc::request(
-            Some(&id.into()),
-            &self.cfg.didkey_method,
-            &Value::Object(params),
-        );
-        if text.len() > self.cfg.max_cloud_payload {
-            warn!(
-                "{} too long ({} bytes), not sent",
-                self.cfg.didkey_method,
-                text.len()
-            );
-            return self.fail(now, "did/key request too long");
-        }
-        info!("send {}, id:{id}", self.cfg.didkey_method);
-        self.emit(Action::Event(CloudEvent::DidKeyRequested));
-        self.send_up(now, id, Origin::DidKey, text);
-    }
-
-    fn didkey_reply(&mut self, now: Instant, obj: &Map<String, Value>) {
-        let Some(Value::Object(r)) = obj.get("result") else {
-            return self.fail(now, "did/key request refused");
-        };
-        let did = r.get("did").and_then(Value::as_u64);
-        let did = did.and_then(|d| u32::try_from(d).ok()).filter(|&d| d >= 2);
-        let key = r.get("key").and_then(Value::as_str).and_then(parse_key);
-        if let (Some(did), Some(key)) = (did, key) {
-            info!("did/key assigned: did {did}");
-            self.stop(now);
-            self.emit(Action::NewIdentity { did, key });
-            return;
-        }
-        if r.contains_key("did") || r.contains_key("key") {
-            return self.fail(now, "did/key reply invalid");
-        }
-        // Queued: close and ask again later, keeping the state (LOCAL_API.md §16 step 3).
-        let after = r
-            .get("retry_after")
-            .and_then(Value::as_u64)
-            .unwrap_or(86_400);
-        let after = Duration::from_secs(after.max(60));
-        info!("did/key request queued, retry in {after}");
-        self.end_session();
-        self.wheel.set(Timer::Backoff, now + after);
-        self.phase = Phase::Retry;
     }
 
     fn want_info(&mut self, session: bool) {
@@ -1149,11 +1046,7 @@ impl Cloud {
     // ---- receiving -------------------------------------------------------------------------
 
     fn receiving(&self, t: Transport) -> bool {
-        self.link == Some(t)
-            && matches!(
-                self.phase,
-                Phase::Hello | Phase::DidKey | Phase::Info | Phase::Up
-            )
+        self.link == Some(t) && matches!(self.phase, Phase::Hello | Phase::Info | Phase::Up)
     }
 
     /// One UDP datagram from the cloud socket.
@@ -1385,7 +1278,6 @@ impl Cloud {
             }
             Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
             Origin::Info { refresh: false } => self.fail(now, "_otc.info not acked"),
-            Origin::DidKey => self.fail(now, "did/key request not acked"),
             Origin::IdleReport => {
                 warn!("ota_state idle report not acked");
                 self.idle_reported = true;
@@ -1404,7 +1296,6 @@ impl Cloud {
                 self.emit(Action::ToClient { client, text });
             }
             Origin::Info { refresh } => self.info_reply(now, obj, refresh),
-            Origin::DidKey => self.didkey_reply(now, obj),
             Origin::IdleReport => {
                 self.idle_reported = true;
                 self.announce();
@@ -1586,14 +1477,6 @@ impl Cloud {
     }
 }
 
-/// A cloud key as P§5.11 allows it: exactly 16 ASCII alphanumerics.
-fn parse_key(s: &str) -> Option<CloudKey> {
-    let b: [u8; 16] = s.as_bytes().try_into().ok()?;
-    b.iter()
-        .all(u8::is_ascii_alphanumeric)
-        .then_some(CloudKey(b))
-}
-
 fn secs(now: Instant) -> i64 {
     i64::try_from(now.secs()).unwrap_or(i64::MAX)
 }
@@ -1658,14 +1541,11 @@ mod tests {
         out: VecDeque<Action>,
         keys: Keys,
         tcp: bool,
-        /// The did the cloud side uses.
-        did: u32,
     }
 
     impl H {
         fn new(cfg: CloudConfig) -> H {
             H {
-                did: cfg.did,
                 c: Cloud::new(cfg),
                 now: Instant(1_000_000),
                 out: VecDeque::new(),
@@ -1682,9 +1562,6 @@ mod tests {
 
         fn pump(&mut self) {
             while let Some(a) = self.c.poll_action() {
-                if let Action::Connect { transport, .. } = a {
-                    self.tcp = transport == Transport::Tcp;
-                }
                 self.out.push_back(a);
             }
         }
@@ -1726,12 +1603,7 @@ mod tests {
         }
 
         fn msg(&self, json: &str) -> Vec<u8> {
-            miio::seal(
-                &self.keys,
-                self.did,
-                self.c.stamp(self.now),
-                json.as_bytes(),
-            )
+            miio::seal(&self.keys, DID, self.c.stamp(self.now), json.as_bytes())
         }
 
         fn deliver_json(&mut self, json: &str) {
@@ -1751,7 +1623,7 @@ mod tests {
         #[track_caller]
         fn expect_json(&mut self) -> (u32, Map<String, Value>) {
             let b = self.expect_send();
-            let o = miio::decode(&self.keys, self.did, &b).expect("a data packet");
+            let o = miio::decode(&self.keys, DID, &b).expect("a data packet");
             let stamp = Packet::new_checked(&b[..]).map(|p| p.stamp()).unwrap_or(0);
             (stamp, o.value)
         }
@@ -2074,120 +1946,6 @@ mod tests {
         h.advance(t.0 - h.now.0);
         h.expect_event(CloudEvent::Trying);
         assert!(h.finish_attempt());
-    }
-
-    // ---- did/key exchange (P§5.11) --------------------------------------------------------
-
-    /// A bootstrap session up to the did/key request; returns its JSON.
-    fn didkey_start(h: &mut H) -> Map<String, Value> {
-        h.c.set_didkey_data(json!({"m": 1}));
-        h.c.start(h.now);
-        h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
-        h.take();
-        h.deliver(&miio::time_sync_reply(T0));
-        h.expect_event(CloudEvent::DidKeyRequested);
-        let (_, m) = h.expect_json();
-        h.quiet();
-        m
-    }
-
-    fn bootstrap_cfg() -> CloudConfig {
-        let mut c = cfg();
-        c.did = 1;
-        c.vendor = "vendor".into();
-        c
-    }
-
-    #[test]
-    fn didkey_assigned_then_normal_session() {
-        let mut h = H::new(bootstrap_cfg());
-        let m = didkey_start(&mut h);
-        assert_eq!(m["method"], "_otc.didkey_req");
-        assert_eq!(
-            m["params"],
-            json!({"type": 1, "model": "vendor.camera.v1", "mac": "AA:BB:CC:01:02:03", "vendor": "vendor", "data": {"m": 1}})
-        );
-        assert!(h.c.is_busy());
-        let reply = json!({"id": m["id"], "result": {"did": DID, "key": "YWJjZGVmZ2hpamts"}});
-        let p = h.msg(&reply.to_string());
-        h.deliver(&p);
-        let a = h.take();
-        assert_eq!(
-            a,
-            vec![
-                Action::Close,
-                Action::NewIdentity {
-                    did: DID,
-                    key: CloudKey(*KEY)
-                }
-            ]
-        );
-        assert!(
-            !format!("{a:?}").contains("YWJj"),
-            "the key never shows in Debug"
-        );
-        assert_eq!(h.c.state(), CloudState::Stopped);
-        assert_eq!(h.c.poll_timeout(), None);
-        h.c.set_identity(DID, CloudKey(*KEY));
-        h.did = DID;
-        assert!(h.up());
-    }
-
-    #[test]
-    fn didkey_retry_after_closes_and_waits() {
-        let mut h = H::new(bootstrap_cfg());
-        let m = didkey_start(&mut h);
-        let p = h.msg(&json!({"id": m["id"], "result": {"retry_after": 5}}).to_string());
-        h.deliver(&p);
-        assert_eq!(h.take(), vec![Action::Close]);
-        // At least 60 s.
-        assert_eq!(h.c.poll_timeout(), Some(Instant(h.now.0 + 60_000)));
-        h.advance(60_000);
-        h.expect_event(CloudEvent::Trying);
-        // No retry_after: a day.
-        let m = {
-            h.take();
-            h.c.handle_resolved(h.now, Ok(vec![SERVER]));
-            h.take();
-            h.c.handle_connected(h.now, LOCAL);
-            h.take();
-            h.deliver(&miio::time_sync_reply(T0));
-            h.expect_event(CloudEvent::DidKeyRequested);
-            h.expect_json().1
-        };
-        let p = h.msg(&json!({"id": m["id"], "result": {}}).to_string());
-        h.deliver(&p);
-        assert_eq!(h.take(), vec![Action::Close]);
-        assert_eq!(h.c.poll_timeout(), Some(Instant(h.now.0 + 86_400_000)));
-    }
-
-    #[test]
-    fn didkey_error_or_bad_identity_fails_the_attempt() {
-        for result in [
-            json!({"error": {"code": -1, "message": "no"}}),
-            json!({"result": {"did": 1, "key": "YWJjZGVmZ2hpamts"}}),
-            json!({"result": {"did": 5, "key": "short"}}),
-            json!({"result": {"did": 5, "key": "YWJjZGVmZ2hpam-s"}}),
-        ] {
-            let mut h = H::new(bootstrap_cfg());
-            let m = didkey_start(&mut h);
-            let mut r = result.as_object().unwrap().clone();
-            r.insert("id".into(), m["id"].clone());
-            let p = h.msg(&Value::Object(r).to_string());
-            h.deliver(&p);
-            assert_eq!(
-                h.take(),
-                vec![Action::Close, Action::Event(CloudEvent::Retry)],
-                "{result}"
-            );
-        }
-        // No ack: failed after the retransmits.
-        let mut h = H::new(bootstrap_cfg());
-        didkey_start(&mut h);
-        h.advance(12_000);
-        assert_eq!(h.take().last(), Some(&Action::Event(CloudEvent::Retry)));
     }
 
     // ---- keepalive and stamps --------------------------------------------------------------
