@@ -1,1 +1,565 @@
-//! Command line of the applets (LOCAL_API.md §18).
+//! Command line of the daemon applet (LOCAL_API.md §18): the vendor getopt string
+//! `Dp:H:i:l:L:hvd:eEC:o:n:` plus our long options. Pure: argv in, a typed config or an error out.
+//! Options whose feature comes later are accepted now, so that scripts written today never break.
+
+use core::fmt;
+
+use crate::time::Duration;
+
+/// Cloud transports, in the order they are tried (PROTOCOL.md §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Everything the daemon takes from its command line. Defaults are those of the spec sections cited.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientArgs {
+    pub daemonize: bool,
+    /// Always ends with `/` (vendor helpers build paths by concatenation, LOCAL_API.md §9.3).
+    pub datadir: String,
+    pub loglevel: u8,
+    pub logfile: Option<String>,
+    /// `-H`: host of both transports (D1: the vendor's moves TCP only).
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub udp_host: Option<String>,
+    pub udp_port: Option<u16>,
+    pub tcp_host: Option<String>,
+    pub tcp_port: Option<u16>,
+    pub transports: Vec<Transport>,
+    /// `-i`: the `_otc.info` refresh period, in ms as on the vendor.
+    pub interval_ms: Option<u64>,
+    /// `-C`: country host prefix.
+    pub country: Option<String>,
+    pub lan_port: u16,
+    pub local_port: u16,
+    pub ble_port: u16,
+    pub max_clients: usize,
+    pub max_msg: usize,
+    pub max_cloud_payload: usize,
+    pub keepalive: Duration,
+    pub ack_timeout: Duration,
+    pub user_ack_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub helper_grace: Duration,
+    pub helper_timeout: Duration,
+    pub max_sleep: Duration,
+    pub didkey_method: String,
+    pub os_release: String,
+    pub mqtt: Option<(String, u16)>,
+    pub mqtt_id: String,
+    pub mqtt_keepalive: u16,
+    pub mdns: bool,
+    pub mdns_port: u16,
+    /// `-e`/`-E`: accepted, no effect (LOCAL_API.md §19).
+    pub enckey: bool,
+    pub encdata: bool,
+}
+
+impl Default for ClientArgs {
+    fn default() -> Self {
+        ClientArgs {
+            daemonize: false,
+            datadir: "/etc/miio/".into(),
+            loglevel: 2,
+            logfile: None,
+            host: None,
+            port: None,
+            udp_host: None,
+            udp_port: None,
+            tcp_host: None,
+            tcp_port: None,
+            transports: vec![Transport::Udp, Transport::Tcp],
+            interval_ms: None,
+            country: None,
+            lan_port: 54321,
+            local_port: 54322,
+            ble_port: 54323,
+            max_clients: 20,
+            max_msg: 16384,
+            max_cloud_payload: 1024,
+            keepalive: Duration::from_secs(20),
+            ack_timeout: Duration::from_secs(3),
+            user_ack_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
+            helper_grace: Duration::from_secs(2),
+            helper_timeout: Duration::from_secs(10),
+            max_sleep: Duration::from_secs(3600),
+            didkey_method: "_otc.didkey_req".into(),
+            os_release: "/etc/os-release".into(),
+            mqtt: None,
+            mqtt_id: "miio_client".into(),
+            mqtt_keepalive: 0,
+            mdns: true,
+            mdns_port: 5353,
+            enckey: false,
+            encdata: false,
+        }
+    }
+}
+
+/// Why parsing stopped. `Help` and `Version` are not failures of the user, but exit 1 as the vendor does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CliError {
+    Help,
+    Version,
+    Usage(String),
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Help => f.write_str("help requested"),
+            CliError::Version => f.write_str("version requested"),
+            CliError::Usage(m) => f.write_str(m),
+        }
+    }
+}
+
+pub const USAGE: &str = "\
+Usage: miio_client [options]
+  -D, --daemonize         detach and run in the background
+  -d, --datadir DIR       data dir with device.conf, device.token, wifi.conf (default /etc/miio/)
+  -l, --loglevel N        0 error, 1 warning, 2 info (default), 3 debug, 4 verbose
+  -L, --logfile FILE      append the log to FILE (reopened on SIGHUP) instead of stdout
+  -H, --host HOST         cloud host for UDP and TCP
+  -p, --port PORT         cloud port for UDP and TCP
+  -C, --dcountry CC       country host prefix (not together with -H)
+  -i, --interval MS       _otc.info refresh period in milliseconds
+  -e, --enckey / -E, --encdata   accepted for compatibility, no effect
+  -o OPT, -n N            accepted for compatibility, ignored
+  -h, --help              this text (exit 1)
+  -v, --version           print the version (exit 1)
+Cloud:   --udp-host H --udp-port P --tcp-host H --tcp-port P --transports udp,tcp
+Local:   --lan-port P (0 off) --local-port P --ble-port P (0 off) --max-clients N
+         --max-msg BYTES --max-cloud-payload BYTES (<= 16384)
+Timers (seconds, fractions allowed): --keepalive --ack-timeout --user-ack-timeout
+         --backoff-min --backoff-max --helper-grace --helper-timeout --max-sleep
+Other:   --didkey-method M --os-release FILE --mqtt[=HOST:PORT] --mqtt-id ID
+         --mqtt-keepalive S --mdns-port P (0 off) --no-mdns
+Signals: TERM/INT stop cleanly, HUP reopens the log and re-reads the data files.
+";
+
+fn usage(msg: impl Into<String>) -> CliError {
+    CliError::Usage(msg.into())
+}
+
+fn num<T: core::str::FromStr>(opt: &str, v: &str) -> Result<T, CliError> {
+    v.trim()
+        .parse()
+        .map_err(|_| usage(format!("option {opt}: '{v}' is not a valid number")))
+}
+
+fn port(opt: &str, v: &str, allow_zero: bool) -> Result<u16, CliError> {
+    let p: u16 = num(opt, v)?;
+    if p == 0 && !allow_zero {
+        return Err(usage(format!("option {opt}: port 0 is not allowed")));
+    }
+    Ok(p)
+}
+
+fn secs(opt: &str, v: &str) -> Result<Duration, CliError> {
+    Duration::parse_secs(v)
+        .ok_or_else(|| usage(format!("option {opt}: '{v}' is not a number of seconds")))
+}
+
+fn host(opt: &str, v: &str) -> Result<String, CliError> {
+    // PROTOCOL.md §5.1: a host name must be shorter than 32 bytes.
+    if v.is_empty() || v.len() >= 32 {
+        return Err(usage(format!(
+            "option {opt}: host length must be 1..31 bytes, got {}",
+            v.len()
+        )));
+    }
+    Ok(v.to_owned())
+}
+
+fn country(v: &str) -> Result<String, CliError> {
+    let v = v.trim().to_ascii_lowercase();
+    if v.len() >= 8 || !v.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(usage(format!("Illegal country domain: '{v}'")));
+    }
+    Ok(v)
+}
+
+/// Short options that take a value, per the vendor getopt string.
+const SHORT_WITH_ARG: &str = "pHilLdCon";
+const SHORT_FLAGS: &str = "DhveE";
+
+/// Long options: (name, takes a value). `mqtt` takes an optional one (`--mqtt=HOST:PORT`).
+const LONG: &[(&str, bool)] = &[
+    ("daemonize", false),
+    ("datadir", true),
+    ("loglevel", true),
+    ("logfile", true),
+    ("host", true),
+    ("port", true),
+    ("interval", true),
+    ("dcountry", true),
+    ("enckey", false),
+    ("encdata", false),
+    ("help", false),
+    ("version", false),
+    ("udp-host", true),
+    ("udp-port", true),
+    ("tcp-host", true),
+    ("tcp-port", true),
+    ("transports", true),
+    ("lan-port", true),
+    ("local-port", true),
+    ("ble-port", true),
+    ("max-clients", true),
+    ("max-msg", true),
+    ("max-cloud-payload", true),
+    ("keepalive", true),
+    ("ack-timeout", true),
+    ("user-ack-timeout", true),
+    ("backoff-min", true),
+    ("backoff-max", true),
+    ("helper-grace", true),
+    ("helper-timeout", true),
+    ("max-sleep", true),
+    ("didkey-method", true),
+    ("os-release", true),
+    ("mqtt", false),
+    ("mqtt-id", true),
+    ("mqtt-keepalive", true),
+    ("mdns-port", true),
+    ("no-mdns", false),
+];
+
+fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliError> {
+    let v = val.unwrap_or("");
+    let o = name;
+    match name {
+        "D" | "daemonize" => a.daemonize = true,
+        "h" | "help" => return Err(CliError::Help),
+        "v" | "version" => return Err(CliError::Version),
+        "e" | "enckey" => a.enckey = true,
+        "E" | "encdata" => a.encdata = true,
+        "o" | "n" => {} // newer gateway builds pass these; meaning unknown (LOCAL_API.md §19).
+        "d" | "datadir" => {
+            if v.is_empty() {
+                return Err(usage("option -d: empty data dir"));
+            }
+            a.datadir = if v.ends_with('/') {
+                v.to_owned()
+            } else {
+                format!("{v}/")
+            };
+        }
+        "l" | "loglevel" => {
+            let l: u8 = num(o, v)?;
+            if l > 4 {
+                return Err(usage(format!("option -l: level {l} is not in 0..4")));
+            }
+            a.loglevel = l;
+        }
+        "L" | "logfile" => {
+            if v.is_empty() {
+                return Err(usage("option -L: empty file name"));
+            }
+            a.logfile = Some(v.to_owned());
+        }
+        "H" | "host" => a.host = Some(host(o, v)?),
+        "p" | "port" => a.port = Some(port(o, v, false)?),
+        "i" | "interval" => {
+            let ms: u64 = num(o, v)?;
+            if ms == 0 {
+                return Err(usage("option -i: the interval must be positive"));
+            }
+            a.interval_ms = Some(ms);
+        }
+        "C" | "dcountry" => a.country = Some(country(v)?),
+        "udp-host" => a.udp_host = Some(host(o, v)?),
+        "udp-port" => a.udp_port = Some(port(o, v, false)?),
+        "tcp-host" => a.tcp_host = Some(host(o, v)?),
+        "tcp-port" => a.tcp_port = Some(port(o, v, false)?),
+        "transports" => {
+            let mut t = Vec::new();
+            for part in v.split(',') {
+                let x = match part.trim() {
+                    "udp" => Transport::Udp,
+                    "tcp" => Transport::Tcp,
+                    other => {
+                        return Err(usage(format!(
+                            "option --transports: unknown transport '{other}' (udp, tcp)"
+                        )))
+                    }
+                };
+                if t.contains(&x) {
+                    return Err(usage("option --transports: a transport is named twice"));
+                }
+                t.push(x);
+            }
+            a.transports = t;
+        }
+        "lan-port" => a.lan_port = port(o, v, true)?,
+        "local-port" => a.local_port = port(o, v, true)?,
+        "ble-port" => a.ble_port = port(o, v, true)?,
+        "max-clients" => {
+            a.max_clients = num(o, v)?;
+            if a.max_clients == 0 || a.max_clients > 1000 {
+                return Err(usage("option --max-clients: must be 1..1000"));
+            }
+        }
+        "max-msg" => {
+            a.max_msg = num(o, v)?;
+            if !(256..=1 << 20).contains(&a.max_msg) {
+                return Err(usage("option --max-msg: must be 256..1048576"));
+            }
+        }
+        "max-cloud-payload" => {
+            a.max_cloud_payload = num(o, v)?;
+            if !(64..=16384).contains(&a.max_cloud_payload) {
+                return Err(usage("option --max-cloud-payload: must be 64..16384"));
+            }
+        }
+        "keepalive" => a.keepalive = secs(o, v)?,
+        "ack-timeout" => a.ack_timeout = secs(o, v)?,
+        "user-ack-timeout" => a.user_ack_timeout = secs(o, v)?,
+        "backoff-min" => a.backoff_min = secs(o, v)?,
+        "backoff-max" => a.backoff_max = secs(o, v)?,
+        "helper-grace" => a.helper_grace = secs(o, v)?,
+        "helper-timeout" => a.helper_timeout = secs(o, v)?,
+        "max-sleep" => a.max_sleep = secs(o, v)?,
+        "didkey-method" => {
+            if v.is_empty() {
+                return Err(usage("option --didkey-method: empty method"));
+            }
+            a.didkey_method = v.to_owned();
+        }
+        "os-release" => a.os_release = v.to_owned(),
+        "mqtt" => {
+            let (h, p) = match val {
+                None => ("127.0.0.1".to_owned(), 1883),
+                Some(hp) => match hp.rsplit_once(':') {
+                    Some((h, p)) if !h.is_empty() => (h.to_owned(), port(o, p, false)?),
+                    _ => return Err(usage("option --mqtt: expected HOST:PORT")),
+                },
+            };
+            a.mqtt = Some((h, p));
+        }
+        "mqtt-id" => {
+            if v.is_empty() || v.len() > 23 {
+                return Err(usage("option --mqtt-id: must be 1..23 bytes"));
+            }
+            a.mqtt_id = v.to_owned();
+        }
+        "mqtt-keepalive" => a.mqtt_keepalive = num(o, v)?,
+        "mdns-port" => a.mdns_port = port(o, v, true)?,
+        "no-mdns" => a.mdns = false,
+        _ => return Err(usage(format!("unknown option {name}"))),
+    }
+    Ok(())
+}
+
+/// Parses the arguments after the applet name.
+pub fn parse_client<S: AsRef<str>>(args: &[S]) -> Result<ClientArgs, CliError> {
+    let mut a = ClientArgs::default();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].as_ref();
+        i += 1;
+        if arg == "--" {
+            if i < args.len() {
+                return Err(usage(format!("unexpected argument '{}'", args[i].as_ref())));
+            }
+            break;
+        }
+        if let Some(long) = arg.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (long, None),
+            };
+            let Some(&(_, takes)) = LONG.iter().find(|(n, _)| *n == name) else {
+                return Err(usage(format!("unknown option --{name}")));
+            };
+            let val = if takes {
+                match inline {
+                    Some(v) => Some(v),
+                    None if i < args.len() => {
+                        i += 1;
+                        Some(args[i - 1].as_ref())
+                    }
+                    None => return Err(usage(format!("option --{name} needs a value"))),
+                }
+            } else if name == "mqtt" {
+                inline
+            } else if inline.is_some() {
+                return Err(usage(format!("option --{name} takes no value")));
+            } else {
+                None
+            };
+            apply(&mut a, name, val)?;
+            continue;
+        }
+        let Some(cluster) = arg.strip_prefix('-').filter(|c| !c.is_empty()) else {
+            return Err(usage(format!("unexpected argument '{arg}'")));
+        };
+        // getopt clustering: `-Dl3`, `-d/tmp`, `-d /tmp`.
+        for (pos, c) in cluster.char_indices() {
+            let name = c.to_string();
+            if SHORT_FLAGS.contains(c) {
+                apply(&mut a, &name, None)?;
+            } else if SHORT_WITH_ARG.contains(c) {
+                let rest = &cluster[pos + c.len_utf8()..];
+                let val = if !rest.is_empty() {
+                    rest
+                } else if i < args.len() {
+                    i += 1;
+                    args[i - 1].as_ref()
+                } else {
+                    return Err(usage(format!("option -{c} needs a value")));
+                };
+                apply(&mut a, &name, Some(val))?;
+                break;
+            } else {
+                return Err(usage(format!("unknown option -{c}")));
+            }
+        }
+    }
+    if a.country.is_some() && a.host.is_some() {
+        return Err(usage("-C and -H cannot be given together"));
+    }
+    if a.backoff_min > a.backoff_max {
+        return Err(usage("--backoff-min is larger than --backoff-max"));
+    }
+    if a.keepalive.millis() < 100 {
+        return Err(usage("--keepalive must be at least 0.1 s"));
+    }
+    if a.max_sleep.millis() < 1000 {
+        return Err(usage("--max-sleep must be at least 1 s"));
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<ClientArgs, CliError> {
+        parse_client(args)
+    }
+
+    #[test]
+    fn defaults() {
+        let a = p(&[]).unwrap();
+        assert_eq!(a.datadir, "/etc/miio/");
+        assert_eq!(a.loglevel, 2);
+        assert_eq!(a.keepalive, Duration::from_secs(20));
+        assert_eq!(a.transports, vec![Transport::Udp, Transport::Tcp]);
+        assert_eq!(
+            (a.lan_port, a.local_port, a.ble_port),
+            (54321, 54322, 54323)
+        );
+    }
+
+    #[test]
+    fn vendor_short_options_and_clusters() {
+        let a = p(&[
+            "-D",
+            "-d/tmp/x",
+            "-l",
+            "3",
+            "-L",
+            "/tmp/log",
+            "-H",
+            "127.0.0.1",
+            "-p8053",
+        ])
+        .unwrap();
+        assert!(a.daemonize);
+        assert_eq!(a.datadir, "/tmp/x/");
+        assert_eq!(a.loglevel, 3);
+        assert_eq!(a.logfile.as_deref(), Some("/tmp/log"));
+        assert_eq!(a.host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(a.port, Some(8053));
+        let b = p(&[
+            "-Dl4",
+            "-eE",
+            "-o",
+            "FILE_STORE",
+            "-n",
+            "128",
+            "-i",
+            "60000",
+        ])
+        .unwrap();
+        assert!(b.daemonize && b.enckey && b.encdata);
+        assert_eq!(b.loglevel, 4);
+        assert_eq!(b.interval_ms, Some(60000));
+    }
+
+    #[test]
+    fn long_options() {
+        let a = p(&[
+            "--datadir=/data",
+            "--transports",
+            "tcp",
+            "--keepalive=0.5",
+            "--lan-port",
+            "0",
+            "--mqtt",
+            "--no-mdns",
+            "--udp-port=9000",
+        ])
+        .unwrap();
+        assert_eq!(a.datadir, "/data/");
+        assert_eq!(a.transports, vec![Transport::Tcp]);
+        assert_eq!(a.keepalive, Duration::from_millis(500));
+        assert_eq!(a.lan_port, 0);
+        assert_eq!(a.mqtt, Some(("127.0.0.1".into(), 1883)));
+        assert!(!a.mdns);
+        assert_eq!(a.udp_port, Some(9000));
+        let b = p(&["--mqtt=10.0.0.1:1884"]).unwrap();
+        assert_eq!(b.mqtt, Some(("10.0.0.1".into(), 1884)));
+    }
+
+    #[test]
+    fn help_version_and_errors() {
+        assert_eq!(p(&["-h"]), Err(CliError::Help));
+        assert_eq!(p(&["--version"]), Err(CliError::Version));
+        assert!(matches!(p(&["-x"]), Err(CliError::Usage(_))));
+        assert!(matches!(p(&["--bogus"]), Err(CliError::Usage(_))));
+        assert!(matches!(p(&["-l"]), Err(CliError::Usage(_))));
+        assert!(matches!(p(&["-l", "9"]), Err(CliError::Usage(_))));
+        assert!(matches!(p(&["-p", "70000"]), Err(CliError::Usage(_))));
+        assert!(matches!(
+            p(&["--keepalive", "abc"]),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            p(&["--transports", "udp,udp"]),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(p(&["--no-mdns=1"]), Err(CliError::Usage(_))));
+        assert!(matches!(p(&["stray"]), Err(CliError::Usage(_))));
+        assert!(matches!(
+            p(&["-H", "a-very-long-host-name-over-32.example.com"]),
+            Err(CliError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn country_with_host_is_an_error() {
+        assert!(p(&["-C", "de"]).is_ok());
+        match p(&["-C", "de", "-H", "127.0.0.1"]) {
+            Err(CliError::Usage(m)) => assert!(m.contains("-C and -H")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(p(&["-C", "de1"]), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn arbitrary_args_never_panic() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(256), |(args in proptest::collection::vec(".{0,12}", 0..6))| {
+            let _ = parse_client(&args);
+        });
+    }
+}

@@ -118,7 +118,16 @@ mod tests {
 
     #[test]
     fn parse_secs_refuses_junk() {
-        for bad in ["", ".", "-1", "1e3", "abc", "1.2.3", " 1 2", "99999999999999999999"] {
+        for bad in [
+            "",
+            ".",
+            "-1",
+            "1e3",
+            "abc",
+            "1.2.3",
+            " 1 2",
+            "99999999999999999999",
+        ] {
             assert_eq!(Duration::parse_secs(bad), None, "{bad:?}");
         }
     }

@@ -22,7 +22,9 @@ pub struct TimerWheel<K> {
 
 impl<K> Default for TimerWheel<K> {
     fn default() -> Self {
-        TimerWheel { entries: Vec::new() }
+        TimerWheel {
+            entries: Vec::new(),
+        }
     }
 }
 

@@ -1,1 +1,11 @@
 //! The only layer with syscalls: the reactor, the clock, signals, logging, files at run time.
+//! It decides nothing: bytes go to `wire`, decisions come from `proto`.
+
+pub mod clock;
+pub mod conn;
+pub mod datafiles;
+pub mod log;
+pub mod netinfo;
+pub mod reactor;
+pub mod resolver;
+pub mod sys;

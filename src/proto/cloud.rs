@@ -1120,7 +1120,7 @@ impl Cloud {
         let filler = sum == [0; 16] || sum == [0xff; 16];
         let stamp = pkt.stamp();
         let ours = self.sent_stamps.contains(&stamp) && stamp != 0;
-        if md5_ok && !ours && self.last_rx.map_or(true, |l| stamp > l) {
+        if md5_ok && !ours && self.last_rx.is_none_or(|l| stamp > l) {
             debug!("ping from the cloud, stamp {stamp}: echoed");
             self.last_rx = Some(stamp);
             self.rx_since_ka = true;

@@ -1,0 +1,749 @@
+//! The `miio_client` applet: the daemon. It parses the command line, binds its sockets, loads the
+//! data dir and runs the reactor loop until SIGTERM/SIGINT (exit 0). A usage error, a failed bind or
+//! a fatal set-up error exits 1 (LOCAL_API.md §18).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use log::{debug, error, info, warn};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Interest, Token};
+
+use crate::cli::{self, CliError, ClientArgs};
+use crate::config::Secret16;
+use crate::io::conn::Conn;
+use crate::io::datafiles;
+use crate::io::log::{self as ilog, LogHandle};
+use crate::io::netinfo;
+use crate::io::reactor::{self, Reactor, Signal};
+use crate::io::resolver::Resolver;
+use crate::io::sys;
+use crate::proto::cloud::{CloudConfig, Transport as CloudTransport};
+use crate::proto::local::{LocalAction, Port};
+use crate::proto::node::{Action, Identity, Node, NodeConfig};
+use crate::proto::state::State;
+use crate::time::{Duration, Instant};
+use crate::timer::TimerWheel;
+use crate::wire::json_stream::SplitError;
+
+/// The vendor's line for a port already in use (LOCAL_API.md §2).
+pub const QUIT_BOUND: &str = "Quit, maybe another miio_client is already running.";
+
+/// How often a daemon without a usable identity repeats why (LOCAL_API.md §9.5).
+const CONFIG_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// Re-log why the daemon is still in `device_init`.
+    ConfigRetry,
+}
+
+struct Sockets {
+    lan: Option<UdpSocket>,
+    local: Option<TcpListener>,
+    ble: Option<TcpListener>,
+}
+
+fn bind_tcp(port: u16) -> io::Result<TcpListener> {
+    // D8: the local listeners are on loopback only.
+    TcpListener::bind(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)))
+}
+
+fn bind_all(a: &ClientArgs) -> io::Result<Sockets> {
+    let lan = match a.lan_port {
+        0 => None,
+        p => Some(UdpSocket::bind(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::UNSPECIFIED,
+            p,
+        )))?),
+    };
+    let local = match a.local_port {
+        0 => None,
+        p => Some(bind_tcp(p)?),
+    };
+    let ble = match a.ble_port {
+        0 => None,
+        p => Some(bind_tcp(p)?),
+    };
+    Ok(Sockets { lan, local, ble })
+}
+
+/// A local connection and the port it came in on.
+struct Client {
+    conn: Conn,
+    port: Port,
+}
+
+/// The cloud socket of the current attempt.
+enum CloudSock {
+    Udp(UdpSocket),
+    Tcp {
+        stream: TcpStream,
+        connected: bool,
+        out: Vec<u8>,
+    },
+}
+
+/// Pending output of a local client before it is closed as one that never reads (L§2).
+const CLIENT_OUT_LIMIT: usize = 64 * 1024;
+
+struct Daemon {
+    args: ClientArgs,
+    log: LogHandle,
+    reactor: Reactor,
+    sockets: Sockets,
+    wheel: TimerWheel<Timer>,
+    node: Node,
+    clients: Vec<Option<Client>>,
+    cloud: Option<CloudSock>,
+    resolver: Resolver<()>,
+}
+
+fn fresh_token() -> Secret16 {
+    let mut raw = [0u8; 96];
+    // A failing getrandom is near impossible; the token still must not be predictable, so fall
+    // back to mixing in the clock only to keep the daemon alive, and say so.
+    if let Err(e) = sys::random_bytes(&mut raw) {
+        warn!("getrandom failed ({e}); token entropy is weak");
+        let t = sys::boottime_ms().to_le_bytes();
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b ^= t[i % 8].wrapping_mul(i as u8 | 1);
+        }
+    }
+    crate::config::token::generate(&raw).unwrap_or_else(|| Secret16::new(*b"0123456789abcdef"))
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = sys::random_bytes(&mut b);
+    u64::from_le_bytes(b) ^ sys::boottime_ms()
+}
+
+/// The node's settings from the command line (P§5.1 host and port rules, timers).
+fn node_config(a: &ClientArgs) -> NodeConfig {
+    let mut c = CloudConfig::new(0, [0; 16], "", "", "", a.country.as_deref().unwrap_or(""));
+    c.transports = a
+        .transports
+        .iter()
+        .map(|t| match t {
+            cli::Transport::Udp => CloudTransport::Udp,
+            cli::Transport::Tcp => CloudTransport::Tcp,
+        })
+        .collect();
+    // D1: -H and -p move both transports; the per-transport options win over them.
+    let udp_host = a.udp_host.clone().or_else(|| a.host.clone());
+    let tcp_host = a.tcp_host.clone().or_else(|| a.host.clone());
+    if let Some(h) = &udp_host {
+        c.udp.host = h.clone();
+        c.udp.explicit = true;
+    }
+    if let Some(h) = &tcp_host {
+        c.tcp.host = h.clone();
+        c.tcp.explicit = true;
+    }
+    if let Some(p) = a.udp_port.or(a.port) {
+        c.udp.port = p;
+    }
+    if let Some(p) = a.tcp_port.or(a.port) {
+        c.tcp.port = p;
+    }
+    c.keepalive = a.keepalive;
+    c.ack_timeout = a.ack_timeout;
+    c.user_ack_timeout = a.user_ack_timeout;
+    c.backoff_min = a.backoff_min;
+    c.backoff_max = a.backoff_max;
+    c.refresh = a.interval_ms.map(Duration::from_millis);
+    c.max_cloud_payload = a.max_cloud_payload;
+    c.seed = random_seed();
+    NodeConfig {
+        max_clients: a.max_clients,
+        max_sleep: a.max_sleep,
+        cloud: c,
+        country_override: a.country.clone(),
+        hosts_explicit: (udp_host.is_some(), tcp_host.is_some()),
+    }
+}
+
+fn identity_from(id: datafiles::Identity) -> Identity {
+    Identity {
+        did: id.device.did,
+        key: *id.device.key.as_bytes(),
+        mac: id.device.mac.clone(),
+        model: id.device.model.clone(),
+        vendor: id.device.vendor.clone(),
+        token: *id.token.as_bytes(),
+        provisioned: id.provisioned,
+        ssid: id.wifi.as_ref().map(|w| w.ssid.clone()).unwrap_or_default(),
+        fw_ver: id.fw_ver.clone(),
+        country: id.country.clone(),
+    }
+}
+
+impl Daemon {
+    /// Loads the data dir; on success the node walks device_init -> ... -> sta_mode / wifi_ap_mode.
+    fn load_identity(&mut self, now: Instant) {
+        match datafiles::load(&self.args.datadir, &self.args.os_release, &fresh_token()) {
+            Ok(id) => {
+                self.wheel.cancel(Timer::ConfigRetry);
+                self.node.set_identity(now, identity_from(id));
+            }
+            Err(e) => {
+                error!("{e}");
+                error!("staying in device_init; fix the file and send SIGHUP");
+                self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY);
+            }
+        }
+    }
+
+    fn reload(&mut self, now: Instant) {
+        if let Err(e) = self.log.reopen() {
+            warn!("cannot reopen the log file: {e}");
+        }
+        if self.node.state() == State::DeviceInit {
+            self.load_identity(now);
+        } else {
+            // Identity changes mid-session come through the helper protocol; a restart re-reads.
+            info!("SIGHUP: log reopened");
+        }
+    }
+
+    fn fire(&mut self, now: Instant, t: Timer) {
+        match t {
+            Timer::ConfigRetry => {
+                if let Err(e) = datafiles::load_device(&self.args.datadir) {
+                    error!("{e}");
+                }
+                self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY);
+            }
+        }
+    }
+
+    fn drain_lan(&mut self) {
+        let Some(lan) = self.sockets.lan.as_ref() else {
+            return;
+        };
+        let mut buf = [0u8; 65536];
+        loop {
+            match lan.recv_from(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("LAN socket: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant, port: Port) {
+        loop {
+            let l = match port {
+                Port::Local => self.sockets.local.as_ref(),
+                Port::Ble => self.sockets.ble.as_ref(),
+            };
+            let Some(l) = l else { return };
+            let stream = match l.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("accept: {e}");
+                    return;
+                }
+            };
+            let slot = match self.clients.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.clients.push(None);
+                    self.clients.len() - 1
+                }
+            };
+            if !self.node.local_accept(now, slot, port) {
+                continue; // dropped: closed
+            }
+            let mut conn = Conn::new(stream, self.args.max_msg, CLIENT_OUT_LIMIT);
+            if let Err(e) = self.reactor.registry().register(
+                &mut conn.stream,
+                Token(reactor::CLIENT_BASE + slot),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                warn!("register client: {e}");
+                self.node.local_closed(slot);
+                continue;
+            }
+            self.clients[slot] = Some(Client { conn, port });
+        }
+    }
+
+    fn close_client(&mut self, slot: usize) {
+        if let Some(mut c) = self.clients.get_mut(slot).and_then(Option::take) {
+            let _ = self.reactor.registry().deregister(&mut c.conn.stream);
+            debug!("local client {slot} ({:?}) closed", c.port);
+        }
+        self.node.local_closed(slot);
+    }
+
+    fn client_ready(&mut self, now: Instant, slot: usize, r: &reactor::Ready) {
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if r.writable {
+            match c.conn.flush() {
+                Ok(true) if c.conn.close_after_flush => {
+                    self.close_client(slot);
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    self.close_client(slot);
+                    return;
+                }
+            }
+        }
+        if !r.readable {
+            return;
+        }
+        let out = c.conn.read_ready();
+        for v in out.values {
+            match v {
+                Ok(raw) => self.node.local_value(now, slot, &raw),
+                Err(SplitError::TooLarge { .. }) => {
+                    warn!(
+                        "local client {slot}: message over {} bytes, closing",
+                        self.args.max_msg
+                    );
+                    self.close_client(slot);
+                    return;
+                }
+                Err(SplitError::Syntax { .. }) => {
+                    // L§3: a syntax error gets -32700, then the connection is closed.
+                    self.node.local_syntax_error(slot);
+                    self.run_actions(now);
+                    return;
+                }
+            }
+            self.run_actions(now);
+            if self.clients.get(slot).is_none_or(Option::is_none) {
+                return;
+            }
+        }
+        if out.eof {
+            self.close_client(slot);
+        }
+    }
+
+    fn send_local(&mut self, slot: usize, text: String) {
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.conn.send(text.as_bytes()).is_err() {
+            warn!("local client {slot}: more than 64 KiB unsent (it does not read), closing");
+            self.close_client(slot);
+        }
+    }
+
+    fn close_local(&mut self, slot: usize) {
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.conn.pending_out() == 0 {
+            self.close_client(slot);
+        } else {
+            c.conn.close_after_flush = true;
+        }
+    }
+
+    fn cloud_close(&mut self) {
+        if let Some(sock) = self.cloud.take() {
+            let reg = self.reactor.registry();
+            let _ = match sock {
+                CloudSock::Udp(mut s) => reg.deregister(&mut s),
+                CloudSock::Tcp { mut stream, .. } => reg.deregister(&mut stream),
+            };
+        }
+        self.node.set_cloud_backlog(false);
+    }
+
+    fn cloud_connect(&mut self, now: Instant, transport: CloudTransport, addr: SocketAddrV4) {
+        self.cloud_close();
+        let res = match transport {
+            CloudTransport::Udp => open_udp(addr).and_then(|mut s| {
+                self.reactor
+                    .registry()
+                    .register(&mut s, reactor::CLOUD, Interest::READABLE)?;
+                let local = s.local_addr()?;
+                self.cloud = Some(CloudSock::Udp(s));
+                Ok(Some(local))
+            }),
+            CloudTransport::Tcp => TcpStream::connect(SocketAddr::V4(addr)).and_then(|mut s| {
+                self.reactor.registry().register(
+                    &mut s,
+                    reactor::CLOUD,
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                self.cloud = Some(CloudSock::Tcp {
+                    stream: s,
+                    connected: false,
+                    out: Vec::new(),
+                });
+                Ok(None)
+            }),
+        };
+        match res {
+            Ok(Some(local)) => self.cloud_up(now, local),
+            Ok(None) => {}
+            Err(e) => {
+                self.cloud_close();
+                self.node.cloud_connect_failed(now, &e.to_string());
+            }
+        }
+    }
+
+    fn cloud_up(&mut self, now: Instant, local: SocketAddr) {
+        let ip = match local {
+            SocketAddr::V4(a) => *a.ip(),
+            SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        };
+        self.node.cloud_connected(now, netinfo::netif_for(ip), ip);
+    }
+
+    fn cloud_send(&mut self, bytes: Vec<u8>) {
+        match self.cloud.as_mut() {
+            Some(CloudSock::Udp(s)) => {
+                if let Err(e) = s.send(&bytes) {
+                    // ECONNREFUSED counts as nothing received (P§5.6); the keepalive decides.
+                    debug!("cloud send: {e}");
+                }
+            }
+            Some(CloudSock::Tcp { out, .. }) => {
+                if out.len() + bytes.len() > 256 * 1024 {
+                    warn!("cloud TCP output backlog over 256 KiB; packet dropped");
+                    return;
+                }
+                out.extend_from_slice(&bytes);
+                self.cloud_flush();
+            }
+            None => debug!("cloud send without a socket; dropped"),
+        }
+    }
+
+    /// Writes queued TCP output. Returns false when the link failed.
+    fn cloud_flush(&mut self) -> bool {
+        let Some(CloudSock::Tcp {
+            stream,
+            connected: true,
+            out,
+        }) = self.cloud.as_mut()
+        else {
+            return true;
+        };
+        let mut done = 0;
+        let mut ok = true;
+        while done < out.len() {
+            match stream.write(&out[done..]) {
+                Ok(0) => {
+                    ok = false;
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        out.drain(..done);
+        let backlog = !out.is_empty();
+        self.node.set_cloud_backlog(backlog);
+        ok
+    }
+
+    fn cloud_ready(&mut self, now: Instant, r: &reactor::Ready) {
+        match self.cloud {
+            Some(CloudSock::Udp(_)) => self.udp_ready(now),
+            Some(CloudSock::Tcp { .. }) => self.tcp_ready(now, r),
+            None => {}
+        }
+    }
+
+    fn udp_ready(&mut self, now: Instant) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let res = match self.cloud.as_mut() {
+                Some(CloudSock::Udp(s)) => s.recv(&mut buf),
+                _ => return,
+            };
+            match res {
+                Ok(n) => {
+                    self.node.cloud_datagram(now, &buf[..n]);
+                    self.run_actions(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ECONNREFUSED (an ICMP error): nothing received (P§5.6); keep reading.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => {
+                    debug!("cloud recv: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Finishes a non-blocking connect (the 6 steps of a mio connect). False: not yet.
+    fn tcp_finish_connect(&mut self, now: Instant) -> bool {
+        let Some(CloudSock::Tcp {
+            stream, connected, ..
+        }) = self.cloud.as_mut()
+        else {
+            return false;
+        };
+        let failed = match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e.to_string()),
+            Ok(None) => match stream.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return false,
+                Err(e) => Some(e.to_string()),
+            },
+        };
+        if let Some(reason) = failed {
+            self.cloud_close();
+            self.node.cloud_connect_failed(now, &reason);
+            return false;
+        }
+        *connected = true;
+        match stream.local_addr() {
+            Ok(l) => {
+                self.cloud_up(now, l);
+                self.run_actions(now);
+                true
+            }
+            Err(e) => {
+                self.cloud_close();
+                self.node.cloud_connect_failed(now, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn tcp_ready(&mut self, now: Instant, r: &reactor::Ready) {
+        if let Some(CloudSock::Tcp {
+            connected: false, ..
+        }) = self.cloud
+        {
+            if !self.tcp_finish_connect(now) {
+                return;
+            }
+        }
+        if r.writable && !self.cloud_flush() {
+            self.cloud_close();
+            self.node.cloud_link_down(now);
+            return;
+        }
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let res = match self.cloud.as_mut() {
+                Some(CloudSock::Tcp { stream, .. }) => stream.read(&mut buf),
+                _ => return,
+            };
+            match res {
+                Ok(0) => {
+                    info!("cloud TCP closed by the peer");
+                    self.cloud_close();
+                    self.node.cloud_link_down(now);
+                    return;
+                }
+                Ok(n) => {
+                    self.node.cloud_stream(now, &buf[..n]);
+                    self.run_actions(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    info!("cloud TCP: {e}");
+                    self.cloud_close();
+                    self.node.cloud_link_down(now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Executes the node's actions until it has none left (handlers may queue more).
+    fn run_actions(&mut self, now: Instant) {
+        while let Some(a) = self.node.poll_action() {
+            match a {
+                Action::Local(LocalAction::Send(slot, text)) => self.send_local(slot, text),
+                Action::Local(LocalAction::Close(slot)) => self.close_local(slot),
+                Action::Resolve { host, port, .. } => self.resolver.lookup((), &host, port),
+                Action::Connect { transport, addr } => self.cloud_connect(now, transport, addr),
+                Action::CloudSend(b) => self.cloud_send(b),
+                Action::CloudClose => self.cloud_close(),
+                Action::SetLogLevel(l) => {
+                    info!("log level set to {l}");
+                    ilog::set_level(l);
+                }
+            }
+        }
+    }
+
+    fn run(&mut self) -> io::Result<i32> {
+        let reg = self.reactor.registry();
+        if let Some(s) = self.sockets.lan.as_mut() {
+            reg.register(s, reactor::LAN, Interest::READABLE)?;
+        }
+        if let Some(s) = self.sockets.local.as_mut() {
+            reg.register(s, reactor::LOCAL_LISTEN, Interest::READABLE)?;
+        }
+        if let Some(s) = self.sockets.ble.as_mut() {
+            reg.register(s, reactor::BLE_LISTEN, Interest::READABLE)?;
+        }
+        let now = crate::io::clock::now();
+        self.load_identity(now);
+        self.run_actions(now);
+        loop {
+            let deadline = match (self.wheel.earliest(), self.node.poll_timeout()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let turn = self.reactor.wait(deadline)?;
+            let now = turn.now;
+            for s in &turn.signals {
+                match s {
+                    Signal::Stop => {
+                        info!("stopping on signal");
+                        self.node.shutdown(now);
+                        self.run_actions(now);
+                        return Ok(0);
+                    }
+                    Signal::Reload => self.reload(now),
+                    Signal::Child => {
+                        sys::reap_children();
+                    }
+                }
+            }
+            self.run_actions(now);
+            for r in &turn.ready {
+                match r.token {
+                    reactor::LAN => self.drain_lan(),
+                    reactor::LOCAL_LISTEN => self.accept(now, Port::Local),
+                    reactor::BLE_LISTEN => self.accept(now, Port::Ble),
+                    reactor::CLOUD => self.cloud_ready(now, r),
+                    reactor::RESOLVER => {
+                        for ans in self.resolver.drain() {
+                            self.node.cloud_resolved(now, ans.result);
+                        }
+                    }
+                    Token(t) if t >= reactor::CLIENT_BASE => {
+                        self.client_ready(now, t - reactor::CLIENT_BASE, r)
+                    }
+                    _ => {}
+                }
+                self.run_actions(now);
+            }
+            while let Some(t) = self.wheel.pop_due(now) {
+                self.fire(now, t);
+            }
+            if self.node.poll_timeout().is_some_and(|t| t <= now) {
+                self.node.handle_timeout(now);
+            }
+            self.run_actions(now);
+        }
+    }
+}
+
+fn open_udp(addr: SocketAddrV4) -> io::Result<UdpSocket> {
+    // P§5.2: a fresh connected socket with a new ephemeral port for every attempt.
+    let s = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(addr)?;
+    s.set_nonblocking(true)?;
+    Ok(UdpSocket::from_std(s))
+}
+
+/// Entry point of the applet.
+pub fn main(args: &[String]) -> i32 {
+    let a = match cli::parse_client(args) {
+        Ok(a) => a,
+        Err(CliError::Help) => {
+            eprint!("{}", cli::USAGE);
+            return 1;
+        }
+        Err(CliError::Version) => {
+            eprintln!("miio-client {}", crate::VERSION);
+            return 1;
+        }
+        Err(CliError::Usage(m)) => {
+            eprintln!("miio_client: {m}");
+            eprint!("{}", cli::USAGE);
+            return 1;
+        }
+    };
+    let log = match ilog::init(a.loglevel, a.logfile.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "miio_client: cannot open log file {}: {e}",
+                a.logfile.as_deref().unwrap_or("")
+            );
+            return 1;
+        }
+    };
+    if a.enckey || a.encdata {
+        warn!("-e/-E (encrypted storage) are accepted for compatibility and have no effect");
+    }
+    // Bind before detaching, so a port in use is an exit status the init script sees.
+    let sockets = match bind_all(&a) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("bind: {e}");
+            error!("{QUIT_BOUND}");
+            return 1;
+        }
+    };
+    if a.daemonize {
+        if let Err(e) = sys::daemonize(true) {
+            error!("cannot daemonize: {e}");
+            return 1;
+        }
+    }
+    let reactor = match Reactor::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot set up the reactor: {e}");
+            return 1;
+        }
+    };
+    info!(
+        "miio_client {} starting, data dir {}",
+        crate::VERSION,
+        a.datadir
+    );
+    let resolver = match Resolver::new(reactor.registry(), reactor::RESOLVER) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot set up the resolver: {e}");
+            return 1;
+        }
+    };
+    let mut d = Daemon {
+        node: Node::new(node_config(&a)),
+        args: a,
+        log,
+        reactor,
+        sockets,
+        wheel: TimerWheel::new(),
+        clients: Vec::new(),
+        cloud: None,
+        resolver,
+    };
+    match d.run() {
+        Ok(code) => code,
+        Err(e) => {
+            error!("fatal: {e}");
+            1
+        }
+    }
+}

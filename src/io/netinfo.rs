@@ -1,0 +1,51 @@
+//! The local network facts for INFO's `netif` (PROTOCOL.md §5.4): the address of the cloud socket,
+//! its interface netmask, and the default gateway from /proc/net/route (or "" when there is none).
+
+use std::net::Ipv4Addr;
+
+use crate::proto::node::Netif;
+
+/// The default gateway in a /proc/net/route text: the row whose destination and mask are 0.
+/// Columns are hex in host byte order (little-endian on every board we ship for).
+pub fn default_gateway(route: &str) -> Option<Ipv4Addr> {
+    route.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 8 || f[1] != "00000000" || f[7] != "00000000" {
+            return None;
+        }
+        let g = u32::from_str_radix(f[2], 16).ok()?;
+        (g != 0).then(|| Ipv4Addr::from(g.swap_bytes()))
+    })
+}
+
+pub fn netif_for(local: Ipv4Addr) -> Netif {
+    let mask = super::sys::netmask_of(local)
+        .map(|m| m.to_string())
+        .unwrap_or_default();
+    let gw = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|t| default_gateway(&t))
+        .map(|g| g.to_string())
+        .unwrap_or_default();
+    Netif {
+        ip: local.to_string(),
+        mask,
+        gw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_from_route_table() {
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                 eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(default_gateway(t), Some(Ipv4Addr::new(192, 168, 1, 1)));
+        assert_eq!(default_gateway("Iface\n"), None);
+        assert_eq!(default_gateway("garbage\nx y z"), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! The one mio `Poll` of a process (ARCHITECTURE.md §4).
+//!
+//! - Fixed tokens for the daemon's sources; clients get `CLIENT_BASE + slot`.
+//! - No fixed tick and no poll timeout: the wait ends at the earliest deadline through one timerfd on
+//!   CLOCK_BOOTTIME armed absolute at that deadline, so a deadline that passed while the board slept
+//!   fires at once on resume (an `epoll_wait` timeout runs on CLOCK_MONOTONIC and would fire late).
+//!   The timerfd is re-armed only when the deadline changes: an idle daemon makes no syscalls.
+//! - Signals only write a byte to a self-pipe; the turn reports them.
+//! - One clock read per turn, right after `poll()` returns.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+
+use super::{clock, sys};
+use crate::time::Instant;
+
+pub const SIGNAL: Token = Token(0);
+pub const TIMER: Token = Token(1);
+pub const CLOUD: Token = Token(2);
+pub const LAN: Token = Token(3);
+pub const LOCAL_LISTEN: Token = Token(4);
+pub const BLE_LISTEN: Token = Token(5);
+pub const RESOLVER: Token = Token(6);
+pub const MDNS: Token = Token(7);
+pub const MQTT: Token = Token(8);
+pub const CTL: Token = Token(9);
+/// Connection tokens start here: `Token(CLIENT_BASE + slot)`.
+pub const CLIENT_BASE: usize = 64;
+
+/// What a signal asks the process to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM or SIGINT: close cleanly, exit 0.
+    Stop,
+    /// SIGHUP: reopen the log, re-read the data files.
+    Reload,
+    /// SIGCHLD: reap children.
+    Child,
+}
+
+/// One readiness event, copied out of mio's buffer so handlers may borrow the reactor again.
+#[derive(Clone, Copy, Debug)]
+pub struct Ready {
+    pub token: Token,
+    pub readable: bool,
+    pub writable: bool,
+    /// Error or hang-up; treat as a hint and read to find out.
+    pub closed: bool,
+}
+
+/// The result of one wait.
+#[derive(Debug, Default)]
+pub struct Turn {
+    pub now: Instant,
+    pub signals: Vec<Signal>,
+    pub ready: Vec<Ready>,
+    /// The timerfd expired: something in the wheel is due at `now`.
+    pub timer: bool,
+}
+
+pub struct Reactor {
+    poll: Poll,
+    events: Events,
+    timer: File,
+    armed: Option<Instant>,
+    sig_read: File,
+    _sig_write: OwnedFd,
+}
+
+impl Reactor {
+    /// Creates the poll, the CLOCK_BOOTTIME timerfd and the signal self-pipe, and installs the
+    /// handlers (TERM, INT, HUP, CHLD; PIPE ignored).
+    pub fn new() -> io::Result<Reactor> {
+        let poll = Poll::new()?;
+        let timer = File::from(sys::timerfd_boottime()?);
+        let (r, w) = sys::pipe()?;
+        poll.registry()
+            .register(&mut SourceFd(&timer.as_raw_fd()), TIMER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut SourceFd(&r.as_raw_fd()), SIGNAL, Interest::READABLE)?;
+        sys::install_signal_pipe(
+            w.as_raw_fd(),
+            &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD],
+        )?;
+        Ok(Reactor {
+            poll,
+            events: Events::with_capacity(64),
+            timer,
+            armed: None,
+            sig_read: File::from(r),
+            _sig_write: w,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        self.poll.registry()
+    }
+
+    /// Blocks until a source is ready, a signal arrives or `deadline` passes (never on a tick).
+    pub fn wait(&mut self, deadline: Option<Instant>) -> io::Result<Turn> {
+        if deadline != self.armed {
+            sys::timerfd_arm(self.timer.as_raw_fd(), deadline.map(|d| d.millis()))?;
+            self.armed = deadline;
+        }
+        loop {
+            match self.poll.poll(&mut self.events, None) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut turn = Turn {
+            now: clock::now(),
+            ..Turn::default()
+        };
+        for ev in self.events.iter() {
+            match ev.token() {
+                TIMER => turn.timer = true,
+                SIGNAL => {}
+                token => turn.ready.push(Ready {
+                    token,
+                    readable: ev.is_readable() || ev.is_read_closed(),
+                    writable: ev.is_writable(),
+                    closed: ev.is_error() || ev.is_read_closed() || ev.is_write_closed(),
+                }),
+            }
+        }
+        // Both are cheap non-blocking reads; draining them always keeps edge-triggered mio honest.
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = self.sig_read.read(&mut buf) {
+            for &b in &buf[..n] {
+                let s = match i32::from(b) {
+                    libc::SIGTERM | libc::SIGINT => Signal::Stop,
+                    libc::SIGHUP => Signal::Reload,
+                    libc::SIGCHLD => Signal::Child,
+                    _ => continue,
+                };
+                if !turn.signals.contains(&s) {
+                    turn.signals.push(s);
+                }
+            }
+        }
+        let mut exp = [0u8; 8];
+        if turn.timer && self.timer.read(&mut exp).is_ok() {
+            // The expiry is consumed; the armed deadline is spent.
+            self.armed = None;
+        }
+        if let Some(d) = deadline {
+            if turn.now >= d {
+                turn.timer = true;
+            }
+        }
+        Ok(turn)
+    }
+}

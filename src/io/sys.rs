@@ -1,0 +1,299 @@
+//! The only `unsafe` in the crate: thin wrappers over the libc calls std does not offer
+//! (CLOCK_BOOTTIME, timerfd, signal handlers, fork/setsid, localtime_r, getrandom, waitpid).
+//! Each returns owned, safe values; every block states why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Milliseconds on CLOCK_BOOTTIME: counts time spent suspended (PROTOCOL.md §4.3, D10).
+pub fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every Linux since 2.6.39.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if ret != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec as u64 / 1_000_000)
+}
+
+/// Wall-clock seconds since the epoch (for log time stamps only; never for deadlines).
+pub fn wall_secs() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    #[allow(clippy::unnecessary_cast)] // time_t is i32 on armv7
+    let s = ts.tv_sec as i64;
+    s
+}
+
+/// Broken-down local time: (year, month 1-12, day, hour, minute, second).
+pub fn localtime(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
+    let t = secs as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value of the plain C struct.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return (1970, 1, 1, 0, 0, 0);
+    }
+    (
+        tm.tm_year + 1900,
+        (tm.tm_mon + 1) as u32,
+        tm.tm_mday as u32,
+        tm.tm_hour as u32,
+        tm.tm_min as u32,
+        tm.tm_sec as u32,
+    )
+}
+
+/// A non-blocking timerfd on CLOCK_BOOTTIME (ARCHITECTURE.md §4.5).
+pub fn timerfd_boottime() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success we own the returned descriptor.
+    let fd = check(unsafe {
+        libc::timerfd_create(libc::CLOCK_BOOTTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+    })?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms the timerfd absolutely at `at_ms` on CLOCK_BOOTTIME, or disarms it with `None`.
+pub fn timerfd_arm(fd: RawFd, at_ms: Option<u64>) -> io::Result<()> {
+    let value = match at_ms {
+        // A zero it_value disarms, so an absolute deadline of 0 becomes 1 ns: already due.
+        Some(ms) => libc::timespec {
+            tv_sec: (ms / 1000) as libc::time_t,
+            tv_nsec: if ms == 0 {
+                1
+            } else {
+                ((ms % 1000) * 1_000_000) as libc::c_long
+            },
+        },
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+    };
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: value,
+    };
+    // SAFETY: `spec` is a valid itimerspec, the old-value pointer may be null.
+    check(unsafe {
+        libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &spec, std::ptr::null_mut())
+    })?;
+    Ok(())
+}
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Write end of the self-pipe, read by the signal handler.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; `b` lives for the call. A full pipe just drops
+        // the byte, which is fine: a pending byte already wakes the reactor.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// Routes `signals` to the self-pipe whose write end is `write_fd`, and ignores SIGPIPE.
+/// The handler only writes one byte (ARCHITECTURE.md §4.6).
+pub fn install_signal_pipe(write_fd: RawFd, signals: &[libc::c_int]) -> io::Result<()> {
+    SIGNAL_PIPE.store(write_fd, Ordering::Relaxed);
+    for &sig in signals {
+        // SAFETY: an all-zero sigaction is valid; we then set a plain handler with SA_RESTART.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa.sa_mask` is a valid sigset to initialise; `sa` is valid for sigaction.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: installing a handler for a catchable signal with a valid struct.
+        check(unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) })?;
+    }
+    // SAFETY: SIG_IGN for SIGPIPE is always valid; writes to closed sockets then return EPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    Ok(())
+}
+
+/// Reaps every exited child without blocking; returns (pid, raw status) pairs.
+pub fn reap_children() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is writable; WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return out;
+        }
+        out.push((pid, status));
+    }
+}
+
+/// Detaches from the terminal (LOCAL_API.md §18 `-D`): fork, parent exits 0, setsid, chdir /,
+/// and, when `redirect_stdio`, stdin/stdout/stderr to /dev/null.
+pub fn daemonize(redirect_stdio: bool) -> io::Result<()> {
+    // SAFETY: we are single-threaded at this point (called before any thread starts).
+    let pid = check(unsafe { libc::fork() })?;
+    if pid > 0 {
+        // SAFETY: _exit skips atexit handlers and buffers that belong to the child now.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: plain syscall in the child.
+    check(unsafe { libc::setsid() })?;
+    std::env::set_current_dir("/")?;
+    if redirect_stdio {
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        use std::os::fd::AsRawFd;
+        for target in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            check(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's random source (for tokens and id seeds, PROTOCOL.md §2.5).
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is valid for writes of its length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Process id, for unique temp names and the log.
+pub fn pid() -> u32 {
+    std::process::id()
+}
+
+/// The netmask of the interface that holds `ip` (for INFO's `netif`, PROTOCOL.md §5.4).
+pub fn netmask_of(ip: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned and is not freed yet.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && !ifa.ifa_netmask.is_null() {
+            // SAFETY: a non-null ifa_addr points to a sockaddr whose family we check first.
+            let fam = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(fam) == libc::AF_INET {
+                // SAFETY: AF_INET addresses (and their masks) are sockaddr_in.
+                let (a, m) = unsafe {
+                    (
+                        &*(ifa.ifa_addr as *const libc::sockaddr_in),
+                        &*(ifa.ifa_netmask as *const libc::sockaddr_in),
+                    )
+                };
+                if u32::from_be(a.sin_addr.s_addr) == u32::from(ip) {
+                    found = Some(std::net::Ipv4Addr::from(u32::from_be(m.sin_addr.s_addr)));
+                    break;
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boottime_advances_and_is_nonzero() {
+        let a = boottime_ms();
+        assert!(a > 0);
+        assert!(boottime_ms() >= a);
+    }
+
+    #[test]
+    fn loopback_has_a_netmask() {
+        assert_eq!(
+            netmask_of(std::net::Ipv4Addr::LOCALHOST),
+            Some(std::net::Ipv4Addr::new(255, 0, 0, 0))
+        );
+    }
+
+    #[test]
+    fn random_bytes_fill() {
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        random_bytes(&mut a).unwrap();
+        random_bytes(&mut b).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn timerfd_past_deadline_is_readable() {
+        use std::io::Read;
+        let fd = timerfd_boottime().unwrap();
+        use std::os::fd::AsRawFd;
+        timerfd_arm(fd.as_raw_fd(), Some(1)).unwrap();
+        let mut f = std::fs::File::from(fd);
+        let mut buf = [0u8; 8];
+        // Non-blocking: a deadline already past has expired by the time settime returns.
+        let deadline = boottime_ms() + 5000;
+        loop {
+            match f.read(&mut buf) {
+                Ok(8) => break,
+                Ok(_) => panic!("short timerfd read"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && boottime_ms() < deadline => {
+                    std::hint::spin_loop()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(u64::from_ne_bytes(buf) >= 1);
+    }
+}

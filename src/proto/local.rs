@@ -1,0 +1,516 @@
+//! The table of local connections on 54322 and 54323 (LOCAL_API.md §2–§4): who may connect, what a
+//! connection is (unclassified, ordinary, helper, BLE), the framing errors of §3, and who receives a
+//! broadcast. Sans-IO: the reactor reports accepts, complete JSON values and closes; this machine
+//! answers with `LocalAction`s and hands classified messages to the node as `Inbound`.
+//!
+//! Shaped so that miio_agent and the MQTT bridge are only more kinds of ordinary client.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::time::{Duration, Instant};
+use crate::wire::rpc::{self, Kind, RpcError};
+
+/// A connection handle given by the reactor (its slab slot).
+pub type ConnId = usize;
+
+/// L§2: a new connection is unclassified until its first message or 1 s after accept.
+pub const CLASSIFY_WINDOW: Duration = Duration::from_millis(1000);
+/// L§2: beyond max-clients, at most 2 extra (helper) connections.
+pub const EXTRA_HELPER_CONNS: usize = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// 54322: the local API and the helper channel.
+    Local,
+    /// 54323: the BLE provisioning process (one client, `local.*` only).
+    Ble,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Class {
+    /// Until the first message or `deadline`. `extra` connections arrived beyond max-clients and
+    /// are kept only if their first message is `_internal.*`.
+    Unclassified {
+        deadline: Instant,
+        held: Vec<String>,
+    },
+    Ordinary,
+    Helper,
+    Ble,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalAction {
+    /// Write one whole message (compact JSON) to the connection.
+    Send(ConnId, String),
+    /// Close the connection (after flushing what is queued).
+    Close(ConnId),
+}
+
+/// A classified message from a local connection, for the node to route (L§4.1).
+#[derive(Debug)]
+pub enum Inbound {
+    /// `local.*` with its id as sent (None only for `local.status` notices).
+    Local {
+        conn: ConnId,
+        method: String,
+        id: Option<Value>,
+        obj: Map<String, Value>,
+    },
+    /// `_internal.*` from any connection.
+    Internal {
+        conn: ConnId,
+        method: String,
+        obj: Map<String, Value>,
+        text: String,
+    },
+    /// Any other method: upstream to the cloud.
+    Upstream {
+        conn: ConnId,
+        obj: Map<String, Value>,
+        text: String,
+    },
+    /// A reply (no method, integer id, result or error) to a pending command.
+    Reply {
+        conn: ConnId,
+        id: u32,
+        obj: Map<String, Value>,
+        text: String,
+    },
+}
+
+#[derive(Debug)]
+struct Conn {
+    port: Port,
+    class: Class,
+    /// Admitted beyond max-clients: kept only as a helper connection (L§2).
+    extra: bool,
+}
+
+/// The local connections and their outgoing messages.
+#[derive(Debug)]
+pub struct Local {
+    max_clients: usize,
+    conns: BTreeMap<ConnId, Conn>,
+    out: Vec<LocalAction>,
+}
+
+fn lossy(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+impl Local {
+    pub fn new(max_clients: usize) -> Local {
+        Local {
+            max_clients,
+            conns: BTreeMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// A new connection on `port`. Returns false when it must be closed at once (and logs why).
+    pub fn accept(&mut self, now: Instant, conn: ConnId, port: Port) -> bool {
+        if port == Port::Ble {
+            if self.conns.values().any(|c| c.port == Port::Ble) {
+                log::warn!("already have one bt client, ignore...");
+                return false;
+            }
+            self.conns.insert(
+                conn,
+                Conn {
+                    port,
+                    class: Class::Ble,
+                    extra: false,
+                },
+            );
+            return true;
+        }
+        let local = self.conns.values().filter(|c| c.port == Port::Local);
+        let (extras, seats) = local.fold(
+            (0, 0),
+            |(e, s), c| if c.extra { (e + 1, s) } else { (e, s + 1) },
+        );
+        let extra = seats >= self.max_clients;
+        if extra && extras >= EXTRA_HELPER_CONNS {
+            log::warn!("too many sockets to track");
+            return false;
+        }
+        self.conns.insert(
+            conn,
+            Conn {
+                port,
+                class: Class::Unclassified {
+                    deadline: now + CLASSIFY_WINDOW,
+                    held: Vec::new(),
+                },
+                extra,
+            },
+        );
+        true
+    }
+
+    /// The reactor saw EOF or an error: forget the connection.
+    pub fn closed(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+    }
+
+    pub fn is_helper(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.class == Class::Helper)
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    fn push_send(&mut self, conn: ConnId, text: String) {
+        self.out.push(LocalAction::Send(conn, text));
+    }
+
+    fn push_close(&mut self, conn: ConnId) {
+        self.out.push(LocalAction::Close(conn));
+    }
+
+    /// Drains queued actions, in order.
+    pub fn drain(&mut self) -> Vec<LocalAction> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Sends `text` to one connection (a reply or an ack). Unknown connections are ignored.
+    pub fn send_to(&mut self, conn: ConnId, text: String) {
+        if self.conns.contains_key(&conn) {
+            self.push_send(conn, text);
+        }
+    }
+
+    /// Marks a connection as a helper connection (the node decided from its first message).
+    fn classify_as(&mut self, conn: ConnId, helper: bool) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Class::Unclassified { held, .. } = &mut c.class {
+            let held = std::mem::take(held);
+            let extra = c.extra;
+            if helper {
+                c.class = Class::Helper;
+            } else if extra {
+                // An extra connection whose first message is not `_internal.*`.
+                log::warn!("too many sockets to track");
+                self.conns.remove(&conn);
+                self.push_close(conn);
+            } else {
+                c.class = Class::Ordinary;
+                for t in held {
+                    self.push_send(conn, t);
+                }
+            }
+        }
+    }
+
+    /// `local.status` broadcasts: every ordinary 54322 connection and the 54323 client.
+    pub fn broadcast_status(&mut self, text: &str) {
+        self.broadcast(text, true);
+    }
+
+    /// Cloud and LAN commands: every ordinary 54322 connection (D6), never helpers or BLE.
+    pub fn broadcast_command(&mut self, text: &str) {
+        self.broadcast(text, false);
+    }
+
+    /// How many connections a command would reach now (0 lets the node answer -9999 at once).
+    pub fn command_audience(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| !c.extra && matches!(c.class, Class::Ordinary | Class::Unclassified { .. }))
+            .count()
+    }
+
+    fn broadcast(&mut self, text: &str, to_ble: bool) {
+        let mut sends = Vec::new();
+        for (&id, c) in self.conns.iter_mut() {
+            match &mut c.class {
+                Class::Ordinary => sends.push(id),
+                Class::Ble if to_ble => sends.push(id),
+                Class::Unclassified { held, .. } if !c.extra => held.push(text.to_owned()),
+                _ => {}
+            }
+        }
+        for id in sends {
+            self.push_send(id, text.to_owned());
+        }
+    }
+
+    /// The earliest classification deadline.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .filter_map(|c| match c.class {
+                Class::Unclassified { deadline, .. } => Some(deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Connections silent for 1 s become ordinary (held messages flushed); extras are closed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(
+                |(_, c)| matches!(c.class, Class::Unclassified { deadline, .. } if deadline <= now),
+            )
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.classify_as(id, false);
+        }
+    }
+
+    /// The splitter found a syntax error in `conn`'s stream: -32700, then close (L§3).
+    pub fn syntax_error(&mut self, conn: ConnId) {
+        if self.conns.remove(&conn).is_some() {
+            log::warn!("local client {conn}: JSON syntax error; closing");
+            self.push_send(conn, error_no_id(RpcError::Parse));
+            self.push_close(conn);
+        }
+    }
+
+    /// One complete JSON value from `conn` (as cut by the splitter). Framing errors are answered
+    /// here (L§3); a well-formed message is classified and returned for routing.
+    pub fn handle_value(&mut self, _now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {
+        let port = self.conns.get(&conn)?.port;
+        let obj = match rpc::parse_object(raw) {
+            Ok(o) => o,
+            Err(e @ RpcError::Parse) => {
+                log::warn!("local client {conn}: {e}; closing");
+                self.classify_as(conn, false);
+                self.push_send(conn, error_no_id(e));
+                self.conns.remove(&conn);
+                self.push_close(conn);
+                return None;
+            }
+            Err(e @ RpcError::NotObject) => {
+                log::warn!("local client {conn}: {e}");
+                self.classify_as(conn, false);
+                self.push_send(conn, error_no_id(e));
+                return None;
+            }
+        };
+        let text = lossy(raw);
+        let (method, id) = match rpc::classify(&obj) {
+            Kind::Request { method, id } => (Some(method.to_owned()), id.cloned()),
+            Kind::Reply { id } => (None, Some(id.clone())),
+            Kind::Other => (None, None),
+        };
+        let internal = method
+            .as_deref()
+            .is_some_and(|m| m.starts_with("_internal."));
+        if port == Port::Local {
+            self.classify_as(conn, internal);
+            if !self.conns.contains_key(&conn) {
+                return None;
+            }
+        }
+        match method {
+            Some(m) if m.starts_with("local.") => Some(Inbound::Local {
+                conn,
+                method: m,
+                id,
+                obj,
+            }),
+            Some(m) if port == Port::Ble => {
+                log::warn!("BLE client sent {m}: only local.* is allowed");
+                self.push_send(
+                    conn,
+                    rpc::error_reply(id.as_ref(), -32601, "Method not found"),
+                );
+                None
+            }
+            Some(m) if internal => Some(Inbound::Internal {
+                conn,
+                method: m,
+                obj,
+                text,
+            }),
+            Some(_) => {
+                if let Some(idv) = &id {
+                    if !idv.is_u64() && !idv.is_i64() {
+                        self.push_send(
+                            conn,
+                            rpc::error_reply(Some(idv), -32600, "Invalid Request"),
+                        );
+                        return None;
+                    }
+                }
+                Some(Inbound::Upstream { conn, obj, text })
+            }
+            None => match id.as_ref().and_then(rpc::id_u32) {
+                Some(idn) if port == Port::Local => Some(Inbound::Reply {
+                    conn,
+                    id: idn,
+                    obj,
+                    text,
+                }),
+                _ => {
+                    log::info!("local client {conn}: message without method dropped");
+                    None
+                }
+            },
+        }
+    }
+}
+
+fn error_no_id(e: RpcError) -> String {
+    rpc::error_reply(None, e.code(), e.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(l: &mut Local) -> Vec<LocalAction> {
+        l.drain()
+    }
+
+    fn sent_to(actions: &[LocalAction], conn: ConnId) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                LocalAction::Send(c, t) if *c == conn => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const T0: Instant = Instant(1000);
+
+    #[test]
+    fn framing_errors() {
+        let mut l = Local::new(20);
+        assert!(l.accept(T0, 1, Port::Local));
+        assert!(l.handle_value(T0, 1, b"[1,2]").is_none());
+        let a = texts(&mut l);
+        assert_eq!(
+            sent_to(&a, 1),
+            vec![r#"{"error":{"code":-32600,"message":"Invalid Request"}}"#]
+        );
+        assert!(l.handle_value(T0, 1, b"{bad").is_none());
+        let a = texts(&mut l);
+        assert_eq!(
+            sent_to(&a, 1),
+            vec![r#"{"error":{"code":-32700,"message":"Parse error"}}"#]
+        );
+        assert!(a.contains(&LocalAction::Close(1)));
+        assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn classification_and_held_broadcasts() {
+        let mut l = Local::new(20);
+        l.accept(T0, 1, Port::Local);
+        l.accept(T0, 2, Port::Local);
+        l.broadcast_status(r#"{"method":"local.status","params":"cloud_connected"}"#);
+        assert!(texts(&mut l).is_empty(), "held while unclassified");
+        // conn 1 says hello: helper; its held broadcast is discarded.
+        let m = l.handle_value(T0, 1, br#"{"method":"_internal.hello"}"#);
+        assert!(matches!(m, Some(Inbound::Internal { conn: 1, .. })));
+        assert!(l.is_helper(1));
+        assert!(texts(&mut l).is_empty());
+        // conn 2 stays silent: after 1 s it is ordinary and gets the held broadcast.
+        assert_eq!(l.poll_timeout(), Some(T0 + CLASSIFY_WINDOW));
+        l.handle_timeout(T0 + CLASSIFY_WINDOW);
+        let a = texts(&mut l);
+        assert_eq!(sent_to(&a, 2).len(), 1);
+        // A later broadcast reaches 2, never the helper.
+        l.broadcast_command(r#"{"id":5,"method":"get_prop"}"#);
+        let a = texts(&mut l);
+        assert_eq!(sent_to(&a, 2).len(), 1);
+        assert!(sent_to(&a, 1).is_empty());
+    }
+
+    #[test]
+    fn routing_kinds() {
+        let mut l = Local::new(20);
+        l.accept(T0, 1, Port::Local);
+        assert!(matches!(
+            l.handle_value(T0, 1, br#"{"id":1,"method":"local.query_status"}"#),
+            Some(Inbound::Local { .. })
+        ));
+        assert!(matches!(
+            l.handle_value(T0, 1, br#"{"id":2,"method":"props","params":{"a":1}}"#),
+            Some(Inbound::Upstream { .. })
+        ));
+        assert!(matches!(
+            l.handle_value(T0, 1, br#"{"id":3,"result":["ok"]}"#),
+            Some(Inbound::Reply { id: 3, .. })
+        ));
+        assert!(l
+            .handle_value(T0, 1, br#"{"id":"x","method":"props"}"#)
+            .is_none());
+        let a = texts(&mut l);
+        assert_eq!(
+            sent_to(&a, 1),
+            vec![r#"{"id":"x","error":{"code":-32600,"message":"Invalid Request"}}"#]
+        );
+        assert!(l.handle_value(T0, 1, br#"{"foo":1}"#).is_none());
+    }
+
+    #[test]
+    fn ble_port_rules() {
+        let mut l = Local::new(20);
+        assert!(l.accept(T0, 7, Port::Ble));
+        assert!(!l.accept(T0, 8, Port::Ble), "one BLE client only");
+        assert!(l
+            .handle_value(T0, 7, br#"{"id":4,"method":"props"}"#)
+            .is_none());
+        let a = texts(&mut l);
+        assert_eq!(
+            sent_to(&a, 7),
+            vec![r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#]
+        );
+        l.broadcast_status("S");
+        l.broadcast_command("C");
+        let a = texts(&mut l);
+        assert_eq!(sent_to(&a, 7), vec!["S".to_string()]);
+    }
+
+    #[test]
+    fn limit_and_extra_helper_connections() {
+        let mut l = Local::new(2);
+        assert!(l.accept(T0, 1, Port::Local));
+        assert!(l.accept(T0, 2, Port::Local));
+        // Two extras may wait to prove they are helpers; a third is refused at once.
+        assert!(l.accept(T0, 3, Port::Local));
+        assert!(l.accept(T0, 4, Port::Local));
+        assert!(!l.accept(T0, 5, Port::Local));
+        // Extra 3 is a helper: kept. Extra 4 sends a plain request: closed.
+        assert!(l
+            .handle_value(T0, 3, br#"{"method":"_internal.helper_ready"}"#)
+            .is_some());
+        assert!(l.is_helper(3));
+        assert!(l
+            .handle_value(T0, 4, br#"{"id":1,"method":"props"}"#)
+            .is_none());
+        let a = texts(&mut l);
+        assert!(a.contains(&LocalAction::Close(4)));
+        assert_eq!(l.len(), 3);
+    }
+
+    #[test]
+    fn silent_extra_is_closed_after_the_window() {
+        let mut l = Local::new(1);
+        l.accept(T0, 1, Port::Local);
+        l.accept(T0, 2, Port::Local);
+        l.handle_timeout(T0 + CLASSIFY_WINDOW);
+        let a = texts(&mut l);
+        assert!(a.contains(&LocalAction::Close(2)));
+        assert!(!a.contains(&LocalAction::Close(1)));
+    }
+}

@@ -1,0 +1,751 @@
+//! The node: the daemon's decisions in one sans-IO machine. It holds the state of LOCAL_API.md §7,
+//! the device identity, the local connection table and the cloud link machine, routes every message
+//! between them (L§4, P§5.7–§5.8), answers `local.*` (L§5, §12) and the methods the daemon answers
+//! itself (P§4.6), and turns cloud events into states and `local.status` broadcasts (L§6).
+//!
+//! The reactor feeds it inputs and executes its [`Action`]s; it never touches a socket or a file.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use log::{info, warn};
+use serde_json::{json, Map, Value};
+
+use super::cloud::{self, ClientId, Cloud, CloudConfig, CloudEvent, CloudState};
+use super::local::{ConnId, Inbound, Local, LocalAction, Port};
+use super::state::State;
+use crate::time::{Duration, Instant};
+use crate::wire::rpc;
+
+/// The device identity and what the data files say about provisioning.
+#[derive(Clone)]
+pub struct Identity {
+    pub did: u32,
+    pub key: [u8; 16],
+    pub mac: String,
+    pub model: String,
+    pub vendor: String,
+    pub token: [u8; 16],
+    pub provisioned: bool,
+    pub ssid: String,
+    pub fw_ver: Option<String>,
+    pub country: Option<String>,
+}
+
+impl core::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Identity")
+            .field("did", &self.did)
+            .field("model", &self.model)
+            .field("mac", &self.mac)
+            .field("provisioned", &self.provisioned)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings fixed for a run (from the command line).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub max_clients: usize,
+    pub max_sleep: Duration,
+    /// The cloud template: identity fields are filled in when the identity is known.
+    pub cloud: CloudConfig,
+    /// `-C`: a country prefix from the command line wins over `device.country`.
+    pub country_override: Option<String>,
+    /// `-H`/`--udp-host`/`--tcp-host` given: hosts are not derived from the country.
+    pub hosts_explicit: (bool, bool),
+}
+
+/// The local network facts of the cloud socket, for INFO's `netif` (P§5.4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Netif {
+    pub ip: String,
+    pub mask: String,
+    pub gw: String,
+}
+
+/// What the reactor must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A message to one local connection, or a close.
+    Local(LocalAction),
+    /// Resolve a cloud host off the loop; answer with [`Node::cloud_resolved`].
+    Resolve {
+        transport: cloud::Transport,
+        host: String,
+        port: u16,
+    },
+    /// Open a fresh cloud socket; answer with [`Node::cloud_connected`] / [`Node::cloud_connect_failed`].
+    Connect {
+        transport: cloud::Transport,
+        addr: SocketAddrV4,
+    },
+    /// One packet on the cloud socket.
+    CloudSend(Vec<u8>),
+    /// Close the cloud socket.
+    CloudClose,
+    /// Apply a new log level (`miIO.config_loglevel`).
+    SetLogLevel(u8),
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    state: State,
+    identity: Option<Identity>,
+    local: Local,
+    cloud: Option<Cloud>,
+    netif: Netif,
+    /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
+    cloud_backlog: bool,
+    actions: VecDeque<Action>,
+}
+
+fn conn_of(c: ClientId) -> ConnId {
+    c.0 as ConnId
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig) -> Node {
+        Node {
+            local: Local::new(cfg.max_clients),
+            cfg,
+            state: State::DeviceInit,
+            identity: None,
+            cloud: None,
+            netif: Netif::default(),
+            cloud_backlog: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() {
+            self.collect();
+        }
+        self.actions.pop_front()
+    }
+
+    /// The earliest deadline that must wake the daemon (cache expiry excluded).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let a = self.local.poll_timeout();
+        let b = self.cloud.as_ref().and_then(Cloud::poll_timeout);
+        match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.local.handle_timeout(now);
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_timeout(now);
+        }
+        self.pump(now);
+    }
+
+    fn set_state(&mut self, to: State) {
+        if to != self.state {
+            info!("{}", State::transition_line(self.state, to));
+            self.state = to;
+        }
+    }
+
+    fn broadcast(&mut self, event: &str) {
+        info!("local.status: {event}");
+        self.local.broadcast_status(&rpc::local_status(event));
+    }
+
+    /// The device stamp (P§4.3): boottime seconds + the time-sync offset.
+    pub fn stamp(&self, now: Instant) -> u32 {
+        match &self.cloud {
+            Some(c) => c.stamp(now),
+            None => now.secs() as u32,
+        }
+    }
+
+    fn country(&self) -> Option<String> {
+        self.cfg
+            .country_override
+            .clone()
+            .or_else(|| self.identity.as_ref().and_then(|i| i.country.clone()))
+    }
+
+    /// The identity became known (file mode or helper): walk to `sta_mode` or `wifi_ap_mode`.
+    pub fn set_identity(&mut self, now: Instant, id: Identity) {
+        self.shutdown(now);
+        self.cloud = None;
+        info!("device did {} model {} mac {}", id.did, id.model, id.mac);
+        let provisioned = id.provisioned;
+        self.identity = Some(id);
+        self.set_state(State::DidkeyDone);
+        self.set_state(State::TokenDone);
+        if provisioned {
+            self.set_state(State::WifiStaMode);
+            self.start_cloud(now);
+        } else {
+            self.set_state(State::WifiApMode);
+            self.broadcast("wifi_ap_mode");
+        }
+        self.pump(now);
+    }
+
+    fn start_cloud(&mut self, now: Instant) {
+        let Some(id) = self.identity.as_ref() else {
+            return;
+        };
+        let mut cfg = self.cfg.cloud.clone();
+        cfg.did = id.did;
+        cfg.key = id.key;
+        cfg.model = id.model.clone();
+        cfg.mac = id.mac.clone();
+        cfg.token_hex = crate::config::token::to_hex(&crate::config::Secret16::new(id.token));
+        let cc = self.country().unwrap_or_default();
+        let (udp, tcp) = cloud::default_hosts(&cc);
+        if !self.cfg.hosts_explicit.0 {
+            cfg.udp.host = udp;
+        }
+        if !self.cfg.hosts_explicit.1 {
+            cfg.tcp.host = tcp;
+        }
+        let mut c = Cloud::new(cfg);
+        c.start(now);
+        self.cloud = Some(c);
+    }
+
+    /// Drains the cloud machine's actions into node actions and decisions.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let Some(a) = self.cloud.as_mut().and_then(Cloud::poll_action) else {
+                break;
+            };
+            self.on_cloud_action(now, a);
+        }
+        self.collect();
+    }
+
+    fn collect(&mut self) {
+        for a in self.local.drain() {
+            self.actions.push_back(Action::Local(a));
+        }
+    }
+
+    fn on_cloud_action(&mut self, now: Instant, a: cloud::Action) {
+        match a {
+            cloud::Action::Resolve {
+                transport,
+                host,
+                port,
+            } => self.actions.push_back(Action::Resolve {
+                transport,
+                host,
+                port,
+            }),
+            cloud::Action::Connect { transport, addr } => {
+                self.actions.push_back(Action::Connect { transport, addr })
+            }
+            cloud::Action::Send(b) => self.actions.push_back(Action::CloudSend(b)),
+            cloud::Action::Close => self.actions.push_back(Action::CloudClose),
+            cloud::Action::NeedInfo => {
+                let info = self.own_info();
+                if let Some(c) = self.cloud.as_mut() {
+                    c.handle_info(now, &info);
+                }
+            }
+            cloud::Action::ToClient { client, text } => self.local.send_to(conn_of(client), text),
+            cloud::Action::Command { text, id } => {
+                if self.local.command_audience() == 0 {
+                    // P§5.8: MAY answer at once when the command reached no local client.
+                    if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
+                        let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
+                        c.self_reply(now, id, &r);
+                    }
+                } else {
+                    self.local.broadcast_command(&text);
+                }
+            }
+            cloud::Action::SelfMethod { id, method, params } => {
+                let reply = self.self_method(now, &method, &params, id.map(|i| json!(i)));
+                if let (Some(id), Some(r), Some(c)) = (id, reply, self.cloud.as_mut()) {
+                    c.self_reply(now, id, &r);
+                }
+            }
+            cloud::Action::Event(e) => self.on_cloud_event(e),
+        }
+    }
+
+    fn on_cloud_event(&mut self, e: CloudEvent) {
+        match e {
+            CloudEvent::Trying => self.set_state(State::CloudTrying),
+            CloudEvent::InternetConnected => self.broadcast("internet_connected"),
+            CloudEvent::InternetFailed => self.broadcast("internet_failed"),
+            CloudEvent::Connected => {
+                self.set_state(State::CloudConnected);
+                self.broadcast("cloud_connected");
+            }
+            CloudEvent::Retry => {
+                self.set_state(State::CloudRetry);
+                self.broadcast("cloud_retry");
+            }
+        }
+    }
+
+    /// INFO built by the daemon itself (P§5.4, no helper answer).
+    fn own_info(&self) -> Map<String, Value> {
+        let (fw, ssid) = match &self.identity {
+            Some(i) => (
+                i.fw_ver.clone().unwrap_or_else(|| "unknown".into()),
+                i.ssid.clone(),
+            ),
+            None => ("unknown".into(), String::new()),
+        };
+        let params = json!({
+            "hw_ver": "Linux",
+            "fw_ver": fw,
+            "ap": {"ssid": ssid, "bssid": ""},
+            "netif": {"localIp": self.netif.ip, "mask": self.netif.mask, "gw": self.netif.gw},
+        });
+        let mut m = Map::new();
+        m.insert("params".into(), params);
+        m
+    }
+
+    /// A method the daemon answers itself (P§4.6). Returns the reply text, if any.
+    fn self_method(
+        &mut self,
+        now: Instant,
+        method: &str,
+        params: &Value,
+        id: Option<Value>,
+    ) -> Option<String> {
+        let id = id?;
+        let ok = json!(["OK"]);
+        let err = json!(["ERROR"]);
+        Some(match method {
+            "miIO.info" => {
+                let own = self.own_info();
+                let empty = Map::new();
+                let p = match own.get("params") {
+                    Some(Value::Object(p)) => p,
+                    _ => &empty,
+                };
+                let info = match &self.cloud {
+                    Some(c) => c.info_params(now, p),
+                    None => p.clone(),
+                };
+                format!(
+                    "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{}}}",
+                    Value::Object(info)
+                )
+            }
+            "miIO.wifi_assoc_state" => {
+                let state = if self.state == State::CloudConnected {
+                    "ONLINE"
+                } else {
+                    "CONNECTING"
+                };
+                format!(
+                    "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{{\"state\":\"{state}\",\"auth_fail_count\":0,\"conn_success_count\":1,\"conn_fail_count\":0,\"dhcp_fail_count\":0}}}}"
+                )
+            }
+            "miIO.config_loglevel" => match params.get("loglevel").and_then(Value::as_u64) {
+                Some(l) if l <= 4 => {
+                    self.actions.push_back(Action::SetLogLevel(l as u8));
+                    rpc::result_reply(&id, &ok)
+                }
+                _ => rpc::result_reply(&id, &err),
+            },
+            // No helper runs yet to apply a time zone (P§4.6: ["ERROR"] if no helper runs).
+            "miIO.config_tz" => rpc::result_reply(&id, &err),
+            _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
+        })
+    }
+
+    // ---- cloud I/O results ---------------------------------------------------------------
+
+    pub fn cloud_resolved(&mut self, now: Instant, result: Result<Vec<Ipv4Addr>, String>) {
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_resolved(now, result);
+        }
+        self.pump(now);
+    }
+
+    pub fn cloud_connected(&mut self, now: Instant, netif: Netif, local: Ipv4Addr) {
+        self.netif = netif;
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_connected(now, local);
+        }
+        self.pump(now);
+    }
+
+    pub fn cloud_connect_failed(&mut self, now: Instant, reason: &str) {
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_connect_failed(now, reason);
+        }
+        self.pump(now);
+    }
+
+    pub fn cloud_datagram(&mut self, now: Instant, data: &[u8]) {
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_datagram(now, data);
+        }
+        self.pump(now);
+    }
+
+    pub fn cloud_stream(&mut self, now: Instant, data: &[u8]) {
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_stream(now, data);
+        }
+        self.pump(now);
+    }
+
+    pub fn cloud_link_down(&mut self, now: Instant) {
+        if let Some(c) = self.cloud.as_mut() {
+            c.handle_link_down(now);
+        }
+        self.pump(now);
+    }
+
+    pub fn set_cloud_backlog(&mut self, backlog: bool) {
+        self.cloud_backlog = backlog;
+    }
+
+    // ---- local connections -----------------------------------------------------------------
+
+    /// A new local connection. False: the reactor closes it at once.
+    pub fn local_accept(&mut self, now: Instant, conn: ConnId, port: Port) -> bool {
+        self.local.accept(now, conn, port)
+    }
+
+    pub fn local_closed(&mut self, conn: ConnId) {
+        self.local.closed(conn);
+    }
+
+    /// A JSON syntax error in a local connection's stream.
+    pub fn local_syntax_error(&mut self, conn: ConnId) {
+        self.local.syntax_error(conn);
+        self.collect();
+    }
+
+    /// One complete JSON value from a local connection.
+    pub fn local_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) {
+        match self.local.handle_value(now, conn, raw) {
+            Some(Inbound::Local {
+                conn,
+                method,
+                id,
+                obj,
+            }) => self.local_request(now, conn, &method, id, &obj),
+            Some(Inbound::Internal { method, .. }) => {
+                info!("helper message {method} (no helper protocol yet)");
+            }
+            Some(Inbound::Upstream { conn, obj, text }) => match self.cloud.as_mut() {
+                Some(c) => c.upstream(now, ClientId(conn as u32), &text, &obj),
+                None => {
+                    if let Some(id) = obj.get("id") {
+                        self.local.send_to(
+                            conn,
+                            rpc::error_reply(Some(id), -30011, "OT server disconnected"),
+                        );
+                    }
+                }
+            },
+            Some(Inbound::Reply {
+                conn, obj, text, ..
+            }) => {
+                let taken = match self.cloud.as_mut() {
+                    Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &obj),
+                    None => false,
+                };
+                if !taken {
+                    info!("reply from local client {conn} matches no pending command; dropped");
+                }
+            }
+            None => {}
+        }
+        self.pump(now);
+    }
+
+    /// `local.*` requests (L§5).
+    fn local_request(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        method: &str,
+        id: Option<Value>,
+        obj: &Map<String, Value>,
+    ) {
+        if method == "local.status" {
+            // A helper notice (L§5); `wifi_ap_mode*` is handled by the helper protocol.
+            let p = obj.get("params").and_then(Value::as_str).unwrap_or("");
+            info!("local.status notice from a client: {p}");
+            return;
+        }
+        let Some(id) = id.filter(|v| v.is_u64() || v.is_i64()) else {
+            warn!("msg does not have 'id'");
+            return;
+        };
+        let reply = match method {
+            "local.query_status" => format!(
+                "{{\"id\":{id},\"method\":\"local.status\",\"params\":\"{}\"}}",
+                self.state.status()
+            ),
+            "local.query_time" => format!(
+                "{{\"id\":{id},\"method\":\"local.time\",\"params\":{}}}",
+                self.stamp(now)
+            ),
+            "local.query_country" => format!(
+                "{{\"id\":{id},\"method\":\"local.country\",\"params\":{}}}",
+                Value::String(self.country().unwrap_or_else(|| "prc".into()))
+            ),
+            "local.prep_suspend" => format!(
+                "{{\"id\":{id},\"method\":\"local.resp_suspend\",\"params\":{{\"wakeup_time\":{}}}}}",
+                self.wakeup_time(now)
+            ),
+            _ => {
+                info!("Unknown local method: {method}");
+                rpc::error_reply(Some(&id), -32601, "Method not found")
+            }
+        };
+        self.local.send_to(conn, reply);
+    }
+
+    /// L§12: 0 while busy, else whole seconds to the earliest real deadline, 1..=max_sleep.
+    pub fn wakeup_time(&self, now: Instant) -> u64 {
+        let busy = self.cloud.as_ref().is_some_and(Cloud::is_busy) || self.cloud_backlog;
+        if busy {
+            return 0;
+        }
+        let max = self.cfg.max_sleep.secs_ceil().max(1);
+        match self.poll_timeout() {
+            Some(t) => (t.saturating_since(now).secs_ceil()).clamp(1, max),
+            None => max,
+        }
+    }
+
+    /// Cloud link state for tests and logs.
+    pub fn cloud_state(&self) -> CloudState {
+        self.cloud
+            .as_ref()
+            .map(Cloud::state)
+            .unwrap_or(CloudState::Stopped)
+    }
+
+    /// Stops the cloud link (shutdown).
+    pub fn shutdown(&mut self, now: Instant) {
+        if let Some(c) = self.cloud.as_mut() {
+            c.stop(now);
+        }
+        self.pump(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::crypto::Keys;
+    use crate::wire::miio;
+
+    const KEY: [u8; 16] = *b"YWJjZGVmZ2hpamts";
+    const DID: u32 = 1234567;
+
+    fn identity(provisioned: bool) -> Identity {
+        Identity {
+            did: DID,
+            key: KEY,
+            mac: "aa:bb:cc:01:02:03".into(),
+            model: "acme.dev.v1".into(),
+            vendor: "acme".into(),
+            token: *b"ABCDEFGHIJKLMNOP",
+            provisioned,
+            ssid: "home".into(),
+            fw_ver: Some("1.2.3_0001".into()),
+            country: None,
+        }
+    }
+
+    fn node() -> Node {
+        let mut c = CloudConfig::new(0, [0; 16], "", "", "", "");
+        c.udp.host = "127.0.0.1".into();
+        c.udp.explicit = true;
+        c.udp.port = 8053;
+        c.seed = 7;
+        Node::new(NodeConfig {
+            max_clients: 20,
+            max_sleep: Duration::from_secs(3600),
+            cloud: c,
+            country_override: None,
+            hosts_explicit: (true, false),
+        })
+    }
+
+    /// Plays a cooperative cloud: answers resolve, connect, hello and every request. Returns the
+    /// local-connection messages seen.
+    fn serve(n: &mut Node, now: Instant) -> Vec<(ConnId, String)> {
+        let keys = Keys::new(&KEY);
+        let mut out = Vec::new();
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::Resolve { .. } => n.cloud_resolved(now, Ok(vec![Ipv4Addr::LOCALHOST])),
+                Action::Connect { .. } => n.cloud_connected(
+                    now,
+                    Netif {
+                        ip: "127.0.0.1".into(),
+                        mask: "255.0.0.0".into(),
+                        gw: String::new(),
+                    },
+                    Ipv4Addr::LOCALHOST,
+                ),
+                Action::CloudSend(b) => {
+                    let Ok(p) = miio::Packet::new_checked(&b[..]) else {
+                        continue;
+                    };
+                    if p.is_control() && p.ids_all_ff() {
+                        n.cloud_datagram(now, &miio::time_sync_reply(1_700_000_000));
+                    } else if p.is_control() {
+                        n.cloud_datagram(now, &b); // pong
+                    } else if let Ok(o) = miio::open(&keys, DID, &p) {
+                        if let Some(id) = o.value.get("id") {
+                            if let Some(m) = o.value.get("method") {
+                                let ack = if m == "_otc.info" {
+                                    format!("{{\"id\":{id},\"result\":{{\"otc_list\":[]}}}}")
+                                } else {
+                                    format!("{{\"id\":{id},\"result\":\"ok\"}}")
+                                };
+                                let pkt = miio::seal(&keys, DID, p.stamp(), ack.as_bytes());
+                                n.cloud_datagram(now, &pkt);
+                            }
+                        }
+                    }
+                }
+                Action::Local(LocalAction::Send(c, t)) => out.push((c, t)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn ask_suspend(n: &mut Node, now: Instant) -> u64 {
+        n.local_value(
+            now,
+            1,
+            br#"{"id":9527,"method":"local.prep_suspend","params":[]}"#,
+        );
+        let out = serve(n, now);
+        let reply = out
+            .iter()
+            .find(|(_, t)| t.contains("resp_suspend"))
+            .expect("resp_suspend");
+        let v: Value = serde_json::from_str(&reply.1).unwrap();
+        assert_eq!(v["id"], 9527);
+        v["params"]["wakeup_time"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn ap_mode_idle_sleeps_max_and_broadcasts_ap_mode() {
+        let mut n = node();
+        let t0 = Instant(5_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.set_identity(t0, identity(false));
+        assert_eq!(n.state(), State::WifiApMode);
+        // The classification window of conn 1 is the only deadline; once it passed the wheel is empty.
+        let t1 = t0 + Duration::from_secs(2);
+        n.handle_timeout(t1);
+        let out = serve(&mut n, t1);
+        assert!(
+            out.iter().any(|(_, t)| t.contains("wifi_ap_mode")),
+            "{out:?}"
+        );
+        assert_eq!(n.poll_timeout(), None);
+        assert_eq!(ask_suspend(&mut n, t1), 3600);
+    }
+
+    #[test]
+    fn suspend_busy_while_trying_then_keepalive_bound() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.set_identity(t0, identity(true));
+        // Before the cloud answered anything an attempt is in progress → 0. (`ask_suspend` then
+        // plays the session to cloud_connected.)
+        assert_eq!(ask_suspend(&mut n, t0), 0);
+        assert_eq!(n.state(), State::CloudConnected);
+        let t1 = t0 + Duration::from_secs(2);
+        n.handle_timeout(t1); // conn 1 classified
+        serve(&mut n, t1);
+        // First keepalive 20 s after connect; answered at once by `serve`.
+        let ka = t0 + Duration::from_secs(20);
+        n.handle_timeout(ka);
+        serve(&mut n, ka);
+        // L§12 example: 7.2 s after a keepalive, interval 20 s → 13.
+        assert_eq!(ask_suspend(&mut n, ka + Duration::from_millis(7200)), 13);
+        // An upstream request awaiting its ack makes the board busy.
+        let t2 = ka + Duration::from_millis(7300);
+        n.local_value(t2, 1, br#"{"id":1,"method":"props","params":{}}"#);
+        let mut sent = false;
+        while let Some(a) = n.poll_action() {
+            sent |= matches!(a, Action::CloudSend(_));
+        }
+        assert!(sent);
+        assert_eq!(ask_suspend(&mut n, t2), 0);
+    }
+
+    #[test]
+    fn one_day_jump_fires_overdue_timers_once() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.set_identity(t0, identity(true));
+        serve(&mut n, t0);
+        assert_eq!(n.state(), State::CloudConnected);
+        // Suspended for a day: the keepalive is overdue. One tick fires once (one keepalive sent),
+        // then the next deadline is a full interval from now, not a burst of catch-up ticks.
+        let later = t0 + Duration::from_secs(86_400);
+        n.handle_timeout(later);
+        let mut keepalives = 0;
+        while let Some(a) = n.poll_action() {
+            if let Action::CloudSend(b) = a {
+                // 32 bytes with our did: a keepalive (the refresh hello has ff ids).
+                if b.len() == 32 && b[8..12] == DID.to_be_bytes() {
+                    keepalives += 1;
+                }
+            }
+        }
+        assert_eq!(keepalives, 1);
+        let next = n.poll_timeout().expect("keepalive re-armed");
+        assert!(
+            next > later && next <= later + Duration::from_secs(20),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn local_queries_and_unknown_local_method() {
+        let mut n = node();
+        let t0 = Instant(65_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.set_identity(t0, identity(false));
+        n.local_value(t0, 1, br#"{"id":1,"method":"local.query_status"}"#);
+        n.local_value(t0, 1, br#"{"id":2,"method":"local.query_time"}"#);
+        n.local_value(t0, 1, br#"{"id":3,"method":"local.query_country"}"#);
+        n.local_value(t0, 1, br#"{"id":4,"method":"local.nonesuch"}"#);
+        n.local_value(t0, 1, br#"{"method":"local.query_time"}"#);
+        let out: Vec<String> = serve(&mut n, t0).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            out,
+            vec![
+                r#"{"method":"local.status","params":"wifi_ap_mode"}"#,
+                r#"{"id":1,"method":"local.status","params":"wifi_ap_mode"}"#,
+                r#"{"id":2,"method":"local.time","params":65}"#,
+                r#"{"id":3,"method":"local.country","params":"prc"}"#,
+                r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#,
+            ]
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! The cloud link end to end (PROTOCOL.md §5): the real daemon against `miio_fakecloud` and against
+//! an independent Python cloud (tests/pycloud), over UDP and over TCP only, with faults.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(15);
+
+fn daemon_args(dir: &TempDir, port: u16, transport: &str, local: u16) -> Vec<String> {
+    let mut a = base_args(dir);
+    let i = a.iter().position(|x| x == "--local-port").unwrap();
+    a[i + 1] = local.to_string();
+    a.extend(
+        [
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--transports",
+            transport,
+            "--keepalive",
+            "1",
+            "--backoff-min",
+            "1",
+            "--backoff-max",
+            "2",
+            "-l",
+            "3",
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn fakecloud(port: u16, ctl: u16) -> Lines {
+    let mut c = Command::new(BIN);
+    c.args([
+        "miio_fakecloud",
+        "--port",
+        &port.to_string(),
+        "--ctl-port",
+        &ctl.to_string(),
+        "--did",
+        &DID.to_string(),
+        "--key",
+        KEY,
+    ]);
+    Lines::spawn(c)
+}
+
+fn run_fakecloud(transport: &str) {
+    let (port, ctl, local) = (free_port(), free_port(), free_port());
+    let _cloud = fakecloud(port, ctl);
+    let dir = provisioned_dir(&format!("fc-{transport}"));
+    let args = daemon_args(&dir, port, transport, local);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!("over {}", transport.to_uppercase())),
+        "{log}"
+    );
+
+    // An upstream report is acked with the client's own id.
+    let mut c = LocalClient::connect(local);
+    c.send(r#"{"id":5,"method":"props","params":{"power":"on"}}"#);
+    let ack = c
+        .recv_until(T, |v| v.get("id") == Some(&Value::from(5)))
+        .expect("ack");
+    assert_eq!(ack["result"], "ok", "{ack}");
+
+    // A command pushed from the fake cloud reaches the client; its reply goes back up.
+    let mut send = Command::new(BIN);
+    send.args([
+        "miio_fakecloud",
+        "send",
+        "--ctl-port",
+        &ctl.to_string(),
+        "--did",
+        &DID.to_string(),
+        r#"{"id":77,"method":"get_prop","params":["power"]}"#,
+    ])
+    .stdout(Stdio::piped());
+    let child = send.spawn().unwrap();
+    let cmd = c
+        .recv_until(T, |v| v.get("method") == Some(&Value::from("get_prop")))
+        .expect("command reaches the local client");
+    assert_eq!(cmd["id"], 77);
+    c.send(r#"{"id":77,"result":["on"]}"#);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(r#""result":["on"]"#),
+        "{text}"
+    );
+}
+
+#[test]
+fn fakecloud_over_udp() {
+    run_fakecloud("udp");
+}
+
+#[test]
+fn fakecloud_over_tcp_only() {
+    run_fakecloud("tcp");
+}
+
+struct Py {
+    cloud: Lines,
+    port: u16,
+}
+
+fn pycloud() -> Option<Py> {
+    if !python_has("cryptography") {
+        skip("python3 with cryptography");
+        return None;
+    }
+    let mut c = Command::new(python());
+    c.args([
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pycloud/ocloud.py"),
+        "--port",
+        "0",
+        "--did",
+        &DID.to_string(),
+        "--key",
+        KEY,
+    ]);
+    let cloud = Lines::spawn(c);
+    let l = cloud
+        .wait(T, |v| v["ev"] == "listening")
+        .expect("python cloud listening");
+    let port = l["port"].as_u64().unwrap() as u16;
+    Some(Py { cloud, port })
+}
+
+fn ev<'a>(name: &'a str) -> impl Fn(&Value) -> bool + 'a {
+    move |v| v["ev"] == name
+}
+
+fn is_msg(method: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |v| v["ev"] == "msg" && v["json"]["method"] == method
+}
+
+fn run_pycloud(transport: &str) {
+    let Some(mut py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir(&format!("py-{transport}"));
+    let args = daemon_args(&dir, py.port, transport, local);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let c = &py.cloud;
+    assert!(c.wait(T, ev("hello")).is_some());
+    let info = c.wait(T, is_msg("_otc.info")).expect("_otc.info");
+    let p = &info["json"]["params"];
+    assert_eq!(p["model"], "acme.dev.v1");
+    assert_eq!(p["mac"], "AA:BB:CC:01:02:03");
+    assert_eq!(p["token"], "4142434445464748494a4b4c4d4e4f50");
+    assert_eq!(p["hw_ver"], "Linux");
+    assert_eq!(p["netif"]["localIp"], "127.0.0.1");
+    assert_eq!(info["transport"], transport);
+    let idle = c.wait(T, is_msg("props")).expect("ota_state idle report");
+    assert_eq!(idle["json"]["params"]["ota_state"], "idle");
+    // Keepalives are echoed; pongs keep the link up.
+    assert!(c
+        .wait(T, |v| v["ev"] == "sent" && v["kind"] == "pong")
+        .is_some());
+
+    let mut lc = LocalClient::connect(local);
+    lc.send(r#"{"id":9,"method":"event.motion","params":[1],"extra":{"k":[1,2]}}"#);
+    let ack = lc
+        .recv_until(T, |v| v.get("id") == Some(&Value::from(9)))
+        .expect("ack");
+    assert_eq!(ack["result"], "ok");
+    let up = c.wait(T, is_msg("event.motion")).unwrap();
+    assert_ne!(up["json"]["id"], 9, "the cloud sees a rewritten id (D5)");
+    assert_eq!(up["json"]["extra"]["k"][1], 2, "other members kept");
+
+    py.cloud.send(&format!(
+        r#"{{"cmd":"send","did":{DID},"json":{{"id":501,"method":"get_prop","params":["power"]}}}}"#
+    ));
+    let cmd = lc
+        .recv_until(T, |v| v.get("method") == Some(&Value::from("get_prop")))
+        .expect("command");
+    assert_eq!(cmd["id"], 501);
+    lc.send(r#"{"id":501,"result":["on"]}"#);
+    let r = py
+        .cloud
+        .wait(T, |v| v["ev"] == "reply" && v["id"] == 501)
+        .expect("reply reaches the cloud");
+    assert_eq!(r["pending"], true);
+    assert_eq!(r["json"]["result"][0], "on");
+
+    // D3 and D4 on every packet the cloud decoded.
+    for m in py.cloud.json().iter().filter(|v| v["ev"] == "msg") {
+        assert_eq!(m["nul"], true, "{m}");
+        assert_eq!(m["after_nul"], 0, "{m}");
+        assert_eq!(m["stamp_back"], false, "{m}");
+    }
+    assert_eq!(py.cloud.count(ev("drop")), 0, "{:?}", py.cloud.all());
+}
+
+#[test]
+fn python_cloud_over_udp() {
+    run_pycloud("udp");
+}
+
+#[test]
+fn python_cloud_over_tcp_only() {
+    run_pycloud("tcp");
+}
+
+fn silent_cloud_then_recovery(transport: &str) {
+    let Some(mut py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir(&format!("silent-{transport}"));
+    let args = daemon_args(&dir, py.port, transport, local);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    assert!(py
+        .cloud
+        .wait(T, |v| v["ev"] == "sent" && v["kind"] == "pong")
+        .is_some());
+    let mut lc = LocalClient::connect(local);
+    py.cloud.send(r#"{"cmd":"silent","on":true}"#);
+    let st = lc
+        .recv_until(T, |v| v["params"] == "cloud_retry")
+        .expect("cloud_retry broadcast");
+    assert_eq!(st["method"], "local.status");
+    // P§5.6: lost at the 3rd tick after the first unanswered keepalive, so at most 2 more were sent.
+    let unanswered = py
+        .cloud
+        .count(|v| v["ev"] == "unanswered" && v["what"] == "keepalive");
+    assert!(
+        (1..=3).contains(&unanswered),
+        "{unanswered} keepalives went unanswered"
+    );
+    // Upstream while down: OT server disconnected at once (D5).
+    lc.send(r#"{"id":3,"method":"props","params":{}}"#);
+    let e = lc
+        .recv_until(T, |v| v.get("id") == Some(&Value::from(3)))
+        .unwrap();
+    assert_eq!(e["error"]["code"], -30011);
+    py.cloud.send(r#"{"cmd":"silent","on":false}"#);
+    lc.recv_until(Duration::from_secs(20), |v| {
+        v["params"] == "cloud_connected"
+    })
+    .expect("reconnects when the cloud is back");
+    assert_eq!(py.cloud.count(is_msg("_otc.info")), 2);
+    // D12: the idle report only once per daemon run.
+    let idle = py
+        .cloud
+        .count(|v| v["ev"] == "msg" && v["json"]["params"]["ota_state"] == "idle");
+    assert_eq!(idle, 1);
+}
+
+#[test]
+fn silent_cloud_udp() {
+    silent_cloud_then_recovery("udp");
+}
+
+#[test]
+fn silent_cloud_tcp() {
+    silent_cloud_then_recovery("tcp");
+}
+
+#[test]
+fn bad_packets_are_dropped_and_the_link_stays_up() {
+    let Some(mut py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir("badpkt");
+    let args = daemon_args(&dir, py.port, "udp", local);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    // V12 (a valid uplink under this key and did 1234567) and its mangled forms, plus garbage.
+    let v12 = "21310060000000000012d6875a9b23a026e3fd6419fdfce1305f76990f67481cc6f4ab6a152c05839b1d041d93659271e8865b7c78bb5a97f72088246b796d79d9efa9253dcb29863821b9855ce110f0b35ebb5082ae9f7d19c854e0cabd4c10";
+    let ours = format!("{DID:08x}");
+    let fixed = v12.replacen("0012d687", &ours, 1);
+    let mut flipped = fixed.clone();
+    flipped.replace_range(100..102, "00");
+    for hex in [
+        flipped.as_str(),
+        v12,                                                                // wrong did
+        &fixed[..80],                                                       // truncated
+        "00",                                                               // short
+        "2131002000000000ffffffff00000000ffffffffffffffffffffffffffffffff", // not ours
+        &fixed.replacen("21310060", "21310061", 1),                         // bad length
+    ] {
+        py.cloud
+            .send(&format!(r#"{{"cmd":"raw","did":{DID},"hex":"{hex}"}}"#));
+    }
+    let mut lc = LocalClient::connect(local);
+    lc.send(r#"{"id":11,"method":"props","params":{}}"#);
+    let ack = lc
+        .recv_until(T, |v| v.get("id") == Some(&Value::from(11)))
+        .unwrap();
+    assert_eq!(ack["result"], "ok", "link still up: {ack}");
+    let log = d.log_text();
+    assert!(!log.contains("cloud_retry"), "{log}");
+    assert!(
+        log.contains("MD5") || log.contains("device id"),
+        "drops are logged: {log}"
+    );
+}
+
+#[test]
+fn tcp_closed_mid_packet_reconnects() {
+    let Some(mut py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir("tcpcut");
+    let args = daemon_args(&dir, py.port, "tcp", local);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let mut lc = LocalClient::connect(local);
+    // Half a packet header, then the cloud closes the connection.
+    py.cloud.send(&format!(
+        r#"{{"cmd":"raw","did":{DID},"hex":"21310060000000"}}"#
+    ));
+    py.cloud.send(r#"{"cmd":"close_tcp"}"#);
+    lc.recv_until(T, |v| v["params"] == "cloud_retry")
+        .expect("link down");
+    lc.recv_until(Duration::from_secs(20), |v| {
+        v["params"] == "cloud_connected"
+    })
+    .expect("reconnected");
+    assert!(py.cloud.count(ev("tcp_open")) >= 2);
+}

@@ -1,0 +1,355 @@
+//! Shared helpers of the end-to-end tests: free ports, a temp data dir, the real binary, and
+//! waiting for a condition with a deadline (never a bare sleep).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_miio_client");
+
+/// A port free for both TCP and UDP on loopback at the time of the call.
+pub fn free_port() -> u16 {
+    loop {
+        let t = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let p = t.local_addr().unwrap().port();
+        if UdpSocket::bind(("0.0.0.0", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "miio-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    pub fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.join(name), text).unwrap();
+    }
+    pub fn dir_arg(&self) -> String {
+        format!("{}/", self.0.display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub const GOOD_DEVICE_CONF: &str =
+    "# test device\ndid=123456789\nkey=YWJjZGVmZ2hpamts\nmac=AA:BB:CC:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n";
+
+/// Polls `cond` until it holds or `limit` passes. The poll interval is short and bounded; the
+/// deadline is what makes the test fail instead of hang.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+pub fn read_file(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// The daemon under test, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the binary with `-L <dir>/miio.log` plus `args`; stdout/stderr discarded.
+    pub fn start(dir: &TempDir, args: &[&str]) -> Daemon {
+        let log = dir.join("miio.log");
+        let child = Command::new(BIN)
+            .args(["-L", log.to_str().unwrap()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn miio_client");
+        Daemon { child, log }
+    }
+    pub fn log_text(&self) -> String {
+        read_file(&self.log)
+    }
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log_text().contains(needle))
+    }
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+    /// Waits for the exit status with a deadline.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let mut code = None;
+        wait_until(limit, || match self.child.try_wait() {
+            Ok(Some(st)) => {
+                code = Some(st.code().unwrap_or(-1));
+                true
+            }
+            _ => false,
+        });
+        code
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Base arguments: a data dir and free ports for every listener.
+pub fn base_args(dir: &TempDir) -> Vec<String> {
+    vec![
+        "-d".into(),
+        dir.dir_arg(),
+        "--lan-port".into(),
+        free_port().to_string(),
+        "--local-port".into(),
+        free_port().to_string(),
+        "--ble-port".into(),
+        free_port().to_string(),
+        "--os-release".into(),
+        dir.join("os-release").display().to_string(),
+    ]
+}
+
+/// `MIIO_REQUIRE_ALL=1` (set by .ci/run) turns a missing outside tool into a failure.
+pub fn skip(tool: &str) -> bool {
+    if std::env::var("MIIO_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("{tool} is required (MIIO_REQUIRE_ALL=1) but missing");
+    }
+    eprintln!("SKIP {tool}");
+    true
+}
+
+/// The python3 that tests use for outside peers: `MIIO_PYTHON`, else the venv .ci/run builds, else python3.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("MIIO_PYTHON") {
+        return p;
+    }
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/.venv/bin/python3");
+    if Path::new(venv).exists() {
+        return venv.into();
+    }
+    "python3".into()
+}
+
+/// Whether `python()` can import `module`.
+pub fn python_has(module: &str) -> bool {
+    Command::new(python())
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A line-oriented child (python cloud, fake cloud control) whose stdout lines are collected.
+pub struct Lines {
+    pub child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Lines {
+    pub fn spawn(mut cmd: Command) -> Lines {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child");
+        let out = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Lines {
+            child,
+            lines,
+            stdin,
+        }
+    }
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.all()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    /// Waits for a JSON line matching `pred` and returns it.
+    pub fn wait(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let mut hit = None;
+        wait_until(limit, || {
+            hit = self.json().into_iter().find(|v| pred(v));
+            hit.is_some()
+        });
+        hit
+    }
+    pub fn count(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.json().iter().filter(|v| pred(v)).count()
+    }
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let s = self.stdin.as_mut().expect("stdin");
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        s.flush().unwrap();
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local API client on 54322 (raw JSON objects back to back).
+pub struct LocalClient {
+    pub stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl LocalClient {
+    pub fn connect(port: u16) -> LocalClient {
+        let mut last = None;
+        for _ in 0..100 {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
+                    return LocalClient {
+                        stream: s,
+                        buf: Vec::new(),
+                    };
+                }
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::park_timeout(Duration::from_millis(50));
+                }
+            }
+        }
+        panic!("connect 127.0.0.1:{port}: {last:?}");
+    }
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        self.stream.write_all(text.as_bytes()).unwrap();
+    }
+    fn fill(&mut self) -> bool {
+        use std::io::Read;
+        let mut b = [0u8; 4096];
+        match self.stream.read(&mut b) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                true
+            }
+            Err(_) => true,
+        }
+    }
+    /// Next complete object, or None at the deadline / EOF.
+    pub fn recv(&mut self, limit: Duration) -> Option<serde_json::Value> {
+        let end = Instant::now() + limit;
+        loop {
+            let mut it =
+                serde_json::Deserializer::from_slice(&self.buf).into_iter::<serde_json::Value>();
+            if let Some(Ok(v)) = it.next() {
+                let used = it.byte_offset();
+                self.buf.drain(..used);
+                return Some(v);
+            }
+            if Instant::now() >= end || !self.fill() {
+                return None;
+            }
+        }
+    }
+    /// Reads until a message matching `pred` arrives; returns it.
+    pub fn recv_until(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(v) = self.recv(end - Instant::now()) {
+                if pred(&v) {
+                    return Some(v);
+                }
+            } else {
+                return None;
+            }
+        }
+        None
+    }
+}
+
+/// The daemon's args for a provisioned device against a cloud on 127.0.0.1:`port`.
+pub fn provisioned_dir(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    dir.write("device.token", "ABCDEFGHIJKLMNOP");
+    dir.write(
+        "wifi.conf",
+        "ssid=\"home\"\npsk=\"secretpw\"\nkey_mgmt=WPA\n",
+    );
+    dir
+}
+
+pub const DID: u64 = 123456789;
+pub const KEY: &str = "YWJjZGVmZ2hpamts";

@@ -1,0 +1,157 @@
+//! The real binary: command line, data-file errors, signals and ports (LOCAL_API.md §2, §9.5, §18).
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn help_and_version_print_on_stderr_and_exit_1() {
+    let (code, out, err) = run(&["-h"]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(err.contains("Usage: miio_client"), "{err}");
+    let (code, out, err) = run(&["-v"]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(err.starts_with("miio-client "), "{err}");
+}
+
+#[test]
+fn unknown_option_and_c_with_h_exit_1_with_usage() {
+    let (code, _, err) = run(&["--no-such-option"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown option") && err.contains("Usage:"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["-C", "de", "-H", "127.0.0.1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("-C and -H"), "{err}");
+}
+
+#[test]
+fn multicall_by_first_argument_and_unknown_applet() {
+    let (code, _, err) = run(&["miio_client", "-v"]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("miio-client "), "{err}");
+    let (code, out, _) = run(&["--list-applets"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l == "miio_client"), "{out}");
+}
+
+#[test]
+fn bad_device_conf_keeps_daemon_up_and_sighup_brings_it_on() {
+    let dir = TempDir::new("badconf");
+    dir.write(
+        "device.conf",
+        "did=123456789\nkey=short\nmac=AA:BB:CC:01:02:03\nmodel=acme.dev.v1\n",
+    );
+    let args = base_args(&dir);
+    let mut d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("device.conf:2:", T), "log: {}", d.log_text());
+    let log = d.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("device.conf:")).collect();
+    assert_eq!(lines.len(), 1, "one clear line: {log}");
+    assert!(lines[0].contains("[E]"), "{log}");
+    assert!(
+        !log.contains("short"),
+        "the key value must not be logged: {log}"
+    );
+    assert!(d.is_running());
+    assert!(!log.contains("STATE_TOKEN_DONE"));
+
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    d.signal("HUP");
+    assert!(d.wait_log("STATE_WIFI_AP_MODE", T), "log: {}", d.log_text());
+    // No wifi.conf: a fresh token was stored with mode 0600.
+    let meta = std::fs::metadata(dir.join("device.token")).expect("token written");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T), Some(0));
+}
+
+#[test]
+fn provisioned_device_reaches_sta_mode_and_sigterm_exits_0() {
+    let dir = TempDir::new("sta");
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    dir.write("device.token", "ABCDEFGHIJKLMNOP");
+    dir.write(
+        "wifi.conf",
+        "ssid=\"home\"\npsk=\"secretpw\"\nkey_mgmt=WPA\n",
+    );
+    let args = base_args(&dir);
+    let mut d = Daemon::start(&dir, &strs(&args));
+    assert!(
+        d.wait_log("STATE: (4) -> STATE_WIFI_STA_MODE", T),
+        "log: {}",
+        d.log_text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("device.token")).unwrap(),
+        "ABCDEFGHIJKLMNOP"
+    );
+    let log = d.log_text();
+    assert!(
+        !log.contains("secretpw") && !log.contains("ABCDEFGHIJKLMNOP"),
+        "{log}"
+    );
+    d.signal("INT");
+    assert_eq!(d.wait_exit(T), Some(0));
+}
+
+#[test]
+fn port_in_use_gives_the_vendor_message_and_exit_1() {
+    let dir = TempDir::new("busy");
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let mut args = base_args(&dir);
+    let i = args.iter().position(|a| a == "--local-port").unwrap();
+    args[i + 1] = port;
+    let mut d = Daemon::start(&dir, &strs(&args));
+    assert_eq!(d.wait_exit(T), Some(1));
+    assert!(
+        d.log_text()
+            .contains("Quit, maybe another miio_client is already running."),
+        "{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn sighup_reopens_the_log_file() {
+    let dir = TempDir::new("reopen");
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    let args = base_args(&dir);
+    let mut d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_WIFI_AP_MODE", T));
+    std::fs::rename(&d.log, dir.join("miio.log.1")).unwrap();
+    d.signal("HUP");
+    assert!(
+        wait_until(T, || d.log_text().contains("SIGHUP")),
+        "a new log file is written after SIGHUP"
+    );
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T), Some(0));
+}
