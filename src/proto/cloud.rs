@@ -46,6 +46,11 @@ const HELLO_TRIES: u8 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Refresh: how long to wait for the time-sync reply before `_otc.info` (P§5.10).
 const REFRESH_HELLO_WAIT: Duration = Duration::from_secs(5);
+/// How long the session start waits for the node's info (its helper timeout is 10 s, LOCAL_API.md §9)
+/// before the attempt fails: a guard, so that a lost answer cannot stall the link for ever.
+const INFO_WAIT: Duration = Duration::from_secs(30);
+/// DNS answers kept per name: bounded memory whatever the resolver returns.
+const MAX_DNS: usize = 16;
 /// Keepalive misses that declare the link lost (P§5.6).
 const KEEPALIVE_MISSES: u8 = 3;
 /// UDP retransmissions of an unacked upstream request (P§5.7 D5).
@@ -270,6 +275,8 @@ enum Timer {
     Backoff,
     Connect,
     Hello,
+    /// The session start waits for `handle_info`.
+    Info,
     Keepalive,
     Refresh,
     RefreshHello,
@@ -546,6 +553,11 @@ impl Cloud {
                 }
             }
             Timer::Hello => self.hello_tick(now),
+            Timer::Info => {
+                if self.phase == Phase::Info && self.info_for == Some(true) {
+                    self.fail(now, "no device info");
+                }
+            }
             Timer::Keepalive => self.keepalive_tick(now),
             Timer::Refresh => self.refresh_tick(now),
             Timer::RefreshHello => {
@@ -667,6 +679,7 @@ impl Cloud {
             let j = self.rng.below(i as u64 + 1) as usize;
             addrs.swap(i, j);
         }
+        addrs.truncate(MAX_DNS);
         let mut list: Vec<Server> = Vec::new();
         let dns = addrs.into_iter().map(|ip| Server {
             addr: SocketAddrV4::new(ip, port),
@@ -760,6 +773,7 @@ impl Cloud {
         for t in [
             Timer::Connect,
             Timer::Hello,
+            Timer::Info,
             Timer::Keepalive,
             Timer::Refresh,
             Timer::RefreshHello,
@@ -849,6 +863,7 @@ impl Cloud {
             Phase::Hello => {
                 self.wheel.cancel(Timer::Hello);
                 self.phase = Phase::Info;
+                self.wheel.set(Timer::Info, now + INFO_WAIT);
                 self.want_info(true);
             }
             Phase::Up if self.wheel.cancel(Timer::RefreshHello) => self.want_info(false),
@@ -870,6 +885,7 @@ impl Cloud {
             _ => return,
         };
         self.info_for = None;
+        self.wheel.cancel(Timer::Info);
         let empty = Map::new();
         let params = match info.get("params") {
             Some(Value::Object(p)) => p,
@@ -1160,6 +1176,12 @@ impl Cloud {
         text: &str,
         obj: &Map<String, Value>,
     ) {
+        let method = obj.get("method").and_then(Value::as_str).unwrap_or("");
+        if method.starts_with("local.") || method.starts_with("_internal.") {
+            // P§5.7: these never reach the cloud, whoever routed them here.
+            warn!("{method} is not sent to the cloud");
+            return;
+        }
         let Some(idv) = obj.get("id") else {
             // Fire-and-forget: once, as is, untracked.
             if self.phase != Phase::Up {
@@ -1298,7 +1320,9 @@ impl Cloud {
                     method: method.to_owned(),
                     params,
                 });
-            } else if !lan_only {
+            } else if lan_only {
+                debug!("LAN-only notification {method} from the cloud dropped");
+            } else {
                 self.emit(Action::Command {
                     text: text.to_owned(),
                     id: None,
@@ -1455,4 +1479,1554 @@ impl Cloud {
 
 fn secs(now: Instant) -> i64 {
     i64::try_from(now.secs()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::crypto::md5;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const DID: u32 = 1234567;
+    const KEY: &[u8; 16] = b"YWJjZGVmZ2hpamts";
+    const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    const SERVER: Ipv4Addr = Ipv4Addr::new(1, 2, 3, 4);
+    /// Server time of the time-sync replies.
+    const T0: u32 = 0x5a9b_239d;
+
+    fn cfg() -> CloudConfig {
+        let mut c = CloudConfig::new(
+            DID,
+            *KEY,
+            "vendor.camera.v1",
+            "aa:bb:cc:01:02:03",
+            "4142434445464748494a4b4c4d4e4f50",
+            "",
+        );
+        c.seed = 42;
+        c
+    }
+
+    fn tcp_cfg() -> CloudConfig {
+        let mut c = cfg();
+        c.transports = vec![Transport::Tcp];
+        c
+    }
+
+    fn obj(text: &str) -> Map<String, Value> {
+        rpc::parse_object(text.as_bytes()).expect("test JSON object")
+    }
+
+    /// A packet with any payload bytes and a correct MD5 (for the negative vectors).
+    fn raw_packet(did: u32, stamp: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (HEADER + payload.len()) as u16;
+        let mut p = Vec::new();
+        p.extend_from_slice(&[0x21, 0x31]);
+        p.extend_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(&did.to_be_bytes());
+        p.extend_from_slice(&stamp.to_be_bytes());
+        let sum = md5(&[&p[..16], KEY, payload]);
+        p.extend_from_slice(&sum);
+        p.extend_from_slice(payload);
+        p
+    }
+    const HEADER: usize = miio::HEADER_LEN;
+
+    /// Virtual-time harness: the reactor and the node, played by the test.
+    struct H {
+        c: Cloud,
+        now: Instant,
+        out: VecDeque<Action>,
+        keys: Keys,
+        tcp: bool,
+    }
+
+    impl H {
+        fn new(cfg: CloudConfig) -> H {
+            H {
+                c: Cloud::new(cfg),
+                now: Instant(1_000_000),
+                out: VecDeque::new(),
+                keys: Keys::new(KEY),
+                tcp: false,
+            }
+        }
+
+        fn connected(cfg: CloudConfig) -> H {
+            let mut h = H::new(cfg);
+            h.up();
+            h
+        }
+
+        fn pump(&mut self) {
+            while let Some(a) = self.c.poll_action() {
+                self.out.push_back(a);
+            }
+        }
+
+        fn take(&mut self) -> Vec<Action> {
+            self.pump();
+            self.out.drain(..).collect()
+        }
+
+        fn next(&mut self) -> Action {
+            self.pump();
+            self.out.pop_front().expect("an action")
+        }
+
+        #[track_caller]
+        fn quiet(&mut self) {
+            let a = self.take();
+            assert!(a.is_empty(), "unexpected actions {a:?}");
+        }
+
+        /// Fires every deadline up to now + ms; the actions queue up for the test.
+        fn advance(&mut self, ms: u64) {
+            let end = Instant(self.now.0 + ms);
+            while let Some(t) = self.c.poll_timeout().filter(|&t| t <= end) {
+                self.now = self.now.max(t);
+                self.c.handle_timeout(self.now);
+                self.pump();
+            }
+            self.now = end;
+        }
+
+        fn deliver(&mut self, bytes: &[u8]) {
+            if self.tcp {
+                self.c.handle_stream(self.now, bytes);
+            } else {
+                self.c.handle_datagram(self.now, bytes);
+            }
+            self.pump();
+        }
+
+        fn msg(&self, json: &str) -> Vec<u8> {
+            miio::seal(&self.keys, DID, self.c.stamp(self.now), json.as_bytes())
+        }
+
+        fn deliver_json(&mut self, json: &str) {
+            let p = self.msg(json);
+            self.deliver(&p);
+        }
+
+        #[track_caller]
+        fn expect_send(&mut self) -> Vec<u8> {
+            match self.next() {
+                Action::Send(b) => b,
+                a => panic!("expected Send, got {a:?}"),
+            }
+        }
+
+        /// The next action is a data packet: its stamp and JSON.
+        #[track_caller]
+        fn expect_json(&mut self) -> (u32, Map<String, Value>) {
+            let b = self.expect_send();
+            let o = miio::decode(&self.keys, DID, &b).expect("a data packet");
+            let stamp = Packet::new_checked(&b[..]).map(|p| p.stamp()).unwrap_or(0);
+            (stamp, o.value)
+        }
+
+        #[track_caller]
+        fn expect_text(&mut self) -> String {
+            let b = self.expect_send();
+            miio::decode(&self.keys, DID, &b)
+                .expect("a data packet")
+                .text
+        }
+
+        #[track_caller]
+        fn expect_event(&mut self, e: CloudEvent) {
+            assert_eq!(self.next(), Action::Event(e));
+        }
+
+        fn up(&mut self) -> bool {
+            self.c.start(self.now);
+            self.expect_event(CloudEvent::Trying);
+            self.finish_attempt()
+        }
+
+        /// From `Resolve`/`Connect` to `Connected`; true when the D12 idle report went up.
+        fn finish_attempt(&mut self) -> bool {
+            let mut a = self.next();
+            if let Action::Resolve { .. } = a {
+                self.c.handle_resolved(self.now, Ok(vec![SERVER]));
+                a = self.next();
+            }
+            let Action::Connect { transport, .. } = a else {
+                panic!("expected Connect, got {a:?}");
+            };
+            self.tcp = transport == Transport::Tcp;
+            self.c.handle_connected(self.now, LOCAL);
+            self.expect_event(CloudEvent::InternetConnected);
+            assert_eq!(self.expect_send(), miio::cloud_hello());
+            self.deliver(&miio::time_sync_reply(T0));
+            assert_eq!(self.next(), Action::NeedInfo);
+            self.c
+                .handle_info(self.now, &obj(r#"{"params":{"hw_ver":"Linux"}}"#));
+            let (_, m) = self.expect_json();
+            assert_eq!(m["method"], "_otc.info");
+            let ack =
+                json!({"id": m["id"], "result": {"otc_list": [], "otc_test": {"interval": 1800}}});
+            self.deliver_json(&ack.to_string());
+            match self.next() {
+                Action::Send(b) => {
+                    let m = miio::decode(&self.keys, DID, &b).unwrap().value;
+                    assert_eq!(m["method"], "props");
+                    assert_eq!(m["params"], json!({"ota_state": "idle"}));
+                    assert_eq!(
+                        self.c.state(),
+                        CloudState::Trying,
+                        "not announced before the ack"
+                    );
+                    self.deliver_json(&json!({"id": m["id"], "result": "ok"}).to_string());
+                    self.expect_event(CloudEvent::Connected);
+                    self.quiet();
+                    true
+                }
+                a => {
+                    assert_eq!(a, Action::Event(CloudEvent::Connected));
+                    self.quiet();
+                    false
+                }
+            }
+        }
+
+        fn upstream(&mut self, client: u32, text: &str) {
+            self.c
+                .upstream(self.now, ClientId(client), text, &obj(text));
+            self.pump();
+        }
+
+        fn reply(&mut self, client: u32, text: &str) -> bool {
+            let r = self
+                .c
+                .local_reply(self.now, ClientId(client), text, &obj(text));
+            self.pump();
+            r
+        }
+    }
+
+    fn to_client(client: u32, text: &str) -> Action {
+        Action::ToClient {
+            client: ClientId(client),
+            text: text.to_owned(),
+        }
+    }
+
+    // ---- session start ---------------------------------------------------------------------
+
+    #[test]
+    fn session_start_sends_exact_hello_and_full_otc_info() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.expect_event(CloudEvent::Trying);
+        assert_eq!(
+            h.next(),
+            Action::Resolve {
+                transport: Transport::Udp,
+                host: "ot.io.mi.com".into(),
+                port: 8053
+            }
+        );
+        assert!(h.c.is_busy());
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        assert_eq!(
+            h.next(),
+            Action::Connect {
+                transport: Transport::Udp,
+                addr: SocketAddrV4::new(SERVER, 8053)
+            }
+        );
+        h.c.handle_connected(h.now, LOCAL);
+        h.expect_event(CloudEvent::InternetConnected);
+        // V7, byte for byte.
+        let v7 = "21310020ffffffffffffffff0000000000000000000000000000000000000000";
+        let hex: String = h.expect_send().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, v7);
+        h.deliver(&miio::time_sync_reply(T0));
+        assert_eq!(h.c.offset(), i64::from(T0) - 1000);
+        assert_eq!(h.c.stamp(h.now), T0);
+        assert_eq!(h.next(), Action::NeedInfo);
+        let info = r#"{"method":"_internal.info","partner_id":"","params":{"hw_ver":"Linux","fw_ver":"1.0","ap":{"ssid":"s","bssid":"b"},"netif":{"localIp":"10.0.0.2","mask":"255.255.255.0","gw":"10.0.0.1"},"model":"old"}}"#;
+        h.c.handle_info(h.now, &obj(info));
+        let (stamp, m) = h.expect_json();
+        assert_eq!(stamp, T0);
+        assert_eq!(m["method"], "_otc.info");
+        assert_eq!(m["partner_id"], "");
+        let p = &m["params"];
+        assert_eq!(p["hw_ver"], "Linux");
+        assert_eq!(p["netif"]["gw"], "10.0.0.1");
+        assert_eq!(p["model"], "vendor.camera.v1");
+        assert_eq!(p["mac"], "AA:BB:CC:01:02:03");
+        assert_eq!(p["token"], "4142434445464748494a4b4c4d4e4f50");
+        assert_eq!(p["life"], 1000);
+        assert!(p.get("uid").is_none());
+        assert_eq!(h.c.state(), CloudState::Trying);
+        h.deliver_json(&json!({"id": m["id"], "result": {"otc_list": []}}).to_string());
+        let (_, props) = h.expect_json();
+        assert_eq!(props["method"], "props");
+        assert_ne!(props["id"], m["id"]);
+    }
+
+    #[test]
+    fn otc_info_carries_uid_and_bindkey_after_provisioning() {
+        let mut h = H::new(cfg());
+        h.c.set_bind("12345".into(), Some("bk".into()));
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.take();
+        h.deliver(&miio::time_sync_reply(T0));
+        h.take();
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        let (_, m) = h.expect_json();
+        assert_eq!(m["params"]["uid"], "12345");
+        assert_eq!(m["params"]["bindkey"], "bk");
+    }
+
+    #[test]
+    fn otc_info_error_fails_the_attempt() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.deliver(&miio::time_sync_reply(T0));
+        h.take();
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        let (_, m) = h.expect_json();
+        h.deliver_json(&json!({"id": m["id"], "error": {"code": -1, "message": "no"}}).to_string());
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        assert_eq!(h.c.state(), CloudState::Retry);
+    }
+
+    #[test]
+    fn otc_info_noack_fails_after_retransmits() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.deliver(&miio::time_sync_reply(T0));
+        h.take();
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        let (_, first) = h.expect_json();
+        for _ in 0..3 {
+            h.advance(3000);
+            assert_eq!(h.expect_json().1, first);
+        }
+        h.advance(2999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+    }
+
+    #[test]
+    fn a_lost_info_answer_fails_the_attempt_after_the_guard() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.deliver(&miio::time_sync_reply(T0));
+        assert_eq!(h.take().last(), Some(&Action::NeedInfo));
+        assert!(h.c.is_busy());
+        h.advance(29_999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        // A late answer is ignored.
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.quiet();
+    }
+
+    #[test]
+    fn hello_misses_fail_five_seconds_after_the_third() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        let t0 = h.now;
+        let a = h.take();
+        assert_eq!(a.len(), 3, "{a:?}");
+        for _ in 0..2 {
+            h.advance(5000);
+            assert_eq!(h.take(), vec![Action::Send(miio::cloud_hello().to_vec())]);
+        }
+        h.advance(4999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(h.now, Instant(t0.0 + 15_000));
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        assert!(!h.c.is_busy());
+    }
+
+    #[test]
+    fn time_sync_only_while_a_hello_is_outstanding() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        // Not connected: nothing is read at all.
+        h.deliver(&miio::time_sync_reply(T0));
+        h.quiet();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.take();
+        // V7 echoed back (stamp 0) is not a time sync.
+        h.deliver(&miio::cloud_hello());
+        h.quiet();
+        assert_eq!(h.c.offset(), 0);
+        h.deliver(&miio::time_sync_reply(T0));
+        assert_eq!(h.take(), vec![Action::NeedInfo]);
+        assert_eq!(h.c.offset(), i64::from(T0) - 1000);
+        // The hello is answered: a second reply changes nothing.
+        h.deliver(&miio::time_sync_reply(T0 + 500));
+        h.quiet();
+        assert_eq!(h.c.offset(), i64::from(T0) - 1000);
+
+        // Nor while connected without a refresh hello (V8 unsolicited).
+        let mut h = H::connected(cfg());
+        h.deliver(&miio::time_sync_reply(T0 + 999));
+        h.quiet();
+        assert_eq!(h.c.offset(), i64::from(T0) - 1000);
+    }
+
+    #[test]
+    fn idle_report_only_on_the_first_connect() {
+        let mut h = H::new(cfg());
+        assert!(h.up(), "first connect reports idle");
+        h.c.handle_link_down(h.now);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        let t = h.c.poll_timeout().unwrap();
+        h.advance(t.0 - h.now.0);
+        h.expect_event(CloudEvent::Trying);
+        assert!(!h.finish_attempt(), "no idle report on a reconnect");
+        assert_eq!(h.c.state(), CloudState::Connected);
+    }
+
+    #[test]
+    fn idle_report_retried_when_the_link_dropped_before_its_ack() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.deliver(&miio::time_sync_reply(T0));
+        h.take();
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        let (_, m) = h.expect_json();
+        h.deliver_json(&json!({"id": m["id"], "result": {}}).to_string());
+        let (_, props) = h.expect_json();
+        assert_eq!(props["method"], "props");
+        h.c.handle_link_down(h.now);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        let t = h.c.poll_timeout().unwrap();
+        h.advance(t.0 - h.now.0);
+        h.expect_event(CloudEvent::Trying);
+        assert!(h.finish_attempt());
+    }
+
+    // ---- keepalive and stamps --------------------------------------------------------------
+
+    #[test]
+    fn an_hour_connected() {
+        let mut h = H::connected(cfg());
+        let end = Instant(h.now.0 + 3_600_000);
+        let (mut kas, mut refreshes) = (0, 0);
+        let mut ka_stamps: Vec<u32> = Vec::new();
+        let mut all_stamps: Vec<u32> = Vec::new();
+        while let Some(t) = h.c.poll_timeout().filter(|&t| t <= end) {
+            h.now = t;
+            h.c.handle_timeout(t);
+            while let Some(a) = h.c.poll_action() {
+                match a {
+                    Action::Send(b) if b[..] == miio::cloud_hello()[..] => {
+                        refreshes += 1;
+                        // The refresh moves the clock back by 7 s: stamps must not follow.
+                        let back = h.c.stamp(h.now) - 7;
+                        h.c.handle_datagram(h.now, &miio::time_sync_reply(back));
+                    }
+                    Action::Send(b) => {
+                        let p = Packet::new_checked(&b[..]).unwrap();
+                        all_stamps.push(p.stamp());
+                        if p.is_control() {
+                            kas += 1;
+                            ka_stamps.push(p.stamp());
+                            assert_eq!(b[..], miio::keepalive(&h.keys, DID, p.stamp())[..]);
+                            h.c.handle_datagram(h.now, &b); // the pong
+                        } else {
+                            let m = miio::decode(&h.keys, DID, &b).unwrap().value;
+                            assert_eq!(m["method"], "_otc.info");
+                            let ack = json!({"id": m["id"], "result": {"otc_list": []}});
+                            let p = h.msg(&ack.to_string());
+                            h.c.handle_datagram(h.now, &p);
+                        }
+                    }
+                    Action::NeedInfo => h.c.handle_info(h.now, &obj(r#"{"params":{}}"#)),
+                    a => panic!("unexpected {a:?}"),
+                }
+            }
+        }
+        assert_eq!(kas, 180);
+        assert_eq!(refreshes, 2);
+        assert!(ka_stamps.windows(2).all(|w| w[0] < w[1]), "{ka_stamps:?}");
+        assert!(
+            all_stamps.windows(2).all(|w| w[0] <= w[1]),
+            "{all_stamps:?}"
+        );
+        assert_eq!(h.c.state(), CloudState::Connected);
+        assert!(!h.c.is_busy());
+    }
+
+    #[test]
+    fn three_keepalive_misses_lose_the_link_three_intervals_after_the_first() {
+        let mut h = H::connected(cfg());
+        let up = h.now;
+        for _ in 0..2 {
+            h.advance(20_000);
+            let ka = h.expect_send();
+            h.quiet();
+            h.deliver(&ka);
+            h.quiet();
+        }
+        h.advance(20_000);
+        let first_unanswered = h.now;
+        assert_eq!(first_unanswered, Instant(up.0 + 60_000));
+        h.expect_send();
+        h.advance(59_999);
+        let a = h.take();
+        assert_eq!(a.len(), 2, "two more keepalives, no failure: {a:?}");
+        assert!(a
+            .iter()
+            .all(|a| matches!(a, Action::Send(b) if b.len() == 32)));
+        h.advance(1);
+        assert_eq!(h.now, Instant(first_unanswered.0 + 60_000));
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+    }
+
+    #[test]
+    fn any_valid_packet_resets_the_misses() {
+        let mut h = H::connected(cfg());
+        for _ in 0..10 {
+            h.advance(20_000);
+            h.expect_send();
+            // No pong, but a cloud ack of some earlier reply: valid, so no miss.
+            h.deliver_json(r#"{"id":999,"result":"ok"}"#);
+            h.quiet();
+        }
+        assert_eq!(h.c.state(), CloudState::Connected);
+    }
+
+    #[test]
+    fn filler_pong_accepted_and_cloud_ping_echoed_once() {
+        let mut h = H::connected(cfg());
+        h.advance(20_000);
+        let ka = h.expect_send();
+        // A filler pong (all ff checksum) counts as an answer and is never echoed.
+        let mut filler = ka.clone();
+        filler[16..].fill(0xff);
+        h.deliver(&filler);
+        h.quiet();
+        // The real pong (our own stamp, valid MD5): not echoed.
+        h.deliver(&ka);
+        h.quiet();
+        // A ping: valid MD5, a stamp we did not send, above what the cloud sent before.
+        let ping = miio::keepalive(&h.keys, DID, h.c.stamp(h.now) + 100);
+        h.deliver(&ping);
+        assert_eq!(h.take(), vec![Action::Send(ping.to_vec())]);
+        h.deliver(&ping);
+        h.quiet();
+        // A bad checksum that is not filler is dropped.
+        let mut bad = ka.clone();
+        bad[20] ^= 1;
+        h.deliver(&bad);
+        h.quiet();
+        // Wrong did.
+        h.deliver(&miio::keepalive(&h.keys, DID + 1, h.c.stamp(h.now) + 200));
+        h.quiet();
+        for _ in 0..5 {
+            h.advance(20_000);
+            let ka = h.expect_send();
+            h.deliver(&ka);
+        }
+        assert_eq!(h.c.state(), CloudState::Connected);
+    }
+
+    #[test]
+    fn refresh_sends_hello_then_info_after_five_seconds() {
+        let mut c = cfg();
+        c.refresh = Some(Duration::from_secs(100));
+        c.keepalive = Duration::from_secs(1000);
+        let mut h = H::connected(c);
+        h.advance(100_000);
+        assert_eq!(h.take(), vec![Action::Send(miio::cloud_hello().to_vec())]);
+        h.advance(4999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(h.take(), vec![Action::NeedInfo]);
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        let (_, m) = h.expect_json();
+        assert_eq!(m["method"], "_otc.info");
+        // Its reply updates otc_list; no event.
+        let ack = json!({"id": m["id"], "result": {"otc_list": [{"ip": "5.6.7.8", "port": 8053}]}});
+        h.deliver_json(&ack.to_string());
+        h.quiet();
+        assert_eq!(
+            h.c.otc_list,
+            vec![SocketAddrV4::new(Ipv4Addr::new(5, 6, 7, 8), 8053)]
+        );
+        // An error reply of a refresh is only logged.
+        h.advance(100_000);
+        let hello = h.expect_send();
+        assert_eq!(hello, miio::cloud_hello());
+        h.deliver(&miio::time_sync_reply(T0 + 300));
+        assert_eq!(h.take(), vec![Action::NeedInfo]);
+        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        let (_, m) = h.expect_json();
+        h.deliver_json(&json!({"id": m["id"], "error": {"code": -1, "message": "x"}}).to_string());
+        h.quiet();
+        assert_eq!(h.c.state(), CloudState::Connected);
+    }
+
+    // ---- backoff, server list, DNS ---------------------------------------------------------
+
+    fn d4_bounds(k: u32, min: u64, cap: u64) -> (u64, u64) {
+        let d = min.saturating_mul(1 << (k - 1)).min(cap);
+        (
+            (d * 8 / 10).clamp(1000, cap),
+            (d * 12 / 10).clamp(1000, cap),
+        )
+    }
+
+    #[test]
+    fn backoff_within_d4_bounds_and_reset_after_connect() {
+        for seed in 0..20 {
+            let mut c = cfg();
+            c.seed = seed;
+            let mut h = H::new(c);
+            h.c.start(h.now);
+            for k in 1..=8 {
+                assert_eq!(h.next(), Action::Event(CloudEvent::Trying));
+                assert!(matches!(h.next(), Action::Resolve { .. }));
+                h.c.handle_resolved(h.now, Err("NXDOMAIN".into()));
+                assert_eq!(
+                    h.take(),
+                    vec![
+                        Action::Event(CloudEvent::InternetFailed),
+                        Action::Event(CloudEvent::Retry)
+                    ]
+                );
+                let d = h.c.poll_timeout().unwrap().0 - h.now.0;
+                let (lo, hi) = d4_bounds(k, 5000, 300_000);
+                assert!(lo <= d && d <= hi, "k={k} d={d} not in [{lo},{hi}]");
+                h.advance(d);
+            }
+            h.expect_event(CloudEvent::Trying);
+            h.finish_attempt();
+            h.c.handle_link_down(h.now);
+            h.take();
+            let d = h.c.poll_timeout().unwrap().0 - h.now.0;
+            let (lo, hi) = d4_bounds(1, 5000, 300_000);
+            assert!(lo <= d && d <= hi, "after a connect k=1 again: {d}");
+        }
+    }
+
+    #[test]
+    fn backoff_clamped_to_one_second_and_cap() {
+        let mut c = cfg();
+        c.backoff_min = Duration::from_millis(100);
+        c.backoff_max = Duration::from_secs(2);
+        let mut cl = Cloud::new(c);
+        assert_eq!(cl.backoff(1), Duration::from_secs(1));
+        for k in 6..40 {
+            let d = cl.backoff(k).millis();
+            assert!((1600..=2000).contains(&d), "k={k} d={d}");
+        }
+        assert!(cl.backoff(u32::MAX) <= Duration::from_secs(2));
+    }
+
+    #[test]
+    fn dns_addresses_filtered_and_shuffled_otc_list_appended() {
+        let mut h = H::connected(cfg());
+        // Teach an otc_list through a refresh reply.
+        h.c.apply_otc(&obj(
+            r#"{"otc_list":[{"ip":"1.2.3.4","port":8053},{"ip":"9.9.9.9","port":8054},{"ip":"","port":1},{"ip":"bad"},{"ip":"8.8.8.8","port":0},{"ip":"127.0.0.1","port":8053}]}"#,
+        ));
+        h.c.handle_link_down(h.now);
+        h.take();
+        let t = h.c.poll_timeout().unwrap();
+        h.advance(t.0 - h.now.0);
+        h.expect_event(CloudEvent::Trying);
+        // The old list (one server) is used up: the next transport (TCP) resolves.
+        assert!(matches!(
+            h.next(),
+            Action::Resolve {
+                transport: Transport::Tcp,
+                ..
+            }
+        ));
+        h.c.handle_resolved(h.now, Err("x".into()));
+        h.take();
+        let t = h.c.poll_timeout().unwrap();
+        h.advance(t.0 - h.now.0);
+        h.expect_event(CloudEvent::Trying);
+        // TCP had no list: back to UDP, resolved again.
+        assert!(matches!(
+            h.next(),
+            Action::Resolve {
+                transport: Transport::Udp,
+                ..
+            }
+        ));
+        let dns = vec![
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(250, 0, 0, 1),
+            SERVER,
+            Ipv4Addr::new(4, 4, 4, 4),
+        ];
+        h.c.handle_resolved(h.now, Ok(dns));
+        let mut order = Vec::new();
+        loop {
+            match h.next() {
+                Action::Connect { addr, .. } => order.push(addr),
+                a => panic!("{a:?}"),
+            }
+            h.c.handle_connect_failed(h.now, "refused");
+            h.take();
+            let t = h.c.poll_timeout().unwrap();
+            h.advance(t.0 - h.now.0);
+            h.expect_event(CloudEvent::Trying);
+            if order.len() == 4 {
+                break;
+            }
+        }
+        let a = |a, b, c, d, p| SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), p);
+        let mut dns_part = order[..2].to_vec();
+        dns_part.sort();
+        assert_eq!(dns_part, vec![a(1, 2, 3, 4, 8053), a(4, 4, 4, 4, 8053)]);
+        // otc_list entries: no duplicate of 1.2.3.4, never filtered (127.0.0.1 kept).
+        assert_eq!(order[2..], [a(9, 9, 9, 9, 8054), a(127, 0, 0, 1, 8053)]);
+        // After the last UDP server: TCP.
+        assert!(matches!(
+            h.next(),
+            Action::Resolve {
+                transport: Transport::Tcp,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn explicit_hosts_are_never_filtered() {
+        let mut c = cfg();
+        c.udp = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 8053,
+            explicit: true,
+        };
+        let mut h = H::new(c);
+        h.c.start(h.now);
+        h.expect_event(CloudEvent::Trying);
+        let lo = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8053);
+        assert_eq!(
+            h.next(),
+            Action::Connect {
+                transport: Transport::Udp,
+                addr: lo
+            }
+        );
+        // Same first octet as the local address: fine for an explicit host.
+        h.c.handle_connected(h.now, Ipv4Addr::LOCALHOST);
+        h.expect_event(CloudEvent::InternetConnected);
+
+        // An explicit name: its DNS answer is not filtered either.
+        let mut c = cfg();
+        c.udp.host = "localhost".into();
+        c.udp.explicit = true;
+        let mut h = H::new(c);
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![Ipv4Addr::LOCALHOST]));
+        assert_eq!(
+            h.next(),
+            Action::Connect {
+                transport: Transport::Udp,
+                addr: lo
+            }
+        );
+    }
+
+    #[test]
+    fn dns_answer_in_our_subnet_is_a_buggy_router() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![Ipv4Addr::new(10, 0, 0, 1)]));
+        assert!(matches!(h.next(), Action::Connect { .. }));
+        h.c.handle_connected(h.now, LOCAL);
+        assert_eq!(
+            h.take(),
+            vec![
+                Action::Event(CloudEvent::InternetFailed),
+                Action::Close,
+                Action::Event(CloudEvent::Retry)
+            ]
+        );
+    }
+
+    #[test]
+    fn all_dns_answers_refused_is_a_dns_failure() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![Ipv4Addr::LOCALHOST]));
+        assert_eq!(
+            h.take(),
+            vec![
+                Action::Event(CloudEvent::InternetFailed),
+                Action::Event(CloudEvent::Retry)
+            ]
+        );
+    }
+
+    #[test]
+    fn tcp_connect_deadline_is_five_seconds() {
+        let mut h = H::new(tcp_cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        assert!(matches!(
+            h.next(),
+            Action::Connect {
+                transport: Transport::Tcp,
+                ..
+            }
+        ));
+        assert!(h.c.is_busy());
+        h.advance(4999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.take(),
+            vec![
+                Action::Event(CloudEvent::InternetFailed),
+                Action::Close,
+                Action::Event(CloudEvent::Retry)
+            ]
+        );
+        // A late connect is ignored.
+        h.c.handle_connected(h.now, LOCAL);
+        h.quiet();
+    }
+
+    #[test]
+    fn stop_closes_and_fails_pending() {
+        let mut h = H::connected(cfg());
+        h.upstream(1, r#"{"id":5,"method":"m"}"#);
+        h.take();
+        h.c.stop(h.now);
+        assert_eq!(
+            h.take(),
+            vec![
+                Action::Close,
+                to_client(
+                    1,
+                    r#"{"id":5,"error":{"code":-30011,"message":"OT server disconnected"}}"#
+                )
+            ]
+        );
+        assert_eq!(h.c.state(), CloudState::Stopped);
+        assert_eq!(h.c.poll_timeout(), None);
+        h.advance(1_000_000);
+        h.quiet();
+        // And it starts again at once.
+        h.c.start(h.now);
+        h.expect_event(CloudEvent::Trying);
+        assert!(matches!(
+            h.next(),
+            Action::Resolve {
+                transport: Transport::Udp,
+                ..
+            }
+        ));
+    }
+
+    // ---- upstream --------------------------------------------------------------------------
+
+    #[test]
+    fn upstream_acked_with_the_original_id() {
+        let mut h = H::connected(cfg());
+        let req = r#"{"id":7,"method":"props","params":{"a":1},"sid":"x"}"#;
+        h.upstream(3, req);
+        let (_, mut m) = h.expect_json();
+        let cid = m.remove("id").unwrap();
+        assert_ne!(cid, json!(7));
+        let mut orig = obj(req);
+        orig.remove("id");
+        assert_eq!(m, orig);
+        assert!(h.c.is_busy());
+        h.deliver_json(&format!(r#"{{"id":{cid},"result":"ok","extra":1}}"#));
+        assert_eq!(
+            h.take(),
+            vec![to_client(3, r#"{"id":7,"result":"ok","extra":1}"#)]
+        );
+        assert!(!h.c.is_busy());
+        // A second ack with that id is the cloud acking nothing: swallowed.
+        h.deliver_json(&format!(r#"{{"id":{cid},"result":"ok"}}"#));
+        h.quiet();
+        // No retransmission after the ack.
+        h.advance(15_000);
+        h.quiet();
+    }
+
+    #[test]
+    fn two_clients_with_the_same_id_do_not_collide() {
+        let mut h = H::connected(cfg());
+        h.upstream(1, r#"{"id":1,"method":"a"}"#);
+        h.upstream(2, r#"{"id":1,"method":"b"}"#);
+        let (_, a) = h.expect_json();
+        let (_, b) = h.expect_json();
+        assert_ne!(a["id"], b["id"]);
+        h.deliver_json(&format!(r#"{{"id":{},"result":"B"}}"#, b["id"]));
+        h.deliver_json(&format!(r#"{{"id":{},"result":"A"}}"#, a["id"]));
+        assert_eq!(
+            h.take(),
+            vec![
+                to_client(2, r#"{"id":1,"result":"B"}"#),
+                to_client(1, r#"{"id":1,"result":"A"}"#)
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_retransmitted_three_times_then_noack_on_udp() {
+        let mut h = H::connected(cfg());
+        h.upstream(4, r#"{"id":9,"method":"event.x","params":[]}"#);
+        let (s0, first) = h.expect_json();
+        let mut last = s0;
+        for _ in 0..3 {
+            h.advance(3000);
+            let (s, again) = h.expect_json();
+            assert_eq!(again, first, "same payload, same cloud id");
+            assert!(s > last, "fresh stamp");
+            last = s;
+            h.quiet();
+        }
+        h.advance(2999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.take(),
+            vec![to_client(
+                4,
+                r#"{"id":9,"error":{"code":-30011,"message":"OT server noack"}}"#
+            )]
+        );
+        h.advance(60_000);
+        assert!(h
+            .take()
+            .iter()
+            .all(|a| matches!(a, Action::Send(b) if b.len() == 32)));
+    }
+
+    #[test]
+    fn upstream_not_retransmitted_on_tcp() {
+        let mut c = tcp_cfg();
+        c.keepalive = Duration::from_secs(100);
+        let mut h = H::connected(c);
+        h.upstream(4, r#"{"id":9,"method":"event.x"}"#);
+        h.expect_json();
+        h.advance(2999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.take(),
+            vec![to_client(
+                4,
+                r#"{"id":9,"error":{"code":-30011,"message":"OT server noack"}}"#
+            )]
+        );
+    }
+
+    #[test]
+    fn upstream_fails_at_once_on_link_loss_and_while_down() {
+        let mut h = H::connected(cfg());
+        h.upstream(1, r#"{"id":11,"method":"a"}"#);
+        h.upstream(2, r#"{"id":12,"method":"b"}"#);
+        h.take();
+        h.c.handle_link_down(h.now);
+        let disc = |c, id| {
+            to_client(
+                c,
+                &format!(
+                    r#"{{"id":{id},"error":{{"code":-30011,"message":"OT server disconnected"}}}}"#
+                ),
+            )
+        };
+        assert_eq!(
+            h.take(),
+            vec![
+                Action::Close,
+                disc(1, 11),
+                disc(2, 12),
+                Action::Event(CloudEvent::Retry)
+            ]
+        );
+        // While down (retry, then trying): at once.
+        h.upstream(3, r#"{"id":13,"method":"c"}"#);
+        assert_eq!(h.take(), vec![disc(3, 13)]);
+        let t = h.c.poll_timeout().unwrap();
+        h.advance(t.0 - h.now.0);
+        h.take();
+        h.upstream(3, r#"{"id":14,"method":"c"}"#);
+        assert_eq!(h.take(), vec![disc(3, 14)]);
+        // Fire-and-forget while down: dropped silently.
+        h.upstream(3, r#"{"method":"c"}"#);
+        h.quiet();
+        // Also before the idle report is acked the session is up: requests go through.
+    }
+
+    #[test]
+    fn local_and_internal_methods_never_go_up() {
+        let mut h = H::connected(cfg());
+        h.upstream(1, r#"{"id":1,"method":"local.query_status"}"#);
+        h.upstream(1, r#"{"method":"_internal.info","params":{}}"#);
+        h.quiet();
+        // Nor LAN-only notifications from the cloud down.
+        h.deliver_json(r#"{"method":"miIO.config","params":{"enauth":0}}"#);
+        h.quiet();
+    }
+
+    #[test]
+    fn upstream_queue_full_at_128() {
+        let mut c = cfg();
+        c.ack_timeout = Duration::from_secs(100);
+        let mut h = H::connected(c);
+        for i in 0..128 {
+            h.upstream(1, &format!(r#"{{"id":{i},"method":"m"}}"#));
+            h.expect_send();
+        }
+        h.upstream(1, r#"{"id":500,"method":"m"}"#);
+        assert_eq!(
+            h.take(),
+            vec![to_client(
+                1,
+                r#"{"id":500,"error":{"code":-30011,"message":"OT queue full"}}"#
+            )]
+        );
+    }
+
+    #[test]
+    fn upstream_too_long_and_invalid_ids() {
+        let mut c = cfg();
+        c.ack_timeout = Duration::from_secs(100);
+        c.keepalive = Duration::from_secs(100);
+        let mut h = H::connected(c);
+        let long = format!(r#"{{"id":3,"method":"m","params":"{}"}}"#, "x".repeat(1024));
+        h.upstream(1, &long);
+        assert_eq!(
+            h.take(),
+            vec![to_client(
+                1,
+                r#"{"id":3,"error":{"code":-32600,"message":"msg too long"}}"#
+            )]
+        );
+        // The limit counts the text after the rewrite: 1024 bytes pass, 1025 do not.
+        let fit = |h: &mut H, n: usize| {
+            let probe = format!(r#"{{"id":3,"method":"m","params":"{}"}}"#, "x".repeat(n));
+            h.upstream(1, &probe);
+            let a = h.take();
+            match &a[..] {
+                [Action::Send(b)] => Some(miio::decode(&h.keys, DID, b).unwrap().text.len()),
+                _ => None,
+            }
+        };
+        let mut sizes = Vec::new();
+        for n in 980..1010 {
+            if let Some(len) = fit(&mut h, n) {
+                sizes.push(len);
+            }
+        }
+        assert_eq!(sizes.iter().max(), Some(&1024));
+        h.upstream(1, r#"{"id":"x","method":"m"}"#);
+        assert_eq!(
+            h.take(),
+            vec![to_client(
+                1,
+                r#"{"id":"x","error":{"code":-32600,"message":"Invalid Request"}}"#
+            )]
+        );
+        // A notification goes once, verbatim, untracked.
+        h.upstream(1, r#"{"method":"n","params":[1]}"#);
+        assert_eq!(h.expect_text(), r#"{"method":"n","params":[1]}"#);
+        h.advance(3000);
+        h.quiet();
+    }
+
+    // ---- downstream ------------------------------------------------------------------------
+
+    const CMD: &str = r#"{"id":55,"method":"set_power","params":["on"],"from":"4"}"#;
+
+    #[test]
+    fn command_broadcast_verbatim_first_reply_wins() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        assert_eq!(
+            h.take(),
+            vec![Action::Command {
+                text: CMD.into(),
+                id: Some(55)
+            }]
+        );
+        // A repeat while pending is ignored.
+        h.deliver_json(CMD);
+        h.quiet();
+        assert!(h.reply(1, r#"{"id":55,"result":["ok"]}"#));
+        assert_eq!(h.expect_text(), r#"{"id":55,"result":["ok"]}"#);
+        assert!(!h.reply(2, r#"{"id":55,"result":["late"]}"#));
+        h.quiet();
+        h.advance(10_000);
+        assert!(h
+            .take()
+            .iter()
+            .all(|a| !matches!(a, Action::Send(b) if b.len() > 32)));
+        // The cloud's ack of our reply is swallowed.
+        h.deliver_json(r#"{"id":55,"result":"ok"}"#);
+        h.quiet();
+    }
+
+    #[test]
+    fn command_times_out_to_9999() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        h.take();
+        h.advance(4999);
+        h.quiet();
+        h.advance(1);
+        assert_eq!(
+            h.expect_text(),
+            r#"{"id":55,"error":{"code":-9999,"message":"user ack timeout"}}"#
+        );
+        assert!(!h.reply(1, r#"{"id":55,"result":["late"]}"#));
+        h.quiet();
+    }
+
+    #[test]
+    fn d16_held_error_replaced_by_a_real_reply() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        h.take();
+        let e = r#"{"id":55,"error":{"code":-10000,"message":"user undefined error"}}"#;
+        assert!(h.reply(1, e));
+        assert!(h.reply(
+            3,
+            r#"{"id":55,"error":{"code":-32601,"message":"Method not found"}}"#
+        ));
+        h.quiet();
+        assert!(h.reply(2, r#"{"id":55,"result":["ok"]}"#));
+        assert_eq!(h.expect_text(), r#"{"id":55,"result":["ok"]}"#);
+        h.advance(5000);
+        assert!(h
+            .take()
+            .iter()
+            .all(|a| !matches!(a, Action::Send(b) if b.len() > 32)));
+    }
+
+    #[test]
+    fn d16_held_error_sent_at_timeout_instead_of_9999() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        h.take();
+        let e = r#"{"id":55,"error":{"code":-10000,"message":"user undefined error"}}"#;
+        assert!(h.reply(1, e));
+        h.quiet();
+        h.advance(5000);
+        assert_eq!(h.expect_text(), e);
+    }
+
+    #[test]
+    fn repeated_command_answered_from_the_cache() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        h.take();
+        h.reply(1, r#"{"id":55,"result":["ok"]}"#);
+        h.expect_send();
+        h.advance(30_000);
+        h.take();
+        h.deliver_json(CMD);
+        assert_eq!(h.expect_text(), r#"{"id":55,"result":["ok"]}"#);
+        h.quiet();
+        // After 60 s the entry is gone: a new command.
+        h.advance(31_000);
+        h.take();
+        h.deliver_json(CMD);
+        assert_eq!(
+            h.take(),
+            vec![Action::Command {
+                text: CMD.into(),
+                id: Some(55)
+            }]
+        );
+    }
+
+    #[test]
+    fn reply_cache_keeps_32() {
+        let mut c = cfg();
+        c.keepalive = Duration::from_secs(1000);
+        let mut h = H::connected(c);
+        for id in 1..=33 {
+            h.deliver_json(&format!(r#"{{"id":{id},"method":"m"}}"#));
+            h.take();
+            h.reply(1, &format!(r#"{{"id":{id},"result":{id}}}"#));
+            h.take();
+        }
+        h.deliver_json(r#"{"id":1,"method":"m"}"#);
+        assert!(
+            matches!(&h.take()[..], [Action::Command { .. }]),
+            "1 was evicted"
+        );
+        h.deliver_json(r#"{"id":33,"method":"m"}"#);
+        assert_eq!(h.expect_text(), r#"{"id":33,"result":33}"#);
+    }
+
+    #[test]
+    fn id_zero_never_forwarded() {
+        let mut h = H::connected(cfg());
+        let cmd = r#"{"id":0,"method":"m"}"#;
+        h.deliver_json(cmd);
+        assert_eq!(
+            h.take(),
+            vec![Action::Command {
+                text: cmd.into(),
+                id: None
+            }]
+        );
+        assert!(!h.reply(1, r#"{"id":0,"result":"ok"}"#));
+        h.quiet();
+        h.advance(10_000);
+        assert!(h
+            .take()
+            .iter()
+            .all(|a| !matches!(a, Action::Send(b) if b.len() > 32)));
+        // Unknown ids neither.
+        assert!(!h.reply(1, r#"{"id":77,"result":"ok"}"#));
+        h.quiet();
+    }
+
+    #[test]
+    fn oversize_reply_not_sent_and_does_not_count() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        h.take();
+        let big = format!(r#"{{"id":55,"result":"{}"}}"#, "x".repeat(1100));
+        assert!(h.reply(1, &big));
+        assert_eq!(
+            h.take(),
+            vec![to_client(
+                1,
+                r#"{"id":55,"error":{"code":-32600,"message":"msg too long"}}"#
+            )]
+        );
+        assert!(h.reply(2, r#"{"id":55,"result":["small"]}"#));
+        assert_eq!(h.expect_text(), r#"{"id":55,"result":["small"]}"#);
+    }
+
+    #[test]
+    fn cloud_methods_filtered() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(r#"{"id":60,"method":"local.query_status"}"#);
+        h.deliver_json(r#"{"id":61,"method":"_internal.info"}"#);
+        h.quiet();
+        h.deliver_json(r#"{"id":62,"method":"miIO.config_router","params":{"ssid":"x"}}"#);
+        assert_eq!(
+            h.expect_text(),
+            r#"{"id":62,"error":{"code":-32601,"message":"Method not found"}}"#
+        );
+        h.quiet();
+        h.deliver_json(r#"{"id":63,"method":"miIO.info","params":[]}"#);
+        assert_eq!(
+            h.take(),
+            vec![Action::SelfMethod {
+                id: Some(63),
+                method: "miIO.info".into(),
+                params: json!([])
+            }]
+        );
+        assert!(h.c.self_reply(
+            h.now,
+            63,
+            r#"{"id":63,"code":0,"message":"ok","result":{}}"#
+        ));
+        assert_eq!(
+            h.expect_text(),
+            r#"{"id":63,"code":0,"message":"ok","result":{}}"#
+        );
+        h.deliver_json(r#"{"id":64,"method":"miIO.config_tz","params":{"tz":"Asia/Shanghai"}}"#);
+        assert!(matches!(
+            &h.take()[..],
+            [Action::SelfMethod { id: Some(64), .. }]
+        ));
+        h.advance(5000);
+        assert_eq!(
+            h.expect_text(),
+            r#"{"id":64,"error":{"code":-9999,"message":"user ack timeout"}}"#
+        );
+        // A method that is not a string is dropped.
+        h.deliver_json(r#"{"id":65,"method":5}"#);
+        h.quiet();
+    }
+
+    #[test]
+    fn at_most_64_pending_commands() {
+        let mut c = cfg();
+        c.user_ack_timeout = Duration::from_secs(100);
+        c.keepalive = Duration::from_secs(1000);
+        let mut h = H::connected(c);
+        for id in 1..=64 {
+            h.deliver_json(&format!(r#"{{"id":{id},"method":"m"}}"#));
+            assert!(matches!(&h.take()[..], [Action::Command { .. }]));
+        }
+        h.deliver_json(r#"{"id":65,"method":"m"}"#);
+        assert_eq!(
+            h.expect_text(),
+            r#"{"id":65,"error":{"code":-9999,"message":"user ack timeout"}}"#
+        );
+    }
+
+    #[test]
+    fn pending_commands_dropped_with_the_link() {
+        let mut h = H::connected(cfg());
+        h.deliver_json(CMD);
+        h.take();
+        h.c.handle_link_down(h.now);
+        h.take();
+        assert!(!h.reply(1, r#"{"id":55,"result":"ok"}"#));
+        h.quiet();
+    }
+
+    // ---- receiving: framing and bad input --------------------------------------------------
+
+    /// A TCP session with one upstream pending, and a stream that acks it, carries a command and a ping.
+    fn stream_case() -> (H, Vec<u8>) {
+        let mut c = tcp_cfg();
+        c.keepalive = Duration::from_secs(1000);
+        let mut h = H::connected(c);
+        h.upstream(1, r#"{"id":1,"method":"x"}"#);
+        let (_, m) = h.expect_json();
+        let mut s = h.msg(&format!(r#"{{"id":{},"result":"ok"}}"#, m["id"]));
+        s.extend(h.msg(CMD));
+        s.extend(miio::keepalive(&h.keys, DID, h.c.stamp(h.now) + 50));
+        s.extend(h.msg(r#"{"id":70,"method":"get_prop","params":["a"]}"#));
+        (h, s)
+    }
+
+    #[test]
+    fn tcp_stream_split_anywhere_gives_the_same_packets() {
+        let (mut h, s) = stream_case();
+        h.deliver(&s);
+        let want = h.take();
+        assert_eq!(want.len(), 4, "{want:?}");
+        for i in 0..=s.len() {
+            let (mut h, s2) = stream_case();
+            assert_eq!(s2, s);
+            h.deliver(&s[..i]);
+            h.deliver(&s[i..]);
+            assert_eq!(h.take(), want, "split at {i}");
+        }
+        let (mut h, _) = stream_case();
+        for b in &s {
+            h.deliver(std::slice::from_ref(b));
+        }
+        assert_eq!(h.take(), want, "byte by byte");
+    }
+
+    #[test]
+    fn tcp_stream_length_below_32_fails_the_attempt() {
+        let mut h = H::connected(tcp_cfg());
+        h.deliver(&[0x21, 0x31, 0x00, 0x10, 0, 0]);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+        // After the failure, stream bytes are ignored.
+        h.deliver(&[0x21, 0x31, 0x00, 0x10]);
+        h.quiet();
+    }
+
+    #[test]
+    fn tcp_v15_two_packets_in_one_chunk() {
+        let mut h = H::connected(tcp_cfg());
+        h.advance(20_000);
+        let ka = h.expect_send();
+        let mut s = h.msg(r#"{"id":1001,"result":"ok"}"#);
+        s.extend_from_slice(&ka);
+        h.deliver(&s);
+        h.quiet();
+        assert_eq!(h.c.state(), CloudState::Connected);
+        // And TCP EOF drops the link.
+        h.c.handle_link_down(h.now);
+        assert_eq!(
+            h.take(),
+            vec![Action::Close, Action::Event(CloudEvent::Retry)]
+        );
+    }
+
+    #[test]
+    fn bad_packets_dropped_link_stays_up() {
+        let mut h = H::connected(cfg());
+        let good = h.msg(CMD);
+        let mut bad: Vec<Vec<u8>> = Vec::new();
+        let mut flip = good.clone();
+        flip[40] ^= 1;
+        bad.push(flip);
+        bad.push(miio::seal(&h.keys, DID + 1, 1, CMD.as_bytes()));
+        let mut len = good.clone();
+        len[3] = len[3].wrapping_add(1);
+        bad.push(len);
+        bad.push(good[..40].to_vec());
+        bad.push(good[..31].to_vec());
+        bad.push(Vec::new());
+        let mut magic = good.clone();
+        magic[0] = 0x22;
+        bad.push(magic);
+        // Bad padding: one block whose last plaintext byte is 0x41.
+        let ct = h.keys.encrypt(&[0x41; 16]);
+        bad.push(raw_packet(DID, 1, &ct[..16]));
+        bad.push(raw_packet(DID, 1, &[7; 20]));
+        bad.push(miio::seal(&h.keys, DID, 1, b"not json"));
+        bad.push(miio::seal(&h.keys, DID, 1, b"[1,2]"));
+        bad.push(miio::seal(&h.keys, DID, 1, &[0xff, 0xfe]));
+        // Another key.
+        bad.push(miio::seal(
+            &Keys::new(b"ABCDEFGHIJKLMNOP"),
+            DID,
+            1,
+            CMD.as_bytes(),
+        ));
+        // A time-sync reply with no hello outstanding.
+        bad.push(miio::time_sync_reply(T0).to_vec());
+        for b in &bad {
+            h.deliver(b);
+            h.quiet();
+        }
+        assert_eq!(h.c.state(), CloudState::Connected);
+        h.deliver(&good);
+        assert!(matches!(&h.take()[..], [Action::Command { .. }]));
+        h.reply(1, r#"{"id":55,"result":0}"#);
+        h.expect_send();
+        h.advance(20_000);
+        assert!(matches!(&h.take()[..], [Action::Send(b)] if b.len() == 32));
+    }
+
+    #[test]
+    fn garbage_before_connect_is_ignored() {
+        let mut h = H::new(cfg());
+        h.deliver(b"hello");
+        h.c.handle_stream(h.now, b"\x21\x31\x00\x01");
+        h.c.handle_link_down(h.now);
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_info(h.now, &Map::new());
+        h.quiet();
+        assert_eq!(h.c.state(), CloudState::Stopped);
+    }
+
+    #[test]
+    fn config_debug_hides_secrets() {
+        let s = format!("{:?}", cfg());
+        assert!(!s.contains("YWJj"), "{s}");
+        assert!(!s.contains("4142434445"), "{s}");
+        assert!(s.contains("redacted"));
+    }
+
+    #[test]
+    fn country_hosts() {
+        assert_eq!(default_hosts("de").0, "de.ot.io.mi.com");
+        assert_eq!(default_hosts("de").1, "de.ott.io.mi.com");
+        assert_eq!(default_hosts("cn").0, "ot.io.mi.com");
+        assert_eq!(default_hosts("").1, "ott.io.mi.com");
+    }
+
+    #[test]
+    fn cloud_ids_never_zero_and_skip_pending() {
+        let mut c = Cloud::new(cfg());
+        c.next_id = MAX_CLOUD_ID;
+        assert_eq!(c.alloc_id(), MAX_CLOUD_ID);
+        assert_eq!(c.alloc_id(), 1);
+        c.ups.push(Upstream {
+            cloud_id: 2,
+            origin: Origin::IdleReport,
+            text: String::new(),
+            sends: 1,
+        });
+        assert_eq!(c.alloc_id(), 3);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn arbitrary_datagrams_never_panic(
+            dgrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 1..16),
+            header in any::<bool>(),
+        ) {
+            let mut h = H::connected(cfg());
+            for mut d in dgrams {
+                if header && d.len() >= 4 {
+                    // Reach past the framing checks.
+                    d[0] = 0x21;
+                    d[1] = 0x31;
+                    let n = d.len() as u16;
+                    d[2..4].copy_from_slice(&n.to_be_bytes());
+                }
+                h.deliver(&d);
+                h.advance(7000);
+                h.take();
+            }
+        }
+
+        #[test]
+        fn arbitrary_stream_chunks_never_panic(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 1..16),
+        ) {
+            let mut h = H::connected(tcp_cfg());
+            let mut first = true;
+            for mut c in chunks {
+                if first && c.len() >= 4 {
+                    c[0] = 0x21;
+                    c[1] = 0x31;
+                    first = false;
+                }
+                h.deliver(&c);
+                h.advance(3000);
+                h.take();
+            }
+        }
+    }
 }
