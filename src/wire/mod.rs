@@ -2,6 +2,7 @@
 //! JSON-RPC message shapes. No I/O, no clock, no logging; nothing here panics on any input.
 
 pub mod crypto;
+pub mod dns;
 pub mod json_stream;
 pub mod miio;
 pub mod rpc;
