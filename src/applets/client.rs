@@ -218,14 +218,17 @@ impl Daemon {
         }
     }
 
-    fn drain_lan(&mut self) {
-        let Some(lan) = self.sockets.lan.as_ref() else {
-            return;
-        };
-        let mut buf = [0u8; 65536];
+    fn drain_lan(&mut self, now: Instant) {
+        let mut buf = vec![0u8; 65536];
         loop {
+            let Some(lan) = self.sockets.lan.as_ref() else {
+                return;
+            };
             match lan.recv_from(&mut buf) {
-                Ok(_) => {}
+                Ok((n, from)) => {
+                    self.node.lan_datagram(now, from, &buf[..n]);
+                    self.run_actions(now);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -582,6 +585,24 @@ impl Daemon {
                 Action::Connect { transport, addr } => self.cloud_connect(now, transport, addr),
                 Action::CloudSend(b) => self.cloud_send(b),
                 Action::CloudClose => self.cloud_close(),
+                Action::LanSend { to, bytes } => {
+                    if let Some(lan) = self.sockets.lan.as_ref() {
+                        if let Err(e) = lan.send_to(&bytes, to) {
+                            debug!("LAN send to {to}: {e}");
+                        }
+                    }
+                }
+                Action::TrustFlag(on) => {
+                    let p = std::path::Path::new(&self.args.datadir).join("otd_donot_trust_peer");
+                    let r = if on {
+                        crate::config::store::write_atomic(&p, b"", 0o644)
+                    } else {
+                        crate::config::store::remove_durable(&p)
+                    };
+                    if let Err(e) = r {
+                        warn!("{}: {e}", p.display());
+                    }
+                }
                 Action::SetLogLevel(l) => {
                     info!("log level set to {l}");
                     ilog::set_level(l);
@@ -628,7 +649,7 @@ impl Daemon {
             self.run_actions(now);
             for r in &turn.ready {
                 match r.token {
-                    reactor::LAN => self.drain_lan(),
+                    reactor::LAN => self.drain_lan(now),
                     reactor::LOCAL_LISTEN => self.accept(now, Port::Local),
                     reactor::BLE_LISTEN => self.accept(now, Port::Ble),
                     reactor::CLOUD => self.cloud_ready(now, r),

@@ -6,12 +6,13 @@
 //! The reactor feeds it inputs and executes its [`Action`]s; it never touches a socket or a file.
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use log::{info, warn};
 use serde_json::{json, Map, Value};
 
 use super::cloud::{self, ClientId, Cloud, CloudConfig, CloudEvent, CloudState};
+use super::lan::{Lan, LanAction};
 use super::local::{ConnId, Inbound, Local, LocalAction, Port};
 use super::state::State;
 use crate::time::{Duration, Instant};
@@ -84,8 +85,12 @@ pub enum Action {
     CloudSend(Vec<u8>),
     /// Close the cloud socket.
     CloudClose,
+    /// One datagram on the LAN socket (54321).
+    LanSend { to: SocketAddr, bytes: Vec<u8> },
     /// Apply a new log level (`miIO.config_loglevel`).
     SetLogLevel(u8),
+    /// Create (true) or remove (false) `<datadir>/otd_donot_trust_peer` (`miIO.config`, P§4.6).
+    TrustFlag(bool),
 }
 
 pub struct Node {
@@ -94,6 +99,7 @@ pub struct Node {
     identity: Option<Identity>,
     local: Local,
     cloud: Option<Cloud>,
+    lan: Lan,
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
@@ -108,6 +114,7 @@ impl Node {
     pub fn new(cfg: NodeConfig) -> Node {
         Node {
             local: Local::new(cfg.max_clients),
+            lan: Lan::new(cfg.cloud.seed ^ 0x9e37_79b9_7f4a_7c15, cfg.cloud.user_ack_timeout),
             cfg,
             state: State::DeviceInit,
             identity: None,
@@ -135,12 +142,14 @@ impl Node {
 
     /// The earliest deadline that must wake the daemon (cache expiry excluded).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let a = self.local.poll_timeout();
-        let b = self.cloud.as_ref().and_then(Cloud::poll_timeout);
-        match (a, b) {
-            (Some(x), Some(y)) => Some(x.min(y)),
-            (x, y) => x.or(y),
-        }
+        [
+            self.local.poll_timeout(),
+            self.cloud.as_ref().and_then(Cloud::poll_timeout),
+            self.lan.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -148,6 +157,7 @@ impl Node {
         if let Some(c) = self.cloud.as_mut() {
             c.handle_timeout(now);
         }
+        self.lan.handle_timeout(now);
         self.pump(now);
     }
 
@@ -155,6 +165,7 @@ impl Node {
         if to != self.state {
             info!("{}", State::transition_line(self.state, to));
             self.state = to;
+            self.lan.set_state(to);
         }
     }
 
@@ -184,6 +195,7 @@ impl Node {
         self.cloud = None;
         info!("device did {} model {} mac {}", id.did, id.model, id.mac);
         let provisioned = id.provisioned;
+        self.lan.set_identity(id.did, id.token);
         self.identity = Some(id);
         self.set_state(State::DidkeyDone);
         self.set_state(State::TokenDone);
@@ -220,15 +232,53 @@ impl Node {
         self.cloud = Some(c);
     }
 
-    /// Drains the cloud machine's actions into node actions and decisions.
+    /// Drains the machines' actions into node actions and decisions.
     fn pump(&mut self, now: Instant) {
         loop {
-            let Some(a) = self.cloud.as_mut().and_then(Cloud::poll_action) else {
-                break;
-            };
-            self.on_cloud_action(now, a);
+            if let Some(a) = self.cloud.as_mut().and_then(Cloud::poll_action) {
+                self.on_cloud_action(now, a);
+                continue;
+            }
+            if let Some(c) = self.cloud.as_ref() {
+                self.lan.set_offset(c.offset());
+            }
+            match self.lan.poll_action() {
+                Some(a) => self.on_lan_action(now, a),
+                None => break,
+            }
         }
         self.collect();
+    }
+
+    fn on_lan_action(&mut self, now: Instant, a: LanAction) {
+        match a {
+            LanAction::Send { to, bytes } => self.actions.push_back(Action::LanSend { to, bytes }),
+            LanAction::Command { local_id, text } => {
+                if self.local.command_audience() == 0 {
+                    let r = rpc::error_reply(Some(&json!(local_id)), -9999, "user ack timeout");
+                    self.lan.local_reply(now, local_id, &r);
+                } else {
+                    self.local.broadcast_command(&text);
+                }
+            }
+            LanAction::SelfMethod {
+                handle,
+                method,
+                id,
+                params,
+            } => {
+                let reply = self.self_method(now, &method, &params, Some(json!(id)), true);
+                if let Some(r) = reply {
+                    self.lan.answer(now, handle, &r);
+                }
+            }
+        }
+    }
+
+    /// A datagram on the LAN socket (54321).
+    pub fn lan_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.lan.handle_datagram(now, from, data);
+        self.pump(now);
     }
 
     fn collect(&mut self) {
@@ -261,7 +311,14 @@ impl Node {
             }
             cloud::Action::ToClient { client, text } => self.local.send_to(conn_of(client), text),
             cloud::Action::Command { text, id } => {
-                if self.local.command_audience() == 0 {
+                if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
+                    // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
+                    warn!("cloud command id collides with a pending LAN command; answered -9999");
+                    if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
+                        let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
+                        c.self_reply(now, id, &r);
+                    }
+                } else if self.local.command_audience() == 0 {
                     // P§5.8: MAY answer at once when the command reached no local client.
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
@@ -272,7 +329,7 @@ impl Node {
                 }
             }
             cloud::Action::SelfMethod { id, method, params } => {
-                let reply = self.self_method(now, &method, &params, id.map(|i| json!(i)));
+                let reply = self.self_method(now, &method, &params, id.map(|i| json!(i)), false);
                 if let (Some(id), Some(r), Some(c)) = (id, reply, self.cloud.as_mut()) {
                     c.self_reply(now, id, &r);
                 }
@@ -324,6 +381,7 @@ impl Node {
         method: &str,
         params: &Value,
         id: Option<Value>,
+        from_lan: bool,
     ) -> Option<String> {
         let id = id?;
         let ok = json!(["OK"]);
@@ -364,6 +422,15 @@ impl Node {
             },
             // No helper runs yet to apply a time zone (P§4.6: ["ERROR"] if no helper runs).
             "miIO.config_tz" => rpc::result_reply(&id, &err),
+            // LAN-only methods (the cloud machine already refuses them from the cloud).
+            "miIO.config" if from_lan => match params.get("enauth").and_then(Value::as_u64) {
+                Some(v @ 0..=1) => {
+                    self.actions.push_back(Action::TrustFlag(v == 1));
+                    rpc::result_reply(&id, &ok)
+                }
+                _ => rpc::result_reply(&id, &err),
+            },
+            "miIO.stop_diag_mode" if from_lan => rpc::result_reply(&id, &ok),
             _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
         })
     }
@@ -458,11 +525,15 @@ impl Node {
                 }
             },
             Some(Inbound::Reply {
-                conn, obj, text, ..
+                conn, id, obj, text,
             }) => {
-                let taken = match self.cloud.as_mut() {
-                    Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &obj),
-                    None => false,
+                let taken = if self.lan.is_local_id_pending(id) {
+                    self.lan.local_reply(now, id, &text)
+                } else {
+                    match self.cloud.as_mut() {
+                        Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &obj),
+                        None => false,
+                    }
                 };
                 if !taken {
                     info!("reply from local client {conn} matches no pending command; dropped");
