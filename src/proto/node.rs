@@ -114,7 +114,10 @@ impl Node {
     pub fn new(cfg: NodeConfig) -> Node {
         Node {
             local: Local::new(cfg.max_clients),
-            lan: Lan::new(cfg.cloud.seed ^ 0x9e37_79b9_7f4a_7c15, cfg.cloud.user_ack_timeout),
+            lan: Lan::new(
+                cfg.cloud.seed ^ 0x9e37_79b9_7f4a_7c15,
+                cfg.cloud.user_ack_timeout,
+            ),
             cfg,
             state: State::DeviceInit,
             identity: None,
@@ -525,7 +528,10 @@ impl Node {
                 }
             },
             Some(Inbound::Reply {
-                conn, id, obj, text,
+                conn,
+                id,
+                obj,
+                text,
             }) => {
                 let taken = if self.lan.is_local_id_pending(id) {
                     self.lan.local_reply(now, id, &text)

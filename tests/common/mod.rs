@@ -353,3 +353,42 @@ pub fn provisioned_dir(tag: &str) -> TempDir {
 
 pub const DID: u64 = 123456789;
 pub const KEY: &str = "YWJjZGVmZ2hpamts";
+
+/// A lock file for tests that must bind a fixed port (python-miio's hello goes to 54321).
+pub struct PortLock(PathBuf);
+
+impl PortLock {
+    pub fn take(port: u16) -> PortLock {
+        let p = std::env::temp_dir().join(format!("miio-test-port-{port}.lock"));
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{}", std::process::id());
+                    return PortLock(p);
+                }
+                Err(_) => {
+                    // A lock left by a killed run: stale when its pid is gone.
+                    let stale = std::fs::read_to_string(&p)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok())
+                        .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                    if stale {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                    std::thread::park_timeout(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PortLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
