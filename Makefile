@@ -1,0 +1,201 @@
+# miio_client: host build and tests, fully static board builds, install into a root file system.
+# `make help` lists the targets. README.md ("Static builds", "Install", "Init script") explains them.
+
+CARGO     ?= cargo
+TEST_ARGS ?=
+PREFIX    ?= /usr
+DESTDIR   ?=
+# install: a binary to install instead of the host release build (e.g. target/static/armv7/miio_client).
+STATIC    ?=
+# install: applet names to link; empty means ask the binary (`miio_client --list-applets`, see
+# .ci/list-applets), which links none but miio_client itself while the binary lacks that flag.
+APPLETS   ?=
+# static: board architecture (x86_64, aarch64 or armv7); FAKECLOUD=1 keeps the fake cloud applet.
+TARGET    ?= x86_64
+FAKECLOUD ?=
+
+.DEFAULT_GOAL := all
+.PHONY: all test run static static-test static-glue static-deps static-packages install clean fmt-check clippy help
+
+help:
+	@echo 'make                  host release build (target/release/miio_client)'
+	@echo 'make test             cargo test [TEST_ARGS=...]'
+	@echo 'make run              daemon in the foreground on a demo data dir (target/demo)'
+	@echo 'make static [TARGET=x86_64|aarch64|armv7] [FAKECLOUD=1]'
+	@echo '                      fully static musl binary in target/static/$$TARGET/miio_client'
+	@echo 'make install DESTDIR=/path/to/rootfs PREFIX=/usr [STATIC=path/to/miio_client]'
+	@echo 'make static-test [TARGET=...]  unit tests built like make static, ARM under qemu'
+	@echo 'make fmt-check | clippy | clean'
+
+all:
+	$(CARGO) build --release
+
+# The Python end-to-end tests (tests/*.py, run against the real binary) will be added to this recipe.
+# MIIO_REQUIRE_ALL=1 in the environment turns every "SKIP <tool>" of a test into a failure (.ci/run sets it).
+test:
+	$(CARGO) test $(TEST_ARGS)
+
+fmt-check:
+	$(CARGO) fmt --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf target
+
+# --- run ------------------------------------------------------------------------------------------
+# PLACEHOLDER (the lead replaces this recipe once the daemon and miio_fakecloud exist): build the host
+# binary and run the daemon in the foreground on a demo data dir. The demo files are written only when
+# absent, so edits to them survive; `make clean` removes them. The did, key and token are made up.
+DEMO := target/demo
+run:
+	$(CARGO) build
+	@mkdir -p $(DEMO)
+	@[ -e $(DEMO)/device.conf ] || printf '%s\n' '# demo identity for `make run`, not a real device' \
+		'did=123456789' 'key=DemoKey0123abcXY' 'mac=02:00:00:12:34:56' 'vendor=demo' 'model=demo.plug.v1' \
+		>$(DEMO)/device.conf
+	@[ -e $(DEMO)/device.token ] || (umask 077 && printf '%s' 'DemoToken0123456' >$(DEMO)/device.token)
+	@[ -e $(DEMO)/wifi.conf ] || (umask 077 && printf '%s\n' 'ssid="demo-ssid"' 'psk="demo-passwd"' \
+		'key_mgmt=WPA' 'uid=1' >$(DEMO)/wifi.conf)
+	target/debug/miio_client -d $(DEMO)/ -l 3
+
+# --- static ---------------------------------------------------------------------------------------
+# A fully static musl ELF for a board, built with Debian's Rust (rustc-web, cargo-web, rust-web-src),
+# never the rustup toolchain: std is rebuilt for the musl target from rust-web-src (-Z build-std), so no
+# rustup musl target is needed. Everything generated lives under target/static: the cargo target dir
+# (target/static/cargo, apart from the host build), and per board in target/static/$(TARGET)/sys the
+# linker wrapper, the __fprintf_chk shim and a libunwind.a that carries the shim.
+STATIC_CARGO ?= /usr/bin/cargo
+STATIC_RUSTC ?= /usr/bin/rustc
+STATIC_RUSTDOC ?= /usr/bin/rustdoc
+STATIC_DIR   := target/static
+APT_INSTALL  := .ci/apt-install
+
+triple_x86_64  := x86_64-unknown-linux-musl
+triple_aarch64 := aarch64-unknown-linux-musl
+triple_armv7   := armv7-unknown-linux-musleabihf
+# The linker: the board's gcc with Debian's musl specs (x86_64: exactly what Debian's musl-gcc runs).
+cc_x86_64      := musl-gcc
+cc_aarch64     := aarch64-linux-gnu-gcc -specs /usr/lib/aarch64-linux-musl/musl-gcc.specs
+cc_armv7       := arm-linux-gnueabihf-gcc -specs /usr/lib/arm-linux-musleabihf/musl-gcc.specs
+ar_x86_64      := ar
+ar_aarch64     := aarch64-linux-gnu-ar
+ar_armv7       := arm-linux-gnueabihf-ar
+# Debian architecture of libunwind-14-dev. The host's comes from the installed package; a foreign one is
+# unpacked from its .deb into target/static/$(TARGET)/deb, since a multiarch install of it conflicts.
+debarch_aarch64 := arm64
+debarch_armv7   := armhf
+pkgs_common    := rustc-web cargo-web rust-web-src
+pkgs_x86_64    := musl-tools libunwind-14-dev
+pkgs_aarch64   := gcc-aarch64-linux-gnu musl-dev:arm64
+pkgs_armv7     := gcc-arm-linux-gnueabihf musl-dev:armhf
+STATIC_TARGETS ?= $(TARGET)
+static_pkgs = $(pkgs_common) $(foreach t,$(STATIC_TARGETS),$(pkgs_$(t)))
+
+S_TRIPLE = $(or $(triple_$(TARGET)),$(error TARGET must be x86_64, aarch64 or armv7, not '$(TARGET)'))
+S_OUT    = $(STATIC_DIR)/$(TARGET)
+S_SYS    = $(abspath $(S_OUT)/sys)
+S_UNWIND = $(if $(debarch_$(TARGET)),$(S_OUT)/deb/usr/lib/llvm-14/lib/libunwind.a,/usr/lib/llvm-14/lib/libunwind.a)
+S_FEATURES = $(if $(filter 1,$(FAKECLOUD)),,--no-default-features)
+# Without relocation-model=static, Debian's musl-gcc links a binary that asks for the musl loader.
+# link-self-contained=no: crt objects and libc come from Debian's musl through the specs file.
+S_RUSTFLAGS = -C linker=$(S_SYS)/cc -C link-self-contained=no -C relocation-model=static -L native=$(S_SYS)
+S_ENV = env -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER RUSTC_BOOTSTRAP=1 \
+	RUSTC=$(STATIC_RUSTC) RUSTDOC=$(STATIC_RUSTDOC) CARGO_TARGET_DIR=$(STATIC_DIR)/cargo RUSTFLAGS='$(S_RUSTFLAGS)'
+BUILD_STD := -Z build-std=std,panic_abort
+
+# libunwind.a of Debian is built against glibc with _FORTIFY_SOURCE and calls __fprintf_chk, which musl
+# lacks. The shim maps it to vfprintf. It goes into our copy of libunwind.a, so the linker finds it
+# wherever libunwind needs it (only builds that unwind do) and nowhere else.
+define FPRINTF_CHK_C
+#include <stdarg.h>
+#include <stdio.h>
+int __fprintf_chk(FILE *f, int flag, const char *fmt, ...)
+{
+	va_list ap;
+	int r;
+	(void)flag;
+	va_start(ap, fmt);
+	r = vfprintf(f, fmt, ap);
+	va_end(ap);
+	return r;
+}
+endef
+export FPRINTF_CHK_C
+
+# Print the Debian packages that `make static` needs for STATIC_TARGETS (default: TARGET).
+static-packages:
+	@echo $(static_pkgs)
+
+static-deps:
+	@$(APT_INSTALL) $(static_pkgs)
+
+static-glue: static-deps
+	@: $(S_TRIPLE)
+	@mkdir -p $(S_SYS)
+	@printf '#!/bin/sh\n# generated by make static: link for %s against Debian musl\nexec %s "$$@"\n' \
+		'$(S_TRIPLE)' '$(cc_$(TARGET))' >$(S_SYS)/cc.tmp
+	@chmod 0755 $(S_SYS)/cc.tmp && mv $(S_SYS)/cc.tmp $(S_SYS)/cc
+	@if [ -n '$(debarch_$(TARGET))' ] && [ ! -f $(S_UNWIND) ]; then \
+		echo "unpacking libunwind-14-dev:$(debarch_$(TARGET)) into $(S_OUT)/deb"; \
+		rm -rf $(S_OUT)/deb && mkdir -p $(S_OUT)/deb && cd $(S_OUT)/deb && \
+		apt-get download -q -o APT::Sandbox::User=root libunwind-14-dev:$(debarch_$(TARGET)) && \
+		dpkg-deb -x libunwind-14-dev_*.deb . ; \
+	fi
+	@test -f $(S_UNWIND) || { echo "no libunwind.a at $(S_UNWIND)" >&2; exit 1; }
+	@printf '%s\n' "$$FPRINTF_CHK_C" >$(S_SYS)/fprintf_chk.c
+	$(S_SYS)/cc -Os -c $(S_SYS)/fprintf_chk.c -o $(S_SYS)/fprintf_chk.o
+	@rm -f $(S_SYS)/libunwind.a && cp $(S_UNWIND) $(S_SYS)/libunwind.a && chmod u+w $(S_SYS)/libunwind.a
+	$(ar_$(TARGET)) rs $(S_SYS)/libunwind.a $(S_SYS)/fprintf_chk.o
+
+static: static-glue
+	$(S_ENV) $(STATIC_CARGO) fetch --locked --target $(S_TRIPLE) $(BUILD_STD)
+	$(S_ENV) $(STATIC_CARGO) build --release --locked $(S_FEATURES) --target $(S_TRIPLE) \
+		$(BUILD_STD) -Z build-std-features=optimize_for_size
+	cp $(STATIC_DIR)/cargo/$(S_TRIPLE)/release/miio_client $(S_OUT)/miio_client
+	@! command -v file >/dev/null || file $(S_OUT)/miio_client
+	@echo "$(S_OUT)/miio_client: $$(stat -c %s $(S_OUT)/miio_client) bytes$(if $(filter 1,$(FAKECLOUD)), (with miio_fakecloud))"
+
+# The crate's unit tests (--lib --bins) built the same way, for the board's libc and word size, run
+# natively (x86_64) or under qemu-user-static (ARM). Not part of `make test`: each board costs a debug
+# build of std. The loopback tests in tests/ are left to the host build.
+runner_aarch64 := qemu-aarch64-static
+runner_armv7   := qemu-arm-static
+S_RUNNER_VAR = CARGO_TARGET_$(subst -,_,$(shell echo '$(S_TRIPLE)' | tr a-z A-Z))_RUNNER
+
+static-test: static-glue
+	@$(APT_INSTALL) $(if $(runner_$(TARGET)),qemu-user-static)
+	$(S_ENV) $(if $(runner_$(TARGET)),$(S_RUNNER_VAR)=$(runner_$(TARGET))) $(STATIC_CARGO) test --locked --lib --bins \
+		--target $(S_TRIPLE) -Z build-std $(TEST_ARGS)
+
+# --- install --------------------------------------------------------------------------------------
+# $(DESTDIR)$(PREFIX)/bin/miio_client plus one symlink per applet, the data dir /etc/miio with the
+# example config and the shipped scripts, and the init scripts. An existing device.conf (the board's
+# identity) is never touched: only device.conf.example is installed.
+INSTALL_BIN = $(or $(STATIC),target/release/miio_client)
+
+install: $(if $(STATIC),,all)
+	@test -f '$(INSTALL_BIN)' || { echo "no binary at $(INSTALL_BIN)" >&2; exit 1; }
+	install -d '$(DESTDIR)$(PREFIX)/bin' '$(DESTDIR)/etc/miio' '$(DESTDIR)/etc/init.d'
+	install -m 0755 '$(INSTALL_BIN)' '$(DESTDIR)$(PREFIX)/bin/miio_client'
+	@set -e; applets="$(or $(APPLETS),$$(.ci/list-applets '$(INSTALL_BIN)'))"; \
+	for a in $$applets; do \
+		case $$a in miio_client) continue ;; *[!a-z0-9_]*) echo "install: bad applet name '$$a'" >&2; exit 1 ;; esac; \
+		echo "ln -sf miio_client $(DESTDIR)$(PREFIX)/bin/$$a"; \
+		ln -sf miio_client '$(DESTDIR)$(PREFIX)/bin/'"$$a"; \
+	done
+	install -m 0644 etc/miio/device.conf.example '$(DESTDIR)/etc/miio/device.conf.example'
+	@for f in etc/miio/*.sh; do \
+		[ -f "$$f" ] || continue; \
+		echo "install -m 0755 $$f $(DESTDIR)/etc/miio/"; \
+		install -m 0755 "$$f" '$(DESTDIR)/etc/miio/' || exit 1; \
+	done
+	@for f in init.d/S[0-9][0-9]*; do \
+		[ -f "$$f" ] || continue; \
+		echo "install -m 0755 $$f $(DESTDIR)/etc/init.d/"; \
+		install -m 0755 "$$f" '$(DESTDIR)/etc/init.d/' || exit 1; \
+	done
+	@[ -e '$(DESTDIR)/etc/miio/device.conf' ] || \
+		echo "install: no $(DESTDIR)/etc/miio/device.conf yet; write one from device.conf.example"
