@@ -46,20 +46,32 @@ clean:
 	rm -rf target
 
 # --- run ------------------------------------------------------------------------------------------
-# PLACEHOLDER (the lead replaces this recipe once the daemon and miio_fakecloud exist): build the host
-# binary and run the daemon in the foreground on a demo data dir. The demo files are written only when
-# absent, so edits to them survive; `make clean` removes them. The did, key and token are made up.
-DEMO := target/demo
-run:
-	$(CARGO) build
+# The main job: the daemon against the built-in fake cloud, both on loopback. The demo data dir is
+# created only when absent (edits survive; `make clean` removes it). Ctrl-C stops both.
+DEMO       := target/demo
+DEMO_DID   := 123456789
+DEMO_KEY   := DemoKey0123abcXY
+RUN_CLOUD  ?= 18053
+RUN_CTL    ?= 18054
+RUN_LAN    ?= 18321
+RUN_LOCAL  ?= 18322
+RUN_BLE    ?= 18323
+RUN_LEVEL  ?= 2
+run: all
 	@mkdir -p $(DEMO)
 	@[ -e $(DEMO)/device.conf ] || printf '%s\n' '# demo identity for `make run`, not a real device' \
-		'did=123456789' 'key=DemoKey0123abcXY' 'mac=02:00:00:12:34:56' 'vendor=demo' 'model=demo.plug.v1' \
+		'did=$(DEMO_DID)' 'key=$(DEMO_KEY)' 'mac=02:00:00:12:34:56' 'vendor=demo' 'model=demo.plug.v1' \
 		>$(DEMO)/device.conf
 	@[ -e $(DEMO)/device.token ] || (umask 077 && printf '%s' 'DemoToken0123456' >$(DEMO)/device.token)
 	@[ -e $(DEMO)/wifi.conf ] || (umask 077 && printf '%s\n' 'ssid="demo-ssid"' 'psk="demo-passwd"' \
 		'key_mgmt=WPA' 'uid=1' >$(DEMO)/wifi.conf)
-	target/debug/miio_client -d $(DEMO)/ -l 3
+	@echo "fake cloud on 127.0.0.1:$(RUN_CLOUD) (control $(RUN_CTL)); daemon: LAN $(RUN_LAN), local API $(RUN_LOCAL)"
+	@echo "push a command:  target/release/miio_client miio_fakecloud send --ctl-port $(RUN_CTL) '{\"method\":\"get_prop\",\"params\":[\"power\"]}'"
+	@set -e; bin=target/release/miio_client; \
+	$$bin miio_fakecloud --port $(RUN_CLOUD) --ctl-port $(RUN_CTL) --did $(DEMO_DID) --key $(DEMO_KEY) -l $(RUN_LEVEL) & \
+	cloud=$$!; trap 'kill $$cloud 2>/dev/null' EXIT INT TERM; \
+	$$bin -d $(DEMO)/ -H 127.0.0.1 -p $(RUN_CLOUD) --lan-port $(RUN_LAN) --local-port $(RUN_LOCAL) \
+		--ble-port $(RUN_BLE) --os-release $(DEMO)/os-release -l $(RUN_LEVEL) || test $$? -eq 130
 
 # --- static ---------------------------------------------------------------------------------------
 # A fully static musl ELF for a board, built with Debian's Rust (rustc-web, cargo-web, rust-web-src),

@@ -183,6 +183,8 @@ pub fn main(args: &[String]) -> i32 {
             1
         }
         Ok(Cli::Serve(cfg, level)) => {
+            // The vendor log format on stdout; then the level asked for.
+            let _ = crate::io::log::init(2, None);
             log::set_max_level(level);
             let server = match FakeCloud::bind(cfg) {
                 Ok(s) => s,
