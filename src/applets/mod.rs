@@ -3,12 +3,17 @@
 //! name with an applet name after it), for people without symlinks.
 
 pub mod client;
+pub mod line;
 
 /// An applet's entry point: the arguments after its name, returning the exit status.
 pub type Entry = fn(&[String]) -> i32;
 
 /// Only applets that really work are listed (and installed as links by `make install`).
-pub const APPLETS: &[(&str, Entry)] = &[("miio_client", client::main)];
+pub const APPLETS: &[(&str, Entry)] = &[
+    ("miio_client", client::main),
+    ("miio_send_line", line::send_main),
+    ("miio_recv_line", line::recv_main),
+];
 
 fn find(name: &str) -> Option<Entry> {
     APPLETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
