@@ -3,6 +3,7 @@
 //! name with an applet name after it), for people without symlinks.
 
 pub mod client;
+pub mod line;
 #[cfg(feature = "fakecloud")]
 pub mod fakecloud;
 
@@ -12,6 +13,8 @@ pub type Entry = fn(&[String]) -> i32;
 /// Only applets that really work are listed (and installed as links by `make install`).
 pub const APPLETS: &[(&str, Entry)] = &[
     ("miio_client", client::main),
+    ("miio_send_line", line::send_main),
+    ("miio_recv_line", line::recv_main),
     #[cfg(feature = "fakecloud")]
     ("miio_fakecloud", fakecloud::main),
 ];
