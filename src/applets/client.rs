@@ -19,9 +19,9 @@ use crate::io::reactor::{self, Reactor, Signal};
 use crate::io::resolver::Resolver;
 use crate::io::sys;
 use crate::proto::cloud::{CloudConfig, Transport as CloudTransport};
+use crate::proto::helper::Step;
 use crate::proto::local::{LocalAction, Port};
-use crate::proto::node::{Action, Identity, Node, NodeConfig};
-use crate::proto::state::State;
+use crate::proto::node::{Action, Node, NodeConfig};
 use crate::time::{Duration, Instant};
 use crate::timer::TimerWheel;
 use crate::wire::json_stream::SplitError;
@@ -161,60 +161,57 @@ fn node_config(a: &ClientArgs) -> NodeConfig {
         cloud: c,
         country_override: a.country.clone(),
         hosts_explicit: (udp_host.is_some(), tcp_host.is_some()),
-    }
-}
-
-fn identity_from(id: datafiles::Identity) -> Identity {
-    Identity {
-        did: id.device.did,
-        key: *id.device.key.as_bytes(),
-        mac: id.device.mac.clone(),
-        model: id.device.model.clone(),
-        vendor: id.device.vendor.clone(),
-        token: *id.token.as_bytes(),
-        provisioned: id.provisioned,
-        ssid: id.wifi.as_ref().map(|w| w.ssid.clone()).unwrap_or_default(),
-        fw_ver: id.fw_ver.clone(),
-        country: id.country.clone(),
+        helper: crate::proto::helper::Config {
+            datadir: a.datadir.clone(),
+            grace: a.helper_grace,
+            timeout: a.helper_timeout,
+        },
     }
 }
 
 impl Daemon {
-    /// Loads the data dir; on success the node walks device_init -> ... -> sta_mode / wifi_ap_mode.
-    fn load_identity(&mut self, now: Instant) {
-        match datafiles::load(&self.args.datadir, &self.args.os_release, &fresh_token()) {
-            Ok(id) => {
-                self.wheel.cancel(Timer::ConfigRetry);
-                self.node.set_identity(now, identity_from(id));
+    /// A start-up step from the data files (no helper, or it did not answer: L§9.5).
+    fn load_files(&mut self, now: Instant, step: Step) {
+        let dir = self.args.datadir.clone();
+        match step {
+            Step::Dinfo => {
+                let res = datafiles::load_device(&dir);
+                match &res {
+                    Ok(_) => {
+                        self.wheel.cancel(Timer::ConfigRetry);
+                    }
+                    Err(_) => self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY),
+                }
+                let country = datafiles::load_country(&dir);
+                self.node
+                    .file_dinfo(now, res.map_err(|e| e.to_string()), country);
             }
-            Err(e) => {
-                error!("{e}");
-                error!("staying in device_init; fix the file and send SIGHUP");
-                self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY);
+            Step::Token => {
+                let res = datafiles::token_step(&dir, &fresh_token());
+                self.node.file_token(now, res.map_err(|e| e.to_string()));
             }
+            Step::WifiStatus => {
+                let (provisioned, ssid) = datafiles::wifi_status(&dir);
+                self.node.file_wifi(now, provisioned, ssid);
+            }
+            Step::Info | Step::Didkeymac | Step::Didkeymac2 => {}
         }
     }
 
-    fn reload(&mut self, now: Instant) {
+    fn reload(&mut self) {
         if let Err(e) = self.log.reopen() {
             warn!("cannot reopen the log file: {e}");
         }
-        if self.node.state() == State::DeviceInit {
-            self.load_identity(now);
-        } else {
-            // Identity changes mid-session come through the helper protocol; a restart re-reads.
-            info!("SIGHUP: log reopened");
-        }
+        info!("SIGHUP: log reopened, data files re-read");
+        self.node
+            .set_os_release(datafiles::os_release(&self.args.os_release));
+        self.node.retry_files();
     }
 
-    fn fire(&mut self, now: Instant, t: Timer) {
+    fn fire(&mut self, t: Timer) {
         match t {
-            Timer::ConfigRetry => {
-                if let Err(e) = datafiles::load_device(&self.args.datadir) {
-                    error!("{e}");
-                }
-                self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY);
-            }
+            // L§9.5: without a usable identity, say why again and re-read the files.
+            Timer::ConfigRetry => self.node.retry_files(),
         }
     }
 
@@ -603,6 +600,12 @@ impl Daemon {
                         warn!("{}: {e}", p.display());
                     }
                 }
+                Action::ShutdownWrite(slot) => {
+                    if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
+                        c.conn.shutdown_after_flush();
+                    }
+                }
+                Action::LoadFiles(step) => self.load_files(now, step),
                 Action::SetLogLevel(l) => {
                     info!("log level set to {l}");
                     ilog::set_level(l);
@@ -623,7 +626,9 @@ impl Daemon {
             reg.register(s, reactor::BLE_LISTEN, Interest::READABLE)?;
         }
         let now = crate::io::clock::now();
-        self.load_identity(now);
+        self.node
+            .set_os_release(datafiles::os_release(&self.args.os_release));
+        self.node.start(now);
         self.run_actions(now);
         loop {
             let deadline = match (self.wheel.earliest(), self.node.poll_timeout()) {
@@ -640,7 +645,7 @@ impl Daemon {
                         self.run_actions(now);
                         return Ok(0);
                     }
-                    Signal::Reload => self.reload(now),
+                    Signal::Reload => self.reload(),
                     Signal::Child => {
                         sys::reap_children();
                     }
@@ -666,7 +671,7 @@ impl Daemon {
                 self.run_actions(now);
             }
             while let Some(t) = self.wheel.pop_due(now) {
-                self.fire(now, t);
+                self.fire(t);
             }
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
@@ -750,7 +755,7 @@ pub fn main(args: &[String]) -> i32 {
         }
     };
     let mut d = Daemon {
-        node: Node::new(node_config(&a)),
+        node: Node::new(crate::io::clock::now(), node_config(&a), fresh_token()),
         args: a,
         log,
         reactor,

@@ -3,9 +3,9 @@
 //! name with an applet name after it), for people without symlinks.
 
 pub mod client;
-pub mod line;
 #[cfg(feature = "fakecloud")]
 pub mod fakecloud;
+pub mod line;
 
 /// An applet's entry point: the arguments after its name, returning the exit status.
 pub type Entry = fn(&[String]) -> i32;

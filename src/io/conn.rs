@@ -25,6 +25,8 @@ pub struct Conn {
     out_limit: usize,
     /// Close once the output queue is flushed (one-shot helper writes, errors before close).
     pub close_after_flush: bool,
+    /// Shut the write side once the output queue is flushed (one message per hello, L§9.2).
+    shutdown_pending: bool,
 }
 
 /// Output beyond the per-connection limit: the caller closes the connection.
@@ -40,6 +42,7 @@ impl Conn {
             out_pos: 0,
             out_limit,
             close_after_flush: false,
+            shutdown_pending: false,
         }
     }
 
@@ -110,7 +113,20 @@ impl Conn {
         }
         self.out.clear();
         self.out_pos = 0;
+        if self.shutdown_pending {
+            self.shutdown_pending = false;
+            self.shutdown_write();
+        }
         Ok(true)
+    }
+
+    /// Shuts the write side as soon as everything queued is written.
+    pub fn shutdown_after_flush(&mut self) {
+        if self.pending_out() == 0 {
+            self.shutdown_write();
+        } else {
+            self.shutdown_pending = true;
+        }
     }
 
     /// Shuts the write side (the helper hello connection gets one message, then EOF, L§9.2).

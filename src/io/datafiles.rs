@@ -5,22 +5,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, device::DeviceConf, wifi::WifiConf, ConfError, Secret16};
+use crate::config::{self, device::DeviceConf, ConfError, Secret16};
 
 /// Data files are tiny; anything larger is refused rather than read into RAM.
 const MAX_FILE: usize = 64 * 1024;
-
-/// The identity and the provisioning state the daemon needs to leave `device_init`.
-#[derive(Debug)]
-pub struct Identity {
-    pub device: DeviceConf,
-    pub token: Secret16,
-    /// `wifi.conf` exists (its presence means provisioned).
-    pub provisioned: bool,
-    pub wifi: Option<WifiConf>,
-    pub country: Option<String>,
-    pub fw_ver: Option<String>,
-}
 
 fn path(datadir: &str, name: &str) -> PathBuf {
     Path::new(datadir).join(name)
@@ -62,56 +50,10 @@ pub fn load_device(datadir: &str) -> Result<DeviceConf, ConfError> {
     }
 }
 
-/// Loads everything in file mode. `fresh` is a token to store when a new one is needed (drawn from
-/// the OS random source by the caller).
-pub fn load(datadir: &str, os_release: &str, fresh: &Secret16) -> Result<Identity, ConfError> {
-    let device = load_device(datadir)?;
-
-    let wifi_path = path(datadir, "wifi.conf");
-    let wifi_text = read(&wifi_path).map_err(|e| io_err(&wifi_path, e))?;
-    let provisioned = wifi_text.is_some();
-    let wifi = match wifi_text {
-        Some(t) => match config::wifi::parse(&t) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                // Presence still means provisioned; the network is managed outside the daemon.
-                log::warn!("{}", at(&wifi_path, e));
-                None
-            }
-        },
-        None => None,
-    };
-
-    // L§9.3 token step: no wifi.conf → a fresh token (reset); a valid file → keep it; else store one.
-    let token_path = path(datadir, "device.token");
-    if !provisioned {
-        config::store::remove_durable(&token_path).map_err(|e| ConfError {
-            file: token_path.display().to_string(),
-            line: 0,
-            reason: format!("cannot remove: {e}"),
-        })?;
-    }
-    let existing = read(&token_path).map_err(|e| io_err(&token_path, e))?;
-    let token = match existing.map(|t| config::token::parse(&t)) {
-        Some(Ok(t)) => t,
-        other => {
-            if let Some(Err(e)) = other {
-                log::warn!("{}; storing a new token", at(&token_path, e));
-            }
-            config::store::write_atomic(&token_path, fresh.as_bytes(), 0o600).map_err(|e| {
-                ConfError {
-                    file: token_path.display().to_string(),
-                    line: 0,
-                    reason: format!("cannot write: {e}"),
-                }
-            })?;
-            log::info!("stored a new token in {}", token_path.display());
-            fresh.clone()
-        }
-    };
-
+/// `device.country`, if present and valid (a bad one is logged and ignored).
+pub fn load_country(datadir: &str) -> Option<String> {
     let cpath = path(datadir, "device.country");
-    let country = match read(&cpath) {
+    match read(&cpath) {
         Ok(Some(t)) => match config::country::parse(&t) {
             Ok(c) => c,
             Err(e) => {
@@ -120,19 +62,64 @@ pub fn load(datadir: &str, os_release: &str, fresh: &Secret16) -> Result<Identit
             }
         },
         _ => None,
-    };
+    }
+}
 
-    let fw_ver = match read(Path::new(os_release)) {
-        Ok(Some(t)) => config::osrelease::fw_version(&t, &device.vendor),
-        _ => None,
-    };
+/// The Wi-Fi status in file mode: `wifi.conf` exists (provisioned), and its ssid if readable.
+pub fn wifi_status(datadir: &str) -> (bool, String) {
+    let wifi_path = path(datadir, "wifi.conf");
+    match read(&wifi_path) {
+        Ok(Some(t)) => match config::wifi::parse(&t) {
+            Ok(w) => (true, w.ssid),
+            Err(e) => {
+                // Presence still means provisioned; the network is managed outside the daemon.
+                log::warn!("{}", at(&wifi_path, e));
+                (true, String::new())
+            }
+        },
+        Ok(None) => (false, String::new()),
+        Err(e) => {
+            log::warn!("{}", io_err(&wifi_path, e));
+            (true, String::new())
+        }
+    }
+}
 
-    Ok(Identity {
-        device,
-        token,
-        provisioned,
-        wifi,
-        country,
-        fw_ver,
-    })
+/// The token step of the file mode (L§9.3): no `wifi.conf` → delete `device.token` (a reset makes a
+/// fresh token); a valid token file → that token; otherwise `fresh` is stored (0600) and used.
+pub fn token_step(datadir: &str, fresh: &Secret16) -> Result<Secret16, ConfError> {
+    let token_path = path(datadir, "device.token");
+    if !path(datadir, "wifi.conf").exists() {
+        config::store::remove_durable(&token_path).map_err(|e| ConfError {
+            file: token_path.display().to_string(),
+            line: 0,
+            reason: format!("cannot remove: {e}"),
+        })?;
+    }
+    let existing = read(&token_path).map_err(|e| io_err(&token_path, e))?;
+    match existing.map(|t| config::token::parse(&t)) {
+        Some(Ok(t)) => Ok(t),
+        other => {
+            if let Some(Err(e)) = other {
+                log::warn!("{}; storing a new token", at(&token_path, e));
+            }
+            config::store::write_atomic(
+                &token_path,
+                config::token::render(fresh).as_bytes(),
+                0o600,
+            )
+            .map_err(|e| ConfError {
+                file: token_path.display().to_string(),
+                line: 0,
+                reason: format!("cannot write: {e}"),
+            })?;
+            log::info!("stored a new token in {}", token_path.display());
+            Ok(fresh.clone())
+        }
+    }
+}
+
+/// The text of os-release, if readable.
+pub fn os_release(p: &str) -> Option<String> {
+    read(Path::new(p)).ok().flatten()
 }

@@ -183,6 +183,13 @@ impl Local {
         std::mem::take(&mut self.out)
     }
 
+    /// Closes a connection after its queued output (an older helper channel, L§9.2).
+    pub fn close(&mut self, conn: ConnId) {
+        if self.conns.remove(&conn).is_some() {
+            self.push_close(conn);
+        }
+    }
+
     /// Sends `text` to one connection (a reply or an ack). Unknown connections are ignored.
     pub fn send_to(&mut self, conn: ConnId, text: String) {
         if self.conns.contains_key(&conn) {

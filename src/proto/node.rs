@@ -12,9 +12,12 @@ use log::{info, warn};
 use serde_json::{json, Map, Value};
 
 use super::cloud::{self, ClientId, Cloud, CloudConfig, CloudEvent, CloudState};
+use super::helper::{self, Helper, Step};
 use super::lan::{Lan, LanAction};
 use super::local::{ConnId, Inbound, Local, LocalAction, Port};
 use super::state::State;
+use crate::config::device::DeviceConf;
+use crate::config::Secret16;
 use crate::time::{Duration, Instant};
 use crate::wire::rpc;
 
@@ -55,6 +58,8 @@ pub struct NodeConfig {
     pub country_override: Option<String>,
     /// `-H`/`--udp-host`/`--tcp-host` given: hosts are not derived from the country.
     pub hosts_explicit: (bool, bool),
+    /// The helper protocol: data dir, grace and timeout (L§9).
+    pub helper: helper::Config,
 }
 
 /// The local network facts of the cloud socket, for INFO's `netif` (P§5.4).
@@ -91,6 +96,20 @@ pub enum Action {
     SetLogLevel(u8),
     /// Create (true) or remove (false) `<datadir>/otd_donot_trust_peer` (`miIO.config`, P§4.6).
     TrustFlag(bool),
+    /// Shut the write side of a connection once its output is flushed (one message per hello).
+    ShutdownWrite(ConnId),
+    /// Take this start-up step from the data files (L§9.5); answer with the matching `file_*`.
+    LoadFiles(Step),
+}
+
+/// What the start-up sequence has learnt so far (L§9.3), from the helper or the files.
+#[derive(Default)]
+struct Boot {
+    device: Option<DeviceConf>,
+    token: Option<Secret16>,
+    provisioned: Option<bool>,
+    ssid: String,
+    country: Option<String>,
 }
 
 pub struct Node {
@@ -100,6 +119,11 @@ pub struct Node {
     local: Local,
     cloud: Option<Cloud>,
     lan: Lan,
+    helper: Helper,
+    boot: Boot,
+    /// A token for `request_dtoken`'s `ntoken` (drawn from the OS by the reactor).
+    fresh_token: Secret16,
+    os_release: Option<String>,
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
@@ -111,8 +135,14 @@ fn conn_of(c: ClientId) -> ConnId {
 }
 
 impl Node {
-    pub fn new(cfg: NodeConfig) -> Node {
+    /// A node at `now` (the helper grace period runs from here). `fresh_token` is the `ntoken` the
+    /// helper is offered and the file mode stores when the device has none (L§9.3).
+    pub fn new(now: Instant, cfg: NodeConfig, fresh_token: Secret16) -> Node {
         Node {
+            helper: Helper::new(now, cfg.helper.clone()),
+            boot: Boot::default(),
+            fresh_token,
+            os_release: None,
             local: Local::new(cfg.max_clients),
             lan: Lan::new(
                 cfg.cloud.seed ^ 0x9e37_79b9_7f4a_7c15,
@@ -149,6 +179,7 @@ impl Node {
             self.local.poll_timeout(),
             self.cloud.as_ref().and_then(Cloud::poll_timeout),
             self.lan.poll_timeout(),
+            self.helper.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -161,6 +192,7 @@ impl Node {
             c.handle_timeout(now);
         }
         self.lan.handle_timeout(now);
+        self.helper.handle_timeout(now);
         self.pump(now);
     }
 
@@ -192,24 +224,198 @@ impl Node {
             .or_else(|| self.identity.as_ref().and_then(|i| i.country.clone()))
     }
 
-    /// The identity became known (file mode or helper): walk to `sta_mode` or `wifi_ap_mode`.
-    pub fn set_identity(&mut self, now: Instant, id: Identity) {
-        self.shutdown(now);
-        self.cloud = None;
-        info!("device did {} model {} mac {}", id.did, id.model, id.mac);
-        let provisioned = id.provisioned;
-        self.lan.set_identity(id.did, id.token);
-        self.identity = Some(id);
+    /// Starts the start-up sequence (L§9.3): the helper is asked for the identity; without a helper
+    /// the grace period ends in `LoadFiles(Dinfo)`.
+    pub fn start(&mut self, now: Instant) {
+        self.helper.ask_dinfo(now);
+        self.pump(now);
+    }
+
+    /// The text of os-release; `fw_ver` is its `<VENDOR>_VERSION` (P§5.4, L§17).
+    pub fn set_os_release(&mut self, text: Option<String>) {
+        self.os_release = text;
+    }
+
+    fn fw_ver(&self) -> Option<String> {
+        let vendor = self.boot.device.as_ref().map(|d| d.vendor.as_str())?;
+        crate::config::osrelease::fw_version(self.os_release.as_deref()?, vendor)
+    }
+
+    /// SIGHUP or the 30 s retry: in `device_init` without a helper, read the files again (L§9.5).
+    pub fn retry_files(&mut self) {
+        if self.state == State::DeviceInit && !self.helper.present() {
+            self.actions.push_back(Action::LoadFiles(Step::Dinfo));
+        }
+    }
+
+    /// `device.conf` (and `device.country`) read for the file mode.
+    pub fn file_dinfo(
+        &mut self,
+        now: Instant,
+        res: Result<DeviceConf, String>,
+        country: Option<String>,
+    ) {
+        match res {
+            Ok(d) => {
+                if self.boot.device.is_none() {
+                    self.boot.country = country;
+                }
+                self.got_device(now, d);
+            }
+            Err(e) => {
+                log::error!("{e}");
+                log::error!("staying in device_init; fix the file and send SIGHUP");
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The token step done from the files (L§9.3 token logic, run by the reactor).
+    pub fn file_token(&mut self, now: Instant, res: Result<Secret16, String>) {
+        match res {
+            Ok(t) => self.got_token(now, t),
+            Err(e) => log::error!("{e}"),
+        }
+        self.pump(now);
+    }
+
+    /// The Wi-Fi status from the files: `wifi.conf` exists (provisioned), and its ssid.
+    pub fn file_wifi(&mut self, now: Instant, provisioned: bool, ssid: String) {
+        self.boot.ssid = ssid;
+        self.got_wifi(now, provisioned);
+        self.pump(now);
+    }
+
+    fn got_device(&mut self, now: Instant, d: DeviceConf) {
+        if self.boot.device.as_ref() == Some(&d) {
+            return;
+        }
+        if d.did < 2 {
+            warn!(
+                "did {} asks for a dynamic did/key, which this build does not do yet",
+                d.did
+            );
+        }
+        if self.state != State::DeviceInit {
+            info!("the identity changed; restarting from the token step");
+        }
+        info!("device did {} model {} mac {}", d.did, d.model, d.mac);
+        self.boot.device = Some(d);
+        self.boot.token = None;
+        self.boot.provisioned = None;
+        self.drop_session(now);
         self.set_state(State::DidkeyDone);
+        let fresh = self.fresh_token.clone();
+        self.helper.ask_token(now, &fresh);
+    }
+
+    fn got_token(&mut self, now: Instant, t: Secret16) {
+        let Some(d) = self.boot.device.as_ref() else {
+            return;
+        };
+        if self.boot.token.as_ref() == Some(&t) {
+            return;
+        }
+        self.lan.set_identity(d.did, *t.as_bytes());
+        self.boot.token = Some(t);
+        self.boot.provisioned = None;
+        self.drop_session(now);
         self.set_state(State::TokenDone);
+        self.helper.ask_wifi_status(now);
+    }
+
+    fn got_wifi(&mut self, now: Instant, provisioned: bool) {
+        if self.boot.token.is_none() || self.boot.provisioned == Some(provisioned) {
+            return;
+        }
+        self.boot.provisioned = Some(provisioned);
+        let (Some(d), Some(t)) = (self.boot.device.clone(), self.boot.token.clone()) else {
+            return;
+        };
+        let id = Identity {
+            did: d.did,
+            key: *d.key.as_bytes(),
+            mac: d.mac,
+            model: d.model,
+            vendor: d.vendor,
+            token: *t.as_bytes(),
+            provisioned,
+            ssid: self.boot.ssid.clone(),
+            fw_ver: self.fw_ver(),
+            country: self.boot.country.clone(),
+        };
+        self.enter(now, id);
+    }
+
+    /// Closes a running cloud session (a new identity or Wi-Fi mode).
+    fn drop_session(&mut self, now: Instant) {
+        if self.cloud.is_some() {
+            self.shutdown(now);
+            self.cloud = None;
+        }
+        self.identity = None;
+    }
+
+    /// The identity became known with its Wi-Fi mode: `sta_mode` (and the cloud) or `wifi_ap_mode`.
+    pub fn set_identity(&mut self, now: Instant, id: Identity) {
+        info!("device did {} model {} mac {}", id.did, id.model, id.mac);
+        self.set_state(State::DidkeyDone);
+        self.lan.set_identity(id.did, id.token);
+        self.set_state(State::TokenDone);
+        self.enter(now, id);
+    }
+
+    fn enter(&mut self, now: Instant, id: Identity) {
+        self.drop_session(now);
+        let provisioned = id.provisioned;
+        self.identity = Some(id);
         if provisioned {
             self.set_state(State::WifiStaMode);
             self.start_cloud(now);
         } else {
+            self.helper.offline_stop();
             self.set_state(State::WifiApMode);
             self.broadcast("wifi_ap_mode");
         }
         self.pump(now);
+    }
+
+    fn on_helper_action(&mut self, now: Instant, a: helper::Action) {
+        use helper::Action as H;
+        match a {
+            H::HelperWrite { conn, text } => self.local.send_to(conn, text.as_str().to_owned()),
+            H::ShutdownWrite { conn } => {
+                // After the message queued just before it.
+                self.collect();
+                self.actions.push_back(Action::ShutdownWrite(conn));
+            }
+            H::Close { conn } => self.local.close(conn),
+            H::Identity(d) => self.got_device(now, d),
+            H::Token(t) => self.got_token(now, t),
+            H::Country(c) => self.boot.country = c,
+            H::WifiStatus(p) => self.got_wifi(now, p),
+            H::Info { params, extra } => {
+                let mut m = extra;
+                m.insert("params".into(), Value::Object(params));
+                if let Some(c) = self.cloud.as_mut() {
+                    c.handle_info(now, &m);
+                }
+            }
+            H::UseFiles(Step::Info) => {
+                let info = self.own_info();
+                if let Some(c) = self.cloud.as_mut() {
+                    c.handle_info(now, &info);
+                }
+            }
+            H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
+                info!("no helper answer for the did/key step")
+            }
+            H::UseFiles(step) => self.actions.push_back(Action::LoadFiles(step)),
+            H::DidkeyMaterial(_) | H::DidkeyStored => info!("did/key helper answer ignored"),
+            H::WifiConnected => info!("helper: wifi connected"),
+            H::WifiFailed => info!("helper: wifi failed"),
+            H::Reboot => self.broadcast("reboot"),
+        }
     }
 
     fn start_cloud(&mut self, now: Instant) {
@@ -240,6 +446,10 @@ impl Node {
         loop {
             if let Some(a) = self.cloud.as_mut().and_then(Cloud::poll_action) {
                 self.on_cloud_action(now, a);
+                continue;
+            }
+            if let Some(a) = self.helper.poll_action() {
+                self.on_helper_action(now, a);
                 continue;
             }
             if let Some(c) = self.cloud.as_ref() {
@@ -306,12 +516,7 @@ impl Node {
             }
             cloud::Action::Send(b) => self.actions.push_back(Action::CloudSend(b)),
             cloud::Action::Close => self.actions.push_back(Action::CloudClose),
-            cloud::Action::NeedInfo => {
-                let info = self.own_info();
-                if let Some(c) = self.cloud.as_mut() {
-                    c.handle_info(now, &info);
-                }
-            }
+            cloud::Action::NeedInfo => self.helper.ask_info(now),
             cloud::Action::ToClient { client, text } => self.local.send_to(conn_of(client), text),
             cloud::Action::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
@@ -337,20 +542,25 @@ impl Node {
                     c.self_reply(now, id, &r);
                 }
             }
-            cloud::Action::Event(e) => self.on_cloud_event(e),
+            cloud::Action::Event(e) => self.on_cloud_event(now, e),
         }
     }
 
-    fn on_cloud_event(&mut self, e: CloudEvent) {
+    fn on_cloud_event(&mut self, now: Instant, e: CloudEvent) {
         match e {
             CloudEvent::Trying => self.set_state(State::CloudTrying),
             CloudEvent::InternetConnected => self.broadcast("internet_connected"),
-            CloudEvent::InternetFailed => self.broadcast("internet_failed"),
+            CloudEvent::InternetFailed => {
+                self.helper.offline_start(now);
+                self.broadcast("internet_failed");
+            }
             CloudEvent::Connected => {
+                self.helper.offline_stop();
                 self.set_state(State::CloudConnected);
                 self.broadcast("cloud_connected");
             }
             CloudEvent::Retry => {
+                self.helper.offline_start(now);
                 self.set_state(State::CloudRetry);
                 self.broadcast("cloud_retry");
             }
@@ -359,13 +569,17 @@ impl Node {
 
     /// INFO built by the daemon itself (P§5.4, no helper answer).
     fn own_info(&self) -> Map<String, Value> {
-        let (fw, ssid) = match &self.identity {
-            Some(i) => (
-                i.fw_ver.clone().unwrap_or_else(|| "unknown".into()),
-                i.ssid.clone(),
-            ),
-            None => ("unknown".into(), String::new()),
-        };
+        let fw = self
+            .identity
+            .as_ref()
+            .and_then(|i| i.fw_ver.clone())
+            .or_else(|| self.fw_ver())
+            .unwrap_or_else(|| "unknown".into());
+        let ssid = self
+            .identity
+            .as_ref()
+            .map(|i| i.ssid.clone())
+            .unwrap_or_default();
         let params = json!({
             "hw_ver": "Linux",
             "fw_ver": fw,
@@ -423,8 +637,15 @@ impl Node {
                 }
                 _ => rpc::result_reply(&id, &err),
             },
-            // No helper runs yet to apply a time zone (P§4.6: ["ERROR"] if no helper runs).
-            "miIO.config_tz" => rpc::result_reply(&id, &err),
+            // P§4.6: ["ERROR"] if tz is invalid (D15) or no helper runs.
+            "miIO.config_tz" => {
+                let tz = params.get("tz").and_then(Value::as_str).unwrap_or("");
+                if self.helper.config_tz(tz) {
+                    rpc::result_reply(&id, &ok)
+                } else {
+                    rpc::result_reply(&id, &err)
+                }
+            }
             // LAN-only methods (the cloud machine already refuses them from the cloud).
             "miIO.config" if from_lan => match params.get("enauth").and_then(Value::as_u64) {
                 Some(v @ 0..=1) => {
@@ -496,6 +717,7 @@ impl Node {
 
     pub fn local_closed(&mut self, conn: ConnId) {
         self.local.closed(conn);
+        self.helper.handle_closed(conn);
     }
 
     /// A JSON syntax error in a local connection's stream.
@@ -513,8 +735,8 @@ impl Node {
                 id,
                 obj,
             }) => self.local_request(now, conn, &method, id, &obj),
-            Some(Inbound::Internal { method, .. }) => {
-                info!("helper message {method} (no helper protocol yet)");
+            Some(Inbound::Internal { conn, obj, .. }) => {
+                self.helper.handle_message(now, conn, &obj)
             }
             Some(Inbound::Upstream { conn, obj, text }) => match self.cloud.as_mut() {
                 Some(c) => c.upstream(now, ClientId(conn as u32), &text, &obj),
@@ -560,9 +782,8 @@ impl Node {
         obj: &Map<String, Value>,
     ) {
         if method == "local.status" {
-            // A helper notice (L§5); `wifi_ap_mode*` is handled by the helper protocol.
-            let p = obj.get("params").and_then(Value::as_str).unwrap_or("");
-            info!("local.status notice from a client: {p}");
+            // A helper notice (L§5): `wifi_ap_mode*` counts as `_internal.wifi_ap_mode`.
+            self.helper.handle_message(now, conn, obj);
             return;
         }
         let Some(id) = id.filter(|v| v.is_u64() || v.is_i64()) else {
@@ -596,7 +817,9 @@ impl Node {
 
     /// L§12: 0 while busy, else whole seconds to the earliest real deadline, 1..=max_sleep.
     pub fn wakeup_time(&self, now: Instant) -> u64 {
-        let busy = self.cloud.as_ref().is_some_and(Cloud::is_busy) || self.cloud_backlog;
+        let busy = self.cloud.as_ref().is_some_and(Cloud::is_busy)
+            || self.cloud_backlog
+            || self.helper.busy();
         if busy {
             return 0;
         }
@@ -654,13 +877,18 @@ mod tests {
         c.udp.explicit = true;
         c.udp.port = 8053;
         c.seed = 7;
-        Node::new(NodeConfig {
-            max_clients: 20,
-            max_sleep: Duration::from_secs(3600),
-            cloud: c,
-            country_override: None,
-            hosts_explicit: (true, false),
-        })
+        Node::new(
+            Instant(0),
+            NodeConfig {
+                max_clients: 20,
+                max_sleep: Duration::from_secs(3600),
+                cloud: c,
+                country_override: None,
+                hosts_explicit: (true, false),
+                helper: helper::Config::default(),
+            },
+            Secret16::new(*b"FreshToken012345"),
+        )
     }
 
     /// Plays a cooperative cloud: answers resolve, connect, hello and every request. Returns the
@@ -749,6 +977,7 @@ mod tests {
         let mut n = node();
         let t0 = Instant(10_000);
         n.local_accept(t0, 1, Port::Local);
+        n.handle_timeout(t0); // the helper grace (2 s) is over: file mode
         n.set_identity(t0, identity(true));
         // Before the cloud answered anything an attempt is in progress → 0. (`ask_suspend` then
         // plays the session to cloud_connected.)
@@ -778,6 +1007,7 @@ mod tests {
     fn one_day_jump_fires_overdue_timers_once() {
         let mut n = node();
         let t0 = Instant(10_000);
+        n.handle_timeout(t0); // the helper grace (2 s) is over: file mode
         n.set_identity(t0, identity(true));
         serve(&mut n, t0);
         assert_eq!(n.state(), State::CloudConnected);
