@@ -1,0 +1,179 @@
+//! The helper protocol end to end (LOCAL_API.md §9): the shipped helper script under BusyBox sh
+//! drives the real daemon from device_init to cloud_connected through miio_recv_line and
+//! miio_send_line; without any helper, the data files take over after the grace period.
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+fn pycloud() -> Option<(Lines, u16)> {
+    if !python_has("cryptography") {
+        skip("python3 with cryptography");
+        return None;
+    }
+    let mut c = Command::new(python());
+    c.args([
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pycloud/ocloud.py"),
+        "--port",
+        "0",
+        "--did",
+        &DID.to_string(),
+        "--key",
+        KEY,
+    ]);
+    let cloud = Lines::spawn(c);
+    let port = cloud.wait(T, |v| v["ev"] == "listening")?["port"].as_u64()? as u16;
+    Some((cloud, port))
+}
+
+fn args(dir: &TempDir, cloud: u16, local: u16, grace: &str) -> Vec<String> {
+    let mut a = base_args(dir);
+    let i = a.iter().position(|x| x == "--local-port").unwrap();
+    a[i + 1] = local.to_string();
+    a.extend(
+        [
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &cloud.to_string(),
+            "--helper-grace",
+            grace,
+            "-l",
+            "3",
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+#[test]
+fn shipped_helper_under_busybox_drives_the_start_up() {
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let Some((cloud, port)) = pycloud() else {
+        return;
+    };
+    let dir = provisioned_dir("helper-sh");
+    dir.write("os-release", "ACME_VERSION=\"1.2.3_0042\"\n");
+    // The line tools are applets of the one binary: links named after them.
+    let bin = TempDir::new("helper-bin");
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    let local = free_port();
+    // A grace far longer than the test: only the helper can bring the daemon on.
+    let a = args(&dir, port, local, "60");
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Daemon::start(&dir, &v);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/etc/miio/miio_client_helper.sh"
+    );
+    let helper_log = dir.join("helper.log");
+    let mut helper = Command::new("busybox")
+        .args(["sh", script])
+        .env("MIIO_BIN_DIR", bin.path())
+        .env("MIIO_LOCAL_PORT", local.to_string())
+        .env("MIIO_DATADIR", dir.dir_arg())
+        .env("MIIO_OS_RELEASE", dir.join("os-release"))
+        .env("MIIO_WIFI_START", "/bin/true")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&helper_log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("busybox sh");
+    let ok = d.wait_log("STATE_CLOUD_CONNECTED", T);
+    let _ = helper.kill();
+    let _ = helper.wait();
+    let log = d.log_text();
+    assert!(
+        ok,
+        "daemon log:\n{log}\nhelper log:\n{}",
+        read_file(&helper_log)
+    );
+    assert!(
+        !log.contains("using data files"),
+        "the helper, not the files: {log}"
+    );
+    // _otc.info carries what the helper answered (fw_ver from os-release via _internal.info).
+    let info = cloud
+        .wait(T, |v| {
+            v["ev"] == "msg" && v["json"]["method"] == "_otc.info"
+        })
+        .expect("_otc.info");
+    assert_eq!(info["json"]["params"]["fw_ver"], "1.2.3_0042", "{info}");
+    assert_eq!(
+        info["json"]["params"]["token"],
+        "4142434445464748494a4b4c4d4e4f50"
+    );
+}
+
+/// `[YYYYmmdd HH:MM:SS]` of the first log line containing `needle`, in seconds of the day.
+fn stamp_of(log: &str, needle: &str) -> Option<u32> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let t = line.get(10..18)?;
+    let mut it = t.split(':').map(|x| x.parse::<u32>().ok());
+    Some(it.next()?? * 3600 + it.next()?? * 60 + it.next()??)
+}
+
+#[test]
+fn without_a_helper_the_files_take_over_after_the_grace() {
+    let Some((_cloud, port)) = pycloud() else {
+        return;
+    };
+    let dir = provisioned_dir("nohelper");
+    let a = args(&dir, port, free_port(), "1");
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Daemon::start(&dir, &v);
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let log = d.log_text();
+    assert!(log.contains("No helper script? using data files"), "{log}");
+    // Within the grace (1 s) plus 1 s, read off the daemon's own log (1 s resolution).
+    let start = stamp_of(&log, "starting").unwrap();
+    let up = stamp_of(&log, "STATE_CLOUD_CONNECTED").unwrap();
+    assert!((up + 86_400 - start) % 86_400 <= 3, "{log}");
+}
+
+#[test]
+fn helper_hello_connection_gets_one_message_then_eof() {
+    let dir = provisioned_dir("hello-eof");
+    let local = free_port();
+    let a = args(&dir, free_port(), local, "60");
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let _d = Daemon::start(&dir, &v);
+    let out = Command::new(BIN)
+        .arg("miio_recv_line")
+        .env("MIIO_LOCAL_PORT", local.to_string())
+        .output()
+        .expect("miio_recv_line");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let msg: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    assert_eq!(msg["method"], "_internal.request_dinfo");
+    assert_eq!(msg["params"], dir.dir_arg());
+    // A valid answer through miio_send_line moves the daemon on to the token request.
+    let dinfo = format!(
+        r#"{{"method":"_internal.response_dinfo","params":{{"did":{DID},"key":"{KEY}","vendor":"acme","mac":"AA:BB:CC:01:02:03","model":"acme.dev.v1"}}}}"#
+    );
+    let st = Command::new(BIN)
+        .args(["miio_send_line", &dinfo])
+        .env("MIIO_LOCAL_PORT", local.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new(BIN)
+        .arg("miio_recv_line")
+        .env("MIIO_LOCAL_PORT", local.to_string())
+        .output()
+        .unwrap();
+    let msg: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(msg["method"], "_internal.request_dtoken");
+    assert_eq!(msg["params"]["dir"], dir.dir_arg());
+    assert_eq!(msg["params"]["ntoken"].as_str().unwrap().len(), 16);
+}
