@@ -97,6 +97,8 @@ struct Daemon {
     clients: Vec<Option<Client>>,
     cloud: Option<CloudSock>,
     resolver: Resolver<()>,
+    /// The `wifi.conf` before a provisioning wrote a new one (None inside: there was none).
+    wifi_backup: Option<Option<String>>,
 }
 
 fn fresh_token() -> Secret16 {
@@ -191,10 +193,18 @@ impl Daemon {
                 self.node.file_token(now, res.map_err(|e| e.to_string()));
             }
             Step::WifiStatus => {
-                let (provisioned, ssid) = datafiles::wifi_status(&dir);
-                self.node.file_wifi(now, provisioned, ssid);
+                let (provisioned, ssid, uid) = datafiles::wifi_status(&dir);
+                self.node.file_wifi(now, provisioned, ssid, uid);
             }
             Step::Info | Step::Didkeymac | Step::Didkeymac2 => {}
+        }
+    }
+
+    fn write_data(&self, name: &str, data: &[u8], mode: u32) {
+        let p = std::path::Path::new(&self.args.datadir).join(name);
+        match crate::config::store::write_atomic(&p, data, mode) {
+            Ok(()) => info!("wrote {}", p.display()),
+            Err(e) => error!("cannot write {}: {e}", p.display()),
         }
     }
 
@@ -606,6 +616,23 @@ impl Daemon {
                     }
                 }
                 Action::LoadFiles(step) => self.load_files(now, step),
+                Action::WriteWifi(text) => {
+                    // Keep the previous file in memory: a failed router change restores it (L§8).
+                    self.wifi_backup = Some(datafiles::read_raw(&self.args.datadir, "wifi.conf"));
+                    self.write_data("wifi.conf", text.as_bytes(), 0o600);
+                }
+                Action::RestoreWifi => match self.wifi_backup.take().flatten() {
+                    Some(old) => self.write_data("wifi.conf", old.as_bytes(), 0o600),
+                    None => {
+                        let p = std::path::Path::new(&self.args.datadir).join("wifi.conf");
+                        if let Err(e) = crate::config::store::remove_durable(&p) {
+                            warn!("{}: {e}", p.display());
+                        }
+                    }
+                },
+                Action::WriteCountry(cc) => {
+                    self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644)
+                }
                 Action::SetLogLevel(l) => {
                     info!("log level set to {l}");
                     ilog::set_level(l);
@@ -764,6 +791,7 @@ pub fn main(args: &[String]) -> i32 {
         clients: Vec::new(),
         cloud: None,
         resolver,
+        wifi_backup: None,
     };
     match d.run() {
         Ok(code) => code,

@@ -65,24 +65,29 @@ pub fn load_country(datadir: &str) -> Option<String> {
     }
 }
 
-/// The Wi-Fi status in file mode: `wifi.conf` exists (provisioned), and its ssid if readable.
-pub fn wifi_status(datadir: &str) -> (bool, String) {
+/// The Wi-Fi status in file mode: `wifi.conf` exists (provisioned), and its ssid and uid if readable.
+pub fn wifi_status(datadir: &str) -> (bool, String, Option<u64>) {
     let wifi_path = path(datadir, "wifi.conf");
     match read(&wifi_path) {
         Ok(Some(t)) => match config::wifi::parse(&t) {
-            Ok(w) => (true, w.ssid),
+            Ok(w) => (true, w.ssid, w.uid),
             Err(e) => {
                 // Presence still means provisioned; the network is managed outside the daemon.
                 log::warn!("{}", at(&wifi_path, e));
-                (true, String::new())
+                (true, String::new(), None)
             }
         },
-        Ok(None) => (false, String::new()),
+        Ok(None) => (false, String::new(), None),
         Err(e) => {
             log::warn!("{}", io_err(&wifi_path, e));
-            (true, String::new())
+            (true, String::new(), None)
         }
     }
+}
+
+/// The raw content of a data file (None when absent or unreadable), e.g. to restore wifi.conf.
+pub fn read_raw(datadir: &str, name: &str) -> Option<String> {
+    read(&path(datadir, name)).ok().flatten()
 }
 
 /// The token step of the file mode (L§9.3): no `wifi.conf` → delete `device.token` (a reset makes a

@@ -6,4 +6,5 @@ pub mod helper;
 pub mod lan;
 pub mod local;
 pub mod node;
+pub mod provision;
 pub mod state;

@@ -100,6 +100,21 @@ pub enum Action {
     ShutdownWrite(ConnId),
     /// Take this start-up step from the data files (L§9.5); answer with the matching `file_*`.
     LoadFiles(Step),
+    /// Provisioning (L§8): write `wifi.conf` atomically, mode 0600, keeping the old one in memory.
+    WriteWifi(String),
+    /// A failed provisioning: put the previous `wifi.conf` back, or delete it if there was none.
+    RestoreWifi,
+    /// Provisioning: write `device.country` (0644).
+    WriteCountry(String),
+}
+
+/// Where a provisioning came from, for its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProvisionFrom {
+    /// `miIO.config_router` from the phone: `["OK"]` / `["ERROR"]`.
+    Lan,
+    /// `local.ble.config_router` (BLE on 54323, QR on 54322): `["OK"]` / -33020 with the reason.
+    Local,
 }
 
 /// What the start-up sequence has learnt so far (L§9.3), from the helper or the files.
@@ -109,6 +124,8 @@ struct Boot {
     token: Option<Secret16>,
     provisioned: Option<bool>,
     ssid: String,
+    /// `uid=` of wifi.conf (D18: kept when a provisioning brings none).
+    uid: Option<u64>,
     country: Option<String>,
 }
 
@@ -124,6 +141,10 @@ pub struct Node {
     /// A token for `request_dtoken`'s `ntoken` (drawn from the OS by the reactor).
     fresh_token: Secret16,
     os_release: Option<String>,
+    /// A provisioning in progress: true when it started in AP mode (L§8 failure rules).
+    provisioning: Option<bool>,
+    /// uid and bind_key of a provisioning in this run, for `_otc.info` (P§5.4).
+    bind: Option<(String, Option<String>)>,
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
@@ -143,6 +164,8 @@ impl Node {
             boot: Boot::default(),
             fresh_token,
             os_release: None,
+            provisioning: None,
+            bind: None,
             local: Local::new(cfg.max_clients),
             lan: Lan::new(
                 cfg.cloud.seed ^ 0x9e37_79b9_7f4a_7c15,
@@ -279,9 +302,10 @@ impl Node {
         self.pump(now);
     }
 
-    /// The Wi-Fi status from the files: `wifi.conf` exists (provisioned), and its ssid.
-    pub fn file_wifi(&mut self, now: Instant, provisioned: bool, ssid: String) {
+    /// The Wi-Fi status from the files: `wifi.conf` exists (provisioned), its ssid and uid.
+    pub fn file_wifi(&mut self, now: Instant, provisioned: bool, ssid: String, uid: Option<u64>) {
         self.boot.ssid = ssid;
+        self.boot.uid = uid;
         self.got_wifi(now, provisioned);
         self.pump(now);
     }
@@ -380,6 +404,121 @@ impl Node {
         self.pump(now);
     }
 
+    /// L§8: validate, reply, write wifi.conf (and the country), broadcast `wifi_connecting` and ask
+    /// the helper to start Wi-Fi. Returns the reply text for the requester.
+    fn provision(
+        &mut self,
+        now: Instant,
+        params: Option<&Value>,
+        id: &Value,
+        from: ProvisionFrom,
+    ) -> String {
+        let refuse = |reason: &str| match from {
+            ProvisionFrom::Lan => {
+                warn!("config_router refused: {reason}");
+                rpc::result_reply(id, &json!(["ERROR"]))
+            }
+            ProvisionFrom::Local => {
+                warn!("ble.config_router refused: {reason}");
+                rpc::error_reply(Some(id), -33020, reason)
+            }
+        };
+        if self.provisioning.is_some() {
+            return refuse("provisioning in progress.");
+        }
+        let p = match super::provision::parse(params) {
+            Ok(p) => p,
+            Err(reason) => return refuse(&reason),
+        };
+        if !self.state.token_known() || self.boot.device.is_none() {
+            return refuse("device not ready.");
+        }
+        let in_ap = self.state == State::WifiApMode;
+        info!(
+            "provisioning ssid {:?} ({} mode)",
+            p.ssid,
+            if in_ap { "AP" } else { "STA" }
+        );
+        // 1. wifi.conf (D18: no uid keeps the previous uid= line).
+        let uid = p.uid.or(self.boot.uid);
+        let w = crate::config::wifi::WifiConf::new(&p.ssid, &p.passwd, uid);
+        self.actions
+            .push_back(Action::WriteWifi(crate::config::wifi::render(&w)));
+        // 2. country, uid and bind_key (memory only, for _otc.info).
+        if let Some(cc) = &p.country {
+            self.actions.push_back(Action::WriteCountry(cc.clone()));
+            self.boot.country = Some(cc.clone()).filter(|c| c != "cn");
+        }
+        if let Some(u) = p.uid {
+            self.bind = Some((u.to_string(), p.bind_key.clone()));
+        }
+        self.boot.ssid = p.ssid.clone();
+        self.boot.uid = uid;
+        self.provisioning = Some(in_ap);
+        // In STA mode (a router password change) the session closes and restarts after Wi-Fi is up.
+        if !in_ap {
+            self.drop_session(now);
+            self.set_state(State::WifiStaMode);
+        }
+        // 3. broadcast, 4. the helper starts Wi-Fi (without one: connected at once, D9).
+        self.broadcast("wifi_connecting");
+        let cc = p.country.clone().unwrap_or_default();
+        let tz = p.tz.clone().unwrap_or_default();
+        self.helper.wifi_start(
+            now,
+            &helper::WifiStart {
+                ssid: &p.ssid,
+                passwd: &p.passwd,
+                uid: p.uid.unwrap_or(0),
+                country_domain: &cc,
+                tz: &tz,
+            },
+        );
+        rpc::result_reply(id, &json!(["OK"]))
+    }
+
+    fn wifi_connected(&mut self, now: Instant) {
+        if self.provisioning.take().is_none() {
+            info!("helper: wifi connected");
+            return;
+        }
+        self.broadcast("wifi_connected");
+        self.boot.provisioned = Some(true);
+        self.rebuild_identity(now, true);
+    }
+
+    fn wifi_failed(&mut self, now: Instant) {
+        let Some(in_ap) = self.provisioning.take() else {
+            info!("helper: wifi failed");
+            return;
+        };
+        self.broadcast("wifi_failed");
+        // L§8: AP → delete wifi.conf and back to AP mode; STA → the old wifi.conf and sta_mode.
+        self.actions.push_back(Action::RestoreWifi);
+        self.bind = None;
+        self.boot.provisioned = Some(!in_ap);
+        self.rebuild_identity(now, !in_ap);
+    }
+
+    fn rebuild_identity(&mut self, now: Instant, provisioned: bool) {
+        let (Some(d), Some(t)) = (self.boot.device.clone(), self.boot.token.clone()) else {
+            return;
+        };
+        let id = Identity {
+            did: d.did,
+            key: *d.key.as_bytes(),
+            mac: d.mac,
+            model: d.model,
+            vendor: d.vendor,
+            token: *t.as_bytes(),
+            provisioned,
+            ssid: self.boot.ssid.clone(),
+            fw_ver: self.fw_ver(),
+            country: self.boot.country.clone(),
+        };
+        self.enter(now, id);
+    }
+
     fn on_helper_action(&mut self, now: Instant, a: helper::Action) {
         use helper::Action as H;
         match a {
@@ -412,8 +551,8 @@ impl Node {
             }
             H::UseFiles(step) => self.actions.push_back(Action::LoadFiles(step)),
             H::DidkeyMaterial(_) | H::DidkeyStored => info!("did/key helper answer ignored"),
-            H::WifiConnected => info!("helper: wifi connected"),
-            H::WifiFailed => info!("helper: wifi failed"),
+            H::WifiConnected => self.wifi_connected(now),
+            H::WifiFailed => self.wifi_failed(now),
             H::Reboot => self.broadcast("reboot"),
         }
     }
@@ -437,6 +576,9 @@ impl Node {
             cfg.tcp.host = tcp;
         }
         let mut c = Cloud::new(cfg);
+        if let Some((uid, bindkey)) = &self.bind {
+            c.set_bind(uid.clone(), bindkey.clone());
+        }
         c.start(now);
         self.cloud = Some(c);
     }
@@ -655,6 +797,9 @@ impl Node {
                 _ => rpc::result_reply(&id, &err),
             },
             "miIO.stop_diag_mode" if from_lan => rpc::result_reply(&id, &ok),
+            "miIO.config_router" if from_lan => {
+                self.provision(now, Some(params), &id, ProvisionFrom::Lan)
+            }
             _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
         })
     }
@@ -803,6 +948,9 @@ impl Node {
                 "{{\"id\":{id},\"method\":\"local.country\",\"params\":{}}}",
                 Value::String(self.country().unwrap_or_else(|| "prc".into()))
             ),
+            "local.ble.config_router" => {
+                self.provision(now, obj.get("params"), &id, ProvisionFrom::Local)
+            }
             "local.prep_suspend" => format!(
                 "{{\"id\":{id},\"method\":\"local.resp_suspend\",\"params\":{{\"wakeup_time\":{}}}}}",
                 self.wakeup_time(now)
@@ -819,7 +967,8 @@ impl Node {
     pub fn wakeup_time(&self, now: Instant) -> u64 {
         let busy = self.cloud.as_ref().is_some_and(Cloud::is_busy)
             || self.cloud_backlog
-            || self.helper.busy();
+            || self.helper.busy()
+            || self.provisioning.is_some();
         if busy {
             return 0;
         }
