@@ -5,77 +5,10 @@ mod common;
 use common::*;
 use miio_client::wire::crypto::Keys;
 use miio_client::wire::miio;
-use serde_json::Value;
-use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
-const TOKEN: &[u8; 16] = b"ABCDEFGHIJKLMNOP";
-
-struct Phone {
-    sock: UdpSocket,
-    port: u16,
-    keys: Keys,
-}
-
-impl Phone {
-    fn new(port: u16) -> Phone {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        Phone {
-            sock,
-            port,
-            keys: Keys::new(TOKEN),
-        }
-    }
-    fn raw(&self, bytes: &[u8]) {
-        self.sock.send_to(bytes, ("127.0.0.1", self.port)).unwrap();
-    }
-    fn recv(&self, limit: Duration) -> Option<Vec<u8>> {
-        let end = std::time::Instant::now() + limit;
-        let mut buf = vec![0u8; 65536];
-        while std::time::Instant::now() < end {
-            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
-                return Some(buf[..n].to_vec());
-            }
-        }
-        None
-    }
-    fn hello(&self) -> Option<Vec<u8>> {
-        self.raw(&miio::lan_hello());
-        self.recv(T)
-    }
-    fn packet(&self, stamp: u32, json: &str) -> Vec<u8> {
-        miio::seal(&self.keys, DID as u32, stamp, json.as_bytes())
-    }
-    fn call(&self, stamp: u32, json: &str, limit: Duration) -> Option<Value> {
-        self.raw(&self.packet(stamp, json));
-        let r = self.recv(limit)?;
-        let o = miio::decode(&self.keys, DID as u32, &r).ok()?;
-        Some(Value::Object(o.value))
-    }
-    /// A good miIO.info is answered. Retried like a real phone does, since a flood may have
-    /// filled the socket buffer and the kernel dropped the request itself.
-    fn info_ok(&self, id: u64) -> bool {
-        (0..5).any(|k| {
-            let id = id * 10 + k;
-            let req = format!(r#"{{"id":{id},"method":"miIO.info","params":[]}}"#);
-            self.raw(&self.packet(100, &req));
-            let end = std::time::Instant::now() + Duration::from_secs(2);
-            while let Some(r) = self.recv(end.saturating_duration_since(std::time::Instant::now()))
-            {
-                if let Ok(o) = miio::decode(&self.keys, DID as u32, &r) {
-                    if o.value["id"] == id && o.value["result"]["model"] == "acme.dev.v1" {
-                        return true;
-                    }
-                }
-            }
-            false
-        })
-    }
-}
 
 fn start(dir: &TempDir, lan: u16, local: u16, extra: &[&str]) -> Daemon {
     let mut a = base_args(dir);
@@ -98,7 +31,7 @@ fn hello_reveals_the_token_only_in_ap_mode() {
     ap.write("device.conf", GOOD_DEVICE_CONF);
     let port = free_port();
     let _d = start(&ap, port, free_port(), &[]);
-    let r = Phone::new(port).hello().expect("hello reply");
+    let r = Phone::new(port, TOKEN).hello().expect("hello reply");
     assert_eq!(r.len(), 32);
     assert_eq!(&r[8..12], &(DID as u32).to_be_bytes());
     let token = std::fs::read(ap.join("device.token")).unwrap();
@@ -107,7 +40,7 @@ fn hello_reveals_the_token_only_in_ap_mode() {
     let sta = provisioned_dir("lan-sta");
     let port = free_port();
     let _d = start(&sta, port, free_port(), &[]);
-    let r = Phone::new(port).hello().expect("hello reply");
+    let r = Phone::new(port, TOKEN).hello().expect("hello reply");
     assert_eq!(&r[16..32], &[0xff; 16], "provisioned: ff filler (D7)");
     assert_eq!(&r[0..8], &[0x21, 0x31, 0x00, 0x20, 0, 0, 0, 0]);
 }
@@ -117,7 +50,7 @@ fn info_forwarding_replay_and_timeout() {
     let dir = provisioned_dir("lan-fwd");
     let (port, local) = (free_port(), free_port());
     let d = start(&dir, port, local, &["--user-ack-timeout", "1"]);
-    let phone = Phone::new(port);
+    let phone = Phone::new(port, TOKEN);
     assert!(phone.hello().is_some());
     assert!(phone.info_ok(1), "miIO.info answered with the cloud down");
 
@@ -164,7 +97,7 @@ fn bad_input_matrix_keeps_the_daemon_answering() {
     let dir = provisioned_dir("lan-bad");
     let port = free_port();
     let mut d = start(&dir, port, free_port(), &[]);
-    let phone = Phone::new(port);
+    let phone = Phone::new(port, TOKEN);
     let good = phone.packet(7, r#"{"id":12,"method":"miIO.info","params":[]}"#);
     let mut flipped = good.clone();
     flipped[40] ^= 1;
