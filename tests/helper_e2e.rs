@@ -177,3 +177,99 @@ fn helper_hello_connection_gets_one_message_then_eof() {
     assert_eq!(msg["params"]["dir"], dir.dir_arg());
     assert_eq!(msg["params"]["ntoken"].as_str().unwrap().len(), 16);
 }
+
+/// The whole AP quick connect driven by the shipped helper under BusyBox sh, with a stub
+/// wifi_start.sh that succeeds, or fails every time (then 5 tries, `wifi_failed`, AP mode again).
+fn quick_connect(stub_exit: i32) {
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let Some((_cloud, port)) = pycloud() else {
+        return;
+    };
+    let dir = TempDir::new(&format!("qc-{stub_exit}"));
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    let runs = dir.join("wifi_start.runs");
+    let stub = dir.join("wifi_start.sh");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\necho \"run $*\" >> '{}'\nexit {stub_exit}\n",
+            runs.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = TempDir::new("qc-bin");
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    let local = free_port();
+    let a = args(&dir, port, local, "60");
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Daemon::start(&dir, &v);
+    let mut helper = Command::new("busybox")
+        .args([
+            "sh",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/etc/miio/miio_client_helper.sh"
+            ),
+        ])
+        .env("MIIO_BIN_DIR", bin.path())
+        .env("MIIO_LOCAL_PORT", local.to_string())
+        .env("MIIO_DATADIR", dir.dir_arg())
+        .env("MIIO_WIFI_START", &stub)
+        .env("MIIO_WIFI_PAUSE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(d.wait_log("STATE_WIFI_AP_MODE", T), "{}", d.log_text());
+    let mut app = LocalClient::connect(local);
+    app.send(r#"{"id":1,"method":"local.ble.config_router","params":{"ssid":"home","passwd":"pw12345678","uid":"77"}}"#);
+    // The reply comes first, then the broadcasts (L§8: "after the reply the daemon ...").
+    let ok = app.recv(T);
+    let mut seen = Vec::new();
+    let wanted: &[&str] = if stub_exit == 0 {
+        &["wifi_connecting", "wifi_connected", "cloud_connected"]
+    } else {
+        &["wifi_connecting", "wifi_failed", "wifi_ap_mode"]
+    };
+    for ev in wanted {
+        let got = app.recv_until(Duration::from_secs(30), |v| v["params"] == *ev);
+        seen.push((ev, got.is_some()));
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
+    assert_eq!(
+        ok.as_ref().map(|v| v["id"].clone()),
+        Some(1.into()),
+        "{ok:?}"
+    );
+    assert_eq!(ok.map(|v| v["result"][0].clone()), Some("OK".into()));
+    assert!(seen.iter().all(|(_, s)| *s), "{seen:?}\n{}", d.log_text());
+    let n = read_file(&runs).lines().count();
+    if stub_exit == 0 {
+        assert!(n >= 1);
+        assert!(dir.join("wifi.conf").exists());
+    } else {
+        assert!(n >= 5, "5 tries before giving up, saw {n}");
+        assert!(
+            !dir.join("wifi.conf").exists(),
+            "no wifi.conf after a failure"
+        );
+    }
+}
+
+#[test]
+fn ap_quick_connect_by_the_shipped_helper() {
+    quick_connect(0);
+}
+
+#[test]
+fn ap_quick_connect_failure_returns_to_ap_mode() {
+    quick_connect(1);
+}

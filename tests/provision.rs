@@ -142,6 +142,7 @@ fn a_second_request_while_one_runs_is_refused() {
     // A helper is present (helper_ready), so wifi_start waits for its answer.
     let mut helper = LocalClient::connect(s.local);
     helper.send(r#"{"method":"_internal.helper_ready"}"#);
+    assert!(s.d.wait_log("helper ready", T));
     let mut ble = LocalClient::connect(s.ble);
     let ok = ask(&mut ble, 1, json!({"ssid": "home", "passwd": "pw12345678"}));
     assert_eq!(ok["result"][0], "OK", "{ok}");
@@ -292,6 +293,7 @@ fn router_password_change_that_fails_restores_the_old_wifi_conf() {
     assert!(d.wait_log("STATE_WIFI_STA_MODE", T), "{}", d.log_text());
     let mut helper = LocalClient::connect(local);
     helper.send(r#"{"method":"_internal.helper_ready"}"#);
+    assert!(d.wait_log("helper ready", T));
     let phone = Phone::new(lan, TOKEN);
     let r = phone
         .call(
@@ -319,7 +321,8 @@ fn router_password_change_that_fails_restores_the_old_wifi_conf() {
         wait_until(T, || std::fs::read_to_string(dir.join("wifi.conf"))
             .unwrap_or_default()
             == old),
-        "the old wifi.conf is back"
+        "the old wifi.conf is back: {}",
+        d.log_text()
     );
     assert!(d.wait_log("wifi_failed", T));
     let log = d.log_text();

@@ -404,15 +404,13 @@ impl Node {
         self.pump(now);
     }
 
-    /// L§8: validate, reply, write wifi.conf (and the country), broadcast `wifi_connecting` and ask
-    /// the helper to start Wi-Fi. Returns the reply text for the requester.
-    fn provision(
+    /// L§8 validation: the checked parameters, or the refusal reply for the requester.
+    fn provision_check(
         &mut self,
-        now: Instant,
         params: Option<&Value>,
         id: &Value,
         from: ProvisionFrom,
-    ) -> String {
+    ) -> Result<super::provision::Params, String> {
         let refuse = |reason: &str| match from {
             ProvisionFrom::Lan => {
                 warn!("config_router refused: {reason}");
@@ -424,15 +422,18 @@ impl Node {
             }
         };
         if self.provisioning.is_some() {
-            return refuse("provisioning in progress.");
+            return Err(refuse("provisioning in progress."));
         }
-        let p = match super::provision::parse(params) {
-            Ok(p) => p,
-            Err(reason) => return refuse(&reason),
-        };
+        let p = super::provision::parse(params).map_err(|r| refuse(&r))?;
         if !self.state.token_known() || self.boot.device.is_none() {
-            return refuse("device not ready.");
+            return Err(refuse("device not ready."));
         }
+        Ok(p)
+    }
+
+    /// L§8, after the `["OK"]` went out: write wifi.conf (and the country), keep uid and bind_key,
+    /// broadcast `wifi_connecting` and ask the helper to start Wi-Fi.
+    fn provision_start(&mut self, now: Instant, p: super::provision::Params) {
         let in_ap = self.state == State::WifiApMode;
         info!(
             "provisioning ssid {:?} ({} mode)",
@@ -474,7 +475,6 @@ impl Node {
                 tz: &tz,
             },
         );
-        rpc::result_reply(id, &json!(["OK"]))
     }
 
     fn wifi_connected(&mut self, now: Instant) {
@@ -614,6 +614,27 @@ impl Node {
                     self.lan.local_reply(now, local_id, &r);
                 } else {
                     self.local.broadcast_command(&text);
+                }
+            }
+            LanAction::SelfMethod {
+                handle,
+                method,
+                id,
+                params,
+            } if method == "miIO.config_router" => {
+                match self.provision_check(Some(&params), &json!(id), ProvisionFrom::Lan) {
+                    Err(r) => {
+                        self.lan.answer(now, handle, &r);
+                    }
+                    Ok(p) => {
+                        // The reply first, then the steps of L§8.
+                        self.lan.answer(
+                            now,
+                            handle,
+                            &rpc::result_reply(&json!(id), &json!(["OK"])),
+                        );
+                        self.provision_start(now, p);
+                    }
                 }
             }
             LanAction::SelfMethod {
@@ -797,9 +818,6 @@ impl Node {
                 _ => rpc::result_reply(&id, &err),
             },
             "miIO.stop_diag_mode" if from_lan => rpc::result_reply(&id, &ok),
-            "miIO.config_router" if from_lan => {
-                self.provision(now, Some(params), &id, ProvisionFrom::Lan)
-            }
             _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
         })
     }
@@ -949,7 +967,15 @@ impl Node {
                 Value::String(self.country().unwrap_or_else(|| "prc".into()))
             ),
             "local.ble.config_router" => {
-                self.provision(now, obj.get("params"), &id, ProvisionFrom::Local)
+                match self.provision_check(obj.get("params"), &id, ProvisionFrom::Local) {
+                    Err(r) => r,
+                    Ok(p) => {
+                        self.local
+                            .send_to(conn, rpc::result_reply(&id, &json!(["OK"])));
+                        self.provision_start(now, p);
+                        return;
+                    }
+                }
             }
             "local.prep_suspend" => format!(
                 "{{\"id\":{id},\"method\":\"local.resp_suspend\",\"params\":{{\"wakeup_time\":{}}}}}",
