@@ -5,6 +5,7 @@ pub mod clock;
 pub mod conn;
 pub mod datafiles;
 pub mod log;
+pub mod mdns;
 pub mod netinfo;
 pub mod reactor;
 pub mod resolver;

@@ -1,0 +1,286 @@
+//! The mDNS responder socket for `_miio._udp.local` (PROTOCOL.md §4.8), driven by the daemon's one
+//! mio reactor: no thread, no timer of its own. The bytes come from `wire::dns`.
+//!
+//! Contract:
+//! - [`Mdns::open`] binds `0.0.0.0:port`. An `Err` means the bind failed: the caller logs a warning
+//!   and runs without mDNS (P§4.8: never fatal). A failed multicast join is not an error: it is
+//!   logged here as a warning and the responder still answers unicast queries ([`Mdns::multicast`]
+//!   says whether the group is joined). [`Mdns::set_service`] retries the join on the interface of
+//!   each new address, since at start-up the board often has no address yet.
+//! - With no service set (AP mode, no address) nothing is announced and no query is answered, but
+//!   [`Mdns::readable`] still drains the socket, as edge-triggered mio requires.
+//! - Legacy unicast queries (source port not 5353, RFC 6762 §6.7) are answered to the source with the
+//!   legacy form; queries with the QU bit (§5.4) are answered unicast; the rest to the group.
+//!   Queries from off-link sources are not answered (RFC 6762 §11), so the port is no reflector.
+//! - Malformed packets are dropped with a rate-limited debug line; responses of other responders
+//!   (and our own looped-back announcements) are dropped silently. Nothing here panics.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use log::{debug, warn};
+
+use crate::wire::dns::{self, ServiceInfo, MDNS_GROUP, MDNS_PORT};
+
+/// Datagrams are read into this much stack. A longer one is cut by the kernel; the questions come
+/// first in a query, so a cut query still parses or is dropped as truncated.
+const RECV_BUF: usize = 2048;
+/// Consecutive receive errors (other than WouldBlock) tolerated in one drain before giving up.
+const MAX_RECV_ERRORS: u32 = 8;
+/// RFC 6762 §11: multicast is sent with IP TTL 255.
+const MULTICAST_TTL: u32 = 255;
+
+/// Where the answer to one query goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// To the source, in the legacy form (RFC 6762 §6.7).
+    Legacy,
+    /// To the source, in the mDNS form (QU bit, RFC 6762 §5.4).
+    Unicast,
+    /// To the group (RFC 6762 §6).
+    Multicast,
+}
+
+fn route(src_port: u16, wants_unicast: bool) -> Route {
+    if src_port != MDNS_PORT {
+        Route::Legacy
+    } else if wants_unicast {
+        Route::Unicast
+    } else {
+        Route::Multicast
+    }
+}
+
+/// True when `src` may be answered: loopback, or inside the subnet of our address. With the mask
+/// unknown we answer, rather than go silent on a board whose interface table we failed to read.
+fn on_link(src: Ipv4Addr, ours: Ipv4Addr, mask: Option<Ipv4Addr>) -> bool {
+    if src.is_loopback() {
+        return true;
+    }
+    match mask {
+        Some(m) => u32::from(src) & u32::from(m) == u32::from(ours) & u32::from(m),
+        None => true,
+    }
+}
+
+/// The responder. Register [`Mdns::source`] with `reactor::MDNS` for `Interest::READABLE`.
+pub struct Mdns {
+    sock: mio::net::UdpSocket,
+    /// Whether the group should be joined (false: unicast only, as in tests).
+    want_multicast: bool,
+    /// The interface address the group is joined on (UNSPECIFIED: the kernel's choice).
+    joined: Option<Ipv4Addr>,
+    /// Where announcements and multicast answers go: 224.0.0.251:5353 unless a test moves it.
+    target: SocketAddr,
+    service: Option<ServiceInfo>,
+    /// Netmask of the service address, read once per address (for the on-link check).
+    mask: Option<Ipv4Addr>,
+    /// Malformed packets seen; a debug line is written at 1, 2, 4, 8, ... of them.
+    bad: u32,
+}
+
+impl Mdns {
+    /// A UDP socket on `0.0.0.0:port` without address reuse (port 0: an ephemeral port, for tests).
+    pub fn bind_plain(port: u16) -> io::Result<std::net::UdpSocket> {
+        std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+    }
+
+    /// Binds `0.0.0.0:port` and joins 224.0.0.251 on `iface` (None: the kernel's choice).
+    /// `Err`: the bind failed; warn and go on without mDNS. A failed join only logs a warning.
+    pub fn open(port: u16, iface: Option<Ipv4Addr>) -> io::Result<Mdns> {
+        // Once io::sys has it: `sys::udp_bind_reuse(port)?`, so 5353 can be shared with another
+        // responder on the board (SO_REUSEADDR).
+        let sock = Self::bind_plain(port)?;
+        let mut m = Self::from_socket(sock, true)?;
+        if let Err(e) = m.join(iface.unwrap_or(Ipv4Addr::UNSPECIFIED)) {
+            warn!("mDNS: cannot join {MDNS_GROUP}: {e}; answering unicast queries only");
+        }
+        Ok(m)
+    }
+
+    /// Wraps a bound socket. With `multicast` false the group is never joined (unicast only).
+    /// `Err` only when the socket cannot be made non-blocking.
+    pub fn from_socket(sock: std::net::UdpSocket, multicast: bool) -> io::Result<Mdns> {
+        sock.set_nonblocking(true)?;
+        if multicast {
+            // Best effort: the kernel default (1) still reaches the link.
+            let _ = sock.set_multicast_ttl_v4(MULTICAST_TTL);
+        }
+        Ok(Mdns {
+            sock: mio::net::UdpSocket::from_std(sock),
+            want_multicast: multicast,
+            joined: None,
+            target: SocketAddr::V4(SocketAddrV4::new(MDNS_GROUP, MDNS_PORT)),
+            service: None,
+            mask: None,
+            bad: 0,
+        })
+    }
+
+    /// Joins the group on the interface holding `iface` (UNSPECIFIED: the kernel's choice), leaving
+    /// the previous membership. "Already a member" counts as joined.
+    pub fn join(&mut self, iface: Ipv4Addr) -> io::Result<()> {
+        if self.joined == Some(iface) {
+            return Ok(());
+        }
+        if let Some(old) = self.joined.take() {
+            // The old address may be gone with its interface; then so is the membership.
+            let _ = self.sock.leave_multicast_v4(&MDNS_GROUP, &old);
+        }
+        match self.sock.join_multicast_v4(&MDNS_GROUP, &iface) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(e),
+        }
+        self.joined = Some(iface);
+        Ok(())
+    }
+
+    /// Whether the group is joined (multicast queries can reach us).
+    pub fn multicast(&self) -> bool {
+        self.joined.is_some()
+    }
+
+    /// Moves announcements and multicast answers away from 224.0.0.251:5353 (tests only).
+    pub fn set_target(&mut self, to: SocketAddr) {
+        self.target = to;
+    }
+
+    /// The bound address (tests on an ephemeral port read the port here).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// What to announce and answer; None (AP mode, no address) silences the responder. Returns true
+    /// when it changed, which is when the caller should [`Mdns::announce`]. A new address also moves
+    /// the group membership to its interface (a failed join is a warning).
+    pub fn set_service(&mut self, info: Option<ServiceInfo>) -> bool {
+        if self.service == info {
+            return false;
+        }
+        let new_ip = info.as_ref().map(|i| i.ip);
+        if new_ip != self.service.as_ref().map(|i| i.ip) {
+            self.mask = new_ip.and_then(crate::io::sys::netmask_of);
+            if let Some(ip) = new_ip.filter(|ip| self.want_multicast && !ip.is_unspecified()) {
+                if let Err(e) = self.join(ip) {
+                    warn!("mDNS: cannot join {MDNS_GROUP} on {ip}: {e}; answering unicast queries only");
+                }
+            }
+        }
+        self.service = info;
+        true
+    }
+
+    /// Sends the unsolicited announcement (RFC 6762 §8.3) when a service is set.
+    pub fn announce(&self) {
+        if let Some(info) = &self.service {
+            self.send(&dns::build_announcement(info), self.target);
+        }
+    }
+
+    /// Reads every pending datagram (until WouldBlock) and answers the queries for our service.
+    pub fn readable(&mut self) {
+        let mut buf = [0u8; RECV_BUF];
+        let mut errors = 0;
+        loop {
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if let Some(msg) = buf.get(..n) {
+                        self.datagram(msg, from);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // A pending socket error is consumed by the failed read; the next may succeed.
+                    debug!("mDNS recv: {e}");
+                    errors += 1;
+                    if errors >= MAX_RECV_ERRORS {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The socket, for `registry().register(.., reactor::MDNS, Interest::READABLE)`.
+    pub fn source(&mut self) -> &mut mio::net::UdpSocket {
+        &mut self.sock
+    }
+
+    fn datagram(&mut self, msg: &[u8], from: SocketAddr) {
+        let Some(info) = &self.service else { return };
+        let SocketAddr::V4(src) = from else { return };
+        let query = match dns::parse_query(msg) {
+            Ok(q) => q,
+            // Other responders' answers, and our own announcements looped back.
+            Err(dns::DnsError::NotQuery) => return,
+            Err(e) => {
+                self.bad = self.bad.saturating_add(1);
+                if self.bad.is_power_of_two() {
+                    debug!(
+                        "mDNS: dropped a packet from {from}: {e} ({} so far)",
+                        self.bad
+                    );
+                }
+                return;
+            }
+        };
+        if !dns::answers_for(&query, info) || !on_link(*src.ip(), info.ip, self.mask) {
+            return;
+        }
+        let (bytes, to) = match route(src.port(), query.wants_unicast()) {
+            Route::Legacy => (dns::build_response(info, Some(&query), true), from),
+            Route::Unicast => (dns::build_response(info, Some(&query), false), from),
+            Route::Multicast => (dns::build_response(info, Some(&query), false), self.target),
+        };
+        self.send(&bytes, to);
+    }
+
+    fn send(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(e) = self.sock.send_to(bytes, to) {
+            debug!("mDNS send to {to}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_follow_rfc6762() {
+        assert_eq!(route(54000, false), Route::Legacy);
+        assert_eq!(route(54000, true), Route::Legacy);
+        assert_eq!(route(MDNS_PORT, true), Route::Unicast);
+        assert_eq!(route(MDNS_PORT, false), Route::Multicast);
+    }
+
+    #[test]
+    fn on_link_checks_the_subnet() {
+        let ours = Ipv4Addr::new(192, 168, 1, 157);
+        let mask = Some(Ipv4Addr::new(255, 255, 255, 0));
+        assert!(on_link(Ipv4Addr::new(192, 168, 1, 20), ours, mask));
+        assert!(on_link(Ipv4Addr::LOCALHOST, ours, mask));
+        assert!(!on_link(Ipv4Addr::new(8, 8, 8, 8), ours, mask));
+        assert!(!on_link(Ipv4Addr::new(192, 168, 2, 20), ours, mask));
+        assert!(on_link(Ipv4Addr::new(8, 8, 8, 8), ours, None));
+    }
+
+    #[test]
+    fn set_service_reports_changes() {
+        let mut m = Mdns::from_socket(Mdns::bind_plain(0).unwrap(), false).unwrap();
+        let info = ServiceInfo {
+            model: "acme.dev.v1".into(),
+            did: 1,
+            ip: Ipv4Addr::LOCALHOST,
+            port: 54321,
+        };
+        assert!(m.set_service(Some(info.clone())));
+        assert!(!m.set_service(Some(info.clone())));
+        assert!(m.set_service(Some(ServiceInfo { did: 2, ..info })));
+        assert!(m.set_service(None));
+        assert!(!m.set_service(None));
+        assert!(!m.multicast());
+    }
+}
