@@ -56,6 +56,7 @@ RUN_CTL    ?= 18054
 RUN_LAN    ?= 18321
 RUN_LOCAL  ?= 18322
 RUN_BLE    ?= 18323
+RUN_MDNS   ?= 18353
 RUN_LEVEL  ?= 2
 run: all
 	@mkdir -p $(DEMO)
@@ -71,7 +72,7 @@ run: all
 	$$bin miio_fakecloud --port $(RUN_CLOUD) --ctl-port $(RUN_CTL) --did $(DEMO_DID) --key $(DEMO_KEY) -l $(RUN_LEVEL) & \
 	cloud=$$!; trap 'kill $$cloud 2>/dev/null' EXIT INT TERM; \
 	$$bin -d $(DEMO)/ -H 127.0.0.1 -p $(RUN_CLOUD) --lan-port $(RUN_LAN) --local-port $(RUN_LOCAL) \
-		--ble-port $(RUN_BLE) --os-release $(DEMO)/os-release -l $(RUN_LEVEL) || test $$? -eq 130
+		--ble-port $(RUN_BLE) --mdns-port $(RUN_MDNS) --os-release $(DEMO)/os-release -l $(RUN_LEVEL) || test $$? -eq 130
 
 # --- static ---------------------------------------------------------------------------------------
 # A fully static musl ELF for a board, built with Debian's Rust (rustc-web, cargo-web, rust-web-src),

@@ -145,7 +145,9 @@ fn helper_hello_connection_gets_one_message_then_eof() {
     let local = free_port();
     let a = args(&dir, free_port(), local, "60");
     let v: Vec<&str> = a.iter().map(String::as_str).collect();
-    let _d = Daemon::start(&dir, &v);
+    let d = Daemon::start(&dir, &v);
+    // The listeners are bound before this line is logged.
+    assert!(d.wait_log("starting", T));
     let out = Command::new(BIN)
         .arg("miio_recv_line")
         .env("MIIO_LOCAL_PORT", local.to_string())

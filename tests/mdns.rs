@@ -288,3 +288,73 @@ fn failed_multicast_join_still_answers_unicast() {
     let Some(lines) = decode(&reply) else { return };
     assert_eq!(lines.last().unwrap(), &format!("A {HOST} 1 10 192.0.2.1"));
 }
+
+#[test]
+fn the_daemon_answers_a_legacy_query_once_connected() {
+    use common::*;
+    let (cloud_port, ctl, mdns_port, lan) = (free_port(), free_port(), free_port(), free_port());
+    let _cloud = Lines::spawn({
+        let mut c = Command::new(BIN);
+        c.args([
+            "miio_fakecloud",
+            "--port",
+            &cloud_port.to_string(),
+            "--ctl-port",
+            &ctl.to_string(),
+            "--did",
+            &DID.to_string(),
+            "--key",
+            KEY,
+        ]);
+        c
+    });
+    let dir = provisioned_dir("mdns-daemon");
+    let mut a = base_args(&dir);
+    let i = a.iter().position(|x| x == "--lan-port").unwrap();
+    a[i + 1] = lan.to_string();
+    a.retain(|x| x != "--no-mdns");
+    a.extend(
+        [
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &cloud_port.to_string(),
+            "--mdns-port",
+            &mdns_port.to_string(),
+            "--helper-grace",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Daemon::start(&dir, &v);
+    assert!(
+        d.wait_log("STATE_CLOUD_CONNECTED", LIMIT),
+        "{}",
+        d.log_text()
+    );
+    let q = querier();
+    q.send_to(
+        &query(0x77, "_miio._udp.local", 12),
+        (Ipv4Addr::LOCALHOST, mdns_port),
+    )
+    .unwrap();
+    let reply = recv(&q);
+    let Some(lines) = decode(&reply) else { return };
+    assert_eq!(lines[0], "HDR 119 1 1 1 5 0 0", "{lines:?}");
+    assert!(
+        lines.contains(&format!("PTR _miio._udp.local. 1 10 {INSTANCE}")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&format!("SRV {INSTANCE} 1 10 0 0 {lan} {HOST}")),
+        "SRV carries the LAN port: {lines:?}"
+    );
+    assert!(
+        lines.contains(&format!("A {HOST} 1 10 127.0.0.1")),
+        "{lines:?}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("TXT ") && l.ends_with("path=/mydevice")));
+}

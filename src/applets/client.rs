@@ -14,6 +14,7 @@ use crate::config::Secret16;
 use crate::io::conn::Conn;
 use crate::io::datafiles;
 use crate::io::log::{self as ilog, LogHandle};
+use crate::io::mdns::Mdns;
 use crate::io::netinfo;
 use crate::io::reactor::{self, Reactor, Signal};
 use crate::io::resolver::Resolver;
@@ -22,8 +23,10 @@ use crate::proto::cloud::{CloudConfig, Transport as CloudTransport};
 use crate::proto::helper::Step;
 use crate::proto::local::{LocalAction, Port};
 use crate::proto::node::{Action, Node, NodeConfig};
+use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::timer::TimerWheel;
+use crate::wire::dns::ServiceInfo;
 use crate::wire::json_stream::SplitError;
 
 /// The vendor's line for a port already in use (LOCAL_API.md §2).
@@ -36,6 +39,8 @@ const CONFIG_RETRY: Duration = Duration::from_secs(30);
 enum Timer {
     /// Re-log why the daemon is still in `device_init`.
     ConfigRetry,
+    /// RFC 6762 §8.3: the second announcement, one second after the first.
+    MdnsAnnounce,
 }
 
 struct Sockets {
@@ -99,6 +104,8 @@ struct Daemon {
     resolver: Resolver<()>,
     /// The `wifi.conf` before a provisioning wrote a new one (None inside: there was none).
     wifi_backup: Option<Option<String>>,
+    /// The mDNS responder (P§4.8), when enabled and its port could be bound.
+    mdns: Option<Mdns>,
 }
 
 fn fresh_token() -> Secret16 {
@@ -222,6 +229,34 @@ impl Daemon {
         match t {
             // L§9.5: without a usable identity, say why again and re-read the files.
             Timer::ConfigRetry => self.node.retry_files(),
+            Timer::MdnsAnnounce => {
+                if let Some(m) = self.mdns.as_ref() {
+                    m.announce();
+                }
+            }
+        }
+    }
+
+    /// P§4.8: announce once in STA mode with an address (and on every new one); nothing to
+    /// announce or answer in AP mode or without an identity.
+    fn mdns_service(&mut self, now: Instant, ip: Option<Ipv4Addr>) {
+        let Some(m) = self.mdns.as_mut() else { return };
+        let info = match (self.node.identity(), ip) {
+            (Some(id), Some(ip)) if id.provisioned && !ip.is_unspecified() => Some(ServiceInfo {
+                model: id.model.clone(),
+                did: id.did,
+                ip,
+                port: self.args.lan_port,
+            }),
+            _ => None,
+        };
+        // A loopback address (a cloud on this host) reaches nobody on the LAN: answer queries, but
+        // send no multicast announcement for it.
+        let routable = info.as_ref().is_some_and(|i| !i.ip.is_loopback());
+        if m.set_service(info) && routable {
+            m.announce();
+            self.wheel
+                .set(Timer::MdnsAnnounce, now + Duration::from_secs(1));
         }
     }
 
@@ -416,6 +451,7 @@ impl Daemon {
             SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         };
         self.node.cloud_connected(now, netinfo::netif_for(ip), ip);
+        self.mdns_service(now, Some(ip));
     }
 
     fn cloud_send(&mut self, bytes: Vec<u8>) {
@@ -652,6 +688,9 @@ impl Daemon {
         if let Some(s) = self.sockets.ble.as_mut() {
             reg.register(s, reactor::BLE_LISTEN, Interest::READABLE)?;
         }
+        if let Some(m) = self.mdns.as_mut() {
+            reg.register(m.source(), reactor::MDNS, Interest::READABLE)?;
+        }
         let now = crate::io::clock::now();
         self.node
             .set_os_release(datafiles::os_release(&self.args.os_release));
@@ -685,6 +724,11 @@ impl Daemon {
                     reactor::LOCAL_LISTEN => self.accept(now, Port::Local),
                     reactor::BLE_LISTEN => self.accept(now, Port::Ble),
                     reactor::CLOUD => self.cloud_ready(now, r),
+                    reactor::MDNS => {
+                        if let Some(m) = self.mdns.as_mut() {
+                            m.readable();
+                        }
+                    }
                     reactor::RESOLVER => {
                         for ans in self.resolver.drain() {
                             self.node.cloud_resolved(now, ans.result);
@@ -704,8 +748,18 @@ impl Daemon {
                 self.node.handle_timeout(now);
             }
             self.run_actions(now);
+            if !matches!(
+                self.node.state(),
+                State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
+            ) {
+                self.mdns_service(now, None);
+            }
         }
     }
+}
+
+fn d_args_mdns(a: &ClientArgs) -> bool {
+    a.mdns && a.mdns_port != 0 && a.lan_port != 0
 }
 
 fn open_udp(addr: SocketAddrV4) -> io::Result<UdpSocket> {
@@ -774,6 +828,17 @@ pub fn main(args: &[String]) -> i32 {
         crate::VERSION,
         a.datadir
     );
+    let mdns = if d_args_mdns(&a) {
+        match Mdns::open(a.mdns_port, None) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!("mDNS: cannot bind port {}: {e}; disabled", a.mdns_port);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let resolver = match Resolver::new(reactor.registry(), reactor::RESOLVER) {
         Ok(r) => r,
         Err(e) => {
@@ -792,6 +857,7 @@ pub fn main(args: &[String]) -> i32 {
         cloud: None,
         resolver,
         wifi_backup: None,
+        mdns,
     };
     match d.run() {
         Ok(code) => code,

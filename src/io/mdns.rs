@@ -90,7 +90,7 @@ impl Mdns {
     pub fn open(port: u16, iface: Option<Ipv4Addr>) -> io::Result<Mdns> {
         // Once io::sys has it: `sys::udp_bind_reuse(port)?`, so 5353 can be shared with another
         // responder on the board (SO_REUSEADDR).
-        let sock = Self::bind_plain(port)?;
+        let sock = crate::io::sys::udp_bind_reuse(port)?;
         let mut m = Self::from_socket(sock, true)?;
         if let Err(e) = m.join(iface.unwrap_or(Ipv4Addr::UNSPECIFIED)) {
             warn!("mDNS: cannot join {MDNS_GROUP}: {e}; answering unicast queries only");

@@ -246,6 +246,48 @@ pub fn netmask_of(ip: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
     found
 }
 
+/// A UDP socket bound to `0.0.0.0:port` with SO_REUSEADDR, and SO_REUSEPORT where the kernel has it,
+/// so the mDNS responder can share 5353 with another responder on the board (PROTOCOL.md §4.8).
+pub fn udp_bind_reuse(port: u16) -> io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall; on success we own the returned descriptor.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` is fresh and owned by nobody else; dropping `sock` closes it on every error path.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    for (opt, required) in [(libc::SO_REUSEADDR, true), (libc::SO_REUSEPORT, false)] {
+        // SAFETY: `one` is a valid c_int for the duration of the call and its exact size is passed.
+        let ret = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // SO_REUSEPORT is missing before Linux 3.9 (ENOPROTOOPT); SO_REUSEADDR alone shares the port.
+        if required {
+            check(ret)?;
+        }
+    }
+    // SAFETY: an all-zero sockaddr_in is a valid value of the plain C struct.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    addr.sin_port = port.to_be();
+    addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::UNSPECIFIED).to_be();
+    // SAFETY: `addr` is a valid sockaddr_in and its exact size is passed.
+    check(unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    Ok(std::net::UdpSocket::from(sock))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +305,16 @@ mod tests {
             netmask_of(std::net::Ipv4Addr::LOCALHOST),
             Some(std::net::Ipv4Addr::new(255, 0, 0, 0))
         );
+    }
+
+    #[test]
+    fn udp_bind_reuse_shares_a_port() {
+        let a = udp_bind_reuse(0).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let b = udp_bind_reuse(port).unwrap();
+        assert_eq!(b.local_addr().unwrap().port(), port);
+        // A socket without the option cannot take the port.
+        assert!(std::net::UdpSocket::bind(("0.0.0.0", port)).is_err());
     }
 
     #[test]

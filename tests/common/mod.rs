@@ -154,6 +154,8 @@ pub fn base_args(dir: &TempDir) -> Vec<String> {
         free_port().to_string(),
         "--os-release".into(),
         dir.join("os-release").display().to_string(),
+        // No multicast from tests; tests/mdns.rs turns it on with a port of its own.
+        "--no-mdns".into(),
     ]
 }
 
