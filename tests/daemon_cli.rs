@@ -155,3 +155,26 @@ fn sighup_reopens_the_log_file() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(T), Some(0));
 }
+
+#[test]
+fn a_start_without_wifi_conf_makes_a_fresh_token_and_enters_ap_mode() {
+    // L§15 reset: wifi.conf deleted, then a restart: a new token and AP mode.
+    let dir = provisioned_dir("reset");
+    std::fs::remove_file(dir.join("wifi.conf")).unwrap();
+    let mut args = base_args(&dir);
+    let local = free_port();
+    let i = args.iter().position(|a| a == "--local-port").unwrap();
+    args[i + 1] = local.to_string();
+    args.extend(["--helper-grace".to_string(), "1".to_string()]);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("starting", T));
+    let mut c = LocalClient::connect(local);
+    c.send(r#"{"id":1,"method":"local.query_time"}"#);
+    assert!(c.recv(T).is_some(), "an ordinary client");
+    let b = c.recv_until(T, |v| v["params"] == "wifi_ap_mode");
+    assert!(b.is_some(), "wifi_ap_mode broadcast: {}", d.log_text());
+    let token = std::fs::read_to_string(dir.join("device.token")).unwrap();
+    assert_ne!(token, "ABCDEFGHIJKLMNOP", "the old token is replaced");
+    assert_eq!(token.len(), 16);
+    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric()));
+}
