@@ -178,3 +178,71 @@ fn a_start_without_wifi_conf_makes_a_fresh_token_and_enters_ap_mode() {
     assert_eq!(token.len(), 16);
     assert!(token.bytes().all(|b| b.is_ascii_alphanumeric()));
 }
+
+#[test]
+fn init_script_start_reset_stop_under_busybox() {
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let dir = provisioned_dir("initd");
+    let defaults = dir.join("defaults");
+    let log = dir.join("miio.log");
+    let pid = dir.join("miio.pid");
+    let args = format!(
+        "--lan-port {} --local-port {} --ble-port 0 --no-mdns -H 127.0.0.1 -p {} --helper-grace 0 --os-release {}",
+        free_port(),
+        free_port(),
+        free_port(),
+        dir.join("os-release").display()
+    );
+    std::fs::write(
+        &defaults,
+        format!(
+            "MIIO_CLIENT='{BIN}'\nMIIO_DATADIR='{}'\nMIIO_LOGFILE='{}'\nMIIO_CLIENT_ARGS='{args}'\nMIIO_PIDFILE='{}'\nMIIO_HELPER='{}'\nMIIO_HELPER_PIDFILE='{}'\nMIIO_WIFI_START='{}'\n",
+            dir.dir_arg(),
+            log.display(),
+            pid.display(),
+            dir.join("no-helper.sh").display(),
+            dir.join("helper.pid").display(),
+            dir.join("no-wifi-start.sh").display(),
+        ),
+    )
+    .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/init.d/S50miio_client");
+    let run = |action: &str| {
+        let out = Command::new("busybox")
+            .args(["sh", script, action])
+            .env("MIIO_DEFAULTS", &defaults)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{action}: {out:?}");
+    };
+    run("start");
+    assert!(
+        wait_until(T, || read_file(&log).contains("STATE_WIFI_STA_MODE")),
+        "{}",
+        read_file(&log)
+    );
+    let first_pid = std::fs::read_to_string(&pid).unwrap();
+    run("reset");
+    assert!(!dir.join("wifi.conf").exists(), "reset deletes wifi.conf");
+    assert!(
+        wait_until(T, || read_file(&log).contains("STATE_WIFI_AP_MODE")),
+        "{}",
+        read_file(&log)
+    );
+    assert_ne!(
+        std::fs::read_to_string(dir.join("device.token")).unwrap(),
+        "ABCDEFGHIJKLMNOP"
+    );
+    let second_pid = std::fs::read_to_string(&pid).unwrap();
+    assert_ne!(first_pid, second_pid, "the daemon was restarted");
+    run("stop");
+    let p = second_pid.trim().to_string();
+    assert!(
+        wait_until(T, || !std::path::Path::new(&format!("/proc/{p}")).exists()),
+        "stopped"
+    );
+}
