@@ -114,10 +114,15 @@ S_UNWIND = $(if $(debarch_$(TARGET)),$(S_OUT)/deb/usr/lib/llvm-14/lib/libunwind.
 S_FEATURES = $(if $(filter 1,$(FAKECLOUD)),,--no-default-features)
 # Without relocation-model=static, Debian's musl-gcc links a binary that asks for the musl loader.
 # link-self-contained=no: crt objects and libc come from Debian's musl through the specs file.
-S_RUSTFLAGS = -C linker=$(S_SYS)/cc -C link-self-contained=no -C relocation-model=static -L native=$(S_SYS)
+PANIC ?= immediate-abort
+S_PANIC = $(if $(filter immediate-abort,$(PANIC)),-Zunstable-options -Cpanic=immediate-abort)
+S_RUSTFLAGS = -C linker=$(S_SYS)/cc -C link-self-contained=no -C relocation-model=static -L native=$(S_SYS) $(S_PANIC)
 S_ENV = env -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER RUSTC_BOOTSTRAP=1 \
 	RUSTC=$(STATIC_RUSTC) RUSTDOC=$(STATIC_RUSTDOC) CARGO_TARGET_DIR=$(STATIC_DIR)/cargo RUSTFLAGS='$(S_RUSTFLAGS)'
 BUILD_STD := -Z build-std=std,panic_abort
+# std built for size. PANIC=immediate-abort (the default) also drops the panic message machinery:
+# a panic still aborts, it just prints nothing. PANIC=abort keeps the messages.
+STD_FEATURES ?= optimize_for_size
 
 # libunwind.a of Debian is built against glibc with _FORTIFY_SOURCE and calls __fprintf_chk, which musl
 # lacks. The shim maps it to vfprintf. It goes into our copy of libunwind.a, so the linker finds it
@@ -166,7 +171,7 @@ static-glue: static-deps
 static: static-glue
 	$(S_ENV) $(STATIC_CARGO) fetch --locked --target $(S_TRIPLE) $(BUILD_STD)
 	$(S_ENV) $(STATIC_CARGO) build --release --locked $(S_FEATURES) --target $(S_TRIPLE) \
-		$(BUILD_STD) -Z build-std-features=optimize_for_size
+		$(BUILD_STD) -Z build-std-features=$(STD_FEATURES)
 	cp $(STATIC_DIR)/cargo/$(S_TRIPLE)/release/miio_client $(S_OUT)/miio_client
 	@! command -v file >/dev/null || file $(S_OUT)/miio_client
 	@echo "$(S_OUT)/miio_client: $$(stat -c %s $(S_OUT)/miio_client) bytes$(if $(filter 1,$(FAKECLOUD)), (with miio_fakecloud))"
