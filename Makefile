@@ -169,6 +169,7 @@ static-glue: static-deps
 	$(ar_$(TARGET)) rs $(S_SYS)/libunwind.a $(S_SYS)/fprintf_chk.o
 
 static: static-glue
+	@echo "$(TARGET): $$($(STATIC_RUSTC) --version), $$($(STATIC_CARGO) --version)"
 	$(S_ENV) $(STATIC_CARGO) fetch --locked --target $(S_TRIPLE) $(BUILD_STD)
 	$(S_ENV) $(STATIC_CARGO) build --release --locked $(S_FEATURES) --target $(S_TRIPLE) \
 		$(BUILD_STD) -Z build-std-features=$(STD_FEATURES)
