@@ -184,6 +184,8 @@ runner_aarch64 := qemu-aarch64-static
 runner_armv7   := qemu-arm-static
 S_RUNNER_VAR = CARGO_TARGET_$(subst -,_,$(shell echo '$(S_TRIPLE)' | tr a-z A-Z))_RUNNER
 
+# Tests unwind: no immediate-abort for them.
+static-test: PANIC = unwind
 static-test: static-glue
 	@$(APT_INSTALL) $(if $(runner_$(TARGET)),qemu-user-static)
 	$(S_ENV) $(if $(runner_$(TARGET)),$(S_RUNNER_VAR)=$(runner_$(TARGET))) $(STATIC_CARGO) test --locked --lib --bins \
