@@ -265,7 +265,8 @@ class Noise:
     says how far to trust a timing row (its reference, measured alongside, shares the same noise)."""
 
     def __init__(self, pinned=True):
-        self.pinned = pinned
+        self.where = ("daemon, cloud, reference and client all on CPU %d" % min(ONE_CPU)) \
+            if pinned and ONE_CPU else "processes spread over the CPUs"
         self.t0 = time.monotonic()
         try:
             self.busy0, self.ours0 = _cpu_busy_ticks(), _our_ticks()
@@ -273,8 +274,7 @@ class Noise:
             self.busy0 = None
 
     def text(self):
-        where = ("daemon, cloud, reference and client all on CPU %d" % min(ONE_CPU)) \
-            if self.pinned and ONE_CPU else "processes spread over the CPUs"
+        where = self.where
         ncpu = len(ALL_CPUS)
         if self.busy0 is None:
             return "; " + where
@@ -653,7 +653,7 @@ def section_session(opts):
         d = Daemon(cloud.port, opts, "session")
         d.connected()
         time.sleep(2.0)  # let the post-connect report (props ota_state) and its ack pass
-        part("idle and memory", part_idle_memory, d)
+        part("idle and memory", part_idle_memory, d, cloud)
         pin(ONE_CPU, 0, d.p.pid, cloud.p.pid)
         part("round trip", part_rtt, d)
         part("LAN", section_lan, d)
@@ -666,9 +666,25 @@ def section_session(opts):
         cloud.close()
 
 
-def part_idle_memory(d):
+def split_cpus():
+    """(device CPU, peer CPU) for the idle window, or None on a single CPU."""
+    if len(ALL_CPUS) < 2:
+        return None
+    dev = min(ONE_CPU) if ONE_CPU else max(ALL_CPUS)
+    return {dev}, {min(c for c in ALL_CPUS if c != dev)}
+
+
+def part_idle_memory(d, cloud):
     pid = d.p.pid
     mosq = None
+    # The device side (daemon, mosquitto) on one CPU, its peers (fake cloud, the MQTT client in this
+    # harness) on another, as a real network puts them: then the pong comes after the daemon went back
+    # to sleep and is a wakeup of its own. A peer on the daemon's CPU preempts it instead (one voluntary
+    # plus one involuntary switch), and so does one that the scheduler moves there under load.
+    cpus = split_cpus()
+    if cpus:
+        pin(cpus[0], pid)
+        pin(cpus[1], 0, cloud.p.pid)
     try:
         base_fds = fd_count(pid)
         rss0, hwm0 = mem_kib(pid)
@@ -680,11 +696,15 @@ def part_idle_memory(d):
         if exe:
             try:
                 mosq = Mosquitto(exe, int(keepalive))
+                if cpus:
+                    pin(cpus[0], mosq.p.pid)
             except (Broken, OSError) as e:
                 mosq_err = "mosquitto did not serve: %s" % e
         say("idle window: %.0f s (BENCH_IDLE_SECS), daemon connected%s" %
             (IDLE_SECS, " and mosquitto with one client" if mosq else ""))
         noise = Noise(pinned=False)
+        noise.where = ("daemon and mosquitto on CPU %d, fake cloud and MQTT client on CPU %d"
+                       % (min(cpus[0]), min(cpus[1]))) if cpus else "one CPU"
         v0, i0 = switches(pid)
         m0 = switches(mosq.p.pid) if mosq else None
         t0 = time.monotonic()
@@ -751,6 +771,7 @@ def part_idle_memory(d):
             mosq = None
         wait_for(lambda: fd_count(pid) <= base_fds, 10, "the daemon to close the 20 clients")
     finally:
+        pin(ALL_CPUS, 0, pid, cloud.p.pid)
         if mosq:
             mosq.close()
 
