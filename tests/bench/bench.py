@@ -1,0 +1,1234 @@
+#!/usr/bin/env python3
+"""`make bench`: what the daemon costs, each figure next to a reference measured in the same run.
+
+Contract (tests/bench/README.md):
+- Runs on loopback only and installs nothing. A missing outside tool (valgrind, mosquitto, the Debian
+  rust-web toolchain for static builds) is named and only the rows that need it are skipped.
+- Reports, never judges: no figure is compared with a limit to pass or fail. Exit 0 when every row was
+  measured or skipped for a named missing tool; exit 1 when the harness itself broke (a build failed, the
+  daemon never connected, a helper process died): those rows say FAILED and why.
+- Prints a table and writes target/bench/results.json: a list of {name, value, unit, reference, ratio, how},
+  ratio = value / reference (null when either is missing).
+
+Python 3 standard library; the LAN miIO.info row also imports tests/pycloud/ocloud.py (needs the
+`cryptography` package). Knobs, all optional (environment): BENCH_IDLE_SECS (120), BENCH_TPUT_SECS (30),
+BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_STARTS (10), BENCH_LAN_N (1000), BENCH_ROUNDS (10),
+BENCH_CPU (the CPU of the latency rows, or "none"),
+BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_ONLY (comma list of sections:
+flash,session,startup,static-memory,cpu), BENCH_WITHOUT (tools or Debian packages to treat as missing,
+e.g. "mosquitto valgrind perf qemu-arm-static rustc-web"), CARGO, MAKE.
+"""
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+HERE = os.path.join(ROOT, "tests", "bench")
+OUT = os.path.join(ROOT, "target", "bench")
+RUN = os.path.join(OUT, "run")
+BIN = os.path.join(ROOT, "target", "release", "miio_client")
+KIT_SRC = os.path.join(HERE, "benchkit")
+KIT_DIR = os.path.join(OUT, "benchkit")
+KIT = os.path.join(OUT, "cargo", "release", "benchkit")
+
+DID = 123456789
+KEY = "BenchKey0123abcX"
+TOKEN = "BenchToken012345"
+
+
+def env_num(name, default):
+    v = os.environ.get(name, "")
+    try:
+        return float(v) if v.strip() else default
+    except ValueError:
+        print("bench: %s=%r is not a number; using %s" % (name, v, default), file=sys.stderr)
+        return default
+
+
+IDLE_SECS = env_num("BENCH_IDLE_SECS", 120)
+TPUT_SECS = env_num("BENCH_TPUT_SECS", 30)
+RTT_N = int(env_num("BENCH_RTT_N", 2000))
+CPU_N = int(env_num("BENCH_CPU_N", 2000))
+STARTS = int(env_num("BENCH_STARTS", 10))
+LAN_N = int(env_num("BENCH_LAN_N", 1000))
+# The latency rows (round trip, LAN, start-up) run the daemon, the fake cloud, the references and the
+# client on one CPU, as on the single-core boards the daemon is for. Spread over CPUs, a round trip
+# pays for waking an idle CPU, which in a VM costs tens of microseconds and depends on where the
+# scheduler happened to put each process: unpinned runs swung by 10x between the daemon and its
+# reference. BENCH_CPU=N picks the CPU (default: the last one allowed), BENCH_CPU=none spreads them.
+ALL_CPUS = os.sched_getaffinity(0)
+_cpu = os.environ.get("BENCH_CPU", "").strip()
+if _cpu == "none":
+    ONE_CPU = None
+elif _cpu.isdigit() and int(_cpu) in ALL_CPUS:
+    ONE_CPU = {int(_cpu)}
+else:
+    ONE_CPU = {max(ALL_CPUS)}
+# Timing rows alternate between the daemon and its reference in this many rounds.
+ROUNDS = max(1, int(env_num("BENCH_ROUNDS", 10)))
+STATIC_TARGETS = os.environ.get("BENCH_STATIC_TARGETS", "x86_64 aarch64 armv7").split()
+ONLY = [s for s in os.environ.get("BENCH_ONLY", "").replace(",", " ").split() if s]
+# Tools and Debian packages to treat as missing, to see the skips without uninstalling anything.
+WITHOUT = set(os.environ.get("BENCH_WITHOUT", "").replace(",", " ").split())
+CARGO = os.environ.get("CARGO", "cargo")
+MAKE = os.environ.get("MAKE", "make")
+
+# Budgets of the issue (KB = 1000 bytes, the stricter reading) and the vendor fact it quotes.
+BUDGET_KB = {"x86_64": 400, "aarch64": 300, "armv7": 300}
+VENDOR_AARCH64_KB = 86.8 + 32.0  # miio_client (dynamic) + libjson-c; glibc not counted
+
+# Clients per local port (the daemon's default --max-clients) and reports in flight per client: the
+# daemon refuses more than 128 pending upstream requests (P§5.7), 20 x 6 = 120 stay under it.
+CLIENTS = 20
+WINDOW = 6
+
+LOG = sys.stderr
+
+
+def say(msg):
+    print("bench: " + msg, file=LOG, flush=True)
+
+
+class Broken(Exception):
+    """The harness cannot measure this row (not a missing tool): the row says FAILED."""
+
+
+# --- figures ----------------------------------------------------------------------------------------
+
+FIGURES = []
+
+
+def figure(name, value, unit, reference, how):
+    ratio = None
+    if isinstance(value, (int, float)) and isinstance(reference, (int, float)) and reference:
+        ratio = value / reference
+    FIGURES.append({"name": name, "value": value, "unit": unit, "reference": reference,
+                    "ratio": ratio, "how": how})
+
+
+def skipped(name, unit, why):
+    FIGURES.append({"name": name, "value": None, "unit": unit, "reference": None, "ratio": None,
+                    "how": "SKIP " + why})
+
+
+def failed(name, unit, why):
+    FIGURES.append({"name": name, "value": None, "unit": unit, "reference": None, "ratio": None,
+                    "how": "FAILED " + why})
+
+
+
+# --- processes: only those we start, ended by their own pid -------------------------------------------
+
+PROCS = []
+
+
+def spawn(args, **kw):
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    kw.setdefault("cwd", ROOT)
+    p = subprocess.Popen(args, **kw)
+    PROCS.append(p)
+    return p
+
+
+def stop(p, sig=signal.SIGTERM, limit=10.0):
+    """Ends one child we started: `sig`, then SIGKILL at the deadline. Returns its exit status."""
+    if p.poll() is None:
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(limit)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in PROCS:
+        PROCS.remove(p)
+    return p.returncode
+
+
+def stop_all():
+    for p in list(PROCS):
+        stop(p, limit=5.0)
+
+
+def free_port():
+    """A port free for both TCP and UDP on 127.0.0.1."""
+    while True:
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("0.0.0.0", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            u.close()
+            t.close()
+
+
+def wait_for(cond, limit, what):
+    end = time.monotonic() + limit
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() >= end:
+            raise Broken("timed out after %.0f s waiting for %s" % (limit, what))
+        time.sleep(0.02)
+
+
+def tcp_accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def proc_status(pid, tid=None):
+    """/proc/PID/status (or a thread's) as a dict of the first word of each value."""
+    path = "/proc/%d/status" % pid if tid is None else "/proc/%d/task/%s/status" % (pid, tid)
+    out = {}
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.split()[0] if v.split() else ""
+    return out
+
+
+def switches(pid):
+    """Voluntary and involuntary context switches summed over every thread of the process."""
+    vol = invol = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            s = proc_status(pid, tid)
+        except OSError:
+            continue
+        vol += int(s.get("voluntary_ctxt_switches", 0))
+        invol += int(s.get("nonvoluntary_ctxt_switches", 0))
+    return vol, invol
+
+
+def mem_kib(pid):
+    s = proc_status(pid)
+    return int(s["VmRSS"]), int(s["VmHWM"])
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def _cpu_busy_ticks():
+    """Busy clock ticks of the whole machine since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4]
+
+
+def _ticks_of(pid, children=False):
+    """utime + stime of a process (all its threads); with `children`, also of its reaped children."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14..17.
+    n = int(fields[11]) + int(fields[12])
+    if children:
+        n += int(fields[13]) + int(fields[14])
+    return n
+
+
+def _our_ticks():
+    n = _ticks_of(os.getpid(), children=True)
+    for p in PROCS:
+        try:
+            n += _ticks_of(p.pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return n
+
+
+class Noise:
+    """How much CPU other processes took while a figure was measured: the machine is shared, and this
+    says how far to trust a timing row (its reference, measured alongside, shares the same noise)."""
+
+    def __init__(self, pinned=True):
+        self.where = ("daemon, cloud, reference and client all on CPU %d" % min(ONE_CPU)) \
+            if pinned and ONE_CPU else "processes spread over the CPUs"
+        self.t0 = time.monotonic()
+        try:
+            self.busy0, self.ours0 = _cpu_busy_ticks(), _our_ticks()
+        except (OSError, ValueError, IndexError):
+            self.busy0 = None
+
+    def text(self):
+        where = self.where
+        ncpu = len(ALL_CPUS)
+        if self.busy0 is None:
+            return "; " + where
+        try:
+            other = (_cpu_busy_ticks() - self.busy0) - (_our_ticks() - self.ours0)
+        except (OSError, ValueError, IndexError):
+            return "; " + where
+        secs = max(time.monotonic() - self.t0, 1e-3)
+        share = max(0.0, other / os.sysconf("SC_CLK_TCK") / secs / ncpu * 100.0)
+        return "; %s; other processes used %.0f%% of the %d CPUs meanwhile" % (where, share, ncpu)
+
+
+def find_tool(name):
+    if name in WITHOUT:
+        return None
+    return shutil.which(name) or next(
+        (p for p in ("/usr/sbin/" + name, "/sbin/" + name) if os.access(p, os.X_OK)), None)
+
+
+# --- builds -----------------------------------------------------------------------------------------
+
+def run_logged(args, log_path, env=None):
+    with open(log_path, "w") as log:
+        return subprocess.call(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               stdin=subprocess.DEVNULL)
+
+
+def tail(path, n=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def build_host():
+    say("cargo build --release (the daemon and miio_fakecloud)")
+    log = os.path.join(OUT, "build-host.log")
+    if run_logged([CARGO, "build", "--release"], log) != 0 or not os.access(BIN, os.X_OK):
+        sys.stderr.write(tail(log))
+        raise SystemExit("bench: cargo build --release failed (log: %s)" % log)
+
+
+def build_kit():
+    """benchkit, built from a copy next to the daemon's Cargo.lock, so it links the same crate versions."""
+    say("building tests/bench/benchkit (crypto reference, relay, echo, load client)")
+    src = os.path.join(KIT_DIR, "src")
+    os.makedirs(src, exist_ok=True)
+    shutil.copyfile(os.path.join(KIT_SRC, "Cargo.toml"), os.path.join(KIT_DIR, "Cargo.toml"))
+    shutil.copyfile(os.path.join(KIT_SRC, "src", "main.rs"), os.path.join(src, "main.rs"))
+    shutil.copyfile(os.path.join(ROOT, "Cargo.lock"), os.path.join(KIT_DIR, "Cargo.lock"))
+    env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(OUT, "cargo"))
+    log = os.path.join(OUT, "build-benchkit.log")
+    base = [CARGO, "build", "--release", "--manifest-path", os.path.join(KIT_DIR, "Cargo.toml")]
+    # Offline first: the daemon's build already has every crate benchkit needs.
+    if run_logged(base + ["--offline"], log, env) != 0 and run_logged(base, log, env) != 0:
+        sys.stderr.write(tail(log))
+        raise SystemExit("bench: building benchkit failed (log: %s)" % log)
+
+
+def client_options():
+    """Options that the daemon under test may not know yet: pass each only if `-h` lists it."""
+    p = subprocess.run([BIN, "-h"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       stdin=subprocess.DEVNULL)
+    opts = []
+    if "--helper-grace" in p.stdout:
+        opts += ["--helper-grace", "0"]  # no helper script in the bench: do not wait for one
+    if "--no-mdns" in p.stdout:
+        opts += ["--no-mdns"]  # loopback only: no multicast
+    return opts
+
+
+# --- the daemon, the fake cloud, the references -------------------------------------------------------
+
+def data_dir(name):
+    d = os.path.join(RUN, name)
+    os.makedirs(d, exist_ok=True)
+    files = {
+        "device.conf": "# bench identity, not a real device\ndid=%d\nkey=%s\nmac=02:00:00:be:0c:01\n"
+                       "vendor=bench\nmodel=bench.plug.v1\n" % (DID, KEY),
+        "device.token": TOKEN,
+        "wifi.conf": 'ssid="bench"\npsk="bench-passwd"\nkey_mgmt=WPA\n',
+    }
+    for f, text in files.items():
+        with open(os.path.join(d, f), "w") as fh:
+            fh.write(text)
+    return d + "/"
+
+
+class Cloud:
+    """miio_fakecloud on loopback, logging only errors (its info lines would cost it per report)."""
+
+    def __init__(self):
+        self.port = free_port()
+        ctl = free_port()
+        self.p = spawn([BIN, "miio_fakecloud", "--port", str(self.port), "--ctl-port", str(ctl),
+                        "--did", str(DID), "--key", KEY, "-l", "0"],
+                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(RUN, "cloud.err"), "a"))
+        wait_for(lambda: tcp_accepts(self.port) or self.dead(), 10, "miio_fakecloud to listen")
+        if self.dead():
+            raise Broken("miio_fakecloud exited with %s" % self.p.returncode)
+
+    def dead(self):
+        return self.p.poll() is not None
+
+    def close(self):
+        stop(self.p)
+
+
+class Daemon:
+    """The daemon in the foreground. Its log (stdout) goes to a file that is polled, so no thread of
+    ours competes with a measurement; `pipe=True` instead keeps stdout on a pipe for `wait_pipe`,
+    which times a log line to the microsecond (start-up)."""
+
+    def __init__(self, cloud_port, opts, tag, wrap=None, binary=BIN, pipe=False):
+        self.dir = data_dir(tag)
+        self.lan = free_port()
+        self.local = free_port()
+        self.log = os.path.join(RUN, tag + ".log")
+        args = [binary, "-d", self.dir, "-H", "127.0.0.1", "-p", str(cloud_port),
+                "--lan-port", str(self.lan), "--local-port", str(self.local), "--ble-port", "0",
+                "--os-release", os.path.join(self.dir, "os-release"), "-l", "2"] + opts
+        out = subprocess.PIPE if pipe else open(self.log, "wb")
+        self.t0 = time.perf_counter()
+        self.p = spawn((wrap or []) + args, stdout=out,
+                       stderr=open(os.path.join(RUN, tag + ".err"), "wb"))
+        if not pipe:
+            out.close()
+        self.text = b""
+
+    def wait_pipe(self, needle, limit):
+        """perf_counter time of the read that completed the first log line holding `needle`."""
+        end = time.monotonic() + limit
+        fd = self.p.stdout.fileno()
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise Broken("no %r in the daemon's log after %.0f s; log tail:\n%s"
+                             % (needle, limit, self.log_tail()))
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            now = time.perf_counter()
+            if not chunk:
+                raise Broken("the daemon exited before logging %r (status %s); log tail:\n%s"
+                             % (needle, self.p.poll(), self.log_tail()))
+            self.text += chunk
+            if needle.encode() in self.text:
+                return now
+
+    def wait_log(self, needle, limit):
+        def seen():
+            try:
+                with open(self.log, "rb") as f:
+                    self.text = f.read()
+            except OSError:
+                return False
+            if needle.encode() in self.text:
+                return True
+            if self.p.poll() is not None:
+                raise Broken("the daemon exited (status %s) before logging %r; log tail:\n%s"
+                             % (self.p.returncode, needle, self.log_tail()))
+            return False
+        try:
+            wait_for(seen, limit, "%r in the daemon's log" % needle)
+        except Broken as e:
+            if "timed out" in str(e):
+                raise Broken("%s; log tail:\n%s" % (e, self.log_tail()))
+            raise
+
+    def log_tail(self, n=8):
+        lines = self.text.decode("utf-8", "replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def connected(self, limit=20.0):
+        self.wait_log("STATE_CLOUD_CONNECTED", limit)
+
+    def close(self):
+        rc = stop(self.p, limit=60.0)
+        if self.p.stdout:
+            self.p.stdout.close()
+        return rc
+
+
+def kit_json(args, limit):
+    p = subprocess.run([KIT] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=limit, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise Broken("benchkit %s: exit %s: %s" % (" ".join(args), p.returncode, p.stderr.strip()))
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def kit_server(args):
+    """benchkit echo / relay: started, its port read from its first line."""
+    p = spawn([KIT] + args, stdout=subprocess.PIPE)
+    ready, _, _ = select.select([p.stdout], [], [], 10)
+    if not ready:
+        stop(p)
+        raise Broken("benchkit %s did not start" % args[0])
+    return p, json.loads(p.stdout.readline())["port"]
+
+
+class Relay:
+    """The bare reference path: TCP in (relay), UDP to an echo and back, TCP out."""
+
+    def __init__(self):
+        self.echo, self.echo_port = kit_server(["echo"])
+        self.relay, self.port = kit_server(["relay", str(self.echo_port)])
+
+    def close(self):
+        stop(self.relay)
+        stop(self.echo)
+
+
+def load(port, **kw):
+    args = ["load", "--port", str(port)]
+    for k, v in kw.items():
+        args += ["--" + k, str(v)]
+    limit = kw.get("secs", 0) + kw.get("drain", 15) + 120
+    return kit_json(args, limit)
+
+
+# --- mosquitto, the reference broker ----------------------------------------------------------------
+
+class Mosquitto:
+    """mosquitto on loopback with one MQTT client that pings at the daemon's keepalive interval."""
+
+    def __init__(self, exe, keepalive):
+        self.port = free_port()
+        conf = os.path.join(RUN, "mosquitto.conf")
+        with open(conf, "w") as f:
+            f.write("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
+                    % self.port)
+        self.p = spawn([exe, "-c", conf], stdout=subprocess.DEVNULL,
+                       stderr=open(os.path.join(RUN, "mosquitto.err"), "w"))
+        wait_for(lambda: tcp_accepts(self.port) or self.p.poll() is not None, 10, "mosquitto")
+        if self.p.poll() is not None:
+            raise Broken("mosquitto exited with %s (see %s)" % (self.p.returncode,
+                                                                os.path.join(RUN, "mosquitto.err")))
+        self.keepalive = keepalive
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        cid = b"bench"
+        var = b"\x00\x04MQTT\x04\x02" + struct.pack(">H", keepalive)
+        body = var + struct.pack(">H", len(cid)) + cid
+        self.sock.sendall(bytes([0x10, len(body)]) + body)
+        if self.sock.recv(4)[:1] != b"\x20":
+            raise Broken("mosquitto sent no CONNACK")
+        self.stopping = threading.Event()
+        self.pinger = threading.Thread(target=self._ping, daemon=True)
+        self.pinger.start()
+
+    def _ping(self):
+        while not self.stopping.wait(self.keepalive):
+            try:
+                self.sock.sendall(b"\xc0\x00")
+                self.sock.recv(2)
+            except OSError:
+                return
+
+    def close(self):
+        self.stopping.set()
+        self.sock.close()
+        stop(self.p)
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+def sources_mtime():
+    newest = 0.0
+    for top in ("src",):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                newest = max(newest, os.path.getmtime(os.path.join(dirpath, f)))
+    for f in ("Cargo.toml", "Cargo.lock"):
+        newest = max(newest, os.path.getmtime(os.path.join(ROOT, f)))
+    return newest
+
+
+def missing_static_packages(target):
+    if not find_tool("dpkg-query"):
+        return None, "dpkg-query (not Debian: cannot check the rust-web toolchain)"
+    p = subprocess.run([MAKE, "-s", "--no-print-directory", "static-packages", "TARGET=" + target],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        return None, "make static-packages failed: " + p.stderr.strip()
+    missing = []
+    for pkg in p.stdout.split():
+        q = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", pkg],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if q.stdout.strip() != "installed" or pkg in WITHOUT:
+            missing.append(pkg)
+    return missing, None
+
+
+QEMU = {"aarch64": "qemu-aarch64-static", "armv7": "qemu-arm-static"}
+
+
+def runs_check(target, path):
+    """Whether the measured binary is a working program: `-v` natively or under qemu-user-static."""
+    cmd = [path, "-v"]
+    if target in QEMU:
+        q = find_tool(QEMU[target])
+        if not q:
+            return "not run: qemu-user-static missing (%s)" % QEMU[target]
+        cmd = [q] + cmd
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "DID NOT RUN: %s" % e
+    said = p.stdout.strip().splitlines()[:1]
+    if said and said[0].startswith("miio-client"):
+        return "ran%s: -v says %r" % (" under " + QEMU[target] if target in QEMU else "", said[0])
+    return "DID NOT RUN: -v exit %s, %r" % (p.returncode, p.stdout.strip()[:120])
+
+
+def section_flash():
+    newest = sources_mtime()
+    for t in ("x86_64", "aarch64", "armv7"):
+        name = "flash: static %s (device applets)" % t
+        if t not in STATIC_TARGETS:
+            skipped(name, "KB", "not in BENCH_STATIC_TARGETS")
+            continue
+        out = os.path.join(ROOT, "target", "static", t, "miio_client")
+        reused = os.path.exists(out) and os.path.getmtime(out) > newest
+        if not reused:
+            missing, err = missing_static_packages(t)
+            if err:
+                skipped(name, "KB", err)
+                continue
+            if missing:
+                # make static would install them through .ci/apt-install; the bench installs nothing.
+                skipped(name, "KB", "missing Debian packages: %s (as root: make static-deps TARGET=%s)"
+                        % (" ".join(missing), t))
+                continue
+            say("make static TARGET=%s (about a minute or two; log: target/bench/static-%s.log)" % (t, t))
+            log = os.path.join(OUT, "static-%s.log" % t)
+            t0 = time.monotonic()
+            rc = run_logged([MAKE, "--no-print-directory", "static", "TARGET=" + t], log)
+            if rc != 0 or not os.path.exists(out):
+                failed(name, "KB", "make static TARGET=%s exited %s; log %s:\n%s" % (t, rc, log, tail(log, 6)))
+                continue
+            built = "built now in %.0f s" % (time.monotonic() - t0)
+        else:
+            built = "reused: newer than src/, Cargo.toml, Cargo.lock"
+        size = os.path.getsize(out)
+        figure(name, size / 1000.0, "KB", BUDGET_KB[t],
+               "stat of target/static/%s/miio_client (make static TARGET=%s, %d bytes, %s; %s); "
+               "reference: the budget, %d KB (KB = 1000 bytes)"
+               % (t, t, size, built, runs_check(t, out), BUDGET_KB[t]))
+        if t == "aarch64":
+            figure("flash: static aarch64 vs vendor", size / 1000.0, "KB", VENDOR_AARCH64_KB,
+                   "ours: one static binary, libc included. Reference (a fact, quoted, not measured): "
+                   "vendor aarch64 miio_client 86.8 KB dynamic + 32 KB libjson-c = 118.8 KB, plus a "
+                   "shared glibc that is not counted")
+
+
+def pin(cpus, *pids):
+    """Sets the CPU affinity of this harness (children inherit it) or of the given processes."""
+    if cpus is None:
+        return
+    for pid in pids or (0,):
+        os.sched_setaffinity(pid, cpus)
+
+
+def section_session(opts):
+    """One connected daemon: memory, idle wakeups, round trip, LAN, throughput. The latency rows run
+    with everything on one CPU (see ONE_CPU). The idle window does not: on one CPU the pong would
+    preempt the daemon before it sleeps again, merging two wakeups that a board with a real network
+    has. Throughput gets every CPU."""
+    cloud = Cloud()
+    d = None
+    try:
+        d = Daemon(cloud.port, opts, "session")
+        d.connected()
+        time.sleep(2.0)  # let the post-connect report (props ota_state) and its ack pass
+        part("idle and memory", part_idle_memory, d, cloud)
+        pin(ONE_CPU, 0, d.p.pid, cloud.p.pid)
+        part("round trip", part_rtt, d)
+        part("LAN", section_lan, d)
+        pin(ALL_CPUS, 0, d.p.pid, cloud.p.pid)
+        part("throughput", part_tput, d)
+    finally:
+        pin(ALL_CPUS)
+        if d:
+            d.close()
+        cloud.close()
+
+
+def split_cpus():
+    """(device CPU, peer CPU) for the idle window, or None on a single CPU."""
+    if len(ALL_CPUS) < 2:
+        return None
+    dev = min(ONE_CPU) if ONE_CPU else max(ALL_CPUS)
+    return {dev}, {min(c for c in ALL_CPUS if c != dev)}
+
+
+def part_idle_memory(d, cloud):
+    pid = d.p.pid
+    mosq = None
+    # The device side (daemon, mosquitto) on one CPU, its peers (fake cloud, the MQTT client in this
+    # harness) on another, as a real network puts them: then the pong comes after the daemon went back
+    # to sleep and is a wakeup of its own. A peer on the daemon's CPU preempts it instead (one voluntary
+    # plus one involuntary switch), and so does one that the scheduler moves there under load.
+    cpus = split_cpus()
+    if cpus:
+        pin(cpus[0], pid)
+        pin(cpus[1], 0, cloud.p.pid)
+    try:
+        base_fds = fd_count(pid)
+        rss0, hwm0 = mem_kib(pid)
+
+        # -- idle wakeups, mosquitto idle over the same window
+        keepalive = 20.0
+        exe = find_tool("mosquitto")
+        mosq_err = None
+        if exe:
+            try:
+                mosq = Mosquitto(exe, int(keepalive))
+                if cpus:
+                    pin(cpus[0], mosq.p.pid)
+            except (Broken, OSError) as e:
+                mosq_err = "mosquitto did not serve: %s" % e
+        say("idle window: %.0f s (BENCH_IDLE_SECS), daemon connected%s" %
+            (IDLE_SECS, " and mosquitto with one client" if mosq else ""))
+        noise = Noise(pinned=False)
+        noise.where = ("daemon and mosquitto on CPU %d, fake cloud and MQTT client on CPU %d"
+                       % (min(cpus[0]), min(cpus[1]))) if cpus else "one CPU"
+        v0, i0 = switches(pid)
+        m0 = switches(mosq.p.pid) if mosq else None
+        t0 = time.monotonic()
+        time.sleep(IDLE_SECS)
+        secs = time.monotonic() - t0
+        v1, i1 = switches(pid)
+        m1 = switches(mosq.p.pid) if mosq else None
+        per_min = (v1 - v0) * 60.0 / secs
+        floor = 2 * 60.0 / keepalive
+        mosq_min = (m1[0] - m0[0]) * 60.0 / secs if mosq else None
+        how = ("voluntary_ctxt_switches delta of every thread (/proc/PID/task/*/status) over %.0f s, "
+               "connected, idle, 0 local clients, keepalive %.0f s: %d sleeps ended (%d involuntary)"
+               % (secs, keepalive, v1 - v0, i1 - i0)) + noise.text()
+        if mosq:
+            figure("wakeups, connected idle (vs mosquitto)", per_min, "/min", mosq_min,
+                   how + "; reference: mosquitto with one MQTT client pinging every %.0f s, same window: "
+                   "%d switches" % (keepalive, m1[0] - m0[0]))
+        else:
+            # The value itself is in the next row; this one exists for its reference.
+            skipped("wakeups, connected idle (vs mosquitto)", "/min",
+                    mosq_err or "mosquitto not installed")
+        figure("wakeups, connected idle (vs keepalive floor)", per_min, "/min", floor,
+               how + "; reference: the floor, a timer wake and a pong per keepalive interval")
+
+        # -- memory, 0 and 20 clients
+        mrss = mhwm = None
+        if mosq:
+            mrss, mhwm = mem_kib(mosq.p.pid)
+            MOSQ_MEM.update(rss=mrss, hwm=mhwm)
+        ref_how = ("reference: mosquitto %s with one idle client" % mosquitto_version(exe)) if mosq else \
+            ("SKIP reference: " + (mosq_err or "mosquitto not installed"))
+        figure("memory: VmRSS, connected idle, 0 clients", rss0, "KiB", mrss,
+               "/proc/PID/status of target/release/miio_client (glibc host build), 2 s after "
+               "cloud_connected; " + ref_how)
+        figure("memory: VmHWM, connected idle, 0 clients", hwm0, "KiB", mhwm,
+               "peak RSS since exec, same moment; " + ref_how)
+        socks = []
+        try:
+            for i in range(CLIENTS):
+                s = socket.create_connection(("127.0.0.1", d.local), timeout=10)
+                socks.append(s)
+            for i, s in enumerate(socks):
+                s.sendall(b'{"id":%d,"method":"props","params":{"power":"on","client":%d}}' % (i + 1, i))
+            for s in socks:
+                got = b""
+                while b"}" not in got:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise Broken("the daemon closed a local client: %r" % got)
+                    got += chunk
+                if b'"result"' not in got:
+                    raise Broken("a report of the 20 clients was not acked: %r" % got)
+            time.sleep(1.0)
+            rss20, hwm20 = mem_kib(pid)
+        finally:
+            for s in socks:
+                s.close()
+        figure("memory: VmRSS, connected idle, 20 clients", rss20, "KiB", mrss,
+               "20 local clients connected, each sent one report and got its ack, 1 s later; " + ref_how)
+        figure("memory: VmHWM, connected idle, 20 clients", hwm20, "KiB", mhwm,
+               "peak RSS since exec at that moment; " + ref_how)
+        if mosq:
+            mosq.close()
+            mosq = None
+        wait_for(lambda: fd_count(pid) <= base_fds, 10, "the daemon to close the 20 clients")
+    finally:
+        pin(ALL_CPUS, 0, pid, cloud.p.pid)
+        if mosq:
+            mosq.close()
+
+
+def part(name, fn, *args):
+    """One measurement of a section: a broken one is a FAILED row, the next still runs."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001  (any break of the harness becomes a FAILED row)
+        broke(name, e)
+
+
+def broke(name, e):
+    if not isinstance(e, Broken):
+        traceback.print_exc()
+    say("%s broke: %s" % (name, e))
+    failed(name, "", "%s: %s" % (type(e).__name__, e))
+
+
+def interleaved(rounds, measure, *targets):
+    """Runs `measure(target, round)` for every target in every round, alternating the order (A B, B A,
+    ...), so that a load change on a shared machine hits the value and its reference alike."""
+    out = {t: [] for t in targets}
+    for r in range(rounds):
+        for t in (targets if r % 2 == 0 else targets[::-1]):
+            out[t].append(measure(t, r))
+    return out
+
+
+def part_rtt(d):
+    rounds = ROUNDS
+    chunk = max(1, RTT_N // rounds)
+    warm = 20
+    say("report round trip: %d reports, one client, daemon and bare relay alternating in %d rounds"
+        % (chunk * rounds, rounds))
+    noise = Noise()
+    relay = Relay()
+    try:
+        ports = {"daemon": d.local, "relay": relay.port}
+
+        def measure(t, r):
+            path = os.path.join(RUN, "rtt-%s-%d.txt" % (t, r))
+            res = load(ports[t], count=chunk + warm, warmup=warm, **{"lat-out": path})
+            check_load(res, "%s round trip" % t)
+            with open(path) as f:
+                return [float(x) for x in f.read().split()]
+        got = interleaved(rounds, measure, "daemon", "relay")
+    finally:
+        relay.close()
+    dv = [x for c in got["daemon"] for x in c]
+    rv = [x for c in got["relay"] for x in c]
+    how = ("one local client on 54322 (benchkit load), %d reports of %d bytes one at a time, send to "
+           "ack (%d rounds of %d, each after %d warm-up), miio_fakecloud acking; reference: benchkit "
+           "relay (TCP in, UDP to a bare echo and back, TCP out), same client, rounds alternating"
+           % (len(dv), REPORT_LEN, rounds, chunk, warm)) + noise.text()
+    figure("report round trip p50", pct(dv, 0.50), "us", pct(rv, 0.50), how)
+    figure("report round trip p99", pct(dv, 0.99), "us", pct(rv, 0.99), how)
+
+
+def part_tput(d):
+    pid = d.p.pid
+    rounds = min(ROUNDS, 3)
+    secs = TPUT_SECS / rounds
+    say("throughput: %d clients x %d in flight, %.0f s (BENCH_TPUT_SECS) each for the daemon and the "
+        "relay, in %d alternating rounds" % (CLIENTS, WINDOW, TPUT_SECS, rounds))
+    noise = Noise(pinned=False)
+    relay = Relay()
+    try:
+        ports = {"daemon": d.local, "relay": relay.port}
+        got = interleaved(rounds, lambda t, r: load(ports[t], clients=CLIENTS, window=WINDOW,
+                                                     secs=secs, drain=15), "daemon", "relay")
+    finally:
+        relay.close()
+    for t in got:
+        for res in got[t]:
+            if res.get("io_error"):
+                raise Broken("%s throughput: %s" % (t, res["io_error"]))
+    try:
+        _, hwm_t = mem_kib(pid)
+    except OSError:
+        hwm_t = None
+    tot = {t: merge_loads(got[t]) for t in got}
+    figure("throughput: reports/s, %d clients pipelining" % CLIENTS, tot["daemon"]["rate"],
+           "reports/s", tot["relay"]["rate"],
+           "%d local clients, %d reports in flight each, %.0f s in %d rounds alternating with the "
+           "reference, acks counted in the window; daemon: %s; its VmHWM after it %s KiB; reference "
+           "benchkit relay: %s" % (CLIENTS, WINDOW, TPUT_SECS, rounds, load_summary(tot["daemon"]),
+                                   hwm_t, load_summary(tot["relay"])) + noise.text())
+
+
+def merge_loads(results):
+    m = {k: sum(r[k] for r in results) for k in ("sent", "ok", "errors", "lost", "unknown", "secs")}
+    m["rate"] = sum(r["rate"] * r["secs"] for r in results) / max(m["secs"], 1e-9)
+    m["first_error"] = next((r["first_error"] for r in results if r.get("first_error")), None)
+    m["io_error"] = next((r["io_error"] for r in results if r.get("io_error")), None)
+    return m
+
+
+MOSQ_MEM = {}
+REPORT_LEN = 0
+
+
+def mosquitto_version(exe):
+    try:
+        p = subprocess.run([exe, "-h"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=5, stdin=subprocess.DEVNULL)
+        first = p.stdout.splitlines()[0]
+        return first.split("version")[-1].strip() if "version" in first else ""
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return ""
+
+
+def check_load(r, what):
+    if r.get("io_error"):
+        raise Broken("%s: %s" % (what, r["io_error"]))
+    if r["ok"] == 0:
+        raise Broken("%s: no report acked; first error %s" % (what, r.get("first_error")))
+
+
+def load_summary(r):
+    s = "%d sent, %d acked, %d errors, %d lost" % (r["sent"], r["ok"], r["errors"], r["lost"])
+    if r.get("unknown"):
+        s += ", %d answers with an unknown id" % r["unknown"]
+    if r.get("first_error"):
+        s += ", first error %s" % r["first_error"]
+    if r.get("io_error"):
+        s += ", I/O error: %s" % r["io_error"]
+    return s
+
+
+def udp_rtts(port, packets):
+    """Send each packet, wait for one answer; returns the round trips in us and the answers."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(2.0)
+    out, answers = [], []
+    try:
+        for pkt in packets:
+            t0 = time.perf_counter_ns()
+            s.send(pkt)
+            try:
+                ans = s.recv(65536)
+            except socket.timeout:
+                raise Broken("no UDP answer within 2 s from port %d" % port)
+            out.append((time.perf_counter_ns() - t0) / 1000.0)
+            answers.append(ans)
+    finally:
+        s.close()
+    return out, answers
+
+
+def pct(v, p):
+    v = sorted(v)
+    return v[max(0, min(len(v), int(-(-p * len(v) // 1))) - 1)]
+
+
+def section_lan(d):
+    rounds = ROUNDS
+    chunk = max(1, LAN_N // rounds)
+    warm = 10
+    say("LAN: %d hellos and %d miIO.info, daemon and a bare UDP echo alternating in %d rounds"
+        % (chunk * rounds, chunk * rounds, rounds))
+    hello = bytes.fromhex("21310020") + b"\xff" * 28
+    noise = Noise()
+    echo, eport = kit_server(["echo"])
+    ports = {"daemon": d.lan, "echo": eport}
+    try:
+        _, answers = udp_rtts(d.lan, [hello])
+        reply = answers[0]
+        if len(reply) != 32 or reply[:2] != b"\x21\x31":
+            raise Broken("hello answer is not a 32-byte miio packet: %s" % reply.hex())
+        did, stamp = struct.unpack(">II", reply[8:16])
+        got = interleaved(rounds, lambda t, r: udp_rtts(ports[t], [hello] * (chunk + warm))[0][warm:],
+                          "daemon", "echo")
+        h = [x for c in got["daemon"] for x in c]
+        e = [x for c in got["echo"] for x in c]
+        how = ("raw UDP client (Python, perf_counter_ns around send and recv), %d hellos in %d rounds "
+               "(each after %d warm-up); reference: the same client against a bare UDP echo (benchkit "
+               "echo), rounds alternating" % (len(h), rounds, warm)) + noise.text()
+        figure("LAN hello -> reply p50", pct(h, 0.50), "us", pct(e, 0.50), how)
+        figure("LAN hello -> reply p99", pct(h, 0.99), "us", pct(e, 0.99), how)
+        try:
+            sys.path.insert(0, os.path.join(ROOT, "tests", "pycloud"))
+            import ocloud  # noqa: E402  (needs the cryptography package)
+        except ImportError as exc:
+            for n in ("LAN miIO.info round trip p50", "LAN miIO.info round trip p99"):
+                skipped(n, "us", "python3-cryptography (import ocloud: %s)" % exc)
+            return
+        tok = TOKEN.encode()
+        ids = iter(range(1, 10 ** 9))
+        sizes = []
+
+        def info(t, r):
+            # A new id for every request: the daemon answers a repeated packet from its replay cache.
+            want = [next(ids) for _ in range(chunk + warm)]
+            pkts = [ocloud.seal_text(did, stamp + 1, tok,
+                                     '{"id":%d,"method":"miIO.info","params":[]}' % i) for i in want]
+            rtts, answers = udp_rtts(ports[t], pkts)
+            if t == "daemon":
+                for i, a in zip(want, answers):
+                    ocloud.check_frame(a)
+                    obj = ocloud.decode_text(ocloud.open_data(a, tok))[0]
+                    if obj.get("id") != i or "result" not in obj:
+                        raise Broken("miIO.info answer for id %d is wrong: %s" % (i, obj))
+                sizes[:] = [len(pkts[0]), len(answers[0])]
+            return rtts[warm:]
+        got = interleaved(rounds, info, "daemon", "echo")
+        m = [x for c in got["daemon"] for x in c]
+        e = [x for c in got["echo"] for x in c]
+        how = ("raw UDP client, %d miIO.info requests (%d bytes, sealed with the token beforehand, a "
+               "new id each; the %d-byte answers decrypted and checked afterwards) in %d rounds; "
+               "reference: the same packets against a bare UDP echo, rounds alternating"
+               % (len(m), sizes[0], sizes[1], rounds)) + noise.text()
+        figure("LAN miIO.info round trip p50", pct(m, 0.50), "us", pct(e, 0.50), how)
+        figure("LAN miIO.info round trip p99", pct(m, 0.99), "us", pct(e, 0.99), how)
+    finally:
+        stop(echo)
+
+
+def section_startup(opts):
+    say("start-up: exec -> cloud_connected, median of %d, against exec -> -v" % STARTS)
+    pin(ONE_CPU)
+    cloud = Cloud()
+    noise = Noise()
+    try:
+        runs, refs = [], []
+        for i in range(STARTS):
+            d = Daemon(cloud.port, opts, "startup", pipe=True)
+            try:
+                runs.append((d.wait_pipe("STATE_CLOUD_CONNECTED", 20) - d.t0) * 1000.0)
+            finally:
+                d.close()
+            t0 = time.perf_counter()
+            p = spawn([BIN, "-v"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            ready, _, _ = select.select([p.stderr], [], [], 10)
+            if not ready or not p.stderr.read(1):
+                stop(p)
+                raise Broken("miio_client -v printed nothing on stderr")
+            refs.append((time.perf_counter() - t0) * 1000.0)
+            p.stderr.close()
+            stop(p)
+        figure("start-up: exec -> cloud_connected", statistics.median(runs), "ms",
+               statistics.median(refs),
+               "median of %d (min %.2f, max %.2f ms): Popen to the read that brings the "
+               "STATE_CLOUD_CONNECTED log line on the daemon's stdout, miio_fakecloud on loopback; "
+               "reference: Popen to the first byte of `miio_client -v` on stderr (min %.2f, max "
+               "%.2f ms), interleaved" % (STARTS, min(runs), max(runs), min(refs), max(refs)) + noise.text())
+    finally:
+        pin(ALL_CPUS)
+        cloud.close()
+
+
+def section_static_memory(opts):
+    """The board binary: the static x86_64 musl build's memory, when make static made one."""
+    out = os.path.join(ROOT, "target", "static", "x86_64", "miio_client")
+    name = "memory: VmRSS, static x86_64 musl, connected idle"
+    if not os.path.exists(out):
+        skipped(name, "KiB", "no target/static/x86_64/miio_client (flash row skipped or failed)")
+        return
+    cloud = Cloud()
+    try:
+        d = Daemon(cloud.port, opts, "static", binary=out)
+        try:
+            d.connected()
+            time.sleep(2.0)
+            rss, hwm = mem_kib(d.p.pid)
+        finally:
+            d.close()
+    finally:
+        cloud.close()
+    figure(name, rss, "KiB", MOSQ_MEM.get("rss"),
+           "the board binary (no fakecloud applet), 0 clients, 2 s after cloud_connected; VmHWM %d KiB; "
+           "reference: mosquitto with one idle client%s" % (hwm, "" if MOSQ_MEM else " (SKIP: not measured)"))
+
+
+# -- CPU: instructions per report ---------------------------------------------------------------------
+
+def counter_tool():
+    """('valgrind', path) or ('perf', path) or (None, why)."""
+    vg = find_tool("valgrind")
+    if vg:
+        return "valgrind", vg
+    perf = find_tool("perf")
+    if perf:
+        p = subprocess.run([perf, "stat", "-x,", "-e", "instructions:u", "true"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        first = (p.stdout.strip().splitlines() or [""])[-1].split(",")[0]
+        if first.isdigit():
+            return "perf", perf
+        return None, "valgrind (and perf here cannot count instructions:u: %r)" % p.stdout.strip()[:80]
+    return None, "valgrind (or perf)"
+
+
+def wrapped(tool, exe, outfile):
+    if tool == "valgrind":
+        return [exe, "--tool=callgrind", "-q", "--callgrind-out-file=" + outfile]
+    return [exe, "stat", "-x,", "-e", "instructions:u", "-o", outfile, "--"]
+
+
+def count_of(tool, outfile):
+    with open(outfile) as f:
+        text = f.read()
+    for line in text.splitlines():
+        if tool == "valgrind" and line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+        if tool == "perf" and ",instructions" in line:
+            return int(line.split(",")[0])
+    raise Broken("no instruction count in %s" % outfile)
+
+
+def measured_pid(tool, p):
+    """The pid to signal: valgrind runs the program in its own process, perf forks it."""
+    if tool == "valgrind":
+        return p.pid
+
+    def child():
+        try:
+            with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
+                kids = f.read().split()
+            return int(kids[0]) if kids else None
+        except OSError:
+            return None
+    return wait_for(child, 10, "perf to start the daemon")
+
+
+def daemon_instructions(tool, exe, opts, n, tag):
+    cloud = Cloud()
+    out = os.path.join(RUN, "%s-%s.out" % (tool, tag))
+    try:
+        d = Daemon(cloud.port, opts, "cpu-" + tag, wrap=wrapped(tool, exe, out))
+        try:
+            d.connected(limit=120)
+            r = load(d.local, count=n)
+            if n and r["ok"] != n:
+                raise Broken("%d of %d reports acked under %s: %s" % (r["ok"], n, tool, load_summary(r)))
+            pid = measured_pid(tool, d.p)
+            os.kill(pid, signal.SIGTERM)
+            d.p.wait(120)
+        finally:
+            d.close()
+        return count_of(tool, out)
+    finally:
+        cloud.close()
+
+
+def kit_instructions(tool, exe, n):
+    out = os.path.join(RUN, "%s-crypto-%d.out" % (tool, n))
+    p = subprocess.run(wrapped(tool, exe, out) + [KIT, "crypto", str(n)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise Broken("benchkit crypto under %s: %s" % (tool, p.stderr.strip()[-300:]))
+    return count_of(tool, out)
+
+
+def section_cpu(opts):
+    name = "CPU: user instructions per report"
+    tool, exe = counter_tool()
+    if not tool:
+        skipped(name, "instr", exe)
+        return
+    say("CPU: %d reports under %s, and a baseline run with none" % (CPU_N, tool))
+    with_n = daemon_instructions(tool, exe, opts, CPU_N, "n")
+    base = daemon_instructions(tool, exe, opts, 0, "0")
+    ref_n = kit_instructions(tool, exe, CPU_N)
+    ref_0 = kit_instructions(tool, exe, 0)
+    per = (with_n - base) / CPU_N
+    ref = (ref_n - ref_0) / CPU_N
+    figure(name, per, "instr", ref,
+           "%s: whole daemon run with %d reports sent one at a time and acked (%d instr) minus the same "
+           "run with a client that sends none (%d), over %d; reference: benchkit crypto, one JSON "
+           "parse + serialise, NUL, AES-128-CBC encrypt and MD5 of the same %d-byte report, same "
+           "crates and release profile as the daemon, (%d - %d) / %d"
+           % ("callgrind Ir" if tool == "valgrind" else "perf instructions:u", CPU_N, with_n, base,
+              CPU_N, REPORT_LEN, ref_n, ref_0, CPU_N))
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return "%.0f" % v
+        if abs(v) >= 10:
+            return "%.1f" % v
+        return "%.2f" % v
+    return str(v)
+
+
+def print_table():
+    rows = []
+    for i, f in enumerate(FIGURES, 1):
+        val = fmt(f["value"]) + (" " + f["unit"] if f["value"] is not None else "")
+        ref = fmt(f["reference"]) + (" " + f["unit"] if f["reference"] is not None else "")
+        ratio = "-" if f["ratio"] is None else "%.2f" % f["ratio"]
+        status = ""
+        if f["how"].startswith("SKIP"):
+            status = "skipped"
+        elif f["how"].startswith("FAILED"):
+            status = "FAILED"
+        rows.append((str(i), f["name"], val if not status else status, ref, ratio))
+    head = ("#", "figure", "value", "reference", "ratio")
+    w = [max(len(r[k]) for r in rows + [head]) for k in range(5)]
+    line = "  ".join("%-*s" % (w[k], head[k]) for k in range(5))
+    print()
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(("%*s" if k in (0, 2, 3, 4) else "%-*s") % (w[k], r[k]) for k in range(5)))
+    print()
+    print("ratio = value / reference. How each figure was measured:")
+    for i, f in enumerate(FIGURES, 1):
+        print("%2d. %s" % (i, f["how"]))
+
+
+def section(name, fn, *args, rows=()):
+    if ONLY and name not in ONLY:
+        return
+    t0 = time.monotonic()
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        broke("section " + name, e)
+    finally:
+        stop_all()
+    say("section %s took %.0f s" % (name, time.monotonic() - t0))
+
+
+def main():
+    global REPORT_LEN
+    t0 = time.monotonic()
+    os.makedirs(RUN, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        build_host()
+        build_kit()
+        REPORT_LEN = len(subprocess.run([KIT, "report"], stdout=subprocess.PIPE,
+                                        text=True).stdout.strip())
+        opts = client_options()
+        section("flash", section_flash)
+        section("session", section_session, opts)
+        section("startup", section_startup, opts)
+        section("static-memory", section_static_memory, opts)
+        section("cpu", section_cpu, opts)
+    finally:
+        stop_all()
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(FIGURES, f, indent=1)
+        f.write("\n")
+    print_table()
+    broken = [f for f in FIGURES if f["how"].startswith("FAILED")]
+    print("\nresults: %s (%d figures, %d skipped, %d failed) in %.0f s"
+          % (os.path.relpath(os.path.join(OUT, "results.json"), ROOT), len(FIGURES),
+             sum(f["how"].startswith("SKIP") for f in FIGURES), len(broken), time.monotonic() - t0))
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

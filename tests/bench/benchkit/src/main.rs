@@ -1,0 +1,439 @@
+//! benchkit: the measuring side of `make bench` (tests/bench/README.md). Not shipped.
+//!
+//! Subcommands (results as one JSON line on stdout):
+//! - `crypto N`: N times what one report costs at the least: parse and serialise the report JSON, append
+//!   the NUL, AES-128-CBC encrypt, MD5 over header ‖ key ‖ cipher (PROTOCOL.md §2.2-§2.4). Run under
+//!   callgrind with N and with 0; the difference over N is the instruction reference per report.
+//! - `echo`: a bare UDP echo on 127.0.0.1 (port printed as `{"port":P}`), the reference cloud and LAN peer.
+//! - `relay ECHO_PORT`: a bare TCP relay on 127.0.0.1 (port printed): every JSON object read from a
+//!   client goes as one datagram to the echo, and the echoed datagram goes back to that client. The
+//!   daemon's report path without the daemon: TCP in, UDP out and back, TCP out.
+//! - `load --port P [--clients C] [--window W] [--count N] [--secs S] [--warmup K] [--drain S]
+//!   [--lat-out FILE]`: C local clients, each keeping W reports in flight, until each has sent N (count
+//!   mode) or S seconds passed; then waits up to `--drain` seconds for the missing answers. Counts
+//!   answers, errors and losses, and the send-to-answer latency of each report after the first K
+//!   (percentiles on stdout, every sample in FILE).
+//!
+//! Plain std threads and blocking sockets: the load must cost the machine as little as it can, so the
+//! daemon, not the client, is what runs out of CPU.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{BlockEncryptMut, KeyIvInit};
+use md5::{Digest, Md5};
+
+/// The report used everywhere (about 200 bytes): a device pushing its properties.
+const REPORT_TAIL: &str = r#","method":"props","params":{"power":"on","mode":"auto","temperature":23.5,"humidity":41,"aqi":12,"fan_level":2,"child_lock":"off","led_level":1,"buzzer":"on","filter_life":87,"motor_speed":780}}"#;
+
+fn report(id: u64) -> String {
+    format!("{{\"id\":{id}{REPORT_TAIL}")
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("benchkit: {msg}");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("crypto") => crypto(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(0)),
+        Some("echo") => echo(),
+        Some("relay") => relay(
+            args.get(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| die("relay ECHO_PORT")),
+        ),
+        Some("load") => load(&args[1..]),
+        Some("report") => println!("{}", report(1)),
+        _ => die("usage: benchkit crypto N | echo | relay ECHO_PORT | load --port P ... | report"),
+    }
+}
+
+// --- crypto ---------------------------------------------------------------------------------------
+
+fn md5(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = Md5::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+fn crypto(n: u64) {
+    let secret = *b"DemoKey0123abcXY";
+    let key = md5(&[&secret]);
+    let iv = md5(&[&key, &secret]);
+    let text = report(1234567);
+    let mut check = 0u8;
+    for i in 0..n {
+        let input = std::hint::black_box(text.as_bytes());
+        let v: serde_json::Value = serde_json::from_slice(input).unwrap_or_default();
+        let mut plain = serde_json::to_vec(&v).unwrap_or_default();
+        plain.push(0);
+        let pad = 16 - plain.len() % 16;
+        plain.resize(plain.len() + pad, pad as u8);
+        let mut enc = cbc::Encryptor::<aes::Aes128>::new(
+            GenericArray::from_slice(&key),
+            GenericArray::from_slice(&iv),
+        );
+        for block in plain.chunks_exact_mut(16) {
+            enc.encrypt_block_mut(GenericArray::from_mut_slice(block));
+        }
+        let len = (32 + plain.len()) as u16;
+        let mut head = [0u8; 16];
+        head[0] = 0x21;
+        head[1] = 0x31;
+        head[2..4].copy_from_slice(&len.to_be_bytes());
+        head[8..12].copy_from_slice(&123456789u32.to_be_bytes());
+        head[12..16].copy_from_slice(&(i as u32).to_be_bytes());
+        let sum = md5(&[&head, &secret, &plain]);
+        check ^= std::hint::black_box(sum)[0];
+    }
+    println!("{{\"n\":{n},\"bytes\":{},\"check\":{check}}}", text.len());
+}
+
+// --- echo and relay -------------------------------------------------------------------------------
+
+fn echo() {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| die(&format!("bind: {e}")));
+    let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+    println!("{{\"port\":{port}}}");
+    let _ = std::io::stdout().flush();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    }
+}
+
+/// Ends of the complete top-level JSON objects at the start of `buf` (string-aware brace depth).
+fn object_ends(buf: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for (i, &b) in buf.iter().enumerate() {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' => depth += 1,
+            b'}' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    ends.push(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    ends
+}
+
+fn relay(echo_port: u16) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| die(&format!("bind: {e}")));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    println!("{{\"port\":{port}}}");
+    let _ = std::io::stdout().flush();
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || relay_conn(s, echo_port));
+    }
+}
+
+fn relay_conn(mut s: TcpStream, echo_port: u16) {
+    let Ok(u) = UdpSocket::bind("127.0.0.1:0") else {
+        return;
+    };
+    if u.connect(("127.0.0.1", echo_port)).is_err() {
+        return;
+    }
+    let _ = u.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    let mut dgram = vec![0u8; 65536];
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let ends = object_ends(&buf);
+        let mut start = 0;
+        for end in &ends {
+            let obj = &buf[start..*end];
+            start = *end;
+            if u.send(obj).is_err() {
+                return;
+            }
+            match u.recv(&mut dgram) {
+                Ok(m) => {
+                    if s.write_all(&dgram[..m]).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        buf.drain(..start);
+    }
+}
+
+// --- load -----------------------------------------------------------------------------------------
+
+struct LoadArgs {
+    port: u16,
+    clients: usize,
+    window: usize,
+    /// Reports per client; None: until `secs` ends. `--count 0` connects, sends nothing, closes.
+    count: Option<u64>,
+    secs: f64,
+    warmup: u64,
+    drain: f64,
+    /// Where to write every latency sample (us, one a line), so runs can be merged.
+    lat_out: Option<String>,
+}
+
+fn num<T: std::str::FromStr>(k: &str, v: &str) -> T {
+    v.parse()
+        .unwrap_or_else(|_| die(&format!("bad value for {k}: {v}")))
+}
+
+fn parse_load(args: &[String]) -> LoadArgs {
+    let mut a = LoadArgs {
+        port: 0,
+        clients: 1,
+        window: 1,
+        count: None,
+        secs: 0.0,
+        warmup: 0,
+        drain: 15.0,
+        lat_out: None,
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let v = it
+            .next()
+            .unwrap_or_else(|| die(&format!("{k} needs a value")));
+        match k.as_str() {
+            "--port" => a.port = num(k, v),
+            "--clients" => a.clients = num(k, v),
+            "--window" => a.window = num(k, v),
+            "--count" => a.count = Some(num(k, v)),
+            "--secs" => a.secs = num(k, v),
+            "--warmup" => a.warmup = num(k, v),
+            "--drain" => a.drain = num(k, v),
+            "--lat-out" => a.lat_out = Some(v.clone()),
+            _ => die(&format!("unknown option {k}")),
+        }
+    }
+    if a.port == 0 || a.clients == 0 || a.window == 0 || (a.count.is_none() && a.secs <= 0.0) {
+        die("load needs --port, --clients >= 1, --window >= 1 and --count or --secs");
+    }
+    a
+}
+
+#[derive(Default)]
+struct ClientResult {
+    sent: u64,
+    ok: u64,
+    ok_in_window: u64,
+    errors: u64,
+    unknown: u64,
+    lat_us: Vec<f64>,
+    first_error: Option<String>,
+    io_error: Option<String>,
+}
+
+fn load(args: &[String]) {
+    let a = parse_load(args);
+    let start = Instant::now();
+    let stop_at = (a.secs > 0.0).then(|| start + Duration::from_secs_f64(a.secs));
+    let mut handles = Vec::new();
+    for c in 0..a.clients {
+        let (port, window, count, warmup, drain) = (a.port, a.window, a.count, a.warmup, a.drain);
+        handles.push(std::thread::spawn(move || {
+            client(c as u64, port, window, count, stop_at, warmup, drain)
+        }));
+    }
+    let results: Vec<ClientResult> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_default())
+        .collect();
+    let window_secs = match stop_at {
+        Some(_) => a.secs,
+        None => start.elapsed().as_secs_f64(),
+    };
+    let sum = |f: fn(&ClientResult) -> u64| results.iter().map(f).sum::<u64>();
+    let (sent, ok, okw, errors, unknown) = (
+        sum(|r| r.sent),
+        sum(|r| r.ok),
+        sum(|r| r.ok_in_window),
+        sum(|r| r.errors),
+        sum(|r| r.unknown),
+    );
+    let mut lat: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.lat_us.iter().copied())
+        .collect();
+    lat.sort_by(|x, y| x.total_cmp(y));
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return -1.0;
+        }
+        let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i]
+    };
+    if let Some(path) = &a.lat_out {
+        let text: String = lat.iter().map(|x| format!("{x:.3}\n")).collect();
+        if let Err(e) = std::fs::write(path, text) {
+            die(&format!("write {path}: {e}"));
+        }
+    }
+    let mean = if lat.is_empty() {
+        -1.0
+    } else {
+        lat.iter().sum::<f64>() / lat.len() as f64
+    };
+    let first_error = results.iter().find_map(|r| r.first_error.clone());
+    let io_error = results.iter().find_map(|r| r.io_error.clone());
+    let out = serde_json::json!({
+        "clients": a.clients, "window": a.window, "sent": sent, "ok": ok, "errors": errors,
+        "unknown": unknown, "lost": sent.saturating_sub(ok + errors),
+        "secs": window_secs, "rate": okw as f64 / window_secs.max(1e-9),
+        "samples": lat.len(), "p50_us": pct(0.50), "p99_us": pct(0.99), "mean_us": mean,
+        "first_error": first_error, "io_error": io_error,
+    });
+    println!("{out}");
+}
+
+fn client(
+    c: u64,
+    port: u16,
+    window: usize,
+    count: Option<u64>,
+    stop_at: Option<Instant>,
+    warmup: u64,
+    drain: f64,
+) -> ClientResult {
+    let mut r = ClientResult::default();
+    let mut s = match TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(e) => {
+            r.io_error = Some(format!("connect: {e}"));
+            return r;
+        }
+    };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    // Ids: client c uses c*10^9 + 1, 2, ...; small enough for any JSON reader.
+    let base = (c + 1) * 1_000_000_000;
+    let mut next = 0u64;
+    let mut pending: HashMap<u64, Instant> = HashMap::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    let more = |next: u64| -> bool {
+        count.is_none_or(|n| next < n) && stop_at.is_none_or(|t| Instant::now() < t)
+    };
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        // Fill the window.
+        if drain_until.is_none() {
+            let mut out = Vec::new();
+            while pending.len() < window && more(next) {
+                next += 1;
+                out.extend_from_slice(report(base + next).as_bytes());
+                pending.insert(base + next, Instant::now());
+                r.sent += 1;
+            }
+            if !out.is_empty() {
+                if let Err(e) = s.write_all(&out) {
+                    r.io_error = Some(format!("write: {e}"));
+                    return r;
+                }
+            }
+            if !more(next) {
+                drain_until = Some(Instant::now() + Duration::from_secs_f64(drain));
+            }
+        }
+        if pending.is_empty() && drain_until.is_some() {
+            return r;
+        }
+        if drain_until.is_some_and(|t| Instant::now() >= t) {
+            return r;
+        }
+        let n = match s.read(&mut chunk) {
+            Ok(0) => {
+                r.io_error = Some("the daemon closed the connection".into());
+                return r;
+            }
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(e) => {
+                r.io_error = Some(format!("read: {e}"));
+                return r;
+            }
+        };
+        let now = Instant::now();
+        buf.extend_from_slice(&chunk[..n]);
+        let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<serde_json::Value>();
+        let mut used = 0;
+        while let Some(Ok(v)) = it.next() {
+            used = it.byte_offset();
+            let id = v.get("id").and_then(|x| x.as_u64()).unwrap_or(0);
+            let Some(t0) = pending.remove(&id) else {
+                r.unknown += 1;
+                continue;
+            };
+            if v.get("error").is_some() {
+                r.errors += 1;
+                if r.first_error.is_none() {
+                    r.first_error = Some(v.to_string());
+                }
+                continue;
+            }
+            r.ok += 1;
+            if stop_at.is_none_or(|t| now < t) {
+                r.ok_in_window += 1;
+            }
+            if id - base > warmup {
+                r.lat_us.push(now.duration_since(t0).as_secs_f64() * 1e6);
+            }
+        }
+        buf.drain(..used);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_ends_skips_braces_in_strings() {
+        let b = br#"{"a":"}{"}{"b":{"c":1}}{"d""#;
+        assert_eq!(object_ends(b), vec![10, 23]);
+    }
+
+    #[test]
+    fn report_is_about_200_bytes_of_json() {
+        let r = report(1234567);
+        assert!((180..=230).contains(&r.len()), "{}", r.len());
+        let v: serde_json::Value = serde_json::from_str(&r).unwrap();
+        assert_eq!(v["id"], 1234567);
+    }
+}
