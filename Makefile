@@ -115,7 +115,8 @@ S_FEATURES = $(if $(filter 1,$(FAKECLOUD)),,--no-default-features)
 # Without relocation-model=static, Debian's musl-gcc links a binary that asks for the musl loader.
 # link-self-contained=no: crt objects and libc come from Debian's musl through the specs file.
 PANIC ?= immediate-abort
-S_PANIC = $(if $(filter immediate-abort,$(PANIC)),-Zunstable-options -Cpanic=immediate-abort)
+# With immediate-abort nothing unwinds, so the unwind tables (.eh_frame, ~60 KB) go too.
+S_PANIC = $(if $(filter immediate-abort,$(PANIC)),-Zunstable-options -Cpanic=immediate-abort -Cforce-unwind-tables=no)
 S_RUSTFLAGS = -C linker=$(S_SYS)/cc -C link-self-contained=no -C relocation-model=static -L native=$(S_SYS) $(S_PANIC)
 S_ENV = env -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER RUSTC_BOOTSTRAP=1 \
 	RUSTC=$(STATIC_RUSTC) RUSTDOC=$(STATIC_RUSTDOC) CARGO_TARGET_DIR=$(STATIC_DIR)/cargo RUSTFLAGS='$(S_RUSTFLAGS)'
