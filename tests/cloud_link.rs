@@ -39,22 +39,6 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn fakecloud(port: u16, ctl: u16) -> Lines {
-    let mut c = Command::new(BIN);
-    c.args([
-        "miio_fakecloud",
-        "--port",
-        &port.to_string(),
-        "--ctl-port",
-        &ctl.to_string(),
-        "--did",
-        &DID.to_string(),
-        "--key",
-        KEY,
-    ]);
-    Lines::spawn(c)
-}
-
 fn run_fakecloud(transport: &str) {
     let (port, ctl, local) = (free_port(), free_port(), free_port());
     let _cloud = fakecloud(port, ctl);
@@ -110,34 +94,6 @@ fn fakecloud_over_udp() {
 #[test]
 fn fakecloud_over_tcp_only() {
     run_fakecloud("tcp");
-}
-
-struct Py {
-    cloud: Lines,
-    port: u16,
-}
-
-fn pycloud() -> Option<Py> {
-    if !python_has("cryptography") {
-        skip("python3 with cryptography");
-        return None;
-    }
-    let mut c = Command::new(python());
-    c.args([
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pycloud/ocloud.py"),
-        "--port",
-        "0",
-        "--did",
-        &DID.to_string(),
-        "--key",
-        KEY,
-    ]);
-    let cloud = Lines::spawn(c);
-    let l = cloud
-        .wait(T, |v| v["ev"] == "listening")
-        .expect("python cloud listening");
-    let port = l["port"].as_u64().unwrap() as u16;
-    Some(Py { cloud, port })
 }
 
 fn ev<'a>(name: &'a str) -> impl Fn(&Value) -> bool + 'a {

@@ -10,23 +10,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(20);
 
 fn pycloud() -> Option<(Lines, u16)> {
-    if !python_has("cryptography") {
-        skip("python3 with cryptography");
-        return None;
-    }
-    let mut c = Command::new(python());
-    c.args([
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pycloud/ocloud.py"),
-        "--port",
-        "0",
-        "--did",
-        &DID.to_string(),
-        "--key",
-        KEY,
-    ]);
-    let cloud = Lines::spawn(c);
-    let port = cloud.wait(T, |v| v["ev"] == "listening")?["port"].as_u64()? as u16;
-    Some((cloud, port))
+    common::pycloud().map(|p| (p.cloud, p.port))
 }
 
 fn args(dir: &TempDir, cloud: u16, local: u16, grace: &str) -> Vec<String> {

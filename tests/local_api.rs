@@ -18,34 +18,6 @@ const T: Duration = Duration::from_secs(15);
 // ---------------------------------------------------------------------------------------------
 // The Python cloud
 
-struct Py {
-    cloud: Lines,
-    port: u16,
-}
-
-fn pycloud() -> Option<Py> {
-    if !python_has("cryptography") {
-        skip("python3 with cryptography");
-        return None;
-    }
-    let mut c = Command::new(python());
-    c.args([
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pycloud/ocloud.py"),
-        "--port",
-        "0",
-        "--did",
-        &DID.to_string(),
-        "--key",
-        KEY,
-    ]);
-    let cloud = Lines::spawn(c);
-    let l = cloud
-        .wait(T, |v| v["ev"] == "listening")
-        .expect("python cloud listening");
-    let port = l["port"].as_u64().unwrap() as u16;
-    Some(Py { cloud, port })
-}
-
 impl Py {
     /// Writes one command line and waits for its `ok`/`error` answer (README: effects come before it).
     fn cmd(&mut self, line: &str) -> Value {

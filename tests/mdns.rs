@@ -293,21 +293,7 @@ fn failed_multicast_join_still_answers_unicast() {
 fn the_daemon_answers_a_legacy_query_once_connected() {
     use common::*;
     let (cloud_port, ctl, mdns_port, lan) = (free_port(), free_port(), free_port(), free_port());
-    let _cloud = Lines::spawn({
-        let mut c = Command::new(BIN);
-        c.args([
-            "miio_fakecloud",
-            "--port",
-            &cloud_port.to_string(),
-            "--ctl-port",
-            &ctl.to_string(),
-            "--did",
-            &DID.to_string(),
-            "--key",
-            KEY,
-        ]);
-        c
-    });
+    let _cloud = fakecloud(cloud_port, ctl);
     let dir = provisioned_dir("mdns-daemon");
     let mut a = base_args(&dir);
     let i = a.iter().position(|x| x == "--lan-port").unwrap();

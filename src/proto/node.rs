@@ -353,22 +353,7 @@ impl Node {
             return;
         }
         self.boot.provisioned = Some(provisioned);
-        let (Some(d), Some(t)) = (self.boot.device.clone(), self.boot.token.clone()) else {
-            return;
-        };
-        let id = Identity {
-            did: d.did,
-            key: *d.key.as_bytes(),
-            mac: d.mac,
-            model: d.model,
-            vendor: d.vendor,
-            token: *t.as_bytes(),
-            provisioned,
-            ssid: self.boot.ssid.clone(),
-            fw_ver: self.fw_ver(),
-            country: self.boot.country.clone(),
-        };
-        self.enter(now, id);
+        self.rebuild_identity(now, provisioned);
     }
 
     /// Closes a running cloud session (a new identity or Wi-Fi mode).
@@ -500,6 +485,7 @@ impl Node {
         self.rebuild_identity(now, !in_ap);
     }
 
+    /// The identity from what the start-up sequence learnt, entered with its Wi-Fi mode.
     fn rebuild_identity(&mut self, now: Instant, provisioned: bool) {
         let (Some(d), Some(t)) = (self.boot.device.clone(), self.boot.token.clone()) else {
             return;

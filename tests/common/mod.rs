@@ -462,3 +462,50 @@ impl Phone {
         })
     }
 }
+
+/// The independent Python cloud (tests/pycloud) on a free port, or a visible skip without
+/// python3 + cryptography.
+pub struct Py {
+    pub cloud: Lines,
+    pub port: u16,
+}
+
+pub fn pycloud() -> Option<Py> {
+    if !python_has("cryptography") {
+        skip("python3 with cryptography");
+        return None;
+    }
+    let mut c = Command::new(python());
+    c.args([
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pycloud/ocloud.py"),
+        "--port",
+        "0",
+        "--did",
+        &DID.to_string(),
+        "--key",
+        KEY,
+    ]);
+    let cloud = Lines::spawn(c);
+    let l = cloud
+        .wait(Duration::from_secs(15), |v| v["ev"] == "listening")
+        .expect("python cloud listening");
+    let port = l["port"].as_u64().unwrap() as u16;
+    Some(Py { cloud, port })
+}
+
+/// `miio_fakecloud` (the product's own fake cloud) for the test device on `port`, control on `ctl`.
+pub fn fakecloud(port: u16, ctl: u16) -> Lines {
+    let mut c = Command::new(BIN);
+    c.args([
+        "miio_fakecloud",
+        "--port",
+        &port.to_string(),
+        "--ctl-port",
+        &ctl.to_string(),
+        "--did",
+        &DID.to_string(),
+        "--key",
+        KEY,
+    ]);
+    Lines::spawn(c)
+}
