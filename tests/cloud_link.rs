@@ -238,6 +238,12 @@ fn bad_packets_are_dropped_and_the_link_stays_up() {
     let v12 = "21310060000000000012d6875a9b23a026e3fd6419fdfce1305f76990f67481cc6f4ab6a152c05839b1d041d93659271e8865b7c78bb5a97f72088246b796d79d9efa9253dcb29863821b9855ce110f0b35ebb5082ae9f7d19c854e0cabd4c10";
     let ours = format!("{DID:08x}");
     let fixed = v12.replacen("0012d687", &ours, 1);
+    let keys = miio_client::wire::crypto::Keys::new(KEY.as_bytes().try_into().unwrap());
+    let non_json: String = miio_client::wire::miio::seal_raw(&keys, DID as u32, 1, b"not json\0")
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let mut flipped = fixed.clone();
     flipped.replace_range(100..102, "00");
     for hex in [
@@ -247,6 +253,7 @@ fn bad_packets_are_dropped_and_the_link_stays_up() {
         "00",                                                               // short
         "2131002000000000ffffffff00000000ffffffffffffffffffffffffffffffff", // not ours
         &fixed.replacen("21310060", "21310061", 1),                         // bad length
+        &non_json, // valid MD5 and padding, not JSON
     ] {
         py.cloud
             .send(&format!(r#"{{"cmd":"raw","did":{DID},"hex":"{hex}"}}"#));

@@ -246,3 +246,47 @@ fn init_script_start_reset_stop_under_busybox() {
         "stopped"
     );
 }
+
+#[test]
+fn dash_d_detaches_and_the_daemon_keeps_running() {
+    let dir = provisioned_dir("detach");
+    let mut args = base_args(&dir);
+    args.extend([
+        "-D".to_string(),
+        "--helper-grace".to_string(),
+        "0".to_string(),
+    ]);
+    let mut parent = Daemon::start(&dir, &strs(&args));
+    // The parent returns at once with 0; the detached child goes on and writes the log.
+    assert_eq!(parent.wait_exit(T), Some(0));
+    assert!(
+        parent.wait_log("STATE_WIFI_STA_MODE", T),
+        "{}",
+        parent.log_text()
+    );
+    let pid: Option<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&dir.dir_arg()))
+                .unwrap_or(false)
+        });
+    let pid = pid.expect("the detached daemon runs");
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // setsid: it leads its own session (field 6 of /proc/PID/stat equals its pid).
+    let fields: Vec<&str> = st.rsplit(')').next().unwrap().split_whitespace().collect();
+    assert_eq!(fields[3], pid, "session leader: {st}");
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(wait_until(T, || !std::path::Path::new(&format!(
+        "/proc/{pid}"
+    ))
+    .exists()));
+}
