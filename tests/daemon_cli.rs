@@ -290,3 +290,28 @@ fn dash_d_detaches_and_the_daemon_keeps_running() {
     ))
     .exists()));
 }
+
+#[test]
+fn sighup_takes_a_changed_device_conf_and_ignores_a_broken_one() {
+    let dir = provisioned_dir("hup-id");
+    let mut args = base_args(&dir);
+    args.extend(["--helper-grace".to_string(), "0".to_string()]);
+    let d = Daemon::start(&dir, &strs(&args));
+    assert!(d.wait_log("STATE_WIFI_STA_MODE", T), "{}", d.log_text());
+    // A broken file on SIGHUP: the identity in use is kept.
+    dir.write("device.conf", "did=oops\n");
+    d.signal("HUP");
+    assert!(
+        d.wait_log("keeping the identity in use", T),
+        "{}",
+        d.log_text()
+    );
+    // A new did: the sequence restarts from the token step with it.
+    dir.write(
+        "device.conf",
+        &GOOD_DEVICE_CONF.replace("123456789", "987654321"),
+    );
+    d.signal("HUP");
+    assert!(d.wait_log("device did 987654321", T), "{}", d.log_text());
+    assert!(d.wait_log("the identity changed", T));
+}

@@ -36,6 +36,17 @@ fn hello_reveals_the_token_only_in_ap_mode() {
     assert_eq!(&r[8..12], &(DID as u32).to_be_bytes());
     let token = std::fs::read(ap.join("device.token")).unwrap();
     assert_eq!(&r[16..32], &token[..], "AP mode: the raw token");
+    // miIO.info in AP mode (no cloud socket): the full INFO, netif empty (P§4.6).
+    let t: [u8; 16] = token[..].try_into().unwrap();
+    let info = Phone::new(port, &t)
+        .call(3, r#"{"id":5,"method":"miIO.info","params":[]}"#, T)
+        .expect("miIO.info answered in AP mode");
+    let hex: String = t.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(info["result"]["model"], "acme.dev.v1", "{info}");
+    assert_eq!(info["result"]["mac"], "AA:BB:CC:01:02:03");
+    assert_eq!(info["result"]["token"], hex.as_str());
+    assert_eq!(info["result"]["netif"]["localIp"], "");
+    assert!(info["result"]["life"].is_u64());
 
     let sta = provisioned_dir("lan-sta");
     let port = free_port();

@@ -189,7 +189,10 @@ impl Daemon {
                     Ok(_) => {
                         self.wheel.cancel(Timer::ConfigRetry);
                     }
-                    Err(_) => self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY),
+                    Err(_) if self.node.state() == State::DeviceInit => {
+                        self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY)
+                    }
+                    Err(_) => {}
                 }
                 let country = datafiles::load_country(&dir);
                 self.node

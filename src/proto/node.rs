@@ -145,6 +145,8 @@ pub struct Node {
     provisioning: Option<bool>,
     /// uid and bind_key of a provisioning in this run, for `_otc.info` (P§5.4).
     bind: Option<(String, Option<String>)>,
+    /// The helper's last `_internal.info` params: the base of `miIO.info`.
+    helper_info: Option<Map<String, Value>>,
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
@@ -166,6 +168,7 @@ impl Node {
             os_release: None,
             provisioning: None,
             bind: None,
+            helper_info: None,
             local: Local::new(cfg.max_clients),
             lan: Lan::new(
                 cfg.cloud.seed ^ 0x9e37_79b9_7f4a_7c15,
@@ -265,8 +268,10 @@ impl Node {
     }
 
     /// SIGHUP or the 30 s retry: in `device_init` without a helper, read the files again (L§9.5).
+    /// In any state without a helper: SIGHUP re-reads device.conf, and a changed identity restarts
+    /// the sequence from the token step (L§18, L§9.5); an unchanged one changes nothing.
     pub fn retry_files(&mut self) {
-        if self.state == State::DeviceInit && !self.helper.present() {
+        if !self.helper.present() && self.provisioning.is_none() {
             self.actions.push_back(Action::LoadFiles(Step::Dinfo));
         }
     }
@@ -287,7 +292,11 @@ impl Node {
             }
             Err(e) => {
                 log::error!("{e}");
-                log::error!("staying in device_init; fix the file and send SIGHUP");
+                if self.state == State::DeviceInit {
+                    log::error!("staying in device_init; fix the file and send SIGHUP");
+                } else {
+                    log::error!("keeping the identity in use");
+                }
             }
         }
         self.pump(now);
@@ -520,6 +529,7 @@ impl Node {
             H::Country(c) => self.boot.country = c,
             H::WifiStatus(p) => self.got_wifi(now, p),
             H::Info { params, extra } => {
+                self.helper_info = Some(params.clone());
                 let mut m = extra;
                 m.insert("params".into(), Value::Object(params));
                 if let Some(c) = self.cloud.as_mut() {
@@ -740,6 +750,31 @@ impl Node {
         m
     }
 
+    /// INFO for `miIO.info` (P§4.6): the `_otc.info` params without `bindkey`, in every state,
+    /// AP mode included: the helper's last `_internal.info` (or the daemon's own), then `model`,
+    /// `mac`, `token`, `life` (P§5.4) and the uid of a provisioning in this run.
+    fn info(&self, now: Instant) -> Map<String, Value> {
+        let mut p = match &self.helper_info {
+            Some(h) => h.clone(),
+            None => match self.own_info().remove("params") {
+                Some(Value::Object(m)) => m,
+                _ => Map::new(),
+            },
+        };
+        if let Some(d) = self.boot.device.as_ref() {
+            p.insert("model".into(), d.model.clone().into());
+            p.insert("mac".into(), d.mac.to_ascii_uppercase().into());
+        }
+        if let Some(t) = self.boot.token.as_ref() {
+            p.insert("token".into(), crate::config::token::to_hex(t).into());
+        }
+        p.insert("life".into(), now.secs().into());
+        if let Some((uid, _)) = &self.bind {
+            p.insert("uid".into(), uid.clone().into());
+        }
+        p
+    }
+
     /// A method the daemon answers itself (P§4.6). Returns the reply text, if any.
     fn self_method(
         &mut self,
@@ -753,22 +788,10 @@ impl Node {
         let ok = json!(["OK"]);
         let err = json!(["ERROR"]);
         Some(match method {
-            "miIO.info" => {
-                let own = self.own_info();
-                let empty = Map::new();
-                let p = match own.get("params") {
-                    Some(Value::Object(p)) => p,
-                    _ => &empty,
-                };
-                let info = match &self.cloud {
-                    Some(c) => c.info_params(now, p),
-                    None => p.clone(),
-                };
-                format!(
-                    "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{}}}",
-                    Value::Object(info)
-                )
-            }
+            "miIO.info" => format!(
+                "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{}}}",
+                Value::Object(self.info(now))
+            ),
             "miIO.wifi_assoc_state" => {
                 let state = if self.state == State::CloudConnected {
                     "ONLINE"
