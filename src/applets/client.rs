@@ -106,6 +106,8 @@ struct Daemon {
     wifi_backup: Option<Option<String>>,
     /// The mDNS responder (P§4.8), when enabled and its port could be bound.
     mdns: Option<Mdns>,
+    /// Receive buffer for the LAN and cloud sockets, reused (see `with_rx`).
+    rx: Vec<u8>,
 }
 
 fn fresh_token() -> Secret16 {
@@ -263,13 +265,33 @@ impl Daemon {
         }
     }
 
+    /// The one receive buffer of the reactor: a datagram can be 64 KiB, and allocating that per
+    /// readiness event would be work on the hot path.
+    fn with_rx(&mut self, f: impl FnOnce(&mut Self, &mut [u8])) {
+        let mut buf = std::mem::take(&mut self.rx);
+        buf.resize(65536, 0);
+        f(self, &mut buf);
+        self.rx = buf;
+    }
+
     fn drain_lan(&mut self, now: Instant) {
-        let mut buf = vec![0u8; 65536];
+        self.with_rx(|d, buf| d.drain_lan_with(now, buf));
+    }
+
+    fn udp_ready(&mut self, now: Instant) {
+        self.with_rx(|d, buf| d.udp_ready_with(now, buf));
+    }
+
+    fn tcp_ready(&mut self, now: Instant, r: &reactor::Ready) {
+        self.with_rx(|d, buf| d.tcp_ready_with(now, r, buf));
+    }
+
+    fn drain_lan_with(&mut self, now: Instant, buf: &mut [u8]) {
         loop {
             let Some(lan) = self.sockets.lan.as_ref() else {
                 return;
             };
-            match lan.recv_from(&mut buf) {
+            match lan.recv_from(buf) {
                 Ok((n, from)) => {
                     self.node.lan_datagram(now, from, &buf[..n]);
                     self.run_actions(now);
@@ -518,11 +540,10 @@ impl Daemon {
         }
     }
 
-    fn udp_ready(&mut self, now: Instant) {
-        let mut buf = vec![0u8; 65536];
+    fn udp_ready_with(&mut self, now: Instant, buf: &mut [u8]) {
         loop {
             let res = match self.cloud.as_mut() {
-                Some(CloudSock::Udp(s)) => s.recv(&mut buf),
+                Some(CloudSock::Udp(s)) => s.recv(buf),
                 _ => return,
             };
             match res {
@@ -578,7 +599,7 @@ impl Daemon {
         }
     }
 
-    fn tcp_ready(&mut self, now: Instant, r: &reactor::Ready) {
+    fn tcp_ready_with(&mut self, now: Instant, r: &reactor::Ready, buf: &mut [u8]) {
         if let Some(CloudSock::Tcp {
             connected: false, ..
         }) = self.cloud
@@ -592,10 +613,9 @@ impl Daemon {
             self.node.cloud_link_down(now);
             return;
         }
-        let mut buf = vec![0u8; 65536];
         loop {
             let res = match self.cloud.as_mut() {
-                Some(CloudSock::Tcp { stream, .. }) => stream.read(&mut buf),
+                Some(CloudSock::Tcp { stream, .. }) => stream.read(buf),
                 _ => return,
             };
             match res {
@@ -861,6 +881,7 @@ pub fn main(args: &[String]) -> i32 {
         resolver,
         wifi_backup: None,
         mdns,
+        rx: vec![0; 65536],
     };
     match d.run() {
         Ok(code) => code,
