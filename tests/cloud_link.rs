@@ -11,8 +11,7 @@ const T: Duration = Duration::from_secs(15);
 
 fn daemon_args(dir: &TempDir, port: u16, transport: &str, local: u16) -> Vec<String> {
     let mut a = base_args(dir);
-    let i = a.iter().position(|x| x == "--local-port").unwrap();
-    a[i + 1] = local.to_string();
+    set_opt(&mut a, "--local-port", local);
     a.extend(
         [
             "-H",

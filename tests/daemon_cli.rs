@@ -127,8 +127,7 @@ fn port_in_use_gives_the_vendor_message_and_exit_1() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
     let mut args = base_args(&dir);
-    let i = args.iter().position(|a| a == "--local-port").unwrap();
-    args[i + 1] = port;
+    set_opt(&mut args, "--local-port", port);
     let mut d = Daemon::start(&dir, &strs(&args));
     assert_eq!(d.wait_exit(T), Some(1));
     assert!(
@@ -163,8 +162,7 @@ fn a_start_without_wifi_conf_makes_a_fresh_token_and_enters_ap_mode() {
     std::fs::remove_file(dir.join("wifi.conf")).unwrap();
     let mut args = base_args(&dir);
     let local = free_port();
-    let i = args.iter().position(|a| a == "--local-port").unwrap();
-    args[i + 1] = local.to_string();
+    set_opt(&mut args, "--local-port", local);
     args.extend(["--helper-grace".to_string(), "1".to_string()]);
     let d = Daemon::start(&dir, &strs(&args));
     assert!(d.wait_log("starting", T));

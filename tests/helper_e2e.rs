@@ -15,8 +15,7 @@ fn pycloud() -> Option<(Lines, u16)> {
 
 fn args(dir: &TempDir, cloud: u16, local: u16, grace: &str) -> Vec<String> {
     let mut a = base_args(dir);
-    let i = a.iter().position(|x| x == "--local-port").unwrap();
-    a[i + 1] = local.to_string();
+    set_opt(&mut a, "--local-port", local);
     a.extend(
         [
             "-H",

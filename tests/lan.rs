@@ -12,10 +12,8 @@ const T: Duration = Duration::from_secs(10);
 
 fn start(dir: &TempDir, lan: u16, local: u16, extra: &[&str]) -> Daemon {
     let mut a = base_args(dir);
-    let i = a.iter().position(|x| x == "--lan-port").unwrap();
-    a[i + 1] = lan.to_string();
-    let i = a.iter().position(|x| x == "--local-port").unwrap();
-    a[i + 1] = local.to_string();
+    set_opt(&mut a, "--lan-port", lan);
+    set_opt(&mut a, "--local-port", local);
     // A cloud that is not there: LAN works offline-first (D7).
     a.extend(["-H", "127.0.0.1", "-p", &free_port().to_string()].map(String::from));
     a.extend(extra.iter().map(|s| s.to_string()));

@@ -296,8 +296,7 @@ fn the_daemon_answers_a_legacy_query_once_connected() {
     let _cloud = fakecloud(cloud_port, ctl);
     let dir = provisioned_dir("mdns-daemon");
     let mut a = base_args(&dir);
-    let i = a.iter().position(|x| x == "--lan-port").unwrap();
-    a[i + 1] = lan.to_string();
+    set_opt(&mut a, "--lan-port", lan);
     a.retain(|x| x != "--no-mdns");
     a.extend(
         [

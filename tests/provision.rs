@@ -39,8 +39,7 @@ fn ap_device(tag: &str, lan: u16, with_cloud: bool) -> Option<Setup> {
         ("--local-port", local),
         ("--ble-port", ble),
     ] {
-        let i = a.iter().position(|x| x == opt).unwrap();
-        a[i + 1] = v.to_string();
+        set_opt(&mut a, opt, v);
     }
     a.extend(
         [
@@ -258,8 +257,7 @@ fn router_password_change_that_fails_restores_the_old_wifi_conf() {
     let (lan, local) = (free_port(), free_port());
     let mut a = base_args(&dir);
     for (opt, v) in [("--lan-port", lan), ("--local-port", local)] {
-        let i = a.iter().position(|x| x == opt).unwrap();
-        a[i + 1] = v.to_string();
+        set_opt(&mut a, opt, v);
     }
     a.extend(
         [

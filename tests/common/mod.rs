@@ -159,6 +159,15 @@ pub fn base_args(dir: &TempDir) -> Vec<String> {
     ]
 }
 
+/// Sets the value of `opt` in an argument list made by `base_args` (every port there is free).
+pub fn set_opt(args: &mut [String], opt: &str, value: impl ToString) {
+    let i = args
+        .iter()
+        .position(|x| x == opt)
+        .unwrap_or_else(|| panic!("{opt} not in the arguments"));
+    args[i + 1] = value.to_string();
+}
+
 /// `MIIO_REQUIRE_ALL=1` (set by .ci/run) turns a missing outside tool into a failure.
 pub fn skip(tool: &str) -> bool {
     if std::env::var("MIIO_REQUIRE_ALL").is_ok_and(|v| v == "1") {
