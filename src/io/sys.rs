@@ -15,12 +15,19 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// A timespec from seconds and nanoseconds. With 64-bit time_t on 32-bit musl the struct has a
+/// padding field, so it is built from zeroes rather than a literal; `as _` avoids naming time_t.
+fn timespec(sec: i64, nsec: i64) -> libc::timespec {
+    // SAFETY: an all-zero timespec is a valid value of the plain C struct.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    ts.tv_sec = sec as _;
+    ts.tv_nsec = nsec as _;
+    ts
+}
+
 /// Milliseconds on CLOCK_BOOTTIME: counts time spent suspended (PROTOCOL.md §4.3, D10).
 pub fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = timespec(0, 0);
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every Linux since 2.6.39.
     let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     if ret != 0 {
@@ -33,24 +40,26 @@ pub fn boottime_ms() -> u64 {
 
 /// Wall-clock seconds since the epoch (for log time stamps only; never for deadlines).
 pub fn wall_secs() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = timespec(0, 0);
     // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    #[allow(clippy::unnecessary_cast)] // time_t is i32 on armv7
+    // time_t is 64 bits on every build we ship: the 32-bit musl boards are built with
+    // `--cfg libc_unstable_musl_v1_2` (Makefile, static), which links musl's time64 symbols, so
+    // nothing here wraps in 2038. The type is never named: libc marks musl's `time_t` deprecated.
+    #[allow(clippy::unnecessary_cast)]
     let s = ts.tv_sec as i64;
     s
 }
 
 /// Broken-down local time: (year, month 1-12, day, hour, minute, second).
 pub fn localtime(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
-    let t = secs as libc::time_t;
+    // A timespec only to get a `time_t` without naming the type (see wall_secs); on a build whose
+    // time_t were 32 bits this cast would wrap, which `localtime_after_2038` catches.
+    let t = timespec(secs, 0);
     // SAFETY: an all-zero `tm` is a valid value of the plain C struct.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant.
-    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    let ok = unsafe { !libc::localtime_r(&t.tv_sec, &mut tm).is_null() };
     if !ok {
         return (1970, 1, 1, 0, 0, 0);
     }
@@ -78,24 +87,12 @@ pub fn timerfd_boottime() -> io::Result<OwnedFd> {
 pub fn timerfd_arm(fd: RawFd, at_ms: Option<u64>) -> io::Result<()> {
     let value = match at_ms {
         // A zero it_value disarms, so an absolute deadline of 0 becomes 1 ns: already due.
-        Some(ms) => libc::timespec {
-            tv_sec: (ms / 1000) as libc::time_t,
-            tv_nsec: if ms == 0 {
-                1
-            } else {
-                ((ms % 1000) * 1_000_000) as libc::c_long
-            },
-        },
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        },
+        Some(0) => timespec(0, 1),
+        Some(ms) => timespec((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64),
+        None => timespec(0, 0),
     };
     let spec = libc::itimerspec {
-        it_interval: libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        },
+        it_interval: timespec(0, 0),
         it_value: value,
     };
     // SAFETY: `spec` is a valid itimerspec, the old-value pointer may be null.
@@ -291,6 +288,18 @@ pub fn udp_bind_reuse(port: u16) -> io::Result<std::net::UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 2039-01-01 12:00:00 UTC and 2100-03-01 00:00:00 UTC: past the 32-bit time_t limit of
+    /// 2038-01-19. Runs on the 32-bit boards in `make static-test TARGET=armv7`; the date is at
+    /// noon so a zone offset cannot move it to another year.
+    #[test]
+    fn localtime_after_2038() {
+        let (y, mo, _d, _h, _mi, _s) = localtime(2_177_496_000);
+        assert_eq!((y, mo), (2039, 1));
+        let (y, ..) = localtime(4_107_542_400 + 43_200);
+        assert_eq!(y, 2100);
+        assert!(wall_secs() > 1_700_000_000, "wall clock before 2023");
+    }
 
     #[test]
     fn boottime_advances_and_is_nonzero() {

@@ -724,7 +724,7 @@ impl Helper {
         // After a long suspend only the latest due notice goes out (L§12: fire once).
         let k = (now - o.start).millis() / OFFLINE_STEP.millis();
         o.next = o.start + Duration::from_millis(OFFLINE_STEP.millis().saturating_mul(k + 1));
-        let method = if k % 4 == 0 {
+        let method = if k.is_multiple_of(4) {
             "_internal.wifi_reload"
         } else {
             "_internal.wifi_reconnect"

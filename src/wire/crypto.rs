@@ -89,7 +89,7 @@ impl Keys {
     /// Inverse of [`Keys::encrypt`]. Empty or unaligned input gives `BadPayloadLength(n)`,
     /// malformed padding gives `BadPadding` (P§2.7 step 5).
     pub fn decrypt(&self, ct: &[u8]) -> Result<Vec<u8>, Error> {
-        if ct.is_empty() || ct.len() % BLOCK != 0 {
+        if ct.is_empty() || !ct.len().is_multiple_of(BLOCK) {
             return Err(Error::BadPayloadLength(ct.len()));
         }
         let mut buf = ct.to_vec();
