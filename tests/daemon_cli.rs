@@ -150,7 +150,7 @@ fn sighup_reopens_the_log_file() {
     std::fs::rename(&d.log, dir.join("miio.log.1")).unwrap();
     d.signal("HUP");
     assert!(
-        wait_until(T, || d.log_text().contains("SIGHUP")),
+        d.wait_log("SIGHUP", T),
         "a new log file is written after SIGHUP"
     );
     d.signal("TERM");

@@ -653,6 +653,8 @@ fn helper_connections_never_get_broadcasts() {
     a.send(r#"{"id":801,"result":["done"]}"#);
     nothing_else(&mut a, 2, "reply");
 
+    // The round trip above came after the broadcast turn, so whatever the daemon wrote to the
+    // helper connections in that turn is already in their sockets: a short drain sees it.
     let got_h = drain(&mut h, Duration::from_millis(300));
     only_helper_messages(&got_h, "hello connection");
     let got_h2 = drain(&mut h2, Duration::from_millis(300));
