@@ -19,7 +19,7 @@ FAKECLOUD ?=
 
 help:
 	@echo 'make                  host release build (target/release/miio_client)'
-	@echo 'make test             cargo test [TEST_ARGS=...]'
+	@echo 'make test             cargo test [TEST_ARGS=...], the Python cloud'"'"'s tests, a list of skips'
 	@echo 'make run              daemon in the foreground on a demo data dir (target/demo)'
 	@echo 'make static [TARGET=x86_64|aarch64|armv7] [FAKECLOUD=1]'
 	@echo '                      fully static musl binary in target/static/$$TARGET/miio_client'
@@ -30,10 +30,35 @@ help:
 all:
 	$(CARGO) build --release
 
-# The Python end-to-end tests (tests/*.py, run against the real binary) will be added to this recipe.
-# MIIO_REQUIRE_ALL=1 in the environment turns every "SKIP <tool>" of a test into a failure (.ci/run sets it).
+# cargo test, then the Python cloud's own tests (tests/pycloud/test_ocloud.py) with the python the Rust
+# tests use for their peers, then one line listing every skipped test. A test that skips for a missing
+# outside tool records itself in $(SKIP_FILE) (tests/common skip(), fresh per run); no python3 with
+# cryptography skips the Python tests the same way. MIIO_REQUIRE_ALL=1 in the environment turns every
+# skip into a failure (.ci/run sets it). The exit status is cargo's, or 1 when the Python tests failed.
+TEST_PYTHON ?= $(or $(MIIO_PYTHON),$(wildcard tests/.venv/bin/python3),python3)
+SKIP_FILE   := $(CURDIR)/target/test-skips.txt
 test:
-	$(CARGO) test $(TEST_ARGS)
+	@mkdir -p target && : >'$(SKIP_FILE)'
+	@rc=0; \
+	MIIO_SKIP_FILE='$(SKIP_FILE)' $(CARGO) test $(TEST_ARGS) || rc=$$?; \
+	echo; echo 'Running tests/pycloud/test_ocloud.py ($(TEST_PYTHON) -m unittest)'; \
+	if '$(TEST_PYTHON)' -c 'import cryptography' 2>/dev/null; then \
+		if '$(TEST_PYTHON)' -m unittest discover -s tests/pycloud; then \
+			echo 'test result: ok. tests/pycloud/test_ocloud.py'; \
+		else \
+			echo 'test result: FAILED. tests/pycloud/test_ocloud.py'; rc=1; \
+		fi; \
+	elif [ "$$MIIO_REQUIRE_ALL" = 1 ]; then \
+		echo 'test result: FAILED. tests/pycloud/test_ocloud.py: python3 with cryptography is required (MIIO_REQUIRE_ALL=1) but missing'; \
+		rc=1; \
+	else \
+		printf '%s\t%s\n' pycloud::test_ocloud 'python3 with cryptography' >>'$(SKIP_FILE)'; \
+		echo 'test result: skipped. tests/pycloud/test_ocloud.py (no python3 with cryptography)'; \
+	fi; \
+	awk -F '\t' '!seen[$$0]++ { n++; s = s (n > 1 ? ", " : "") $$1 " (" $$2 ")" } \
+		END { if (n) print "skipped: " n " test" (n > 1 ? "s" : "") " — " s; else print "skipped: none" }' \
+		'$(SKIP_FILE)'; \
+	exit $$rc
 
 fmt-check:
 	$(CARGO) fmt --check

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(15);
 
-fn daemon_args(dir: &TempDir, port: u16, transport: &str, local: u16) -> Vec<String> {
+fn daemon_args(dir: &TempDir, port: u16, transport: &str) -> Vec<String> {
     let mut a = base_args(dir);
-    set_opt(&mut a, "--local-port", local);
     a.extend(
         [
             "-H",
@@ -34,25 +33,22 @@ fn daemon_args(dir: &TempDir, port: u16, transport: &str, local: u16) -> Vec<Str
     a
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 fn run_fakecloud(transport: &str) {
-    let (port, ctl, local) = (free_port(), free_port(), free_port());
-    let _cloud = fakecloud(port, ctl);
+    let cloud = fakecloud();
+    let ctl = cloud.ctl;
     let dir = provisioned_dir(&format!("fc-{transport}"));
-    let args = daemon_args(&dir, port, transport, local);
-    let d = Daemon::start(&dir, &strs(&args));
+    let args = daemon_args(&dir, cloud.port, transport);
+    let d = Daemon::start(&dir, &args);
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
-    let log = d.log_text();
+    // Logged before the state change above.
     assert!(
-        log.contains(&format!("over {}", transport.to_uppercase())),
-        "{log}"
+        d.log_has(&format!("over {}", transport.to_uppercase())),
+        "{}",
+        d.log_text()
     );
 
     // An upstream report is acked with the client's own id.
-    let mut c = LocalClient::connect(local);
+    let mut c = LocalClient::connect(d.local());
     c.send(r#"{"id":5,"method":"props","params":{"power":"on"}}"#);
     let ack = c
         .recv_until(T, |v| v.get("id") == Some(&Value::from(5)))
@@ -105,10 +101,9 @@ fn is_msg(method: &str) -> impl Fn(&Value) -> bool + '_ {
 
 fn run_pycloud(transport: &str) {
     let Some(mut py) = pycloud() else { return };
-    let local = free_port();
     let dir = provisioned_dir(&format!("py-{transport}"));
-    let args = daemon_args(&dir, py.port, transport, local);
-    let d = Daemon::start(&dir, &strs(&args));
+    let args = daemon_args(&dir, py.port, transport);
+    let d = Daemon::start(&dir, &args);
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
     let c = &py.cloud;
     assert!(c.wait(T, ev("hello")).is_some());
@@ -127,7 +122,7 @@ fn run_pycloud(transport: &str) {
         .wait(T, |v| v["ev"] == "sent" && v["kind"] == "pong")
         .is_some());
 
-    let mut lc = LocalClient::connect(local);
+    let mut lc = LocalClient::connect(d.local());
     lc.send(r#"{"id":9,"method":"event.motion","params":[1],"extra":{"k":[1,2]}}"#);
     let ack = lc
         .recv_until(T, |v| v.get("id") == Some(&Value::from(9)))
@@ -137,9 +132,7 @@ fn run_pycloud(transport: &str) {
     assert_ne!(up["json"]["id"], 9, "the cloud sees a rewritten id (D5)");
     assert_eq!(up["json"]["extra"]["k"][1], 2, "other members kept");
 
-    py.cloud.send(&format!(
-        r#"{{"cmd":"send","did":{DID},"json":{{"id":501,"method":"get_prop","params":["power"]}}}}"#
-    ));
+    py.push(&serde_json::json!({"id":501,"method":"get_prop","params":["power"]}));
     let cmd = lc
         .recv_until(T, |v| v.get("method") == Some(&Value::from("get_prop")))
         .expect("command");
@@ -152,7 +145,9 @@ fn run_pycloud(transport: &str) {
     assert_eq!(r["pending"], true);
     assert_eq!(r["json"]["result"][0], "on");
 
-    // D3 and D4 on every packet the cloud decoded.
+    // D3 and D4 on every packet the cloud decoded. The reply above was the daemon's last packet
+    // but keepalives; sync makes sure every event the cloud wrote for what it read is in.
+    py.sync();
     for m in py.cloud.json().iter().filter(|v| v["ev"] == "msg") {
         assert_eq!(m["nul"], true, "{m}");
         assert_eq!(m["after_nul"], 0, "{m}");
@@ -171,24 +166,48 @@ fn python_cloud_over_tcp_only() {
     run_pycloud("tcp");
 }
 
+/// Every event of the device's first session is in: over UDP the cloud reads one socket in
+/// order, so the hello of the next attempt comes after all of it; over TCP the first connection's
+/// close (the daemon drops it for the next attempt) comes after its last byte.
+fn first_session_over(py: &Py, transport: &str) {
+    let end = if transport == "udp" {
+        py.cloud.wait_nth(T, 2, ev("hello"))
+    } else {
+        py.cloud
+            .wait(T, |v| v["ev"] == "tcp_close" && v["conn"] == 1)
+    };
+    assert!(
+        end.is_some(),
+        "first session never ended: {:?}",
+        py.cloud.all()
+    );
+}
+
 fn silent_cloud_then_recovery(transport: &str) {
     let Some(mut py) = pycloud() else { return };
-    let local = free_port();
     let dir = provisioned_dir(&format!("silent-{transport}"));
-    let args = daemon_args(&dir, py.port, transport, local);
-    let d = Daemon::start(&dir, &strs(&args));
+    let args = daemon_args(&dir, py.port, transport);
+    let d = Daemon::start(&dir, &args);
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
     assert!(py
         .cloud
         .wait(T, |v| v["ev"] == "sent" && v["kind"] == "pong")
         .is_some());
-    let mut lc = LocalClient::connect(local);
-    py.cloud.send(r#"{"cmd":"silent","on":true}"#);
+    let mut lc = LocalClient::connect(d.local());
+    py.cmd(r#"{"cmd":"silent","on":true}"#);
     let st = lc
         .recv_until(T, |v| v["params"] == "cloud_retry")
         .expect("cloud_retry broadcast");
     assert_eq!(st["method"], "local.status");
+    // Upstream while down: OT server disconnected at once (D5).
+    lc.send(r#"{"id":3,"method":"props","params":{}}"#);
+    let e = lc
+        .recv_until(T, |v| v.get("id") == Some(&Value::from(3)))
+        .unwrap();
+    assert_eq!(e["error"]["code"], -30011);
+    first_session_over(&py, transport);
     // P§5.6: lost at the 3rd tick after the first unanswered keepalive, so at most 2 more were sent.
+    // (While down the daemon sends hellos, not keepalives.)
     let unanswered = py
         .cloud
         .count(|v| v["ev"] == "unanswered" && v["what"] == "keepalive");
@@ -196,17 +215,15 @@ fn silent_cloud_then_recovery(transport: &str) {
         (1..=3).contains(&unanswered),
         "{unanswered} keepalives went unanswered"
     );
-    // Upstream while down: OT server disconnected at once (D5).
-    lc.send(r#"{"id":3,"method":"props","params":{}}"#);
-    let e = lc
-        .recv_until(T, |v| v.get("id") == Some(&Value::from(3)))
-        .unwrap();
-    assert_eq!(e["error"]["code"], -30011);
-    py.cloud.send(r#"{"cmd":"silent","on":false}"#);
+    py.cmd(r#"{"cmd":"silent","on":false}"#);
     lc.recv_until(Duration::from_secs(20), |v| {
         v["params"] == "cloud_connected"
     })
     .expect("reconnects when the cloud is back");
+    // A report sent now reaches the cloud after everything of the new session's start (same
+    // socket, in order): then the counts are final.
+    lc.send(r#"{"id":4,"method":"test.barrier","params":[]}"#);
+    assert!(py.cloud.wait(T, is_msg("test.barrier")).is_some());
     assert_eq!(py.cloud.count(is_msg("_otc.info")), 2);
     // D12: the idle report only once per daemon run.
     let idle = py
@@ -228,11 +245,12 @@ fn silent_cloud_tcp() {
 #[test]
 fn bad_packets_are_dropped_and_the_link_stays_up() {
     let Some(mut py) = pycloud() else { return };
-    let local = free_port();
     let dir = provisioned_dir("badpkt");
-    let args = daemon_args(&dir, py.port, "udp", local);
-    let d = Daemon::start(&dir, &strs(&args));
+    let args = daemon_args(&dir, py.port, "udp");
+    let d = Daemon::start(&dir, &args);
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    // The cloud knows the device's address once a packet of it arrived.
+    assert!(py.cloud.wait(T, is_msg("_otc.info")).is_some());
     // V12 (a valid uplink under this key and did 1234567) and its mangled forms, plus garbage.
     let v12 = "21310060000000000012d6875a9b23a026e3fd6419fdfce1305f76990f67481cc6f4ab6a152c05839b1d041d93659271e8865b7c78bb5a97f72088246b796d79d9efa9253dcb29863821b9855ce110f0b35ebb5082ae9f7d19c854e0cabd4c10";
     let ours = format!("{DID:08x}");
@@ -245,6 +263,8 @@ fn bad_packets_are_dropped_and_the_link_stays_up() {
         .collect();
     let mut flipped = fixed.clone();
     flipped.replace_range(100..102, "00");
+    // Each `ok` says the packet was sent, so all of them are in the daemon's socket before the
+    // request below is even written: its ack comes after the daemon has read them all.
     for hex in [
         flipped.as_str(),
         v12,                                                                // wrong did
@@ -254,42 +274,45 @@ fn bad_packets_are_dropped_and_the_link_stays_up() {
         &fixed.replacen("21310060", "21310061", 1),                         // bad length
         &non_json, // valid MD5 and padding, not JSON
     ] {
-        py.cloud
-            .send(&format!(r#"{{"cmd":"raw","did":{DID},"hex":"{hex}"}}"#));
+        py.cmd(&format!(r#"{{"cmd":"raw","did":{DID},"hex":"{hex}"}}"#));
     }
-    let mut lc = LocalClient::connect(local);
+    let mut lc = LocalClient::connect(d.local());
     lc.send(r#"{"id":11,"method":"props","params":{}}"#);
     let ack = lc
         .recv_until(T, |v| v.get("id") == Some(&Value::from(11)))
         .unwrap();
     assert_eq!(ack["result"], "ok", "link still up: {ack}");
-    let log = d.log_text();
-    assert!(!log.contains("cloud_retry"), "{log}");
     assert!(
-        log.contains("MD5") || log.contains("device id"),
-        "drops are logged: {log}"
+        wait_until(T, || d.log_has("MD5") || d.log_has("device id")),
+        "drops are logged: {}",
+        d.log_text()
     );
+    assert!(!d.log_has("cloud_retry"), "{}", d.log_text());
 }
 
 #[test]
 fn tcp_closed_mid_packet_reconnects() {
     let Some(mut py) = pycloud() else { return };
-    let local = free_port();
     let dir = provisioned_dir("tcpcut");
-    let args = daemon_args(&dir, py.port, "tcp", local);
-    let d = Daemon::start(&dir, &strs(&args));
+    let args = daemon_args(&dir, py.port, "tcp");
+    let d = Daemon::start(&dir, &args);
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
-    let mut lc = LocalClient::connect(local);
+    assert!(py.cloud.wait(T, is_msg("_otc.info")).is_some());
+    let mut lc = LocalClient::connect(d.local());
     // Half a packet header, then the cloud closes the connection.
-    py.cloud.send(&format!(
+    py.cmd(&format!(
         r#"{{"cmd":"raw","did":{DID},"hex":"21310060000000"}}"#
     ));
-    py.cloud.send(r#"{"cmd":"close_tcp"}"#);
+    py.cmd(r#"{"cmd":"close_tcp"}"#);
     lc.recv_until(T, |v| v["params"] == "cloud_retry")
         .expect("link down");
     lc.recv_until(Duration::from_secs(20), |v| {
         v["params"] == "cloud_connected"
     })
     .expect("reconnected");
-    assert!(py.cloud.count(ev("tcp_open")) >= 2);
+    assert!(
+        py.cloud.wait_nth(T, 2, ev("tcp_open")).is_some(),
+        "{:?}",
+        py.cloud.all()
+    );
 }

@@ -10,25 +10,27 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
 
-fn start(dir: &TempDir, lan: u16, local: u16, extra: &[&str]) -> Daemon {
+/// The daemon, its LAN port `lan` (None: one of its own), and a cloud that is not there: LAN works
+/// offline-first (D7). The dead cloud port lives as long as the daemon.
+fn start(dir: &TempDir, lan: Option<u16>, extra: &[&str]) -> (Daemon, DeadPort) {
     let mut a = base_args(dir);
-    set_opt(&mut a, "--lan-port", lan);
-    set_opt(&mut a, "--local-port", local);
-    // A cloud that is not there: LAN works offline-first (D7).
-    a.extend(["-H", "127.0.0.1", "-p", &free_port().to_string()].map(String::from));
+    if let Some(p) = lan {
+        set_opt(&mut a, "--lan-port", p);
+    }
+    let dead = DeadPort::new();
+    a.extend(["-H", "127.0.0.1", "-p", &dead.port.to_string()].map(String::from));
     a.extend(extra.iter().map(|s| s.to_string()));
-    let v: Vec<&str> = a.iter().map(String::as_str).collect();
-    let d = Daemon::start(dir, &v);
+    let d = Daemon::start(dir, &a);
     assert!(d.wait_log("STATE_WIFI", T), "{}", d.log_text());
-    d
+    (d, dead)
 }
 
 #[test]
 fn hello_reveals_the_token_only_in_ap_mode() {
     let ap = TempDir::new("lan-ap");
     ap.write("device.conf", GOOD_DEVICE_CONF);
-    let port = free_port();
-    let _d = start(&ap, port, free_port(), &[]);
+    let (ap_d, _dead) = start(&ap, None, &[]);
+    let port = ap_d.lan();
     let r = Phone::new(port, TOKEN).hello().expect("hello reply");
     assert_eq!(r.len(), 32);
     assert_eq!(&r[8..12], &(DID as u32).to_be_bytes());
@@ -47,8 +49,8 @@ fn hello_reveals_the_token_only_in_ap_mode() {
     assert!(info["result"]["life"].is_u64());
 
     let sta = provisioned_dir("lan-sta");
-    let port = free_port();
-    let _d = start(&sta, port, free_port(), &[]);
+    let (sta_d, _dead2) = start(&sta, None, &[]);
+    let port = sta_d.lan();
     let r = Phone::new(port, TOKEN).hello().expect("hello reply");
     assert_eq!(&r[16..32], &[0xff; 16], "provisioned: ff filler (D7)");
     assert_eq!(&r[0..8], &[0x21, 0x31, 0x00, 0x20, 0, 0, 0, 0]);
@@ -57,8 +59,8 @@ fn hello_reveals_the_token_only_in_ap_mode() {
 #[test]
 fn info_forwarding_replay_and_timeout() {
     let dir = provisioned_dir("lan-fwd");
-    let (port, local) = (free_port(), free_port());
-    let d = start(&dir, port, local, &["--user-ack-timeout", "1"]);
+    let (d, _dead) = start(&dir, None, &["--user-ack-timeout", "1"]);
+    let (port, local) = (d.lan(), d.local());
     let phone = Phone::new(port, TOKEN);
     assert!(phone.hello().is_some());
     assert!(phone.info_ok(1), "miIO.info answered with the cloud down");
@@ -85,10 +87,21 @@ fn info_forwarding_replay_and_timeout() {
     let r2 = phone.recv(T).expect("replayed reply");
     let v2 = miio::decode(&phone.keys, DID as u32, &r2).unwrap().value;
     assert_eq!(v2, v);
-    assert!(
-        lc.recv(Duration::from_millis(500)).is_none(),
-        "a replay is never executed"
+    // A new request after it: the daemon reads datagrams in order, so had the replay been
+    // executed, its command would reach the local client first.
+    phone.raw(&phone.packet(250, r#"{"id":44,"method":"get_prop","params":["mode"]}"#));
+    let next = lc
+        .recv_until(T, |v| v["method"] == "get_prop")
+        .expect("the next command");
+    assert_eq!(
+        next["params"][0], "mode",
+        "a replay is never executed: {next}"
     );
+    let next_id = next["id"].as_u64().unwrap();
+    lc.send(&format!(r#"{{"id":{next_id},"result":["auto"]}}"#));
+    let r = phone.recv(T).expect("reply to 44");
+    let v = miio::decode(&phone.keys, DID as u32, &r).unwrap().value;
+    assert_eq!(v["id"], 44, "{v:?}");
 
     // Nobody answers: -9999 after the user-ack timeout.
     let v = phone
@@ -96,7 +109,7 @@ fn info_forwarding_replay_and_timeout() {
         .expect("timeout reply");
     assert_eq!(v["error"]["code"], -9999, "{v}");
     assert!(
-        d.log_text().contains("STATE_CLOUD"),
+        d.wait_log("STATE_CLOUD", T),
         "cloud attempts go on meanwhile"
     );
 }
@@ -104,8 +117,8 @@ fn info_forwarding_replay_and_timeout() {
 #[test]
 fn bad_input_matrix_keeps_the_daemon_answering() {
     let dir = provisioned_dir("lan-bad");
-    let port = free_port();
-    let mut d = start(&dir, port, free_port(), &[]);
+    let (mut d, _dead) = start(&dir, None, &[]);
+    let port = d.lan();
     let phone = Phone::new(port, TOKEN);
     let good = phone.packet(7, r#"{"id":12,"method":"miIO.info","params":[]}"#);
     let mut flipped = good.clone();
@@ -141,14 +154,17 @@ fn bad_input_matrix_keeps_the_daemon_answering() {
     ];
     for (i, (name, bytes)) in cases.iter().enumerate() {
         phone.raw(bytes);
-        assert!(
-            phone.recv(Duration::from_millis(300)).is_none(),
-            "{name}: no answer"
-        );
-        assert!(
-            phone.info_ok(1000 + i as u64),
-            "{name}: daemon still answers"
-        );
+        // The daemon reads datagrams in order: any answer to the bad one would come before the
+        // answer to this good request.
+        let id = 1000 + i as u64;
+        let v = phone
+            .call(
+                100 + i as u32,
+                &format!(r#"{{"id":{id},"method":"miIO.info","params":[]}}"#),
+                T,
+            )
+            .unwrap_or_else(|| panic!("{name}: the next packet is not a reply under the token"));
+        assert_eq!(v["id"], id, "{name}: no answer, daemon still answers: {v}");
     }
     // Random datagrams (a randomized test of 100k datagrams, xorshift so the run is reproducible).
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
@@ -197,8 +213,8 @@ fn python_miio_as_the_phone() {
     // python-miio always says hello to port 54321: take it, one test at a time (ARCHITECTURE.md §5).
     let _lock = PortLock::take(54321);
     let dir = provisioned_dir("pymiio");
-    let local = free_port();
-    let _d = start(&dir, 54321, local, &["--user-ack-timeout", "1"]);
+    let (d, _dead) = start(&dir, Some(54321), &["--user-ack-timeout", "1"]);
+    let local = d.local();
     let mut lc = LocalClient::connect(local);
     lc.send(r#"{"id":1,"method":"local.query_status"}"#);
     assert!(lc.recv(T).is_some());

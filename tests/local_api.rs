@@ -16,51 +16,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const T: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
-// The Python cloud
-
-impl Py {
-    /// Writes one command line and waits for its `ok`/`error` answer (README: effects come before it).
-    fn cmd(&mut self, line: &str) -> Value {
-        let answered =
-            |v: &Value| v["ev"] == "ok" || (v["ev"] == "error" && v.get("cmd").is_some());
-        let before = self.cloud.count(answered);
-        self.cloud.send(line);
-        let mut hit = None;
-        wait_until(T, || {
-            let all: Vec<Value> = self.cloud.json().into_iter().filter(answered).collect();
-            hit = all.get(before).cloned();
-            hit.is_some()
-        });
-        let v = hit.unwrap_or_else(|| panic!("python cloud did not answer {line}"));
-        assert_eq!(v["ev"], "ok", "{line} -> {v}");
-        v
-    }
-
-    /// Pushes a command (or any message) to the device.
-    fn push(&mut self, msg: &Value) {
-        self.cmd(&json!({"cmd":"send","did":DID,"json":msg}).to_string());
-    }
-
-    /// Every `msg` event (a data packet from the device) whose JSON matches `pred`.
-    fn msgs(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        self.cloud
-            .json()
-            .into_iter()
-            .filter(|v| v["ev"] == "msg" && pred(&v["json"]))
-            .collect()
-    }
-
-    /// Every `reply` event (a message without `method`) with this id.
-    fn replies(&self, id: u64) -> Vec<Value> {
-        self.cloud
-            .json()
-            .into_iter()
-            .filter(|v| v["ev"] == "reply" && v["id"] == id)
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The daemon
 
 struct Dut {
@@ -70,11 +25,6 @@ struct Dut {
     ble: u16,
 }
 
-fn arg_after(a: &[String], flag: &str) -> u16 {
-    let i = a.iter().position(|x| x == flag).unwrap();
-    a[i + 1].parse().unwrap()
-}
-
 /// A provisioned daemon against a cloud on 127.0.0.1:`cloud_port` (UDP), fast timers.
 fn daemon(tag: &str, cloud_port: u16, extra: &[&str]) -> Dut {
     daemon_in(provisioned_dir(&format!("local-{tag}")), cloud_port, extra)
@@ -82,7 +32,6 @@ fn daemon(tag: &str, cloud_port: u16, extra: &[&str]) -> Dut {
 
 fn daemon_in(dir: TempDir, cloud_port: u16, extra: &[&str]) -> Dut {
     let mut a = base_args(&dir);
-    let (local, ble) = (arg_after(&a, "--local-port"), arg_after(&a, "--ble-port"));
     a.extend(
         [
             "-H",
@@ -104,8 +53,8 @@ fn daemon_in(dir: TempDir, cloud_port: u16, extra: &[&str]) -> Dut {
         .map(String::from),
     );
     a.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = a.iter().map(String::as_str).collect();
-    let d = Daemon::start(&dir, &args);
+    let d = Daemon::start(&dir, &a);
+    let (local, ble) = (d.local(), d.ble());
     Dut { dir, d, local, ble }
 }
 
@@ -289,7 +238,9 @@ fn upstream_same_id_two_clients_payload_limit_fire_and_forget() {
         assert_eq!(ack, json!({"id":1,"result":"ok"}), "client {name}");
         nothing_else(c, 2, &format!("exactly one ack for client {name}"));
     }
-    let ups = py.msgs(|j| j["method"] == "props" && j["params"]["who"].is_string());
+    // Each ack was the cloud's answer, written after its `msg` event.
+    let who_is = |j: &Value| j["method"] == "props" && j["params"]["who"].is_string();
+    let ups = py.wait_msgs(2, who_is);
     assert_eq!(ups.len(), 2, "{ups:?}");
     let ids: Vec<&Value> = ups.iter().map(|m| &m["json"]["id"]).collect();
     assert!(ids[0].is_u64() && ids[1].is_u64(), "{ids:?}");
@@ -314,6 +265,7 @@ fn upstream_same_id_two_clients_payload_limit_fire_and_forget() {
     a.send(r#"{"method":"event.ff","params":[1]}"#);
     nothing_else(&mut a, 4, "a message without id gets no reply");
     barrier(&py, &mut a, "up");
+    assert_eq!(py.msgs(who_is).len(), 2, "no third report");
     assert!(py.msgs(|j| j["params"]["blob"].is_string()).is_empty());
     let ff = py.msgs(|j| j["method"] == "event.ff");
     assert_eq!(ff.len(), 1, "{ff:?}");
@@ -323,8 +275,9 @@ fn upstream_same_id_two_clients_payload_limit_fire_and_forget() {
 
 #[test]
 fn cloud_down_gives_ot_server_disconnected() {
-    // Nothing listens on this port: the attempt stays in cloud_trying (hellos unanswered).
-    let dut = daemon("down", free_port(), &["--helper-grace", "0.3"]);
+    // Nobody answers on this port: the attempt stays in cloud_trying (hellos unanswered).
+    let dead = DeadPort::new();
+    let dut = daemon("down", dead.port, &["--helper-grace", "0.3"]);
     dut.wait_log("-> STATE_CLOUD_TRYING");
     let mut c = ordinary(dut.local);
     c.send(r#"{"id":5,"method":"props","params":{"a":1}}"#);
@@ -624,10 +577,13 @@ fn one_broadcast_per_event() {
     // Nothing after: the round trip sees no further broadcast.
     let (before, _) = round_trip(&mut a, 4);
     assert!(before.is_empty(), "{before:?}");
-    // The states that must not be broadcast were passed through.
-    let log = dut.d.log_text();
+    // The states that must not be broadcast were passed through (logged before cloud_connected).
     for s in ["STATE_WIFI_STA_MODE", "STATE_CLOUD_TRYING"] {
-        assert!(log.contains(s), "{s} not in the log:\n{log}");
+        assert!(
+            dut.d.log_has(s),
+            "{s} not in the log:\n{}",
+            dut.d.log_text()
+        );
     }
 }
 
@@ -697,6 +653,8 @@ fn helper_connections_never_get_broadcasts() {
     a.send(r#"{"id":801,"result":["done"]}"#);
     nothing_else(&mut a, 2, "reply");
 
+    // The round trip above came after the broadcast turn, so whatever the daemon wrote to the
+    // helper connections in that turn is already in their sockets: a short drain sees it.
     let got_h = drain(&mut h, Duration::from_millis(300));
     only_helper_messages(&got_h, "hello connection");
     let got_h2 = drain(&mut h2, Duration::from_millis(300));
@@ -877,10 +835,10 @@ fn bad_input_matrix() {
     let mut sent = 0u64;
     let end = Instant::now() + Duration::from_secs(25);
     let closed_line = "it does not read";
-    while !dut.d.log_text().contains(closed_line) && Instant::now() < end && sent < 800 {
-        // Not py.push: waiting for each `ok` would re-read the whole (growing) event log.
-        // One at a time: a burst of 30 KB datagrams could overflow the daemon's UDP receive
-        // buffer, and a lost datagram is the kernel's doing, not the daemon's.
+    while !dut.d.log_has(closed_line) && Instant::now() < end && sent < 800 {
+        // Not py.push: the watcher receiving the command is the wait. One at a time: a burst
+        // of 30 KB datagrams could overflow the daemon's UDP receive buffer, and a lost
+        // datagram is the kernel's doing, not the daemon's.
         sent += 1;
         let m = json!({"method":"flood","params":[sent, pad]});
         py.cloud
@@ -895,7 +853,7 @@ fn bad_input_matrix() {
     }
     eprintln!("flood: {sent} commands of ~30 KB before the close");
     assert!(
-        dut.d.log_text().contains(closed_line),
+        dut.d.log_has(closed_line),
         "the never-reading client was not closed after {sent} commands"
     );
     w.served("flood");
@@ -907,8 +865,9 @@ fn bad_input_matrix() {
 
 #[test]
 fn twenty_five_clients_with_max_twenty() {
-    // No cloud needed: the daemon keeps trying an empty port.
-    let dut = daemon("many", free_port(), &["--helper-grace", "0.3"]);
+    // No cloud needed: the daemon keeps trying a port where nobody answers.
+    let dead = DeadPort::new();
+    let dut = daemon("many", dead.port, &["--helper-grace", "0.3"]);
     // The first connection retries until the listener is up; it is client 1.
     let first = LocalClient::connect(dut.local).stream;
     first

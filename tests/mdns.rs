@@ -292,39 +292,44 @@ fn failed_multicast_join_still_answers_unicast() {
 #[test]
 fn the_daemon_answers_a_legacy_query_once_connected() {
     use common::*;
-    let (cloud_port, ctl, mdns_port, lan) = (free_port(), free_port(), free_port(), free_port());
-    let _cloud = fakecloud(cloud_port, ctl);
+    const T: Duration = Duration::from_secs(15);
+    let cloud = fakecloud();
     let dir = provisioned_dir("mdns-daemon");
     let mut a = base_args(&dir);
-    set_opt(&mut a, "--lan-port", lan);
     a.retain(|x| x != "--no-mdns");
     a.extend(
         [
             "-H",
             "127.0.0.1",
             "-p",
-            &cloud_port.to_string(),
+            &cloud.port.to_string(),
             "--mdns-port",
-            &mdns_port.to_string(),
+            AUTO,
             "--helper-grace",
             "0",
         ]
         .map(String::from),
     );
-    let v: Vec<&str> = a.iter().map(String::as_str).collect();
-    let d = Daemon::start(&dir, &v);
-    assert!(
-        d.wait_log("STATE_CLOUD_CONNECTED", LIMIT),
-        "{}",
-        d.log_text()
-    );
+    let d = Daemon::start(&dir, &a);
+    let (lan, mdns_port) = (d.lan(), d.mdns());
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    // The daemon sets its service in the same turn it logs the state; a query is still asked
+    // again each second until the deadline, as a resolver would.
     let q = querier();
-    q.send_to(
-        &query(0x77, "_miio._udp.local", 12),
-        (Ipv4Addr::LOCALHOST, mdns_port),
-    )
-    .unwrap();
-    let reply = recv(&q);
+    q.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let end = Instant::now() + T;
+    let reply = loop {
+        q.send_to(
+            &query(0x77, "_miio._udp.local", 12),
+            (Ipv4Addr::LOCALHOST, mdns_port),
+        )
+        .unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = q.recv_from(&mut buf) {
+            break buf[..n].to_vec();
+        }
+        assert!(Instant::now() < end, "no mDNS reply: {}", d.log_text());
+    };
     let Some(lines) = decode(&reply) else { return };
     assert_eq!(lines[0], "HDR 119 1 1 1 5 0 0", "{lines:?}");
     assert!(

@@ -16,6 +16,7 @@ struct Setup {
     local: u16,
     ble: u16,
     cloud: Option<Lines>,
+    _dead: Option<DeadPort>,
 }
 
 fn pycloud() -> Option<(Lines, u16)> {
@@ -23,23 +24,21 @@ fn pycloud() -> Option<(Lines, u16)> {
 }
 
 /// An unprovisioned device (AP mode) against the python cloud, or a dead port without one.
-fn ap_device(tag: &str, lan: u16, with_cloud: bool) -> Option<Setup> {
+/// `lan`: a fixed LAN port (None: one of its own).
+fn ap_device(tag: &str, lan: Option<u16>, with_cloud: bool) -> Option<Setup> {
     let dir = TempDir::new(tag);
     dir.write("device.conf", GOOD_DEVICE_CONF);
-    let (cloud, port) = if with_cloud {
+    let (cloud, dead, port) = if with_cloud {
         let (c, p) = pycloud()?;
-        (Some(c), p)
+        (Some(c), None, p)
     } else {
-        (None, free_port())
+        let dead = DeadPort::new();
+        let p = dead.port;
+        (None, Some(dead), p)
     };
-    let (local, ble) = (free_port(), free_port());
     let mut a = base_args(&dir);
-    for (opt, v) in [
-        ("--lan-port", lan),
-        ("--local-port", local),
-        ("--ble-port", ble),
-    ] {
-        set_opt(&mut a, opt, v);
+    if let Some(p) = lan {
+        set_opt(&mut a, "--lan-port", p);
     }
     a.extend(
         [
@@ -52,9 +51,9 @@ fn ap_device(tag: &str, lan: u16, with_cloud: bool) -> Option<Setup> {
         ]
         .map(String::from),
     );
-    let v: Vec<&str> = a.iter().map(String::as_str).collect();
-    let d = Daemon::start(&dir, &v);
+    let d = Daemon::start(&dir, &a);
     assert!(d.wait_log("STATE_WIFI_AP_MODE", T), "{}", d.log_text());
+    let (lan, local, ble) = (d.lan(), d.local(), d.ble());
     Some(Setup {
         d,
         dir,
@@ -62,6 +61,7 @@ fn ap_device(tag: &str, lan: u16, with_cloud: bool) -> Option<Setup> {
         local,
         ble,
         cloud,
+        _dead: dead,
     })
 }
 
@@ -73,7 +73,7 @@ fn ask(c: &mut LocalClient, id: u64, params: Value) -> Value {
 
 #[test]
 fn ble_and_qr_refuse_bad_parameters_and_write_nothing() {
-    let s = ap_device("ble-bad", free_port(), false).unwrap();
+    let s = ap_device("ble-bad", None, false).unwrap();
     let mut ble = LocalClient::connect(s.ble);
     let mut second = std::net::TcpStream::connect(("127.0.0.1", s.ble)).unwrap();
     // One BLE client only: the second is closed at once.
@@ -121,7 +121,7 @@ fn ble_and_qr_refuse_bad_parameters_and_write_nothing() {
 
 #[test]
 fn a_second_request_while_one_runs_is_refused() {
-    let s = ap_device("ble-busy", free_port(), false).unwrap();
+    let s = ap_device("ble-busy", None, false).unwrap();
     // A helper is present (helper_ready), so wifi_start waits for its answer.
     let mut helper = LocalClient::connect(s.local);
     helper.send(r#"{"method":"_internal.helper_ready"}"#);
@@ -180,7 +180,7 @@ fn a_second_request_while_one_runs_is_refused() {
 #[test]
 fn ap_quick_connect_over_the_lan_reaches_the_cloud_with_uid_and_bindkey() {
     let _lock = PortLock::take(54321);
-    let Some(s) = ap_device("ap-lan", 54321, true) else {
+    let Some(s) = ap_device("ap-lan", Some(54321), true) else {
         return;
     };
     let cloud = s.cloud.as_ref().unwrap();
@@ -254,24 +254,21 @@ fn ap_quick_connect_over_the_lan_reaches_the_cloud_with_uid_and_bindkey() {
 fn router_password_change_that_fails_restores_the_old_wifi_conf() {
     let dir = provisioned_dir("sta-change");
     let old = std::fs::read_to_string(dir.join("wifi.conf")).unwrap();
-    let (lan, local) = (free_port(), free_port());
     let mut a = base_args(&dir);
-    for (opt, v) in [("--lan-port", lan), ("--local-port", local)] {
-        set_opt(&mut a, opt, v);
-    }
+    let dead = DeadPort::new();
     a.extend(
         [
             "-H",
             "127.0.0.1",
             "-p",
-            &free_port().to_string(),
+            &dead.port.to_string(),
             "--helper-grace",
             "0",
         ]
         .map(String::from),
     );
-    let v: Vec<&str> = a.iter().map(String::as_str).collect();
-    let d = Daemon::start(&dir, &v);
+    let d = Daemon::start(&dir, &a);
+    let (lan, local) = (d.lan(), d.local());
     assert!(d.wait_log("STATE_WIFI_STA_MODE", T), "{}", d.log_text());
     let mut helper = LocalClient::connect(local);
     helper.send(r#"{"method":"_internal.helper_ready"}"#);
@@ -307,17 +304,18 @@ fn router_password_change_that_fails_restores_the_old_wifi_conf() {
         d.log_text()
     );
     assert!(d.wait_log("wifi_failed", T));
-    let log = d.log_text();
-    let after = &log[log.rfind("wifi_failed").unwrap()..];
-    assert!(
-        after.contains("STATE_WIFI_STA_MODE") || after.contains("STATE_CLOUD"),
-        "{log}"
-    );
+    // Back on the old network: a state change after the failure (it may be logged later).
+    let back = wait_until(T, || {
+        let log = d.log_text();
+        let after = &log[log.rfind("wifi_failed").unwrap()..];
+        after.contains("STATE_WIFI_STA_MODE") || after.contains("STATE_CLOUD")
+    });
+    assert!(back, "{}", d.log_text());
 }
 
 #[test]
 fn local_listeners_are_on_loopback_only() {
-    let s = ap_device("ss", free_port(), false).unwrap();
+    let s = ap_device("ss", None, false).unwrap();
     let Ok(out) = Command::new("ss").args(["-lntuH"]).output() else {
         skip("ss (iproute2)");
         return;

@@ -793,6 +793,26 @@ fn open_udp(addr: SocketAddrV4) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from_std(s))
 }
 
+/// One line naming every listening socket as bound (the kernel's address, "off" when disabled):
+/// what a port in use or a wrong option did is visible at a glance, and tests read their ports
+/// from it. It follows every bind, so once it is in the log all listeners accept.
+fn log_bound(s: &Sockets, mdns: Option<&Mdns>) {
+    fn show(kind: &str, a: Option<io::Result<SocketAddr>>) -> String {
+        match a {
+            None => "off".into(),
+            Some(Ok(a)) => format!("{kind} {a}"),
+            Some(Err(e)) => format!("{kind} ? ({e})"),
+        }
+    }
+    info!(
+        "bound: LAN {}, local API {}, BLE {}, mDNS {}",
+        show("udp", s.lan.as_ref().map(|x| x.local_addr())),
+        show("tcp", s.local.as_ref().map(|x| x.local_addr())),
+        show("tcp", s.ble.as_ref().map(|x| x.local_addr())),
+        show("udp", mdns.map(|m| m.local_addr())),
+    );
+}
+
 /// Entry point of the applet.
 pub fn main(args: &[String]) -> i32 {
     let a = match cli::parse_client(args) {
@@ -862,6 +882,7 @@ pub fn main(args: &[String]) -> i32 {
     } else {
         None
     };
+    log_bound(&sockets, mdns.as_ref());
     let resolver = match Resolver::new(reactor.registry(), reactor::RESOLVER) {
         Ok(r) => r,
         Err(e) => {

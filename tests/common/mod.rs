@@ -1,5 +1,6 @@
-//! Shared helpers of the end-to-end tests: free ports, a temp data dir, the real binary, and
-//! waiting for a condition with a deadline (never a bare sleep).
+//! Shared helpers of the end-to-end tests: a temp data dir, the real binary on ports it reports
+//! itself, peers whose output is read line by line, and waiting for a condition with a deadline
+//! (never a bare sleep, never an assertion on a snapshot of what a peer may not have said yet).
 #![allow(dead_code)]
 
 use std::io::Read;
@@ -11,14 +12,71 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_miio_client");
 
-/// A port free for both TCP and UDP on loopback at the time of the call.
-pub fn free_port() -> u16 {
+/// The value of a port option that `Daemon::start` replaces with a fresh port on each attempt
+/// (`base_args` puts it on every listener).
+pub const AUTO: &str = "auto";
+
+/// A port that was free for both TCP and UDP on loopback at the time of the call: only a
+/// candidate, since someone else may bind it before the daemon does. `Daemon::start` therefore
+/// retries with fresh ones when the daemon says its port is taken; no test depends on it staying
+/// free.
+fn candidate_port() -> u16 {
     loop {
         let t = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
         let p = t.local_addr().unwrap().port();
         if UdpSocket::bind(("0.0.0.0", p)).is_ok() {
             return p;
         }
+    }
+}
+
+/// A cloud address where nobody answers, held for the life of the value so that no other
+/// process can take the port: UDP datagrams to it are queued and never read (hellos stay
+/// unanswered, no ICMP error), TCP connections are refused (the socket is bound, not listening).
+pub struct DeadPort {
+    pub port: u16,
+    _udp: UdpSocket,
+    _tcp: std::os::fd::OwnedFd,
+}
+
+impl DeadPort {
+    pub fn new() -> DeadPort {
+        use std::os::fd::FromRawFd;
+        for _ in 0..100 {
+            let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+            let port = udp.local_addr().unwrap().port();
+            // SAFETY: plain socket(2)/bind(2) on a zeroed sockaddr_in of the right size; the fd is
+            // owned by the OwnedFd right after a successful socket().
+            let tcp = unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+                let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+                let mut a: libc::sockaddr_in = std::mem::zeroed();
+                a.sin_family = libc::AF_INET as libc::sa_family_t;
+                a.sin_port = port.to_be();
+                a.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+                let r = libc::bind(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    (&a as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                (r == 0).then_some(fd)
+            };
+            if let Some(tcp) = tcp {
+                return DeadPort {
+                    port,
+                    _udp: udp,
+                    _tcp: tcp,
+                };
+            }
+        }
+        panic!("no port free for both a UDP and a TCP socket");
+    }
+}
+
+impl Default for DeadPort {
+    fn default() -> Self {
+        DeadPort::new()
     }
 }
 
@@ -83,32 +141,275 @@ pub fn read_file(p: &Path) -> String {
     s
 }
 
+/// The part of the daemon's log read so far: the file is read from the last offset, complete
+/// lines only, so waiting for a line costs the new bytes, not the whole log again.
+#[derive(Default)]
+struct LogCursor {
+    /// Bytes of the current file consumed (complete lines plus `partial`).
+    offset: u64,
+    /// Inode of the file the offset belongs to: a rotated (renamed) log starts a new file.
+    ino: u64,
+    /// Every complete line read, across rotations.
+    text: String,
+    /// A last line without its newline yet.
+    partial: Vec<u8>,
+    /// Per needle searched for: how far `text` was searched, and whether it was found.
+    searched: std::collections::HashMap<String, (usize, bool)>,
+}
+
+impl LogCursor {
+    /// Reads what was appended to `path`; returns where the new text starts (a line start).
+    fn refresh(&mut self, path: &Path) -> usize {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        let from = self.text.len();
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return from;
+        };
+        let Ok(meta) = f.metadata() else { return from };
+        if meta.ino() != self.ino || meta.len() < self.offset {
+            self.ino = meta.ino();
+            self.offset = 0;
+            self.partial.clear();
+        }
+        if meta.len() == self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return from;
+        }
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        if let Some(nl) = self.partial.iter().rposition(|&b| b == b'\n') {
+            let rest = self.partial.split_off(nl + 1);
+            self.text.push_str(&String::from_utf8_lossy(&self.partial));
+            self.partial = rest;
+        }
+        from
+    }
+}
+
+/// The listening ports a daemon reported in its `bound:` line (None: off).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ports {
+    pub lan: Option<u16>,
+    pub local: Option<u16>,
+    pub ble: Option<u16>,
+    pub mdns: Option<u16>,
+}
+
+/// The start-up line that names every listener (src/applets/client.rs `log_bound`).
+pub const BOUND_LINE: &str = "[I] bound: ";
+/// The daemon's line for a port in use (exit 1).
+pub const QUIT_BOUND: &str = "Quit, maybe another miio_client is already running.";
+
+impl Ports {
+    /// `... [I] bound: LAN udp 0.0.0.0:1, local API tcp 127.0.0.1:2, BLE off, mDNS off`
+    fn parse(line: &str) -> Option<Ports> {
+        let rest = &line[line.find(BOUND_LINE)? + BOUND_LINE.len()..];
+        let mut p = Ports::default();
+        for item in rest.trim_end().split(", ") {
+            let port = if item.ends_with(" off") {
+                None
+            } else {
+                Some(item.rsplit(':').next()?.parse().ok()?)
+            };
+            let slot = if item.starts_with("LAN ") {
+                &mut p.lan
+            } else if item.starts_with("local API ") {
+                &mut p.local
+            } else if item.starts_with("BLE ") {
+                &mut p.ble
+            } else if item.starts_with("mDNS ") {
+                &mut p.mdns
+            } else {
+                return None;
+            };
+            *slot = port;
+        }
+        Some(p)
+    }
+}
+
+/// How long a start may take before the daemon has bound its sockets (a loaded machine).
+const LAUNCH: Duration = Duration::from_secs(30);
+/// Attempts with fresh ports before a clash is a failure.
+const LAUNCH_ATTEMPTS: u32 = 8;
+
 /// The daemon under test, killed on drop.
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    /// The ports it bound (all None for `Daemon::spawn` until `wait_bound`).
+    pub ports: Ports,
+    cursor: std::sync::Mutex<LogCursor>,
+}
+
+enum Launch {
+    Bound(Ports),
+    /// Exit 1 with the port-in-use line, or an AUTO port that could not be bound.
+    Clash,
+    Failed(String),
 }
 
 impl Daemon {
-    /// Starts the binary with `-L <dir>/miio.log` plus `args`; stdout/stderr discarded.
-    pub fn start(dir: &TempDir, args: &[&str]) -> Daemon {
+    /// Starts the binary with `-L <dir>/miio.log` plus `args` and waits until its listeners are
+    /// bound (the `bound:` line). Every `AUTO` port value is a fresh candidate port on each
+    /// attempt; when one turns out to be taken (exit 1 with the vendor's line, or an mDNS port
+    /// it could not bind), the daemon is started again with fresh ones. The ports it got are in
+    /// `ports` (and `lan()`, `local()`, `ble()`, `mdns()`).
+    pub fn start<S: AsRef<str>>(dir: &TempDir, args: &[S]) -> Daemon {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+        let mut why = String::new();
+        for attempt in 1..=LAUNCH_ATTEMPTS {
+            let argv: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    if *a == AUTO {
+                        candidate_port().to_string()
+                    } else {
+                        a.to_string()
+                    }
+                })
+                .collect();
+            let mut d = Daemon::spawn(dir, &argv);
+            match d.launch(&args) {
+                Launch::Bound(p) => {
+                    d.ports = p;
+                    return d;
+                }
+                Launch::Clash => {
+                    why = d.log_text();
+                    eprintln!("NOTE daemon start {attempt}: a port was taken; fresh ports");
+                    drop(d);
+                    // Keep the failed attempt's log for a reader, out of the way of the next.
+                    let _ = std::fs::rename(
+                        dir.join("miio.log"),
+                        dir.join(&format!("miio.log.clash{attempt}")),
+                    );
+                }
+                Launch::Failed(log) => panic!("the daemon did not start: {log}"),
+            }
+        }
+        panic!("{LAUNCH_ATTEMPTS} starts, each with a port taken; last log:\n{why}");
+    }
+
+    /// Starts the binary with `-L <dir>/miio.log` plus `args`, as given, and returns at once
+    /// (stdout/stderr discarded). For a test that wants the start to fail.
+    pub fn spawn<S: AsRef<str>>(dir: &TempDir, args: &[S]) -> Daemon {
         let log = dir.join("miio.log");
         let child = Command::new(BIN)
             .args(["-L", log.to_str().unwrap()])
-            .args(args)
+            .args(args.iter().map(AsRef::as_ref))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn miio_client");
-        Daemon { child, log }
+        Daemon {
+            child,
+            log,
+            ports: Ports::default(),
+            cursor: Default::default(),
+        }
     }
+
+    /// Waits for the `bound:` line or the exit. A parent that exits 0 (-D) leaves the line to
+    /// its detached child.
+    fn launch(&mut self, asked: &[&str]) -> Launch {
+        let mut out = None;
+        let mut exited = None;
+        wait_until(LAUNCH, || {
+            if let Some(line) = self.log_line(BOUND_LINE) {
+                out = Some(match Ports::parse(&line) {
+                    Some(p) => p,
+                    None => return true,
+                });
+                return true;
+            }
+            if exited.is_none() {
+                exited = self.child.try_wait().ok().flatten();
+            }
+            matches!(exited, Some(st) if !st.success())
+        });
+        if let Some(p) = out {
+            // An AUTO port the daemon runs without (mDNS only warns) was taken too.
+            let auto = |opt: &str| {
+                asked
+                    .iter()
+                    .position(|a| *a == opt)
+                    .is_some_and(|i| asked.get(i + 1) == Some(&AUTO))
+            };
+            let mdns_on = !asked.contains(&"--no-mdns");
+            if auto("--mdns-port") && mdns_on && p.mdns.is_none() {
+                return Launch::Clash;
+            }
+            return Launch::Bound(p);
+        }
+        let log = self.log_text();
+        if let Some(line) = self.log_line(BOUND_LINE) {
+            return Launch::Failed(format!("unreadable {line:?}\n{log}"));
+        }
+        match exited {
+            Some(st) if st.code() == Some(1) && log.contains(QUIT_BOUND) => Launch::Clash,
+            Some(st) => Launch::Failed(format!("exit {st}, log:\n{log}")),
+            None => Launch::Failed(format!("no bound line within {LAUNCH:?}, log:\n{log}")),
+        }
+    }
+
+    /// The LAN port (panics when the daemon runs without one).
+    pub fn lan(&self) -> u16 {
+        self.ports.lan.expect("the daemon has no LAN port")
+    }
+    pub fn local(&self) -> u16 {
+        self.ports.local.expect("the daemon has no local API port")
+    }
+    pub fn ble(&self) -> u16 {
+        self.ports.ble.expect("the daemon has no BLE port")
+    }
+    pub fn mdns(&self) -> u16 {
+        self.ports.mdns.expect("the daemon has no mDNS port")
+    }
+
+    /// The whole log so far (all rotations).
     pub fn log_text(&self) -> String {
-        read_file(&self.log)
+        let mut c = self.cursor.lock().unwrap();
+        c.refresh(&self.log);
+        c.text.clone()
     }
+
+    /// The first complete log line containing `needle`, if any yet.
+    pub fn log_line(&self, needle: &str) -> Option<String> {
+        let mut c = self.cursor.lock().unwrap();
+        c.refresh(&self.log);
+        c.text
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_owned)
+    }
+
+    /// Whether the log holds `needle` now (a check after something that proves it was written).
+    pub fn log_has(&self, needle: &str) -> bool {
+        self.wait_log(needle, Duration::ZERO)
+    }
+
+    /// Waits for `needle` in a log line. Each poll reads only the new bytes, and no part of the
+    /// log is searched twice for the same needle (in this call or an earlier one).
     pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
-        wait_until(limit, || self.log_text().contains(needle))
+        wait_until(limit, || {
+            let mut c = self.cursor.lock().unwrap();
+            c.refresh(&self.log);
+            let (from, found) = c.searched.get(needle).copied().unwrap_or((0, false));
+            if found {
+                return true;
+            }
+            // `from` is a line start; a needle never spans lines.
+            let hit = c.text[from..].contains(needle);
+            let len = c.text.len();
+            c.searched.insert(needle.to_owned(), (len, hit));
+            hit
+        })
     }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
@@ -141,17 +442,17 @@ impl Drop for Daemon {
     }
 }
 
-/// Base arguments: a data dir and free ports for every listener.
+/// Base arguments: a data dir and a fresh port (`AUTO`) for every listener.
 pub fn base_args(dir: &TempDir) -> Vec<String> {
     vec![
         "-d".into(),
         dir.dir_arg(),
         "--lan-port".into(),
-        free_port().to_string(),
+        AUTO.into(),
         "--local-port".into(),
-        free_port().to_string(),
+        AUTO.into(),
         "--ble-port".into(),
-        free_port().to_string(),
+        AUTO.into(),
         "--os-release".into(),
         dir.join("os-release").display().to_string(),
         // No multicast from tests; tests/mdns.rs turns it on with a port of its own.
@@ -159,7 +460,7 @@ pub fn base_args(dir: &TempDir) -> Vec<String> {
     ]
 }
 
-/// Sets the value of `opt` in an argument list made by `base_args` (every port there is free).
+/// Sets the value of `opt` in an argument list made by `base_args`.
 pub fn set_opt(args: &mut [String], opt: &str, value: impl ToString) {
     let i = args
         .iter()
@@ -168,12 +469,31 @@ pub fn set_opt(args: &mut [String], opt: &str, value: impl ToString) {
     args[i + 1] = value.to_string();
 }
 
-/// `MIIO_REQUIRE_ALL=1` (set by .ci/run) turns a missing outside tool into a failure.
+/// `MIIO_REQUIRE_ALL=1` (set by .ci/run) turns a missing outside tool into a failure. Otherwise
+/// the skip is printed and recorded, one `test<TAB>tool` line, in the file named by
+/// `MIIO_SKIP_FILE` (set by `make test`, which prints the list at the end).
 pub fn skip(tool: &str) -> bool {
     if std::env::var("MIIO_REQUIRE_ALL").is_ok_and(|v| v == "1") {
         panic!("{tool} is required (MIIO_REQUIRE_ALL=1) but missing");
     }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("?")
+        .trim_start_matches("tests::")
+        .to_owned();
     eprintln!("SKIP {tool}");
+    if let Some(path) = std::env::var_os("MIIO_SKIP_FILE").filter(|p| !p.is_empty()) {
+        use std::io::Write;
+        let line = format!("{}::{test}\t{tool}\n", env!("CARGO_CRATE_NAME"));
+        // One write to an O_APPEND file: lines of parallel test binaries do not interleave.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path);
+        if let Err(e) = f.and_then(|mut f| f.write_all(line.as_bytes())) {
+            panic!("cannot record the skip in {path:?}: {e}");
+        }
+    }
     true
 }
 
@@ -199,11 +519,28 @@ pub fn python_has(module: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A line-oriented child (python cloud, fake cloud control) whose stdout lines are collected.
+/// What a `Lines` child has written so far: each line stored once, parsed once.
+#[derive(Default)]
+struct Feed {
+    lines: Vec<String>,
+    /// `lines[i]` as JSON, when it is JSON.
+    json: Vec<Option<serde_json::Value>>,
+    /// The child closed its stdout: no line will come any more.
+    eof: bool,
+}
+
+type Shared = std::sync::Arc<(std::sync::Mutex<Feed>, std::sync::Condvar)>;
+
+/// A line-oriented child (python cloud, fake cloud, python-miio script) whose stdout lines are
+/// collected by a reader thread. The thread may lag behind the child, so a test never asserts on
+/// a snapshot of what arrived (`all`, `json`, `count`) unless a barrier proved the lines it needs
+/// are in (a later line waited for); everything else waits with a deadline (`wait*`). Waiting
+/// sleeps on a condition variable and looks at each new line once.
 pub struct Lines {
     pub child: Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    feed: Shared,
     stdin: Option<std::process::ChildStdin>,
+    sent: usize,
 }
 
 impl Lines {
@@ -216,51 +553,148 @@ impl Lines {
             .expect("spawn child");
         let out = child.stdout.take().unwrap();
         let stdin = child.stdin.take();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let l2 = lines.clone();
+        let feed: Shared = Default::default();
+        let f2 = feed.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
+            let (m, cv) = &*f2;
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push(line);
+                let v = serde_json::from_str(&line).ok();
+                let mut f = m.lock().unwrap();
+                f.lines.push(line);
+                f.json.push(v);
+                cv.notify_all();
             }
+            m.lock().unwrap().eof = true;
+            cv.notify_all();
         });
         Lines {
             child,
-            lines,
+            feed,
             stdin,
+            sent: 0,
         }
     }
-    pub fn all(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+
+    /// Looks at the lines in order until `hit` says stop (returns its index), the child has
+    /// closed its stdout, or `limit` passes. Each line is looked at once.
+    fn scan(
+        &self,
+        limit: Duration,
+        hit: impl FnMut(&str, Option<&serde_json::Value>) -> bool,
+    ) -> Option<usize> {
+        self.scan_from(0, limit, hit)
     }
+
+    /// `scan` from line `i` on.
+    fn scan_from(
+        &self,
+        mut i: usize,
+        limit: Duration,
+        mut hit: impl FnMut(&str, Option<&serde_json::Value>) -> bool,
+    ) -> Option<usize> {
+        let end = Instant::now() + limit;
+        let (m, cv) = &*self.feed;
+        let mut f = m.lock().unwrap();
+        loop {
+            while i < f.lines.len() {
+                if hit(&f.lines[i], f.json[i].as_ref()) {
+                    return Some(i);
+                }
+                i += 1;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if f.eof || left.is_zero() {
+                return None;
+            }
+            f = cv.wait_timeout(f, left).unwrap().0;
+        }
+    }
+
+    fn json_at(&self, i: usize) -> serde_json::Value {
+        self.feed.0.lock().unwrap().json[i].clone().unwrap()
+    }
+
+    /// Snapshot of the lines read so far (for messages, or after a barrier).
+    pub fn all(&self) -> Vec<String> {
+        self.feed.0.lock().unwrap().lines.clone()
+    }
+    /// Snapshot of the JSON lines read so far (only after a barrier).
     pub fn json(&self) -> Vec<serde_json::Value> {
-        self.all()
+        self.feed
+            .0
+            .lock()
+            .unwrap()
+            .json
             .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
+            .flatten()
+            .cloned()
             .collect()
     }
+    /// How many JSON lines read so far match (only after a barrier).
+    pub fn count(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        let f = self.feed.0.lock().unwrap();
+        f.json.iter().flatten().filter(|v| pred(v)).count()
+    }
+
     /// Waits for a JSON line matching `pred` and returns it.
     pub fn wait(
         &self,
         limit: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
-        let mut hit = None;
-        wait_until(limit, || {
-            hit = self.json().into_iter().find(|v| pred(v));
-            hit.is_some()
+        self.wait_nth(limit, 1, pred)
+    }
+
+    /// Waits for the `n`th (from 1) JSON line matching `pred` and returns it.
+    pub fn wait_nth(
+        &self,
+        limit: Duration,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let mut seen = 0;
+        let i = self.scan(limit, |_, v| {
+            if v.is_some_and(&pred) {
+                seen += 1;
+            }
+            seen == n
+        })?;
+        Some(self.json_at(i))
+    }
+
+    /// Waits until `n` JSON lines match `pred`; returns every match then (fewer at the deadline).
+    pub fn wait_all(
+        &self,
+        limit: Duration,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let mut got = Vec::new();
+        self.scan(limit, |_, v| {
+            if let Some(v) = v.filter(|v| pred(v)) {
+                got.push(v.clone());
+            }
+            got.len() >= n
         });
-        hit
+        got
     }
-    pub fn count(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
-        self.json().iter().filter(|v| pred(v)).count()
+
+    /// Waits for a line (JSON or not) matching `pred` and returns it.
+    pub fn wait_line(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let i = self.scan(limit, |l, _| pred(l))?;
+        Some(self.feed.0.lock().unwrap().lines[i].clone())
     }
-    pub fn send(&mut self, line: &str) {
+
+    /// Writes one line to the child's stdin; returns how many lines were written so far.
+    pub fn send(&mut self, line: &str) -> usize {
         use std::io::Write;
         let s = self.stdin.as_mut().expect("stdin");
         s.write_all(line.as_bytes()).unwrap();
         s.write_all(b"\n").unwrap();
         s.flush().unwrap();
+        self.sent += 1;
+        self.sent
     }
 }
 
@@ -280,7 +714,8 @@ pub struct LocalClient {
 impl LocalClient {
     pub fn connect(port: u16) -> LocalClient {
         let mut last = None;
-        for _ in 0..100 {
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
             match std::net::TcpStream::connect(("127.0.0.1", port)) {
                 Ok(s) => {
                     s.set_read_timeout(Some(Duration::from_millis(100)))
@@ -371,7 +806,10 @@ pub struct PortLock(PathBuf);
 impl PortLock {
     pub fn take(port: u16) -> PortLock {
         let p = std::env::temp_dir().join(format!("miio-test-port-{port}.lock"));
+        // Generous: the holder is another whole test on a loaded machine.
+        let end = Instant::now() + Duration::from_secs(300);
         loop {
+            assert!(Instant::now() < end, "{} held for 300 s", p.display());
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -472,12 +910,16 @@ impl Phone {
     }
 }
 
-/// The independent Python cloud (tests/pycloud) on a free port, or a visible skip without
-/// python3 + cryptography.
+/// The independent Python cloud (tests/pycloud) on a port of its own choosing, or a visible skip
+/// without python3 + cryptography.
 pub struct Py {
     pub cloud: Lines,
     pub port: u16,
+    /// Answers to command lines counted so far, and the line after the last one counted.
+    answers: (usize, usize),
 }
+
+const PY_T: Duration = Duration::from_secs(15);
 
 pub fn pycloud() -> Option<Py> {
     if !python_has("cryptography") {
@@ -496,25 +938,118 @@ pub fn pycloud() -> Option<Py> {
     ]);
     let cloud = Lines::spawn(c);
     let l = cloud
-        .wait(Duration::from_secs(15), |v| v["ev"] == "listening")
+        .wait(PY_T, |v| v["ev"] == "listening")
         .expect("python cloud listening");
     let port = l["port"].as_u64().unwrap() as u16;
-    Some(Py { cloud, port })
+    Some(Py {
+        cloud,
+        port,
+        answers: (0, 0),
+    })
 }
 
-/// `miio_fakecloud` (the product's own fake cloud) for the test device on `port`, control on `ctl`.
-pub fn fakecloud(port: u16, ctl: u16) -> Lines {
+/// The cloud's answer to a command line: every non-empty line gets exactly one, in order
+/// (tests/pycloud/README.md), and its effects come before it.
+fn is_answer(v: &serde_json::Value) -> bool {
+    v["ev"] == "ok" || (v["ev"] == "error" && v.get("cmd").is_some())
+}
+
+impl Py {
+    /// Writes one command line and waits for its own `ok` (the k-th answer for the k-th line
+    /// written, whoever wrote the earlier ones); panics on an `error`.
+    pub fn cmd(&mut self, line: &str) -> serde_json::Value {
+        let k = self.cloud.send(line);
+        let (mut n, from) = self.answers;
+        let i = self
+            .cloud
+            .scan_from(from, PY_T, |_, v| {
+                if v.is_some_and(is_answer) {
+                    n += 1;
+                }
+                n == k
+            })
+            .unwrap_or_else(|| panic!("python cloud did not answer {line}"));
+        self.answers = (n, i + 1);
+        let v = self.cloud.json_at(i);
+        assert_eq!(v["ev"], "ok", "{line} -> {v}");
+        v
+    }
+
+    /// A barrier on the cloud's event stream: every event the cloud wrote before it read this
+    /// command is in. (Not a barrier for the daemon's packets still on their way: for those, wait
+    /// for a later packet of the daemon's on the same socket.)
+    pub fn sync(&mut self) {
+        self.cmd(r#"{"cmd":"status"}"#);
+    }
+
+    /// Pushes a command (or any message) to the device and waits until it was sent.
+    pub fn push(&mut self, msg: &serde_json::Value) {
+        self.cmd(&serde_json::json!({"cmd":"send","did":DID,"json":msg}).to_string());
+    }
+
+    /// Every `msg` event (a data packet from the device) whose JSON matches `pred`, read so far
+    /// (after a barrier only).
+    pub fn msgs(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        self.cloud
+            .json()
+            .into_iter()
+            .filter(|v| v["ev"] == "msg" && pred(&v["json"]))
+            .collect()
+    }
+
+    /// Waits until `n` `msg` events match `pred`; returns them (fewer at the deadline).
+    pub fn wait_msgs(
+        &self,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        self.cloud
+            .wait_all(PY_T, n, |v| v["ev"] == "msg" && pred(&v["json"]))
+    }
+
+    /// Every `reply` event (a message without `method`) with this id read so far (after a
+    /// barrier only).
+    pub fn replies(&self, id: u64) -> Vec<serde_json::Value> {
+        self.cloud
+            .json()
+            .into_iter()
+            .filter(|v| v["ev"] == "reply" && v["id"] == id)
+            .collect()
+    }
+}
+
+/// `miio_fakecloud` (the product's own fake cloud) for the test device, on ports it picks itself.
+pub struct FakeCloudProc {
+    pub out: Lines,
+    /// UDP and TCP.
+    pub port: u16,
+    /// The control socket.
+    pub ctl: u16,
+}
+
+pub fn fakecloud() -> FakeCloudProc {
     let mut c = Command::new(BIN);
     c.args([
         "miio_fakecloud",
         "--port",
-        &port.to_string(),
+        "0",
         "--ctl-port",
-        &ctl.to_string(),
+        "0",
         "--did",
         &DID.to_string(),
         "--key",
         KEY,
     ]);
-    Lines::spawn(c)
+    let out = Lines::spawn(c);
+    // `[...] [I] fakecloud: udp+tcp 127.0.0.1:P control 127.0.0.1:C devices [...]`
+    let line = out
+        .wait_line(PY_T, |l| l.contains("fakecloud: udp+tcp "))
+        .unwrap_or_else(|| panic!("miio_fakecloud did not start: {:?}", out.all()));
+    let port_after = |key: &str| -> u16 {
+        let rest = &line[line.find(key).unwrap() + key.len()..];
+        let addr = rest.split_whitespace().next().unwrap();
+        addr.rsplit(':').next().unwrap().parse().unwrap()
+    };
+    let (port, ctl) = (port_after("udp+tcp "), port_after(" control "));
+    FakeCloudProc { out, port, ctl }
 }
