@@ -1,6 +1,7 @@
 //! A local TCP connection (54322/54323 clients, the helper channel): non-blocking reads fed to the
 //! JSON stream splitter (LOCAL_API.md §3) and a bounded write queue (64 KiB, §2) so that a client
-//! that never reads is closed instead of growing the daemon's memory.
+//! that never reads is closed instead of growing the daemon's memory. Input is read a bounded chunk
+//! at a time and split values are handled one by one, so a fast writer costs no memory either.
 
 use std::io::{self, Read, Write};
 
@@ -8,13 +9,20 @@ use mio::net::TcpStream;
 
 use crate::wire::json_stream::{SplitError, Splitter};
 
-/// What one readable event produced.
-#[derive(Debug, Default)]
-pub struct ReadOutcome {
-    /// Complete top-level JSON values (or the splitter's error, after which the caller closes).
-    pub values: Vec<Result<Vec<u8>, SplitError>>,
+/// Bytes read from a connection per turn of the reactor. One read per ready socket per turn keeps
+/// the daemon fair (a fast writer cannot hold the loop) and bounds what one turn buffers: the
+/// splitter holds at most one unfinished value (`max_msg`) plus this.
+pub const READ_CHUNK: usize = 4096;
+
+/// What one bounded read did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStep {
+    /// The socket may hold more: read again next turn without waiting for a new edge.
+    More,
+    /// Drained (WouldBlock or a short read): the next edge says when there is more.
+    Drained,
     /// The peer closed its write side (or the socket failed).
-    pub eof: bool,
+    Eof,
 }
 
 pub struct Conn {
@@ -46,39 +54,40 @@ impl Conn {
         }
     }
 
-    /// Reads until WouldBlock, feeding the splitter. Stops early at the first split error.
-    pub fn read_ready(&mut self) -> ReadOutcome {
-        let mut o = ReadOutcome::default();
-        let mut buf = [0u8; 4096];
+    /// One read of at most [`READ_CHUNK`] bytes into the splitter. The caller then takes the values
+    /// with [`Conn::next_value`] and handles each before reading again.
+    pub fn read_once(&mut self) -> ReadStep {
+        let mut buf = [0u8; READ_CHUNK];
         loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    o.eof = true;
-                    break;
-                }
+            return match self.stream.read(&mut buf) {
+                Ok(0) => ReadStep::Eof,
                 Ok(n) => {
                     self.split.push(&buf[..n]);
-                    let mut failed = false;
-                    while let Some(v) = self.split.next() {
-                        failed = v.is_err();
-                        o.values.push(v);
-                        if failed {
-                            break;
-                        }
-                    }
-                    if failed {
-                        break;
+                    // A short read took all the kernel had; data arriving later raises a new edge.
+                    if n < READ_CHUNK {
+                        ReadStep::Drained
+                    } else {
+                        ReadStep::More
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    o.eof = true;
-                    break;
-                }
-            }
+                Err(_) => ReadStep::Eof,
+            };
         }
-        o
+    }
+
+    /// The next complete value read so far, or the splitter's (sticky) error: the caller closes.
+    pub fn next_value(&mut self) -> Option<Result<Vec<u8>, SplitError>> {
+        self.split.next()
+    }
+
+    /// Backpressure: input is read only while the replies to earlier input are mostly written.
+    /// Above half the cap the client's requests wait in the kernel and TCP slows the client down;
+    /// one chunk of requests cannot produce the other half (L§2: only a client that does not read
+    /// reaches the cap, through broadcasts).
+    pub fn wants_input(&self) -> bool {
+        self.pending_out() <= self.out_limit / 2
     }
 
     pub fn pending_out(&self) -> usize {
