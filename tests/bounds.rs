@@ -187,7 +187,12 @@ fn ss(port: u16) -> Option<Vec<Sock>> {
                 s.tb = field("tb");
                 s.w = field("w");
             }
-        } else if tok.chars().all(|c| c.is_ascii_uppercase() || c == '-') && tok.len() > 3 {
+        } else if tok.starts_with(|c: char| c.is_ascii_uppercase())
+            && tok
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-')
+        {
+            // ESTAB, FIN-WAIT-1, LAST-ACK, ...: a new socket starts.
             socks.push(Sock {
                 state: tok.to_string(),
                 tb: 0,

@@ -443,6 +443,7 @@ impl Daemon {
         };
         if c.conn.send(text.as_bytes()).is_err() {
             warn!("local client {slot}: more than 64 KiB unsent (it does not read), closing");
+            c.conn.reset_on_close();
             self.close_client(slot);
         }
     }

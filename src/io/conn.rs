@@ -4,10 +4,18 @@
 //! at a time and split values are handled one by one, so a fast writer costs no memory either.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 
 use mio::net::TcpStream;
 
+use super::sys;
 use crate::wire::json_stream::{SplitError, Splitter};
+
+/// SO_SNDBUF of a local connection. Loopback autotunes a send buffer to MBs, so a client that does
+/// not read would hold that much kernel memory long before the daemon's own 64 KiB cap (L§2) is
+/// reached. 16 KiB (the kernel doubles it for its overhead) still takes one whole `--max-msg`
+/// message; a queue beyond that is the daemon's, counted against the cap.
+const SNDBUF: i32 = 16 * 1024;
 
 /// Bytes read from a connection per turn of the reactor. One read per ready socket per turn keeps
 /// the daemon fair (a fast writer cannot hold the loop) and bounds what one turn buffers: the
@@ -43,6 +51,8 @@ pub struct Overflow;
 
 impl Conn {
     pub fn new(stream: TcpStream, max_msg: usize, out_limit: usize) -> Conn {
+        // Best effort: without it the connection still works, with the kernel's default buffer.
+        let _ = sys::set_sndbuf(stream.as_raw_fd(), SNDBUF);
         Conn {
             stream,
             split: Splitter::new(max_msg),
@@ -136,6 +146,12 @@ impl Conn {
         } else {
             self.shutdown_pending = true;
         }
+    }
+
+    /// Makes the coming close a reset: a client dropped for not reading leaves no orphan socket
+    /// that holds its unsent data in the kernel.
+    pub fn reset_on_close(&self) {
+        let _ = sys::set_linger_reset(self.stream.as_raw_fd());
     }
 
     /// Shuts the write side (the helper hello connection gets one message, then EOF, L§9.2).
