@@ -93,9 +93,10 @@ impl Conn {
     }
 
     /// Backpressure: input is read only while the replies to earlier input are mostly written.
-    /// Above half the cap the client's requests wait in the kernel and TCP slows the client down;
-    /// one chunk of requests cannot produce the other half (L§2: only a client that does not read
-    /// reaches the cap, through broadcasts).
+    /// Above half the cap the client's requests wait in the kernel and TCP slows the client down.
+    /// The other half is room for the replies to one chunk (a 4 KiB chunk of `local.*` requests
+    /// gives about 10 KiB) and for broadcasts, so in practice only a client that does not read
+    /// reaches the cap (L§2) and is closed.
     pub fn wants_input(&self) -> bool {
         self.pending_out() <= self.out_limit / 2
     }
