@@ -11,7 +11,7 @@ use mio::{Interest, Token};
 
 use crate::cli::{self, CliError, ClientArgs};
 use crate::config::Secret16;
-use crate::io::conn::Conn;
+use crate::io::conn::{Conn, ReadStep};
 use crate::io::datafiles;
 use crate::io::log::{self as ilog, LogHandle};
 use crate::io::mdns::Mdns;
@@ -77,6 +77,8 @@ fn bind_all(a: &ClientArgs) -> io::Result<Sockets> {
 struct Client {
     conn: Conn,
     port: Port,
+    /// Input left unread while the client's replies wait (backpressure); read once they drain.
+    unread: bool,
 }
 
 /// The cloud socket of the current attempt.
@@ -91,6 +93,10 @@ enum CloudSock {
 
 /// Pending output of a local client before it is closed as one that never reads (L§2).
 const CLIENT_OUT_LIMIT: usize = 64 * 1024;
+
+/// Datagrams (or accepts) taken from one socket per turn: a flood on one cannot hold the loop, and
+/// what it left is taken next turn.
+const BURST: usize = 16;
 
 struct Daemon {
     args: ClientArgs,
@@ -108,6 +114,9 @@ struct Daemon {
     mdns: Option<Mdns>,
     /// Receive buffer for the LAN and cloud sockets, reused (see `with_rx`).
     rx: Vec<u8>,
+    /// Sources that may hold more input than their last turn took; served again next turn
+    /// without waiting for an event (mio is edge-triggered).
+    again: Vec<Token>,
 }
 
 fn fresh_token() -> Secret16 {
@@ -267,59 +276,63 @@ impl Daemon {
 
     /// The one receive buffer of the reactor: a datagram can be 64 KiB, and allocating that per
     /// readiness event would be work on the hot path.
-    fn with_rx(&mut self, f: impl FnOnce(&mut Self, &mut [u8])) {
+    fn with_rx(&mut self, f: impl FnOnce(&mut Self, &mut [u8]) -> bool) -> bool {
         let mut buf = std::mem::take(&mut self.rx);
         buf.resize(65536, 0);
-        f(self, &mut buf);
+        let more = f(self, &mut buf);
         self.rx = buf;
+        more
     }
 
-    fn drain_lan(&mut self, now: Instant) {
-        self.with_rx(|d, buf| d.drain_lan_with(now, buf));
+    /// At most BURST datagrams; true when the socket may hold more.
+    fn drain_lan(&mut self, now: Instant) -> bool {
+        self.with_rx(|d, buf| d.drain_lan_with(now, buf))
     }
 
-    fn udp_ready(&mut self, now: Instant) {
-        self.with_rx(|d, buf| d.udp_ready_with(now, buf));
+    fn udp_ready(&mut self, now: Instant) -> bool {
+        self.with_rx(|d, buf| d.udp_ready_with(now, buf))
     }
 
-    fn tcp_ready(&mut self, now: Instant, r: &reactor::Ready) {
-        self.with_rx(|d, buf| d.tcp_ready_with(now, r, buf));
+    fn tcp_ready(&mut self, now: Instant, r: &reactor::Ready) -> bool {
+        self.with_rx(|d, buf| d.tcp_ready_with(now, r, buf))
     }
 
-    fn drain_lan_with(&mut self, now: Instant, buf: &mut [u8]) {
-        loop {
+    fn drain_lan_with(&mut self, now: Instant, buf: &mut [u8]) -> bool {
+        for _ in 0..BURST {
             let Some(lan) = self.sockets.lan.as_ref() else {
-                return;
+                return false;
             };
             match lan.recv_from(buf) {
                 Ok((n, from)) => {
                     self.node.lan_datagram(now, from, &buf[..n]);
                     self.run_actions(now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     warn!("LAN socket: {e}");
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 
-    fn accept(&mut self, now: Instant, port: Port) {
-        loop {
+    /// At most BURST accepts; true when more may wait.
+    fn accept(&mut self, now: Instant, port: Port) -> bool {
+        for _ in 0..BURST {
             let l = match port {
                 Port::Local => self.sockets.local.as_ref(),
                 Port::Ble => self.sockets.ble.as_ref(),
             };
-            let Some(l) = l else { return };
+            let Some(l) = l else { return false };
             let stream = match l.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("accept: {e}");
-                    return;
+                    return false;
                 }
             };
             let slot = match self.clients.iter().position(Option::is_none) {
@@ -342,8 +355,13 @@ impl Daemon {
                 self.node.local_closed(slot);
                 continue;
             }
-            self.clients[slot] = Some(Client { conn, port });
+            self.clients[slot] = Some(Client {
+                conn,
+                port,
+                unread: false,
+            });
         }
+        true
     }
 
     fn close_client(&mut self, slot: usize) {
@@ -354,28 +372,39 @@ impl Daemon {
         self.node.local_closed(slot);
     }
 
-    fn client_ready(&mut self, now: Instant, slot: usize, r: &reactor::Ready) {
+    /// One bounded read of a client and the values it completed, each handled before the next.
+    /// True when the socket may hold more (served again next turn).
+    fn client_ready(&mut self, now: Instant, slot: usize, r: &reactor::Ready) -> bool {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         if r.writable {
             match c.conn.flush() {
                 Ok(true) if c.conn.close_after_flush => {
                     self.close_client(slot);
-                    return;
+                    return false;
                 }
                 Ok(_) => {}
                 Err(_) => {
                     self.close_client(slot);
-                    return;
+                    return false;
                 }
             }
         }
-        if !r.readable {
-            return;
+        if !(r.readable || c.unread) {
+            return false;
         }
-        let out = c.conn.read_ready();
-        for v in out.values {
+        // Backpressure: while its replies wait, the client's input stays in the kernel and TCP
+        // slows it down; a writable event that drains them brings us back here.
+        c.unread = !c.conn.wants_input();
+        if c.unread {
+            return false;
+        }
+        let step = c.conn.read_once();
+        while let Some(v) = self.clients[slot]
+            .as_mut()
+            .and_then(|c| c.conn.next_value())
+        {
             match v {
                 Ok(raw) => self.node.local_value(now, slot, &raw),
                 Err(SplitError::TooLarge { .. }) => {
@@ -384,22 +413,27 @@ impl Daemon {
                         self.args.max_msg
                     );
                     self.close_client(slot);
-                    return;
+                    return false;
                 }
                 Err(SplitError::Syntax { .. }) => {
                     // L§3: a syntax error gets -32700, then the connection is closed.
                     self.node.local_syntax_error(slot);
                     self.run_actions(now);
-                    return;
+                    return false;
                 }
             }
             self.run_actions(now);
-            if self.clients.get(slot).is_none_or(Option::is_none) {
-                return;
-            }
         }
-        if out.eof {
-            self.close_client(slot);
+        if self.clients[slot].is_none() {
+            return false;
+        }
+        match step {
+            ReadStep::Eof => {
+                self.close_client(slot);
+                false
+            }
+            ReadStep::More => true,
+            ReadStep::Drained => false,
         }
     }
 
@@ -409,6 +443,7 @@ impl Daemon {
         };
         if c.conn.send(text.as_bytes()).is_err() {
             warn!("local client {slot}: more than 64 KiB unsent (it does not read), closing");
+            c.conn.reset_on_close();
             self.close_client(slot);
         }
     }
@@ -532,35 +567,36 @@ impl Daemon {
         ok
     }
 
-    fn cloud_ready(&mut self, now: Instant, r: &reactor::Ready) {
+    fn cloud_ready(&mut self, now: Instant, r: &reactor::Ready) -> bool {
         match self.cloud {
             Some(CloudSock::Udp(_)) => self.udp_ready(now),
             Some(CloudSock::Tcp { .. }) => self.tcp_ready(now, r),
-            None => {}
+            None => false,
         }
     }
 
-    fn udp_ready_with(&mut self, now: Instant, buf: &mut [u8]) {
-        loop {
+    fn udp_ready_with(&mut self, now: Instant, buf: &mut [u8]) -> bool {
+        for _ in 0..BURST {
             let res = match self.cloud.as_mut() {
                 Some(CloudSock::Udp(s)) => s.recv(buf),
-                _ => return,
+                _ => return false,
             };
             match res {
                 Ok(n) => {
                     self.node.cloud_datagram(now, &buf[..n]);
                     self.run_actions(now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // ECONNREFUSED (an ICMP error): nothing received (P§5.6); keep reading.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
                 Err(e) => {
                     debug!("cloud recv: {e}");
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 
     /// Finishes a non-blocking connect (the 6 steps of a mio connect). False: not yet.
@@ -599,43 +635,46 @@ impl Daemon {
         }
     }
 
-    fn tcp_ready_with(&mut self, now: Instant, r: &reactor::Ready, buf: &mut [u8]) {
+    /// One read of at most the receive buffer per turn; true when the link may hold more.
+    fn tcp_ready_with(&mut self, now: Instant, r: &reactor::Ready, buf: &mut [u8]) -> bool {
         if let Some(CloudSock::Tcp {
             connected: false, ..
         }) = self.cloud
         {
             if !self.tcp_finish_connect(now) {
-                return;
+                return false;
             }
         }
         if r.writable && !self.cloud_flush() {
             self.cloud_close();
             self.node.cloud_link_down(now);
-            return;
+            return false;
         }
         loop {
             let res = match self.cloud.as_mut() {
                 Some(CloudSock::Tcp { stream, .. }) => stream.read(buf),
-                _ => return,
+                _ => return false,
             };
             match res {
                 Ok(0) => {
                     info!("cloud TCP closed by the peer");
                     self.cloud_close();
                     self.node.cloud_link_down(now);
-                    return;
+                    return false;
                 }
                 Ok(n) => {
                     self.node.cloud_stream(now, &buf[..n]);
                     self.run_actions(now);
+                    // A short read took all the kernel had; later data raises a new edge.
+                    return n == buf.len();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     info!("cloud TCP: {e}");
                     self.cloud_close();
                     self.node.cloud_link_down(now);
-                    return;
+                    return false;
                 }
             }
         }
@@ -724,7 +763,7 @@ impl Daemon {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let turn = self.reactor.wait(deadline)?;
+            let turn = self.reactor.wait(deadline, !self.again.is_empty())?;
             let now = turn.now;
             for s in &turn.signals {
                 match s {
@@ -741,26 +780,39 @@ impl Daemon {
                 }
             }
             self.run_actions(now);
-            for r in &turn.ready {
-                match r.token {
+            // This turn's events plus the sources the last turn left with input.
+            let mut ready = turn.ready;
+            for token in std::mem::take(&mut self.again) {
+                match ready.iter_mut().find(|r| r.token == token) {
+                    Some(r) => r.readable = true,
+                    None => ready.push(reactor::Ready {
+                        token,
+                        readable: true,
+                        writable: false,
+                        closed: false,
+                    }),
+                }
+            }
+            for r in &ready {
+                let more = match r.token {
                     reactor::LAN => self.drain_lan(now),
                     reactor::LOCAL_LISTEN => self.accept(now, Port::Local),
                     reactor::BLE_LISTEN => self.accept(now, Port::Ble),
                     reactor::CLOUD => self.cloud_ready(now, r),
-                    reactor::MDNS => {
-                        if let Some(m) = self.mdns.as_mut() {
-                            m.readable();
-                        }
-                    }
+                    reactor::MDNS => self.mdns.as_mut().is_some_and(Mdns::readable),
                     reactor::RESOLVER => {
                         for ans in self.resolver.drain() {
                             self.node.cloud_resolved(now, ans.result);
                         }
+                        false
                     }
                     Token(t) if t >= reactor::CLIENT_BASE => {
                         self.client_ready(now, t - reactor::CLIENT_BASE, r)
                     }
-                    _ => {}
+                    _ => false,
+                };
+                if more {
+                    self.again.push(r.token);
                 }
                 self.run_actions(now);
             }
@@ -903,6 +955,7 @@ pub fn main(args: &[String]) -> i32 {
         wifi_backup: None,
         mdns,
         rx: vec![0; 65536],
+        again: Vec::new(),
     };
     match d.run() {
         Ok(code) => code,

@@ -1,20 +1,36 @@
 //! A local TCP connection (54322/54323 clients, the helper channel): non-blocking reads fed to the
 //! JSON stream splitter (LOCAL_API.md §3) and a bounded write queue (64 KiB, §2) so that a client
-//! that never reads is closed instead of growing the daemon's memory.
+//! that never reads is closed instead of growing the daemon's memory. Input is read a bounded chunk
+//! at a time and split values are handled one by one, so a fast writer costs no memory either.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 
 use mio::net::TcpStream;
 
+use super::sys;
 use crate::wire::json_stream::{SplitError, Splitter};
 
-/// What one readable event produced.
-#[derive(Debug, Default)]
-pub struct ReadOutcome {
-    /// Complete top-level JSON values (or the splitter's error, after which the caller closes).
-    pub values: Vec<Result<Vec<u8>, SplitError>>,
+/// SO_SNDBUF of a local connection. Loopback autotunes a send buffer to MBs, so a client that does
+/// not read would hold that much kernel memory long before the daemon's own 64 KiB cap (L§2) is
+/// reached. 16 KiB (the kernel doubles it for its overhead) still takes one whole `--max-msg`
+/// message; a queue beyond that is the daemon's, counted against the cap.
+const SNDBUF: i32 = 16 * 1024;
+
+/// Bytes read from a connection per turn of the reactor. One read per ready socket per turn keeps
+/// the daemon fair (a fast writer cannot hold the loop) and bounds what one turn buffers: the
+/// splitter holds at most one unfinished value (`max_msg`) plus this.
+pub const READ_CHUNK: usize = 4096;
+
+/// What one bounded read did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStep {
+    /// The socket may hold more: read again next turn without waiting for a new edge.
+    More,
+    /// Drained (WouldBlock or a short read): the next edge says when there is more.
+    Drained,
     /// The peer closed its write side (or the socket failed).
-    pub eof: bool,
+    Eof,
 }
 
 pub struct Conn {
@@ -35,6 +51,8 @@ pub struct Overflow;
 
 impl Conn {
     pub fn new(stream: TcpStream, max_msg: usize, out_limit: usize) -> Conn {
+        // Best effort: without it the connection still works, with the kernel's default buffer.
+        let _ = sys::set_sndbuf(stream.as_raw_fd(), SNDBUF);
         Conn {
             stream,
             split: Splitter::new(max_msg),
@@ -46,39 +64,41 @@ impl Conn {
         }
     }
 
-    /// Reads until WouldBlock, feeding the splitter. Stops early at the first split error.
-    pub fn read_ready(&mut self) -> ReadOutcome {
-        let mut o = ReadOutcome::default();
-        let mut buf = [0u8; 4096];
+    /// One read of at most [`READ_CHUNK`] bytes into the splitter. The caller then takes the values
+    /// with [`Conn::next_value`] and handles each before reading again.
+    pub fn read_once(&mut self) -> ReadStep {
+        let mut buf = [0u8; READ_CHUNK];
         loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    o.eof = true;
-                    break;
-                }
+            return match self.stream.read(&mut buf) {
+                Ok(0) => ReadStep::Eof,
                 Ok(n) => {
                     self.split.push(&buf[..n]);
-                    let mut failed = false;
-                    while let Some(v) = self.split.next() {
-                        failed = v.is_err();
-                        o.values.push(v);
-                        if failed {
-                            break;
-                        }
-                    }
-                    if failed {
-                        break;
+                    // A short read took all the kernel had; data arriving later raises a new edge.
+                    if n < READ_CHUNK {
+                        ReadStep::Drained
+                    } else {
+                        ReadStep::More
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    o.eof = true;
-                    break;
-                }
-            }
+                Err(_) => ReadStep::Eof,
+            };
         }
-        o
+    }
+
+    /// The next complete value read so far, or the splitter's (sticky) error: the caller closes.
+    pub fn next_value(&mut self) -> Option<Result<Vec<u8>, SplitError>> {
+        self.split.next()
+    }
+
+    /// Backpressure: input is read only while the replies to earlier input are mostly written.
+    /// Above half the cap the client's requests wait in the kernel and TCP slows the client down.
+    /// The other half is room for the replies to one chunk (a 4 KiB chunk of `local.*` requests
+    /// gives about 10 KiB) and for broadcasts, so in practice only a client that does not read
+    /// reaches the cap (L§2) and is closed.
+    pub fn wants_input(&self) -> bool {
+        self.pending_out() <= self.out_limit / 2
     }
 
     pub fn pending_out(&self) -> usize {
@@ -127,6 +147,12 @@ impl Conn {
         } else {
             self.shutdown_pending = true;
         }
+    }
+
+    /// Makes the coming close a reset: a client dropped for not reading leaves no orphan socket
+    /// that holds its unsent data in the kernel.
+    pub fn reset_on_close(&self) {
+        let _ = sys::set_linger_reset(self.stream.as_raw_fd());
     }
 
     /// Shuts the write side (the helper hello connection gets one message, then EOF, L§9.2).

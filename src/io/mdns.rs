@@ -178,29 +178,31 @@ impl Mdns {
         }
     }
 
-    /// Reads every pending datagram (until WouldBlock) and answers the queries for our service.
-    pub fn readable(&mut self) {
+    /// Reads at most 16 datagrams (a flood must not hold the daemon's loop) and answers the queries
+    /// for our service. True when the socket may hold more: the caller comes back next turn.
+    pub fn readable(&mut self) -> bool {
         let mut buf = [0u8; RECV_BUF];
         let mut errors = 0;
-        loop {
+        for _ in 0..16 {
             match self.sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Some(msg) = buf.get(..n) {
                         self.datagram(msg, from);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // A pending socket error is consumed by the failed read; the next may succeed.
                     debug!("mDNS recv: {e}");
                     errors += 1;
                     if errors >= MAX_RECV_ERRORS {
-                        return;
+                        return false;
                     }
                 }
             }
         }
+        true
     }
 
     /// The socket, for `registry().register(.., reactor::MDNS, Interest::READABLE)`.

@@ -7,6 +7,8 @@
 //!   The timerfd is re-armed only when the deadline changes: an idle daemon makes no syscalls.
 //! - Signals only write a byte to a self-pipe; the turn reports them.
 //! - One clock read per turn, right after `poll()` returns.
+//! - Fairness: a handler reads a bounded amount per turn and asks for another turn when the source
+//!   may hold more; the daemon then passes `busy` and the wait does not block.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -101,13 +103,16 @@ impl Reactor {
     }
 
     /// Blocks until a source is ready, a signal arrives or `deadline` passes (never on a tick).
-    pub fn wait(&mut self, deadline: Option<Instant>) -> io::Result<Turn> {
+    /// With `busy` (a socket still holds input the last turn left unread: mio is edge-triggered, so
+    /// no new event will say so) it only collects what is ready and returns at once.
+    pub fn wait(&mut self, deadline: Option<Instant>, busy: bool) -> io::Result<Turn> {
         if deadline != self.armed {
             sys::timerfd_arm(self.timer.as_raw_fd(), deadline.map(|d| d.millis()))?;
             self.armed = deadline;
         }
         loop {
-            match self.poll.poll(&mut self.events, None) {
+            let timeout = busy.then_some(std::time::Duration::ZERO);
+            match self.poll.poll(&mut self.events, timeout) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

@@ -1,5 +1,6 @@
 //! The only `unsafe` in the crate: thin wrappers over the libc calls std does not offer
-//! (CLOCK_BOOTTIME, timerfd, signal handlers, fork/setsid, localtime_r, getrandom, waitpid).
+//! (CLOCK_BOOTTIME, timerfd, signal handlers, fork/setsid, localtime_r, getrandom, waitpid,
+//! socket options).
 //! Each returns owned, safe values; every block states why it is sound.
 #![allow(unsafe_code)]
 
@@ -254,19 +255,10 @@ pub fn udp_bind_reuse(port: u16) -> io::Result<std::net::UdpSocket> {
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let one: libc::c_int = 1;
     for (opt, required) in [(libc::SO_REUSEADDR, true), (libc::SO_REUSEPORT, false)] {
-        // SAFETY: `one` is a valid c_int for the duration of the call and its exact size is passed.
-        let ret = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let ret = setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, opt, &one);
         // SO_REUSEPORT is missing before Linux 3.9 (ENOPROTOOPT); SO_REUSEADDR alone shares the port.
         if required {
-            check(ret)?;
+            ret?;
         }
     }
     // SAFETY: an all-zero sockaddr_in is a valid value of the plain C struct.
@@ -283,6 +275,37 @@ pub fn udp_bind_reuse(port: u16) -> io::Result<std::net::UdpSocket> {
         )
     })?;
     Ok(std::net::UdpSocket::from(sock))
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: &T) -> io::Result<()> {
+    // SAFETY: `val` points to a live, plain C value of exactly the size passed; the kernel only
+    // reads it, and a bad `fd` or option is an error return, not undefined behaviour.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (val as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// SO_SNDBUF: caps the kernel's send queue of a socket (the kernel doubles `bytes` for its own
+/// overhead and stops autotuning it).
+pub fn set_sndbuf(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes)
+}
+
+/// SO_LINGER {on, 0}: the next close sends a reset and frees the send queue at once, instead of
+/// leaving an orphan that holds it while the peer does not read.
+pub fn set_linger_reset(fd: RawFd) -> io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
 #[cfg(test)]
