@@ -318,7 +318,7 @@ impl Daemon {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    warn!("accept: {e}");
+                    crate::warn_limited!(now, "accept: {e}");
                     return;
                 }
             };
@@ -338,7 +338,7 @@ impl Daemon {
                 Token(reactor::CLIENT_BASE + slot),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
-                warn!("register client: {e}");
+                crate::warn_limited!(now, "register client: {e}");
                 self.node.local_closed(slot);
                 continue;
             }
@@ -379,7 +379,8 @@ impl Daemon {
             match v {
                 Ok(raw) => self.node.local_value(now, slot, &raw),
                 Err(SplitError::TooLarge { .. }) => {
-                    warn!(
+                    crate::warn_limited!(
+                        now,
                         "local client {slot}: message over {} bytes, closing",
                         self.args.max_msg
                     );
@@ -388,7 +389,7 @@ impl Daemon {
                 }
                 Err(SplitError::Syntax { .. }) => {
                     // L§3: a syntax error gets -32700, then the connection is closed.
-                    self.node.local_syntax_error(slot);
+                    self.node.local_syntax_error(now, slot);
                     self.run_actions(now);
                     return;
                 }
@@ -403,12 +404,15 @@ impl Daemon {
         }
     }
 
-    fn send_local(&mut self, slot: usize, text: String) {
+    fn send_local(&mut self, now: Instant, slot: usize, text: String) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         if c.conn.send(text.as_bytes()).is_err() {
-            warn!("local client {slot}: more than 64 KiB unsent (it does not read), closing");
+            crate::warn_limited!(
+                now,
+                "local client {slot}: more than 64 KiB unsent (it does not read), closing"
+            );
             self.close_client(slot);
         }
     }
@@ -479,7 +483,7 @@ impl Daemon {
         self.mdns_service(now, Some(ip));
     }
 
-    fn cloud_send(&mut self, bytes: Vec<u8>) {
+    fn cloud_send(&mut self, now: Instant, bytes: Vec<u8>) {
         match self.cloud.as_mut() {
             Some(CloudSock::Udp(s)) => {
                 if let Err(e) = s.send(&bytes) {
@@ -489,7 +493,10 @@ impl Daemon {
             }
             Some(CloudSock::Tcp { out, .. }) => {
                 if out.len() + bytes.len() > 256 * 1024 {
-                    warn!("cloud TCP output backlog over 256 KiB; packet dropped");
+                    crate::warn_limited!(
+                        now,
+                        "cloud TCP output backlog over 256 KiB; packet dropped"
+                    );
                     return;
                 }
                 out.extend_from_slice(&bytes);
@@ -645,11 +652,11 @@ impl Daemon {
     fn run_actions(&mut self, now: Instant) {
         while let Some(a) = self.node.poll_action() {
             match a {
-                Action::Local(LocalAction::Send(slot, text)) => self.send_local(slot, text),
+                Action::Local(LocalAction::Send(slot, text)) => self.send_local(now, slot, text),
                 Action::Local(LocalAction::Close(slot)) => self.close_local(slot),
                 Action::Resolve { host, port, .. } => self.resolver.lookup((), &host, port),
                 Action::Connect { transport, addr } => self.cloud_connect(now, transport, addr),
-                Action::CloudSend(b) => self.cloud_send(b),
+                Action::CloudSend(b) => self.cloud_send(now, b),
                 Action::CloudClose => self.cloud_close(),
                 Action::LanSend { to, bytes } => {
                     if let Some(lan) = self.sockets.lan.as_ref() {
@@ -666,7 +673,7 @@ impl Daemon {
                         crate::config::store::remove_durable(&p)
                     };
                     if let Err(e) = r {
-                        warn!("{}: {e}", p.display());
+                        crate::warn_limited!(now, "{}: {e}", p.display());
                     }
                 }
                 Action::ShutdownWrite(slot) => {
@@ -685,7 +692,7 @@ impl Daemon {
                     None => {
                         let p = std::path::Path::new(&self.args.datadir).join("wifi.conf");
                         if let Err(e) = crate::config::store::remove_durable(&p) {
-                            warn!("{}: {e}", p.display());
+                            crate::warn_limited!(now, "{}: {e}", p.display());
                         }
                     }
                 },
@@ -693,7 +700,7 @@ impl Daemon {
                     self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644)
                 }
                 Action::SetLogLevel(l) => {
-                    info!("log level set to {l}");
+                    crate::info_limited!(now, "log level set to {l}");
                     ilog::set_level(l);
                 }
             }

@@ -404,8 +404,6 @@ pub struct Cloud {
     cache: VecDeque<Cached>,
     idle_reported: bool,
     bind: Option<(String, Option<String>)>,
-    drop_log_at: Option<Instant>,
-    drops_quiet: u32,
 }
 
 impl Cloud {
@@ -449,8 +447,6 @@ impl Cloud {
             cache: VecDeque::new(),
             idle_reported: false,
             bind: None,
-            drop_log_at: None,
-            drops_quiet: 0,
         }
     }
 
@@ -1133,21 +1129,8 @@ impl Cloud {
     }
 
     fn dropped(&mut self, now: Instant, why: &dyn fmt::Display) {
-        // P§2.7: at most one line per second from the cloud.
-        if self
-            .drop_log_at
-            .is_some_and(|t| now.saturating_since(t) < Duration::from_secs(1))
-        {
-            self.drops_quiet = self.drops_quiet.saturating_add(1);
-            return;
-        }
-        if self.drops_quiet > 0 {
-            warn!("{why} ({} more dropped)", self.drops_quiet);
-        } else {
-            warn!("{why}");
-        }
-        self.drop_log_at = Some(now);
-        self.drops_quiet = 0;
+        // P§2.7, rate limited for the whole process (`crate::ratelimit`).
+        crate::warn_limited!(now, "{why}");
     }
 
     /// An authenticated JSON object from the cloud.
@@ -1179,15 +1162,16 @@ impl Cloud {
         let method = obj.get("method").and_then(Value::as_str).unwrap_or("");
         if method.starts_with("local.") || method.starts_with("_internal.") {
             // P§5.7: these never reach the cloud, whoever routed them here.
-            warn!("{method} is not sent to the cloud");
+            crate::warn_limited!(now, "{method} is not sent to the cloud");
             return;
         }
         let Some(idv) = obj.get("id") else {
             // Fire-and-forget: once, as is, untracked.
             if self.phase != Phase::Up {
-                info!("cloud down, notification dropped");
+                crate::info_limited!(now, "cloud down, notification dropped");
             } else if text.len() > self.cfg.max_cloud_payload {
-                warn!(
+                crate::warn_limited!(
+                    now,
                     "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                     self.cfg.max_cloud_payload
                 );
@@ -1218,7 +1202,8 @@ impl Cloud {
             return;
         };
         if new.len() > self.cfg.max_cloud_payload {
-            warn!(
+            crate::warn_limited!(
+                now,
                 "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                 self.cfg.max_cloud_payload
             );
@@ -1273,7 +1258,7 @@ impl Cloud {
         let up = self.ups.remove(i);
         match up.origin {
             Origin::Client { client, orig } => {
-                warn!("OT server noack, id:{id}");
+                crate::warn_limited!(now, "OT server noack, id:{id}");
                 self.tell_client(client, orig, -30011, "OT server noack");
             }
             Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
@@ -1331,7 +1316,7 @@ impl Cloud {
             return;
         };
         if self.downs.iter().any(|d| d.id == id) {
-            info!("cloud msg repeated, id:{id}");
+            crate::info_limited!(now, "cloud msg repeated, id:{id}");
             return;
         }
         let now_cached = self
@@ -1340,16 +1325,16 @@ impl Cloud {
             .find(|c| c.id == id && c.until > now)
             .map(|c| c.text.clone());
         if let Some(reply) = now_cached {
-            info!("cloud msg repeated, id:{id}: answered from the cache");
+            crate::info_limited!(now, "cloud msg repeated, id:{id}: answered from the cache");
             return self.send_json(now, &reply);
         }
         if lan_only {
-            warn!("LAN-only method {method} from the cloud refused");
+            crate::warn_limited!(now, "LAN-only method {method} from the cloud refused");
             let reply = rpc::error_reply(Some(&id.into()), -32601, "Method not found");
             return self.reply_sent(now, id, reply);
         }
         if self.downs.len() >= MAX_DOWNSTREAM {
-            warn!("too many pending cloud commands, id:{id}");
+            crate::warn_limited!(now, "too many pending cloud commands, id:{id}");
             let reply = rpc::error_reply(Some(&id.into()), -9999, "user ack timeout");
             return self.reply_sent(now, id, reply);
         }
@@ -1410,7 +1395,8 @@ impl Cloud {
         };
         if text.len() > self.cfg.max_cloud_payload {
             // P§2.7: not sent, does not count; the command stays pending.
-            warn!(
+            crate::warn_limited!(
+                now,
                 "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                 self.cfg.max_cloud_payload
             );
@@ -1438,7 +1424,7 @@ impl Cloud {
         };
         let d = self.downs.remove(i);
         let reply = d.held.unwrap_or_else(|| {
-            info!("user ack timeout, id:{id}");
+            crate::info_limited!(now, "user ack timeout, id:{id}");
             rpc::error_reply(Some(&id.into()), -9999, "user ack timeout")
         });
         self.reply_sent(now, id, reply);

@@ -401,17 +401,18 @@ impl Node {
     /// L§8 validation: the checked parameters, or the refusal reply for the requester.
     fn provision_check(
         &mut self,
+        now: Instant,
         params: Option<&Value>,
         id: &Value,
         from: ProvisionFrom,
     ) -> Result<super::provision::Params, String> {
         let refuse = |reason: &str| match from {
             ProvisionFrom::Lan => {
-                warn!("config_router refused: {reason}");
+                crate::warn_limited!(now, "config_router refused: {reason}");
                 rpc::result_reply(id, &json!(["ERROR"]))
             }
             ProvisionFrom::Local => {
-                warn!("ble.config_router refused: {reason}");
+                crate::warn_limited!(now, "ble.config_router refused: {reason}");
                 rpc::error_reply(Some(id), -33020, reason)
             }
         };
@@ -473,7 +474,7 @@ impl Node {
 
     fn wifi_connected(&mut self, now: Instant) {
         if self.provisioning.take().is_none() {
-            info!("helper: wifi connected");
+            crate::info_limited!(now, "helper: wifi connected");
             return;
         }
         self.broadcast("wifi_connected");
@@ -483,7 +484,7 @@ impl Node {
 
     fn wifi_failed(&mut self, now: Instant) {
         let Some(in_ap) = self.provisioning.take() else {
-            info!("helper: wifi failed");
+            crate::info_limited!(now, "helper: wifi failed");
             return;
         };
         self.broadcast("wifi_failed");
@@ -543,10 +544,12 @@ impl Node {
                 }
             }
             H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
-                info!("no helper answer for the did/key step")
+                crate::info_limited!(now, "no helper answer for the did/key step")
             }
             H::UseFiles(step) => self.actions.push_back(Action::LoadFiles(step)),
-            H::DidkeyMaterial(_) | H::DidkeyStored => info!("did/key helper answer ignored"),
+            H::DidkeyMaterial(_) | H::DidkeyStored => {
+                crate::info_limited!(now, "did/key helper answer ignored")
+            }
             H::WifiConnected => self.wifi_connected(now),
             H::WifiFailed => self.wifi_failed(now),
             H::Reboot => self.broadcast("reboot"),
@@ -618,7 +621,7 @@ impl Node {
                 id,
                 params,
             } if method == "miIO.config_router" => {
-                match self.provision_check(Some(&params), &json!(id), ProvisionFrom::Lan) {
+                match self.provision_check(now, Some(&params), &json!(id), ProvisionFrom::Lan) {
                     Err(r) => {
                         self.lan.answer(now, handle, &r);
                     }
@@ -680,7 +683,10 @@ impl Node {
             cloud::Action::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
                     // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
-                    warn!("cloud command id collides with a pending LAN command; answered -9999");
+                    crate::warn_limited!(
+                        now,
+                        "cloud command id collides with a pending LAN command; answered -9999"
+                    );
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
                         c.self_reply(now, id, &r);
@@ -812,7 +818,7 @@ impl Node {
             // P§4.6: ["ERROR"] if tz is invalid (D15) or no helper runs.
             "miIO.config_tz" => {
                 let tz = params.get("tz").and_then(Value::as_str).unwrap_or("");
-                if self.helper.config_tz(tz) {
+                if self.helper.config_tz(now, tz) {
                     rpc::result_reply(&id, &ok)
                 } else {
                     rpc::result_reply(&id, &err)
@@ -893,8 +899,8 @@ impl Node {
     }
 
     /// A JSON syntax error in a local connection's stream.
-    pub fn local_syntax_error(&mut self, conn: ConnId) {
-        self.local.syntax_error(conn);
+    pub fn local_syntax_error(&mut self, now: Instant, conn: ConnId) {
+        self.local.syntax_error(now, conn);
         self.collect();
     }
 
@@ -936,7 +942,10 @@ impl Node {
                     }
                 };
                 if !taken {
-                    info!("reply from local client {conn} matches no pending command; dropped");
+                    crate::info_limited!(
+                        now,
+                        "reply from local client {conn} matches no pending command; dropped"
+                    );
                 }
             }
             None => {}
@@ -959,7 +968,7 @@ impl Node {
             return;
         }
         let Some(id) = id.filter(|v| v.is_u64() || v.is_i64()) else {
-            warn!("msg does not have 'id'");
+            crate::warn_limited!(now, "msg does not have 'id'");
             return;
         };
         let reply = match method {
@@ -976,7 +985,7 @@ impl Node {
                 Value::String(self.country().unwrap_or_else(|| "prc".into()))
             ),
             "local.ble.config_router" => {
-                match self.provision_check(obj.get("params"), &id, ProvisionFrom::Local) {
+                match self.provision_check(now, obj.get("params"), &id, ProvisionFrom::Local) {
                     Err(r) => r,
                     Ok(p) => {
                         self.local
@@ -991,7 +1000,7 @@ impl Node {
                 self.wakeup_time(now)
             ),
             _ => {
-                info!("Unknown local method: {method}");
+                crate::info_limited!(now, "Unknown local method: {method}");
                 rpc::error_reply(Some(&id), -32601, "Method not found")
             }
         };
