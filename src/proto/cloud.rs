@@ -847,6 +847,15 @@ impl Cloud {
             debug!("time-sync reply ignored (stamp {server})");
             return;
         }
+        if server > MAX_SERVER_STAMP {
+            // P§5.5: keepalive stamps must keep increasing; from here they would stick at
+            // 0xffffffff within a few minutes. Treated as no reply: the hello is tried again.
+            crate::warn_limited!(
+                now,
+                "time-sync stamp {server:#x} is implausible (past 2097); ignored"
+            );
+            return;
+        }
         self.hello_out = false;
         self.rx_since_ka = true;
         let local = secs(now);
@@ -1463,6 +1472,10 @@ impl Cloud {
     }
 }
 
+/// The latest plausible server time in a time-sync reply: 0xF0000000 (2097-08-05), 268 million
+/// seconds below the end of the u32 stamp.
+const MAX_SERVER_STAMP: u32 = 0xF000_0000;
+
 fn secs(now: Instant) -> i64 {
     i64::try_from(now.secs()).unwrap_or(i64::MAX)
 }
@@ -1891,6 +1904,50 @@ mod tests {
         h.deliver(&miio::time_sync_reply(T0 + 999));
         h.quiet();
         assert_eq!(h.c.offset(), i64::from(T0) - 1000);
+    }
+
+    #[test]
+    fn a_time_sync_past_2097_is_refused() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        assert!(h
+            .take()
+            .contains(&Action::Send(miio::cloud_hello().to_vec())));
+        // 0xfffffff0 would make every keepalive 0xffffffff after 15 s: not taken, no NeedInfo.
+        h.deliver(&miio::time_sync_reply(0xffff_fff0));
+        h.quiet();
+        assert_eq!(h.c.offset(), 0);
+        h.deliver(&miio::time_sync_reply(MAX_SERVER_STAMP + 1));
+        h.quiet();
+        // The hello is still unanswered: the next plausible reply is the time sync.
+        h.deliver(&miio::time_sync_reply(MAX_SERVER_STAMP));
+        assert_eq!(h.take(), vec![Action::NeedInfo]);
+        assert_eq!(h.c.offset(), i64::from(MAX_SERVER_STAMP) - 1000);
+    }
+
+    #[test]
+    fn a_refused_time_sync_is_no_answer_to_the_hello() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.take();
+        // A cloud that only ever answers 0xfffffff0: the hellos run out and the attempt fails, as
+        // with no answer at all, instead of a session whose stamps are stuck at 0xffffffff.
+        for _ in 0..60 {
+            h.deliver(&miio::time_sync_reply(0xffff_fff0));
+            h.advance(500);
+        }
+        let a = h.take();
+        assert!(
+            a.contains(&Action::Event(CloudEvent::Retry)),
+            "the attempt did not fail: {a:?}"
+        );
+        assert!(!a.contains(&Action::NeedInfo), "{a:?}");
     }
 
     #[test]
