@@ -101,7 +101,7 @@ struct Daemon {
     node: Node,
     clients: Vec<Option<Client>>,
     cloud: Option<CloudSock>,
-    resolver: Resolver<()>,
+    resolver: Resolver<u32>,
     /// The `wifi.conf` before a provisioning wrote a new one (None inside: there was none).
     wifi_backup: Option<Option<String>>,
     /// The mDNS responder (P§4.8), when enabled and its port could be bound.
@@ -654,7 +654,12 @@ impl Daemon {
             match a {
                 Action::Local(LocalAction::Send(slot, text)) => self.send_local(now, slot, text),
                 Action::Local(LocalAction::Close(slot)) => self.close_local(slot),
-                Action::Resolve { host, port, .. } => self.resolver.lookup((), &host, port),
+                Action::Resolve {
+                    host,
+                    port,
+                    attempt,
+                    ..
+                } => self.resolver.lookup(attempt, &host, port),
                 Action::Connect { transport, addr } => self.cloud_connect(now, transport, addr),
                 Action::CloudSend(b) => self.cloud_send(now, b),
                 Action::CloudClose => self.cloud_close(),
@@ -761,7 +766,7 @@ impl Daemon {
                     }
                     reactor::RESOLVER => {
                         for ans in self.resolver.drain() {
-                            self.node.cloud_resolved(now, ans.result);
+                            self.node.cloud_resolved(now, ans.tag, ans.result);
                         }
                     }
                     Token(t) if t >= reactor::CLIENT_BASE => {

@@ -80,6 +80,7 @@ pub enum Action {
         transport: cloud::Transport,
         host: String,
         port: u16,
+        attempt: u32,
     },
     /// Open a fresh cloud socket; answer with [`Node::cloud_connected`] / [`Node::cloud_connect_failed`].
     Connect {
@@ -668,10 +669,12 @@ impl Node {
                 transport,
                 host,
                 port,
+                attempt,
             } => self.actions.push_back(Action::Resolve {
                 transport,
                 host,
                 port,
+                attempt,
             }),
             cloud::Action::Connect { transport, addr } => {
                 self.actions.push_back(Action::Connect { transport, addr })
@@ -839,9 +842,14 @@ impl Node {
 
     // ---- cloud I/O results ---------------------------------------------------------------
 
-    pub fn cloud_resolved(&mut self, now: Instant, result: Result<Vec<Ipv4Addr>, String>) {
+    pub fn cloud_resolved(
+        &mut self,
+        now: Instant,
+        attempt: u32,
+        result: Result<Vec<Ipv4Addr>, String>,
+    ) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_resolved(now, result);
+            c.handle_resolved(now, attempt, result);
         }
         self.pump(now);
     }
@@ -1091,7 +1099,9 @@ mod tests {
         let mut out = Vec::new();
         while let Some(a) = n.poll_action() {
             match a {
-                Action::Resolve { .. } => n.cloud_resolved(now, Ok(vec![Ipv4Addr::LOCALHOST])),
+                Action::Resolve { attempt, .. } => {
+                    n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
+                }
                 Action::Connect { .. } => n.cloud_connected(
                     now,
                     Netif {
