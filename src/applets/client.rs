@@ -701,6 +701,10 @@ impl Daemon {
                         }
                     }
                 },
+                Action::ReadSsid => {
+                    let (_, ssid, _) = datafiles::wifi_status(&self.args.datadir);
+                    self.node.file_ssid(ssid);
+                }
                 Action::WriteCountry(cc) => {
                     self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644)
                 }

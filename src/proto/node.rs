@@ -107,6 +107,10 @@ pub enum Action {
     RestoreWifi,
     /// Provisioning: write `device.country` (0644).
     WriteCountry(String),
+    /// Read the ssid of `wifi.conf` ("" without one) and answer with [`Node::file_ssid`]: INFO's
+    /// `ap.ssid` is the file's (P§5.4) even when a helper answered the Wi-Fi step or after a
+    /// failed provisioning put the file back.
+    ReadSsid,
 }
 
 /// Where a provisioning came from, for its reply.
@@ -320,6 +324,14 @@ impl Node {
         self.pump(now);
     }
 
+    /// The ssid of `wifi.conf` after [`Action::ReadSsid`]; changes nothing else.
+    pub fn file_ssid(&mut self, ssid: String) {
+        if let Some(id) = self.identity.as_mut() {
+            id.ssid.clone_from(&ssid);
+        }
+        self.boot.ssid = ssid;
+    }
+
     fn got_device(&mut self, now: Instant, d: DeviceConf) {
         if self.boot.device.as_ref() == Some(&d) {
             return;
@@ -491,6 +503,7 @@ impl Node {
         self.broadcast("wifi_failed");
         // L§8: AP → delete wifi.conf and back to AP mode; STA → the old wifi.conf and sta_mode.
         self.actions.push_back(Action::RestoreWifi);
+        self.actions.push_back(Action::ReadSsid);
         self.bind = None;
         self.boot.provisioned = Some(!in_ap);
         self.rebuild_identity(now, !in_ap);
@@ -529,7 +542,10 @@ impl Node {
             H::Identity(d) => self.got_device(now, d),
             H::Token(t) => self.got_token(now, t),
             H::Country(c) => self.boot.country = c,
-            H::WifiStatus(p) => self.got_wifi(now, p),
+            H::WifiStatus(p) => {
+                self.actions.push_back(Action::ReadSsid);
+                self.got_wifi(now, p)
+            }
             H::Info { params, extra } => {
                 self.helper_info = Some(params.clone());
                 let mut m = extra;
@@ -1257,5 +1273,83 @@ mod tests {
                 r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#,
             ]
         );
+    }
+
+    /// Plays the reactor's file side: `wifi.conf` holds `file` (its ssid), or is absent (None).
+    /// Returns the other actions.
+    fn files(n: &mut Node, now: Instant, file: Option<&str>) -> Vec<Action> {
+        let mut other = Vec::new();
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => {
+                    let d = crate::config::device::parse(
+                        "did=123456789\nkey=YWJjZGVmZ2hpamts\nmac=AA:BB:CC:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n",
+                    );
+                    n.file_dinfo(now, d.map_err(|e| e.to_string()), None)
+                }
+                Action::LoadFiles(Step::Token) => {
+                    n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
+                }
+                Action::LoadFiles(Step::WifiStatus) => {
+                    n.file_wifi(now, file.is_some(), file.unwrap_or("").into(), None)
+                }
+                Action::ReadSsid => n.file_ssid(file.unwrap_or("").into()),
+                a => other.push(a),
+            }
+        }
+        other
+    }
+
+    fn info_ssid(n: &Node, now: Instant) -> Value {
+        n.info(now)["ap"]["ssid"].clone()
+    }
+
+    #[test]
+    fn a_failed_ap_provisioning_leaves_no_ssid_in_miio_info() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        n.handle_timeout(t0); // the helper grace is over: file mode
+        files(&mut n, t0, None);
+        assert_eq!(n.state(), State::WifiApMode);
+        // A helper appears (it will run wifi_start), then the phone provisions over BLE.
+        n.local_accept(t0, 1, Port::Local);
+        n.local_value(t0, 1, br#"{"method":"_internal.helper_ready"}"#);
+        n.local_accept(t0, 2, Port::Ble);
+        n.local_value(
+            t0,
+            2,
+            br#"{"id":1,"method":"local.ble.config_router","params":{"ssid":"newnet","passwd":"pw12345678"}}"#,
+        );
+        let a = files(&mut n, t0, Some("newnet"));
+        assert!(a.iter().any(|a| matches!(a, Action::WriteWifi(_))), "{a:?}");
+        // Wi-Fi fails: wifi.conf is deleted (L§8), and miIO.info must not name the failed network.
+        n.local_value(t0, 1, br#"{"method":"_internal.wifi_ap_mode"}"#);
+        let a = files(&mut n, t0, None);
+        assert!(a.contains(&Action::RestoreWifi), "{a:?}");
+        assert_eq!(n.state(), State::WifiApMode);
+        assert_eq!(info_ssid(&n, t0), "");
+    }
+
+    #[test]
+    fn offline_with_a_helper_miio_info_has_the_ssid_of_wifi_conf() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        n.local_accept(t0, 1, Port::Local);
+        n.local_value(t0, 1, br#"{"method":"_internal.helper_ready"}"#);
+        for answer in [
+            r#"{"method":"_internal.response_dinfo","params":{"did":123456789,"key":"YWJjZGVmZ2hpamts","vendor":"acme","mac":"aa:bb:cc:01:02:03","model":"acme.dev.v1"}}"#,
+            r#"{"method":"_internal.response_dtoken","params":"abcDEF0123456789"}"#,
+            r#"{"method":"_internal.res_wifi_conf_status","params":1}"#,
+        ] {
+            files(&mut n, t0, Some("home"));
+            n.local_value(t0, 1, answer.as_bytes());
+        }
+        files(&mut n, t0, Some("home"));
+        assert!(n.identity().is_some_and(|i| i.provisioned));
+        assert_ne!(n.state(), State::CloudConnected);
+        // No cloud, no helper `_internal.info`: the daemon's own INFO, with wifi.conf's ssid (P§5.4).
+        assert_eq!(info_ssid(&n, t0), "home");
     }
 }
