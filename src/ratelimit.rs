@@ -36,6 +36,7 @@ impl RateLimit {
     }
 
     /// One occurrence at `now`. `Some(n)`: log it, `n` were not logged before it. `None`: quiet.
+    #[inline(never)]
     pub fn hit(&self, now: Instant) -> Option<u32> {
         let open = self.open.load(Relaxed);
         if open != 0 && now.millis() < (open - 1).saturating_add(WINDOW_MS) {
@@ -61,6 +62,13 @@ impl fmt::Display for More {
     }
 }
 
+/// Writes one limited line with its count. One function for every call site: the line's format
+/// and the log metadata are built here once instead of at each site (flash size).
+#[inline(never)]
+pub fn emit(level: log::Level, args: fmt::Arguments<'_>, more: u32) {
+    log::log!(target: "miio", level, "{}{}", args, More(more));
+}
+
 /// `log_limited!(level, now, "format", args…)`: a log line that a peer can cause, rate limited
 /// (module doc). The call site is the kind.
 #[macro_export]
@@ -68,7 +76,7 @@ macro_rules! log_limited {
     ($lvl:expr, $now:expr, $($arg:tt)+) => {{
         static KIND: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if let Some(n) = KIND.hit($now) {
-            ::log::log!($lvl, "{}{}", format_args!($($arg)+), $crate::ratelimit::More(n));
+            $crate::ratelimit::emit($lvl, format_args!($($arg)+), n);
         }
     }};
 }
