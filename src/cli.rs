@@ -57,6 +57,8 @@ pub struct ClientArgs {
     /// `-e`/`-E`: accepted, no effect (LOCAL_API.md §19).
     pub enckey: bool,
     pub encdata: bool,
+    /// Options given that are parsed but not implemented yet (`--mqtt`, `--didkey-method`).
+    pub not_built: Vec<&'static str>,
 }
 
 impl Default for ClientArgs {
@@ -98,6 +100,7 @@ impl Default for ClientArgs {
             mdns_port: 5353,
             enckey: false,
             encdata: false,
+            not_built: Vec::new(),
         }
     }
 }
@@ -235,6 +238,14 @@ const LONG: &[(&str, bool)] = &[
 fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliError> {
     let v = val.unwrap_or("");
     let o = name;
+    let todo = match name {
+        "mqtt" | "mqtt-id" | "mqtt-keepalive" => Some("--mqtt"),
+        "didkey-method" => Some("--didkey-method"),
+        _ => None,
+    };
+    if let Some(t) = todo.filter(|t| !a.not_built.contains(t)) {
+        a.not_built.push(t);
+    }
     match name {
         "D" | "daemonize" => a.daemonize = true,
         "h" | "help" => return Err(CliError::Help),

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod io;
 pub mod proto;
+pub mod ratelimit;
 pub mod time;
 pub mod timer;
 pub mod wire;

@@ -18,14 +18,12 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(10);
 
 /// A provisioned daemon whose cloud is an empty port (nothing needs the cloud here).
-fn start(tag: &str, extra: &[&str]) -> (TempDir, Daemon, u16, u16) {
+fn start(tag: &str, extra: &[&str]) -> (TempDir, Daemon, u16, u16, DeadPort) {
     let dir = provisioned_dir(tag);
     let mut a = base_args(&dir);
-    let (lan, local) = (free_port(), free_port());
-    set_opt(&mut a, "--lan-port", lan);
-    set_opt(&mut a, "--local-port", local);
+    let cloud = DeadPort::new();
     a.extend(
-        ["-H", "127.0.0.1", "-p", &free_port().to_string()]
+        ["-H", "127.0.0.1", "-p", &cloud.port.to_string()]
             .iter()
             .chain(["--transports", "udp"].iter())
             .map(|s| s.to_string()),
@@ -35,7 +33,8 @@ fn start(tag: &str, extra: &[&str]) -> (TempDir, Daemon, u16, u16) {
     a.extend(extra.iter().map(|s| s.to_string()));
     let v: Vec<&str> = a.iter().map(String::as_str).collect();
     let d = Daemon::start(&dir, &v);
-    (dir, d, lan, local)
+    let (lan, local) = (d.lan(), d.local());
+    (dir, d, lan, local, cloud)
 }
 
 /// A `kB` field of /proc/PID/status, in bytes.
@@ -56,7 +55,7 @@ fn served(c: &mut LocalClient, id: u64, limit: Duration) -> bool {
 
 #[test]
 fn a_flooding_client_costs_no_memory_and_starves_nobody() {
-    let (_dir, mut d, _lan, local) = start("bounds-flood", &["-l", "1"]);
+    let (_dir, mut d, _lan, local, _cloud) = start("bounds-flood", &[]);
     let pid = d.child.id();
     let mut w = LocalClient::connect(local);
     assert!(served(&mut w, 1, T), "watcher not served before the flood");
@@ -130,7 +129,7 @@ fn a_pipelining_client_is_slowed_down_not_dropped() {
     // A client that writes many requests before it reads any reply gets every reply, in order:
     // the daemon stops reading it while its replies wait (TCP pushes back), instead of queueing
     // them past the 64 KiB cap and closing it.
-    let (_dir, _d, _lan, local) = start("bounds-pipe", &["-l", "1"]);
+    let (_dir, _d, _lan, local, _cloud) = start("bounds-pipe", &[]);
     let mut c = LocalClient::connect(local);
     assert!(served(&mut c, 1, T));
     const N: u64 = 20_000;
@@ -209,9 +208,9 @@ fn clients_that_never_read_cost_bounded_kernel_memory() {
         return;
     }
     const NEVER: usize = 20;
-    let (_dir, d, lan, local) = start(
+    let (_dir, d, lan, local, _cloud) = start(
         "bounds-never",
-        &["-l", "1", "--max-clients", "21", "--user-ack-timeout", "1"],
+        &["--max-clients", "21", "--user-ack-timeout", "1"],
     );
     let mut w = LocalClient::connect(local);
     assert!(served(&mut w, 1, T));

@@ -78,7 +78,7 @@ fn to_numeral(n: u32) -> String {
     match n {
         1..=10 => digit(n).to_string(),
         11..=19 => format!("十{}", digit(n - 10)),
-        20..=99 if n % 10 == 0 => format!("{}十", digit(n / 10)),
+        20..=99 if n.is_multiple_of(10) => format!("{}十", digit(n / 10)),
         20..=99 => format!("{}十{}", digit(n / 10), digit(n % 10)),
         _ => n.to_string(),
     }

@@ -566,3 +566,134 @@ fn wifi_start_script_sta_and_ap() {
     let (code, _) = wifi_start_run(&dir, &data, Some("bogus"));
     assert_eq!(code, 2);
 }
+
+/// The helper with only BusyBox's applets: PATH is an empty dir, so a tool BusyBox lacks (cksum
+/// in Debian's busybox-static) is "not found", as on a board. After wifi_ap_mode the helper must
+/// see the daemon delete wifi.conf at once, not wait out its 5 s.
+#[test]
+fn helper_script_runs_on_busybox_alone_and_sees_wifi_conf_go() {
+    if !busybox() {
+        return;
+    }
+    let dir = TempDir::new("helper-bb");
+    let data = data_dir(&dir);
+    let conf = PathBuf::from(format!("{data}wifi.conf"));
+    std::fs::write(&conf, "ssid=\"x\"\npsk=\"pw123456\"\nkey_mgmt=WPA\n").unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    // wifi_start.sh stand-in with shell builtins only (PATH is empty): logs a line, fails.
+    let calls = dir.join("wifi.calls");
+    write_exec(
+        &dir.join("wifi_start.sh"),
+        &format!("#!/bin/sh\necho \"$*\" >>'{}'\nexit 1\n", calls.display()),
+    );
+    // The child's PATH is also where Command looks for the program: find busybox on ours.
+    let busybox = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("busybox"))
+        .find(|p| p.exists())
+        .expect("busybox on PATH");
+    let (l, port) = listener();
+    l.set_nonblocking(true).unwrap();
+    let none = dir.join("none").display().to_string();
+    let _helper = Killed(
+        Command::new(busybox)
+            .arg("sh")
+            .arg(format!("{SCRIPTS}/miio_client_helper.sh"))
+            .env("PATH", &empty)
+            .env("MIIO_LOCAL_PORT", port.to_string())
+            .env("MIIO_BIN_DIR", &bin)
+            .env("MIIO_DATADIR", &data)
+            .env("MIIO_WIFI_START", dir.join("wifi_start.sh"))
+            .env("MIIO_WIFI_TRIES", "1")
+            .env("MIIO_WIFI_PAUSE", "0")
+            .env("MIIO_WPA_CLI", &none)
+            .env("MIIO_IP", &none)
+            .env("MIIO_IFCONFIG", &none)
+            .env("MIIO_ROUTE", &none)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox sh"),
+    );
+    assert_eq!(expect_msg(&l), json!({"method":"_internal.helper_ready"}));
+    tell(
+        &l,
+        &format!(
+            r#"{{"method":"_internal.wifi_start","params":{{"datadir":"{data}","ssid":"x","passwd":"y","uid":"0","country_domain":"","tz":""}}}}"#
+        ),
+    );
+    assert_eq!(
+        expect_msg(&l),
+        json!({"method":"_internal.wifi_ap_mode","params":null})
+    );
+    // The daemon's part: back to AP mode, wifi.conf deleted.
+    std::fs::remove_file(&conf).unwrap();
+    let gone = std::time::Instant::now();
+    assert!(wait_until(T, || read_file(&calls).lines().count() == 2));
+    let waited = gone.elapsed();
+    assert!(
+        waited < Duration::from_millis(2500),
+        "wifi_start.sh ran {waited:?} after wifi.conf went (the full 5 s: no change seen)"
+    );
+}
+
+/// `wifi_start.sh reconnect` with wpa_supplicant running but no udhcpc pid file: no stray
+/// "can't open" on stderr, and a DHCP run.
+#[test]
+fn wifi_start_reconnect_without_a_udhcpc_pid_file_is_quiet() {
+    if !busybox() {
+        return;
+    }
+    let dir = TempDir::new("wifi-reconnect");
+    let data = data_dir(&dir);
+    std::fs::write(
+        format!("{data}device.conf"),
+        "did=123456789\nkey=0123456789abcdef\nmac=aa:bb:cc:01:a7:47\nmodel=acme.dev.v1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        format!("{data}wifi.conf"),
+        "ssid=\"x\"\npsk=\"pw123456\"\nkey_mgmt=WPA\n",
+    )
+    .unwrap();
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("wpa_supplicant.pid"), "999999\n").unwrap();
+    let stubs = dir.join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let log = dir.join("cmds");
+    let mut c = Command::new("busybox");
+    c.arg("sh")
+        .arg(format!("{SCRIPTS}/wifi_start.sh"))
+        .arg("reconnect")
+        .env("MIIO_DATADIR", &data)
+        .env("MIIO_RUN_DIR", &run)
+        .stdin(Stdio::null());
+    for name in ["wpa_supplicant", "hostapd", "udhcpc", "udhcpd", "ifconfig"] {
+        write_exec(
+            &stubs.join(name),
+            &format!("#!/bin/sh\necho \"{name} $*\" >>'{}'\n", log.display()),
+        );
+        c.env(format!("MIIO_{}", name.to_uppercase()), stubs.join(name));
+    }
+    write_exec(
+        &stubs.join("wpa_cli"),
+        "#!/bin/sh\necho wpa_state=COMPLETED\n",
+    );
+    c.env("MIIO_WPA_CLI", stubs.join("wpa_cli"));
+    let out = c.output().expect("busybox sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "stderr: {err}");
+    assert!(
+        read_file(&log).contains("udhcpc -i wlan0"),
+        "{}",
+        read_file(&log)
+    );
+}

@@ -17,6 +17,9 @@
 #   _internal.wifi_reconnect|reload  `wifi_start.sh reconnect|reload` in the background (L§13)
 #
 # Everything else is ignored (the daemon falls back to its own data after its timeout).
+# Needs: a POSIX sh (BusyBox ash, dash), miio_recv_line and miio_send_line, and printf, tr, cat,
+# mv, rm, ln, sleep (all in BusyBox's defconfig; nothing else, so a minimal BusyBox runs it).
+# Optional: wpa_cli, ip or ifconfig and route (for _internal.info; each skipped when absent).
 # POSIX sh (BusyBox ash, dash). No string from the daemon or the network goes through eval or an
 # unquoted expansion, and every value put into JSON is escaped (D15).
 #
@@ -464,7 +467,8 @@ on_wifi_start() {
 	fi
 	# wifi_start.sh reads the credentials from wifi.conf, which the daemon has just written.
 	wc=${DATADIR}wifi.conf
-	sum=$(cksum "$wc" 2>/dev/null)
+	# The content itself, not a checksum: BusyBox builds often lack cksum (Debian's busybox-static does).
+	was=$(cat "$wc" 2>/dev/null)
 	n=0
 	while [ "$n" -lt "$WIFI_TRIES" ]; do
 		n=$((n + 1))
@@ -479,7 +483,7 @@ on_wifi_start() {
 	# The daemon now deletes wifi.conf (back to AP mode) or restores the previous one (a router
 	# password change). Wait a little for that, then bring up whatever it left.
 	i=0
-	while [ "$i" -lt 5 ] && [ "$(cksum "$wc" 2>/dev/null)" = "$sum" ]; do
+	while [ "$i" -lt 5 ] && [ "$(cat "$wc" 2>/dev/null)" = "$was" ]; do
 		sleep 1
 		i=$((i + 1))
 	done

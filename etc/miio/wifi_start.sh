@@ -297,7 +297,9 @@ reconnect() {
 		wait_assoc; then
 		# A fresh lease on the (maybe new) network.
 		pid=
-		IFS= read -r pid <"$RUN_DIR/udhcpc.pid" 2>/dev/null || :
+		# No udhcpc pid file is normal (the lease came from elsewhere): quiet. The group is needed
+		# because a failed `<file` is reported before a `2>/dev/null` on the same command applies.
+		{ IFS= read -r pid <"$RUN_DIR/udhcpc.pid"; } 2>/dev/null || :
 		case $pid in
 		'' | *[!0-9]*) ;;
 		*) kill -USR1 "$pid" 2>/dev/null && return 0 ;;

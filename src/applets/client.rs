@@ -107,7 +107,7 @@ struct Daemon {
     node: Node,
     clients: Vec<Option<Client>>,
     cloud: Option<CloudSock>,
-    resolver: Resolver<()>,
+    resolver: Resolver<u32>,
     /// The `wifi.conf` before a provisioning wrote a new one (None inside: there was none).
     wifi_backup: Option<Option<String>>,
     /// The mDNS responder (P§4.8), when enabled and its port could be bound.
@@ -331,7 +331,7 @@ impl Daemon {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    warn!("accept: {e}");
+                    crate::warn_limited!(now, "accept: {e}");
                     return false;
                 }
             };
@@ -351,7 +351,7 @@ impl Daemon {
                 Token(reactor::CLIENT_BASE + slot),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
-                warn!("register client: {e}");
+                crate::warn_limited!(now, "register client: {e}");
                 self.node.local_closed(slot);
                 continue;
             }
@@ -408,7 +408,8 @@ impl Daemon {
             match v {
                 Ok(raw) => self.node.local_value(now, slot, &raw),
                 Err(SplitError::TooLarge { .. }) => {
-                    warn!(
+                    crate::warn_limited!(
+                        now,
                         "local client {slot}: message over {} bytes, closing",
                         self.args.max_msg
                     );
@@ -417,7 +418,7 @@ impl Daemon {
                 }
                 Err(SplitError::Syntax { .. }) => {
                     // L§3: a syntax error gets -32700, then the connection is closed.
-                    self.node.local_syntax_error(slot);
+                    self.node.local_syntax_error(now, slot);
                     self.run_actions(now);
                     return false;
                 }
@@ -437,12 +438,15 @@ impl Daemon {
         }
     }
 
-    fn send_local(&mut self, slot: usize, text: String) {
+    fn send_local(&mut self, now: Instant, slot: usize, text: String) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         if c.conn.send(text.as_bytes()).is_err() {
-            warn!("local client {slot}: more than 64 KiB unsent (it does not read), closing");
+            crate::warn_limited!(
+                now,
+                "local client {slot}: more than 64 KiB unsent (it does not read), closing"
+            );
             c.conn.reset_on_close();
             self.close_client(slot);
         }
@@ -514,7 +518,7 @@ impl Daemon {
         self.mdns_service(now, Some(ip));
     }
 
-    fn cloud_send(&mut self, bytes: Vec<u8>) {
+    fn cloud_send(&mut self, now: Instant, bytes: Vec<u8>) {
         match self.cloud.as_mut() {
             Some(CloudSock::Udp(s)) => {
                 if let Err(e) = s.send(&bytes) {
@@ -524,7 +528,10 @@ impl Daemon {
             }
             Some(CloudSock::Tcp { out, .. }) => {
                 if out.len() + bytes.len() > 256 * 1024 {
-                    warn!("cloud TCP output backlog over 256 KiB; packet dropped");
+                    crate::warn_limited!(
+                        now,
+                        "cloud TCP output backlog over 256 KiB; packet dropped"
+                    );
                     return;
                 }
                 out.extend_from_slice(&bytes);
@@ -684,11 +691,16 @@ impl Daemon {
     fn run_actions(&mut self, now: Instant) {
         while let Some(a) = self.node.poll_action() {
             match a {
-                Action::Local(LocalAction::Send(slot, text)) => self.send_local(slot, text),
+                Action::Local(LocalAction::Send(slot, text)) => self.send_local(now, slot, text),
                 Action::Local(LocalAction::Close(slot)) => self.close_local(slot),
-                Action::Resolve { host, port, .. } => self.resolver.lookup((), &host, port),
+                Action::Resolve {
+                    host,
+                    port,
+                    attempt,
+                    ..
+                } => self.resolver.lookup(attempt, &host, port),
                 Action::Connect { transport, addr } => self.cloud_connect(now, transport, addr),
-                Action::CloudSend(b) => self.cloud_send(b),
+                Action::CloudSend(b) => self.cloud_send(now, b),
                 Action::CloudClose => self.cloud_close(),
                 Action::LanSend { to, bytes } => {
                     if let Some(lan) = self.sockets.lan.as_ref() {
@@ -705,7 +717,7 @@ impl Daemon {
                         crate::config::store::remove_durable(&p)
                     };
                     if let Err(e) = r {
-                        warn!("{}: {e}", p.display());
+                        crate::warn_limited!(now, "{}: {e}", p.display());
                     }
                 }
                 Action::ShutdownWrite(slot) => {
@@ -724,15 +736,19 @@ impl Daemon {
                     None => {
                         let p = std::path::Path::new(&self.args.datadir).join("wifi.conf");
                         if let Err(e) = crate::config::store::remove_durable(&p) {
-                            warn!("{}: {e}", p.display());
+                            crate::warn_limited!(now, "{}: {e}", p.display());
                         }
                     }
                 },
+                Action::ReadSsid => {
+                    let (_, ssid, _) = datafiles::wifi_status(&self.args.datadir);
+                    self.node.file_ssid(ssid);
+                }
                 Action::WriteCountry(cc) => {
                     self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644)
                 }
                 Action::SetLogLevel(l) => {
-                    info!("log level set to {l}");
+                    crate::info_limited!(now, "log level set to {l}");
                     ilog::set_level(l);
                 }
             }
@@ -802,7 +818,7 @@ impl Daemon {
                     reactor::MDNS => self.mdns.as_mut().is_some_and(Mdns::readable),
                     reactor::RESOLVER => {
                         for ans in self.resolver.drain() {
-                            self.node.cloud_resolved(now, ans.result);
+                            self.node.cloud_resolved(now, ans.tag, ans.result);
                         }
                         false
                     }
@@ -883,6 +899,9 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
+    for o in &a.not_built {
+        eprintln!("miio_client: {o} is not built yet; ignored");
+    }
     let log = match ilog::init(a.loglevel, a.logfile.as_deref()) {
         Ok(l) => l,
         Err(e) => {

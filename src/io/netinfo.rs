@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use crate::proto::node::Netif;
 
 /// The default gateway in a /proc/net/route text: the row whose destination and mask are 0.
-/// Columns are hex in host byte order (little-endian on every board we ship for).
+/// The kernel prints each address as `%08X` of the in-memory u32, whose bytes are in network order:
+/// the value is native-endian, so its native bytes are the address on any board.
 pub fn default_gateway(route: &str) -> Option<Ipv4Addr> {
     route.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -14,7 +15,7 @@ pub fn default_gateway(route: &str) -> Option<Ipv4Addr> {
             return None;
         }
         let g = u32::from_str_radix(f[2], 16).ok()?;
-        (g != 0).then(|| Ipv4Addr::from(g.swap_bytes()))
+        (g != 0).then(|| Ipv4Addr::from(g.to_ne_bytes()))
     })
 }
 
@@ -38,6 +39,28 @@ pub fn netif_for(local: Ipv4Addr) -> Netif {
 mod tests {
     use super::*;
 
+    /// A route line as this machine's kernel would print it: `%08X` of the address's bytes read
+    /// as a native u32.
+    fn hex(ip: [u8; 4]) -> String {
+        format!("{:08X}", u32::from_ne_bytes(ip))
+    }
+
+    #[test]
+    fn gateway_is_read_in_native_byte_order() {
+        // An address whose bytes all differ: any fixed byte order is wrong on one endianness.
+        let t = format!(
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+             eth0\t00000000\t{}\t0003\t0\t0\t0\t00000000\t0\t0\t0\n",
+            hex([10, 20, 30, 254])
+        );
+        assert_eq!(default_gateway(&t), Some(Ipv4Addr::new(10, 20, 30, 254)));
+        #[cfg(target_endian = "little")]
+        assert_eq!(hex([192, 168, 1, 1]), "0101A8C0");
+        #[cfg(target_endian = "big")]
+        assert_eq!(hex([192, 168, 1, 1]), "C0A80101");
+    }
+
+    #[cfg(target_endian = "little")]
     #[test]
     fn gateway_from_route_table() {
         let t =

@@ -8,8 +8,9 @@
 //! ids, DNS shuffle, backoff jitter) comes from a PRNG seeded by the caller ([`CloudConfig::seed`]).
 //!
 //! The reactor's side of the protocol:
-//! - `Resolve{transport, host, port}`: resolve off the loop (at most 10 s), then call
-//!   [`Cloud::handle_resolved`] with the IPv4 A records or an error text. Nothing is filtered by the
+//! - `Resolve{transport, host, port, attempt}`: resolve off the loop, then call
+//!   [`Cloud::handle_resolved`] with `attempt` and the IPv4 A records or an error text. The machine
+//!   owns the 10 s DNS deadline; a late answer (an older attempt) is ignored. Nothing is filtered by the
 //!   reactor: the machine drops 0/8, 127/8, 224/3 (P§5.1 D1). The first-octet rule needs the local
 //!   address on the route, so it is checked in [`Cloud::handle_connected`].
 //! - `Connect{transport, addr}`: drop any previous cloud socket, open a new one (UDP: a new connected
@@ -220,11 +221,12 @@ pub enum CloudEvent {
 /// What the reactor or the node must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Resolve `host` off the loop; answer with [`Cloud::handle_resolved`].
+    /// Resolve `host` off the loop; answer with [`Cloud::handle_resolved`] and `attempt`.
     Resolve {
         transport: Transport,
         host: String,
         port: u16,
+        attempt: u32,
     },
     /// Open a new cloud socket to `addr`; answer with `handle_connected` / `handle_connect_failed`.
     Connect {
@@ -273,6 +275,8 @@ pub enum CloudState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Timer {
     Backoff,
+    /// The resolver's answer is due (a thread that never starts or never returns).
+    Dns,
     Connect,
     Hello,
     /// The session start waits for `handle_info`.
@@ -370,6 +374,8 @@ pub struct Cloud {
     link: Option<Transport>,
     /// Bumped on every new socket: a handler can tell whether the link changed under it.
     generation: u32,
+    /// The tag of the last `Resolve`: only its answer is taken.
+    dns_attempt: u32,
     current: Option<Server>,
 
     // Server list (P§5.1): the list of transport `tidx`, when `list_built`.
@@ -404,8 +410,6 @@ pub struct Cloud {
     cache: VecDeque<Cached>,
     idle_reported: bool,
     bind: Option<(String, Option<String>)>,
-    drop_log_at: Option<Instant>,
-    drops_quiet: u32,
 }
 
 impl Cloud {
@@ -423,6 +427,7 @@ impl Cloud {
             announced: false,
             link: None,
             generation: 0,
+            dns_attempt: 0,
             current: None,
             tidx: 0,
             list_built: false,
@@ -449,8 +454,6 @@ impl Cloud {
             cache: VecDeque::new(),
             idle_reported: false,
             bind: None,
-            drop_log_at: None,
-            drops_quiet: 0,
         }
     }
 
@@ -547,6 +550,12 @@ impl Cloud {
                     self.begin_attempt(now);
                 }
             }
+            Timer::Dns => {
+                if self.phase == Phase::Resolving {
+                    self.build_list(Vec::new());
+                    self.dns_failed(now, "no answer within 10 s");
+                }
+            }
             Timer::Connect => {
                 if self.phase == Phase::Connecting {
                     self.connect_failed(now, "connect timeout");
@@ -618,10 +627,13 @@ impl Cloud {
                 Err(_) => {
                     self.phase = Phase::Resolving;
                     info!("getaddrinfo ({}:{}) for {t}", ep.host, ep.port);
+                    self.dns_attempt = self.dns_attempt.wrapping_add(1);
+                    self.wheel.set(Timer::Dns, now + DNS_TIMEOUT);
                     self.emit(Action::Resolve {
                         transport: t,
                         host: ep.host,
                         port: ep.port,
+                        attempt: self.dns_attempt,
                     });
                     return;
                 }
@@ -630,11 +642,18 @@ impl Cloud {
         self.dns_failed(now, "no usable server address");
     }
 
-    /// The resolver's answer to the last `Resolve`. Stale answers are ignored.
-    pub fn handle_resolved(&mut self, now: Instant, result: Result<Vec<Ipv4Addr>, String>) {
-        if self.phase != Phase::Resolving {
+    /// The resolver's answer to `Resolve` number `attempt`. Stale answers are ignored.
+    pub fn handle_resolved(
+        &mut self,
+        now: Instant,
+        attempt: u32,
+        result: Result<Vec<Ipv4Addr>, String>,
+    ) {
+        if self.phase != Phase::Resolving || attempt != self.dns_attempt {
+            debug!("late DNS answer (attempt {attempt}) ignored");
             return;
         }
+        self.wheel.cancel(Timer::Dns);
         match result {
             Ok(addrs) => {
                 self.build_list(addrs);
@@ -771,6 +790,7 @@ impl Cloud {
             self.emit(Action::Close);
         }
         for t in [
+            Timer::Dns,
             Timer::Connect,
             Timer::Hello,
             Timer::Info,
@@ -849,6 +869,15 @@ impl Cloud {
         // P§5.3: only while our hello on this connection is unanswered, and never stamp 0 (our own hello).
         if !self.hello_out || server == 0 {
             debug!("time-sync reply ignored (stamp {server})");
+            return;
+        }
+        if server > MAX_SERVER_STAMP {
+            // P§5.5: keepalive stamps must keep increasing; from here they would stick at
+            // 0xffffffff within a few minutes. Treated as no reply: the hello is tried again.
+            crate::warn_limited!(
+                now,
+                "time-sync stamp {server:#x} is implausible (past 2097); ignored"
+            );
             return;
         }
         self.hello_out = false;
@@ -1133,21 +1162,8 @@ impl Cloud {
     }
 
     fn dropped(&mut self, now: Instant, why: &dyn fmt::Display) {
-        // P§2.7: at most one line per second from the cloud.
-        if self
-            .drop_log_at
-            .is_some_and(|t| now.saturating_since(t) < Duration::from_secs(1))
-        {
-            self.drops_quiet = self.drops_quiet.saturating_add(1);
-            return;
-        }
-        if self.drops_quiet > 0 {
-            warn!("{why} ({} more dropped)", self.drops_quiet);
-        } else {
-            warn!("{why}");
-        }
-        self.drop_log_at = Some(now);
-        self.drops_quiet = 0;
+        // P§2.7, rate limited for the whole process (`crate::ratelimit`).
+        crate::warn_limited!(now, "{why}");
     }
 
     /// An authenticated JSON object from the cloud.
@@ -1179,15 +1195,16 @@ impl Cloud {
         let method = obj.get("method").and_then(Value::as_str).unwrap_or("");
         if method.starts_with("local.") || method.starts_with("_internal.") {
             // P§5.7: these never reach the cloud, whoever routed them here.
-            warn!("{method} is not sent to the cloud");
+            crate::warn_limited!(now, "{method} is not sent to the cloud");
             return;
         }
         let Some(idv) = obj.get("id") else {
             // Fire-and-forget: once, as is, untracked.
             if self.phase != Phase::Up {
-                info!("cloud down, notification dropped");
+                crate::info_limited!(now, "cloud down, notification dropped");
             } else if text.len() > self.cfg.max_cloud_payload {
-                warn!(
+                crate::warn_limited!(
+                    now,
                     "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                     self.cfg.max_cloud_payload
                 );
@@ -1218,7 +1235,8 @@ impl Cloud {
             return;
         };
         if new.len() > self.cfg.max_cloud_payload {
-            warn!(
+            crate::warn_limited!(
+                now,
                 "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                 self.cfg.max_cloud_payload
             );
@@ -1273,7 +1291,7 @@ impl Cloud {
         let up = self.ups.remove(i);
         match up.origin {
             Origin::Client { client, orig } => {
-                warn!("OT server noack, id:{id}");
+                crate::warn_limited!(now, "OT server noack, id:{id}");
                 self.tell_client(client, orig, -30011, "OT server noack");
             }
             Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
@@ -1331,7 +1349,7 @@ impl Cloud {
             return;
         };
         if self.downs.iter().any(|d| d.id == id) {
-            info!("cloud msg repeated, id:{id}");
+            crate::info_limited!(now, "cloud msg repeated, id:{id}");
             return;
         }
         let now_cached = self
@@ -1340,16 +1358,16 @@ impl Cloud {
             .find(|c| c.id == id && c.until > now)
             .map(|c| c.text.clone());
         if let Some(reply) = now_cached {
-            info!("cloud msg repeated, id:{id}: answered from the cache");
+            crate::info_limited!(now, "cloud msg repeated, id:{id}: answered from the cache");
             return self.send_json(now, &reply);
         }
         if lan_only {
-            warn!("LAN-only method {method} from the cloud refused");
+            crate::warn_limited!(now, "LAN-only method {method} from the cloud refused");
             let reply = rpc::error_reply(Some(&id.into()), -32601, "Method not found");
             return self.reply_sent(now, id, reply);
         }
         if self.downs.len() >= MAX_DOWNSTREAM {
-            warn!("too many pending cloud commands, id:{id}");
+            crate::warn_limited!(now, "too many pending cloud commands, id:{id}");
             let reply = rpc::error_reply(Some(&id.into()), -9999, "user ack timeout");
             return self.reply_sent(now, id, reply);
         }
@@ -1410,7 +1428,8 @@ impl Cloud {
         };
         if text.len() > self.cfg.max_cloud_payload {
             // P§2.7: not sent, does not count; the command stays pending.
-            warn!(
+            crate::warn_limited!(
+                now,
                 "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                 self.cfg.max_cloud_payload
             );
@@ -1438,7 +1457,7 @@ impl Cloud {
         };
         let d = self.downs.remove(i);
         let reply = d.held.unwrap_or_else(|| {
-            info!("user ack timeout, id:{id}");
+            crate::info_limited!(now, "user ack timeout, id:{id}");
             rpc::error_reply(Some(&id.into()), -9999, "user ack timeout")
         });
         self.reply_sent(now, id, reply);
@@ -1476,6 +1495,13 @@ impl Cloud {
         self.actions.push_back(a);
     }
 }
+
+/// How long the resolver may take (P§5.1); then the attempt fails as a DNS failure.
+const DNS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The latest plausible server time in a time-sync reply: 0xF0000000 (2097-08-05), 268 million
+/// seconds below the end of the u32 stamp.
+const MAX_SERVER_STAMP: u32 = 0xF000_0000;
 
 fn secs(now: Instant) -> i64 {
     i64::try_from(now.secs()).unwrap_or(i64::MAX)
@@ -1593,6 +1619,11 @@ mod tests {
             self.now = end;
         }
 
+        /// The resolver's answer to the last `Resolve`.
+        fn resolved(&mut self, r: Result<Vec<Ipv4Addr>, String>) {
+            self.c.handle_resolved(self.now, self.c.dns_attempt, r);
+        }
+
         fn deliver(&mut self, bytes: &[u8]) {
             if self.tcp {
                 self.c.handle_stream(self.now, bytes);
@@ -1651,7 +1682,7 @@ mod tests {
         fn finish_attempt(&mut self) -> bool {
             let mut a = self.next();
             if let Action::Resolve { .. } = a {
-                self.c.handle_resolved(self.now, Ok(vec![SERVER]));
+                self.resolved(Ok(vec![SERVER]));
                 a = self.next();
             }
             let Action::Connect { transport, .. } = a else {
@@ -1727,11 +1758,12 @@ mod tests {
             Action::Resolve {
                 transport: Transport::Udp,
                 host: "ot.io.mi.com".into(),
-                port: 8053
+                port: 8053,
+                attempt: 1,
             }
         );
         assert!(h.c.is_busy());
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         assert_eq!(
             h.next(),
             Action::Connect {
@@ -1776,7 +1808,7 @@ mod tests {
         h.c.set_bind("12345".into(), Some("bk".into()));
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         h.take();
         h.deliver(&miio::time_sync_reply(T0));
@@ -1792,7 +1824,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
@@ -1811,7 +1843,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
@@ -1835,7 +1867,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         assert_eq!(h.take().last(), Some(&Action::NeedInfo));
@@ -1857,7 +1889,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         let t0 = h.now;
         let a = h.take();
@@ -1885,7 +1917,7 @@ mod tests {
         // Not connected: nothing is read at all.
         h.deliver(&miio::time_sync_reply(T0));
         h.quiet();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         h.take();
         // V7 echoed back (stamp 0) is not a time sync.
@@ -1905,6 +1937,90 @@ mod tests {
         h.deliver(&miio::time_sync_reply(T0 + 999));
         h.quiet();
         assert_eq!(h.c.offset(), i64::from(T0) - 1000);
+    }
+
+    #[test]
+    fn a_time_sync_past_2097_is_refused() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.resolved(Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        assert!(h
+            .take()
+            .contains(&Action::Send(miio::cloud_hello().to_vec())));
+        // 0xfffffff0 would make every keepalive 0xffffffff after 15 s: not taken, no NeedInfo.
+        h.deliver(&miio::time_sync_reply(0xffff_fff0));
+        h.quiet();
+        assert_eq!(h.c.offset(), 0);
+        h.deliver(&miio::time_sync_reply(MAX_SERVER_STAMP + 1));
+        h.quiet();
+        // The hello is still unanswered: the next plausible reply is the time sync.
+        h.deliver(&miio::time_sync_reply(MAX_SERVER_STAMP));
+        assert_eq!(h.take(), vec![Action::NeedInfo]);
+        assert_eq!(h.c.offset(), i64::from(MAX_SERVER_STAMP) - 1000);
+    }
+
+    #[test]
+    fn a_refused_time_sync_is_no_answer_to_the_hello() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.take();
+        h.resolved(Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.take();
+        // A cloud that only ever answers 0xfffffff0: the hellos run out and the attempt fails, as
+        // with no answer at all, instead of a session whose stamps are stuck at 0xffffffff.
+        for _ in 0..60 {
+            h.deliver(&miio::time_sync_reply(0xffff_fff0));
+            h.advance(500);
+        }
+        let a = h.take();
+        assert!(
+            a.contains(&Action::Event(CloudEvent::Retry)),
+            "the attempt did not fail: {a:?}"
+        );
+        assert!(!a.contains(&Action::NeedInfo), "{a:?}");
+    }
+
+    #[test]
+    fn a_resolver_that_never_answers_fails_the_attempt_after_10_s() {
+        let mut h = H::new(cfg());
+        h.c.start(h.now);
+        h.expect_event(CloudEvent::Trying);
+        let Action::Resolve { attempt: first, .. } = h.next() else {
+            panic!("expected Resolve");
+        };
+        // The resolver thread could not start: no answer ever comes. The machine has a deadline,
+        // so a suspend gets a wakeup time and the link does not stay in Resolving forever.
+        assert_eq!(h.c.poll_timeout(), Some(h.now + DNS_TIMEOUT));
+        h.advance(DNS_TIMEOUT.millis() - 1);
+        h.quiet();
+        h.advance(1);
+        let a = h.take();
+        assert!(
+            a.contains(&Action::Event(CloudEvent::InternetFailed))
+                && a.contains(&Action::Event(CloudEvent::Retry)),
+            "{a:?}"
+        );
+        assert_eq!(h.c.state(), CloudState::Retry);
+        // The next attempt resolves again, with a new tag.
+        let t = h.c.poll_timeout().expect("a backoff deadline");
+        h.advance(t.0 - h.now.0);
+        h.expect_event(CloudEvent::Trying);
+        let Action::Resolve {
+            attempt: second, ..
+        } = h.next()
+        else {
+            panic!("expected Resolve");
+        };
+        assert_ne!(first, second);
+        // The first attempt's answer arrives late: ignored, still resolving.
+        h.c.handle_resolved(h.now, first, Ok(vec![SERVER]));
+        h.quiet();
+        // The current one is taken.
+        h.c.handle_resolved(h.now, second, Ok(vec![SERVER]));
+        assert!(matches!(h.next(), Action::Connect { .. }));
     }
 
     #[test]
@@ -1928,7 +2044,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
@@ -2133,7 +2249,7 @@ mod tests {
             for k in 1..=8 {
                 assert_eq!(h.next(), Action::Event(CloudEvent::Trying));
                 assert!(matches!(h.next(), Action::Resolve { .. }));
-                h.c.handle_resolved(h.now, Err("NXDOMAIN".into()));
+                h.resolved(Err("NXDOMAIN".into()));
                 assert_eq!(
                     h.take(),
                     vec![
@@ -2190,7 +2306,7 @@ mod tests {
                 ..
             }
         ));
-        h.c.handle_resolved(h.now, Err("x".into()));
+        h.resolved(Err("x".into()));
         h.take();
         let t = h.c.poll_timeout().unwrap();
         h.advance(t.0 - h.now.0);
@@ -2211,7 +2327,7 @@ mod tests {
             SERVER,
             Ipv4Addr::new(4, 4, 4, 4),
         ];
-        h.c.handle_resolved(h.now, Ok(dns));
+        h.resolved(Ok(dns));
         let mut order = Vec::new();
         loop {
             match h.next() {
@@ -2273,7 +2389,7 @@ mod tests {
         let mut h = H::new(c);
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![Ipv4Addr::LOCALHOST]));
+        h.resolved(Ok(vec![Ipv4Addr::LOCALHOST]));
         assert_eq!(
             h.next(),
             Action::Connect {
@@ -2288,7 +2404,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![Ipv4Addr::new(10, 0, 0, 1)]));
+        h.resolved(Ok(vec![Ipv4Addr::new(10, 0, 0, 1)]));
         assert!(matches!(h.next(), Action::Connect { .. }));
         h.c.handle_connected(h.now, LOCAL);
         assert_eq!(
@@ -2306,7 +2422,7 @@ mod tests {
         let mut h = H::new(cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![Ipv4Addr::LOCALHOST]));
+        h.resolved(Ok(vec![Ipv4Addr::LOCALHOST]));
         assert_eq!(
             h.take(),
             vec![
@@ -2321,7 +2437,7 @@ mod tests {
         let mut h = H::new(tcp_cfg());
         h.c.start(h.now);
         h.take();
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         assert!(matches!(
             h.next(),
             Action::Connect {
@@ -2951,7 +3067,7 @@ mod tests {
         h.deliver(b"hello");
         h.c.handle_stream(h.now, b"\x21\x31\x00\x01");
         h.c.handle_link_down(h.now);
-        h.c.handle_resolved(h.now, Ok(vec![SERVER]));
+        h.resolved(Ok(vec![SERVER]));
         h.c.handle_info(h.now, &Map::new());
         h.quiet();
         assert_eq!(h.c.state(), CloudState::Stopped);

@@ -197,6 +197,8 @@ struct Entry {
     text: HelperText,
     /// Requests only: when the step falls back to the node's own data.
     deadline: Option<Instant>,
+    /// Already written once (a re-hello writes a request again).
+    sent: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -358,8 +360,9 @@ impl Helper {
                 text,
             },
             deadline: Some(now + self.cfg.timeout),
+            sent: false,
         });
-        self.pump();
+        self.pump(now);
     }
 
     fn fallback(&mut self, step: Step) {
@@ -384,7 +387,10 @@ impl Helper {
     /// 120 s. Without a helper the network is managed outside the daemon: `WifiConnected` at once (D9).
     pub fn wifi_start(&mut self, now: Instant, p: &WifiStart<'_>) {
         if !self.present {
-            info!("no helper to start Wi-Fi; assuming the network is managed outside");
+            crate::info_limited!(
+                now,
+                "no helper to start Wi-Fi; assuming the network is managed outside"
+            );
             self.actions.push_back(Action::WifiConnected);
             return;
         }
@@ -398,25 +404,25 @@ impl Helper {
             json_str(p.tz)
         );
         self.wifi_deadline = Some(now + WIFI_START_LIMIT);
-        self.enqueue(Kind::WifiStart, "_internal.wifi_start", t);
+        self.enqueue(now, Kind::WifiStart, "_internal.wifi_start", t);
     }
 
     /// `miIO.config_tz` (P§4.6): queues `_internal.config_tz`. False (the caller answers
     /// `["ERROR"]`) when the tz is not a zoneinfo name (D15) or no helper is present.
-    pub fn config_tz(&mut self, tz: &str) -> bool {
+    pub fn config_tz(&mut self, now: Instant, tz: &str) -> bool {
         if !valid_tz(tz) {
-            warn!("illegal tz {:?}", tz.get(..64).unwrap_or(tz));
+            crate::warn_limited!(now, "illegal tz {:?}", tz.get(..64).unwrap_or(tz));
             return false;
         }
         if !self.present {
-            warn!("config_tz: no helper to set the time zone");
+            crate::warn_limited!(now, "config_tz: no helper to set the time zone");
             return false;
         }
         let t = format!(
             r#"{{"method":"_internal.config_tz","params":{{"tz":{}}}}}"#,
             json_str(tz)
         );
-        self.enqueue(Kind::ConfigTz, "_internal.config_tz", t);
+        self.enqueue(now, Kind::ConfigTz, "_internal.config_tz", t);
         true
     }
 
@@ -439,15 +445,16 @@ impl Helper {
         }
     }
 
-    fn enqueue(&mut self, kind: Kind, method: &'static str, text: String) {
+    fn enqueue(&mut self, now: Instant, kind: Kind, method: &'static str, text: String) {
         self.remove_kind(kind);
         debug!("helper: queue {method}");
         self.fifo.push_back(Entry {
             kind,
             text: HelperText { method, text },
             deadline: None,
+            sent: false,
         });
-        self.pump();
+        self.pump(now);
     }
 
     fn remove_kind(&mut self, kind: Kind) {
@@ -455,21 +462,29 @@ impl Helper {
     }
 
     /// Writes the head of the FIFO on a waiting hello connection, if both exist.
-    fn pump(&mut self) {
+    fn pump(&mut self, now: Instant) {
         let Some(ch) = self.channel.as_mut().filter(|c| !c.spent) else {
             return;
         };
-        let text = match self.fifo.front() {
+        // A request stays at the head until answered: each hello gets it again.
+        let (text, again) = match self.fifo.front_mut() {
             None => return,
-            Some(e) if matches!(e.kind, Kind::Ask(_)) => e.text.clone(),
+            Some(e) if matches!(e.kind, Kind::Ask(_)) => {
+                (e.text.clone(), std::mem::replace(&mut e.sent, true))
+            }
             Some(_) => match self.fifo.pop_front() {
-                Some(e) => e.text,
+                Some(e) => (e.text, false),
                 None => return,
             },
         };
         ch.spent = true;
         let conn = ch.conn;
-        info!("to helper (fd {conn}): {}", text.method);
+        if again {
+            // A helper that says hello and never answers would write this line per hello.
+            crate::info_limited!(now, "to helper again (fd {conn}): {}", text.method);
+        } else {
+            info!("to helper (fd {conn}): {}", text.method);
+        }
         self.actions.push_back(Action::HelperWrite { conn, text });
         self.actions.push_back(Action::ShutdownWrite { conn });
     }
@@ -486,35 +501,37 @@ impl Helper {
         match method {
             "_internal.hello" => self.on_hello(now, conn),
             "_internal.helper_ready" => {
-                info!("helper ready (fd {conn})");
+                crate::info_limited!(now, "helper ready (fd {conn})");
                 self.on_present(now);
             }
-            "_internal.response_dinfo" => self.on_answer(Step::Dinfo, msg),
-            "_internal.response_dtoken" => self.on_answer(Step::Token, msg),
-            "_internal.res_wifi_conf_status" => self.on_answer(Step::WifiStatus, msg),
-            "_internal.info" => self.on_answer(Step::Info, msg),
-            "_internal.res_didkeymac" => self.on_answer(Step::Didkeymac, msg),
-            "_internal.res_didkeymac2" => self.on_answer(Step::Didkeymac2, msg),
+            "_internal.response_dinfo" => self.on_answer(now, Step::Dinfo, msg),
+            "_internal.response_dtoken" => self.on_answer(now, Step::Token, msg),
+            "_internal.res_wifi_conf_status" => self.on_answer(now, Step::WifiStatus, msg),
+            "_internal.info" => self.on_answer(now, Step::Info, msg),
+            "_internal.res_didkeymac" => self.on_answer(now, Step::Didkeymac, msg),
+            "_internal.res_didkeymac2" => self.on_answer(now, Step::Didkeymac2, msg),
             "_internal.response_dcountry" => match parse_country(params) {
                 Ok(cc) => self.actions.push_back(Action::Country(cc)),
-                Err(why) => warn!("invalid _internal.response_dcountry: {why}; ignored"),
+                Err(why) => {
+                    crate::warn_limited!(now, "invalid _internal.response_dcountry: {why}; ignored")
+                }
             },
             "_internal.wifi_connected" => {
-                info!("helper: Wi-Fi connected");
+                crate::info_limited!(now, "helper: Wi-Fi connected");
                 self.wifi_result();
                 self.actions.push_back(Action::WifiConnected);
             }
-            "_internal.wifi_ap_mode" => self.on_wifi_failed(),
+            "_internal.wifi_ap_mode" => self.on_wifi_failed(now),
             // L§5: a client's wifi_ap_mode* notice; any other value is ignored.
             "local.status"
                 if params
                     .as_str()
                     .is_some_and(|v| v.starts_with("wifi_ap_mode")) =>
             {
-                self.on_wifi_failed()
+                self.on_wifi_failed(now)
             }
             "_internal.reboot" => {
-                info!("helper: reboot");
+                crate::info_limited!(now, "helper: reboot");
                 self.actions.push_back(Action::Reboot);
             }
             m if m.starts_with("_internal.res_wifi_")
@@ -522,9 +539,11 @@ impl Helper {
                 || m == "_internal.record_offline"
                 || m == "_internal.response_offline" =>
             {
-                info!("helper: {m}");
+                crate::info_limited!(now, "helper: {m}");
             }
-            m if m.starts_with("_internal.") => info!("unknown helper message {m}, ignored"),
+            m if m.starts_with("_internal.") => {
+                crate::info_limited!(now, "unknown helper message {m}, ignored")
+            }
             _ => {}
         }
     }
@@ -570,7 +589,7 @@ impl Helper {
         }
         self.fire_offline(now);
         // A removed head may uncover a message for a waiting hello.
-        self.pump();
+        self.pump(now);
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -611,7 +630,7 @@ impl Helper {
     fn on_hello(&mut self, now: Instant, conn: ConnId) {
         match self.channel.take() {
             Some(old) if old.conn != conn => {
-                info!("new fd: {conn}, close last fd: {}", old.conn);
+                crate::info_limited!(now, "new fd: {conn}, close last fd: {}", old.conn);
                 self.actions.push_back(Action::Close { conn: old.conn });
             }
             Some(old) if old.spent => {
@@ -624,7 +643,7 @@ impl Helper {
         }
         self.channel = Some(Channel { conn, spent: false });
         self.on_present(now);
-        self.pump();
+        self.pump(now);
     }
 
     fn on_present(&mut self, now: Instant) {
@@ -655,7 +674,7 @@ impl Helper {
         }
     }
 
-    fn on_answer(&mut self, step: Step, msg: &Map<String, Value>) {
+    fn on_answer(&mut self, now: Instant, step: Step, msg: &Map<String, Value>) {
         let state = self.steps[step.index()];
         if matches!(state, StepState::Idle | StepState::Answered) {
             debug!("{}: not awaited, ignored", step.answer_method());
@@ -687,7 +706,9 @@ impl Helper {
         };
         match parsed {
             // Still at the head of the FIFO if pending: written again on the next hello.
-            Err(why) => warn!("invalid {}: {why}; ignored", step.answer_method()),
+            Err(why) => {
+                crate::warn_limited!(now, "invalid {}: {why}; ignored", step.answer_method())
+            }
             Ok(action) => {
                 if state == StepState::Fallback {
                     info!("late {} from the helper: it wins", step.answer_method());
@@ -697,13 +718,13 @@ impl Helper {
                 self.steps[step.index()] = StepState::Answered;
                 self.remove_kind(Kind::Ask(step));
                 self.actions.push_back(action);
-                self.pump();
+                self.pump(now);
             }
         }
     }
 
-    fn on_wifi_failed(&mut self) {
-        info!("helper: Wi-Fi failed");
+    fn on_wifi_failed(&mut self, now: Instant) {
+        crate::info_limited!(now, "helper: Wi-Fi failed");
         self.wifi_result();
         self.actions.push_back(Action::WifiFailed);
     }
@@ -733,7 +754,7 @@ impl Helper {
         if self.present {
             info!("offline for {minutes} min: {method}");
             let t = format!(r#"{{"method":"{method}","params":""}}"#);
-            self.enqueue(Kind::Offline, method, t);
+            self.enqueue(now, Kind::Offline, method, t);
         } else {
             info!("offline for {minutes} min; no helper for {method}");
         }
@@ -1054,7 +1075,7 @@ mod tests {
             },
         );
         assert_eq!(drain(&mut h), vec![Action::WifiConnected]);
-        assert!(!h.config_tz("Europe/Berlin"));
+        assert!(!h.config_tz(at(0), "Europe/Berlin"));
         h.offline_start(at(5 * SEC));
         h.handle_timeout(at(5 * SEC + 15 * MIN));
         assert!(drain(&mut h).is_empty());
@@ -1264,9 +1285,9 @@ mod tests {
         let mut h = Helper::new(at(0), cfg());
         send(&mut h, 0, 9, r#"{"method":"_internal.helper_ready"}"#);
         h.ask_info(at(0));
-        assert!(h.config_tz("Europe/Berlin"));
-        assert!(h.config_tz("Asia/Shanghai")); // only the latest of a kind is kept
-                                               // The request is at the head: each hello gets it until answered.
+        assert!(h.config_tz(at(0), "Europe/Berlin"));
+        assert!(h.config_tz(at(0), "Asia/Shanghai")); // only the latest of a kind is kept
+                                                      // The request is at the head: each hello gets it until answered.
         let w = writes(&hello(&mut h, 100, 1));
         assert_eq!(w[0].1, r#"{"method":"_internal.info"}"#);
         h.handle_closed(1);
@@ -1496,9 +1517,9 @@ mod tests {
         assert!(valid_tz(&"a".repeat(64)));
         let mut h = Helper::new(at(0), cfg());
         hello(&mut h, 0, 1);
-        assert!(!h.config_tz("../../etc/passwd"));
+        assert!(!h.config_tz(at(0), "../../etc/passwd"));
         assert!(drain(&mut h).is_empty());
-        assert!(h.config_tz("Europe/Berlin"));
+        assert!(h.config_tz(at(0), "Europe/Berlin"));
         assert_eq!(
             writes(&drain(&mut h)),
             vec![(

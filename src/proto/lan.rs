@@ -27,7 +27,7 @@ use core::fmt;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 use serde_json::Value;
 
 use crate::proto::state::State;
@@ -52,8 +52,6 @@ const LOCAL_ID_MIN: u32 = 0x4000_0000;
 const LOCAL_ID_MAX: u32 = 0x7fff_ffff;
 /// The largest UDP payload over IPv4: a longer reply cannot be sent.
 const MAX_DATAGRAM: usize = 65507;
-/// Drop log lines: at most one per second (P§2.7).
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Methods the daemon answers itself on the LAN (P§4.6).
 const SELF_METHODS: [&str; 7] = [
@@ -150,8 +148,6 @@ pub struct Lan {
     guard: VecDeque<(GuardKey, Instant)>,
     cache: VecDeque<Cached>,
     actions: VecDeque<LanAction>,
-    last_log: Option<Instant>,
-    suppressed: u32,
 }
 
 impl Lan {
@@ -171,8 +167,6 @@ impl Lan {
             guard: VecDeque::new(),
             cache: VecDeque::new(),
             actions: VecDeque::new(),
-            last_log: None,
-            suppressed: 0,
         }
     }
 
@@ -274,7 +268,7 @@ impl Lan {
         self.guard.push_back((key, now));
 
         if self.pending.len() >= MAX_PENDING {
-            warn!("too many pending LAN commands, id:{id} answered -9999");
+            crate::warn_limited!(now, "too many pending LAN commands, id:{id} answered -9999");
             let text = user_ack_timeout_reply(id);
             self.send_reply(now, from, key, text);
             return;
@@ -305,7 +299,11 @@ impl Lan {
             // Cannot happen for a text that parsed with an id; dropped rather than trusted.
             return self.log_drop(now, from, &"LAN command id not rewritable");
         };
-        info!("M, orig_id:{id}, new_id:{local_id}, len:{}", text.len());
+        crate::info_limited!(
+            now,
+            "M, orig_id:{id}, new_id:{local_id}, len:{}",
+            text.len()
+        );
         self.pending.push(Pending {
             route: Route::Forwarded(local_id),
             phone_id: id,
@@ -378,7 +376,7 @@ impl Lan {
         while let Some(i) = self.pending.iter().position(|p| p.deadline <= now) {
             let p = self.pending.remove(i);
             let fallback = || {
-                info!("user ack timeout, id:{}", p.phone_id);
+                crate::info_limited!(now, "user ack timeout, id:{}", p.phone_id);
                 user_ack_timeout_reply(p.phone_id)
             };
             let text = p.held.clone().unwrap_or_else(fallback);
@@ -405,7 +403,7 @@ impl Lan {
         let Some(bytes) = self.seal(now, &text) else {
             return false;
         };
-        info!("ACK, id:{}, to:mobile {to}", key.id);
+        crate::info_limited!(now, "ACK, id:{}, to:mobile {to}", key.id);
         self.actions.push_back(LanAction::Send { to, bytes });
         if text.len() <= CACHE_MAX_TEXT {
             self.cache.retain(|c| c.key != key);
@@ -426,7 +424,8 @@ impl Lan {
         let (did, keys) = self.identity.as_ref()?;
         let bytes = miio::seal(keys, *did, self.stamp(now), text.as_bytes());
         if bytes.is_empty() || bytes.len() > MAX_DATAGRAM {
-            warn!(
+            crate::warn_limited!(
+                now,
                 "LAN reply of {} bytes too long for a datagram: not sent",
                 text.len()
             );
@@ -505,25 +504,9 @@ impl Lan {
         }
     }
 
-    /// A drop line, at most one per second (P§2.7); the lines in between are counted.
+    /// A drop line, rate limited for the whole process (P§2.7, `crate::ratelimit`).
     fn log_drop(&mut self, now: Instant, from: SocketAddr, what: &dyn fmt::Display) {
-        if self
-            .last_log
-            .is_some_and(|t| now.saturating_since(t) < LOG_INTERVAL)
-        {
-            self.suppressed = self.suppressed.saturating_add(1);
-            return;
-        }
-        if self.suppressed > 0 {
-            warn!(
-                "{what} (from {from}; {} similar lines suppressed)",
-                self.suppressed
-            );
-        } else {
-            warn!("{what} (from {from})");
-        }
-        self.last_log = Some(now);
-        self.suppressed = 0;
+        crate::warn_limited!(now, "{what} (from {from})");
     }
 }
 

@@ -114,7 +114,7 @@ impl Local {
     pub fn accept(&mut self, now: Instant, conn: ConnId, port: Port) -> bool {
         if port == Port::Ble {
             if self.conns.values().any(|c| c.port == Port::Ble) {
-                log::warn!("already have one bt client, ignore...");
+                crate::warn_limited!(now, "already have one bt client, ignore...");
                 return false;
             }
             self.conns.insert(
@@ -134,7 +134,7 @@ impl Local {
         );
         let extra = seats >= self.max_clients;
         if extra && extras >= EXTRA_HELPER_CONNS {
-            log::warn!("too many sockets to track");
+            crate::warn_limited!(now, "too many sockets to track");
             return false;
         }
         self.conns.insert(
@@ -198,7 +198,7 @@ impl Local {
     }
 
     /// Marks a connection as a helper connection (the node decided from its first message).
-    fn classify_as(&mut self, conn: ConnId, helper: bool) {
+    fn classify_as(&mut self, now: Instant, conn: ConnId, helper: bool) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -209,7 +209,7 @@ impl Local {
                 c.class = Class::Helper;
             } else if extra {
                 // An extra connection whose first message is not `_internal.*`.
-                log::warn!("too many sockets to track");
+                crate::warn_limited!(now, "too many sockets to track");
                 self.conns.remove(&conn);
                 self.push_close(conn);
             } else {
@@ -276,14 +276,14 @@ impl Local {
             .map(|(&id, _)| id)
             .collect();
         for id in due {
-            self.classify_as(id, false);
+            self.classify_as(now, id, false);
         }
     }
 
     /// The splitter found a syntax error in `conn`'s stream: -32700, then close (L§3).
-    pub fn syntax_error(&mut self, conn: ConnId) {
+    pub fn syntax_error(&mut self, now: Instant, conn: ConnId) {
         if self.conns.remove(&conn).is_some() {
-            log::warn!("local client {conn}: JSON syntax error; closing");
+            crate::warn_limited!(now, "local client {conn}: JSON syntax error; closing");
             self.push_send(conn, error_no_id(RpcError::Parse));
             self.push_close(conn);
         }
@@ -291,21 +291,21 @@ impl Local {
 
     /// One complete JSON value from `conn` (as cut by the splitter). Framing errors are answered
     /// here (L§3); a well-formed message is classified and returned for routing.
-    pub fn handle_value(&mut self, _now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {
+    pub fn handle_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {
         let port = self.conns.get(&conn)?.port;
         let obj = match rpc::parse_object(raw) {
             Ok(o) => o,
             Err(e @ RpcError::Parse) => {
-                log::warn!("local client {conn}: {e}; closing");
-                self.classify_as(conn, false);
+                crate::warn_limited!(now, "local client {conn}: {e}; closing");
+                self.classify_as(now, conn, false);
                 self.push_send(conn, error_no_id(e));
                 self.conns.remove(&conn);
                 self.push_close(conn);
                 return None;
             }
             Err(e @ RpcError::NotObject) => {
-                log::warn!("local client {conn}: {e}");
-                self.classify_as(conn, false);
+                crate::warn_limited!(now, "local client {conn}: {e}");
+                self.classify_as(now, conn, false);
                 self.push_send(conn, error_no_id(e));
                 return None;
             }
@@ -320,7 +320,7 @@ impl Local {
             .as_deref()
             .is_some_and(|m| m.starts_with("_internal."));
         if port == Port::Local {
-            self.classify_as(conn, internal);
+            self.classify_as(now, conn, internal);
             if !self.conns.contains_key(&conn) {
                 return None;
             }
@@ -333,7 +333,7 @@ impl Local {
                 obj,
             }),
             Some(m) if port == Port::Ble => {
-                log::warn!("BLE client sent {m}: only local.* is allowed");
+                crate::warn_limited!(now, "BLE client sent {m}: only local.* is allowed");
                 self.push_send(
                     conn,
                     rpc::error_reply(id.as_ref(), -32601, "Method not found"),
@@ -366,7 +366,10 @@ impl Local {
                     text,
                 }),
                 _ => {
-                    log::info!("local client {conn}: message without method dropped");
+                    crate::info_limited!(
+                        now,
+                        "local client {conn}: message without method dropped"
+                    );
                     None
                 }
             },

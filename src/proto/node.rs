@@ -80,6 +80,7 @@ pub enum Action {
         transport: cloud::Transport,
         host: String,
         port: u16,
+        attempt: u32,
     },
     /// Open a fresh cloud socket; answer with [`Node::cloud_connected`] / [`Node::cloud_connect_failed`].
     Connect {
@@ -106,6 +107,10 @@ pub enum Action {
     RestoreWifi,
     /// Provisioning: write `device.country` (0644).
     WriteCountry(String),
+    /// Read the ssid of `wifi.conf` ("" without one) and answer with [`Node::file_ssid`]: INFO's
+    /// `ap.ssid` is the file's (P§5.4) even when a helper answered the Wi-Fi step or after a
+    /// failed provisioning put the file back.
+    ReadSsid,
 }
 
 /// Where a provisioning came from, for its reply.
@@ -319,6 +324,14 @@ impl Node {
         self.pump(now);
     }
 
+    /// The ssid of `wifi.conf` after [`Action::ReadSsid`]; changes nothing else.
+    pub fn file_ssid(&mut self, ssid: String) {
+        if let Some(id) = self.identity.as_mut() {
+            id.ssid.clone_from(&ssid);
+        }
+        self.boot.ssid = ssid;
+    }
+
     fn got_device(&mut self, now: Instant, d: DeviceConf) {
         if self.boot.device.as_ref() == Some(&d) {
             return;
@@ -401,17 +414,18 @@ impl Node {
     /// L§8 validation: the checked parameters, or the refusal reply for the requester.
     fn provision_check(
         &mut self,
+        now: Instant,
         params: Option<&Value>,
         id: &Value,
         from: ProvisionFrom,
     ) -> Result<super::provision::Params, String> {
         let refuse = |reason: &str| match from {
             ProvisionFrom::Lan => {
-                warn!("config_router refused: {reason}");
+                crate::warn_limited!(now, "config_router refused: {reason}");
                 rpc::result_reply(id, &json!(["ERROR"]))
             }
             ProvisionFrom::Local => {
-                warn!("ble.config_router refused: {reason}");
+                crate::warn_limited!(now, "ble.config_router refused: {reason}");
                 rpc::error_reply(Some(id), -33020, reason)
             }
         };
@@ -473,7 +487,7 @@ impl Node {
 
     fn wifi_connected(&mut self, now: Instant) {
         if self.provisioning.take().is_none() {
-            info!("helper: wifi connected");
+            crate::info_limited!(now, "helper: wifi connected");
             return;
         }
         self.broadcast("wifi_connected");
@@ -483,12 +497,13 @@ impl Node {
 
     fn wifi_failed(&mut self, now: Instant) {
         let Some(in_ap) = self.provisioning.take() else {
-            info!("helper: wifi failed");
+            crate::info_limited!(now, "helper: wifi failed");
             return;
         };
         self.broadcast("wifi_failed");
         // L§8: AP → delete wifi.conf and back to AP mode; STA → the old wifi.conf and sta_mode.
         self.actions.push_back(Action::RestoreWifi);
+        self.actions.push_back(Action::ReadSsid);
         self.bind = None;
         self.boot.provisioned = Some(!in_ap);
         self.rebuild_identity(now, !in_ap);
@@ -527,7 +542,10 @@ impl Node {
             H::Identity(d) => self.got_device(now, d),
             H::Token(t) => self.got_token(now, t),
             H::Country(c) => self.boot.country = c,
-            H::WifiStatus(p) => self.got_wifi(now, p),
+            H::WifiStatus(p) => {
+                self.actions.push_back(Action::ReadSsid);
+                self.got_wifi(now, p)
+            }
             H::Info { params, extra } => {
                 self.helper_info = Some(params.clone());
                 let mut m = extra;
@@ -543,10 +561,12 @@ impl Node {
                 }
             }
             H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
-                info!("no helper answer for the did/key step")
+                crate::info_limited!(now, "no helper answer for the did/key step")
             }
             H::UseFiles(step) => self.actions.push_back(Action::LoadFiles(step)),
-            H::DidkeyMaterial(_) | H::DidkeyStored => info!("did/key helper answer ignored"),
+            H::DidkeyMaterial(_) | H::DidkeyStored => {
+                crate::info_limited!(now, "did/key helper answer ignored")
+            }
             H::WifiConnected => self.wifi_connected(now),
             H::WifiFailed => self.wifi_failed(now),
             H::Reboot => self.broadcast("reboot"),
@@ -618,7 +638,7 @@ impl Node {
                 id,
                 params,
             } if method == "miIO.config_router" => {
-                match self.provision_check(Some(&params), &json!(id), ProvisionFrom::Lan) {
+                match self.provision_check(now, Some(&params), &json!(id), ProvisionFrom::Lan) {
                     Err(r) => {
                         self.lan.answer(now, handle, &r);
                     }
@@ -665,10 +685,12 @@ impl Node {
                 transport,
                 host,
                 port,
+                attempt,
             } => self.actions.push_back(Action::Resolve {
                 transport,
                 host,
                 port,
+                attempt,
             }),
             cloud::Action::Connect { transport, addr } => {
                 self.actions.push_back(Action::Connect { transport, addr })
@@ -680,7 +702,10 @@ impl Node {
             cloud::Action::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
                     // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
-                    warn!("cloud command id collides with a pending LAN command; answered -9999");
+                    crate::warn_limited!(
+                        now,
+                        "cloud command id collides with a pending LAN command; answered -9999"
+                    );
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
                         c.self_reply(now, id, &r);
@@ -812,7 +837,7 @@ impl Node {
             // P§4.6: ["ERROR"] if tz is invalid (D15) or no helper runs.
             "miIO.config_tz" => {
                 let tz = params.get("tz").and_then(Value::as_str).unwrap_or("");
-                if self.helper.config_tz(tz) {
+                if self.helper.config_tz(now, tz) {
                     rpc::result_reply(&id, &ok)
                 } else {
                     rpc::result_reply(&id, &err)
@@ -833,9 +858,14 @@ impl Node {
 
     // ---- cloud I/O results ---------------------------------------------------------------
 
-    pub fn cloud_resolved(&mut self, now: Instant, result: Result<Vec<Ipv4Addr>, String>) {
+    pub fn cloud_resolved(
+        &mut self,
+        now: Instant,
+        attempt: u32,
+        result: Result<Vec<Ipv4Addr>, String>,
+    ) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_resolved(now, result);
+            c.handle_resolved(now, attempt, result);
         }
         self.pump(now);
     }
@@ -893,8 +923,8 @@ impl Node {
     }
 
     /// A JSON syntax error in a local connection's stream.
-    pub fn local_syntax_error(&mut self, conn: ConnId) {
-        self.local.syntax_error(conn);
+    pub fn local_syntax_error(&mut self, now: Instant, conn: ConnId) {
+        self.local.syntax_error(now, conn);
         self.collect();
     }
 
@@ -936,7 +966,10 @@ impl Node {
                     }
                 };
                 if !taken {
-                    info!("reply from local client {conn} matches no pending command; dropped");
+                    crate::info_limited!(
+                        now,
+                        "reply from local client {conn} matches no pending command; dropped"
+                    );
                 }
             }
             None => {}
@@ -959,7 +992,7 @@ impl Node {
             return;
         }
         let Some(id) = id.filter(|v| v.is_u64() || v.is_i64()) else {
-            warn!("msg does not have 'id'");
+            crate::warn_limited!(now, "msg does not have 'id'");
             return;
         };
         let reply = match method {
@@ -976,7 +1009,7 @@ impl Node {
                 Value::String(self.country().unwrap_or_else(|| "prc".into()))
             ),
             "local.ble.config_router" => {
-                match self.provision_check(obj.get("params"), &id, ProvisionFrom::Local) {
+                match self.provision_check(now, obj.get("params"), &id, ProvisionFrom::Local) {
                     Err(r) => r,
                     Ok(p) => {
                         self.local
@@ -991,7 +1024,7 @@ impl Node {
                 self.wakeup_time(now)
             ),
             _ => {
-                info!("Unknown local method: {method}");
+                crate::info_limited!(now, "Unknown local method: {method}");
                 rpc::error_reply(Some(&id), -32601, "Method not found")
             }
         };
@@ -1082,7 +1115,9 @@ mod tests {
         let mut out = Vec::new();
         while let Some(a) = n.poll_action() {
             match a {
-                Action::Resolve { .. } => n.cloud_resolved(now, Ok(vec![Ipv4Addr::LOCALHOST])),
+                Action::Resolve { attempt, .. } => {
+                    n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
+                }
                 Action::Connect { .. } => n.cloud_connected(
                     now,
                     Netif {
@@ -1238,5 +1273,83 @@ mod tests {
                 r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#,
             ]
         );
+    }
+
+    /// Plays the reactor's file side: `wifi.conf` holds `file` (its ssid), or is absent (None).
+    /// Returns the other actions.
+    fn files(n: &mut Node, now: Instant, file: Option<&str>) -> Vec<Action> {
+        let mut other = Vec::new();
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => {
+                    let d = crate::config::device::parse(
+                        "did=123456789\nkey=YWJjZGVmZ2hpamts\nmac=AA:BB:CC:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n",
+                    );
+                    n.file_dinfo(now, d.map_err(|e| e.to_string()), None)
+                }
+                Action::LoadFiles(Step::Token) => {
+                    n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
+                }
+                Action::LoadFiles(Step::WifiStatus) => {
+                    n.file_wifi(now, file.is_some(), file.unwrap_or("").into(), None)
+                }
+                Action::ReadSsid => n.file_ssid(file.unwrap_or("").into()),
+                a => other.push(a),
+            }
+        }
+        other
+    }
+
+    fn info_ssid(n: &Node, now: Instant) -> Value {
+        n.info(now)["ap"]["ssid"].clone()
+    }
+
+    #[test]
+    fn a_failed_ap_provisioning_leaves_no_ssid_in_miio_info() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        n.handle_timeout(t0); // the helper grace is over: file mode
+        files(&mut n, t0, None);
+        assert_eq!(n.state(), State::WifiApMode);
+        // A helper appears (it will run wifi_start), then the phone provisions over BLE.
+        n.local_accept(t0, 1, Port::Local);
+        n.local_value(t0, 1, br#"{"method":"_internal.helper_ready"}"#);
+        n.local_accept(t0, 2, Port::Ble);
+        n.local_value(
+            t0,
+            2,
+            br#"{"id":1,"method":"local.ble.config_router","params":{"ssid":"newnet","passwd":"pw12345678"}}"#,
+        );
+        let a = files(&mut n, t0, Some("newnet"));
+        assert!(a.iter().any(|a| matches!(a, Action::WriteWifi(_))), "{a:?}");
+        // Wi-Fi fails: wifi.conf is deleted (L§8), and miIO.info must not name the failed network.
+        n.local_value(t0, 1, br#"{"method":"_internal.wifi_ap_mode"}"#);
+        let a = files(&mut n, t0, None);
+        assert!(a.contains(&Action::RestoreWifi), "{a:?}");
+        assert_eq!(n.state(), State::WifiApMode);
+        assert_eq!(info_ssid(&n, t0), "");
+    }
+
+    #[test]
+    fn offline_with_a_helper_miio_info_has_the_ssid_of_wifi_conf() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        n.local_accept(t0, 1, Port::Local);
+        n.local_value(t0, 1, br#"{"method":"_internal.helper_ready"}"#);
+        for answer in [
+            r#"{"method":"_internal.response_dinfo","params":{"did":123456789,"key":"YWJjZGVmZ2hpamts","vendor":"acme","mac":"aa:bb:cc:01:02:03","model":"acme.dev.v1"}}"#,
+            r#"{"method":"_internal.response_dtoken","params":"abcDEF0123456789"}"#,
+            r#"{"method":"_internal.res_wifi_conf_status","params":1}"#,
+        ] {
+            files(&mut n, t0, Some("home"));
+            n.local_value(t0, 1, answer.as_bytes());
+        }
+        files(&mut n, t0, Some("home"));
+        assert!(n.identity().is_some_and(|i| i.provisioned));
+        assert_ne!(n.state(), State::CloudConnected);
+        // No cloud, no helper `_internal.info`: the daemon's own INFO, with wifi.conf's ssid (P§5.4).
+        assert_eq!(info_ssid(&n, t0), "home");
     }
 }

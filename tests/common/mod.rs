@@ -352,7 +352,9 @@ impl Daemon {
         match exited {
             Some(st) if st.code() == Some(1) && log.contains(QUIT_BOUND) => Launch::Clash,
             Some(st) => Launch::Failed(format!("exit {st}, log:\n{log}")),
-            None => Launch::Failed(format!("no bound line within {LAUNCH:?}, log:\n{log}")),
+            None => Launch::Failed(format!(
+                "no bound line within {LAUNCH:?} (an info line: -l 2 or more), log:\n{log}"
+            )),
         }
     }
 
