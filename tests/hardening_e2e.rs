@@ -198,3 +198,58 @@ fn lan_command_beyond_serde_is_forwarded_verbatim() {
     let o = miio::decode(&phone.keys, DID as u32, &r).unwrap();
     assert_eq!(o.text, r#"{"id":42,"result":[1e400]}"#);
 }
+
+// ---- item 5: ids unique across cloud sessions -----------------------------------------------------
+
+/// A router password change (L§8, QR path on 54322, no helper: D9) starts a new cloud session in
+/// the same run: the cloud must see new ids (P§5.7 D5) and no second `ota_state idle` (D12).
+#[test]
+fn new_cloud_session_in_a_run_uses_new_ids() {
+    let Some(py) = pycloud() else { return };
+    let local = free_port();
+    let dir = provisioned_dir("hard-ids");
+    let d = Daemon::start(&dir, &strs(&cloud_args(&dir, py.port, local)));
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let msgs = |method: &'static str| {
+        move |c: &Lines| -> Vec<Value> {
+            c.json()
+                .into_iter()
+                .filter(|v| v["ev"] == "msg" && v["json"]["method"] == method)
+                .collect()
+        }
+    };
+    let (infos, idles) = (msgs("_otc.info"), msgs("props"));
+    assert!(wait_until(T, || idles(&py.cloud).len() == 1));
+
+    let mut c = LocalClient::connect(local);
+    c.send(r#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","passwd":"pw12345678","uid":"42"}}"#);
+    let r = c
+        .recv_until(T, |v| v["id"] == 5)
+        .expect("config_router reply");
+    assert_eq!(r["result"][0], "OK", "{r}");
+    let again = || d.log_text().matches("STATE_CLOUD_CONNECTED").count() >= 2;
+    assert!(wait_until(T, again), "{}", d.log_text());
+    // An upstream request of the new session, after its session messages.
+    c.send(r#"{"id":6,"method":"props","params":{"power":"on"}}"#);
+    assert!(c.recv_until(T, |v| v["id"] == 6).is_some());
+    assert!(wait_until(T, || idles(&py.cloud).len() >= 2));
+
+    let info = infos(&py.cloud);
+    assert_eq!(info.len(), 2, "{info:?}");
+    assert_eq!(info[1]["json"]["params"]["uid"], "42");
+    let props = idles(&py.cloud);
+    let idle: Vec<&Value> = props
+        .iter()
+        .filter(|v| v["json"]["params"]["ota_state"] == "idle")
+        .collect();
+    assert_eq!(idle.len(), 1, "D12: once per start: {props:?}");
+    let mut ids: Vec<u64> = info
+        .iter()
+        .chain(&props)
+        .map(|v| v["json"]["id"].as_u64().unwrap())
+        .collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an id went up twice: {info:?} {props:?}");
+}

@@ -145,6 +145,8 @@ pub struct Node {
     provisioning: Option<bool>,
     /// uid and bind_key of a provisioning in this run, for `_otc.info` (P§5.4).
     bind: Option<(String, Option<String>)>,
+    /// The id counter and D12 flag of the last cloud machine, for the next one (P§5.7 D5).
+    cloud_carry: Option<cloud::Carry>,
     /// The helper's last `_internal.info` params: the base of `miIO.info`.
     helper_info: Option<Map<String, Value>>,
     netif: Netif,
@@ -168,6 +170,7 @@ impl Node {
             os_release: None,
             provisioning: None,
             bind: None,
+            cloud_carry: None,
             helper_info: None,
             local: Local::new(cfg.max_clients),
             lan: Lan::new(
@@ -369,7 +372,7 @@ impl Node {
     fn drop_session(&mut self, now: Instant) {
         if self.cloud.is_some() {
             self.shutdown(now);
-            self.cloud = None;
+            self.cloud_carry = self.cloud.take().map(|c| c.carry());
         }
         self.identity = None;
     }
@@ -572,6 +575,15 @@ impl Node {
             cfg.tcp.host = tcp;
         }
         let mut c = Cloud::new(cfg);
+        // Ids never repeat within a run, and `ota_state idle` goes up once (P§5.7 D5, D12).
+        if let Some(k) = self
+            .cloud
+            .take()
+            .map(|c| c.carry())
+            .or(self.cloud_carry.take())
+        {
+            c.resume(k);
+        }
         if let Some((uid, bindkey)) = &self.bind {
             c.set_bind(uid.clone(), bindkey.clone());
         }
@@ -1078,10 +1090,33 @@ mod tests {
     /// Plays a cooperative cloud: answers resolve, connect, hello and every request. Returns the
     /// local-connection messages seen.
     fn serve(n: &mut Node, now: Instant) -> Vec<(ConnId, String)> {
+        serve_with(n, now, None, &mut Vec::new())
+    }
+
+    const CONF: &str =
+        "did=1234567\nkey=YWJjZGVmZ2hpamts\nmac=aa:bb:cc:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n";
+
+    /// [`serve`], which also answers the file steps (L§9.5) from `conf` (a provisioned device with
+    /// the token `ABCDEFGHIJKLMNOP`) and appends every request the node sent to the cloud to `sent`.
+    fn serve_with(
+        n: &mut Node,
+        now: Instant,
+        conf: Option<&str>,
+        sent: &mut Vec<Value>,
+    ) -> Vec<(ConnId, String)> {
         let keys = Keys::new(&KEY);
         let mut out = Vec::new();
         while let Some(a) = n.poll_action() {
             match a {
+                Action::LoadFiles(step) if conf.is_some() => match step {
+                    Step::Dinfo => {
+                        let d = crate::config::device::parse(conf.unwrap_or_default());
+                        n.file_dinfo(now, d.map_err(|e| e.to_string()), None)
+                    }
+                    Step::Token => n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP"))),
+                    Step::WifiStatus => n.file_wifi(now, true, "home".into(), None),
+                    _ => {}
+                },
                 Action::Resolve { .. } => n.cloud_resolved(now, Ok(vec![Ipv4Addr::LOCALHOST])),
                 Action::Connect { .. } => n.cloud_connected(
                     now,
@@ -1101,6 +1136,9 @@ mod tests {
                     } else if p.is_control() {
                         n.cloud_datagram(now, &b); // pong
                     } else if let Ok(o) = miio::open(&keys, DID, &p) {
+                        if o.value.contains_key("method") {
+                            sent.push(Value::Object(o.value.clone()));
+                        }
                         if let Some(id) = o.value.get("id") {
                             if let Some(m) = o.value.get("method") {
                                 let ack = if m == "_otc.info" {
@@ -1238,5 +1276,61 @@ mod tests {
                 r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#,
             ]
         );
+    }
+
+    /// P§5.7 D5, D12: ids are unique for the life of the process and `ota_state idle` goes up once
+    /// per start, across new cloud sessions: a router password change (L§8) and a SIGHUP identity
+    /// change (L§18) each start a new cloud machine.
+    #[test]
+    fn cloud_ids_unique_across_sessions_and_idle_once() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        let mut sent = Vec::new();
+        n.local_accept(t0, 1, Port::Local);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3); // the helper grace is over: file mode
+        n.handle_timeout(t1);
+        serve_with(&mut n, t1, Some(CONF), &mut sent);
+        assert_eq!(n.state(), State::CloudConnected);
+        let first = sent.len();
+
+        // A router password change on 54322 (the QR path; no helper: connected at once, D9).
+        let t2 = t1 + Duration::from_secs(60);
+        n.local_value(
+            t2,
+            1,
+            br#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","passwd":"pw12345678","uid":"42"}}"#,
+        );
+        let out = serve_with(&mut n, t2, Some(CONF), &mut sent);
+        assert!(
+            out.iter().any(|(_, t)| t == r#"{"id":5,"result":["OK"]}"#),
+            "{out:?}"
+        );
+        assert_eq!(n.state(), State::CloudConnected);
+        let second = sent.len();
+
+        // SIGHUP with a changed device.conf: a new identity, a new session.
+        let t3 = t2 + Duration::from_secs(60);
+        n.retry_files();
+        let conf2 = CONF.replace("acme.dev.v1", "acme.dev.v2");
+        serve_with(&mut n, t3, Some(&conf2), &mut sent);
+        assert_eq!(n.state(), State::CloudConnected);
+
+        let infos = sent.iter().filter(|v| v["method"] == "_otc.info").count();
+        assert_eq!(infos, 3, "one _otc.info per session: {sent:?}");
+        assert!(
+            first > 0 && second > first && sent.len() > second,
+            "{sent:?}"
+        );
+        let idle = sent
+            .iter()
+            .filter(|v| v["method"] == "props" && v["params"]["ota_state"] == "idle")
+            .count();
+        assert_eq!(idle, 1, "D12: once per daemon start: {sent:?}");
+        let mut ids: Vec<u64> = sent.iter().filter_map(|v| v["id"].as_u64()).collect();
+        assert_eq!(ids.len(), sent.len(), "{sent:?}");
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), sent.len(), "an id went up twice: {sent:?}");
     }
 }
