@@ -9,6 +9,7 @@ use miio_client::wire::miio;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(15);
@@ -252,4 +253,157 @@ fn new_cloud_session_in_a_run_uses_new_ids() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), n, "an id went up twice: {info:?} {props:?}");
+}
+
+// ---- item 4: provisioning that cannot write wifi.conf ---------------------------------------------
+
+/// Starts the daemon (`-L <logdir>/miio.log` plus `args`) in a private mount namespace after the
+/// shell commands `setup` ran there: a read-only bind mount or a full tmpfs over the data dir, which
+/// chmod cannot give a root CI. None, with a visible skip, without root or unshare.
+fn start_in_namespace(setup: &str, logdir: &TempDir, args: &[String]) -> Option<Daemon> {
+    let usable = Command::new("unshare")
+        .args(["-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        skip("root for mount namespace");
+        return None;
+    }
+    let log = logdir.join("miio.log");
+    let script = format!("{setup} && exec \"$0\" \"$@\"");
+    let child = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script, BIN, "-L", log.to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn unshare");
+    Some(Daemon { child, log })
+}
+
+/// AP mode on a read-only data dir: the daemon still reaches AP mode (the token it cannot store is
+/// used from memory), and a phone's `miIO.config_router` gets `["ERROR"]` (L§8) with nothing else
+/// done: no `wifi_connecting`, no state change, no wifi.conf.
+#[test]
+fn read_only_data_dir_refuses_lan_provisioning() {
+    let dir = TempDir::new("hard-ro");
+    dir.write("device.conf", GOOD_DEVICE_CONF);
+    dir.write("device.token", "ABCDEFGHIJKLMNOP");
+    let logdir = TempDir::new("hard-ro-log");
+    let (lan, local) = (free_port(), free_port());
+    let mut a = base_args(&dir);
+    set_opt(&mut a, "--lan-port", lan);
+    set_opt(&mut a, "--local-port", local);
+    let d_path = dir.path().display().to_string();
+    let setup = format!("mount --bind {d_path} {d_path} && mount -o remount,bind,ro {d_path}");
+    let Some(d) = start_in_namespace(&setup, &logdir, &a) else {
+        return;
+    };
+    assert!(d.wait_log("STATE_WIFI_AP_MODE", T), "{}", d.log_text());
+    let mut c = LocalClient::connect(local);
+    c.send(r#"{"id":1,"method":"local.query_status"}"#);
+    assert!(c.recv_until(T, |v| v["id"] == 1).is_some());
+
+    let hello = Phone::new(lan, TOKEN).hello().expect("hello reply");
+    let token: [u8; 16] = hello[16..32].try_into().unwrap();
+    assert_ne!(token, [0xff; 16], "AP mode hands out the token");
+    let phone = Phone::new(lan, &token);
+    let r = phone
+        .call(
+            300,
+            r#"{"id":9,"method":"miIO.config_router","params":{"ssid":"home","passwd":"pw12345678","uid":"42"}}"#,
+            T,
+        )
+        .unwrap_or_else(|| panic!("config_router answered\n{}", d.log_text()));
+    assert_eq!(
+        r["result"],
+        serde_json::json!(["ERROR"]),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("Read-only file system"),
+        "the errno is logged: {log}"
+    );
+    assert!(log.contains("cannot write wifi.conf"), "{log}");
+    assert!(!log.contains("wifi_connecting"), "{log}");
+    assert!(!dir.join("wifi.conf").exists());
+    // Still in AP mode: local.query_status says so, and no transition after it.
+    c.send(r#"{"id":2,"method":"local.query_status"}"#);
+    let s = c.recv_until(T, |v| v["id"] == 2).expect("status");
+    assert_eq!(s["params"], "wifi_ap_mode", "{s}");
+    let last_state = log.lines().rfind(|l| l.contains("STATE:"));
+    assert!(
+        last_state.is_some_and(|l| l.ends_with("STATE_WIFI_AP_MODE")),
+        "{log}"
+    );
+}
+
+/// STA mode on a full data dir (a tmpfs with no space left): a router password change on 54322 (QR
+/// path) gets -33020 `cannot write wifi.conf`, the errno is logged, the cloud session stays, no
+/// `_otc.info` with the uid goes up, and the old wifi.conf is intact.
+#[test]
+fn full_data_dir_refuses_qr_provisioning() {
+    let Some(py) = pycloud() else { return };
+    let src = provisioned_dir("hard-full-src");
+    let data = TempDir::new("hard-full");
+    let logdir = TempDir::new("hard-full-log");
+    let local = free_port();
+    let mut a = cloud_args(&data, py.port, local);
+    let (s, d_path) = (src.path().display(), data.path().display());
+    // Four pages: the three files take three, the filler the last one.
+    let setup = format!(
+        "mount -t tmpfs -o size=16k tmpfs {d_path} && cp {s}/device.conf {s}/device.token {s}/wifi.conf {d_path}/ \
+         && {{ dd if=/dev/zero of={d_path}/fill bs=1k 2>/dev/null; true; }}"
+    );
+    set_opt(&mut a, "-d", data.dir_arg());
+    let Some(d) = start_in_namespace(&setup, &logdir, &a) else {
+        return;
+    };
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    let infos = || {
+        py.cloud
+            .json()
+            .into_iter()
+            .filter(|v| v["ev"] == "msg" && v["json"]["method"] == "_otc.info")
+            .count()
+    };
+    assert!(wait_until(T, || infos() == 1));
+
+    let mut c = LocalClient::connect(local);
+    c.send(r#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","passwd":"pw12345678","uid":"42"}}"#);
+    let r = c
+        .recv_until(T, |v| v["id"] == 5)
+        .expect("config_router reply");
+    assert_eq!(
+        r,
+        serde_json::json!({"id":5,"error":{"code":-33020,"message":"cannot write wifi.conf"}}),
+        "{}",
+        d.log_text()
+    );
+    // The session is the same: an upstream request is acked at once, no new _otc.info.
+    c.send(r#"{"id":6,"method":"props","params":{"power":"on"}}"#);
+    let ack = c.recv_until(T, |v| v["id"] == 6).expect("ack");
+    assert_eq!(ack["result"], "ok", "{ack}");
+    let log = d.log_text();
+    assert!(
+        log.contains("No space left on device"),
+        "the errno is logged: {log}"
+    );
+    assert!(!log.contains("wifi_connecting"), "{log}");
+    assert_eq!(log.matches("STATE_CLOUD_CONNECTED").count(), 1, "{log}");
+    assert_eq!(infos(), 1);
+    // The daemon's view of its data dir (its mount namespace): the old wifi.conf, no temp file.
+    let root = format!("/proc/{}/root{}", d.child.id(), d_path);
+    let wifi = read_file(std::path::Path::new(&format!("{root}/wifi.conf")));
+    assert_eq!(wifi, read_file(&src.join("wifi.conf")));
+    let names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp")), "{names:?}");
 }

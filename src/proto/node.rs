@@ -101,6 +101,8 @@ pub enum Action {
     /// Take this start-up step from the data files (L§9.5); answer with the matching `file_*`.
     LoadFiles(Step),
     /// Provisioning (L§8): write `wifi.conf` atomically, mode 0600, keeping the old one in memory.
+    /// Answer with [`Node::wifi_written`] before running the next action: the requester's reply
+    /// waits for it.
     WriteWifi(String),
     /// A failed provisioning: put the previous `wifi.conf` back, or delete it if there was none.
     RestoreWifi,
@@ -111,10 +113,18 @@ pub enum Action {
 /// Where a provisioning came from, for its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProvisionFrom {
-    /// `miIO.config_router` from the phone: `["OK"]` / `["ERROR"]`.
-    Lan,
-    /// `local.ble.config_router` (BLE on 54323, QR on 54322): `["OK"]` / -33020 with the reason.
-    Local,
+    /// `miIO.config_router` from the phone, under this LAN handle: `["OK"]` / `["ERROR"]`.
+    Lan(u64),
+    /// `local.ble.config_router` (BLE on 54323, QR on 54322) from this connection: `["OK"]` /
+    /// -33020 with the reason.
+    Local(ConnId),
+}
+
+/// A checked provisioning whose `wifi.conf` is being written; it is answered when the write is.
+struct Written {
+    from: ProvisionFrom,
+    id: Value,
+    params: super::provision::Params,
 }
 
 /// What the start-up sequence has learnt so far (L§9.3), from the helper or the files.
@@ -143,6 +153,8 @@ pub struct Node {
     os_release: Option<String>,
     /// A provisioning in progress: true when it started in AP mode (L§8 failure rules).
     provisioning: Option<bool>,
+    /// A provisioning waiting for its `wifi.conf` write (L§8: the reply comes after it).
+    writing: Option<Written>,
     /// uid and bind_key of a provisioning in this run, for `_otc.info` (P§5.4).
     bind: Option<(String, Option<String>)>,
     /// The id counter and D12 flag of the last cloud machine, for the next one (P§5.7 D5).
@@ -153,6 +165,20 @@ pub struct Node {
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
     actions: VecDeque<Action>,
+}
+
+/// The refusal of a provisioning (L§8), logged with its reason.
+fn refusal(from: ProvisionFrom, id: &Value, reason: &str) -> String {
+    match from {
+        ProvisionFrom::Lan(_) => {
+            warn!("config_router refused: {reason}");
+            rpc::result_reply(id, &json!(["ERROR"]))
+        }
+        ProvisionFrom::Local(_) => {
+            warn!("ble.config_router refused: {reason}");
+            rpc::error_reply(Some(id), -33020, reason)
+        }
+    }
 }
 
 fn conn_of(c: ClientId) -> ConnId {
@@ -169,6 +195,7 @@ impl Node {
             fresh_token,
             os_release: None,
             provisioning: None,
+            writing: None,
             bind: None,
             cloud_carry: None,
             helper_info: None,
@@ -274,7 +301,7 @@ impl Node {
     /// In any state without a helper: SIGHUP re-reads device.conf, and a changed identity restarts
     /// the sequence from the token step (L§18, L§9.5); an unchanged one changes nothing.
     pub fn retry_files(&mut self) {
-        if !self.helper.present() && self.provisioning.is_none() {
+        if !self.helper.present() && self.provisioning.is_none() && self.writing.is_none() {
             self.actions.push_back(Action::LoadFiles(Step::Dinfo));
         }
     }
@@ -408,17 +435,8 @@ impl Node {
         id: &Value,
         from: ProvisionFrom,
     ) -> Result<super::provision::Params, String> {
-        let refuse = |reason: &str| match from {
-            ProvisionFrom::Lan => {
-                warn!("config_router refused: {reason}");
-                rpc::result_reply(id, &json!(["ERROR"]))
-            }
-            ProvisionFrom::Local => {
-                warn!("ble.config_router refused: {reason}");
-                rpc::error_reply(Some(id), -33020, reason)
-            }
-        };
-        if self.provisioning.is_some() {
+        let refuse = |reason: &str| refusal(from, id, reason);
+        if self.provisioning.is_some() || self.writing.is_some() {
             return Err(refuse("provisioning in progress."));
         }
         let p = super::provision::parse(params).map_err(|r| refuse(&r))?;
@@ -428,7 +446,47 @@ impl Node {
         Ok(p)
     }
 
-    /// L§8, after the `["OK"]` went out: write wifi.conf (and the country), keep uid and bind_key,
+    /// L§8 step 1, before any reply: write wifi.conf (D18: no uid keeps the previous uid= line).
+    /// A data dir that is full or read-only must not get an `["OK"]` that loses the binding at
+    /// the next restart, so the requester is answered from [`Node::wifi_written`].
+    fn provision_write(
+        &mut self,
+        from: ProvisionFrom,
+        id: Value,
+        params: super::provision::Params,
+    ) {
+        let uid = params.uid.or(self.boot.uid);
+        let w = crate::config::wifi::WifiConf::new(&params.ssid, &params.passwd, uid);
+        self.actions
+            .push_back(Action::WriteWifi(crate::config::wifi::render(&w)));
+        self.writing = Some(Written { from, id, params });
+    }
+
+    /// The result of [`Action::WriteWifi`]. Written: `["OK"]`, then the rest of L§8. Not written
+    /// (the reactor logged the errno): `["ERROR"]` or -33020 `cannot write wifi.conf`, and nothing
+    /// else happens: no state change, no broadcast, no uid for `_otc.info`.
+    pub fn wifi_written(&mut self, now: Instant, ok: bool) {
+        let Some(Written { from, id, params }) = self.writing.take() else {
+            return;
+        };
+        let reply = if ok {
+            rpc::result_reply(&id, &json!(["OK"]))
+        } else {
+            refusal(from, &id, "cannot write wifi.conf")
+        };
+        match from {
+            ProvisionFrom::Lan(handle) => {
+                self.lan.answer(now, handle, &reply);
+            }
+            ProvisionFrom::Local(conn) => self.local.send_to(conn, reply),
+        }
+        if ok {
+            self.provision_start(now, params);
+        }
+        self.pump(now);
+    }
+
+    /// L§8 after the `["OK"]` went out (wifi.conf is written): the country, uid and bind_key,
     /// broadcast `wifi_connecting` and ask the helper to start Wi-Fi.
     fn provision_start(&mut self, now: Instant, p: super::provision::Params) {
         let in_ap = self.state == State::WifiApMode;
@@ -437,11 +495,7 @@ impl Node {
             p.ssid,
             if in_ap { "AP" } else { "STA" }
         );
-        // 1. wifi.conf (D18: no uid keeps the previous uid= line).
         let uid = p.uid.or(self.boot.uid);
-        let w = crate::config::wifi::WifiConf::new(&p.ssid, &p.passwd, uid);
-        self.actions
-            .push_back(Action::WriteWifi(crate::config::wifi::render(&w)));
         // 2. country, uid and bind_key (memory only, for _otc.info).
         if let Some(cc) = &p.country {
             self.actions.push_back(Action::WriteCountry(cc.clone()));
@@ -630,19 +684,12 @@ impl Node {
                 id,
                 params,
             } if method == "miIO.config_router" => {
-                match self.provision_check(Some(&params), &json!(id), ProvisionFrom::Lan) {
+                let from = ProvisionFrom::Lan(handle);
+                match self.provision_check(Some(&params), &json!(id), from) {
                     Err(r) => {
                         self.lan.answer(now, handle, &r);
                     }
-                    Ok(p) => {
-                        // The reply first, then the steps of L§8.
-                        self.lan.answer(
-                            now,
-                            handle,
-                            &rpc::result_reply(&json!(id), &json!(["OK"])),
-                        );
-                        self.provision_start(now, p);
-                    }
+                    Ok(p) => self.provision_write(from, json!(id), p),
                 }
             }
             LanAction::SelfMethod {
@@ -988,14 +1035,10 @@ impl Node {
                 Value::String(self.country().unwrap_or_else(|| "prc".into()))
             ),
             "local.ble.config_router" => {
-                match self.provision_check(obj.get("params"), &id, ProvisionFrom::Local) {
+                let from = ProvisionFrom::Local(conn);
+                match self.provision_check(obj.get("params"), &id, from) {
                     Err(r) => r,
-                    Ok(p) => {
-                        self.local
-                            .send_to(conn, rpc::result_reply(&id, &json!(["OK"])));
-                        self.provision_start(now, p);
-                        return;
-                    }
+                    Ok(p) => return self.provision_write(from, id, p),
                 }
             }
             "local.prep_suspend" => format!(
@@ -1015,7 +1058,8 @@ impl Node {
         let busy = self.cloud.as_ref().is_some_and(Cloud::is_busy)
             || self.cloud_backlog
             || self.helper.busy()
-            || self.provisioning.is_some();
+            || self.provisioning.is_some()
+            || self.writing.is_some();
         if busy {
             return 0;
         }
@@ -1117,6 +1161,7 @@ mod tests {
                     Step::WifiStatus => n.file_wifi(now, true, "home".into(), None),
                     _ => {}
                 },
+                Action::WriteWifi(_) => n.wifi_written(now, true),
                 Action::Resolve { .. } => n.cloud_resolved(now, Ok(vec![Ipv4Addr::LOCALHOST])),
                 Action::Connect { .. } => n.cloud_connected(
                     now,
@@ -1332,5 +1377,129 @@ mod tests {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), sent.len(), "an id went up twice: {sent:?}");
+    }
+
+    /// L§8: wifi.conf is written before the reply. When the write fails (a read-only or full data
+    /// dir) the requester is refused and nothing else happens: no state change, no broadcast, no
+    /// helper `wifi_start`, no uid for `_otc.info`, and the cloud session stays.
+    #[test]
+    fn provisioning_refused_when_wifi_conf_cannot_be_written() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        let mut sent = Vec::new();
+        n.local_accept(t0, 1, Port::Local);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3);
+        n.handle_timeout(t1);
+        serve_with(&mut n, t1, Some(CONF), &mut sent);
+        assert_eq!(n.state(), State::CloudConnected);
+        let before = sent.len();
+
+        // QR path on 54322: the write fails, the reply is -33020, nothing else is done.
+        let t2 = t1 + Duration::from_secs(5);
+        n.local_value(
+            t2,
+            1,
+            br#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","uid":"42","country_domain":"de"}}"#,
+        );
+        let mut out = Vec::new();
+        let mut wrote = 0;
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::WriteWifi(text) => {
+                    assert!(out.is_empty(), "no reply before the write: {out:?}");
+                    assert!(text.contains("ssid=\"new\""), "{text}");
+                    wrote += 1;
+                    n.wifi_written(t2, false);
+                }
+                Action::Local(LocalAction::Send(c, t)) => out.push((c, t)),
+                other => panic!("nothing else may happen: {other:?}"),
+            }
+        }
+        assert_eq!(wrote, 1);
+        assert_eq!(
+            out,
+            vec![(
+                1,
+                r#"{"id":5,"error":{"code":-33020,"message":"cannot write wifi.conf"}}"#
+                    .to_string()
+            )]
+        );
+        assert_eq!(n.state(), State::CloudConnected);
+        assert_eq!(n.cloud_state(), CloudState::Connected);
+        // A later provisioning is not "in progress", and the next session has no uid.
+        let t3 = t2 + Duration::from_secs(1);
+        n.local_value(
+            t3,
+            1,
+            br#"{"id":6,"method":"local.ble.config_router","params":{"ssid":"other"}}"#,
+        );
+        let out = serve_with(&mut n, t3, Some(CONF), &mut sent);
+        assert!(
+            out.iter().any(|(_, t)| t == r#"{"id":6,"result":["OK"]}"#),
+            "{out:?}"
+        );
+        let infos: Vec<&Value> = sent[before..]
+            .iter()
+            .filter(|v| v["method"] == "_otc.info")
+            .collect();
+        assert_eq!(infos.len(), 1, "{sent:?}");
+        assert!(infos[0]["params"].get("uid").is_none(), "{infos:?}");
+    }
+
+    /// The LAN path: `["ERROR"]` when the write fails, `["OK"]` only after it succeeded.
+    #[test]
+    fn lan_config_router_answers_after_the_write() {
+        let keys = Keys::new(b"ABCDEFGHIJKLMNOP");
+        let phone: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3);
+        n.handle_timeout(t1);
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => n.file_dinfo(
+                    t1,
+                    crate::config::device::parse(CONF).map_err(|e| e.to_string()),
+                    None,
+                ),
+                Action::LoadFiles(Step::Token) => {
+                    n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
+                }
+                Action::LoadFiles(Step::WifiStatus) => n.file_wifi(t1, false, String::new(), None),
+                _ => {}
+            }
+        }
+        assert_eq!(n.state(), State::WifiApMode);
+        let req = |id: u32| {
+            let text = format!(
+                r#"{{"id":{id},"method":"miIO.config_router","params":{{"ssid":"home","passwd":"pw12345678","uid":7}}}}"#
+            );
+            miio::seal(&keys, DID, 100 + id, text.as_bytes())
+        };
+        for (id, ok, want) in [(1u32, false, r#"["ERROR"]"#), (2, true, r#"["OK"]"#)] {
+            n.lan_datagram(t1, phone, &req(id));
+            let mut replies = Vec::new();
+            let mut wrote = false;
+            while let Some(a) = n.poll_action() {
+                match a {
+                    Action::WriteWifi(_) => {
+                        assert!(replies.is_empty(), "no reply before the write");
+                        wrote = true;
+                        n.wifi_written(t1, ok);
+                    }
+                    Action::LanSend { bytes, .. } => {
+                        let o = miio::decode(&keys, DID, &bytes).unwrap();
+                        replies.push(o.value["result"].to_string());
+                    }
+                    _ => {}
+                }
+            }
+            assert!(wrote);
+            assert_eq!(replies, vec![want.to_string()], "id {id}");
+            // The failed one changed nothing; without a helper the good one connects at once (D9).
+            assert_eq!(n.state() == State::WifiApMode, !ok, "id {id}");
+        }
     }
 }
