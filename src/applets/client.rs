@@ -221,11 +221,18 @@ impl Daemon {
         }
     }
 
-    fn write_data(&self, name: &str, data: &[u8], mode: u32) {
+    /// Writes a data file atomically; false (logged with the errno) when it could not be written.
+    fn write_data(&self, name: &str, data: &[u8], mode: u32) -> bool {
         let p = std::path::Path::new(&self.args.datadir).join(name);
         match crate::config::store::write_atomic(&p, data, mode) {
-            Ok(()) => info!("wrote {}", p.display()),
-            Err(e) => error!("cannot write {}: {e}", p.display()),
+            Ok(()) => {
+                info!("wrote {}", p.display());
+                true
+            }
+            Err(e) => {
+                error!("cannot write {}: {e}", p.display());
+                false
+            }
         }
     }
 
@@ -728,11 +735,18 @@ impl Daemon {
                 Action::LoadFiles(step) => self.load_files(now, step),
                 Action::WriteWifi(text) => {
                     // Keep the previous file in memory: a failed router change restores it (L§8).
-                    self.wifi_backup = Some(datafiles::read_raw(&self.args.datadir, "wifi.conf"));
-                    self.write_data("wifi.conf", text.as_bytes(), 0o600);
+                    let old = datafiles::read_raw(&self.args.datadir, "wifi.conf");
+                    let ok = self.write_data("wifi.conf", text.as_bytes(), 0o600);
+                    if ok {
+                        self.wifi_backup = Some(old);
+                    }
+                    // Before any other action: the provisioning's reply depends on it (L§8).
+                    self.node.wifi_written(now, ok);
                 }
                 Action::RestoreWifi => match self.wifi_backup.take().flatten() {
-                    Some(old) => self.write_data("wifi.conf", old.as_bytes(), 0o600),
+                    Some(old) => {
+                        self.write_data("wifi.conf", old.as_bytes(), 0o600);
+                    }
                     None => {
                         let p = std::path::Path::new(&self.args.datadir).join("wifi.conf");
                         if let Err(e) = crate::config::store::remove_durable(&p) {
@@ -745,7 +759,7 @@ impl Daemon {
                     self.node.file_ssid(ssid);
                 }
                 Action::WriteCountry(cc) => {
-                    self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644)
+                    self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644);
                 }
                 Action::SetLogLevel(l) => {
                     crate::info_limited!(now, "log level set to {l}");

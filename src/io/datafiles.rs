@@ -92,14 +92,22 @@ pub fn read_raw(datadir: &str, name: &str) -> Option<String> {
 
 /// The token step of the file mode (L§9.3): no `wifi.conf` → delete `device.token` (a reset makes a
 /// fresh token); a valid token file → that token; otherwise `fresh` is stored (0600) and used.
+/// A data dir that is read-only or full cannot keep the device out of AP mode (L§8): when the old
+/// token cannot be deleted or the fresh one cannot be stored, the fresh one is used from memory
+/// (logged with the errno).
 pub fn token_step(datadir: &str, fresh: &Secret16) -> Result<Secret16, ConfError> {
     let token_path = path(datadir, "device.token");
+    let in_memory = |what: &str, e: io::Error| {
+        log::error!(
+            "{}: cannot {what}: {e}; using a new token in memory",
+            token_path.display()
+        );
+        Ok(fresh.clone())
+    };
     if !path(datadir, "wifi.conf").exists() {
-        config::store::remove_durable(&token_path).map_err(|e| ConfError {
-            file: token_path.display().to_string(),
-            line: 0,
-            reason: format!("cannot remove: {e}"),
-        })?;
+        if let Err(e) = config::store::remove_durable(&token_path) {
+            return in_memory("remove", e);
+        }
     }
     let existing = read(&token_path).map_err(|e| io_err(&token_path, e))?;
     match existing.map(|t| config::token::parse(&t)) {
@@ -108,16 +116,10 @@ pub fn token_step(datadir: &str, fresh: &Secret16) -> Result<Secret16, ConfError
             if let Some(Err(e)) = other {
                 log::warn!("{}; storing a new token", at(&token_path, e));
             }
-            config::store::write_atomic(
-                &token_path,
-                config::token::render(fresh).as_bytes(),
-                0o600,
-            )
-            .map_err(|e| ConfError {
-                file: token_path.display().to_string(),
-                line: 0,
-                reason: format!("cannot write: {e}"),
-            })?;
+            let text = config::token::render(fresh);
+            if let Err(e) = config::store::write_atomic(&token_path, text.as_bytes(), 0o600) {
+                return in_memory("write", e);
+            }
             log::info!("stored a new token in {}", token_path.display());
             Ok(fresh.clone())
         }

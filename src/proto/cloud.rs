@@ -360,6 +360,17 @@ impl Rng {
     }
 }
 
+/// What outlives one cloud machine within a run: the id counter (P§5.7 D5: ids unique for the life
+/// of the process), the PRNG, and whether `ota_state idle` went up (D12: once per start). The node
+/// builds a new machine for each identity or Wi-Fi change and hands this on ([`Cloud::carry`],
+/// [`Cloud::resume`]).
+#[derive(Clone, Debug)]
+pub struct Carry {
+    rng: Rng,
+    next_id: u32,
+    idle_reported: bool,
+}
+
 /// The cloud link machine. See the module doc for the reactor protocol.
 pub struct Cloud {
     cfg: CloudConfig,
@@ -455,6 +466,22 @@ impl Cloud {
             idle_reported: false,
             bind: None,
         }
+    }
+
+    /// What the next machine of this run must continue from (see [`Carry`]).
+    pub fn carry(&self) -> Carry {
+        Carry {
+            rng: self.rng.clone(),
+            next_id: self.next_id,
+            idle_reported: self.idle_reported,
+        }
+    }
+
+    /// Continues the run of an earlier machine: call before [`Cloud::start`].
+    pub fn resume(&mut self, c: Carry) {
+        self.rng = c.rng;
+        self.next_id = c.next_id;
+        self.idle_reported = c.idle_reported;
     }
 
     // ---- outputs ---------------------------------------------------------------------------
@@ -1213,7 +1240,8 @@ impl Cloud {
             }
             return;
         };
-        let Some(orig) = idv.as_u64() else {
+        // P§3: ids are u32 (the local table refuses others first, L§4.1).
+        let Some(orig) = rpc::id_u32(idv).map(u64::from) else {
             self.emit(Action::ToClient {
                 client,
                 text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),

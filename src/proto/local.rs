@@ -347,14 +347,12 @@ impl Local {
                 text,
             }),
             Some(_) => {
-                if let Some(idv) = &id {
-                    if !idv.is_u64() && !idv.is_i64() {
-                        self.push_send(
-                            conn,
-                            rpc::error_reply(Some(idv), -32600, "Invalid Request"),
-                        );
-                        return None;
-                    }
+                // L§4.1, P§3: an id must be a u32. The reply echoes it as sent, even one no
+                // `Value` holds (an id of 400 digits reads as null in `obj`).
+                if id.as_ref().is_some_and(|v| rpc::id_u32(v).is_none()) {
+                    let echo = rpc::raw_id(&text).unwrap_or("null");
+                    self.push_send(conn, rpc::invalid_request(echo));
+                    return None;
                 }
                 Some(Inbound::Upstream { conn, obj, text })
             }
@@ -522,5 +520,36 @@ mod tests {
         let a = texts(&mut l);
         assert!(a.contains(&LocalAction::Close(2)));
         assert!(!a.contains(&LocalAction::Close(1)));
+    }
+
+    #[test]
+    fn valid_json_beyond_serde_is_routed_not_a_parse_error() {
+        // L§4.1: an id that is not a u32 gets -32600 with the id as sent; the connection stays.
+        let mut l = Local::new(20);
+        l.accept(T0, 1, Port::Local);
+        let big = "9".repeat(400);
+        let t = format!(r#"{{"id":{big},"method":"props","params":{{}}}}"#);
+        assert!(l.handle_value(T0, 1, t.as_bytes()).is_none());
+        let a = texts(&mut l);
+        let invalid = |id: &str| {
+            format!(r#"{{"id":{id},"error":{{"code":-32600,"message":"Invalid Request"}}}}"#)
+        };
+        assert_eq!(sent_to(&a, 1), vec![invalid(&big)]);
+        assert!(!a.contains(&LocalAction::Close(1)));
+        for id in ["4294967296", "-1", "1.5", "1e400"] {
+            let t = format!(r#"{{"id":{id},"method":"props"}}"#);
+            assert!(l.handle_value(T0, 1, t.as_bytes()).is_none(), "{id}");
+            assert_eq!(sent_to(&texts(&mut l), 1), vec![invalid(id)], "{id}");
+        }
+        // Valid JSON with a number no f64 holds goes upstream byte for byte.
+        let t = r#"{"id":7,"method":"props","params":{"x":1e400, "y":[-2E+999]}}"#;
+        match l.handle_value(T0, 1, t.as_bytes()) {
+            Some(Inbound::Upstream { conn: 1, text, obj }) => {
+                assert_eq!(text, t);
+                assert_eq!(obj["id"], 7);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.len(), 1);
     }
 }

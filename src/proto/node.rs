@@ -102,6 +102,8 @@ pub enum Action {
     /// Take this start-up step from the data files (L§9.5); answer with the matching `file_*`.
     LoadFiles(Step),
     /// Provisioning (L§8): write `wifi.conf` atomically, mode 0600, keeping the old one in memory.
+    /// Answer with [`Node::wifi_written`] before running the next action: the requester's reply
+    /// waits for it.
     WriteWifi(String),
     /// A failed provisioning: put the previous `wifi.conf` back, or delete it if there was none.
     RestoreWifi,
@@ -116,10 +118,18 @@ pub enum Action {
 /// Where a provisioning came from, for its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProvisionFrom {
-    /// `miIO.config_router` from the phone: `["OK"]` / `["ERROR"]`.
-    Lan,
-    /// `local.ble.config_router` (BLE on 54323, QR on 54322): `["OK"]` / -33020 with the reason.
-    Local,
+    /// `miIO.config_router` from the phone, under this LAN handle: `["OK"]` / `["ERROR"]`.
+    Lan(u64),
+    /// `local.ble.config_router` (BLE on 54323, QR on 54322) from this connection: `["OK"]` /
+    /// -33020 with the reason.
+    Local(ConnId),
+}
+
+/// A checked provisioning whose `wifi.conf` is being written; it is answered when the write is.
+struct Written {
+    from: ProvisionFrom,
+    id: Value,
+    params: super::provision::Params,
 }
 
 /// What the start-up sequence has learnt so far (L§9.3), from the helper or the files.
@@ -148,14 +158,32 @@ pub struct Node {
     os_release: Option<String>,
     /// A provisioning in progress: true when it started in AP mode (L§8 failure rules).
     provisioning: Option<bool>,
+    /// A provisioning waiting for its `wifi.conf` write (L§8: the reply comes after it).
+    writing: Option<Written>,
     /// uid and bind_key of a provisioning in this run, for `_otc.info` (P§5.4).
     bind: Option<(String, Option<String>)>,
+    /// The id counter and D12 flag of the last cloud machine, for the next one (P§5.7 D5).
+    cloud_carry: Option<cloud::Carry>,
     /// The helper's last `_internal.info` params: the base of `miIO.info`.
     helper_info: Option<Map<String, Value>>,
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
     actions: VecDeque<Action>,
+}
+
+/// The refusal of a provisioning (L§8), logged with its reason.
+fn refusal(now: Instant, from: ProvisionFrom, id: &Value, reason: &str) -> String {
+    match from {
+        ProvisionFrom::Lan(_) => {
+            crate::warn_limited!(now, "config_router refused: {reason}");
+            rpc::result_reply(id, &json!(["ERROR"]))
+        }
+        ProvisionFrom::Local(_) => {
+            crate::warn_limited!(now, "ble.config_router refused: {reason}");
+            rpc::error_reply(Some(id), -33020, reason)
+        }
+    }
 }
 
 fn conn_of(c: ClientId) -> ConnId {
@@ -172,7 +200,9 @@ impl Node {
             fresh_token,
             os_release: None,
             provisioning: None,
+            writing: None,
             bind: None,
+            cloud_carry: None,
             helper_info: None,
             local: Local::new(cfg.max_clients),
             lan: Lan::new(
@@ -276,7 +306,7 @@ impl Node {
     /// In any state without a helper: SIGHUP re-reads device.conf, and a changed identity restarts
     /// the sequence from the token step (L§18, L§9.5); an unchanged one changes nothing.
     pub fn retry_files(&mut self) {
-        if !self.helper.present() && self.provisioning.is_none() {
+        if !self.helper.present() && self.provisioning.is_none() && self.writing.is_none() {
             self.actions.push_back(Action::LoadFiles(Step::Dinfo));
         }
     }
@@ -382,7 +412,7 @@ impl Node {
     fn drop_session(&mut self, now: Instant) {
         if self.cloud.is_some() {
             self.shutdown(now);
-            self.cloud = None;
+            self.cloud_carry = self.cloud.take().map(|c| c.carry());
         }
         self.identity = None;
     }
@@ -419,17 +449,8 @@ impl Node {
         id: &Value,
         from: ProvisionFrom,
     ) -> Result<super::provision::Params, String> {
-        let refuse = |reason: &str| match from {
-            ProvisionFrom::Lan => {
-                crate::warn_limited!(now, "config_router refused: {reason}");
-                rpc::result_reply(id, &json!(["ERROR"]))
-            }
-            ProvisionFrom::Local => {
-                crate::warn_limited!(now, "ble.config_router refused: {reason}");
-                rpc::error_reply(Some(id), -33020, reason)
-            }
-        };
-        if self.provisioning.is_some() {
+        let refuse = |reason: &str| refusal(now, from, id, reason);
+        if self.provisioning.is_some() || self.writing.is_some() {
             return Err(refuse("provisioning in progress."));
         }
         let p = super::provision::parse(params).map_err(|r| refuse(&r))?;
@@ -439,7 +460,47 @@ impl Node {
         Ok(p)
     }
 
-    /// L§8, after the `["OK"]` went out: write wifi.conf (and the country), keep uid and bind_key,
+    /// L§8 step 1, before any reply: write wifi.conf (D18: no uid keeps the previous uid= line).
+    /// A data dir that is full or read-only must not get an `["OK"]` that loses the binding at
+    /// the next restart, so the requester is answered from [`Node::wifi_written`].
+    fn provision_write(
+        &mut self,
+        from: ProvisionFrom,
+        id: Value,
+        params: super::provision::Params,
+    ) {
+        let uid = params.uid.or(self.boot.uid);
+        let w = crate::config::wifi::WifiConf::new(&params.ssid, &params.passwd, uid);
+        self.actions
+            .push_back(Action::WriteWifi(crate::config::wifi::render(&w)));
+        self.writing = Some(Written { from, id, params });
+    }
+
+    /// The result of [`Action::WriteWifi`]. Written: `["OK"]`, then the rest of L§8. Not written
+    /// (the reactor logged the errno): `["ERROR"]` or -33020 `cannot write wifi.conf`, and nothing
+    /// else happens: no state change, no broadcast, no uid for `_otc.info`.
+    pub fn wifi_written(&mut self, now: Instant, ok: bool) {
+        let Some(Written { from, id, params }) = self.writing.take() else {
+            return;
+        };
+        let reply = if ok {
+            rpc::result_reply(&id, &json!(["OK"]))
+        } else {
+            refusal(now, from, &id, "cannot write wifi.conf")
+        };
+        match from {
+            ProvisionFrom::Lan(handle) => {
+                self.lan.answer(now, handle, &reply);
+            }
+            ProvisionFrom::Local(conn) => self.local.send_to(conn, reply),
+        }
+        if ok {
+            self.provision_start(now, params);
+        }
+        self.pump(now);
+    }
+
+    /// L§8 after the `["OK"]` went out (wifi.conf is written): the country, uid and bind_key,
     /// broadcast `wifi_connecting` and ask the helper to start Wi-Fi.
     fn provision_start(&mut self, now: Instant, p: super::provision::Params) {
         let in_ap = self.state == State::WifiApMode;
@@ -448,11 +509,7 @@ impl Node {
             p.ssid,
             if in_ap { "AP" } else { "STA" }
         );
-        // 1. wifi.conf (D18: no uid keeps the previous uid= line).
         let uid = p.uid.or(self.boot.uid);
-        let w = crate::config::wifi::WifiConf::new(&p.ssid, &p.passwd, uid);
-        self.actions
-            .push_back(Action::WriteWifi(crate::config::wifi::render(&w)));
         // 2. country, uid and bind_key (memory only, for _otc.info).
         if let Some(cc) = &p.country {
             self.actions.push_back(Action::WriteCountry(cc.clone()));
@@ -592,6 +649,15 @@ impl Node {
             cfg.tcp.host = tcp;
         }
         let mut c = Cloud::new(cfg);
+        // Ids never repeat within a run, and `ota_state idle` goes up once (P§5.7 D5, D12).
+        if let Some(k) = self
+            .cloud
+            .take()
+            .map(|c| c.carry())
+            .or(self.cloud_carry.take())
+        {
+            c.resume(k);
+        }
         if let Some((uid, bindkey)) = &self.bind {
             c.set_bind(uid.clone(), bindkey.clone());
         }
@@ -638,19 +704,12 @@ impl Node {
                 id,
                 params,
             } if method == "miIO.config_router" => {
-                match self.provision_check(now, Some(&params), &json!(id), ProvisionFrom::Lan) {
+                let from = ProvisionFrom::Lan(handle);
+                match self.provision_check(now, Some(&params), &json!(id), from) {
                     Err(r) => {
                         self.lan.answer(now, handle, &r);
                     }
-                    Ok(p) => {
-                        // The reply first, then the steps of L§8.
-                        self.lan.answer(
-                            now,
-                            handle,
-                            &rpc::result_reply(&json!(id), &json!(["OK"])),
-                        );
-                        self.provision_start(now, p);
-                    }
+                    Ok(p) => self.provision_write(from, json!(id), p),
                 }
             }
             LanAction::SelfMethod {
@@ -1009,14 +1068,10 @@ impl Node {
                 Value::String(self.country().unwrap_or_else(|| "prc".into()))
             ),
             "local.ble.config_router" => {
-                match self.provision_check(now, obj.get("params"), &id, ProvisionFrom::Local) {
+                let from = ProvisionFrom::Local(conn);
+                match self.provision_check(now, obj.get("params"), &id, from) {
                     Err(r) => r,
-                    Ok(p) => {
-                        self.local
-                            .send_to(conn, rpc::result_reply(&id, &json!(["OK"])));
-                        self.provision_start(now, p);
-                        return;
-                    }
+                    Ok(p) => return self.provision_write(from, id, p),
                 }
             }
             "local.prep_suspend" => format!(
@@ -1036,7 +1091,8 @@ impl Node {
         let busy = self.cloud.as_ref().is_some_and(Cloud::is_busy)
             || self.cloud_backlog
             || self.helper.busy()
-            || self.provisioning.is_some();
+            || self.provisioning.is_some()
+            || self.writing.is_some();
         if busy {
             return 0;
         }
@@ -1111,10 +1167,34 @@ mod tests {
     /// Plays a cooperative cloud: answers resolve, connect, hello and every request. Returns the
     /// local-connection messages seen.
     fn serve(n: &mut Node, now: Instant) -> Vec<(ConnId, String)> {
+        serve_with(n, now, None, &mut Vec::new())
+    }
+
+    const CONF: &str =
+        "did=1234567\nkey=YWJjZGVmZ2hpamts\nmac=aa:bb:cc:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n";
+
+    /// [`serve`], which also answers the file steps (L§9.5) from `conf` (a provisioned device with
+    /// the token `ABCDEFGHIJKLMNOP`) and appends every request the node sent to the cloud to `sent`.
+    fn serve_with(
+        n: &mut Node,
+        now: Instant,
+        conf: Option<&str>,
+        sent: &mut Vec<Value>,
+    ) -> Vec<(ConnId, String)> {
         let keys = Keys::new(&KEY);
         let mut out = Vec::new();
         while let Some(a) = n.poll_action() {
             match a {
+                Action::LoadFiles(step) if conf.is_some() => match step {
+                    Step::Dinfo => {
+                        let d = crate::config::device::parse(conf.unwrap_or_default());
+                        n.file_dinfo(now, d.map_err(|e| e.to_string()), None)
+                    }
+                    Step::Token => n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP"))),
+                    Step::WifiStatus => n.file_wifi(now, true, "home".into(), None),
+                    _ => {}
+                },
+                Action::WriteWifi(_) => n.wifi_written(now, true),
                 Action::Resolve { attempt, .. } => {
                     n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
                 }
@@ -1136,6 +1216,9 @@ mod tests {
                     } else if p.is_control() {
                         n.cloud_datagram(now, &b); // pong
                     } else if let Ok(o) = miio::open(&keys, DID, &p) {
+                        if o.value.contains_key("method") {
+                            sent.push(Value::Object(o.value.clone()));
+                        }
                         if let Some(id) = o.value.get("id") {
                             if let Some(m) = o.value.get("method") {
                                 let ack = if m == "_otc.info" {
@@ -1351,5 +1434,185 @@ mod tests {
         assert_ne!(n.state(), State::CloudConnected);
         // No cloud, no helper `_internal.info`: the daemon's own INFO, with wifi.conf's ssid (P§5.4).
         assert_eq!(info_ssid(&n, t0), "home");
+    }
+
+    /// P§5.7 D5, D12: ids are unique for the life of the process and `ota_state idle` goes up once
+    /// per start, across new cloud sessions: a router password change (L§8) and a SIGHUP identity
+    /// change (L§18) each start a new cloud machine.
+    #[test]
+    fn cloud_ids_unique_across_sessions_and_idle_once() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        let mut sent = Vec::new();
+        n.local_accept(t0, 1, Port::Local);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3); // the helper grace is over: file mode
+        n.handle_timeout(t1);
+        serve_with(&mut n, t1, Some(CONF), &mut sent);
+        assert_eq!(n.state(), State::CloudConnected);
+        let first = sent.len();
+
+        // A router password change on 54322 (the QR path; no helper: connected at once, D9).
+        let t2 = t1 + Duration::from_secs(60);
+        n.local_value(
+            t2,
+            1,
+            br#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","passwd":"pw12345678","uid":"42"}}"#,
+        );
+        let out = serve_with(&mut n, t2, Some(CONF), &mut sent);
+        assert!(
+            out.iter().any(|(_, t)| t == r#"{"id":5,"result":["OK"]}"#),
+            "{out:?}"
+        );
+        assert_eq!(n.state(), State::CloudConnected);
+        let second = sent.len();
+
+        // SIGHUP with a changed device.conf: a new identity, a new session.
+        let t3 = t2 + Duration::from_secs(60);
+        n.retry_files();
+        let conf2 = CONF.replace("acme.dev.v1", "acme.dev.v2");
+        serve_with(&mut n, t3, Some(&conf2), &mut sent);
+        assert_eq!(n.state(), State::CloudConnected);
+
+        let infos = sent.iter().filter(|v| v["method"] == "_otc.info").count();
+        assert_eq!(infos, 3, "one _otc.info per session: {sent:?}");
+        assert!(
+            first > 0 && second > first && sent.len() > second,
+            "{sent:?}"
+        );
+        let idle = sent
+            .iter()
+            .filter(|v| v["method"] == "props" && v["params"]["ota_state"] == "idle")
+            .count();
+        assert_eq!(idle, 1, "D12: once per daemon start: {sent:?}");
+        let mut ids: Vec<u64> = sent.iter().filter_map(|v| v["id"].as_u64()).collect();
+        assert_eq!(ids.len(), sent.len(), "{sent:?}");
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), sent.len(), "an id went up twice: {sent:?}");
+    }
+
+    /// L§8: wifi.conf is written before the reply. When the write fails (a read-only or full data
+    /// dir) the requester is refused and nothing else happens: no state change, no broadcast, no
+    /// helper `wifi_start`, no uid for `_otc.info`, and the cloud session stays.
+    #[test]
+    fn provisioning_refused_when_wifi_conf_cannot_be_written() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        let mut sent = Vec::new();
+        n.local_accept(t0, 1, Port::Local);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3);
+        n.handle_timeout(t1);
+        serve_with(&mut n, t1, Some(CONF), &mut sent);
+        assert_eq!(n.state(), State::CloudConnected);
+        let before = sent.len();
+
+        // QR path on 54322: the write fails, the reply is -33020, nothing else is done.
+        let t2 = t1 + Duration::from_secs(5);
+        n.local_value(
+            t2,
+            1,
+            br#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","uid":"42","country_domain":"de"}}"#,
+        );
+        let mut out = Vec::new();
+        let mut wrote = 0;
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::WriteWifi(text) => {
+                    assert!(out.is_empty(), "no reply before the write: {out:?}");
+                    assert!(text.contains("ssid=\"new\""), "{text}");
+                    wrote += 1;
+                    n.wifi_written(t2, false);
+                }
+                Action::Local(LocalAction::Send(c, t)) => out.push((c, t)),
+                other => panic!("nothing else may happen: {other:?}"),
+            }
+        }
+        assert_eq!(wrote, 1);
+        assert_eq!(
+            out,
+            vec![(
+                1,
+                r#"{"id":5,"error":{"code":-33020,"message":"cannot write wifi.conf"}}"#
+                    .to_string()
+            )]
+        );
+        assert_eq!(n.state(), State::CloudConnected);
+        assert_eq!(n.cloud_state(), CloudState::Connected);
+        // A later provisioning is not "in progress", and the next session has no uid.
+        let t3 = t2 + Duration::from_secs(1);
+        n.local_value(
+            t3,
+            1,
+            br#"{"id":6,"method":"local.ble.config_router","params":{"ssid":"other"}}"#,
+        );
+        let out = serve_with(&mut n, t3, Some(CONF), &mut sent);
+        assert!(
+            out.iter().any(|(_, t)| t == r#"{"id":6,"result":["OK"]}"#),
+            "{out:?}"
+        );
+        let infos: Vec<&Value> = sent[before..]
+            .iter()
+            .filter(|v| v["method"] == "_otc.info")
+            .collect();
+        assert_eq!(infos.len(), 1, "{sent:?}");
+        assert!(infos[0]["params"].get("uid").is_none(), "{infos:?}");
+    }
+
+    /// The LAN path: `["ERROR"]` when the write fails, `["OK"]` only after it succeeded.
+    #[test]
+    fn lan_config_router_answers_after_the_write() {
+        let keys = Keys::new(b"ABCDEFGHIJKLMNOP");
+        let phone: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3);
+        n.handle_timeout(t1);
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => n.file_dinfo(
+                    t1,
+                    crate::config::device::parse(CONF).map_err(|e| e.to_string()),
+                    None,
+                ),
+                Action::LoadFiles(Step::Token) => {
+                    n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
+                }
+                Action::LoadFiles(Step::WifiStatus) => n.file_wifi(t1, false, String::new(), None),
+                _ => {}
+            }
+        }
+        assert_eq!(n.state(), State::WifiApMode);
+        let req = |id: u32| {
+            let text = format!(
+                r#"{{"id":{id},"method":"miIO.config_router","params":{{"ssid":"home","passwd":"pw12345678","uid":7}}}}"#
+            );
+            miio::seal(&keys, DID, 100 + id, text.as_bytes())
+        };
+        for (id, ok, want) in [(1u32, false, r#"["ERROR"]"#), (2, true, r#"["OK"]"#)] {
+            n.lan_datagram(t1, phone, &req(id));
+            let mut replies = Vec::new();
+            let mut wrote = false;
+            while let Some(a) = n.poll_action() {
+                match a {
+                    Action::WriteWifi(_) => {
+                        assert!(replies.is_empty(), "no reply before the write");
+                        wrote = true;
+                        n.wifi_written(t1, ok);
+                    }
+                    Action::LanSend { bytes, .. } => {
+                        let o = miio::decode(&keys, DID, &bytes).unwrap();
+                        replies.push(o.value["result"].to_string());
+                    }
+                    _ => {}
+                }
+            }
+            assert!(wrote);
+            assert_eq!(replies, vec![want.to_string()], "id {id}");
+            // The failed one changed nothing; without a helper the good one connects at once (D9).
+            assert_eq!(n.state() == State::WifiApMode, !ok, "id {id}");
+        }
     }
 }

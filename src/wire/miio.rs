@@ -12,6 +12,7 @@ use core::fmt;
 use serde_json::{Map, Value};
 
 use super::crypto::{md5, Keys};
+use super::rpc;
 
 /// Size of the header; also the size of every control packet.
 pub const HEADER_LEN: usize = 32;
@@ -332,12 +333,12 @@ pub fn open(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Opened, Er
         plain.truncate(nul);
     }
     let text = String::from_utf8(plain).map_err(|_| Error::NotUtf8)?;
-    // from_slice, not from_str: the same parse (text is valid UTF-8 already), through the one
-    // serde_json reader the device build instantiates (wire::rpc uses it too): ~2 KB less flash.
-    match serde_json::from_slice::<Value>(text.as_bytes()) {
-        Ok(Value::Object(value)) => Ok(Opened { text, value }),
-        Ok(_) => Err(Error::NotObject),
-        Err(_) => Err(Error::NotJson),
+    // The one parser of local messages too: valid JSON that a serde Value cannot hold (`1e400`)
+    // is still an object, so a LAN or cloud command goes on byte for byte (P§3).
+    match rpc::parse_object(text.as_bytes()) {
+        Ok(value) => Ok(Opened { text, value }),
+        Err(rpc::RpcError::NotObject) => Err(Error::NotObject),
+        Err(rpc::RpcError::Parse) => Err(Error::NotJson),
     }
 }
 
@@ -397,6 +398,20 @@ mod tests {
         let got = decode(&keys, DID, &hex(vector("V1"))).unwrap();
         assert_eq!(got.text, V1_PLAIN);
         assert_eq!(got.value["id"], json!(1234567));
+    }
+
+    #[test]
+    fn valid_json_beyond_serde_is_opened_verbatim() {
+        // P§3: valid JSON is forwarded byte for byte, even where a serde Value cannot hold a member.
+        let keys = Keys::new(CLOUD_KEY);
+        let big = "1".repeat(400);
+        let plain = format!(r#"{{"id":77,"method":"get_prop","params":[1e400,{big}]}}"#);
+        let got = decode(&keys, DID, &seal(&keys, DID, 7, plain.as_bytes())).unwrap();
+        assert_eq!(got.text, plain);
+        assert_eq!(got.value["id"], json!(77));
+        assert_eq!(got.value["method"], json!("get_prop"));
+        let bad = seal(&keys, DID, 7, br#"{"id":77,"params":[1e400,]}"#);
+        assert!(matches!(decode(&keys, DID, &bad), Err(Error::NotJson)));
     }
 
     #[test]

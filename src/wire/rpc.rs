@@ -7,6 +7,7 @@
 //! Nothing here panics on any input.
 
 use core::fmt;
+use core::ops::Range;
 
 use serde_json::{Map, Value};
 
@@ -44,12 +45,50 @@ impl fmt::Display for RpcError {
 impl std::error::Error for RpcError {}
 
 /// One complete JSON value as the splitter cut it, which must be an object.
+///
+/// Valid JSON that a serde `Value` cannot hold (a number beyond f64 such as `1e400` or an id of 400
+/// digits, nesting deeper than 128, a lone surrogate escape) is still an object here: each top-level
+/// member is parsed on its own, a value that does not fit reads as `null` and a key that does not fit
+/// drops its member. Callers forward the raw text, so such a message goes on byte for byte (P§3),
+/// and an `id` that reads as `null` is "not an integer" (L§4.1).
 pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, RpcError> {
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(RpcError::NotObject),
-        Err(_) => Err(RpcError::Parse),
+    match value(raw) {
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(RpcError::NotObject),
+        None => parse_object_lenient(raw),
     }
+}
+
+/// The one serde parse of this module, not inlined at each use: flash matters more than speed.
+#[inline(never)]
+fn value(raw: &[u8]) -> Option<Value> {
+    serde_json::from_slice(raw).ok()
+}
+
+/// The slow path of [`parse_object`], taken only when serde refused the text.
+#[cold]
+fn parse_object_lenient(raw: &[u8]) -> Result<Map<String, Value>, RpcError> {
+    if core::str::from_utf8(raw).is_err() {
+        return Err(RpcError::Parse);
+    }
+    let Some(members) = members(raw) else {
+        // Not a valid object: valid JSON of another kind (`[1e400]`) is -32600, the rest -32700.
+        let end = value_end(raw, skip_json_ws(raw, 0));
+        return Err(match end.map(|e| skip_json_ws(raw, e) == raw.len()) {
+            Some(true) => RpcError::NotObject,
+            _ => RpcError::Parse,
+        });
+    };
+    let mut m = Map::new();
+    for (key, v) in members {
+        let (Some(key), Some(v)) = (raw.get(key), raw.get(v)) else {
+            continue;
+        };
+        if let Some(Value::String(k)) = value(key) {
+            m.insert(k, value(v).unwrap_or(Value::Null));
+        }
+    }
+    Ok(m)
 }
 
 /// What a message is, by its members (P§3, LOCAL_API.md §4.1).
@@ -84,50 +123,22 @@ pub fn id_u32(v: &Value) -> Option<u32> {
 /// Replaces the value of every top-level `id` member of the JSON object `text` with `new_id`,
 /// keeping all other bytes. None if `text` is not an object or has no top-level `id`.
 ///
-/// The text is expected to have parsed already; this scanner only finds member boundaries. Keys are
-/// compared after unescaping, as a parser sees them (`"\u0069d"` is `id`). Every top-level `id` is
+/// The text must be one valid JSON object (it has parsed already). Keys are compared after unescaping, as a parser sees them (`"\u0069d"` is `id`). Every top-level `id` is
 /// replaced, so no parser (first-wins or last-wins) can see the old one.
 pub fn rewrite_id(text: &str, new_id: u64) -> Option<String> {
     let b = text.as_bytes();
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(b, i + 1);
-    let mut spans = Vec::new();
-    if b.get(i) == Some(&b'}') {
-        i += 1;
-    } else {
-        loop {
-            let key_end = skip_string(b, i)?;
-            let key = b.get(i..key_end)?;
-            i = skip_ws(b, key_end);
-            if b.get(i) != Some(&b':') {
-                return None;
-            }
-            let start = skip_ws(b, i + 1);
-            let end = skip_value(b, start)?;
-            if key_is_id(key) {
-                spans.push((start, end));
-            }
-            i = skip_ws(b, end);
-            match b.get(i) {
-                Some(b',') => i = skip_ws(b, i + 1),
-                Some(b'}') => {
-                    i += 1;
-                    break;
-                }
-                _ => return None,
-            }
-        }
-    }
-    if skip_ws(b, i) != b.len() || spans.is_empty() {
+    let spans: Vec<Range<usize>> = members(b)?
+        .into_iter()
+        .filter(|(k, _)| b.get(k.clone()).is_some_and(key_is_id))
+        .map(|(_, v)| v)
+        .collect();
+    if spans.is_empty() {
         return None;
     }
     let id = new_id.to_string();
     let mut out = String::with_capacity(text.len() + id.len());
     let mut last = 0;
-    for (start, end) in spans {
+    for Range { start, end } in spans {
         // Spans start and end at ASCII bytes, so these are char boundaries; get() keeps it panic-free.
         out.push_str(text.get(last..start)?);
         out.push_str(&id);
@@ -137,66 +148,163 @@ pub fn rewrite_id(text: &str, new_id: u64) -> Option<String> {
     Some(out)
 }
 
+/// The raw text of the last top-level `id` member (the one a parser keeps), as sent: the id to echo
+/// in a -32600 reply when it is not a u32 (L§4.1), even one no `Value` can hold.
+pub fn raw_id(text: &str) -> Option<&str> {
+    let b = text.as_bytes();
+    let (_, v) = members(b)?
+        .into_iter()
+        .rfind(|(k, _)| b.get(k.clone()).is_some_and(key_is_id))?;
+    text.get(v)
+}
+
+/// The (key, value) byte ranges of the top-level members of the JSON object `b` (the key with its
+/// quotes), in order. None if `b` is not one valid JSON object (RFC 8259 syntax, see
+/// [`value_end`]) with only whitespace or NUL around it.
+fn members(b: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_json_ws(b, i + 1);
+    let mut out = Vec::new();
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            let start = json_key(b, i)?;
+            let end = value_end(b, start)?;
+            out.push((i..json_string(b, i)?, start..end));
+            i = skip_json_ws(b, end);
+            match b.get(i) {
+                Some(b',') => i = skip_json_ws(b, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_ws(b, i) == b.len()).then_some(out)
+}
+
+/// The end of the one JSON value at `i`, checked against RFC 8259 syntax only: no number is
+/// converted, a surrogate escape needs no partner, and nesting has no limit (a heap stack, no
+/// recursion). UTF-8 is the caller's check. (serde's own skipping reader would do, at 2.4 KB
+/// more flash.)
+fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
+    // The closers of the open containers: '{' + 2 is '}', '[' + 2 is ']'.
+    let mut open = Vec::new();
+    loop {
+        // A value starts at i.
+        match *b.get(i)? {
+            c @ (b'{' | b'[') => {
+                i = skip_json_ws(b, i + 1);
+                if b.get(i) == Some(&(c + 2)) {
+                    i += 1;
+                } else {
+                    open.push(c + 2);
+                    if c == b'{' {
+                        i = json_key(b, i)?;
+                    }
+                    continue;
+                }
+            }
+            b'"' => i = json_string(b, i)?,
+            b't' if b.get(i..i + 4) == Some(b"true") => i += 4,
+            b'f' if b.get(i..i + 5) == Some(b"false") => i += 5,
+            b'n' if b.get(i..i + 4) == Some(b"null") => i += 4,
+            _ => i = json_number(b, i)?,
+        }
+        // After a value: close what ends here, then a comma (and a key) or the end.
+        loop {
+            let Some(&close) = open.last() else {
+                return Some(i);
+            };
+            i = skip_json_ws(b, i);
+            match *b.get(i)? {
+                c if c == close => {
+                    open.pop();
+                    i += 1;
+                }
+                b',' => {
+                    i = skip_json_ws(b, i + 1);
+                    if close == b'}' {
+                        i = json_key(b, i)?;
+                    }
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// JSON's whitespace (no NUL, unlike [`skip_ws`]).
+fn skip_json_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+        i += 1;
+    }
+    i
+}
+
+/// `"key"` then `:`; the index of the member's value.
+fn json_key(b: &[u8], i: usize) -> Option<usize> {
+    let i = skip_json_ws(b, json_string(b, i)?);
+    (b.get(i) == Some(&b':')).then(|| skip_json_ws(b, i + 1))
+}
+
+/// The end of a string at `i`: no control characters, only the escapes of RFC 8259 §7.
+fn json_string(b: &[u8], i: usize) -> Option<usize> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let mut j = i + 1;
+    loop {
+        match *b.get(j)? {
+            b'"' => return Some(j + 1),
+            b'\\' => match *b.get(j + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => j += 2,
+                b'u' if b.get(j + 2..j + 6)?.iter().all(u8::is_ascii_hexdigit) => j += 6,
+                _ => return None,
+            },
+            c if c < 0x20 => return None,
+            _ => j += 1,
+        }
+    }
+}
+
+/// The end of a number at `i`: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn json_number(b: &[u8], i: usize) -> Option<usize> {
+    let digits = |j: usize| {
+        let mut k = j;
+        while b.get(k).is_some_and(u8::is_ascii_digit) {
+            k += 1;
+        }
+        (k > j).then_some(k)
+    };
+    let mut j = i + usize::from(b.get(i) == Some(&b'-'));
+    j = match b.get(j)? {
+        b'0' => j + 1,
+        _ => digits(j)?,
+    };
+    if b.get(j) == Some(&b'.') {
+        j = digits(j + 1)?;
+    }
+    if matches!(b.get(j), Some(b'e' | b'E')) {
+        j += 1 + usize::from(matches!(b.get(j + 1), Some(b'+' | b'-')));
+        j = digits(j)?;
+    }
+    Some(j)
+}
+
 /// Whitespace between JSON tokens; NUL too, since texts may come with a terminator (D3).
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\t' | b'\r' | b'\n' | 0)) {
         i += 1;
     }
     i
-}
-
-/// The end (exclusive) of the string starting at `i`.
-fn skip_string(b: &[u8], i: usize) -> Option<usize> {
-    if b.get(i) != Some(&b'"') {
-        return None;
-    }
-    let mut j = i + 1;
-    loop {
-        match b.get(j)? {
-            b'\\' => j += 2,
-            b'"' => return Some(j + 1),
-            _ => j += 1,
-        }
-    }
-}
-
-/// The end (exclusive) of the value starting at `i`.
-fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match b.get(i)? {
-        b'"' => skip_string(b, i),
-        b'{' | b'[' => {
-            // Nesting by depth only: the text has parsed, so brackets match.
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match b.get(j)? {
-                    b'"' => {
-                        j = skip_string(b, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let mut j = i;
-            while let Some(&c) = b.get(j) {
-                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n' | 0) {
-                    break;
-                }
-                j += 1;
-            }
-            (j > i).then_some(j)
-        }
-    }
 }
 
 fn key_is_id(raw: &[u8]) -> bool {
@@ -222,6 +330,12 @@ pub fn error_reply(id: Option<&Value>, code: i64, message: &str) -> String {
         Some(id) => format!(r#"{{"id":{id},{err}"#),
         None => format!("{{{err}"),
     }
+}
+
+/// `{"id":<raw>,"error":{"code":-32600,"message":"Invalid Request"}}` with the id as the sender
+/// wrote it (L§4.1), even one no `Value` holds.
+pub fn invalid_request(raw_id: &str) -> String {
+    format!(r#"{{"id":{raw_id},"error":{{"code":-32600,"message":"Invalid Request"}}}}"#)
 }
 
 /// `{"id":N,"result":R}`.
@@ -436,8 +550,88 @@ mod tests {
         }
     }
 
+    #[test]
+    fn valid_json_serde_cannot_hold_is_an_object() {
+        // RFC 8259 numbers and strings outside what a serde Value holds: the members that fit are
+        // kept, the others read as null; the text (forwarded verbatim) is not ours to judge.
+        let big = "9".repeat(400);
+        let t = format!(r#"{{"id":{big},"method":"props","params":[1]}}"#);
+        let m = parse_object(t.as_bytes()).expect("valid JSON");
+        assert_eq!(m["id"], Value::Null);
+        assert_eq!(m["method"], "props");
+        assert_eq!(m["params"], json!([1]));
+        let t = r#"{"id":5,"method":"props","params":{"x":1e400,"y":-1E+999}}"#;
+        let m = parse_object(t.as_bytes()).expect("valid JSON");
+        assert_eq!(
+            (m["id"].clone(), m["params"].clone()),
+            (json!(5), Value::Null)
+        );
+        assert_eq!(rewrite_id(t, 9).unwrap(), t.replace(":5,", ":9,"));
+        // Nesting deeper than serde's limit, and a lone surrogate escape.
+        let deep = format!(
+            r#"{{"id":1,"params":{}{},"method":"m"}}"#,
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        let m = parse_object(deep.as_bytes()).expect("valid JSON");
+        assert_eq!(
+            (m["id"].clone(), m["params"].clone()),
+            (json!(1), Value::Null)
+        );
+        let m = parse_object(br#"{"id":2,"method":"m","params":"\ud800"}"#).expect("valid JSON");
+        assert_eq!(
+            (m["id"].clone(), m["params"].clone()),
+            (json!(2), Value::Null)
+        );
+        // A key serde cannot hold drops that member only.
+        let m = parse_object(br#"{"\udc00":1,"id":3}"#).expect("valid JSON");
+        assert_eq!(Value::Object(m), json!({"id": 3}));
+        // Valid JSON that is not an object stays -32600.
+        let deep_array = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        for s in ["1e400", "[1e400]", deep_array.as_str()] {
+            assert_eq!(parse_object(s.as_bytes()), Err(RpcError::NotObject), "{s}");
+        }
+        // Not JSON stays -32700, whatever serde would have said first.
+        for s in [
+            &b"{\"id\":1e400"[..],
+            b"{\"a\":1e400,}",
+            b"{\"a\":1e}",
+            b"{\"a\":01}",
+            b"{\"a\":\"\xff\",\"b\":1e400}",
+            b"{\"a\":1e400}x",
+            b"{\"a\":\"\\x\",\"b\":1e400}",
+        ] {
+            assert_eq!(
+                parse_object(s),
+                Err(RpcError::Parse),
+                "{}",
+                String::from_utf8_lossy(s)
+            );
+        }
+    }
+
+    #[test]
+    fn raw_id_is_the_text_as_sent() {
+        let big = "9".repeat(400);
+        let t = format!(r#"{{"method":"x", "id" : {big} }}"#);
+        assert_eq!(raw_id(&t), Some(big.as_str()));
+        assert_eq!(raw_id(r#"{"id":1.50,"id":"a"}"#), Some(r#""a""#));
+        assert_eq!(raw_id(r#"{"params":{"id":1}}"#), None);
+        assert_eq!(raw_id("[1]"), None);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn syntax_check_agrees_with_serde(s in "[\\[\\]{}\",:0-9eE.+ \\-tnrufalsx\\\\/]{0,24}") {
+            // serde's skipping reader converts no number and pairs no surrogate either: the same
+            // language as value_end.
+            let b = s.as_bytes();
+            let ours = value_end(b, skip_json_ws(b, 0)).is_some_and(|e| skip_json_ws(b, e) == b.len());
+            let serde = serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok();
+            prop_assert_eq!(ours, serde, "{}", s);
+        }
 
         #[test]
         fn rewrite_never_panics(s in "\\PC{0,60}", id in any::<u64>()) {

@@ -258,6 +258,12 @@ impl Daemon {
     /// it could not bind), the daemon is started again with fresh ones. The ports it got are in
     /// `ports` (and `lan()`, `local()`, `ble()`, `mdns()`).
     pub fn start<S: AsRef<str>>(dir: &TempDir, args: &[S]) -> Daemon {
+        Daemon::start_via(&[], dir, args)
+    }
+
+    /// `start` with the binary run through `prefix` (a command that ends by exec'ing its next
+    /// argument, the binary, with the rest: `unshare -m sh -c '…; exec "$0" "$@"'`).
+    pub fn start_via<S: AsRef<str>>(prefix: &[&str], dir: &TempDir, args: &[S]) -> Daemon {
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let mut why = String::new();
         for attempt in 1..=LAUNCH_ATTEMPTS {
@@ -271,7 +277,7 @@ impl Daemon {
                     }
                 })
                 .collect();
-            let mut d = Daemon::spawn(dir, &argv);
+            let mut d = Daemon::spawn_via(prefix, dir, &argv);
             match d.launch(&args) {
                 Launch::Bound(p) => {
                     d.ports = p;
@@ -296,8 +302,20 @@ impl Daemon {
     /// Starts the binary with `-L <dir>/miio.log` plus `args`, as given, and returns at once
     /// (stdout/stderr discarded). For a test that wants the start to fail.
     pub fn spawn<S: AsRef<str>>(dir: &TempDir, args: &[S]) -> Daemon {
+        Daemon::spawn_via(&[], dir, args)
+    }
+
+    fn spawn_via<S: AsRef<str>>(prefix: &[&str], dir: &TempDir, args: &[S]) -> Daemon {
         let log = dir.join("miio.log");
-        let child = Command::new(BIN)
+        let mut cmd = match prefix.split_first() {
+            None => Command::new(BIN),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+        };
+        let child = cmd
             .args(["-L", log.to_str().unwrap()])
             .args(args.iter().map(AsRef::as_ref))
             .stdin(Stdio::null())
