@@ -1377,6 +1377,11 @@ mod tests {
                     n.file_wifi(now, file.is_some(), file.unwrap_or("").into(), None)
                 }
                 Action::ReadSsid => n.file_ssid(file.unwrap_or("").into()),
+                // The write succeeds; the caller still sees that it was asked for.
+                Action::WriteWifi(w) => {
+                    other.push(Action::WriteWifi(w));
+                    n.wifi_written(now, true)
+                }
                 a => other.push(a),
             }
         }
