@@ -10,18 +10,20 @@
 //! The state is one static per call site (the macros declare it), so no machine carries log state.
 
 use core::fmt;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use crate::time::Instant;
 
 /// The length of one window, in ms.
 pub const WINDOW_MS: u64 = 10_000;
+const WINDOW_S: u32 = (WINDOW_MS / 1000) as u32;
 
 /// The state of one kind of line. Atomics only so that it can be a `static`; the daemon logs
-/// from one thread, and a race between threads would cost a line, never memory safety.
+/// from one thread, and a race between threads would cost a line, never memory safety. 32-bit
+/// atomics only: 32-bit MIPS has no 64-bit ones, so the window is kept in whole seconds.
 pub struct RateLimit {
-    /// Start of the open window in ms, plus 1; 0: no line logged yet.
-    open: AtomicU64,
+    /// Start of the open window in whole seconds, plus 1; 0: no line logged yet.
+    open: AtomicU32,
     /// Lines not logged since the last one that was.
     more: AtomicU32,
 }
@@ -30,7 +32,7 @@ impl RateLimit {
     #[allow(clippy::new_without_default)]
     pub const fn new() -> RateLimit {
         RateLimit {
-            open: AtomicU64::new(0),
+            open: AtomicU32::new(0),
             more: AtomicU32::new(0),
         }
     }
@@ -38,14 +40,16 @@ impl RateLimit {
     /// One occurrence at `now`. `Some(n)`: log it, `n` were not logged before it. `None`: quiet.
     #[inline(never)]
     pub fn hit(&self, now: Instant) -> Option<u32> {
+        // Seconds since boot fit 32 bits for 136 years; the far future saturates.
+        let secs = (now.millis() / 1000).min(u64::from(u32::MAX - 1)) as u32;
         let open = self.open.load(Relaxed);
-        if open != 0 && now.millis() < (open - 1).saturating_add(WINDOW_MS) {
+        if open != 0 && secs < (open - 1).saturating_add(WINDOW_S) {
             let _ = self
                 .more
                 .fetch_update(Relaxed, Relaxed, |n| n.checked_add(1));
             return None;
         }
-        self.open.store(now.millis() + 1, Relaxed);
+        self.open.store(secs + 1, Relaxed);
         Some(self.more.swap(0, Relaxed))
     }
 }
