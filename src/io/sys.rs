@@ -277,6 +277,28 @@ pub fn udp_bind_reuse(port: u16) -> io::Result<std::net::UdpSocket> {
     Ok(std::net::UdpSocket::from(sock))
 }
 
+/// Attaches a classic BPF socket filter (SO_ATTACH_FILTER): the kernel runs it on every datagram
+/// before queueing it, so one it drops never wakes the reader.
+pub fn attach_filter(fd: RawFd, prog: &[crate::wire::dns::BpfInsn]) -> io::Result<()> {
+    let insns: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let len =
+        u16::try_from(insns.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: insns.as_ptr().cast_mut(),
+    };
+    // The kernel copies the program during the call, so `insns` only has to outlive it.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
+}
+
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: &T) -> io::Result<()> {
     // SAFETY: `val` points to a live, plain C value of exactly the size passed; the kernel only
     // reads it, and a bad `fd` or option is an error return, not undefined behaviour.

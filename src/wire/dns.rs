@@ -54,6 +54,67 @@ const MAX_JUMPS: usize = 16;
 /// Questions parsed per query; the rest are ignored, so a query costs bounded memory.
 pub const MAX_QUESTIONS: usize = 32;
 
+/// One classic BPF instruction, laid out as the kernel's `struct sock_filter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct BpfInsn {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+/// The kernel's limit on a classic BPF program (BPF_MAXINSNS).
+pub const BPF_MAX_INSNS: usize = 4096;
+/// Datagrams up to this many bytes (as the filter sees them) are scanned; longer ones always pass.
+pub const FILTER_SCAN: u32 = 800;
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_LD_W_LEN: u16 = 0x80;
+const BPF_OR_K: u16 = 0x44;
+const BPF_JEQ_K: u16 = 0x15;
+const BPF_JGT_K: u16 = 0x25;
+const BPF_RET_K: u16 = 0x06;
+/// What a filter returns to keep the whole datagram, and to drop it.
+pub const BPF_PASS: u32 = u32::MAX;
+pub const BPF_DROP: u32 = 0;
+
+/// A socket filter for the responder's socket, so the kernel drops, without waking the daemon,
+/// the mDNS traffic it would not answer (the other devices' queries and answers on the LAN).
+///
+/// Every name [`answers_for`] accepts holds the label `_miio` (the service type, and the instance
+/// and host names, whose `<label>` is `<model>_miio<did>` with a model of at most 23 characters)
+/// or `_services`, in any letter case, and whatever compression a query uses those bytes stand in
+/// the datagram. So the filter passes a datagram in which the four bytes `_mii` or `_ser` appear at
+/// any offset (OR 0x20 folds the case: `_` becomes 0x7f, which only DEL shares), and drops the rest.
+/// A classic BPF program has no loops, so the scan is unrolled over the first [`FILTER_SCAN`]
+/// bytes and a longer datagram passes unscanned. A load past the end of the datagram ends the
+/// program with "drop", which is what the scan wants: nothing matched before the end. Offsets count
+/// from whatever the kernel shows a UDP filter first (the UDP header), since every offset is tried.
+/// It passes some datagrams the responder then ignores (responses of other miio devices); it never
+/// drops one it answers.
+pub fn query_filter() -> Vec<BpfInsn> {
+    let ins = |code, jt, jf, k| BpfInsn { code, jt, jf, k };
+    let fold = |w: &[u8; 4]| u32::from_be_bytes(*w) | 0x2020_2020;
+    let (miio, services) = (fold(b"_mii"), fold(b"_ser"));
+    let mut p = vec![
+        ins(BPF_LD_W_LEN, 0, 0, 0),
+        ins(BPF_JGT_K, 0, 1, FILTER_SCAN),
+        ins(BPF_RET_K, 0, 0, BPF_PASS),
+    ];
+    for at in 0..=FILTER_SCAN - 4 {
+        p.extend([
+            ins(BPF_LD_W_ABS, 0, 0, at),
+            ins(BPF_OR_K, 0, 0, 0x2020_2020),
+            // A match jumps to the `ret pass` two further on; no match skips it.
+            ins(BPF_JEQ_K, 1, 0, miio),
+            ins(BPF_JEQ_K, 0, 1, services),
+            ins(BPF_RET_K, 0, 0, BPF_PASS),
+        ]);
+    }
+    p.push(ins(BPF_RET_K, 0, 0, BPF_DROP));
+    p
+}
+
 /// Why a message was not taken as a query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsError {
@@ -713,6 +774,95 @@ mod tests {
         assert_eq!(rrs.len(), 5);
     }
 
+    /// The classic BPF the kernel would run, for the instructions `query_filter` uses: what it
+    /// returns for `pkt` (a load past the end returns 0, as in the kernel).
+    fn run_filter(prog: &[BpfInsn], pkt: &[u8]) -> u32 {
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            match i.code {
+                BPF_LD_W_LEN => a = pkt.len() as u32,
+                BPF_LD_W_ABS => {
+                    let at = i.k as usize;
+                    let Some(w) = pkt.get(at..at + 4) else {
+                        return 0;
+                    };
+                    a = u32::from_be_bytes(w.try_into().unwrap());
+                }
+                BPF_OR_K => a |= i.k,
+                BPF_JEQ_K => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
+                BPF_JGT_K => pc += usize::from(if a > i.k { i.jt } else { i.jf }),
+                BPF_RET_K => return i.k,
+                c => panic!("unexpected code {c:#x}"),
+            }
+        }
+    }
+
+    /// As the filter sees it: the datagram behind an 8-byte UDP header, and without it.
+    fn passes(pkt: &[u8]) -> bool {
+        let prog = query_filter();
+        let mut udp = vec![0x14, 0xe9, 0x14, 0xe9, 0, 0, 0, 0];
+        udp.extend_from_slice(pkt);
+        let (bare, behind) = (run_filter(&prog, pkt), run_filter(&prog, &udp));
+        assert_eq!(bare, behind, "the UDP header changed the verdict");
+        bare == BPF_PASS
+    }
+
+    #[test]
+    fn the_filter_fits_the_kernel_and_jumps_stay_inside() {
+        let prog = query_filter();
+        assert!(prog.len() <= BPF_MAX_INSNS, "{} instructions", prog.len());
+        for (n, i) in prog.iter().enumerate().filter(|(_, i)| i.code != BPF_RET_K) {
+            let far = n + 1 + usize::from(i.jt.max(i.jf));
+            assert!(far < prog.len(), "jump out of the program at {n}");
+        }
+        assert_eq!(prog.last().map(|i| i.k), Some(BPF_DROP));
+    }
+
+    #[test]
+    fn the_filter_passes_every_query_we_answer_and_drops_foreign_ones() {
+        let i = info();
+        let answered = [
+            (SERVICE, TYPE_PTR),
+            ("_MIIO._UDP.LOCAL", TYPE_PTR),
+            (SERVICES_META, TYPE_PTR),
+            ("_Services._DNS-SD._udp.local", TYPE_ANY),
+            ("xiaomi-dev-v1_miio11245._miio._udp.local", TYPE_SRV),
+            ("XIAOMI-dev-v1_MIIO11245.local", TYPE_A),
+        ];
+        for (name, t) in answered {
+            let q = query(
+                7,
+                &[
+                    ("_googlecast._tcp.local", TYPE_PTR, CLASS_IN),
+                    (name, t, CLASS_IN),
+                ],
+            );
+            assert!(answers_for(&parse_query(&q).unwrap(), &i), "{name}");
+            assert!(passes(&q), "{name} dropped");
+        }
+        for name in [
+            "_googlecast._tcp.local",
+            "_airplay._tcp.local",
+            "printer.local",
+            "_miot._udp.local",
+        ] {
+            let q = query(7, &[(name, TYPE_PTR, CLASS_IN)]);
+            assert!(!answers_for(&parse_query(&q).unwrap(), &i));
+            assert!(!passes(&q), "{name} passed");
+        }
+        // A response of another responder with other names, and the empty datagram.
+        let mut other = query(0, &[("_hap._tcp.local", TYPE_PTR, CLASS_IN)]);
+        other[2] = 0x84;
+        assert!(!passes(&other));
+        assert!(!passes(&[]));
+        // Longer than the scan: passes unread, whatever it holds.
+        let long = query(7, &[("_googlecast._tcp.local", TYPE_PTR, CLASS_IN); 40]);
+        assert!(long.len() > FILTER_SCAN as usize);
+        assert!(passes(&long));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
@@ -740,6 +890,31 @@ mod tests {
                 let (_, _, qs, rrs) = read_response(&resp);
                 prop_assert_eq!(qs.len(), q.questions.len());
                 prop_assert_eq!(rrs.len(), 5);
+            }
+        }
+
+        /// Never drops what the responder answers: any query of up to 8 questions (any names,
+        /// in any case), at least one of which it answers, passes the filter.
+        #[test]
+        fn the_filter_never_drops_an_answered_query(
+            model in "[!-~]{1,23}", did in any::<u32>(),
+            others in prop::collection::vec("[a-z_-]{1,12}(\\.[a-z_-]{1,12}){0,3}", 0..8),
+            pick in 0usize..4, at in any::<prop::sample::Index>(), upper in any::<u64>(),
+        ) {
+            let i = ServiceInfo { model, did, ip: Ipv4Addr::new(192, 168, 1, 9), port: 54321 };
+            let mine = [SERVICE.to_string(), SERVICES_META.to_string(), i.instance_name(), i.host_name()];
+            let t = [TYPE_PTR, TYPE_PTR, TYPE_SRV, TYPE_A][pick];
+            // Random letter case, bit by bit from `upper`.
+            let name: String = mine[pick].chars().enumerate().map(|(n, c)| {
+                if upper >> (n % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c }
+            }).collect();
+            let mut qs: Vec<(&str, u16, u16)> = others.iter().map(|o| (o.as_str(), TYPE_PTR, CLASS_IN)).collect();
+            qs.insert(at.index(qs.len() + 1), (&name, t, CLASS_IN));
+            let q = query(1, &qs);
+            if let Ok(parsed) = parse_query(&q) {
+                if answers_for(&parsed, &i) {
+                    prop_assert!(passes(&q));
+                }
             }
         }
 
