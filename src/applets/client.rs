@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::rc::Rc;
 
 use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
@@ -445,11 +446,11 @@ impl Daemon {
         }
     }
 
-    fn send_local(&mut self, now: Instant, slot: usize, text: String) {
+    fn send_local(&mut self, now: Instant, slot: usize, text: Rc<str>) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        if c.conn.send(text.as_bytes()).is_err() {
+        if c.conn.send(text).is_err() {
             crate::warn_limited!(
                 now,
                 "local client {slot}: more than 64 KiB unsent (it does not read), closing"

@@ -2,9 +2,15 @@
 //! JSON stream splitter (LOCAL_API.md §3) and a bounded write queue (64 KiB, §2) so that a client
 //! that never reads is closed instead of growing the daemon's memory. Input is read a bounded chunk
 //! at a time and split values are handled one by one, so a fast writer costs no memory either.
+//!
+//! The write queue holds messages, not bytes: a broadcast is one `Rc<str>` that every client's queue
+//! shares, so 20 clients that do not read hold one copy of it, not 20. The cap still counts, per
+//! client, the bytes that client has yet to be sent.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 
 use mio::net::TcpStream;
 
@@ -36,8 +42,12 @@ pub enum ReadStep {
 pub struct Conn {
     pub stream: TcpStream,
     split: Splitter,
-    out: Vec<u8>,
+    /// Messages not yet written, oldest first; a broadcast is shared with other clients' queues.
+    out: VecDeque<Rc<str>>,
+    /// Bytes of the first message already written.
     out_pos: usize,
+    /// Bytes queued and not yet written: what the cap counts.
+    out_len: usize,
     out_limit: usize,
     /// Close once the output queue is flushed (one-shot helper writes, errors before close).
     pub close_after_flush: bool,
@@ -56,8 +66,9 @@ impl Conn {
         Conn {
             stream,
             split: Splitter::new(max_msg),
-            out: Vec::new(),
+            out: VecDeque::new(),
             out_pos: 0,
+            out_len: 0,
             out_limit,
             close_after_flush: false,
             shutdown_pending: false,
@@ -102,19 +113,17 @@ impl Conn {
     }
 
     pub fn pending_out(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.out_len
     }
 
-    /// Queues one whole message and tries to write it at once.
-    pub fn send(&mut self, bytes: &[u8]) -> Result<(), Overflow> {
-        if self.pending_out() + bytes.len() > self.out_limit {
+    /// Queues one whole message (kept, not copied: a broadcast stays one allocation however many
+    /// queues hold it) and tries to write it at once.
+    pub fn send(&mut self, msg: Rc<str>) -> Result<(), Overflow> {
+        if self.out_len + msg.len() > self.out_limit {
             return Err(Overflow);
         }
-        if self.out_pos == self.out.len() {
-            self.out.clear();
-            self.out_pos = 0;
-        }
-        self.out.extend_from_slice(bytes);
+        self.out_len += msg.len();
+        self.out.push_back(msg);
         // A write error surfaces as a readable/closed event and is handled there.
         let _ = self.flush();
         Ok(())
@@ -122,17 +131,24 @@ impl Conn {
 
     /// Writes queued output until WouldBlock. Ok(true) when the queue is empty.
     pub fn flush(&mut self) -> io::Result<bool> {
-        while self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
+        while let Some(msg) = self.out.front() {
+            let rest = &msg.as_bytes()[self.out_pos..];
+            if rest.is_empty() {
+                self.out.pop_front();
+                self.out_pos = 0;
+                continue;
+            }
+            match self.stream.write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_pos += n,
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.out_len -= n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
-        self.out.clear();
-        self.out_pos = 0;
         if self.shutdown_pending {
             self.shutdown_pending = false;
             self.shutdown_write();
@@ -158,5 +174,86 @@ impl Conn {
     /// Shuts the write side (the helper hello connection gets one message, then EOF, L§9.2).
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A connection to a peer on loopback that reads only when the test says so.
+    fn pair(limit: usize) -> (Conn, std::net::TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        (Conn::new(TcpStream::from_std(s), 1024, limit), peer)
+    }
+
+    #[test]
+    fn a_broadcast_queued_for_clients_that_do_not_read_is_held_once() {
+        const LIMIT: usize = 1 << 20;
+        let (mut a, _pa) = pair(LIMIT);
+        let (mut b, _pb) = pair(LIMIT);
+        let msg: Rc<str> = "x".repeat(8192).into();
+        // Until the kernel buffers are full, then some more: queued in the daemon.
+        let mut sent = 0;
+        while a.out.len() < 4 || b.out.len() < 4 {
+            a.send(msg.clone()).unwrap();
+            b.send(msg.clone()).unwrap();
+            sent += 1;
+            assert!(
+                sent < 1000,
+                "the kernel took {sent} messages: nothing queued"
+            );
+        }
+        // Every queued piece of both queues is the one allocation.
+        assert!(a
+            .out
+            .iter()
+            .chain(b.out.iter())
+            .all(|m| Rc::ptr_eq(m, &msg)));
+        assert_eq!(Rc::strong_count(&msg), 1 + a.out.len() + b.out.len());
+        // The cap counts bytes per client as before.
+        let queued = |c: &Conn| c.out.len() * 8192 - c.out_pos;
+        assert_eq!(a.pending_out(), queued(&a));
+        assert_eq!(b.pending_out(), queued(&b));
+    }
+
+    #[test]
+    fn the_cap_counts_unsent_bytes_and_order_is_kept() {
+        use std::io::Read as _;
+        const LIMIT: usize = 64 * 1024;
+        let (mut c, mut peer) = pair(LIMIT);
+        let mut all = Vec::new();
+        let mut n = 0u32;
+        // Numbered messages until the cap refuses one; none of them is lost or reordered.
+        let refused = loop {
+            let m: Rc<str> = format!("[{n},\"{}\"]", "y".repeat(1000)).into();
+            match c.send(m.clone()) {
+                Ok(()) => all.extend_from_slice(m.as_bytes()),
+                Err(Overflow) => break m,
+            }
+            assert!(c.pending_out() <= LIMIT);
+            n += 1;
+            assert!(n < 100_000, "never refused");
+        };
+        assert!(c.pending_out() + refused.len() > LIMIT);
+        assert!(!c.wants_input());
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while got.len() < all.len() {
+            let _ = c.flush();
+            let k = peer.read(&mut buf).unwrap();
+            assert!(k > 0);
+            got.extend_from_slice(&buf[..k]);
+        }
+        assert_eq!(got, all);
+        assert!(c.flush().unwrap());
+        assert_eq!(c.pending_out(), 0);
+        assert!(c.wants_input());
     }
 }

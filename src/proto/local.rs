@@ -6,6 +6,7 @@
 //! Shaped so that miio_agent and the MQTT bridge are only more kinds of ordinary client.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
@@ -34,7 +35,7 @@ enum Class {
     /// are kept only if their first message is `_internal.*`.
     Unclassified {
         deadline: Instant,
-        held: Vec<String>,
+        held: Vec<Rc<str>>,
     },
     Ordinary,
     Helper,
@@ -43,8 +44,9 @@ enum Class {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LocalAction {
-    /// Write one whole message (compact JSON) to the connection.
-    Send(ConnId, String),
+    /// Write one whole message (compact JSON) to the connection. A broadcast is one allocation
+    /// that the actions of all its connections share (and their write queues after them).
+    Send(ConnId, Rc<str>),
     /// Close the connection (after flushing what is queued).
     Close(ConnId),
 }
@@ -170,7 +172,7 @@ impl Local {
         self.conns.is_empty()
     }
 
-    fn push_send(&mut self, conn: ConnId, text: String) {
+    fn push_send(&mut self, conn: ConnId, text: Rc<str>) {
         self.out.push(LocalAction::Send(conn, text));
     }
 
@@ -193,7 +195,7 @@ impl Local {
     /// Sends `text` to one connection (a reply or an ack). Unknown connections are ignored.
     pub fn send_to(&mut self, conn: ConnId, text: String) {
         if self.conns.contains_key(&conn) {
-            self.push_send(conn, text);
+            self.push_send(conn, text.into());
         }
     }
 
@@ -239,18 +241,16 @@ impl Local {
             .count()
     }
 
+    /// One copy of `text` for all: each connection's action (or held list) shares it.
     fn broadcast(&mut self, text: &str, to_ble: bool) {
-        let mut sends = Vec::new();
+        let text: Rc<str> = text.into();
         for (&id, c) in self.conns.iter_mut() {
             match &mut c.class {
-                Class::Ordinary => sends.push(id),
-                Class::Ble if to_ble => sends.push(id),
-                Class::Unclassified { held, .. } if !c.extra => held.push(text.to_owned()),
+                Class::Ordinary => self.out.push(LocalAction::Send(id, text.clone())),
+                Class::Ble if to_ble => self.out.push(LocalAction::Send(id, text.clone())),
+                Class::Unclassified { held, .. } if !c.extra => held.push(text.clone()),
                 _ => {}
             }
-        }
-        for id in sends {
-            self.push_send(id, text.to_owned());
         }
     }
 
@@ -284,7 +284,7 @@ impl Local {
     pub fn syntax_error(&mut self, now: Instant, conn: ConnId) {
         if self.conns.remove(&conn).is_some() {
             crate::warn_limited!(now, "local client {conn}: JSON syntax error; closing");
-            self.push_send(conn, error_no_id(RpcError::Parse));
+            self.push_send(conn, error_no_id(RpcError::Parse).into());
             self.push_close(conn);
         }
     }
@@ -298,7 +298,7 @@ impl Local {
             Err(e @ RpcError::Parse) => {
                 crate::warn_limited!(now, "local client {conn}: {e}; closing");
                 self.classify_as(now, conn, false);
-                self.push_send(conn, error_no_id(e));
+                self.push_send(conn, error_no_id(e).into());
                 self.conns.remove(&conn);
                 self.push_close(conn);
                 return None;
@@ -306,7 +306,7 @@ impl Local {
             Err(e @ RpcError::NotObject) => {
                 crate::warn_limited!(now, "local client {conn}: {e}");
                 self.classify_as(now, conn, false);
-                self.push_send(conn, error_no_id(e));
+                self.push_send(conn, error_no_id(e).into());
                 return None;
             }
         };
@@ -336,7 +336,7 @@ impl Local {
                 crate::warn_limited!(now, "BLE client sent {m}: only local.* is allowed");
                 self.push_send(
                     conn,
-                    rpc::error_reply(id.as_ref(), -32601, "Method not found"),
+                    rpc::error_reply(id.as_ref(), -32601, "Method not found").into(),
                 );
                 None
             }
@@ -351,7 +351,7 @@ impl Local {
                 // `Value` holds (an id of 400 digits reads as null in `obj`).
                 if id.as_ref().is_some_and(|v| rpc::id_u32(v).is_none()) {
                     let echo = rpc::raw_id(&text).unwrap_or("null");
-                    self.push_send(conn, rpc::invalid_request(echo));
+                    self.push_send(conn, rpc::invalid_request(echo).into());
                     return None;
                 }
                 Some(Inbound::Upstream { conn, obj, text })
@@ -391,7 +391,7 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                LocalAction::Send(c, t) if *c == conn => Some(t.clone()),
+                LocalAction::Send(c, t) if *c == conn => Some(t.to_string()),
                 _ => None,
             })
             .collect()
@@ -468,6 +468,36 @@ mod tests {
             vec![r#"{"id":"x","error":{"code":-32600,"message":"Invalid Request"}}"#]
         );
         assert!(l.handle_value(T0, 1, br#"{"foo":1}"#).is_none());
+    }
+
+    #[test]
+    fn a_broadcast_is_one_allocation_for_every_connection() {
+        let mut l = Local::new(20);
+        for c in 1..=3 {
+            l.accept(T0, c, Port::Local);
+        }
+        l.handle_timeout(T0 + CLASSIFY_WINDOW);
+        l.accept(T0, 4, Port::Local); // unclassified: holds the broadcast
+        l.broadcast_command(r#"{"id":5,"method":"get_prop"}"#);
+        let a = texts(&mut l);
+        let shared: Vec<&Rc<str>> = a
+            .iter()
+            .filter_map(|a| match a {
+                LocalAction::Send(_, t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shared.len(), 3);
+        assert!(shared.iter().all(|t| Rc::ptr_eq(t, shared[0])));
+        // Three actions and conn 4's held list: four holders of one string.
+        assert_eq!(Rc::strong_count(shared[0]), 4);
+        let kept = shared[0].clone();
+        drop(a);
+        l.handle_timeout(T0 + CLASSIFY_WINDOW + CLASSIFY_WINDOW);
+        match texts(&mut l).as_slice() {
+            [LocalAction::Send(4, t)] => assert!(Rc::ptr_eq(t, &kept)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1232,7 +1232,7 @@ mod tests {
                         }
                     }
                 }
-                Action::Local(LocalAction::Send(c, t)) => out.push((c, t)),
+                Action::Local(LocalAction::Send(c, t)) => out.push((c, t.to_string())),
                 _ => {}
             }
         }
@@ -1530,7 +1530,7 @@ mod tests {
                     wrote += 1;
                     n.wifi_written(t2, false);
                 }
-                Action::Local(LocalAction::Send(c, t)) => out.push((c, t)),
+                Action::Local(LocalAction::Send(c, t)) => out.push((c, t.to_string())),
                 other => panic!("nothing else may happen: {other:?}"),
             }
         }
