@@ -14,8 +14,8 @@ Python 3 standard library; the LAN miIO.info row also imports tests/pycloud/oclo
 `cryptography` package). Knobs, all optional (environment): BENCH_IDLE_SECS (120), BENCH_TPUT_SECS (30),
 BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_STARTS (10), BENCH_LAN_N (1000), BENCH_ROUNDS (10),
 BENCH_CPU (the CPU of the latency rows, or "none"),
-BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_ONLY (comma list of sections:
-flash,session,startup,static-memory,cpu), BENCH_WITHOUT (tools or Debian packages to treat as missing,
+BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_HOSTILE_SECS (60), BENCH_ONLY (comma
+list of sections: flash,session,startup,static-memory,cpu,hostile), BENCH_WITHOUT (tools or Debian packages to treat as missing,
 e.g. "mosquitto valgrind perf qemu-arm-static rustc-web"), CARGO, MAKE.
 """
 
@@ -62,6 +62,7 @@ RTT_N = int(env_num("BENCH_RTT_N", 2000))
 CPU_N = int(env_num("BENCH_CPU_N", 2000))
 STARTS = int(env_num("BENCH_STARTS", 10))
 LAN_N = int(env_num("BENCH_LAN_N", 1000))
+HOSTILE_SECS = env_num("BENCH_HOSTILE_SECS", 60)
 # The latency rows (round trip, LAN, start-up) run the daemon, the fake cloud, the references and the
 # client on one CPU, as on the single-core boards the daemon is for. Spread over CPUs, a round trip
 # pays for waking an idle CPU, which in a VM costs tens of microseconds and depends on where the
@@ -87,6 +88,17 @@ MAKE = os.environ.get("MAKE", "make")
 # Budgets of the issue (KB = 1000 bytes, the stricter reading) and the vendor fact it quotes.
 BUDGET_KB = {"x86_64": 400, "aarch64": 300, "armv7": 300}
 VENDOR_AARCH64_KB = 86.8 + 32.0  # miio_client (dynamic) + libjson-c; glibc not counted
+
+# Goals of the hardening issue for the hostile row (a board under hostile local load), each the
+# reference of its figure. MB and KB are 1000-based, the stricter reading.
+GOAL_HWM_KIB = 1e6 / 1024
+GOAL_QUERY_MS = 100.0
+GOAL_TERM_MS = 1000.0
+GOAL_LOG_BYTES = 20000
+# The hostile load: never-reading clients, and the cloud's command pushes (bytes each, per second).
+NEVER = 20
+PUSH_BYTES = 8192
+PUSH_HZ = 10
 
 # Clients per local port (the daemon's default --max-clients) and reports in flight per client: the
 # daemon refuses more than 128 pending upstream requests (P§5.7), 20 x 6 = 120 stay under it.
@@ -369,7 +381,7 @@ class Cloud:
 
     def __init__(self):
         self.port = free_port()
-        ctl = free_port()
+        self.ctl = ctl = free_port()
         self.p = spawn([BIN, "miio_fakecloud", "--port", str(self.port), "--ctl-port", str(ctl),
                         "--did", str(DID), "--key", KEY, "-l", "0"],
                        stdout=subprocess.DEVNULL, stderr=open(os.path.join(RUN, "cloud.err"), "a"))
@@ -389,14 +401,15 @@ class Daemon:
     ours competes with a measurement; `pipe=True` instead keeps stdout on a pipe for `wait_pipe`,
     which times a log line to the microsecond (start-up)."""
 
-    def __init__(self, cloud_port, opts, tag, wrap=None, binary=BIN, pipe=False):
+    def __init__(self, cloud_port, opts, tag, wrap=None, binary=BIN, pipe=False, ble=0, level="2"):
         self.dir = data_dir(tag)
         self.lan = free_port()
         self.local = free_port()
         self.log = os.path.join(RUN, tag + ".log")
         args = [binary, "-d", self.dir, "-H", "127.0.0.1", "-p", str(cloud_port),
-                "--lan-port", str(self.lan), "--local-port", str(self.local), "--ble-port", "0",
-                "--os-release", os.path.join(self.dir, "os-release"), "-l", "2"] + opts
+                "--lan-port", str(self.lan), "--local-port", str(self.local), "--ble-port", str(ble),
+                "--os-release", os.path.join(self.dir, "os-release")]
+        args += (["-l", level] if level is not None else []) + opts
         out = subprocess.PIPE if pipe else open(self.log, "wb")
         self.t0 = time.perf_counter()
         self.p = spawn((wrap or []) + args, stdout=out,
@@ -593,35 +606,38 @@ def runs_check(target, path):
     return "DID NOT RUN: -v exit %s, %r" % (p.returncode, p.stdout.strip()[:120])
 
 
+def static_binary(t):
+    """target/static/T/miio_client, built by `make static TARGET=T` unless one newer than the sources
+    is there. Returns (path, how it came) or (None, ("SKIP" | "FAILED", why))."""
+    out = os.path.join(ROOT, "target", "static", t, "miio_client")
+    if os.path.exists(out) and os.path.getmtime(out) > sources_mtime():
+        return out, "reused: newer than src/, Cargo.toml, Cargo.lock"
+    missing, err = missing_static_packages(t)
+    if err:
+        return None, ("SKIP", err)
+    if missing:
+        # make static would install them through .ci/apt-install; the bench installs nothing.
+        return None, ("SKIP", "missing Debian packages: %s (as root: make static-deps TARGET=%s)"
+                      % (" ".join(missing), t))
+    say("make static TARGET=%s (about a minute or two; log: target/bench/static-%s.log)" % (t, t))
+    log = os.path.join(OUT, "static-%s.log" % t)
+    t0 = time.monotonic()
+    rc = run_logged([MAKE, "--no-print-directory", "static", "TARGET=" + t], log)
+    if rc != 0 or not os.path.exists(out):
+        return None, ("FAILED", "make static TARGET=%s exited %s; log %s:\n%s" % (t, rc, log, tail(log, 6)))
+    return out, "built now in %.0f s" % (time.monotonic() - t0)
+
+
 def section_flash():
-    newest = sources_mtime()
     for t in ("x86_64", "aarch64", "armv7"):
         name = "flash: static %s (device applets)" % t
         if t not in STATIC_TARGETS:
             skipped(name, "KB", "not in BENCH_STATIC_TARGETS")
             continue
-        out = os.path.join(ROOT, "target", "static", t, "miio_client")
-        reused = os.path.exists(out) and os.path.getmtime(out) > newest
-        if not reused:
-            missing, err = missing_static_packages(t)
-            if err:
-                skipped(name, "KB", err)
-                continue
-            if missing:
-                # make static would install them through .ci/apt-install; the bench installs nothing.
-                skipped(name, "KB", "missing Debian packages: %s (as root: make static-deps TARGET=%s)"
-                        % (" ".join(missing), t))
-                continue
-            say("make static TARGET=%s (about a minute or two; log: target/bench/static-%s.log)" % (t, t))
-            log = os.path.join(OUT, "static-%s.log" % t)
-            t0 = time.monotonic()
-            rc = run_logged([MAKE, "--no-print-directory", "static", "TARGET=" + t], log)
-            if rc != 0 or not os.path.exists(out):
-                failed(name, "KB", "make static TARGET=%s exited %s; log %s:\n%s" % (t, rc, log, tail(log, 6)))
-                continue
-            built = "built now in %.0f s" % (time.monotonic() - t0)
-        else:
-            built = "reused: newer than src/, Cargo.toml, Cargo.lock"
+        out, built = static_binary(t)
+        if out is None:
+            (skipped if built[0] == "SKIP" else failed)(name, "KB", built[1])
+            continue
         size = os.path.getsize(out)
         figure(name, size / 1000.0, "KB", BUDGET_KB[t],
                "stat of target/static/%s/miio_client (make static TARGET=%s, %d bytes, %s; %s); "
@@ -1148,6 +1164,168 @@ def section_cpu(opts):
               CPU_N, REPORT_LEN, ref_n, ref_0, CPU_N))
 
 
+# -- hostile local load: the board binary ------------------------------------------------------------
+
+HOSTILE_ROWS = (("memory: VmHWM, static x86_64, hostile local load", "KiB"),
+                ("hostile load: worst local.query_status round trip", "ms"),
+                ("hostile load: SIGTERM to exit", "ms"),
+                ("hostile load: log growth, default level", "bytes"))
+
+
+def log_summary(text, n=3):
+    """The most frequent messages of a stretch of the daemon's log, numbers blurred."""
+    import re
+    counts = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        msg = re.sub(r"\d+", "N", line.split("] ", 2)[-1])[:90]
+        counts[msg] = counts.get(msg, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+    return "; ".join("%dx %r" % (c, m) for m, c in top) or "nothing"
+
+
+def mdns_said(log):
+    """What the daemon's start-up log says of mDNS: where it bound, and its warnings (a failed bind
+    or multicast join, no socket filter), if any."""
+    import re
+    text = log.decode("utf-8", "replace")
+    m = re.search(r"mDNS (udp \S+|off)", text)
+    warns = [l.split("] ", 2)[-1] for l in text.splitlines() if "mDNS:" in l]
+    return "%s, %s" % ("bound " + m.group(1) if m else "no bound line",
+                       "; ".join(warns) if warns else "no mDNS warning (the group was joined)")
+
+
+def exit_time(p, pid):
+    """Seconds from SIGTERM to the process's exit: a pidfd when the kernel has them, else polling."""
+    fd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = None
+    t0 = time.perf_counter()
+    os.kill(pid, signal.SIGTERM)
+    if fd is not None:
+        try:
+            ready, _, _ = select.select([fd], [], [], 30)
+            t1 = time.perf_counter()
+        finally:
+            os.close(fd)
+        if not ready:
+            raise Broken("the daemon did not exit within 30 s of SIGTERM")
+        p.wait(5)
+        return t1 - t0, "pidfd"
+    end = t0 + 30
+    while p.poll() is None:
+        if time.perf_counter() > end:
+            raise Broken("the daemon did not exit within 30 s of SIGTERM")
+        time.sleep(0.001)
+    return time.perf_counter() - t0, "waitpid polled every 1 ms"
+
+
+def section_hostile():
+    """The board binary (static x86_64 musl) with the options a user gets, under a hostile local load
+    for BENCH_HOSTILE_SECS: one client writes `{}` as fast as it can, NEVER clients never read, the
+    cloud pushes PUSH_BYTES commands PUSH_HZ times a second, and a watcher times its
+    local.query_status round trips. Then SIGTERM under the same load. Each figure beside its goal."""
+    out, built = static_binary("x86_64")
+    if out is None:
+        for name, unit in HOSTILE_ROWS:
+            (skipped if built[0] == "SKIP" else failed)(name, unit, built[1])
+        return
+    say("hostile: %.0f s (BENCH_HOSTILE_SECS) of a `{}` flood, %d clients that never read and %d-byte "
+        "cloud commands %d/s, static x86_64 build" % (HOSTILE_SECS, NEVER, PUSH_BYTES, PUSH_HZ))
+    pin(ONE_CPU)
+    cloud = Cloud()
+    noise = None
+    try:
+        # The defaults a user gets (log level, mDNS on its port 5353, helper grace), except the ports
+        # (free ones, the machine is shared) and the seats: NEVER + the flooder + the watcher.
+        d = Daemon(cloud.port, ["--max-clients", str(NEVER + 2)], "hostile", binary=out,
+                   ble=free_port(), level=None)
+        pid = d.p.pid
+        d.connected(limit=30)
+        time.sleep(2.0)
+        with open(d.log, "rb") as f:
+            boot = f.read()
+        mdns = mdns_said(boot)
+        rss0, hwm0 = mem_kib(pid)
+        noise = Noise()
+        kit = spawn([KIT, "hostile", "--port", str(d.local), "--ctl", str(cloud.ctl), "--secs",
+                     str(HOSTILE_SECS), "--never", str(NEVER), "--push-bytes", str(PUSH_BYTES),
+                     "--push-hz", str(PUSH_HZ)], stdout=subprocess.PIPE,
+                    stderr=open(os.path.join(RUN, "hostile-kit.err"), "wb"))
+        rss_max = rss0
+        line = b""
+        end = time.monotonic() + HOSTILE_SECS + 30
+        while not line.endswith(b"\n"):
+            if time.monotonic() > end or kit.poll() is not None and not line:
+                raise Broken("benchkit hostile gave no result (exit %s): %s" % (
+                    kit.poll(), tail(os.path.join(RUN, "hostile-kit.err"), 3)))
+            ready, _, _ = select.select([kit.stdout], [], [], 0.5)
+            if ready:
+                line += os.read(kit.stdout.fileno(), 65536)
+            if d.p.poll() is not None:
+                raise Broken("the daemon exited (status %s) under the load; log tail:\n%s"
+                             % (d.p.returncode, tail(d.log, 8)))
+            rss_max = max(rss_max, mem_kib(pid)[0])
+        res = json.loads(line.split(b"\n")[0])
+        rss, hwm = mem_kib(pid)
+        log1 = os.path.getsize(d.log)
+        with open(d.log, "rb") as f:
+            f.seek(len(boot))
+            window_log = f.read(log1 - len(boot))
+        secs, how_timed = exit_time(d.p, pid)
+        rc = d.p.returncode
+        after = b""
+        ready, _, _ = select.select([kit.stdout], [], [], 15)
+        if ready:
+            after = kit.stdout.readline()
+        stop(kit)
+        d.close()
+        try:
+            after = json.loads(after)
+        except ValueError:
+            after = {}
+    finally:
+        pin(ALL_CPUS)
+        cloud.close()
+    load_how = ("%.0f s, static x86_64 musl build (%s) with the options a user gets (default log level, "
+                "helper grace, mDNS on port 5353: %s) but free ports and --max-clients %d; load by "
+                "benchkit hostile: a client wrote `{}` back to back (%.0f MB in the window, it drained "
+                "%.0f KB of commands), %d clients that never read (each sent one request; %d connections "
+                "in all, %d dropped by the daemon and replaced at once), the cloud (host miio_fakecloud) "
+                "pushed %d commands of %d bytes at %d/s (%d reached the watcher, %d replies got back "
+                "to the cloud)" % (
+                    res["secs"], built, mdns,
+                    NEVER + 2, res["flood_bytes"] / 1e6, res["flood_read"] / 1e3, NEVER,
+                    res["never_conns"], res["never_dropped"], res["pushed"], PUSH_BYTES, PUSH_HZ,
+                    res["cmds_seen"], res["cloud_replies"]))
+    if res.get("flood_end") or res.get("watch_end"):
+        load_how += "; ENDED EARLY: flooder %s, watcher %s" % (res.get("flood_end"), res.get("watch_end"))
+    load_how += noise.text() if noise else ""
+    goal = "reference: the goal of the hardening issue, "
+    figure(HOSTILE_ROWS[0][0], hwm, "KiB", GOAL_HWM_KIB,
+           "VmHWM of /proc/PID/status at the end of the window (before it: %d KiB; VmRSS %d KiB at the "
+           "end, %d KiB at most, sampled every 0.5 s). %s; %s< 1 MB (10^6 bytes = %.1f KiB)"
+           % (hwm0, rss, rss_max, load_how, goal, GOAL_HWM_KIB))
+    if res["samples"]:
+        figure(HOSTILE_ROWS[1][0], res["max_us"] / 1000.0, "ms", GOAL_QUERY_MS,
+               "the watcher, another local client, sent local.query_status every 10 ms and timed send "
+               "to answer: %d round trips in the window, p50 %.2f ms, p99 %.2f ms, max shown; %d got no "
+               "answer within 5 s; it answered every command it was sent. Same load; %swithin 100 ms"
+               % (res["samples"], res["p50_us"] / 1000.0, res["p99_us"] / 1000.0, res["missed"], goal))
+    else:
+        failed(HOSTILE_ROWS[1][0], "ms", "no round trip of the watcher in the window: %s" % res)
+    figure(HOSTILE_ROWS[2][0], secs * 1000.0, "ms", GOAL_TERM_MS,
+           "SIGTERM at the end of the window, the load still running, to the process's exit (%s); "
+           "exit status %s; the load saw the daemon gone %.2f s after the window (%s); %s< 1 s"
+           % (how_timed, rc, after.get("after_window_secs", -1), "flooder: %s, watcher: %s" % (
+               after.get("flood_end"), after.get("watch_end")), goal))
+    figure(HOSTILE_ROWS[3][0], len(window_log), "bytes", GOAL_LOG_BYTES,
+           "bytes the daemon's log (stdout, default level) grew by in the window, %d lines; most "
+           "frequent: %s; %s< 20 KB" % (window_log.count(b"\n"), log_summary(window_log), goal))
+
+
 # --- report -----------------------------------------------------------------------------------------
 
 def fmt(v):
@@ -1217,6 +1395,7 @@ def main():
         section("startup", section_startup, opts)
         section("static-memory", section_static_memory, opts)
         section("cpu", section_cpu, opts)
+        section("hostile", section_hostile)
     finally:
         stop_all()
     with open(os.path.join(OUT, "results.json"), "w") as f:

@@ -13,6 +13,15 @@
 //!   mode) or S seconds passed; then waits up to `--drain` seconds for the missing answers. Counts
 //!   answers, errors and losses, and the send-to-answer latency of each report after the first K
 //!   (percentiles on stdout, every sample in FILE).
+//! - `hostile --port P --ctl C --secs S [--never N] [--every-ms M] [--push-bytes B] [--push-hz H]
+//!   [--tail T]`: the hostile local load of the bench's `hostile` row, for S seconds: one client writes
+//!   `{}` back to back as fast as the socket takes it (and drains what it is sent, so it stays); N
+//!   ordinary clients never read (one request each, then nothing; one the daemon drops is replaced
+//!   at once, so N are always there); through miio_fakecloud's control port C the cloud pushes
+//!   H commands a second of about B bytes each; a watcher asks `local.query_status` every M ms and
+//!   answers every command it is sent. After S seconds one JSON line with the window's figures;
+//!   then the same load goes on until the daemon is gone (so that SIGTERM is timed under it) or T
+//!   more seconds passed, and a last line says how it ended.
 //!
 //! Plain std threads and blocking sockets: the load must cost the machine as little as it can, so the
 //! daemon, not the client, is what runs out of CPU.
@@ -20,6 +29,8 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aes::cipher::generic_array::GenericArray;
@@ -50,7 +61,10 @@ fn main() {
         ),
         Some("load") => load(&args[1..]),
         Some("report") => println!("{}", report(1)),
-        _ => die("usage: benchkit crypto N | echo | relay ECHO_PORT | load --port P ... | report"),
+        Some("hostile") => hostile(&args[1..]),
+        _ => die(
+            "usage: benchkit crypto N | echo | relay ECHO_PORT | load --port P ... | report | hostile ...",
+        ),
     }
 }
 
@@ -416,6 +430,310 @@ fn client(
             }
         }
         buf.drain(..used);
+    }
+}
+
+// --- hostile -------------------------------------------------------------------------------------
+
+/// Shared by the threads of `hostile`: `window` ends the measured window, `done` the whole run.
+#[derive(Default)]
+struct Hostile {
+    window: AtomicBool,
+    done: AtomicBool,
+    flood_bytes: AtomicU64,
+    flood_read: AtomicU64,
+    never_conns: AtomicU64,
+    never_dropped: AtomicU64,
+    pushed: AtomicU64,
+    push_refused: AtomicU64,
+    cloud_replies: AtomicU64,
+    cmds_seen: AtomicU64,
+    /// Round trips (us) of the watcher within the window, and those that never came back.
+    rtts: Mutex<Vec<f64>>,
+    missed: AtomicU64,
+    /// Why the flooder or the watcher stopped (the daemon closed them, an I/O error), if they did.
+    flood_end: Mutex<Option<String>>,
+    watch_end: Mutex<Option<String>>,
+}
+
+fn connect_local(port: u16) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+fn hostile(args: &[String]) {
+    let (mut port, mut ctl, mut secs, mut never, mut every_ms) = (0u16, 0u16, 0f64, 20usize, 10u64);
+    let (mut push_bytes, mut push_hz, mut tail) = (8192usize, 10f64, 10f64);
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let v = it
+            .next()
+            .unwrap_or_else(|| die(&format!("{k} needs a value")));
+        match k.as_str() {
+            "--port" => port = num(k, v),
+            "--ctl" => ctl = num(k, v),
+            "--secs" => secs = num(k, v),
+            "--never" => never = num(k, v),
+            "--every-ms" => every_ms = num(k, v),
+            "--push-bytes" => push_bytes = num(k, v),
+            "--push-hz" => push_hz = num(k, v),
+            "--tail" => tail = num(k, v),
+            _ => die(&format!("unknown option {k}")),
+        }
+    }
+    if port == 0 || ctl == 0 || secs <= 0.0 || push_hz <= 0.0 {
+        die("hostile needs --port, --ctl, --secs > 0 and --push-hz > 0");
+    }
+    let h = Arc::new(Hostile::default());
+    let start = Instant::now();
+    // The threads are never joined: the run ends with process::exit.
+    let spawn = |f: Box<dyn FnOnce(Arc<Hostile>) + Send>| {
+        let h = h.clone();
+        std::thread::spawn(move || f(h));
+    };
+    // The watcher first, so that it holds a seat before the others take theirs.
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn(Box::new(move |h| watcher(h, port, every_ms, tx)));
+    if rx.recv_timeout(Duration::from_secs(10)) != Ok(true) {
+        die("the watcher got no answer to local.query_status");
+    }
+    spawn(Box::new(move |h| flooder(h, port)));
+    spawn(Box::new(move |h| never_readers(h, port, never)));
+    spawn(Box::new(move |h| pusher(h, ctl, push_bytes, push_hz)));
+    let window_end = start + Duration::from_secs_f64(secs);
+    while Instant::now() < window_end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.window.store(true, Relaxed);
+    let mut rtts = std::mem::take(&mut *h.rtts.lock().unwrap());
+    rtts.sort_by(|x, y| x.total_cmp(y));
+    let pct = |p: f64| -> f64 {
+        if rtts.is_empty() {
+            return -1.0;
+        }
+        rtts[((p * rtts.len() as f64).ceil() as usize).clamp(1, rtts.len()) - 1]
+    };
+    let out = serde_json::json!({
+        "secs": start.elapsed().as_secs_f64(),
+        "flood_bytes": h.flood_bytes.load(Relaxed), "flood_read": h.flood_read.load(Relaxed),
+        "flood_end": h.flood_end.lock().unwrap().clone(),
+        "never": never, "never_conns": h.never_conns.load(Relaxed),
+        "never_dropped": h.never_dropped.load(Relaxed),
+        "pushed": h.pushed.load(Relaxed), "push_refused": h.push_refused.load(Relaxed),
+        "cloud_replies": h.cloud_replies.load(Relaxed), "cmds_seen": h.cmds_seen.load(Relaxed),
+        "push_bytes": push_bytes, "push_hz": push_hz,
+        "samples": rtts.len(), "missed": h.missed.load(Relaxed),
+        "max_us": rtts.last().copied().unwrap_or(-1.0), "p50_us": pct(0.5), "p99_us": pct(0.99),
+        "watch_end": h.watch_end.lock().unwrap().clone(),
+    });
+    println!("{out}");
+    let _ = std::io::stdout().flush();
+    // The load goes on (the daemon is stopped under it) until the flooder and the watcher see it
+    // gone, or `tail` seconds.
+    let tail_end = Instant::now() + Duration::from_secs_f64(tail);
+    let gone = |h: &Hostile| {
+        h.flood_end.lock().unwrap().is_some() && h.watch_end.lock().unwrap().is_some()
+    };
+    while Instant::now() < tail_end && !gone(&h) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = serde_json::json!({
+        "after_window_secs": (Instant::now() - window_end).as_secs_f64(),
+        "daemon_gone": gone(&h),
+        "flood_end": h.flood_end.lock().unwrap().clone(),
+        "watch_end": h.watch_end.lock().unwrap().clone(),
+    });
+    println!("{t}");
+    let _ = std::io::stdout().flush();
+    // Threads may still block in sockets nobody serves any more: exit without joining them.
+    h.done.store(true, Relaxed);
+    std::process::exit(0);
+}
+
+/// `{}` back to back, 64 KiB a write; a second thread drains what the daemon sends it (commands).
+fn flooder(h: Arc<Hostile>, port: u16) {
+    let end = |h: &Hostile, why: String| {
+        h.flood_end.lock().unwrap().get_or_insert(why);
+    };
+    let mut s = match connect_local(port) {
+        Ok(s) => s,
+        Err(e) => return end(&h, format!("connect: {e}")),
+    };
+    if let Ok(mut r) = s.try_clone() {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                h.flood_read.fetch_add(n as u64, Relaxed);
+            }
+        });
+    }
+    let chunk = b"{}".repeat(32 * 1024);
+    while !h.done.load(Relaxed) {
+        match s.write(&chunk) {
+            Ok(n) => {
+                if !h.window.load(Relaxed) {
+                    h.flood_bytes.fetch_add(n as u64, Relaxed);
+                }
+            }
+            Err(e) => return end(&h, format!("write: {e}")),
+        }
+    }
+}
+
+/// `n` ordinary clients that never read: each sends one request, then only a space every 100 ms,
+/// which the daemon skips between values and which fails once the daemon has dropped it; a dropped
+/// one is replaced by a new connection.
+fn never_readers(h: Arc<Hostile>, port: u16, n: usize) {
+    let open = |h: &Hostile| -> Option<TcpStream> {
+        let mut s = connect_local(port).ok()?;
+        s.write_all(br#"{"id":1,"method":"local.query_status"}"#)
+            .ok()?;
+        h.never_conns.fetch_add(1, Relaxed);
+        Some(s)
+    };
+    let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| open(&h)).collect();
+    while !h.done.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        for slot in socks.iter_mut() {
+            let alive = slot.as_mut().is_some_and(|s| s.write(b" ").is_ok());
+            if !alive {
+                if slot.is_some() {
+                    h.never_dropped.fetch_add(1, Relaxed);
+                }
+                *slot = if h.window.load(Relaxed) {
+                    None
+                } else {
+                    open(&h)
+                };
+            }
+        }
+    }
+}
+
+/// `{"cmd":"send"}` lines on the fake cloud's control port, `hz` a second, each a command of about
+/// `bytes`; a second thread reads the control events (acks, the device's replies).
+fn pusher(h: Arc<Hostile>, ctl: u16, bytes: usize, hz: f64) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", ctl)) else {
+        return;
+    };
+    if let Ok(r) = s.try_clone() {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(r).lines() {
+                let Ok(line) = line else { return };
+                if line.contains(r#""ev":"reply""#) {
+                    h.cloud_replies.fetch_add(1, Relaxed);
+                } else if line.contains(r#""ev":"error""#) {
+                    h.push_refused.fetch_add(1, Relaxed);
+                }
+            }
+        });
+    }
+    let pad = "p".repeat(bytes.saturating_sub(60));
+    let period = Duration::from_secs_f64(1.0 / hz);
+    let mut next = Instant::now();
+    let mut i = 0u64;
+    while !h.done.load(Relaxed) {
+        i += 1;
+        let line = format!(
+            "{{\"cmd\":\"send\",\"json\":{{\"method\":\"bench_push\",\"params\":[{i},\"{pad}\"]}}}}\n"
+        );
+        if s.write_all(line.as_bytes()).is_err() {
+            return;
+        }
+        if !h.window.load(Relaxed) {
+            h.pushed.fetch_add(1, Relaxed);
+        }
+        next += period;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+}
+
+/// `local.query_status` every `every_ms`, timed from send to its answer; commands it is sent are
+/// answered. Tells `ready` once the first answer came.
+fn watcher(h: Arc<Hostile>, port: u16, every_ms: u64, ready: std::sync::mpsc::Sender<bool>) {
+    let end = |h: &Hostile, why: String| {
+        h.watch_end.lock().unwrap().get_or_insert(why);
+    };
+    let mut s = match connect_local(port) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(false);
+            return end(&h, format!("connect: {e}"));
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    const GIVE_UP: Duration = Duration::from_secs(5);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    let mut id = 0u64;
+    while !h.done.load(Relaxed) {
+        id += 1;
+        let t0 = Instant::now();
+        let q = format!(r#"{{"id":{id},"method":"local.query_status"}}"#);
+        if let Err(e) = s.write_all(q.as_bytes()) {
+            return end(&h, format!("write: {e}"));
+        }
+        let mut answered = false;
+        while !answered && t0.elapsed() < GIVE_UP {
+            let n = match s.read(&mut chunk) {
+                Ok(0) => return end(&h, "the daemon closed it".into()),
+                Ok(n) => n,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue
+                }
+                Err(e) => return end(&h, format!("read: {e}")),
+            };
+            let now = Instant::now();
+            buf.extend_from_slice(&chunk[..n]);
+            let mut replies = String::new();
+            let mut used = 0;
+            let mut vals =
+                serde_json::Deserializer::from_slice(&buf).into_iter::<serde_json::Value>();
+            while let Some(Ok(v)) = vals.next() {
+                used = vals.byte_offset();
+                if v.get("method").and_then(|m| m.as_str()) == Some("bench_push") {
+                    h.cmds_seen.fetch_add(1, Relaxed);
+                    if let Some(cid) = v.get("id") {
+                        replies.push_str(&format!(r#"{{"id":{cid},"result":["ok"]}}"#));
+                    }
+                } else if v.get("id").and_then(|x| x.as_u64()) == Some(id) {
+                    answered = true;
+                    if id == 1 {
+                        let _ = ready.send(true);
+                    } else if !h.window.load(Relaxed) {
+                        let us = now.duration_since(t0).as_secs_f64() * 1e6;
+                        h.rtts.lock().unwrap().push(us);
+                    }
+                }
+            }
+            buf.drain(..used);
+            if !replies.is_empty() {
+                if let Err(e) = s.write_all(replies.as_bytes()) {
+                    return end(&h, format!("write: {e}"));
+                }
+            }
+        }
+        if !answered {
+            if id == 1 {
+                let _ = ready.send(false);
+            }
+            if !h.window.load(Relaxed) {
+                h.missed.fetch_add(1, Relaxed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(every_ms));
     }
 }
 
