@@ -1,11 +1,11 @@
 //! Name resolution off the reactor loop (PROTOCOL.md §5.1: it must never block the reactor).
 //!
-//! `getaddrinfo` has no non-blocking form, so each lookup runs on a short-lived thread that sends
-//! its answer through a channel and wakes the reactor with a `mio::Waker`. Only IPv4 is kept.
+//! `getaddrinfo` has no non-blocking form, so each lookup runs on a short-lived thread that pushes
+//! its answer onto a shared list and wakes the reactor with a `mio::Waker`. Only IPv4 is kept.
+//! (A list under a mutex, not `std::sync::mpsc`: the channel's code cost ~4 KB of flash.)
 
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mio::{Registry, Token, Waker};
 
@@ -17,23 +17,21 @@ pub struct Answer<T> {
 
 pub struct Resolver<T> {
     waker: Arc<Waker>,
-    tx: Sender<Answer<T>>,
-    rx: Receiver<Answer<T>>,
+    /// Answers in the order the lookups finished.
+    done: Arc<Mutex<Vec<Answer<T>>>>,
 }
 
 impl<T: Send + 'static> Resolver<T> {
     pub fn new(registry: &Registry, token: Token) -> std::io::Result<Self> {
-        let (tx, rx) = channel();
         Ok(Resolver {
             waker: Arc::new(Waker::new(registry, token)?),
-            tx,
-            rx,
+            done: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
     /// Starts a lookup of `host`; an IP literal is answered on the same path without DNS.
     pub fn lookup(&self, tag: T, host: &str, port: u16) {
-        let tx = self.tx.clone();
+        let done = self.done.clone();
         let waker = self.waker.clone();
         let host = host.to_owned();
         let spawned = std::thread::Builder::new()
@@ -56,7 +54,10 @@ impl<T: Send + 'static> Resolver<T> {
                     }
                     Err(e) => Err(format!("{host}: {e}")),
                 };
-                let _ = tx.send(Answer { tag, result });
+                // A poisoned lock still holds a usable list (no holder leaves it half-changed).
+                let mut list = done.lock().unwrap_or_else(|p| p.into_inner());
+                list.push(Answer { tag, result });
+                drop(list);
                 let _ = waker.wake();
             });
         if let Err(e) = spawned {
@@ -66,6 +67,6 @@ impl<T: Send + 'static> Resolver<T> {
 
     /// Answers that have arrived; call when the resolver token is ready.
     pub fn drain(&self) -> Vec<Answer<T>> {
-        self.rx.try_iter().collect()
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
