@@ -1,7 +1,8 @@
 //! Logging in the vendor format `[YYYYmmdd HH:MM:SS] [I] message` (LOCAL_API.md §18), local time.
 //!
-//! `env_logger` (without default features) does the plumbing; its filter is left wide open and the
-//! level is held by `log::set_max_level`, so `-l N` and `miIO.config_loglevel` change it at run time.
+//! A `log::Log` of a few lines does the plumbing (env_logger did, at ~4 KB more flash); it has no
+//! filter of its own: the level is held by `log::set_max_level`, so `-l N` and `miIO.config_loglevel`
+//! change it at run time.
 //! The sink is stdout or an append-mode file (`-L FILE`) that SIGHUP reopens, for logrotate.
 
 use std::fs::{File, OpenOptions};
@@ -90,23 +91,37 @@ pub fn init(level: u8, path: Option<&str>) -> io::Result<LogHandle> {
         path: path.map(str::to_owned),
         file,
     }));
-    let _ = env_logger::Builder::new()
-        .filter_level(LevelFilter::Trace)
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "{} [{}] {}",
-                stamp(sys::wall_secs()),
-                letter(record.level()),
-                record.args()
-            )
-        })
-        .target(env_logger::Target::Pipe(Box::new(SharedWriter(
-            sink.clone(),
-        ))))
-        .try_init();
+    let _ = log::set_boxed_logger(Box::new(Logger(sink.clone())));
     set_level(level);
     Ok(LogHandle { sink })
+}
+
+/// One line per record, written whole (one `write_all`, then a flush) to the sink.
+struct Logger(Arc<Mutex<Sink>>);
+
+impl log::Log for Logger {
+    /// The `log` macros have checked `log::max_level()` already: no filter here.
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        use std::fmt::Write as _;
+        let mut line = String::new();
+        // A Display that fails leaves the line cut short, never a panic in the logger.
+        let _ = writeln!(
+            line,
+            "{} [{}] {}",
+            stamp(sys::wall_secs()),
+            letter(record.level()),
+            record.args()
+        );
+        let mut w = SharedWriter(self.0.clone());
+        let _ = w.write_all(line.as_bytes());
+        let _ = w.flush();
+    }
+
+    fn flush(&self) {}
 }
 
 impl LogHandle {
