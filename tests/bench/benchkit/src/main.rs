@@ -525,6 +525,7 @@ fn hostile(args: &[String]) {
         "push_bytes": push_bytes, "push_hz": push_hz,
         "samples": rtts.len(), "missed": h.missed.load(Relaxed),
         "max_us": rtts.last().copied().unwrap_or(-1.0), "p50_us": pct(0.5), "p99_us": pct(0.99),
+        "worst_us": rtts.iter().rev().take(5).collect::<Vec<_>>(),
         "watch_end": h.watch_end.lock().unwrap().clone(),
     });
     println!("{out}");
