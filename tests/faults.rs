@@ -322,6 +322,12 @@ impl Client {
 
     /// Sends `n` reports in one write and waits for an answer to each.
     fn reports(&mut self, n: usize) -> Vec<Report> {
+        let sent = self.send_reports(n);
+        self.collect(sent)
+    }
+
+    /// Sends `n` reports in one write; their ids and tags.
+    fn send_reports(&mut self, n: usize) -> Vec<(u64, String)> {
         let mut text = String::new();
         let mut sent = Vec::new();
         for _ in 0..n {
@@ -334,6 +340,11 @@ impl Client {
             sent.push((id, tag));
         }
         self.c.send(&text);
+        sent
+    }
+
+    /// Waits for an answer to each report sent.
+    fn collect(&mut self, sent: Vec<(u64, String)>) -> Vec<Report> {
         let ids: Vec<u64> = sent.iter().map(|s| s.0).collect();
         let all = self.pump(T, |c| ids.iter().all(|id| c.answers.contains_key(id)));
         assert!(all, "reports not all answered: {:?}", self.answers);
@@ -797,4 +808,875 @@ fn tcp_reset_mid_packet() {
     n.finish(&all);
     // After the barrier: the report the cloud reset on never reached it.
     assert_eq!(n.ctl.count(up_tag(&unread)), 0);
+}
+
+// ---- misbehaving local peers -------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HelperMode {
+    /// Answers every request with garbage: bytes that are not JSON, a JSON array, the right
+    /// answer method with invalid params, unknown `_internal.*` methods, a stray reply, a message
+    /// over the size limit, and junk on the hello connection itself.
+    Junk,
+    /// Says hello and reads, and never answers.
+    Silent,
+}
+
+/// A helper double on 54322 (L§9.2): one hello connection after another, each reading the one
+/// message the daemon writes on it. Everything it was sent is kept.
+struct FakeHelper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    got: Arc<Mutex<Vec<Value>>>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Writes `bytes` on a connection of its own (as `miio_send_line` does) and reads what the
+/// daemon says until it closes or a short while passes.
+fn send_line(port: u16, bytes: &[u8]) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = std::io::Read::read(&mut s, &mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn junk(port: u16, request: &str) {
+    let answer = match request {
+        "_internal.request_dinfo" => {
+            r#"{"method":"_internal.response_dinfo","params":{"did":-5,"key":"short","mac":"nope"}}"#
+        }
+        "_internal.request_dtoken" => {
+            r#"{"method":"_internal.response_dtoken","params":"bad token!"}"#
+        }
+        "_internal.info" => r#"{"method":"_internal.info","params":"junk"}"#,
+        // Any params would be an answer here (anything but 1 means AP mode, L§9.3): garbage only.
+        _ => r#"{"method":"_internal.res_wifi_conf_statu","params":1}"#,
+    };
+    let big = format!(
+        r#"{{"method":"_internal.info","params":"{}"}}"#,
+        "A".repeat(20_000)
+    );
+    for bytes in [
+        &b"\x00\xffnot json at all {{{"[..],
+        b"[1,2,3]",
+        answer.as_bytes(),
+        br#"{"method":"_internal.no_such_thing","params":{"x":[1,{"y":null}]}}"#,
+        br#"{"id":4242,"result":"stray"}"#,
+        br#"{"method":"_internal.wifi_connected","params":"junk"}"#,
+        big.as_bytes(),
+    ] {
+        send_line(port, bytes);
+    }
+}
+
+impl FakeHelper {
+    fn start(port: u16, mode: HelperMode) -> FakeHelper {
+        let stop: Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let got: Arc<Mutex<Vec<Value>>> = Default::default();
+        let (s2, g2) = (stop.clone(), got.clone());
+        let join = std::thread::spawn(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            while !s2.load(Relaxed) {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                    std::thread::park_timeout(Duration::from_millis(50));
+                    continue;
+                };
+                let _ = s.write_all(br#"{"method":"_internal.hello"}"#);
+                let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                let mut split = miio_client::wire::json_stream::Splitter::new(1 << 20);
+                let mut buf = [0u8; 4096];
+                let msg = loop {
+                    if s2.load(Relaxed) {
+                        return;
+                    }
+                    if let Some(v) = split.next() {
+                        break v
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+                    }
+                    match std::io::Read::read(&mut s, &mut buf) {
+                        Ok(0) => break None,
+                        Ok(n) => split.push(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break None,
+                    }
+                };
+                let Some(msg) = msg else { continue };
+                g2.lock().unwrap().push(msg.clone());
+                if mode == HelperMode::Junk {
+                    let _ = s.write_all(b"}}} junk on the hello connection");
+                    junk(port, msg["method"].as_str().unwrap_or(""));
+                }
+                // One hello after another, as the shipped script loops, without spinning.
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+        });
+        FakeHelper {
+            stop,
+            got,
+            join: Some(join),
+        }
+    }
+
+    fn got(&self) -> Vec<Value> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeHelper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A helper that answers junk, or nothing: every step it was asked falls back to the daemon's own
+/// data after `--helper-timeout` (L§9.5), the session comes up, reports and commands flow, and the
+/// helper's connections never receive a broadcast or a command (L§4.2).
+fn bad_helper(mode: HelperMode) {
+    let cloud = fakecloud();
+    let mut ctl = Ctl::connect(cloud.ctl);
+    let dir = provisioned_dir(&format!("helper-{mode:?}"));
+    let mut a = net_args(&dir, cloud.port, "udp");
+    // Only the helper is waited for; each unanswered request ends after one second.
+    set_opt(&mut a, "--helper-grace", "60");
+    a.extend(["--helper-timeout", "1"].map(String::from));
+    let mut d = Daemon::start(&dir, &a);
+    let h = FakeHelper::start(d.local(), mode);
+    assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
+    for step in [
+        "_internal.request_dinfo",
+        "_internal.request_dtoken",
+        "_internal.req_wifi_conf_status",
+        "_internal.info",
+    ] {
+        let line = format!("helper did not answer {step} within");
+        assert!(d.log_has(&line), "{line}\n{}", d.log_text());
+    }
+    if mode == HelperMode::Junk {
+        // The first refusal; later ones share the process-wide warning limit (1/s) with the
+        // closed connections.
+        let first = "invalid _internal.response_dinfo";
+        assert!(d.log_has(first), "{}", d.log_text());
+        assert!(d.log_has("message over 16384 bytes, closing"));
+    }
+    assert!(!d.log_has("No helper script? using data files"));
+
+    let mut c = Client::connect(d.local(), &format!("helper-{mode:?}"));
+    let r = c.reports(3);
+    assert!(r.iter().all(Report::ok), "{r:?}");
+    for x in &r {
+        assert!(ctl.wait(T, up_tag(&x.tag)).is_some());
+    }
+    let id = ctl.cmd(json!({"cmd":"send","json":{"method":"get_prop","params":[]}}))["id"]
+        .as_u64()
+        .unwrap();
+    let want = |v: &Value| v["ev"] == "reply" && v["json"]["id"] == id;
+    assert!(c.pump(T, |_| ctl.wait(Duration::ZERO, want).is_some()));
+    // The session's _otc.info carries the daemon's own INFO, not the junk.
+    let info = ctl
+        .wait(T, |v| {
+            v["ev"] == "msg" && v["json"]["method"] == "_otc.info"
+        })
+        .unwrap();
+    assert_eq!(info["json"]["params"]["hw_ver"], "Linux", "{info}");
+    assert!(d.is_running());
+    assert!(Phone::new(d.lan(), TOKEN).info_ok(3));
+    // Whatever reached a helper connection is in `got` (the command and the broadcasts above
+    // went out before their effects we waited for), and only requests may be there.
+    for m in h.got() {
+        let method = m["method"].as_str().unwrap_or("");
+        assert!(method.starts_with("_internal."), "the helper got {m}");
+    }
+    assert!(!h.got().is_empty(), "the helper was asked");
+}
+
+#[test]
+fn helper_that_answers_junk() {
+    bad_helper(HelperMode::Junk);
+}
+
+#[test]
+fn helper_that_never_answers() {
+    bad_helper(HelperMode::Silent);
+}
+
+/// A client that stops reading while 4 KiB commands are broadcast: closed once more than 64 KiB
+/// wait for it (L§2), with one log line; meanwhile the client that reads gets every command and
+/// its replies reach the cloud, reports are acked, and a phone is served.
+#[test]
+fn client_that_stops_reading() {
+    let mut n = Net::start("deaf", "udp");
+    let mut deaf = LocalClient::connect(n.d.local());
+    deaf.send(r#"{"id":1,"method":"local.query_status"}"#);
+    assert!(deaf.recv_until(T, |v| v["id"] == 1).is_some());
+    // From here on `deaf` reads nothing.
+    let blob = "x".repeat(4000);
+    let closed = "more than 64 KiB unsent (it does not read), closing";
+    let mut pushed = 0;
+    while !n.d.log_has(closed) {
+        assert!(pushed < 500, "never closed\n{}", n.d.log_text());
+        let id = n.push("set_blob", json!([pushed, blob]));
+        n.reply(id);
+        pushed += 1;
+    }
+    eprintln!("deaf client closed after {pushed} commands of 4 KiB");
+    // The deaf client's connection ends (a reset, after what the kernel had buffered).
+    deaf.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let end = Instant::now() + T;
+    let eof = loop {
+        assert!(Instant::now() < end, "the deaf client was never cut off");
+        match std::io::Read::read(&mut deaf.stream, &mut buf) {
+            Ok(0) | Err(_) => break true,
+            Ok(_) => {}
+        }
+    };
+    assert!(eof);
+    // The reading client got every command once.
+    let cmds =
+        n.c.inbox
+            .iter()
+            .filter(|v| v["method"] == "set_blob")
+            .count();
+    assert_eq!(cmds, pushed);
+    let r = n.c.reports(3);
+    assert!(r.iter().all(Report::ok), "{r:?}");
+    n.finish(&r);
+}
+
+// ---- a full or read-only data dir at each file write -------------------------------------------
+
+/// What the data dir does to the next write.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DiskFault {
+    /// No free page: a temp file is created, its write fails.
+    NoSpace,
+    /// No free inode: the temp file cannot be created.
+    NoInode,
+    /// Remounted read-only.
+    ReadOnly,
+}
+
+use DiskFault::*;
+
+impl DiskFault {
+    fn errno(self) -> &'static str {
+        match self {
+            NoSpace | NoInode => "No space left on device",
+            ReadOnly => "Read-only file system",
+        }
+    }
+}
+
+/// The daemon in a mount namespace of its own (`unshare -m`), its data dir a tmpfs of 16 pages and
+/// 32 inodes, filled or remounted from outside (`nsenter` into that namespace) while it runs: the
+/// only way to make a write fail for a root CI, and one that leaves the host alone.
+struct Disk {
+    d: Daemon,
+    /// The data dir, without the trailing slash.
+    path: String,
+    _data: TempDir,
+    _src: TempDir,
+    _log: TempDir,
+}
+
+/// Names of the fillers: not data files, ignored by the checks.
+const FILL: &str = "zz.fill";
+
+fn namespaces_usable() -> bool {
+    let ok = |cmd: &mut Command| {
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    ok(Command::new("unshare").args(["-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"]))
+        && ok(Command::new("nsenter").arg("--version"))
+}
+
+use std::process::{Command, Stdio};
+
+impl Disk {
+    /// `files` go into the tmpfs; `fault`, when given, is in place before the daemon starts.
+    /// None, with a visible skip, without root, unshare or nsenter.
+    fn start(
+        tag: &str,
+        files: &[(&str, &str)],
+        fault: Option<DiskFault>,
+        args: impl FnOnce(&TempDir) -> Vec<String>,
+    ) -> Option<Disk> {
+        if !namespaces_usable() {
+            skip("root, unshare and nsenter for a mount namespace");
+            return None;
+        }
+        let src = TempDir::new(&format!("{tag}-src"));
+        for (name, text) in files {
+            src.write(name, text);
+        }
+        let data = TempDir::new(tag);
+        let log = TempDir::new(&format!("{tag}-log"));
+        let path = data.path().display().to_string();
+        let setup = format!(
+            "mount -t tmpfs -o size=64k,nr_inodes=32 tmpfs {path} && cp -a {}/. {path}/ {}",
+            src.path().display(),
+            fault.map_or(String::new(), |f| format!("&& {}", fault_script(&path, f)))
+        );
+        let script = format!("{setup} && exec \"$0\" \"$@\"");
+        let a = args(&data);
+        let d = Daemon::start_via(&["unshare", "-m", "sh", "-c", &script], &log, &a);
+        Some(Disk {
+            d,
+            path,
+            _data: data,
+            _src: src,
+            _log: log,
+        })
+    }
+
+    /// Runs `script` in the daemon's mount namespace.
+    fn sh(&self, script: &str) {
+        let pid = self.d.child.id().to_string();
+        let out = Command::new("nsenter")
+            .args(["-t", &pid, "-m", "sh", "-c", script])
+            .output()
+            .expect("nsenter");
+        assert!(out.status.success(), "{script}: {out:?}");
+    }
+
+    fn fault(&self, f: DiskFault) {
+        self.sh(&fault_script(&self.path, f));
+    }
+
+    fn undo(&self, f: DiskFault) {
+        let p = &self.path;
+        self.sh(&match f {
+            NoSpace | NoInode => format!("rm -f {p}/{FILL}*"),
+            ReadOnly => format!("mount -o remount,rw {p}"),
+        });
+    }
+
+    /// After `fault(NoSpace)` or `fault(NoInode)`: frees exactly one page or one inode.
+    fn leave_one(&self, f: DiskFault) {
+        let p = &self.path;
+        self.sh(&match f {
+            NoSpace => format!("truncate -s -4096 {p}/{FILL}"),
+            NoInode => format!("rm {p}/{FILL}.0"),
+            ReadOnly => unreachable!(),
+        });
+    }
+
+    /// The data dir as the daemon sees it.
+    fn root(&self) -> String {
+        format!("/proc/{}/root{}", self.d.child.id(), self.path)
+    }
+
+    fn read(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(format!("{}/{name}", self.root())).ok()
+    }
+
+    /// No data file is torn: each of `want` is absent or holds one of the contents allowed (None:
+    /// absent) and parses, and no temp file is left.
+    fn check_files(&self, want: &[(&str, &[Option<&str>])]) {
+        let names: Vec<String> = std::fs::read_dir(self.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let temps: Vec<&String> = names.iter().filter(|n| n.contains(".tmp")).collect();
+        assert!(temps.is_empty(), "temp files left: {temps:?}");
+        for (name, allowed) in want {
+            let got = self.read(name);
+            assert!(
+                allowed.contains(&got.as_deref()),
+                "{name}: {got:?}, expected one of {allowed:?}"
+            );
+            let Some(text) = got else { continue };
+            let parsed = match *name {
+                "wifi.conf" => miio_client::config::wifi::parse(&text).map(drop),
+                "device.token" => miio_client::config::token::parse(&text).map(drop),
+                "device.country" => miio_client::config::country::parse(&text).map(drop),
+                "device.conf" => miio_client::config::device::parse(&text).map(drop),
+                _ => Ok(()),
+            };
+            assert!(parsed.is_ok(), "{name} does not parse: {text:?}");
+        }
+    }
+}
+
+fn fault_script(p: &str, f: DiskFault) -> String {
+    match f {
+        // dd stops at ENOSPC (a whole number of pages on tmpfs); the status is that error.
+        NoSpace => format!("{{ dd if=/dev/zero of={p}/{FILL} bs=4096 2>/dev/null; true; }}"),
+        NoInode => format!(
+            "i=0; while touch {p}/{FILL}.$i 2>/dev/null; do i=$((i+1)); done; test -e {p}/{FILL}.0"
+        ),
+        ReadOnly => format!("mount -o remount,ro {p}"),
+    }
+}
+
+const OLD_WIFI: &str = "ssid=\"home\"\npsk=\"secretpw\"\nkey_mgmt=WPA\n";
+const OLD_TOKEN: &str = "ABCDEFGHIJKLMNOP";
+const ROUTER: &str = r#"{"id":77,"method":"local.ble.config_router","params":{"ssid":"new","passwd":"pw12345678","uid":"42","country_domain":"de"}}"#;
+
+/// The new wifi.conf of `ROUTER`.
+fn new_wifi() -> String {
+    let w = miio_client::config::wifi::WifiConf::new("new", "pw12345678", Some(42));
+    miio_client::config::wifi::render(&w)
+}
+
+/// A provisioned device in STA mode, connected to a fake cloud.
+fn sta_disk(tag: &str, cloud: &FakeCloudProc) -> Option<Disk> {
+    let files = [
+        ("device.conf", GOOD_DEVICE_CONF),
+        ("device.token", OLD_TOKEN),
+        ("wifi.conf", OLD_WIFI),
+    ];
+    let port = cloud.port;
+    let disk = Disk::start(tag, &files, None, |data| {
+        let mut a = net_args(data, port, "udp");
+        a.extend(["--helper-timeout", "0.5"].map(String::from));
+        a
+    })?;
+    assert!(
+        disk.d.wait_log("STATE_CLOUD_CONNECTED", T),
+        "{}",
+        disk.d.log_text()
+    );
+    Some(disk)
+}
+
+/// Sends a provisioning on 54322 and returns its answer.
+fn provision(c: &mut Client) -> Value {
+    c.c.send(ROUTER);
+    let mut got = None;
+    c.pump(T, |c| {
+        got = c.answers.get(&77).and_then(|a| a.last().cloned());
+        got.is_some()
+    });
+    c.answers.remove(&77);
+    got.expect("config_router answered")
+}
+
+/// wifi.conf at a provisioning in STA mode (L§8 step 1): refused with -33020 and the errno logged,
+/// the session and the old files kept; once the disk is back, the same request is written whole.
+fn provisioning_write(f: DiskFault) {
+    let cloud = fakecloud();
+    let Some(disk) = sta_disk(&format!("disk-wifi-{f:?}"), &cloud) else {
+        return;
+    };
+    let mut c = Client::connect(disk.d.local(), &format!("disk-wifi-{f:?}"));
+    disk.fault(f);
+    let r = provision(&mut c);
+    assert_eq!(
+        r,
+        json!({"id":77,"error":{"code":-33020,"message":"cannot write wifi.conf"}}),
+        "{}",
+        disk.d.log_text()
+    );
+    assert!(disk.d.log_has(f.errno()), "{}", disk.d.log_text());
+    assert!(c.until_acked(T).ok(), "the session is kept");
+    assert_eq!(
+        disk.d.log_text().matches("STATE_CLOUD_CONNECTED").count(),
+        1
+    );
+    disk.check_files(&[
+        ("wifi.conf", &[Some(OLD_WIFI)]),
+        ("device.token", &[Some(OLD_TOKEN)]),
+        ("device.country", &[None]),
+    ]);
+    disk.undo(f);
+    let r = provision(&mut c);
+    assert_eq!(r["result"][0], "OK", "{r}");
+    let new = new_wifi();
+    disk.check_files(&[
+        ("wifi.conf", &[Some(&new)]),
+        ("device.token", &[Some(OLD_TOKEN)]),
+        ("device.country", &[Some("de\n")]),
+    ]);
+    // Without a helper the router change is done at once (D9): the session comes back.
+    assert!(
+        c.broadcast("cloud_connected", RECOVER),
+        "{}",
+        disk.d.log_text()
+    );
+    let r = c.until_acked(RECOVER);
+    assert!(r.ok());
+}
+
+#[test]
+fn disk_provisioning_no_space() {
+    provisioning_write(NoSpace);
+}
+
+#[test]
+fn disk_provisioning_no_inode() {
+    provisioning_write(NoInode);
+}
+
+#[test]
+fn disk_provisioning_read_only() {
+    provisioning_write(ReadOnly);
+}
+
+/// device.country (L§8 step 2) in AP mode, where wifi.conf is new: one page (or inode) left, so
+/// wifi.conf takes it and device.country finds none. The provisioning goes on (the country is kept
+/// in memory for this run), the errno is logged, and no file is torn. Read-only cannot be reached
+/// here: wifi.conf, written just before in the same turn, needs the same dir writable.
+fn country_write(f: DiskFault) {
+    let dead = DeadPort::new();
+    let files = [("device.conf", GOOD_DEVICE_CONF)];
+    let Some(disk) = Disk::start(&format!("disk-cc-{f:?}"), &files, None, |data| {
+        let mut a = base_args(data);
+        let p = dead.port.to_string();
+        a.extend(["-H", "127.0.0.1", "-p", &p, "--helper-grace", "0.2"].map(String::from));
+        a
+    }) else {
+        return;
+    };
+    assert!(
+        disk.d.wait_log("STATE_WIFI_AP_MODE", T),
+        "{}",
+        disk.d.log_text()
+    );
+    let token = disk.read("device.token").expect("a token stored at start");
+    let mut c = Client::connect(disk.d.local(), &format!("disk-cc-{f:?}"));
+    disk.fault(f);
+    disk.leave_one(f);
+    let r = provision(&mut c);
+    assert_eq!(r["result"][0], "OK", "{r}\n{}", disk.d.log_text());
+    let line = format!("device.country: {}", f.errno());
+    assert!(disk.d.wait_log(&line, T), "{}", disk.d.log_text());
+    let new = new_wifi();
+    disk.check_files(&[
+        ("wifi.conf", &[Some(&new)]),
+        ("device.token", &[Some(&token)]),
+        ("device.country", &[None]),
+    ]);
+    assert!(c.broadcast("wifi_connected", T), "{}", disk.d.log_text());
+    assert_eq!(c.local("local.query_country")["params"], "de");
+    assert!(Phone::new(disk.d.lan(), token.as_bytes().try_into().unwrap()).info_ok(5));
+}
+
+#[test]
+fn disk_country_no_space() {
+    country_write(NoSpace);
+}
+
+#[test]
+fn disk_country_no_inode() {
+    country_write(NoInode);
+}
+
+/// Marks a helper present (without a hello, it answers nothing) and waits until the identity it
+/// was asked for again has fallen back to the daemon's own (L§9.5).
+fn helper_present(d: &Daemon) {
+    send_line(d.local(), br#"{"method":"_internal.helper_ready"}"#);
+    let line = "helper did not answer _internal.request_dinfo within";
+    assert!(d.wait_log(line, T), "{}", d.log_text());
+}
+
+/// The restore of wifi.conf after a failed router change (L§8, STA): a helper is present, so the
+/// daemon waits for the Wi-Fi result; the disk fails, then the client notice `wifi_ap_mode` ends
+/// the provisioning. The old wifi.conf cannot be put back: the errno is logged, the new file stays
+/// whole, the device returns to sta_mode and the cloud.
+fn restore_write(f: DiskFault) {
+    let cloud = fakecloud();
+    let Some(disk) = sta_disk(&format!("disk-restore-{f:?}"), &cloud) else {
+        return;
+    };
+    helper_present(&disk.d);
+    let mut c = Client::connect(disk.d.local(), &format!("disk-restore-{f:?}"));
+    let r = provision(&mut c);
+    assert_eq!(r["result"][0], "OK", "{r}\n{}", disk.d.log_text());
+    assert!(c.broadcast("wifi_connecting", T));
+    disk.fault(f);
+    c.c.send(r#"{"method":"local.status","params":"wifi_ap_mode"}"#);
+    assert!(c.broadcast("wifi_failed", T), "{}", disk.d.log_text());
+    let line = format!("cannot write {}/wifi.conf: {}", disk.path, f.errno());
+    assert!(disk.d.wait_log(&line, T), "{}", disk.d.log_text());
+    let new = new_wifi();
+    disk.check_files(&[
+        ("wifi.conf", &[Some(&new)]),
+        ("device.token", &[Some(OLD_TOKEN)]),
+        ("device.country", &[Some("de\n")]),
+    ]);
+    disk.undo(f);
+    assert!(
+        c.broadcast("cloud_connected", RECOVER),
+        "{}",
+        disk.d.log_text()
+    );
+    assert!(c.until_acked(RECOVER).ok());
+}
+
+#[test]
+fn disk_restore_no_space() {
+    restore_write(NoSpace);
+}
+
+#[test]
+fn disk_restore_read_only() {
+    restore_write(ReadOnly);
+}
+
+/// The same failure in AP mode deletes the new wifi.conf (L§8). On a full disk the unlink works;
+/// read-only, it fails with the errno logged, and the new file stays whole: the device is back in
+/// AP mode, and serves the phone.
+fn restore_remove(f: DiskFault) {
+    let dead = DeadPort::new();
+    let files = [("device.conf", GOOD_DEVICE_CONF)];
+    let Some(disk) = Disk::start(&format!("disk-rm-{f:?}"), &files, None, |data| {
+        let mut a = base_args(data);
+        let p = dead.port.to_string();
+        a.extend(
+            [
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "--helper-grace",
+                "0.2",
+                "--helper-timeout",
+                "0.5",
+                "-l",
+                "3",
+            ]
+            .map(String::from),
+        );
+        a
+    }) else {
+        return;
+    };
+    assert!(
+        disk.d.wait_log("STATE_WIFI_AP_MODE", T),
+        "{}",
+        disk.d.log_text()
+    );
+    let token = disk.read("device.token").expect("token");
+    helper_present(&disk.d);
+    let mut c = Client::connect(disk.d.local(), &format!("disk-rm-{f:?}"));
+    let r = provision(&mut c);
+    assert_eq!(r["result"][0], "OK", "{r}\n{}", disk.d.log_text());
+    assert!(c.broadcast("wifi_connecting", T));
+    disk.fault(f);
+    c.c.send(r#"{"method":"local.status","params":"wifi_ap_mode"}"#);
+    assert!(c.broadcast("wifi_failed", T), "{}", disk.d.log_text());
+    assert!(c.broadcast("wifi_ap_mode", T), "{}", disk.d.log_text());
+    let new = new_wifi();
+    if f == ReadOnly {
+        let line = format!("{}/wifi.conf: {}", disk.path, f.errno());
+        assert!(disk.d.wait_log(&line, T), "{}", disk.d.log_text());
+        disk.check_files(&[("wifi.conf", &[Some(&new)])]);
+    } else {
+        // Barrier: the state query comes after the restore.
+        assert_eq!(c.local("local.query_status")["params"], "wifi_ap_mode");
+        disk.check_files(&[("wifi.conf", &[None])]);
+    }
+    disk.check_files(&[("device.token", &[Some(&token)])]);
+    let hello = Phone::new(disk.d.lan(), TOKEN).hello().expect("hello");
+    assert_eq!(
+        &hello[16..32],
+        token.as_bytes(),
+        "AP mode hands out the token"
+    );
+}
+
+#[test]
+fn disk_restore_remove_no_space() {
+    restore_remove(NoSpace);
+}
+
+#[test]
+fn disk_restore_remove_read_only() {
+    restore_remove(ReadOnly);
+}
+
+/// device.token at start in AP mode (L§9.3 file mode: delete the old token, store a fresh one),
+/// with the data dir already full or read-only: the device still reaches AP mode with a fresh token
+/// in memory (the errno logged), hands it out, and serves a phone that uses it. Read-only: the old
+/// token cannot even be deleted and stays whole. Full: a device without a token file (an old one's
+/// deletion would free what the new one needs); none is stored, no part of one either.
+fn token_write(f: DiskFault) {
+    let dead = DeadPort::new();
+    let mut files = vec![("device.conf", GOOD_DEVICE_CONF)];
+    if f == ReadOnly {
+        files.push(("device.token", OLD_TOKEN));
+    }
+    let Some(disk) = Disk::start(&format!("disk-token-{f:?}"), &files, Some(f), |data| {
+        let mut a = base_args(data);
+        let p = dead.port.to_string();
+        a.extend(["-H", "127.0.0.1", "-p", &p, "--helper-grace", "0.2"].map(String::from));
+        a
+    }) else {
+        return;
+    };
+    assert!(
+        disk.d.wait_log("STATE_WIFI_AP_MODE", T),
+        "{}",
+        disk.d.log_text()
+    );
+    let what = if f == ReadOnly { "remove" } else { "write" };
+    let line = format!("device.token: cannot {what}: {}", f.errno());
+    assert!(disk.d.log_has(&line), "{line}\n{}", disk.d.log_text());
+    disk.check_files(&[
+        (
+            "device.token",
+            &[if f == ReadOnly { Some(OLD_TOKEN) } else { None }],
+        ),
+        ("wifi.conf", &[None]),
+    ]);
+    let hello = Phone::new(disk.d.lan(), TOKEN).hello().expect("hello");
+    let token: [u8; 16] = hello[16..32].try_into().unwrap();
+    assert_ne!(&token, OLD_TOKEN.as_bytes(), "a fresh token");
+    assert!(miio_client::config::token::parse(std::str::from_utf8(&token).unwrap()).is_ok());
+    let phone = Phone::new(disk.d.lan(), &token);
+    let r = phone
+        .call(9, r#"{"id":9,"method":"miIO.info","params":[]}"#, T)
+        .expect("miIO.info under the token in memory");
+    assert_eq!(r["result"]["model"], "acme.dev.v1", "{r}");
+    Client::connect(disk.d.local(), "disk-token");
+}
+
+#[test]
+fn disk_token_no_space() {
+    token_write(NoSpace);
+}
+
+#[test]
+fn disk_token_no_inode() {
+    token_write(NoInode);
+}
+
+#[test]
+fn disk_token_read_only() {
+    token_write(ReadOnly);
+}
+
+/// `otd_donot_trust_peer` (`miIO.config` from a phone, P§4.6): an empty file, so a disk without a
+/// free page still takes it; without an inode or read-only it cannot be created.
+fn trust_flag_write(f: DiskFault) {
+    let dead = DeadPort::new();
+    let files = [
+        ("device.conf", GOOD_DEVICE_CONF),
+        ("device.token", OLD_TOKEN),
+        ("wifi.conf", OLD_WIFI),
+    ];
+    let Some(disk) = Disk::start(&format!("disk-trust-{f:?}"), &files, None, |data| {
+        let mut a = base_args(data);
+        let p = dead.port.to_string();
+        a.extend(["-H", "127.0.0.1", "-p", &p, "--helper-grace", "0.2"].map(String::from));
+        a
+    }) else {
+        return;
+    };
+    assert!(
+        disk.d.wait_log("STATE_WIFI_STA_MODE", T),
+        "{}",
+        disk.d.log_text()
+    );
+    let phone = Phone::new(disk.d.lan(), TOKEN);
+    assert!(phone.hello().is_some());
+    disk.fault(f);
+    let r = phone
+        .call(
+            10,
+            r#"{"id":10,"method":"miIO.config","params":{"enauth":1}}"#,
+            T,
+        )
+        .expect("miIO.config answered");
+    let flag = "otd_donot_trust_peer";
+    if f == NoSpace {
+        assert_eq!(r["result"], json!(["OK"]), "{r}");
+        disk.check_files(&[(flag, &[Some("")])]);
+    } else {
+        assert_eq!(r["result"], json!(["ERROR"]), "{r}\n{}", disk.d.log_text());
+        let line = format!("{flag}: {}", f.errno());
+        assert!(disk.d.log_has(&line), "{line}\n{}", disk.d.log_text());
+        disk.check_files(&[(flag, &[None])]);
+        disk.undo(f);
+        let r = phone
+            .call(
+                11,
+                r#"{"id":11,"method":"miIO.config","params":{"enauth":1}}"#,
+                T,
+            )
+            .expect("miIO.config answered");
+        assert_eq!(r["result"], json!(["OK"]), "{r}");
+        disk.check_files(&[(flag, &[Some("")])]);
+    }
+    disk.check_files(&[
+        ("wifi.conf", &[Some(OLD_WIFI)]),
+        ("device.token", &[Some(OLD_TOKEN)]),
+    ]);
+    assert!(phone.info_ok(12));
+}
+
+#[test]
+fn disk_trust_flag_no_space() {
+    trust_flag_write(NoSpace);
+}
+
+#[test]
+fn disk_trust_flag_no_inode() {
+    trust_flag_write(NoInode);
+}
+
+#[test]
+fn disk_trust_flag_read_only() {
+    trust_flag_write(ReadOnly);
+}
+
+// ---- SIGHUP storm ------------------------------------------------------------------------------
+
+/// 100 SIGHUPs while reports flow, after the log was moved away as logrotate does: ten bursts of
+/// ten, the reports of each burst in flight during the next. Every report is acked once and reached
+/// the cloud, the cloud session is never restarted, the log is reopened (a new file) once per turn
+/// that saw signals, and local and LAN clients are served.
+#[test]
+fn sighup_storm() {
+    let mut n = Net::start("hup", "udp");
+    let old_log = n.d.log.with_extension("log.1");
+    std::fs::rename(&n.d.log, &old_log).unwrap();
+    let pid = n.d.child.id() as libc::pid_t;
+    let mut in_flight = Vec::new();
+    let mut r = Vec::new();
+    for _ in 0..10 {
+        for _ in 0..10 {
+            // SAFETY: kill(2) on our own child, with a signal it handles.
+            let k = unsafe { libc::kill(pid, libc::SIGHUP) };
+            assert_eq!(k, 0, "kill: {}", std::io::Error::last_os_error());
+        }
+        r.extend(n.c.collect(std::mem::take(&mut in_flight)));
+        in_flight = n.c.send_reports(2);
+    }
+    r.extend(n.c.collect(in_flight));
+    assert!(r.iter().all(Report::ok), "{r:?}\n{}", n.d.log_text());
+    assert!(
+        n.d.wait_log("SIGHUP: log reopened", T),
+        "{}",
+        n.d.log_text()
+    );
+    n.finish(&r);
+    // Both files, read whole after the barrier in finish: one session, reopened at most 100 times.
+    let log = read_file(&old_log) + &read_file(&n.d.log);
+    let reopened = log.matches("SIGHUP: log reopened").count();
+    eprintln!("sighup storm: {reopened} reopens for 100 signals");
+    // Signals that arrive together are one reopen: what counts is that it happened, and not more
+    // often than asked.
+    assert!((2..=100).contains(&reopened), "{reopened}");
+    assert_eq!(log.matches("STATE_CLOUD_CONNECTED").count(), 1, "{log}");
+    assert!(!log.contains(RETRY), "{log}");
+    assert!(read_file(&n.d.log).contains("SIGHUP: log reopened"));
 }
