@@ -400,8 +400,10 @@ impl Client {
     }
 }
 
-/// The daemon against `miio_fakecloud` over one transport, with short timers: the ack timeout is
-/// 0.5 s (UDP resends after 0.5, 1.0 and 1.5 s), a keepalive every second.
+/// The daemon against `miio_fakecloud` over one transport, with short timers: a keepalive every
+/// second, and the ack timeout of each test (UDP resends after 1, 2 and 3 timeouts). A short one
+/// makes a lost ack cost little; where an ack must not time out it is 2 s or more, for a loaded
+/// machine.
 struct Net {
     ctl: Ctl,
     d: Daemon,
@@ -424,7 +426,7 @@ fn net_args(dir: &TempDir, port: u16, transport: &str) -> Vec<String> {
             "--keepalive",
             "1",
             "--ack-timeout",
-            "0.5",
+            "2",
             "--backoff-min",
             "1",
             "--backoff-max",
@@ -440,11 +442,13 @@ fn net_args(dir: &TempDir, port: u16, transport: &str) -> Vec<String> {
 }
 
 impl Net {
-    fn start(name: &str, transport: &'static str) -> Net {
+    fn start(name: &str, transport: &'static str, ack_timeout: &str) -> Net {
         let cloud = fakecloud();
         let ctl = Ctl::connect(cloud.ctl);
         let dir = provisioned_dir(&format!("{name}-{transport}"));
-        let d = Daemon::start(&dir, &net_args(&dir, cloud.port, transport));
+        let mut a = net_args(&dir, cloud.port, transport);
+        set_opt(&mut a, "--ack-timeout", ack_timeout);
+        let d = Daemon::start(&dir, &a);
         assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
         let c = Client::connect(d.local(), &format!("{name}-{transport}"));
         Net {
@@ -516,11 +520,11 @@ impl Net {
 
 // ---- drop ------------------------------------------------------------------------------------
 
-/// Lost requests and lost acks. UDP resends under the same cloud id (P§5.7 D5), so every report is
+/// Lost requests and lost acks (an ack timeout of 1 s). UDP resends under the same cloud id (P§5.7 D5), so every report is
 /// acked; TCP never resends, so a lost request or ack is `OT server noack`. Then 30% of all packets
 /// both ways (seeded) for 20 reports: whatever the link does, nothing acked is lost.
 fn drop_family(t: &'static str) {
-    let mut n = Net::start("drop", t);
+    let mut n = Net::start("drop", t, "1");
     let mut all = Vec::new();
 
     // The first sends of two of three reports are lost.
@@ -602,7 +606,7 @@ fn drop_tcp() {
 /// daemon answers the client once (the second ack is swallowed, P§5.8); a command pushed twice
 /// reaches the local client once (`cloud msg repeated`) and its reply reaches the cloud.
 fn dup_family(t: &'static str) {
-    let mut n = Net::start("dup", t);
+    let mut n = Net::start("dup", t, "2");
     n.ctl.cmd(json!({"cmd":"dup","kind":"data"}));
     let r = n.c.reports(5);
     assert!(r.iter().all(Report::ok), "{r:?}");
@@ -645,7 +649,7 @@ fn dup_tcp() {
 /// receives the reports out of order and acks them out of order; the daemon matches acks by id,
 /// so every report gets its own ack, once.
 fn reorder_family(t: &'static str) {
-    let mut n = Net::start("reorder", t);
+    let mut n = Net::start("reorder", t, "2");
     n.ctl.cmd(json!({"cmd":"reorder","kind":"data","ms":200}));
     let r = n.c.reports(6);
     assert!(r.iter().all(Report::ok), "{r:?}\n{}", n.d.log_text());
@@ -683,17 +687,17 @@ fn reorder_tcp() {
 
 // ---- delay -----------------------------------------------------------------------------------
 
-/// Every packet 150 ms late both ways (a round trip under the 0.5 s ack timeout): all acked, nothing
-/// resent. Then 400 ms (a round trip of 0.8 s): UDP resends and takes the late ack; TCP answers
-/// noack and swallows the late ack (P§5.7, P§5.8). The keepalive keeps the link up throughout.
+/// Every packet 150 ms late both ways (a round trip well under the 1 s ack timeout): all acked.
+/// Then 700 ms (a round trip of 1.4 s): UDP resends and takes the late ack; TCP answers noack and
+/// swallows the late ack (P§5.7, P§5.8). The keepalive keeps the link up throughout.
 fn delay_family(t: &'static str) {
-    let mut n = Net::start("delay", t);
+    let mut n = Net::start("delay", t, "1");
     n.ctl.cmd(json!({"cmd":"delay","ms":150}));
     let mut all = n.c.reports(4);
     assert!(all.iter().all(Report::ok), "{all:?}");
     assert!(n.ctl.wait(T, fault("delay", "out")).is_some());
 
-    n.ctl.cmd(json!({"cmd":"delay","ms":400}));
+    n.ctl.cmd(json!({"cmd":"delay","ms":700}));
     let r = n.c.reports(3);
     if n.udp() {
         assert!(r.iter().all(Report::ok), "{r:?}\n{}", n.d.log_text());
@@ -730,7 +734,7 @@ fn delay_tcp() {
 /// the link is declared lost (P§5.6), pending and new reports get -30011 at once, and the link comes
 /// back by itself.
 fn silent_family(t: &'static str) {
-    let mut n = Net::start("silent", t);
+    let mut n = Net::start("silent", t, "1");
     let mut all = n.c.reports(2);
     n.ctl.cmd(json!({"cmd":"silent","on":true}));
     // Sent into the silence: the ack never comes; the answer is noack or, when the link is declared
@@ -778,7 +782,7 @@ fn silent_tcp() {
 /// the pending report gets -30011 disconnected, and the link comes back.
 #[test]
 fn tcp_reset_mid_packet() {
-    let mut n = Net::start("reset", "tcp");
+    let mut n = Net::start("reset", "tcp", "3");
     let mut all = n.c.reports(1);
     n.ctl
         .cmd(json!({"cmd":"reset_tcp","dir":"out","kind":"data","after":10}));
@@ -1016,7 +1020,7 @@ fn helper_that_never_answers() {
 /// its replies reach the cloud, reports are acked, and a phone is served.
 #[test]
 fn client_that_stops_reading() {
-    let mut n = Net::start("deaf", "udp");
+    let mut n = Net::start("deaf", "udp", "2");
     let mut deaf = LocalClient::connect(n.d.local());
     deaf.send(r#"{"id":1,"method":"local.query_status"}"#);
     assert!(deaf.recv_until(T, |v| v["id"] == 1).is_some());
@@ -1646,7 +1650,7 @@ fn disk_trust_flag_read_only() {
 /// that saw signals, and local and LAN clients are served.
 #[test]
 fn sighup_storm() {
-    let mut n = Net::start("hup", "udp");
+    let mut n = Net::start("hup", "udp", "2");
     let old_log = n.d.log.with_extension("log.1");
     std::fs::rename(&n.d.log, &old_log).unwrap();
     let pid = n.d.child.id() as libc::pid_t;
