@@ -7,7 +7,7 @@
 //! - A data dir that is full (no page, or no inode) or read-only when the daemon writes each of its
 //!   files (L§17): a tmpfs or a read-only remount in a mount namespace of the daemon's own, flipped
 //!   from outside with `nsenter` while it runs.
-//! - A storm of 100 SIGHUPs while reports flow.
+//! - A storm of 100 SIGHUPs while reports flow, and the log file on a full disk.
 //!
 //! Every row checks the same invariants: the daemon stays up; every report it acknowledged
 //! (`"result":"ok"`) was received by the cloud, and each got exactly one answer; no data file is
@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1111,8 +1112,6 @@ fn namespaces_usable() -> bool {
         && ok(Command::new("nsenter").arg("--version"))
 }
 
-use std::process::{Command, Stdio};
-
 impl Disk {
     /// `files` go into the tmpfs; `fault`, when given, is in place before the daemon starts.
     /// None, with a visible skip, without root, unshare or nsenter.
@@ -1683,4 +1682,117 @@ fn sighup_storm() {
     assert_eq!(log.matches("STATE_CLOUD_CONNECTED").count(), 1, "{log}");
     assert!(!log.contains(RETRY), "{log}");
     assert!(read_file(&n.d.log).contains("SIGHUP: log reopened"));
+}
+
+// ---- the log file on a full disk -------------------------------------------------------------
+
+/// The daemon with its log (`-L`) on a tmpfs of its own mount namespace, which is then filled up:
+/// log writes fail, and nothing else does: reports are acked and reach the cloud, a local query is
+/// answered. Once space is back a SIGHUP reopens the log and lines appear again. (Not through
+/// `Daemon::start_via`, which reads the log where the host sees it.)
+#[test]
+fn log_on_a_full_disk() {
+    if !namespaces_usable() {
+        skip("root, unshare and nsenter for a mount namespace");
+        return;
+    }
+    let cloud = fakecloud();
+    let ctl = Ctl::connect(cloud.ctl);
+    let dir = provisioned_dir("logfull");
+    let logdir = TempDir::new("logfull-log");
+    let ld = logdir.path().display().to_string();
+    let script = format!("mount -t tmpfs -o size=16k tmpfs {ld} && exec \"$0\" \"$@\"");
+    let mut launched = None;
+    for _ in 0..8 {
+        // A port free now; the daemon says so when someone took it meanwhile, and we try again.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut a = net_args(&dir, cloud.port, "udp");
+        set_opt(&mut a, "--local-port", port);
+        set_opt(&mut a, "--lan-port", 0);
+        set_opt(&mut a, "--ble-port", 0);
+        let mut child = Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                &script,
+                BIN,
+                "-L",
+                &format!("{ld}/miio.log"),
+            ])
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = format!("/proc/{}/root{ld}/miio.log", child.id());
+        let mut exited = false;
+        let up = wait_until(T, || {
+            exited = matches!(child.try_wait(), Ok(Some(_)));
+            exited || read_file(std::path::Path::new(&log)).contains("STATE_CLOUD_CONNECTED")
+        });
+        if up && !exited {
+            launched = Some((child, log, port));
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (child, log, port) = launched.expect("the daemon did not come up");
+    let mut child = Killed(child);
+    let text = || read_file(std::path::Path::new(&log));
+    let pid = child.0.id().to_string();
+    let sh = |s: &str| {
+        let ok = Command::new("nsenter")
+            .args(["-t", &pid, "-m", "sh", "-c", s])
+            .status()
+            .is_ok_and(|st| st.success());
+        assert!(ok, "{s}");
+    };
+    sh(&format!(
+        "{{ dd if=/dev/zero of={ld}/{FILL} bs=1024 2>/dev/null; true; }}"
+    ));
+    let before = text().len();
+    let mut c = Client::connect(port, "logfull");
+    let mut r = Vec::new();
+    // 150 reports: about 9 KiB of log lines at -l 3 on a disk with room.
+    for _ in 0..15 {
+        r.extend(c.reports(10));
+    }
+    assert!(r.iter().all(Report::ok), "{r:?}");
+    for x in &r {
+        assert!(ctl.wait(T, up_tag(&x.tag)).is_some());
+    }
+    assert_eq!(c.local("local.query_status")["params"], "cloud_connected");
+    assert!(matches!(child.0.try_wait(), Ok(None)), "the daemon died");
+    // Nothing more fit (a page's worth at most, the end of the last one that did), although each
+    // report logs lines at -l 3.
+    let grew = text().len() - before;
+    assert!(grew <= 4096, "the log grew by {grew} bytes on a full disk");
+    sh(&format!("rm {ld}/{FILL}"));
+    // SAFETY: kill(2) on our own child, with a signal it handles.
+    assert_eq!(
+        unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    assert!(
+        wait_until(T, || text()[before..].contains("SIGHUP: log reopened")),
+        "{}",
+        text()
+    );
+}
+
+/// A child killed on drop, also when the test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
