@@ -612,3 +612,138 @@ fn send_client_prints_reply() {
     // A usage error too.
     assert_eq!(fakecloud::main(&["--did".to_string()]), 1);
 }
+
+/// A props request with this id, and the id of the ack the device gets next.
+fn props(dev: &mut Dev, stamp: u32, id: u64) {
+    dev.send(&seal(
+        DID,
+        &keys(),
+        stamp,
+        &json!({"id":id,"method":"props","params":{}}),
+    ));
+}
+
+fn next_id(dev: &mut Dev) -> Value {
+    open(DID, &keys(), &dev.recv().expect("a packet"))["id"].clone()
+}
+
+/// The network faults of the control socket, seen from a raw device, on both transports.
+fn faults_on(mut dev: Dev, server: &Server) {
+    let mut ctl = Ctl::connect(server.ctl);
+    let mut watch = Ctl::watch(server.ctl);
+    let stamp = time_sync(&mut dev);
+    let t = dev.transport();
+
+    // drop: the first data packet in is lost, the next one is answered.
+    ctl.cmd(json!({"cmd":"drop","dir":"in","kind":"data","n":1}));
+    props(&mut dev, stamp, 1);
+    props(&mut dev, stamp, 2);
+    assert_eq!(next_id(&mut dev), 2);
+    let ev = watch.expect("fault", |v| v["ev"] == "fault");
+    assert_eq!(
+        (&ev["fault"], &ev["dir"], &ev["transport"]),
+        (&json!("drop"), &json!("in"), &json!(t))
+    );
+
+    // dup: one ack, sent twice.
+    ctl.cmd(json!({"cmd":"dup","dir":"out","n":1}));
+    props(&mut dev, stamp, 3);
+    assert_eq!(next_id(&mut dev), 3);
+    assert_eq!(next_id(&mut dev), 3);
+
+    // reorder: the first ack is held until the second has gone; a control packet between them
+    // does not release it (kind data).
+    ctl.cmd(json!({"cmd":"reorder","dir":"out","kind":"data","n":1}));
+    props(&mut dev, stamp, 4);
+    ping(&mut dev, stamp + 1);
+    props(&mut dev, stamp, 5);
+    assert_eq!(next_id(&mut dev), 5);
+    assert_eq!(next_id(&mut dev), 4);
+    // Held with nothing after it: released at the end of the hold.
+    ctl.cmd(json!({"cmd":"reorder","dir":"out","n":1,"ms":100}));
+    props(&mut dev, stamp, 6);
+    assert_eq!(next_id(&mut dev), 6);
+
+    // delay: the ack comes no sooner than asked; status shows the rule until it is cleared.
+    ctl.cmd(json!({"cmd":"delay","dir":"out","ms":300}));
+    ctl.send(&json!({"cmd":"status"}));
+    let st = ctl.expect("status", |v| v["ev"] == "status");
+    assert_eq!(st["faults"][0]["fault"], "delay", "{st}");
+    ctl.expect("ok", |v| v["ev"] == "ok");
+    let t0 = Instant::now();
+    props(&mut dev, stamp, 7);
+    assert_eq!(next_id(&mut dev), 7);
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    ctl.cmd(json!({"cmd":"clear"}));
+    props(&mut dev, stamp, 8);
+    assert_eq!(next_id(&mut dev), 8);
+
+    // A seeded rate drops some data packets and not all; a keepalive (not selected) after them
+    // is answered after every ack.
+    ctl.cmd(json!({"cmd":"drop","dir":"in","kind":"data","rate":0.5,"seed":3}));
+    for k in 0..20 {
+        props(&mut dev, stamp, 100 + k);
+    }
+    let ka = miio::keepalive(&keys(), DID, stamp + 2);
+    dev.send(&ka);
+    let mut acked = Vec::new();
+    loop {
+        let p = dev.recv().expect("a packet");
+        if p == ka.to_vec() {
+            break;
+        }
+        acked.push(open(DID, &keys(), &p)["id"].clone());
+    }
+    assert!((1..20).contains(&acked.len()), "{acked:?}");
+    // `n` 0 turns the rule off.
+    ctl.cmd(json!({"cmd":"drop","n":0}));
+    props(&mut dev, stamp, 200);
+    assert_eq!(next_id(&mut dev), 200);
+}
+
+#[test]
+fn faults_udp() {
+    let server = start(config());
+    faults_on(Dev::udp(server.addr), &server);
+}
+
+#[test]
+fn faults_tcp() {
+    let server = start(config());
+    faults_on(Dev::tcp(server.addr), &server);
+}
+
+#[test]
+fn reset_tcp_mid_packet() {
+    let server = start(config());
+    let mut ctl = Ctl::connect(server.ctl);
+    // Out: 10 bytes of the ack, then a reset.
+    let mut dev = Dev::tcp(server.addr);
+    let stamp = time_sync(&mut dev);
+    ctl.cmd(json!({"cmd":"reset_tcp","after":10}));
+    props(&mut dev, stamp, 1);
+    assert!(dev.recv().is_none(), "no whole packet");
+    let Dev::Tcp(_, buf) = &dev else {
+        unreachable!()
+    };
+    assert_eq!(buf.len(), 10, "exactly the bytes before the cut");
+    // In: the next packet from the device resets the connection unread.
+    let mut dev = Dev::tcp(server.addr);
+    let stamp = time_sync(&mut dev);
+    ctl.cmd(json!({"cmd":"reset_tcp","dir":"in","kind":"data"}));
+    ping(&mut dev, stamp + 1);
+    props(&mut dev, stamp, 2);
+    assert!(dev.closed());
+    // Refused: a bad direction or kind.
+    for bad in [
+        json!({"cmd":"reset_tcp","dir":"both"}),
+        json!({"cmd":"reset_tcp","kind":"x"}),
+        json!({"cmd":"reset_tcp","after":-1}),
+        json!({"cmd":"delay"}),
+        json!({"cmd":"drop","rate":2}),
+    ] {
+        ctl.send(&bad);
+        let v = ctl.expect("answer", |v| v["ev"] == "ok" || v["ev"] == "error");
+        assert_eq!(v["ev"], "error", "{bad}");
+    }
+}

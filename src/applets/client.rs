@@ -724,9 +724,10 @@ impl Daemon {
                     } else {
                         crate::config::store::remove_durable(&p)
                     };
-                    if let Err(e) = r {
+                    if let Err(e) = &r {
                         crate::warn_limited!(now, "{}: {e}", p.display());
                     }
+                    self.node.trust_written(now, r.is_ok());
                 }
                 Action::ShutdownWrite(slot) => {
                     if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {

@@ -14,6 +14,10 @@
 //! - A control socket on 127.0.0.1 speaks line-delimited JSON: push commands, failure modes
 //!   (`silent`, `drop_acks`, `close_tcp`), `status` and an event stream (`watch`).
 //!   `miio_fakecloud send` / `miio_fakecloud ctl` are its command-line clients.
+//! - Network faults for the daemon's fault tests: each device packet, in either direction and on
+//!   either transport, passes one rule per fault kind (`drop`, `dup`, `reorder`, `delay`) before it
+//!   is handled or sent, and `reset_tcp` cuts a TCP link mid-packet. Every fault done is a `fault`
+//!   event. A delayed or held packet is the only reason the loop ever wakes on a deadline.
 //! - Keys never reach Debug output or a log line; logged messages have secret members (`token`,
 //!   `key`, ...) masked unless the level is debug (P§2.5).
 
@@ -21,6 +25,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -60,6 +65,14 @@ const MAX_CTL_LINE: usize = 65536;
 const MAX_WBUF: usize = 4 << 20;
 const MAX_PENDING: usize = 1024;
 const READ_CHUNK: usize = 16384;
+/// Packets waiting for their `delay`; more are lost with a warning.
+const MAX_LATER: usize = 4096;
+/// The longest `delay` or `reorder` hold a command may ask for, ms.
+const MAX_FAULT_MS: u64 = 600_000;
+/// How long `reorder` holds a packet when no next one comes, ms.
+const DEFAULT_HOLD_MS: u64 = 2000;
+/// How many bytes of a packet `reset_tcp` sends before the reset.
+const DEFAULT_CUT: usize = 10;
 
 /// One device the cloud knows: its did and its 16-byte cloud key (P§2.5).
 #[derive(Clone, PartialEq, Eq)]
@@ -154,6 +167,20 @@ send: pushes <json> to the device (an id is added when missing) and prints its r
       exit 1 when none comes within 10 s. --did may be left out when one device is known.
 ctl:  sends one control command ({\"cmd\":\"status\"}, {\"cmd\":\"silent\",\"on\":true},
       {\"cmd\":\"watch\"}, ...) and prints the answer lines.
+
+Control commands: send, status, watch, silent, drop_acks, close_tcp, and the network faults
+  {\"cmd\":\"drop\"|\"dup\"|\"reorder\"|\"delay\", \"dir\":\"in\"|\"out\"|\"both\", \"kind\":\"any\"|\"data\"|\"control\",
+   \"n\":N, \"rate\":0..1, \"seed\":S, \"ms\":D}
+  drop: lose the packet; dup: handle/send it twice; reorder: hold it until the next packet of the
+  same direction and kind has passed (at most ms, default 2000); delay: handle/send it ms later.
+  in = device to cloud, out = cloud to device; kind data = sealed JSON, control = 32-byte packets.
+  n = how many packets the rule may touch (absent: no limit, 0: rule off); rate = the chance that a
+  matching packet is touched, drawn from a generator seeded with seed (default 1). One rule per
+  fault; a new command replaces it. Both transports alike.
+  {\"cmd\":\"reset_tcp\",\"dir\":\"out\",\"kind\":...,\"after\":K}: the next packet (of that kind) to a
+   device over TCP is cut after K bytes (default 10) and the connection reset; dir in: the next
+   packet from a device over TCP resets the connection unread.
+  {\"cmd\":\"clear\"}: every fault rule off, held packets released now (delayed ones stay due).
 ";
 
 /// What the command line asks for.
@@ -605,6 +632,7 @@ pub struct FakeCloud {
     /// Last drop log per source, for the 1/s limit of P§2.7.
     drop_log: HashMap<SocketAddr, Instant>,
     ubuf: Vec<u8>,
+    faults: Faults,
 }
 
 impl FakeCloud {
@@ -640,6 +668,7 @@ impl FakeCloud {
             didkey_retry: cfg.didkey_retry,
             drop_log: HashMap::new(),
             ubuf: vec![0; 65536],
+            faults: Faults::default(),
         };
         for d in cfg.devices {
             me.add_device(d.did, &d.key);
@@ -678,7 +707,12 @@ impl FakeCloud {
         );
         let mut events = Events::with_capacity(128);
         loop {
-            match self.poll.poll(&mut events, None) {
+            // Only a delayed or held packet (network faults) gives the wait an end.
+            let timeout = self
+                .faults
+                .next_due()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -703,6 +737,7 @@ impl FakeCloud {
                     }
                 }
             }
+            self.run_due(Instant::now());
         }
     }
 
@@ -724,7 +759,7 @@ impl FakeCloud {
             match self.udp.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     let pkt = buf.get(..n).unwrap_or(&[]);
-                    self.handle_packet(Via::Udp(from), pkt);
+                    self.pass(Dir::In, Via::Udp(from), pkt);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -842,7 +877,18 @@ impl FakeCloud {
                 }
             };
             let frame: Vec<u8> = c.rbuf.drain(..n).collect();
-            self.handle_packet(Via::Tcp(t, peer), &frame);
+            let control = frame.len() == CLOUD_HELLO.len();
+            if self
+                .faults
+                .reset_tcp
+                .is_some_and(|(d, c, _)| d == Dir::In && c.is_none_or(|c| c == control))
+            {
+                self.faults.reset_tcp = None;
+                self.fault_event("reset_tcp", Dir::In, Via::Tcp(t, peer), frame.len(), None);
+                self.reset_conn(t, "reset_tcp command");
+                return;
+            }
+            self.pass(Dir::In, Via::Tcp(t, peer), &frame);
         }
     }
 
@@ -947,16 +993,203 @@ impl FakeCloud {
         }
     }
 
-    /// Sends bytes back the way a packet came.
+    /// Sends bytes back the way a packet came, through the network faults.
     fn send(&mut self, via: Via, bytes: &[u8]) {
+        self.pass(Dir::Out, via, bytes);
+    }
+
+    /// Puts bytes on the wire, past the faults; `reset_tcp` (out) cuts the first TCP packet.
+    fn transmit(&mut self, via: Via, bytes: &[u8]) {
         match via {
             Via::Udp(to) => {
                 if let Err(e) = self.udp.send_to(bytes, to) {
                     warn!("fakecloud: udp send to {to}: {e}");
                 }
             }
-            Via::Tcp(t, _) => self.queue(t, bytes),
+            Via::Tcp(t, _) => {
+                let control = bytes.len() == CLOUD_HELLO.len();
+                let cut = match self.faults.reset_tcp {
+                    Some((Dir::Out, c, k))
+                        if self.conns.contains_key(&t) && c.is_none_or(|c| c == control) =>
+                    {
+                        k
+                    }
+                    _ => return self.queue(t, bytes),
+                };
+                self.faults.reset_tcp = None;
+                let part = bytes
+                    .get(..cut.min(bytes.len().saturating_sub(1)))
+                    .unwrap_or(&[]);
+                self.queue(t, part);
+                self.fault_event("reset_tcp", Dir::Out, via, part.len(), None);
+                self.reset_conn(t, "reset_tcp command");
+            }
         }
+    }
+
+    /// Closes a connection with a TCP reset (SO_LINGER 0) instead of a FIN.
+    fn reset_conn(&mut self, t: Token, why: &str) {
+        if let Some(c) = self.conns.get(&t) {
+            if let Err(e) = crate::io::sys::set_linger_reset(c.stream.as_raw_fd()) {
+                warn!("fakecloud: SO_LINGER on {}: {e}", c.peer);
+            }
+        }
+        self.close(t, why);
+    }
+
+    // ---- network faults --------------------------------------------------------------------
+
+    /// Every device packet passes here: `In` before it is handled, `Out` before it is sent. Drop,
+    /// then duplicate, then hold (reorder), then delay; a held packet follows the next packet of its
+    /// direction that the reorder rule selects.
+    fn pass(&mut self, dir: Dir, via: Via, bytes: &[u8]) {
+        if self.faults.idle() {
+            return self.deliver(dir, via, bytes);
+        }
+        let control = bytes.len() == CLOUD_HELLO.len();
+        if self.faults.fire(Fault::Drop, dir, control) {
+            return self.fault_event("drop", dir, via, bytes.len(), None);
+        }
+        let copies = if self.faults.fire(Fault::Dup, dir, control) {
+            self.fault_event("dup", dir, via, bytes.len(), None);
+            2
+        } else {
+            1
+        };
+        let d = dir as usize;
+        if self.faults.held[d].is_none() && self.faults.fire(Fault::Reorder, dir, control) {
+            let ms = self.faults.rule_ms(Fault::Reorder);
+            self.fault_event("hold", dir, via, bytes.len(), Some(ms));
+            self.faults.held[d] = Some(Held {
+                via,
+                bytes: bytes.to_vec(),
+                copies,
+                until: Instant::now() + Duration::from_millis(ms),
+            });
+            return;
+        }
+        self.schedule(dir, via, bytes, copies);
+        let next = match &self.faults.rules[Fault::Reorder as usize] {
+            Some(r) => r.selects(dir, control),
+            None => true,
+        };
+        if next {
+            self.release(dir);
+        }
+    }
+
+    /// A held packet goes now (after the packet that passed, or at its deadline).
+    fn release(&mut self, dir: Dir) {
+        if let Some(h) = self.faults.held[dir as usize].take() {
+            self.fault_event("release", dir, h.via, h.bytes.len(), None);
+            self.schedule(dir, h.via, &h.bytes, h.copies);
+        }
+    }
+
+    /// Delivers now, or queues for later when the delay rule takes the packet.
+    fn schedule(&mut self, dir: Dir, via: Via, bytes: &[u8], copies: u8) {
+        let control = bytes.len() == CLOUD_HELLO.len();
+        if !self.faults.fire(Fault::Delay, dir, control) {
+            for _ in 0..copies {
+                self.deliver(dir, via, bytes);
+            }
+            return;
+        }
+        let ms = self.faults.rule_ms(Fault::Delay);
+        if self.faults.later.len() + usize::from(copies) > MAX_LATER {
+            warn!("fakecloud: {MAX_LATER} packets delayed already, this one is lost");
+            return self.fault_event("drop", dir, via, bytes.len(), None);
+        }
+        self.fault_event("delay", dir, via, bytes.len(), Some(ms));
+        let due = Instant::now() + Duration::from_millis(ms);
+        for _ in 0..copies {
+            self.faults.seq += 1;
+            let seq = self.faults.seq;
+            self.faults.later.push(Later {
+                due,
+                seq,
+                dir,
+                via,
+                bytes: bytes.to_vec(),
+            });
+        }
+    }
+
+    fn deliver(&mut self, dir: Dir, via: Via, bytes: &[u8]) {
+        match dir {
+            Dir::In => self.handle_packet(via, bytes),
+            Dir::Out => self.transmit(via, bytes),
+        }
+    }
+
+    /// Held packets whose hold ended, then delayed packets that are due, in order.
+    fn run_due(&mut self, now: Instant) {
+        for dir in [Dir::In, Dir::Out] {
+            if self.faults.held[dir as usize]
+                .as_ref()
+                .is_some_and(|h| h.until <= now)
+            {
+                self.release(dir);
+            }
+        }
+        while let Some(i) = self.faults.first_due(now) {
+            let l = self.faults.later.swap_remove(i);
+            self.deliver(l.dir, l.via, &l.bytes);
+        }
+    }
+
+    fn fault_event(&mut self, what: &str, dir: Dir, via: Via, len: usize, ms: Option<u64>) {
+        debug!(
+            "fakecloud: fault {what} {} {} {} bytes",
+            dir.name(),
+            via.transport(),
+            len
+        );
+        let mut ev = json!({"ev":"fault","fault":what,"dir":dir.name(),
+            "transport":via.transport(),"len":len});
+        if let (Some(ms), Value::Object(m)) = (ms, &mut ev) {
+            m.insert("ms".into(), ms.into());
+        }
+        self.event(ev);
+    }
+
+    /// `drop`, `dup`, `reorder`, `delay`: sets (or with `"n":0` removes) the rule of that fault.
+    fn ctl_fault(&mut self, t: Token, fault: Fault, cmd: &Map<String, Value>) {
+        match Rule::parse(fault, cmd) {
+            Ok(r) => {
+                info!("fakecloud: fault {}", r.describe());
+                let slot = &mut self.faults.rules[fault as usize];
+                *slot = (r.left != Some(0)).then_some(r);
+                if fault == Fault::Reorder && slot.is_none() {
+                    self.release(Dir::In);
+                    self.release(Dir::Out);
+                }
+                self.ctl_ok(t);
+            }
+            Err(e) => self.ctl_error(t, &e),
+        }
+    }
+
+    fn ctl_reset_tcp(&mut self, t: Token, cmd: &Map<String, Value>) {
+        let dir = match cmd.get("dir").and_then(Value::as_str) {
+            None | Some("out") => Dir::Out,
+            Some("in") => Dir::In,
+            Some(_) => return self.ctl_error(t, "\"dir\" must be \"in\" or \"out\""),
+        };
+        let control = match parse_kind(cmd) {
+            Ok(c) => c,
+            Err(e) => return self.ctl_error(t, &e),
+        };
+        let after = match cmd.get("after") {
+            None => DEFAULT_CUT,
+            Some(v) => match v.as_u64().and_then(|k| usize::try_from(k).ok()) {
+                Some(k) => k,
+                None => return self.ctl_error(t, "\"after\" must be a byte count"),
+            },
+        };
+        info!("fakecloud: reset_tcp {} after {after} bytes", dir.name());
+        self.faults.reset_tcp = Some((dir, control, after));
+        self.ctl_ok(t);
     }
 
     // ---- the cloud side of P§5 -------------------------------------------------------------
@@ -1212,6 +1445,19 @@ impl FakeCloud {
                 }
                 self.ctl_ok(t);
             }
+            "drop" => self.ctl_fault(t, Fault::Drop, &cmd),
+            "dup" => self.ctl_fault(t, Fault::Dup, &cmd),
+            "reorder" => self.ctl_fault(t, Fault::Reorder, &cmd),
+            "delay" => self.ctl_fault(t, Fault::Delay, &cmd),
+            "reset_tcp" => self.ctl_reset_tcp(t, &cmd),
+            "clear" => {
+                info!("fakecloud: faults cleared");
+                self.faults.rules = [None; 4];
+                self.faults.reset_tcp = None;
+                self.release(Dir::In);
+                self.release(Dir::Out);
+                self.ctl_ok(t);
+            }
             "status" => {
                 let devices: Vec<Value> = self
                     .devices
@@ -1223,7 +1469,13 @@ impl FakeCloud {
                             "addr":via.addr().to_string(),"last_seen_ms":ms as u64}))
                     })
                     .collect();
-                self.ctl_line(t, &json!({"ev":"status","devices":devices}));
+                let f = &self.faults;
+                let rules: Vec<Value> = f.active().map(Rule::describe).collect();
+                let held = f.held.iter().flatten().count();
+                let reset = f.reset_tcp.map(|(d, _, _)| d.name());
+                let line = json!({"ev":"status","devices":devices,"faults":rules,
+                    "held":held,"delayed":f.later.len(),"reset_tcp":reset});
+                self.ctl_line(t, &line);
                 self.ctl_ok(t);
             }
             "watch" => {
@@ -1290,6 +1542,241 @@ impl FakeCloud {
         }
         self.send_json(did, via, stamp, &Value::Object(msg));
         self.ctl_line(t, &json!({"ev":"ok","id":id}));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network faults: the rules and the packets they hold back
+
+/// Which way a device packet goes: `In` from the device to the cloud, `Out` back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    In = 0,
+    Out = 1,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::In => "in",
+            Dir::Out => "out",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Drop = 0,
+    Dup = 1,
+    Reorder = 2,
+    Delay = 3,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Drop => "drop",
+            Fault::Dup => "dup",
+            Fault::Reorder => "reorder",
+            Fault::Delay => "delay",
+        }
+    }
+}
+
+/// One fault's rule: which packets it selects, how many it may still touch, with what chance.
+#[derive(Clone, Copy, Debug)]
+struct Rule {
+    fault: Fault,
+    /// Selected directions, indexed by `Dir`.
+    dirs: [bool; 2],
+    /// `None` every packet; `Some(true)` 32-byte control packets only; `Some(false)` data only.
+    control: Option<bool>,
+    /// Packets the rule may still touch; `None` is no limit.
+    left: Option<u64>,
+    /// A selected packet is touched when the next draw (32 bits) is below this; `None` always.
+    below: Option<u64>,
+    /// The splitmix64 state the draws come from (`seed`).
+    rng: u64,
+    /// `delay`: the delay; `reorder`: the longest hold.
+    ms: u64,
+}
+
+impl Rule {
+    fn parse(fault: Fault, cmd: &Map<String, Value>) -> Result<Rule, String> {
+        let dirs = match cmd.get("dir").map(Value::as_str) {
+            None | Some(Some("both")) => [true, true],
+            Some(Some("in")) => [true, false],
+            Some(Some("out")) => [false, true],
+            _ => return Err("\"dir\" must be \"in\", \"out\" or \"both\"".into()),
+        };
+        let control = parse_kind(cmd)?;
+        let left = match cmd.get("n") {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or("\"n\" must be a count")?),
+        };
+        let below = match cmd.get("rate") {
+            None => None,
+            Some(v) => match v.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => Some((r * 4_294_967_296.0) as u64),
+                _ => return Err("\"rate\" must be a number from 0 to 1".into()),
+            },
+        };
+        let rng = match cmd.get("seed") {
+            None => 1,
+            Some(v) => v.as_u64().ok_or("\"seed\" must be an unsigned integer")?,
+        };
+        let ms = match (fault, cmd.get("ms")) {
+            (Fault::Delay, None) => return Err("delay needs \"ms\"".into()),
+            (Fault::Reorder, None) => DEFAULT_HOLD_MS,
+            (_, None) => 0,
+            (_, Some(v)) => match v.as_u64() {
+                Some(ms) if ms <= MAX_FAULT_MS => ms,
+                _ => return Err(format!("\"ms\" must be 0 to {MAX_FAULT_MS}")),
+            },
+        };
+        Ok(Rule {
+            fault,
+            dirs,
+            control,
+            left,
+            below,
+            rng,
+            ms,
+        })
+    }
+
+    /// The packet is one this rule is about (whether or not it will touch it).
+    fn selects(&self, dir: Dir, control: bool) -> bool {
+        self.dirs[dir as usize] && self.control.is_none_or(|c| c == control)
+    }
+
+    /// Whether the rule touches this packet; counts it when it does.
+    fn fire(&mut self, dir: Dir, control: bool) -> bool {
+        if !self.selects(dir, control) || self.left == Some(0) {
+            return false;
+        }
+        if let Some(below) = self.below {
+            if splitmix64(&mut self.rng) >> 32 >= below {
+                return false;
+            }
+        }
+        if let Some(n) = self.left.as_mut() {
+            *n -= 1;
+        }
+        true
+    }
+
+    fn describe(&self) -> Value {
+        let dir = match self.dirs {
+            [true, true] => "both",
+            [true, false] => "in",
+            _ => "out",
+        };
+        let kind = match self.control {
+            None => "any",
+            Some(true) => "control",
+            Some(false) => "data",
+        };
+        let mut v = json!({"fault":self.fault.name(),"dir":dir,"kind":kind});
+        if let Value::Object(m) = &mut v {
+            if let Some(n) = self.left {
+                m.insert("n".into(), n.into());
+            }
+            if let Some(b) = self.below {
+                m.insert("rate".into(), (b as f64 / 4_294_967_296.0).into());
+            }
+            if matches!(self.fault, Fault::Delay | Fault::Reorder) {
+                m.insert("ms".into(), self.ms.into());
+            }
+        }
+        v
+    }
+}
+
+/// `kind`: `None` for any packet, `Some(true)` for 32-byte control packets, `Some(false)` for data.
+fn parse_kind(cmd: &Map<String, Value>) -> Result<Option<bool>, String> {
+    match cmd.get("kind").map(Value::as_str) {
+        None | Some(Some("any")) => Ok(None),
+        Some(Some("data")) => Ok(Some(false)),
+        Some(Some("control")) => Ok(Some(true)),
+        _ => Err("\"kind\" must be \"any\", \"data\" or \"control\"".into()),
+    }
+}
+
+/// splitmix64: a seeded generator good enough to pick packets, and the same on every run.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A packet `reorder` holds back, with the copies `dup` asked for.
+struct Held {
+    via: Via,
+    bytes: Vec<u8>,
+    copies: u8,
+    until: Instant,
+}
+
+/// A packet `delay` holds back until `due`; `seq` keeps packets of one instant in order.
+struct Later {
+    due: Instant,
+    seq: u64,
+    dir: Dir,
+    via: Via,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Indexed by `Fault`.
+    rules: [Option<Rule>; 4],
+    /// Indexed by `Dir`.
+    held: [Option<Held>; 2],
+    later: Vec<Later>,
+    seq: u64,
+    /// `reset_tcp`: the direction, the packets it applies to (as `Rule::control`) and, for
+    /// `Out`, the bytes sent before the reset.
+    reset_tcp: Option<(Dir, Option<bool>, usize)>,
+}
+
+impl Faults {
+    /// The rules that may still touch a packet (a used-up one stays only to release what it
+    /// holds).
+    fn active(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().flatten().filter(|r| r.left != Some(0))
+    }
+
+    /// No rule left, nothing held: packets go straight through.
+    fn idle(&self) -> bool {
+        self.active().next().is_none() && self.held.iter().all(Option::is_none)
+    }
+
+    fn fire(&mut self, fault: Fault, dir: Dir, control: bool) -> bool {
+        self.rules[fault as usize]
+            .as_mut()
+            .is_some_and(|r| r.fire(dir, control))
+    }
+
+    fn rule_ms(&self, fault: Fault) -> u64 {
+        self.rules[fault as usize].map_or(0, |r| r.ms)
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        let held = self.held.iter().flatten().map(|h| h.until);
+        held.chain(self.later.iter().map(|l| l.due)).min()
+    }
+
+    /// The index of the earliest delayed packet that is due by `now`.
+    fn first_due(&self, now: Instant) -> Option<usize> {
+        self.later
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.due <= now)
+            .min_by_key(|(_, l)| (l.due, l.seq))
+            .map(|(i, _)| i)
     }
 }
 
@@ -1430,6 +1917,66 @@ mod tests {
             key: *b"SECRETSECRETSECR",
         };
         assert!(!format!("{d:?}").contains("SECRET"));
+    }
+
+    fn rule(fault: Fault, v: Value) -> Result<Rule, String> {
+        match v {
+            Value::Object(m) => Rule::parse(fault, &m),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn fault_rules_parse_and_refuse() {
+        let r = rule(Fault::Drop, json!({"dir":"in","kind":"data","n":2})).unwrap();
+        assert_eq!(
+            r.describe(),
+            json!({"fault":"drop","dir":"in","kind":"data","n":2})
+        );
+        let r = rule(Fault::Delay, json!({"ms":150})).unwrap();
+        assert_eq!(
+            r.describe(),
+            json!({"fault":"delay","dir":"both","kind":"any","ms":150})
+        );
+        assert_eq!(rule(Fault::Reorder, json!({})).unwrap().ms, DEFAULT_HOLD_MS);
+        for bad in [
+            json!({"dir":"up"}),
+            json!({"dir":1}),
+            json!({"kind":"big"}),
+            json!({"n":-1}),
+            json!({"n":"3"}),
+            json!({"rate":1.5}),
+            json!({"rate":"half"}),
+            json!({"seed":-2}),
+            json!({"ms":MAX_FAULT_MS + 1}),
+        ] {
+            assert!(rule(Fault::Drop, bad.clone()).is_err(), "{bad}");
+        }
+        assert!(rule(Fault::Delay, json!({})).unwrap_err().contains("ms"));
+    }
+
+    #[test]
+    fn fault_rule_counts_selects_and_draws_the_same_every_run() {
+        let mut r = rule(Fault::Drop, json!({"dir":"out","kind":"control","n":2})).unwrap();
+        assert!(!r.fire(Dir::In, true), "other direction");
+        assert!(!r.fire(Dir::Out, false), "other kind");
+        assert!(r.fire(Dir::Out, true) && r.fire(Dir::Out, true));
+        assert!(!r.fire(Dir::Out, true), "n used up");
+
+        let draws = |seed: u64| {
+            let mut r = rule(Fault::Drop, json!({"rate":0.3,"seed":seed})).unwrap();
+            (0..1000)
+                .map(|_| r.fire(Dir::In, false))
+                .collect::<Vec<_>>()
+        };
+        let a = draws(7);
+        assert_eq!(a, draws(7), "seeded: the same packets every run");
+        assert_ne!(a, draws(8));
+        let hits = a.iter().filter(|&&x| x).count();
+        assert!((230..370).contains(&hits), "about 30%: {hits}");
+        let mut never = rule(Fault::Dup, json!({"rate":0})).unwrap();
+        let mut always = rule(Fault::Dup, json!({"rate":1})).unwrap();
+        assert!((0..100).all(|_| !never.fire(Dir::In, true) && always.fire(Dir::In, true)));
     }
 
     #[test]

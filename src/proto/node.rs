@@ -96,6 +96,7 @@ pub enum Action {
     /// Apply a new log level (`miIO.config_loglevel`).
     SetLogLevel(u8),
     /// Create (true) or remove (false) `<datadir>/otd_donot_trust_peer` (`miIO.config`, P§4.6).
+    /// The reactor reports the result with [`Node::trust_written`]: the phone's answer waits for it.
     TrustFlag(bool),
     /// Shut the write side of a connection once its output is flushed (one message per hello).
     ShutdownWrite(ConnId),
@@ -160,6 +161,9 @@ pub struct Node {
     provisioning: Option<bool>,
     /// A provisioning waiting for its `wifi.conf` write (L§8: the reply comes after it).
     writing: Option<Written>,
+    /// A LAN `miIO.config` (handle, id) waiting for its flag file (P§4.6): the answer says
+    /// whether the file was written.
+    trusting: Option<(u64, Value)>,
     /// uid and bind_key of a provisioning in this run, for `_otc.info` (P§5.4).
     bind: Option<(String, Option<String>)>,
     /// The id counter and D12 flag of the last cloud machine, for the next one (P§5.7 D5).
@@ -201,6 +205,7 @@ impl Node {
             os_release: None,
             provisioning: None,
             writing: None,
+            trusting: None,
             bind: None,
             cloud_carry: None,
             helper_info: None,
@@ -500,6 +505,18 @@ impl Node {
         self.pump(now);
     }
 
+    /// The result of [`Action::TrustFlag`]: `["OK"]` when the flag file was created or removed,
+    /// `["ERROR"]` when not (the reactor logged the errno), so a phone is never told that a
+    /// setting is stored when it is not.
+    pub fn trust_written(&mut self, now: Instant, ok: bool) {
+        let Some((handle, id)) = self.trusting.take() else {
+            return;
+        };
+        let r = if ok { json!(["OK"]) } else { json!(["ERROR"]) };
+        self.lan.answer(now, handle, &rpc::result_reply(&id, &r));
+        self.pump(now);
+    }
+
     /// L§8 after the `["OK"]` went out (wifi.conf is written): the country, uid and bind_key,
     /// broadcast `wifi_connecting` and ask the helper to start Wi-Fi.
     fn provision_start(&mut self, now: Instant, p: super::provision::Params) {
@@ -712,6 +729,22 @@ impl Node {
                     Ok(p) => self.provision_write(from, json!(id), p),
                 }
             }
+            // P§4.6: answered once the flag file is written (`trust_written`).
+            LanAction::SelfMethod {
+                handle,
+                method,
+                id,
+                params,
+            } if method == "miIO.config" => match params.get("enauth").and_then(Value::as_u64) {
+                Some(v @ 0..=1) => {
+                    self.trusting = Some((handle, json!(id)));
+                    self.actions.push_back(Action::TrustFlag(v == 1));
+                }
+                _ => {
+                    let r = rpc::result_reply(&json!(id), &json!(["ERROR"]));
+                    self.lan.answer(now, handle, &r);
+                }
+            },
             LanAction::SelfMethod {
                 handle,
                 method,
@@ -902,14 +935,8 @@ impl Node {
                     rpc::result_reply(&id, &err)
                 }
             }
-            // LAN-only methods (the cloud machine already refuses them from the cloud).
-            "miIO.config" if from_lan => match params.get("enauth").and_then(Value::as_u64) {
-                Some(v @ 0..=1) => {
-                    self.actions.push_back(Action::TrustFlag(v == 1));
-                    rpc::result_reply(&id, &ok)
-                }
-                _ => rpc::result_reply(&id, &err),
-            },
+            // LAN-only methods (the cloud machine already refuses them from the cloud);
+            // `miIO.config` waits for its file write (`on_lan_action`).
             "miIO.stop_diag_mode" if from_lan => rpc::result_reply(&id, &ok),
             _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
         })
@@ -1618,6 +1645,66 @@ mod tests {
             assert_eq!(replies, vec![want.to_string()], "id {id}");
             // The failed one changed nothing; without a helper the good one connects at once (D9).
             assert_eq!(n.state() == State::WifiApMode, !ok, "id {id}");
+        }
+    }
+
+    /// `miIO.config` (P§4.6): the phone's answer follows the flag file's write, `["ERROR"]` when
+    /// it failed; an `enauth` that is neither 0 nor 1 is `["ERROR"]` with nothing written.
+    #[test]
+    fn lan_trust_flag_answers_after_the_write() {
+        let keys = Keys::new(b"ABCDEFGHIJKLMNOP");
+        let phone: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3);
+        n.handle_timeout(t1);
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => n.file_dinfo(
+                    t1,
+                    crate::config::device::parse(CONF).map_err(|e| e.to_string()),
+                    None,
+                ),
+                Action::LoadFiles(Step::Token) => {
+                    n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
+                }
+                Action::LoadFiles(Step::WifiStatus) => n.file_wifi(t1, false, String::new(), None),
+                _ => {}
+            }
+        }
+        let cases = [
+            (1u32, 1, Some(false), r#"["ERROR"]"#),
+            (2, 1, Some(true), r#"["OK"]"#),
+            (3, 0, Some(true), r#"["OK"]"#),
+            (4, 7, None, r#"["ERROR"]"#),
+        ];
+        for (id, enauth, written, want) in cases {
+            let text =
+                format!(r#"{{"id":{id},"method":"miIO.config","params":{{"enauth":{enauth}}}}}"#);
+            n.lan_datagram(
+                t1,
+                phone,
+                &miio::seal(&keys, DID, 100 + id, text.as_bytes()),
+            );
+            let mut replies = Vec::new();
+            let mut flag = None;
+            while let Some(a) = n.poll_action() {
+                match a {
+                    Action::TrustFlag(on) => {
+                        assert!(replies.is_empty(), "no reply before the write");
+                        flag = Some(on);
+                        n.trust_written(t1, written.unwrap());
+                    }
+                    Action::LanSend { bytes, .. } => {
+                        let o = miio::decode(&keys, DID, &bytes).unwrap();
+                        replies.push(o.value["result"].to_string());
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(flag, written.map(|_| enauth == 1), "id {id}");
+            assert_eq!(replies, vec![want.to_string()], "id {id}");
         }
     }
 }
