@@ -122,10 +122,11 @@ impl Reactor {
             now: clock::now(),
             ..Turn::default()
         };
+        let mut signalled = false;
         for ev in self.events.iter() {
             match ev.token() {
                 TIMER => turn.timer = true,
-                SIGNAL => {}
+                SIGNAL => signalled = true,
                 token => turn.ready.push(Ready {
                     token,
                     readable: ev.is_readable() || ev.is_read_closed(),
@@ -134,18 +135,22 @@ impl Reactor {
                 }),
             }
         }
-        // Both are cheap non-blocking reads; draining them always keeps edge-triggered mio honest.
+        // The pipe is read only when it reported readable, and then drained: a signal written
+        // after that raises a new edge, so nothing waits unseen and a wake that had no signal
+        // costs no read(2).
         let mut buf = [0u8; 64];
-        while let Ok(n @ 1..) = self.sig_read.read(&mut buf) {
-            for &b in &buf[..n] {
-                let s = match i32::from(b) {
-                    libc::SIGTERM | libc::SIGINT => Signal::Stop,
-                    libc::SIGHUP => Signal::Reload,
-                    libc::SIGCHLD => Signal::Child,
-                    _ => continue,
-                };
-                if !turn.signals.contains(&s) {
-                    turn.signals.push(s);
+        if signalled {
+            while let Ok(n @ 1..) = self.sig_read.read(&mut buf) {
+                for &b in &buf[..n] {
+                    let s = match i32::from(b) {
+                        libc::SIGTERM | libc::SIGINT => Signal::Stop,
+                        libc::SIGHUP => Signal::Reload,
+                        libc::SIGCHLD => Signal::Child,
+                        _ => continue,
+                    };
+                    if !turn.signals.contains(&s) {
+                        turn.signals.push(s);
+                    }
                 }
             }
         }
