@@ -1544,6 +1544,27 @@ impl Cloud {
     }
 }
 
+/// Collection sizes for the month simulation (`proto::sim`): each must stay bounded.
+#[cfg(test)]
+impl Cloud {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.extend([
+            ("cloud.wheel", self.wheel.len()),
+            ("cloud.actions", self.actions.len()),
+            ("cloud.list", self.list.len()),
+            ("cloud.otc_list", self.otc_list.len()),
+            ("cloud.ups", self.ups.len()),
+            ("cloud.downs", self.downs.len()),
+            (
+                "cloud.downs_held",
+                self.downs.iter().filter(|d| d.held.is_some()).count(),
+            ),
+            ("cloud.reply_cache", self.cache.len()),
+            ("cloud.rx_buf", self.rx_buf.len()),
+        ]);
+    }
+}
+
 /// How long the resolver may take (P§5.1); then the attempt fails as a DNS failure.
 const DNS_TIMEOUT: Duration = Duration::from_secs(10);
 

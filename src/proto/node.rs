@@ -1124,6 +1124,25 @@ impl Node {
     }
 }
 
+/// Collection sizes for the month simulation (`proto::sim`): the node's own and every machine's.
+#[cfg(test)]
+impl Node {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.push(("node.actions", self.actions.len()));
+        out.push((
+            "node.helper_info",
+            self.helper_info.as_ref().map_or(0, Map::len),
+        ));
+        out.push(("cloud.machines", usize::from(self.cloud.is_some())));
+        if let Some(c) = self.cloud.as_ref() {
+            c.debug_sizes(out);
+        }
+        self.lan.debug_sizes(out);
+        self.local.debug_sizes(out);
+        self.helper.debug_sizes(out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
