@@ -937,13 +937,16 @@ impl Sim {
         }
     }
 
-    /// When a deadline at `t` fires: at `t`, or at the resume that followed a suspend over it.
-    fn fires_at(&self, t: Instant) -> Instant {
+    /// When a deadline at `t` fires: at `t`, or at the resume that followed a suspend over it. A
+    /// suspend that begins at a resume instant (inputs run before timers) carries it on.
+    fn fires_at(&self, mut t: Instant) -> Instant {
         // Suspends come in time order and never overlap.
-        let i = self.suspends.partition_point(|(s, _)| *s <= t);
-        match i.checked_sub(1).and_then(|i| self.suspends.get(i)) {
-            Some(&(_, r)) if t < r => r,
-            _ => t,
+        loop {
+            let i = self.suspends.partition_point(|(s, _)| *s <= t);
+            match i.checked_sub(1).and_then(|i| self.suspends.get(i)) {
+                Some(&(_, r)) if t < r => t = r,
+                _ => return t,
+            }
         }
     }
 
