@@ -2650,7 +2650,7 @@ impl Sim {
             r.push('\n');
         };
         line(format!(
-            "simulated {days} days ({} hours) in {:.2?}: {} turns, {} with due timers; sizes sampled after every turn",
+            "simulated {days} days ({} hour ticks, delayed by suspends) in {:.2?}: {} turns, {} with due timers; sizes sampled after every turn",
             s.hours, elapsed, s.turns, s.timer_turns
         ));
         line("injected:".into());
