@@ -94,6 +94,12 @@ impl<K: Copy + Eq> TimerWheel<K> {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Armed keys, lazy ones included (the month simulation samples it).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 #[cfg(test)]

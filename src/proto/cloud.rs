@@ -313,8 +313,15 @@ struct Server {
 
 #[derive(Clone, Debug)]
 enum Origin {
-    Client { client: ClientId, orig: u64 },
-    Info { refresh: bool },
+    Client {
+        client: ClientId,
+        orig: u64,
+    },
+    /// A client's request whose client has gone: still retransmitted, its ack or error dropped.
+    Gone,
+    Info {
+        refresh: bool,
+    },
     IdleReport,
 }
 
@@ -1274,6 +1281,17 @@ impl Cloud {
         self.send_up(now, id, Origin::Client { client, orig }, new);
     }
 
+    /// The connection of `client` closed (P§5.7: "If that client has gone, the ack is dropped").
+    /// Its pending requests stay, retransmitted as before, but their ack or error goes to no one:
+    /// the reactor reuses the slot, and the next connection in it must not get them.
+    pub fn client_gone(&mut self, client: ClientId) {
+        for up in &mut self.ups {
+            if matches!(up.origin, Origin::Client { client: c, .. } if c == client) {
+                up.origin = Origin::Gone;
+            }
+        }
+    }
+
     fn tell_client(&mut self, client: ClientId, orig: u64, code: i64, msg: &str) {
         let text = rpc::error_reply(Some(&Value::from(orig)), code, msg);
         self.emit(Action::ToClient { client, text });
@@ -1322,6 +1340,7 @@ impl Cloud {
                 crate::warn_limited!(now, "OT server noack, id:{id}");
                 self.tell_client(client, orig, -30011, "OT server noack");
             }
+            Origin::Gone => crate::warn_limited!(now, "OT server noack, id:{id} (client gone)"),
             Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
             Origin::Info { refresh: false } => self.fail(now, "_otc.info not acked"),
             Origin::IdleReport => {
@@ -1341,6 +1360,7 @@ impl Cloud {
                 let text = rpc::rewrite_id(text, orig).unwrap_or_else(|| text.to_owned());
                 self.emit(Action::ToClient { client, text });
             }
+            Origin::Gone => debug!("ack id:{} for a client that has gone: dropped", up.cloud_id),
             Origin::Info { refresh } => self.info_reply(now, obj, refresh),
             Origin::IdleReport => {
                 self.idle_reported = true;
@@ -1521,6 +1541,27 @@ impl Cloud {
 
     fn emit(&mut self, a: Action) {
         self.actions.push_back(a);
+    }
+}
+
+/// Collection sizes for the month simulation (`proto::sim`): each must stay bounded.
+#[cfg(test)]
+impl Cloud {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.extend([
+            ("cloud.wheel", self.wheel.len()),
+            ("cloud.actions", self.actions.len()),
+            ("cloud.list", self.list.len()),
+            ("cloud.otc_list", self.otc_list.len()),
+            ("cloud.ups", self.ups.len()),
+            ("cloud.downs", self.downs.len()),
+            (
+                "cloud.downs_held",
+                self.downs.iter().filter(|d| d.held.is_some()).count(),
+            ),
+            ("cloud.reply_cache", self.cache.len()),
+            ("cloud.rx_buf", self.rx_buf.len()),
+        ]);
     }
 }
 
@@ -2567,6 +2608,34 @@ mod tests {
                 to_client(1, r#"{"id":1,"result":"A"}"#)
             ]
         );
+    }
+
+    /// Found by the month simulation (`proto::sim`): a tool that sends a report and exits at once,
+    /// then a new connection in the same slot. The ack must not reach the newcomer, and the report
+    /// is still retransmitted until the cloud acks it.
+    #[test]
+    fn ack_for_a_client_that_has_gone_is_dropped_not_given_to_its_slot() {
+        let mut h = H::connected(cfg());
+        h.upstream(4, r#"{"id":9,"method":"event.x","params":[]}"#);
+        let (_, first) = h.expect_json();
+        h.c.client_gone(ClientId(4));
+        h.advance(3000);
+        let (_, again) = h.expect_json();
+        assert_eq!(again, first, "still retransmitted");
+        h.deliver_json(&format!(r#"{{"id":{},"result":"ok"}}"#, first["id"]));
+        h.quiet();
+        assert!(!h.c.is_busy());
+        // Gone and never acked: the noack goes to no one either.
+        h.upstream(4, r#"{"id":10,"method":"event.x","params":[]}"#);
+        h.expect_json();
+        h.c.client_gone(ClientId(4));
+        for _ in 0..3 {
+            h.advance(3000);
+            h.expect_json();
+        }
+        h.advance(3000);
+        h.quiet();
+        assert!(!h.c.is_busy());
     }
 
     #[test]

@@ -761,6 +761,17 @@ impl Helper {
     }
 }
 
+/// Collection sizes for the month simulation (`proto::sim`): each must stay bounded.
+#[cfg(test)]
+impl Helper {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.extend([
+            ("helper.fifo", self.fifo.len()),
+            ("helper.actions", self.actions.len()),
+        ]);
+    }
+}
+
 /// L§9.3: did (JSON integer or decimal string, u32), key (16 printable ASCII), mac, model (1–23),
 /// vendor (≤ 16, may be absent). Reasons never contain the key.
 fn parse_dinfo(p: &Value) -> Result<DeviceConf, String> {

@@ -510,6 +510,23 @@ impl Lan {
     }
 }
 
+/// Collection sizes for the month simulation (`proto::sim`): each must stay bounded.
+#[cfg(test)]
+impl Lan {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.extend([
+            ("lan.pending", self.pending.len()),
+            (
+                "lan.pending_held",
+                self.pending.iter().filter(|p| p.held.is_some()).count(),
+            ),
+            ("lan.guard", self.guard.len()),
+            ("lan.reply_cache", self.cache.len()),
+            ("lan.actions", self.actions.len()),
+        ]);
+    }
+}
+
 fn user_ack_timeout_reply(phone_id: u32) -> String {
     rpc::error_reply(Some(&Value::from(phone_id)), -9999, "user ack timeout")
 }

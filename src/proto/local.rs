@@ -375,6 +375,22 @@ impl Local {
     }
 }
 
+/// Collection sizes for the month simulation (`proto::sim`): each must stay bounded.
+#[cfg(test)]
+impl Local {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        let held = self.conns.values().map(|c| match &c.class {
+            Class::Unclassified { held, .. } => held.len(),
+            _ => 0,
+        });
+        out.extend([
+            ("local.conns", self.conns.len()),
+            ("local.held", held.sum()),
+            ("local.out", self.out.len()),
+        ]);
+    }
+}
+
 fn error_no_id(e: RpcError) -> String {
     rpc::error_reply(None, e.code(), e.message())
 }

@@ -7,4 +7,6 @@ pub mod lan;
 pub mod local;
 pub mod node;
 pub mod provision;
+#[cfg(test)]
+mod sim;
 pub mod state;

@@ -1006,6 +1006,10 @@ impl Node {
     pub fn local_closed(&mut self, conn: ConnId) {
         self.local.closed(conn);
         self.helper.handle_closed(conn);
+        // The reactor reuses the slot: acks still due to this connection must go to no one.
+        if let Some(c) = self.cloud.as_mut() {
+            c.client_gone(ClientId(conn as u32));
+        }
     }
 
     /// A JSON syntax error in a local connection's stream.
@@ -1144,6 +1148,25 @@ impl Node {
             c.stop(now);
         }
         self.pump(now);
+    }
+}
+
+/// Collection sizes for the month simulation (`proto::sim`): the node's own and every machine's.
+#[cfg(test)]
+impl Node {
+    pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.push(("node.actions", self.actions.len()));
+        out.push((
+            "node.helper_info",
+            self.helper_info.as_ref().map_or(0, Map::len),
+        ));
+        out.push(("cloud.machines", usize::from(self.cloud.is_some())));
+        if let Some(c) = self.cloud.as_ref() {
+            c.debug_sizes(out);
+        }
+        self.lan.debug_sizes(out);
+        self.local.debug_sizes(out);
+        self.helper.debug_sizes(out);
     }
 }
 
@@ -1590,6 +1613,38 @@ mod tests {
             .collect();
         assert_eq!(infos.len(), 1, "{sent:?}");
         assert!(infos[0]["params"].get("uid").is_none(), "{infos:?}");
+    }
+
+    /// Found by the month simulation (`proto::sim`): a tool sends a report and closes before the
+    /// ack; the reactor gives the next connection the same slot. The ack must not reach it: P§5.7
+    /// drops the ack of a client that has gone.
+    #[test]
+    fn an_ack_never_reaches_the_next_connection_in_a_closed_slot() {
+        let keys = Keys::new(&KEY);
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.handle_timeout(t0); // the helper grace (2 s) is over: file mode
+        n.set_identity(t0, identity(true));
+        serve(&mut n, t0);
+        assert_eq!(n.state(), State::CloudConnected);
+        let t1 = t0 + Duration::from_secs(1);
+        n.local_accept(t1, 3, Port::Local);
+        n.local_value(t1, 3, br#"{"id":7,"method":"props","params":{"a":1}}"#);
+        let mut up = Vec::new();
+        while let Some(a) = n.poll_action() {
+            if let Action::CloudSend(b) = a {
+                up.push(miio::decode(&keys, DID, &b).unwrap().value);
+            }
+        }
+        assert_eq!(up.len(), 1, "{up:?}");
+        n.local_closed(3);
+        assert!(n.local_accept(t1, 3, Port::Local));
+        let ack = format!(r#"{{"id":{},"result":"ok"}}"#, up[0]["id"]);
+        n.cloud_datagram(t1, &miio::seal(&keys, DID, 1_700_000_001, ack.as_bytes()));
+        let out = serve(&mut n, t1);
+        assert!(out.is_empty(), "the newcomer got {out:?}");
+        // Nothing in flight (the next deadline is the newcomer's 1 s classification window).
+        assert_eq!(n.wakeup_time(t1), 1);
     }
 
     /// The LAN path: `["ERROR"]` when the write fails, `["OK"]` only after it succeeded.
