@@ -955,7 +955,9 @@ impl Sim {
     fn run_actions(&mut self) {
         while let Some(a) = self.node.poll_action() {
             match a {
-                Action::Local(LocalAction::Send(slot, text)) => self.deliver_local(slot, text),
+                Action::Local(LocalAction::Send(slot, text)) => {
+                    self.deliver_local(slot, text.to_string())
+                }
                 Action::Local(LocalAction::Close(slot)) => self.server_close(slot),
                 Action::Resolve {
                     transport,
@@ -1017,7 +1019,9 @@ impl Sim {
                 Action::CloudSend(b) => self.cloud_recv(&b),
                 Action::CloudClose => self.link_closed(),
                 Action::LanSend { to, bytes } => self.phone_recv(to, &bytes),
-                Action::SetLogLevel(_) | Action::TrustFlag(_) => {}
+                Action::SetLogLevel(_) => {}
+                // The flag file is written, as the reactor reports it (the reply waits for that).
+                Action::TrustFlag(_) => self.node.trust_written(self.now, true),
                 Action::ShutdownWrite(slot) => self.shutdown_write(slot),
                 Action::LoadFiles(step) => self.load_files(step),
                 Action::WriteWifi(text) => {
