@@ -115,13 +115,21 @@ STATIC_DIR   := target/static
 APT_INSTALL  := .ci/apt-install
 
 triple_x86_64  := x86_64-unknown-linux-musl
-triple_aarch64 := aarch64-unknown-linux-musl
+# aarch64: atomics inline (see size_aarch64 below) through a target of our own too: rustc's
+# aarch64-unknown-linux-musl with "-outline-atomics" in place of "+outline-atomics" in its features
+# (as a -C target-feature, that one also warns that it is unstable).
+triple_aarch64 := aarch64-inlineatomics-linux-musl
+base_aarch64   := aarch64-unknown-linux-musl
+spec_sed_aarch64 := s/+outline-atomics/-outline-atomics/
+spec_has_aarch64 := "features": "+v8a,-outline-atomics"
 # armv7: Thumb-2 code (see size_armv7 below) through a target of our own, made at build time from
 # rustc's armv7-unknown-linux-musleabihf with "+thumb-mode" added to its features, as rustc's own
 # thumbv7neon targets do. -C target-feature=+thumb-mode does the same but warns that the feature is
 # unstable; the thumbv7neon target would need NEON, which some Cortex-A9 parts lack.
 triple_armv7   := thumbv7-unknown-linux-musleabihf
 base_armv7     := armv7-unknown-linux-musleabihf
+spec_sed_armv7 := s/"features": "/"features": "+thumb-mode,/
+spec_has_armv7 := "features": "+thumb-mode,
 # The linker: the board's gcc with Debian's musl specs (x86_64: exactly what Debian's musl-gcc runs).
 cc_x86_64      := musl-gcc
 cc_aarch64     := aarch64-linux-gnu-gcc -specs /usr/lib/aarch64-linux-musl/musl-gcc.specs
@@ -161,9 +169,10 @@ S_PANIC = $(if $(filter immediate-abort,$(PANIC)),-Zunstable-options -Cpanic=imm
 #   (-22 KB aarch64).
 S_SIZE = -Zlocation-detail=none -C link-arg=-Wl,-z,norelro
 # armv7: Thumb-2 code instead of 32-bit ARM instructions, as Debian's own armhf musl already is
-# (-82 KB; the target spec triple_armv7 carries it). aarch64: atomics inline (LL/SC) instead of through the runtime-dispatched outline helpers
-# (-2.2 KB), and more rounds of the machine outliner that opt-level=z runs there anyway (-1.3 KB).
-size_aarch64 := -C target-feature=-outline-atomics -C llvm-args=-machine-outliner-reruns=4
+# (-82 KB; the target spec triple_armv7 carries it). aarch64: atomics inline (LL/SC) instead of
+# through the runtime-dispatched outline helpers (-2.2 KB; the target spec triple_aarch64 carries
+# it), and more rounds of the machine outliner that opt-level=z runs there anyway (-1.3 KB).
+size_aarch64 := -C llvm-args=-machine-outliner-reruns=4
 # 64-bit time_t on the 32-bit boards: Debian's musl is 1.2.3, whose time_t is 64 bits on every CPU and
 # whose time functions for 32-bit CPUs are the __*_time64 symbols. The libc crate binds the old 32-bit
 # ones unless told the musl is 1.2 (it then also stops flagging time_t deprecated): the --cfg tells our
@@ -237,8 +246,8 @@ static-glue: static-deps
 	@chmod 0755 $(S_SYS)/cc.tmp && mv $(S_SYS)/cc.tmp $(S_SYS)/cc
 	@if [ -n '$(base_$(TARGET))' ]; then \
 		RUSTC_BOOTSTRAP=1 $(STATIC_RUSTC) -Z unstable-options --print target-spec-json --target $(base_$(TARGET)) \
-		| sed 's/"features": "/"features": "+thumb-mode,/' >$(S_SPEC).tmp && \
-		grep -q '"features": "+thumb-mode,' $(S_SPEC).tmp && mv $(S_SPEC).tmp $(S_SPEC) || \
+		| sed '$(spec_sed_$(TARGET))' >$(S_SPEC).tmp && \
+		grep -qF '$(spec_has_$(TARGET))' $(S_SPEC).tmp && mv $(S_SPEC).tmp $(S_SPEC) || \
 		{ echo "cannot make the target spec $(S_SPEC)" >&2; exit 1; }; \
 	fi
 	@if [ -n '$(debarch_$(TARGET))' ] && [ ! -f $(S_UNWIND) ]; then \
