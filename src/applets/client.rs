@@ -408,7 +408,7 @@ impl Daemon {
         if c.unread {
             return false;
         }
-        let step = c.conn.read_once();
+        let step = c.conn.read_once(r.closed);
         while let Some(v) = self.clients[slot]
             .as_mut()
             .and_then(|c| c.conn.next_value())
@@ -680,8 +680,10 @@ impl Daemon {
                 Ok(n) => {
                     self.node.cloud_stream(now, &buf[..n]);
                     self.run_actions(now);
-                    // A short read took all the kernel had; later data raises a new edge.
-                    return n == buf.len();
+                    // A short read took all the data the kernel had; later data raises a new
+                    // edge. An end reported with this data does not: read again for it (an
+                    // ack cut by a reset would otherwise wait for its deadline, not fail now).
+                    return n == buf.len() || r.closed;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -33,7 +33,8 @@ pub const READ_CHUNK: usize = 4096;
 pub enum ReadStep {
     /// The socket may hold more: read again next turn without waiting for a new edge.
     More,
-    /// Drained (WouldBlock or a short read): the next edge says when there is more.
+    /// Drained (WouldBlock, or a short read of a socket not reported closed): the next edge says
+    /// when there is more.
     Drained,
     /// The peer closed its write side (or the socket failed).
     Eof,
@@ -77,15 +78,20 @@ impl Conn {
 
     /// One read of at most [`READ_CHUNK`] bytes into the splitter. The caller then takes the values
     /// with [`Conn::next_value`] and handles each before reading again.
-    pub fn read_once(&mut self) -> ReadStep {
+    ///
+    /// `closed`: the readiness event also reported the peer's close or a socket error. Data and a
+    /// FIN (or RST) that arrive together raise one edge; a short read then takes the data and
+    /// leaves the end unread, and no later edge reports it, so the read must be repeated.
+    pub fn read_once(&mut self, closed: bool) -> ReadStep {
         let mut buf = [0u8; READ_CHUNK];
         loop {
             return match self.stream.read(&mut buf) {
                 Ok(0) => ReadStep::Eof,
                 Ok(n) => {
                     self.split.push(&buf[..n]);
-                    // A short read took all the kernel had; data arriving later raises a new edge.
-                    if n < READ_CHUNK {
+                    // A short read took all the data the kernel had; data arriving later raises a
+                    // new edge, an end already reported does not.
+                    if n < READ_CHUNK && !closed {
                         ReadStep::Drained
                     } else {
                         ReadStep::More
@@ -189,6 +195,69 @@ mod tests {
         let (s, _) = l.accept().unwrap();
         s.set_nonblocking(true).unwrap();
         (Conn::new(TcpStream::from_std(s), 1024, limit), peer)
+    }
+
+    /// Data and the peer's end arrive before the daemon looks: one edge reports both. The loop
+    /// the daemon runs (one read per turn, again while `More`, then wait for an edge) must reach
+    /// the end: a FIN closes the slot, an RST (the cloud's reset mid-ack) fails the link now.
+    fn end_with_data_is_seen(rst: bool) {
+        use crate::io::reactor::Ready;
+        use mio::{Events, Interest, Poll, Token};
+        let (mut c, mut peer) = pair(1 << 16);
+        let mut poll = Poll::new().unwrap();
+        poll.registry()
+            .register(&mut c.stream, Token(7), Interest::READABLE)
+            .unwrap();
+        let mut events = Events::with_capacity(8);
+        poll.poll(&mut events, Some(std::time::Duration::ZERO))
+            .unwrap();
+        peer.write_all(b"{\"id\":1,\"result\":[\"ok\"]}").unwrap();
+        if rst {
+            sys::set_linger_reset(peer.as_raw_fd()).unwrap();
+        }
+        drop(peer);
+        // Both are queued at the socket before the first wait.
+        let mut ready = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ready.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no event");
+            poll.poll(&mut events, Some(std::time::Duration::from_millis(100)))
+                .unwrap();
+            ready.extend(events.iter().map(Ready::of));
+        }
+        let mut closed = ready.iter().any(|r| r.closed);
+        for turn in 0.. {
+            assert!(turn < 4, "the end was never read");
+            match c.read_once(closed) {
+                ReadStep::Eof => break,
+                ReadStep::More => closed = false, // served again, with no new event
+                ReadStep::Drained => {
+                    // The daemon now waits for an edge: there must be one.
+                    poll.poll(&mut events, Some(std::time::Duration::from_millis(200)))
+                        .unwrap();
+                    let evs: Vec<Ready> = events.iter().map(Ready::of).collect();
+                    assert!(
+                        !evs.is_empty(),
+                        "drained, and no edge will say the peer left"
+                    );
+                    closed = evs.iter().any(|r| r.closed);
+                }
+            }
+        }
+        assert_eq!(
+            c.next_value().unwrap().unwrap(),
+            b"{\"id\":1,\"result\":[\"ok\"]}"
+        );
+    }
+
+    #[test]
+    fn fin_that_came_with_data_is_read() {
+        end_with_data_is_seen(false);
+    }
+
+    #[test]
+    fn reset_that_came_with_data_is_read() {
+        end_with_data_is_seen(true);
     }
 
     #[test]

@@ -54,6 +54,19 @@ pub struct Ready {
     pub closed: bool,
 }
 
+impl Ready {
+    /// What one mio event says. `closed` is the peer's FIN or RST or a socket error, reported
+    /// once: an end that arrived with data is still unread after a short read (`Conn::read_once`).
+    pub fn of(ev: &mio::event::Event) -> Ready {
+        Ready {
+            token: ev.token(),
+            readable: ev.is_readable() || ev.is_read_closed(),
+            writable: ev.is_writable(),
+            closed: ev.is_error() || ev.is_read_closed() || ev.is_write_closed(),
+        }
+    }
+}
+
 /// The result of one wait.
 #[derive(Debug, Default)]
 pub struct Turn {
@@ -127,12 +140,7 @@ impl Reactor {
             match ev.token() {
                 TIMER => turn.timer = true,
                 SIGNAL => signalled = true,
-                token => turn.ready.push(Ready {
-                    token,
-                    readable: ev.is_readable() || ev.is_read_closed(),
-                    writable: ev.is_writable(),
-                    closed: ev.is_error() || ev.is_read_closed() || ev.is_write_closed(),
-                }),
+                _ => turn.ready.push(Ready::of(ev)),
             }
         }
         // The pipe is read only when it reported readable, and then drained: a signal written
