@@ -1429,7 +1429,7 @@ impl CloudH {
     }
 
     fn event(&mut self, u: &mut Input) {
-        match u.u8() % 21 {
+        match u.u8() % 22 {
             0 => advance(self, u),
             1 => {
                 self.c.start(self.now);
@@ -1535,6 +1535,13 @@ impl CloudH {
                 self.c = Cloud::new(self.cfg.clone());
                 self.c.resume(carry);
                 self.attempt = None;
+            }
+            20 => {
+                // The client's connection closed: nothing more may be addressed to it.
+                let k = u32::from(u.u8() % 4);
+                self.c.client_gone(ClientId(k));
+                self.waiting.retain(|w| w.0 != k);
+                self.drain();
             }
             _ => {
                 let _ = (self.c.is_busy(), self.c.stamp(self.now), self.c.offset());
