@@ -876,7 +876,7 @@ fn advance<H: Clocked>(h: &mut H, u: &mut Input) {
         3 => u64::from(u.u8()) * 60_000,
         4 => u64::from(u.u8()) * 3_600_000,
         5 => to_next,
-        6 => to_next + u64::from(u.u8()),
+        6 => to_next.saturating_add(u64::from(u.u8())),
         _ => u64::from(u.u8()) * 86_400_000,
     };
     let end = (now + Duration::from_millis(ms)).min(CLOCK_END).max(now);
