@@ -25,6 +25,8 @@ help:
 	@echo '                      fully static musl binary in target/static/$$TARGET/miio_client'
 	@echo 'make install DESTDIR=/path/to/rootfs PREFIX=/usr [STATIC=path/to/miio_client]'
 	@echo 'make static-test [TARGET=...]  unit tests built like make static, ARM under qemu'
+	@echo 'make fuzz [FUZZ_SECS=60] [FUZZ_TARGETS="rpc node"]  each cargo-fuzz target for N s (fuzz/README.md)'
+	@echo 'make fuzz-cmin        minimize fuzz/corpus with what the campaigns found'
 	@echo 'make fmt-check | clippy | clean'
 
 all:
@@ -332,3 +334,63 @@ BENCH_PYTHON ?= $(or $(MIIO_PYTHON),$(wildcard tests/.venv/bin/python3),python3)
 .PHONY: bench
 bench:
 	CARGO='$(CARGO)' MAKE='$(MAKE)' $(BENCH_PYTHON) tests/bench/bench.py
+
+# --- fuzz -----------------------------------------------------------------------------------------
+# Coverage-guided fuzzing (fuzz/README.md): cargo-fuzz on the nightly toolchain, installed from
+# crates.io when missing. Each target runs FUZZ_SECS seconds, one after the other, one job each; a
+# line per target gives its executions, speed and crashes (inputs in fuzz/artifacts/<target>/); the
+# exit status is 1 when one crashed. Campaigns read fuzz/corpus, fuzz/regressions and the seeds of
+# fuzz/seeds.py, and keep what they find in fuzz/work/<target> (not committed; `make fuzz-cmin`
+# folds it into fuzz/corpus).
+FUZZ_SECS    ?= 60
+# FUZZ_RUNS=N: stop a target after N executions (FUZZ_SECS still bounds the time).
+FUZZ_RUNS    ?=
+FUZZ_TARGETS ?= miio_packet miio_sealed json_stream rpc config dns cloud lan local node
+FUZZ_FLAGS   ?= -timeout=10 -rss_limit_mb=2048
+FUZZ_NIGHTLY ?= +nightly
+# No AddressSanitizer by default: the crate has no unsafe code outside io/sys.rs, which no target
+# reaches, and ASan's allocation bookkeeping costs 2-7x the speed. FUZZ_SANITIZER=address for it.
+FUZZ_SANITIZER ?= none
+FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+FUZZ_BIN      = $(CURDIR)/fuzz/target/$(FUZZ_HOST)/release
+FUZZ_DIR     := $(CURDIR)/fuzz
+.PHONY: fuzz fuzz-build fuzz-cmin
+
+fuzz-build:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	$(CARGO) $(FUZZ_NIGHTLY) fuzz build -s $(FUZZ_SANITIZER)
+	@mkdir -p fuzz/work && python3 fuzz/seeds.py fuzz/work/seeds >/dev/null
+
+fuzz: fuzz-build
+	@printf '%-12s %14s %10s %8s  %s\n' target executions exec/s crashes seconds
+	@bad=0; for t in $(FUZZ_TARGETS); do \
+		w=$(FUZZ_DIR)/work; a=$(FUZZ_DIR)/artifacts/$$t; \
+		mkdir -p $$w/$$t $$w/$$t.run $$w/seeds/$$t $$a $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/regressions/$$t; \
+		before=$$(ls $$a | grep -cE '^(crash|leak|oom|timeout)-'); \
+		start=$$(date +%s); \
+		( cd $$w/$$t.run && rm -f fuzz-*.log && $(FUZZ_BIN)/$$t $$w/$$t $(FUZZ_DIR)/corpus/$$t \
+			$(FUZZ_DIR)/regressions/$$t $$w/seeds/$$t -max_total_time=$(FUZZ_SECS) -jobs=1 -workers=1 \
+			-print_final_stats=1 -artifact_prefix=$$a/ $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS)) $(FUZZ_FLAGS) \
+			>console.log 2>&1 ); \
+		log=$$w/$$t.run/fuzz-0.log; \
+		runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $$log | tail -1); \
+		speed=$$(sed -n 's/^stat::average_exec_per_sec: *//p' $$log | tail -1); \
+		crashes=$$(( $$(ls $$a | grep -cE '^(crash|leak|oom|timeout)-') - before )); \
+		printf '%-12s %14s %10s %8s  %s\n' $$t "$${runs:-?}" "$${speed:-?}" $$crashes $$(( $$(date +%s) - start )); \
+		if [ $$crashes -gt 0 ] || [ -z "$$runs" ]; then bad=1; grep -m1 -A3 -E 'panicked|ERROR: libFuzzer' $$log; fi; \
+	done; exit $$bad
+
+# Each target's corpus minimized (libFuzzer -merge=1, what `cargo fuzz cmin` runs) over the committed
+# corpus, the seeds and what the campaigns found; the result replaces fuzz/corpus/<target>. It keeps
+# every edge reached but not each hit-count variant (-use_counters=0): a tenth of the size for the
+# same edges, and a campaign finds the variants again within seconds.
+FUZZ_CMIN_FLAGS ?= -use_counters=0
+fuzz-cmin: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+		w=$(FUZZ_DIR)/work; rm -rf $$w/$$t.min; mkdir -p $$w/$$t.min $$w/$$t $(FUZZ_DIR)/corpus/$$t; \
+		$(FUZZ_BIN)/$$t -merge=1 $$w/$$t.min $(FUZZ_DIR)/corpus/$$t $$w/seeds/$$t $$w/$$t $(FUZZ_CMIN_FLAGS) \
+			$(FUZZ_FLAGS) \
+			>$$w/$$t.min.log 2>&1 || { tail -5 $$w/$$t.min.log; exit 1; }; \
+		rm -rf $(FUZZ_DIR)/corpus/$$t && mv $$w/$$t.min $(FUZZ_DIR)/corpus/$$t; \
+		echo "$$t: $$(ls $(FUZZ_DIR)/corpus/$$t | wc -l) files, $$(cat $(FUZZ_DIR)/corpus/$$t/* | wc -c) bytes"; \
+	done

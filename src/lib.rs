@@ -9,6 +9,9 @@
 pub mod applets;
 pub mod cli;
 pub mod config;
+/// Bodies of the fuzz targets (fuzz/README.md); nothing in the daemon calls it.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod proto;
 pub mod ratelimit;

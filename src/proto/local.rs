@@ -298,15 +298,19 @@ impl Local {
             Err(e @ RpcError::Parse) => {
                 crate::warn_limited!(now, "local client {conn}: {e}; closing");
                 self.classify_as(now, conn, false);
-                self.push_send(conn, error_no_id(e).into());
-                self.conns.remove(&conn);
-                self.push_close(conn);
+                // An extra connection was just closed by that (L§2): nothing more goes to it.
+                if self.conns.remove(&conn).is_some() {
+                    self.push_send(conn, error_no_id(e).into());
+                    self.push_close(conn);
+                }
                 return None;
             }
             Err(e @ RpcError::NotObject) => {
                 crate::warn_limited!(now, "local client {conn}: {e}");
                 self.classify_as(now, conn, false);
-                self.push_send(conn, error_no_id(e).into());
+                if self.conns.contains_key(&conn) {
+                    self.push_send(conn, error_no_id(e).into());
+                }
                 return None;
             }
         };
