@@ -1397,7 +1397,8 @@ impl CloudH {
                 self.waiting.push((client, id.clone()));
             }
         }
-        self.c.upstream(self.now, ClientId(client), &text, &o);
+        let h = rpc::scan(text.as_bytes()).expect("parse_object took it");
+        self.c.upstream(self.now, ClientId(client), &text, &h);
         self.drain();
     }
 
@@ -1426,7 +1427,12 @@ impl CloudH {
         if pending && text.len() > self.cfg.max_cloud_payload {
             self.waiting.push((client, Value::from(id)));
         }
-        let taken = self.c.local_reply(self.now, ClientId(client), &text, &o);
+        let h = rpc::scan(text.as_bytes()).expect("a reply template scans");
+        assert_eq!(
+            h.error_code,
+            o.get("error").and_then(|e| e["code"].as_i64())
+        );
+        let taken = self.c.local_reply(self.now, ClientId(client), &text, &h);
         assert_eq!(
             taken, pending,
             "local_reply({id}) against the pending table"
@@ -2263,15 +2269,17 @@ impl LocalH {
                 assert!(*conn == id && method.starts_with("_internal."));
                 "internal"
             }
-            Inbound::Upstream { conn, obj, text } => {
+            Inbound::Upstream { conn, head, text } => {
                 assert!(*conn == id && text.as_bytes() == raw);
-                assert!(obj.get("id").is_none_or(|v| rpc::id_u32(v).is_some()));
+                assert!(head.id.as_ref().is_none_or(|v| rpc::id_u32(v).is_some()));
+                scanned_as_parsed(head, raw);
                 "upstream"
             }
             Inbound::Reply {
-                conn, id: n, obj, ..
+                conn, id: n, head, ..
             } => {
-                assert!(*conn == id && obj.get("id").and_then(rpc::id_u32) == Some(*n));
+                assert!(*conn == id && head.id.as_ref().and_then(rpc::id_u32) == Some(*n));
+                scanned_as_parsed(head, raw);
                 "reply"
             }
         });
@@ -3285,5 +3293,22 @@ pub fn node(data: &[u8]) {
         h.waiting.is_empty(),
         "upstream requests never answered: {:?}",
         h.waiting
+    );
+}
+
+/// The machine's scan of a routed message reads what the tree holds (the model parses).
+fn scanned_as_parsed(head: &rpc::Head, raw: &[u8]) {
+    let o = rpc::parse_object(raw).expect("a routed message parses");
+    assert_eq!(
+        (&head.method, &head.id, head.answer, head.error_code),
+        (
+            &o.get("method").map(|m| m.as_str().map(str::to_owned)),
+            &o.get("id").cloned(),
+            o.contains_key("result") || o.contains_key("error"),
+            o.get("error")
+                .and_then(|e| e.get("code"))
+                .and_then(Value::as_i64),
+        ),
+        "scan and tree disagree"
     );
 }

@@ -1163,11 +1163,11 @@ impl Cloud {
             }
             return;
         }
-        match miio::open(&self.keys, self.cfg.did, &pkt) {
+        match miio::open_scanned(&self.keys, self.cfg.did, &pkt) {
             Ok(o) => {
                 self.rx_since_ka = true;
                 self.last_rx = Some(self.last_rx.map_or(pkt.stamp(), |l| l.max(pkt.stamp())));
-                self.on_message(now, &o.text, &o.value);
+                self.on_message(now, &o.text, &o.head);
             }
             Err(e) => self.dropped(now, &e),
         }
@@ -1200,39 +1200,33 @@ impl Cloud {
         crate::warn_limited!(now, "{why}");
     }
 
-    /// An authenticated JSON object from the cloud.
-    fn on_message(&mut self, now: Instant, text: &str, obj: &Map<String, Value>) {
-        match obj.get("method") {
+    /// An authenticated JSON object from the cloud, as scanned (no tree: an ack needs none).
+    fn on_message(&mut self, now: Instant, text: &str, head: &rpc::Head) {
+        match &head.method {
             None => {
-                let id = obj.get("id").and_then(rpc::id_u32);
+                let id = head.id.as_ref().and_then(rpc::id_u32);
                 match id.and_then(|id| self.ups.iter().position(|u| u.cloud_id == id)) {
-                    Some(i) => self.acked(now, i, text, obj),
+                    Some(i) => self.acked(now, i, text),
                     // P§5.8: the cloud's ack of one of our replies.
                     None => debug!("cloud ack swallowed: id {id:?}"),
                 }
             }
-            Some(Value::String(m)) => self.command(now, m, text, obj),
-            Some(_) => self.dropped(now, &"cloud message with a non-string method"),
+            Some(Some(m)) => self.command(now, m, text, head),
+            Some(None) => self.dropped(now, &"cloud message with a non-string method"),
         }
     }
 
     // ---- upstream (P§5.7) ------------------------------------------------------------------
 
     /// A request from a local client (`method` present, not `local.*`/`_internal.*`).
-    pub fn upstream(
-        &mut self,
-        now: Instant,
-        client: ClientId,
-        text: &str,
-        obj: &Map<String, Value>,
-    ) {
-        let method = obj.get("method").and_then(Value::as_str).unwrap_or("");
+    pub fn upstream(&mut self, now: Instant, client: ClientId, text: &str, head: &rpc::Head) {
+        let method = head.method();
         if method.starts_with("local.") || method.starts_with("_internal.") {
             // P§5.7: these never reach the cloud, whoever routed them here.
             crate::warn_limited!(now, "{method} is not sent to the cloud");
             return;
         }
-        let Some(idv) = obj.get("id") else {
+        let Some(idv) = head.id.as_ref() else {
             // Fire-and-forget: once, as is, untracked.
             if self.phase != Phase::Up {
                 crate::info_limited!(now, "cloud down, notification dropped");
@@ -1351,7 +1345,7 @@ impl Cloud {
         }
     }
 
-    fn acked(&mut self, now: Instant, i: usize, text: &str, obj: &Map<String, Value>) {
+    fn acked(&mut self, now: Instant, i: usize, text: &str) {
         let up = self.ups.remove(i);
         self.wheel.cancel(Timer::Ack(up.cloud_id));
         match up.origin {
@@ -1361,7 +1355,11 @@ impl Cloud {
                 self.emit(Action::ToClient { client, text });
             }
             Origin::Gone => debug!("ack id:{} for a client that has gone: dropped", up.cloud_id),
-            Origin::Info { refresh } => self.info_reply(now, obj, refresh),
+            Origin::Info { refresh } => {
+                // The one ack whose content matters: its tree, built only here.
+                let obj = rpc::parse_object(text.as_bytes()).unwrap_or_default();
+                self.info_reply(now, &obj, refresh);
+            }
             Origin::IdleReport => {
                 self.idle_reported = true;
                 self.announce();
@@ -1371,20 +1369,26 @@ impl Cloud {
 
     // ---- downstream (P§5.8) ----------------------------------------------------------------
 
-    fn command(&mut self, now: Instant, method: &str, text: &str, obj: &Map<String, Value>) {
+    fn command(&mut self, now: Instant, method: &str, text: &str, head: &rpc::Head) {
         if method.starts_with("local.") || method.starts_with("_internal.") {
             return self.dropped(now, &format_args!("cloud method {method} dropped"));
         }
         let lan_only = LAN_ONLY.contains(&method);
         let own = SELF_METHODS.contains(&method);
-        let params = obj.get("params").cloned().unwrap_or(Value::Null);
+        // Params are read only for the methods the daemon answers itself: the tree, built then.
+        let params = || {
+            rpc::parse_object(text.as_bytes())
+                .ok()
+                .and_then(|mut o| o.remove("params"))
+                .unwrap_or(Value::Null)
+        };
         // Id 0 is never answered (P§5.8), so such a command is not tracked either.
-        let Some(id) = obj.get("id").and_then(rpc::id_u32).filter(|&id| id != 0) else {
+        let Some(id) = head.id.as_ref().and_then(rpc::id_u32).filter(|&id| id != 0) else {
             if own {
                 self.emit(Action::SelfMethod {
                     id: None,
                     method: method.to_owned(),
-                    params,
+                    params: params(),
                 });
             } else if lan_only {
                 debug!("LAN-only notification {method} from the cloud dropped");
@@ -1426,7 +1430,7 @@ impl Cloud {
             self.emit(Action::SelfMethod {
                 id: Some(id),
                 method: method.to_owned(),
-                params,
+                params: params(),
             });
         } else {
             self.emit(Action::Command {
@@ -1443,16 +1447,12 @@ impl Cloud {
         now: Instant,
         client: ClientId,
         text: &str,
-        obj: &Map<String, Value>,
+        head: &rpc::Head,
     ) -> bool {
-        let Some(id) = obj.get("id").and_then(rpc::id_u32) else {
+        let Some(id) = head.id.as_ref().and_then(rpc::id_u32) else {
             return false;
         };
-        let code = obj
-            .get("error")
-            .and_then(|e| e.get("code"))
-            .and_then(Value::as_i64);
-        self.reply(now, Some(client), id, text, code)
+        self.reply(now, Some(client), id, text, head.error_code)
     }
 
     /// The daemon's own answer to a `SelfMethod` (or a -9999 for a command that collides with a LAN id).
@@ -1611,6 +1611,10 @@ mod tests {
 
     fn obj(text: &str) -> Map<String, Value> {
         rpc::parse_object(text.as_bytes()).expect("test JSON object")
+    }
+
+    fn head(text: &str) -> rpc::Head {
+        rpc::scan(text.as_bytes()).expect("test JSON object")
     }
 
     /// A packet with any payload bytes and a correct MD5 (for the negative vectors).
@@ -1795,14 +1799,14 @@ mod tests {
 
         fn upstream(&mut self, client: u32, text: &str) {
             self.c
-                .upstream(self.now, ClientId(client), text, &obj(text));
+                .upstream(self.now, ClientId(client), text, &head(text));
             self.pump();
         }
 
         fn reply(&mut self, client: u32, text: &str) -> bool {
             let r = self
                 .c
-                .local_reply(self.now, ClientId(client), text, &obj(text));
+                .local_reply(self.now, ClientId(client), text, &head(text));
             self.pump();
             r
         }

@@ -68,17 +68,17 @@ pub enum Inbound {
         obj: Map<String, Value>,
         text: String,
     },
-    /// Any other method: upstream to the cloud.
+    /// Any other method: upstream to the cloud (scanned, no tree: P§5.7 reads only method and id).
     Upstream {
         conn: ConnId,
-        obj: Map<String, Value>,
+        head: rpc::Head,
         text: String,
     },
     /// A reply (no method, integer id, result or error) to a pending command.
     Reply {
         conn: ConnId,
         id: u32,
-        obj: Map<String, Value>,
+        head: rpc::Head,
         text: String,
     },
 }
@@ -293,8 +293,9 @@ impl Local {
     /// here (L§3); a well-formed message is classified and returned for routing.
     pub fn handle_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {
         let port = self.conns.get(&conn)?.port;
-        let obj = match rpc::parse_object(raw) {
-            Ok(o) => o,
+        // One scan for what routing needs; a tree only for the messages whose params are read.
+        let head = match rpc::scan(raw) {
+            Ok(h) => h,
             Err(e @ RpcError::Parse) => {
                 crate::warn_limited!(now, "local client {conn}: {e}; closing");
                 self.classify_as(now, conn, false);
@@ -315,11 +316,13 @@ impl Local {
             }
         };
         let text = lossy(raw);
-        let (method, id) = match rpc::classify(&obj) {
+        let (method, id) = match head.kind() {
             Kind::Request { method, id } => (Some(method.to_owned()), id.cloned()),
             Kind::Reply { id } => (None, Some(id.clone())),
             Kind::Other => (None, None),
         };
+        // The scan accepted it, so the parser does too.
+        let tree = || rpc::parse_object(raw).unwrap_or_default();
         let internal = method
             .as_deref()
             .is_some_and(|m| m.starts_with("_internal."));
@@ -334,7 +337,7 @@ impl Local {
                 conn,
                 method: m,
                 id,
-                obj,
+                obj: tree(),
             }),
             Some(m) if port == Port::Ble => {
                 crate::warn_limited!(now, "BLE client sent {m}: only local.* is allowed");
@@ -347,7 +350,7 @@ impl Local {
             Some(m) if internal => Some(Inbound::Internal {
                 conn,
                 method: m,
-                obj,
+                obj: tree(),
                 text,
             }),
             Some(_) => {
@@ -358,13 +361,13 @@ impl Local {
                     self.push_send(conn, rpc::invalid_request(echo).into());
                     return None;
                 }
-                Some(Inbound::Upstream { conn, obj, text })
+                Some(Inbound::Upstream { conn, head, text })
             }
             None => match id.as_ref().and_then(rpc::id_u32) {
                 Some(idn) if port == Port::Local => Some(Inbound::Reply {
                     conn,
                     id: idn,
-                    obj,
+                    head,
                     text,
                 }),
                 _ => {
@@ -594,9 +597,13 @@ mod tests {
         // Valid JSON with a number no f64 holds goes upstream byte for byte.
         let t = r#"{"id":7,"method":"props","params":{"x":1e400, "y":[-2E+999]}}"#;
         match l.handle_value(T0, 1, t.as_bytes()) {
-            Some(Inbound::Upstream { conn: 1, text, obj }) => {
+            Some(Inbound::Upstream {
+                conn: 1,
+                text,
+                head,
+            }) => {
                 assert_eq!(text, t);
-                assert_eq!(obj["id"], 7);
+                assert_eq!(head.id, Some(7.into()));
             }
             other => panic!("{other:?}"),
         }

@@ -1030,10 +1030,10 @@ impl Node {
             Some(Inbound::Internal { conn, obj, .. }) => {
                 self.helper.handle_message(now, conn, &obj)
             }
-            Some(Inbound::Upstream { conn, obj, text }) => match self.cloud.as_mut() {
-                Some(c) => c.upstream(now, ClientId(conn as u32), &text, &obj),
+            Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
+                Some(c) => c.upstream(now, ClientId(conn as u32), &text, &head),
                 None => {
-                    if let Some(id) = obj.get("id") {
+                    if let Some(id) = head.id.as_ref() {
                         self.local.send_to(
                             conn,
                             rpc::error_reply(Some(id), -30011, "OT server disconnected"),
@@ -1044,14 +1044,14 @@ impl Node {
             Some(Inbound::Reply {
                 conn,
                 id,
-                obj,
+                head,
                 text,
             }) => {
                 let taken = if self.lan.is_local_id_pending(id) {
                     self.lan.local_reply(now, id, &text)
                 } else {
                     match self.cloud.as_mut() {
-                        Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &obj),
+                        Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &head),
                         None => false,
                     }
                 };

@@ -319,9 +319,25 @@ pub struct Opened {
     pub value: Map<String, Value>,
 }
 
-/// Step 5 of P§2.7, in order: did, MD5, payload length, decrypt, unpad, cut at the first NUL
-/// (bytes after it are ignored, P§2.4), UTF-8, JSON object.
-pub fn open(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Opened, Error> {
+/// [`open`] without the tree: the text and its [`rpc::Head`], from one scan of the plaintext. The
+/// path of reports and acks, which read nothing else (ARCHITECTURE.md §6).
+pub struct Scanned {
+    pub text: String,
+    pub head: rpc::Head,
+}
+
+/// [`open`] checked the same way, without building the tree.
+pub fn open_scanned(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Scanned, Error> {
+    let text = open_text(keys, our_did, pkt)?;
+    match rpc::scan(text.as_bytes()) {
+        Ok(head) => Ok(Scanned { text, head }),
+        Err(rpc::RpcError::NotObject) => Err(Error::NotObject),
+        Err(rpc::RpcError::Parse) => Err(Error::NotJson),
+    }
+}
+
+/// Steps 5a-g of P§2.7 up to the text: did, MD5, payload length, decrypt, unpad, NUL, UTF-8.
+fn open_text(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<String, Error> {
     if pkt.did() != our_did {
         return Err(Error::DidMismatch { got: pkt.did() });
     }
@@ -332,7 +348,13 @@ pub fn open(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Opened, Er
     if let Some(nul) = plain.iter().position(|&b| b == 0) {
         plain.truncate(nul);
     }
-    let text = String::from_utf8(plain).map_err(|_| Error::NotUtf8)?;
+    String::from_utf8(plain).map_err(|_| Error::NotUtf8)
+}
+
+/// Step 5 of P§2.7, in order: did, MD5, payload length, decrypt, unpad, cut at the first NUL
+/// (bytes after it are ignored, P§2.4), UTF-8, JSON object.
+pub fn open(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Opened, Error> {
+    let text = open_text(keys, our_did, pkt)?;
     // The one parser of local messages too: valid JSON that a serde Value cannot hold (`1e400`)
     // is still an object, so a LAN or cloud command goes on byte for byte (P§3).
     match rpc::parse_object(text.as_bytes()) {

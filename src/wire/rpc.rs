@@ -115,6 +115,143 @@ pub fn classify(obj: &Map<String, Value>) -> Kind<'_> {
     }
 }
 
+/// What routing needs of a message: its `method`, `id`, whether it is an answer, and an error's
+/// code, found in one scan of the bytes without building a tree (ARCHITECTURE.md §6). A report
+/// and its ack need nothing else; the tree ([`parse_object`]) is built only where params are read.
+///
+/// The same message as [`parse_object`] sees it: members are matched after unescaping their keys,
+/// the last of a duplicated key wins, and a value no `Value` can hold reads as `null`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Head {
+    /// `None`: no `method` member; `Some(None)`: one that is not a string.
+    pub method: Option<Option<String>>,
+    pub id: Option<Value>,
+    /// A `result` or an `error` member is present.
+    pub answer: bool,
+    /// `error.code`, when `error` is an object with an integer `code`.
+    pub error_code: Option<i64>,
+}
+
+impl Head {
+    /// As [`classify`] tells it from the tree.
+    pub fn kind(&self) -> Kind<'_> {
+        match (&self.method, &self.id) {
+            (Some(Some(method)), id) => Kind::Request {
+                method,
+                id: id.as_ref(),
+            },
+            (None, Some(id)) if self.answer => Kind::Reply { id },
+            _ => Kind::Other,
+        }
+    }
+
+    /// The method when it is a string, else "".
+    pub fn method(&self) -> &str {
+        match &self.method {
+            Some(Some(m)) => m,
+            _ => "",
+        }
+    }
+
+    fn from_tree(obj: &Map<String, Value>) -> Head {
+        Head {
+            method: obj.get("method").map(|m| m.as_str().map(str::to_owned)),
+            id: obj.get("id").cloned(),
+            answer: obj.contains_key("result") || obj.contains_key("error"),
+            error_code: error_code(obj.get("error")),
+        }
+    }
+}
+
+fn error_code(e: Option<&Value>) -> Option<i64> {
+    e?.get("code")?.as_i64()
+}
+
+/// [`parse_object`]'s verdict and the [`Head`] of its object, in one pass over the bytes with no
+/// tree (the text is checked against RFC 8259 syntax and UTF-8 as the lenient parser does). Only
+/// text that this scan refuses goes through `parse_object` to learn which error it is.
+pub fn scan(raw: &[u8]) -> Result<Head, RpcError> {
+    let Some(members) = core::str::from_utf8(raw).ok().and_then(|_| members(raw)) else {
+        return parse_object(raw).map(|m| Head::from_tree(&m));
+    };
+    let mut head = Head::default();
+    for (k, v) in members {
+        let (Some(key), Some(v)) = (raw.get(k), raw.get(v)) else {
+            continue;
+        };
+        match member_name(key) {
+            Some(Name::Method) => {
+                let plain = v.len() >= 2 && v[0] == b'"' && !v.contains(&b'\\');
+                head.method = Some(if plain {
+                    // ASCII quotes around UTF-8 checked above.
+                    core::str::from_utf8(&v[1..v.len() - 1])
+                        .ok()
+                        .map(str::to_owned)
+                } else {
+                    match value(v) {
+                        Some(Value::String(m)) => Some(m),
+                        _ => None,
+                    }
+                });
+            }
+            Some(Name::Id) => head.id = Some(id_value(v)),
+            Some(Name::Result) => head.answer = true,
+            Some(Name::Error) => {
+                head.answer = true;
+                head.error_code = error_code(value(v).as_ref());
+            }
+            None => {}
+        }
+    }
+    Ok(head)
+}
+
+/// An id's value: the common unsigned integer without serde, anything else through it (`null`
+/// for a value no `Value` holds, as in the lenient parse).
+fn id_value(v: &[u8]) -> Value {
+    if !v.is_empty()
+        && v.len() <= 19
+        && v.iter().all(u8::is_ascii_digit)
+        && (v[0] != b'0' || v.len() == 1)
+    {
+        let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        return Value::from(n);
+    }
+    value(v).unwrap_or(Value::Null)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Name {
+    Method,
+    Id,
+    Result,
+    Error,
+}
+
+/// Which of the members routing reads `key` (with its quotes) names, after unescaping.
+fn member_name(key: &[u8]) -> Option<Name> {
+    const NAMES: [(&[u8], Name); 4] = [
+        (b"\"method\"", Name::Method),
+        (b"\"id\"", Name::Id),
+        (b"\"result\"", Name::Result),
+        (b"\"error\"", Name::Error),
+    ];
+    if let Some(&(_, n)) = NAMES.iter().find(|(k, _)| *k == key) {
+        return Some(n);
+    }
+    if !key.contains(&b'\\') {
+        return None;
+    }
+    // Escaped spellings (rare, but a parser accepts them), through the one `Value` parse.
+    let Some(Value::String(k)) = value(key) else {
+        return None;
+    };
+    NAMES
+        .iter()
+        .find(|(n, _)| n.get(1..n.len() - 1) == Some(k.as_bytes()))
+        .map(|&(_, n)| n)
+}
+
 /// The id as the u32 of P§3: a non-negative integer that fits.
 pub fn id_u32(v: &Value) -> Option<u32> {
     v.as_u64().and_then(|n| u32::try_from(n).ok())
@@ -308,12 +445,9 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 }
 
 fn key_is_id(raw: &[u8]) -> bool {
-    if raw == b"\"id\"" {
-        return true;
-    }
-    // Escaped spellings of "id" (rare, but a parser accepts them). Through the one `Value` parse:
-    // a parse into `String` of its own would be a second serde instantiation (~0.8 KB of flash).
-    raw.contains(&b'\\') && matches!(value(raw), Some(Value::String(k)) if k == "id")
+    // Escaped spellings of "id" too, through the one `Value` parse: a parse into `String` of its
+    // own would be a second serde instantiation (~0.8 KB of flash).
+    member_name(raw) == Some(Name::Id)
 }
 
 /// A JSON string literal with proper escapes.
@@ -393,6 +527,47 @@ mod tests {
             (RpcError::NotObject.code(), RpcError::NotObject.message()),
             (-32600, "Invalid Request")
         );
+    }
+
+    #[test]
+    fn scan_reads_what_routing_needs() {
+        let h = scan(br#"{"id":17,"method":"props","params":{"id":3,"method":"x"}}"#).unwrap();
+        assert_eq!(
+            h.kind(),
+            Kind::Request {
+                method: "props",
+                id: Some(&json!(17))
+            }
+        );
+        let h = scan(br#" {"result":["ok"],"id":4294967295}"#).unwrap();
+        assert_eq!(
+            h.kind(),
+            Kind::Reply {
+                id: &json!(4294967295u64)
+            }
+        );
+        let h = scan(br#"{"id":5,"error":{"message":"x","code":-30011}}"#).unwrap();
+        assert_eq!(
+            (h.kind(), h.error_code),
+            (Kind::Reply { id: &json!(5) }, Some(-30011))
+        );
+        // Escaped keys and method, the last duplicate, an id no Value holds, a method not a string.
+        let h = scan(br#"{"\u0069d":1,"id":2,"m\u0065thod":"a\u0062"}"#).unwrap();
+        assert_eq!(
+            h.kind(),
+            Kind::Request {
+                method: "ab",
+                id: Some(&json!(2))
+            }
+        );
+        assert_eq!(
+            scan(br#"{"id":1e400,"result":0}"#).unwrap().id,
+            Some(Value::Null)
+        );
+        assert_eq!(scan(br#"{"id":1,"method":7}"#).unwrap().kind(), Kind::Other);
+        assert_eq!(scan(br#"{"id":007}"#), Err(RpcError::Parse));
+        assert_eq!(scan(b"[1]"), Err(RpcError::NotObject));
+        assert_eq!(scan(b"{\"a\":\"\xff\"}"), Err(RpcError::Parse));
     }
 
     #[test]
@@ -632,6 +807,17 @@ mod tests {
             let ours = value_end(b, skip_json_ws(b, 0)).is_some_and(|e| skip_json_ws(b, e) == b.len());
             let serde = serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok();
             prop_assert_eq!(ours, serde, "{}", s);
+        }
+
+        #[test]
+        fn scan_agrees_with_the_tree(s in "[\\[\\]{}\",:0-9eE.+ \\-a-z\\\\/]{0,40}") {
+            // Random text over JSON's alphabet, and the same wrapped as members named like the
+            // ones routing reads.
+            for t in [s.clone(), format!(r#"{{"id":{s},"method":{s},"error":{s}}}"#),
+                      format!(r#"{{"m\u0065thod":"x","error":{{"code":{s}}},"id":1,"id":{s}}}"#)] {
+                let b = t.as_bytes();
+                prop_assert_eq!(scan(b), parse_object(b).map(|m| Head::from_tree(&m)), "{}", t);
+            }
         }
 
         #[test]
