@@ -383,6 +383,16 @@ impl Daemon {
     /// One bounded read of a client and the values it completed, each handled before the next.
     /// True when the socket may hold more (served again next turn).
     fn client_ready(&mut self, now: Instant, slot: usize, r: &reactor::Ready) -> bool {
+        self.with_rx(|d, buf| d.client_ready_with(now, slot, r, buf))
+    }
+
+    fn client_ready_with(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        r: &reactor::Ready,
+        buf: &mut [u8],
+    ) -> bool {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return false;
         };
@@ -408,7 +418,7 @@ impl Daemon {
         if c.unread {
             return false;
         }
-        let step = c.conn.read_once(r.closed);
+        let step = c.conn.read_once(r.closed, buf);
         while let Some(v) = self.clients[slot]
             .as_mut()
             .and_then(|c| c.conn.next_value())

@@ -82,16 +82,20 @@ impl Conn {
     /// `closed`: the readiness event also reported the peer's close or a socket error. Data and a
     /// FIN (or RST) that arrive together raise one edge; a short read then takes the data and
     /// leaves the end unread, and no later edge reports it, so the read must be repeated.
-    pub fn read_once(&mut self, closed: bool) -> ReadStep {
-        let mut buf = [0u8; READ_CHUNK];
+    ///
+    /// `scratch` is the reactor's receive buffer (reused: no 4 KiB to clear per read); at most
+    /// [`READ_CHUNK`] bytes of it are used.
+    pub fn read_once(&mut self, closed: bool, scratch: &mut [u8]) -> ReadStep {
+        let n = scratch.len().min(READ_CHUNK);
+        let buf = &mut scratch[..n];
         loop {
-            return match self.stream.read(&mut buf) {
+            return match self.stream.read(buf) {
                 Ok(0) => ReadStep::Eof,
                 Ok(n) => {
                     self.split.push(&buf[..n]);
                     // A short read took all the data the kernel had; data arriving later raises a
                     // new edge, an end already reported does not.
-                    if n < READ_CHUNK && !closed {
+                    if n < buf.len() && !closed {
                         ReadStep::Drained
                     } else {
                         ReadStep::More
@@ -228,7 +232,7 @@ mod tests {
         let mut closed = ready.iter().any(|r| r.closed);
         for turn in 0.. {
             assert!(turn < 4, "the end was never read");
-            match c.read_once(closed) {
+            match c.read_once(closed, &mut [0; READ_CHUNK]) {
                 ReadStep::Eof => break,
                 ReadStep::More => closed = false, // served again, with no new event
                 ReadStep::Drained => {

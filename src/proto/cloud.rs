@@ -1206,7 +1206,7 @@ impl Cloud {
             None => {
                 let id = head.id.as_ref().and_then(rpc::id_u32);
                 match id.and_then(|id| self.ups.iter().position(|u| u.cloud_id == id)) {
-                    Some(i) => self.acked(now, i, text),
+                    Some(i) => self.acked(now, i, text, head),
                     // P§5.8: the cloud's ack of one of our replies.
                     None => debug!("cloud ack swallowed: id {id:?}"),
                 }
@@ -1256,7 +1256,7 @@ impl Cloud {
             return self.tell_client(client, orig, -30011, "OT queue full");
         }
         let id = self.alloc_id();
-        let Some(new) = rpc::rewrite_id(text, u64::from(id)) else {
+        let Some(new) = rpc::rewrite_id_scanned(text, head, u64::from(id)) else {
             self.emit(Action::ToClient {
                 client,
                 text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),
@@ -1345,13 +1345,14 @@ impl Cloud {
         }
     }
 
-    fn acked(&mut self, now: Instant, i: usize, text: &str) {
+    fn acked(&mut self, now: Instant, i: usize, text: &str, head: &rpc::Head) {
         let up = self.ups.remove(i);
         self.wheel.cancel(Timer::Ack(up.cloud_id));
         match up.origin {
             Origin::Client { client, orig } => {
                 // D5: only the id changes back.
-                let text = rpc::rewrite_id(text, orig).unwrap_or_else(|| text.to_owned());
+                let text =
+                    rpc::rewrite_id_scanned(text, head, orig).unwrap_or_else(|| text.to_owned());
                 self.emit(Action::ToClient { client, text });
             }
             Origin::Gone => debug!("ack id:{} for a client that has gone: dropped", up.cloud_id),

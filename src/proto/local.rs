@@ -100,7 +100,11 @@ pub struct Local {
 }
 
 fn lossy(raw: &[u8]) -> String {
-    String::from_utf8_lossy(raw).into_owned()
+    // Routed text passed the scan, so it is UTF-8: one copy, no per-chunk repair.
+    match String::from_utf8(raw.to_vec()) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
 }
 
 impl Local {

@@ -8,7 +8,8 @@
 //! only delimits: the caller parses each value (rpc::parse_object), so `{"a":}` comes out whole.
 //! A stray or mismatched closer, `,` or `:` at top level is a [`SplitError::Syntax`]; a value that
 //! grows past `max` bytes is [`SplitError::TooLarge`]. Errors are sticky: the caller closes the
-//! connection. Each byte is scanned once, and the buffer holds at most `max` bytes of an unfinished
+//! connection. Each byte is scanned once (runs of bytes that cannot end a nested value in one
+//! tight loop), and the buffer holds at most `max` bytes of an unfinished
 //! value plus the last push, provided the caller drains `next` after each push.
 
 use core::fmt;
@@ -116,7 +117,26 @@ impl Splitter {
         if let Some(e) = self.err {
             return Some(Err(e));
         }
-        while let Some(&b) = self.buf.get(self.pos) {
+        loop {
+            // Inside an object or array: one tight loop to the value's end, jumping from one byte
+            // that can change the state to the next (a quote or backslash in a string, a quote or
+            // bracket outside). It stops at `max` bytes of value, so the byte that makes the value
+            // too large is met one at a time below, as are the states outside a nested value.
+            if let State::Nested { in_str, esc } = self.state {
+                match self.nested_run(in_str, esc) {
+                    Ok(Some(end)) => {
+                        let value = self.buf.get(self.head..end).map(<[u8]>::to_vec);
+                        self.head = end;
+                        self.state = State::Between;
+                        return value.map(Ok);
+                    }
+                    Ok(None) => {}
+                    Err(at) => return Some(Err(self.fail_syntax(at))),
+                }
+            }
+            let Some(&b) = self.buf.get(self.pos) else {
+                break;
+            };
             let at = self.pos;
             self.pos += 1;
             let done = match self.state {
@@ -210,6 +230,52 @@ impl Splitter {
             }
         }
         None
+    }
+
+    /// The nested-value states from `pos` up to `max` bytes of value: the value's end, or None with
+    /// `pos` and the state where the run stopped, or the offset of a mismatched closer.
+    fn nested_run(&mut self, mut in_str: bool, mut esc: bool) -> Result<Option<usize>, usize> {
+        let limit = self.buf.len().min(self.head.saturating_add(self.max));
+        let mut p = self.pos;
+        let mut end = None;
+        while let Some(run) = self.buf.get(p..limit).filter(|r| !r.is_empty()) {
+            if esc {
+                esc = false;
+                p += 1;
+                continue;
+            }
+            let hit = if in_str {
+                run.iter().position(|&c| c == b'"' || c == b'\\')
+            } else {
+                run.iter()
+                    .position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']'))
+            };
+            let Some(k) = hit else {
+                p = limit;
+                break;
+            };
+            let at = p + k;
+            p = at + 1;
+            match run[k] {
+                b'\\' => esc = true,
+                b'"' => in_str = !in_str,
+                b'{' => self.closers.push(b'}'),
+                b'[' => self.closers.push(b']'),
+                c => {
+                    if self.closers.pop() != Some(c) {
+                        self.pos = p;
+                        return Err(at);
+                    }
+                    if self.closers.is_empty() {
+                        end = Some(p);
+                        break;
+                    }
+                }
+            }
+        }
+        self.pos = p;
+        self.state = State::Nested { in_str, esc };
+        Ok(end)
     }
 
     fn fail_syntax(&mut self, at: usize) -> SplitError {

@@ -130,6 +130,9 @@ pub struct Head {
     pub answer: bool,
     /// `error.code`, when `error` is an object with an integer `code`.
     pub error_code: Option<i64>,
+    /// Where the value of the one top-level `id` is in the scanned text (None when there are
+    /// several, or the text went through the tree): [`rewrite_id_scanned`] needs no second pass.
+    pub id_span: Option<Range<usize>>,
 }
 
 impl Head {
@@ -159,6 +162,7 @@ impl Head {
             id: obj.get("id").cloned(),
             answer: obj.contains_key("result") || obj.contains_key("error"),
             error_code: error_code(obj.get("error")),
+            id_span: None,
         }
     }
 }
@@ -171,37 +175,47 @@ fn error_code(e: Option<&Value>) -> Option<i64> {
 /// tree (the text is checked against RFC 8259 syntax and UTF-8 as the lenient parser does). Only
 /// text that this scan refuses goes through `parse_object` to learn which error it is.
 pub fn scan(raw: &[u8]) -> Result<Head, RpcError> {
-    let Some(members) = core::str::from_utf8(raw).ok().and_then(|_| members(raw)) else {
-        return parse_object(raw).map(|m| Head::from_tree(&m));
-    };
     let mut head = Head::default();
-    for (k, v) in members {
-        let (Some(key), Some(v)) = (raw.get(k), raw.get(v)) else {
-            continue;
-        };
-        match member_name(key) {
-            Some(Name::Method) => {
-                let plain = v.len() >= 2 && v[0] == b'"' && !v.contains(&b'\\');
-                head.method = Some(if plain {
-                    // ASCII quotes around UTF-8 checked above.
-                    core::str::from_utf8(&v[1..v.len() - 1])
-                        .ok()
-                        .map(str::to_owned)
-                } else {
-                    match value(v) {
-                        Some(Value::String(m)) => Some(m),
-                        _ => None,
-                    }
-                });
+    let mut ids = 0;
+    let whole = core::str::from_utf8(raw).is_ok()
+        && each_member(raw, |k, span| {
+            let (Some(key), Some(v)) = (raw.get(k), raw.get(span.clone())) else {
+                return;
+            };
+            match member_name(key) {
+                Some(Name::Method) => {
+                    // Without escapes, the text between the quotes (UTF-8 checked above).
+                    let plain = v
+                        .strip_prefix(b"\"")
+                        .and_then(|v| v.strip_suffix(b"\""))
+                        .filter(|m| !m.contains(&b'\\'));
+                    head.method = Some(if let Some(m) = plain {
+                        core::str::from_utf8(m).ok().map(str::to_owned)
+                    } else {
+                        match value(v) {
+                            Some(Value::String(m)) => Some(m),
+                            _ => None,
+                        }
+                    });
+                }
+                Some(Name::Id) => {
+                    head.id = Some(id_value(v));
+                    ids += 1;
+                    head.id_span = (ids == 1).then_some(span);
+                }
+                Some(Name::Result) => head.answer = true,
+                Some(Name::Error) => {
+                    head.answer = true;
+                    head.error_code = error_code(value(v).as_ref());
+                }
+                None => {}
             }
-            Some(Name::Id) => head.id = Some(id_value(v)),
-            Some(Name::Result) => head.answer = true,
-            Some(Name::Error) => {
-                head.answer = true;
-                head.error_code = error_code(value(v).as_ref());
-            }
-            None => {}
-        }
+        })
+        .is_some();
+    if !whole {
+        // Not one valid object: the parser says which error (or, should it ever accept what the
+        // scan refused, the tree gives the head).
+        return parse_object(raw).map(|m| Head::from_tree(&m));
     }
     Ok(head)
 }
@@ -285,6 +299,32 @@ pub fn rewrite_id(text: &str, new_id: u64) -> Option<String> {
     Some(out)
 }
 
+/// [`rewrite_id`] of a text [`scan`] read into `head`, reusing the id's place it found.
+pub fn rewrite_id_scanned(text: &str, head: &Head, new_id: u64) -> Option<String> {
+    let Some(span) = head.id_span.clone() else {
+        return rewrite_id(text, new_id);
+    };
+    let (before, after) = (text.get(..span.start)?, text.get(span.end..)?);
+    // The digits by hand: the formatting machinery costs more than the rest of the rewrite.
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = new_id;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let id = core::str::from_utf8(&digits[i..]).ok()?;
+    let mut out = String::with_capacity(text.len() + id.len());
+    out.push_str(before);
+    out.push_str(id);
+    out.push_str(after);
+    Some(out)
+}
+
 /// The raw text of the last top-level `id` member (the one a parser keeps), as sent: the id to echo
 /// in a -32600 reply when it is not a u32 (L§4.1), even one no `Value` can hold.
 pub fn raw_id(text: &str) -> Option<&str> {
@@ -299,31 +339,115 @@ pub fn raw_id(text: &str) -> Option<&str> {
 /// quotes), in order. None if `b` is not one valid JSON object (RFC 8259 syntax, see
 /// [`value_end`]) with only whitespace or NUL around it.
 fn members(b: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
+    let mut out = Vec::new();
+    each_member(b, |k, v| out.push((k, v)))?;
+    Some(out)
+}
+
+/// [`members`] without the vector: `f` sees each (key, value) as it is found, and the result says
+/// whether the whole text was one valid object (so a caller discards what it saw on None).
+fn each_member(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Option<()> {
+    // One flat loop over the tokens (no call per value, no recursion): what a report costs
+    // is mostly this walk. The grammar is [`value_end`]'s; `tests::each_member_is_the_grammar`
+    // holds the two together.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Want {
+        Key,
+        KeyOrEnd,
+        Colon,
+        Value,
+        ValueOrEnd,
+        CommaOrEnd,
+    }
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
     }
-    i = skip_json_ws(b, i + 1);
-    let mut out = Vec::new();
-    if b.get(i) == Some(&b'}') {
-        i += 1;
-    } else {
-        loop {
-            let start = json_key(b, i)?;
-            let end = value_end(b, start)?;
-            out.push((i..json_string(b, i)?, start..end));
-            i = skip_json_ws(b, end);
-            match b.get(i) {
-                Some(b',') => i = skip_json_ws(b, i + 1),
-                Some(b'}') => {
-                    i += 1;
-                    break;
+    i += 1;
+    let mut open = Closers::default();
+    open.push(b'}');
+    let mut want = Want::KeyOrEnd;
+    // The top-level member being read: its key, and where its value starts.
+    let mut key = 0..0;
+    let mut val = 0;
+    loop {
+        let c = loop {
+            let c = *b.get(i)?;
+            if !matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
+                break c;
+            }
+            i += 1;
+        };
+        let closes = c == b'}' || c == b']';
+        match want {
+            Want::KeyOrEnd | Want::ValueOrEnd | Want::CommaOrEnd if closes => {
+                if open.last() != Some(c) {
+                    return None;
                 }
-                _ => return None,
+                open.pop();
+                i += 1;
+                match open.depth {
+                    0 => return (skip_ws(b, i) == b.len()).then_some(()),
+                    1 => f(key.clone(), val..i),
+                    _ => {}
+                }
+                want = Want::CommaOrEnd;
+            }
+            Want::Key | Want::KeyOrEnd => {
+                let end = json_string(b, i)?;
+                if open.depth == 1 {
+                    key = i..end;
+                }
+                i = end;
+                want = Want::Colon;
+            }
+            Want::Colon => {
+                if c != b':' {
+                    return None;
+                }
+                i += 1;
+                want = Want::Value;
+            }
+            Want::CommaOrEnd => {
+                if c != b',' {
+                    return None;
+                }
+                i += 1;
+                want = if open.last() == Some(b'}') {
+                    Want::Key
+                } else {
+                    Want::Value
+                };
+            }
+            Want::Value | Want::ValueOrEnd => {
+                if open.depth == 1 {
+                    val = i;
+                }
+                let scalar_end = match c {
+                    b'{' | b'[' => {
+                        open.push(c + 2);
+                        i += 1;
+                        want = if c == b'{' {
+                            Want::KeyOrEnd
+                        } else {
+                            Want::ValueOrEnd
+                        };
+                        continue;
+                    }
+                    b'"' => json_string(b, i)?,
+                    b't' if b.get(i..i + 4) == Some(b"true") => i + 4,
+                    b'f' if b.get(i..i + 5) == Some(b"false") => i + 5,
+                    b'n' if b.get(i..i + 4) == Some(b"null") => i + 4,
+                    _ => json_number(b, i)?,
+                };
+                i = scalar_end;
+                if open.depth == 1 {
+                    f(key.clone(), val..i);
+                }
+                want = Want::CommaOrEnd;
             }
         }
     }
-    (skip_ws(b, i) == b.len()).then_some(out)
 }
 
 /// The end of the one JSON value at `i`, checked against RFC 8259 syntax only: no number is
@@ -332,7 +456,7 @@ fn members(b: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
 /// more flash.)
 fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
     // The closers of the open containers: '{' + 2 is '}', '[' + 2 is ']'.
-    let mut open = Vec::new();
+    let mut open = Closers::default();
     loop {
         // A value starts at i.
         match *b.get(i)? {
@@ -356,7 +480,7 @@ fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
         }
         // After a value: close what ends here, then a comma (and a key) or the end.
         loop {
-            let Some(&close) = open.last() else {
+            let Some(close) = open.last() else {
                 return Some(i);
             };
             i = skip_json_ws(b, i);
@@ -378,6 +502,47 @@ fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
+/// A stack of `}`/`]`, one bit each: the first 64 levels in a word (no allocation for what
+/// messages really hold), deeper ones in a heap vector.
+#[derive(Default)]
+struct Closers {
+    bits: u64,
+    depth: usize,
+    deep: Vec<bool>,
+}
+
+impl Closers {
+    fn push(&mut self, close: u8) {
+        let brace = close == b'}';
+        if self.depth < 64 {
+            self.bits = (self.bits << 1) | u64::from(brace);
+        } else {
+            self.deep.push(brace);
+        }
+        self.depth += 1;
+    }
+
+    fn last(&self) -> Option<u8> {
+        let brace = match self.depth {
+            0 => return None,
+            1..=64 => self.bits & 1 == 1,
+            _ => *self.deep.last()?,
+        };
+        Some(if brace { b'}' } else { b']' })
+    }
+
+    fn pop(&mut self) {
+        match self.depth {
+            0 => return,
+            1..=64 => self.bits >>= 1,
+            _ => {
+                self.deep.pop();
+            }
+        }
+        self.depth -= 1;
+    }
+}
+
 /// JSON's whitespace (no NUL, unlike [`skip_ws`]).
 fn skip_json_ws(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\t' | b'\r' | b'\n')) {
@@ -388,9 +553,27 @@ fn skip_json_ws(b: &[u8], mut i: usize) -> usize {
 
 /// `"key"` then `:`; the index of the member's value.
 fn json_key(b: &[u8], i: usize) -> Option<usize> {
-    let i = skip_json_ws(b, json_string(b, i)?);
+    colon(b, json_string(b, i)?)
+}
+
+/// `:` after a key ending at `i`; the index of the member's value.
+fn colon(b: &[u8], i: usize) -> Option<usize> {
+    let i = skip_json_ws(b, i);
     (b.get(i) == Some(&b':')).then(|| skip_json_ws(b, i + 1))
 }
+
+/// The bytes that end a run of plain characters in a JSON string: `"`, `\\` and controls.
+static STRING_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
 
 /// The end of a string at `i`: no control characters, only the escapes of RFC 8259 §7.
 fn json_string(b: &[u8], i: usize) -> Option<usize> {
@@ -399,6 +582,11 @@ fn json_string(b: &[u8], i: usize) -> Option<usize> {
     }
     let mut j = i + 1;
     loop {
+        // Plain characters in one tight run: one table load per byte.
+        j += b
+            .get(j..)?
+            .iter()
+            .position(|&c| STRING_STOP[usize::from(c)])?;
         match *b.get(j)? {
             b'"' => return Some(j + 1),
             b'\\' => match *b.get(j + 1)? {
@@ -500,6 +688,38 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    /// The walk [`each_member`] replaced: a key, a colon and [`value_end`] per member.
+    fn each_member_reference(
+        b: &[u8],
+        mut f: impl FnMut(Range<usize>, Range<usize>),
+    ) -> Option<()> {
+        let mut i = skip_ws(b, 0);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = skip_json_ws(b, i + 1);
+        if b.get(i) == Some(&b'}') {
+            i += 1;
+        } else {
+            loop {
+                let key_end = json_string(b, i)?;
+                let start = colon(b, key_end)?;
+                let end = value_end(b, start)?;
+                f(i..key_end, start..end);
+                i = skip_json_ws(b, end);
+                match b.get(i) {
+                    Some(b',') => i = skip_json_ws(b, i + 1),
+                    Some(b'}') => {
+                        i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        (skip_ws(b, i) == b.len()).then_some(())
+    }
 
     fn obj(s: &str) -> Map<String, Value> {
         parse_object(s.as_bytes()).unwrap()
@@ -810,13 +1030,34 @@ mod tests {
         }
 
         #[test]
-        fn scan_agrees_with_the_tree(s in "[\\[\\]{}\",:0-9eE.+ \\-a-z\\\\/]{0,40}") {
+        fn scan_agrees_with_the_tree(s in "[\\[\\]{}\",:0-9eE.+ \\-a-z\\\\/]{0,40}",
+                                     id in prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>()]) {
             // Random text over JSON's alphabet, and the same wrapped as members named like the
             // ones routing reads.
             for t in [s.clone(), format!(r#"{{"id":{s},"method":{s},"error":{s}}}"#),
                       format!(r#"{{"m\u0065thod":"x","error":{{"code":{s}}},"id":1,"id":{s}}}"#)] {
                 let b = t.as_bytes();
-                prop_assert_eq!(scan(b), parse_object(b).map(|m| Head::from_tree(&m)), "{}", t);
+                let mut h = scan(b);
+                if let Ok(h) = &mut h {
+                    // The rewrite through the span is the rewrite through a second pass.
+                    prop_assert_eq!(rewrite_id_scanned(&t, h, id), rewrite_id(&t, id), "{}", t);
+                    h.id_span = None;
+                }
+                prop_assert_eq!(h, parse_object(b).map(|m| Head::from_tree(&m)), "{}", t);
+            }
+        }
+
+        #[test]
+        fn each_member_is_the_grammar(s in "[\\[\\]{}\",:0-9eE.+ \\-a-z\\\\/\\x00]{0,40}") {
+            for t in [s.clone(), format!("{{\"k\":{s}}}"), format!("{{\"a\":[{s}],\"b\":{{{s}}}}}")] {
+                let b = t.as_bytes();
+                let (mut new, mut old) = (Vec::new(), Vec::new());
+                let ok = each_member(b, |k, v| new.push((k, v))).is_some();
+                let ok_ref = each_member_reference(b, |k, v| old.push((k, v))).is_some();
+                prop_assert_eq!(ok, ok_ref, "{}", t);
+                if ok {
+                    prop_assert_eq!(new, old, "{}", t);
+                }
             }
         }
 
