@@ -119,7 +119,7 @@ impl Reactor {
     /// With `busy` (a socket still holds input the last turn left unread: mio is edge-triggered, so
     /// no new event will say so) it only collects what is ready and returns at once.
     pub fn wait(&mut self, deadline: Option<Instant>, busy: bool) -> io::Result<Turn> {
-        if deadline != self.armed {
+        if needs_rearm(deadline, self.armed) {
             sys::timerfd_arm(self.timer.as_raw_fd(), deadline.map(|d| d.millis()))?;
             self.armed = deadline;
         }
@@ -173,5 +173,35 @@ impl Reactor {
             }
         }
         Ok(turn)
+    }
+}
+
+/// Whether the timerfd must be set again for `deadline` when `armed` is what it holds. Only an
+/// earlier deadline needs it. A later one, or none (an ack deadline cancelled when the ack came),
+/// leaves the armed expiry in place: it wakes the loop once for nothing, the expiry is read and the
+/// next wait arms the real deadline. So a report and its ack cost no timerfd_settime, where setting
+/// and cancelling the ack deadline cost two; a cancelled early deadline costs at most one wake.
+fn needs_rearm(deadline: Option<Instant>, armed: Option<Instant>) -> bool {
+    match (deadline, armed) {
+        (Some(d), Some(a)) => d < a,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timer_is_set_again_only_for_an_earlier_deadline() {
+        let (t1, t2) = (Instant(1000), Instant(2000));
+        assert!(needs_rearm(Some(t1), None));
+        assert!(needs_rearm(Some(t1), Some(t2)));
+        // A later deadline, the same one, or none: the armed expiry stays (one spare wake at most).
+        assert!(!needs_rearm(Some(t2), Some(t1)));
+        assert!(!needs_rearm(Some(t1), Some(t1)));
+        assert!(!needs_rearm(None, Some(t1)));
+        assert!(!needs_rearm(None, None));
     }
 }

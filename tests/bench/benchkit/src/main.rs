@@ -300,8 +300,8 @@ fn parse_load(args: &[String]) -> LoadArgs {
             _ => die(&format!("unknown option {k}")),
         }
     }
-    if a.port == 0 || a.clients == 0 || a.window == 0 || (a.count.is_none() && a.secs <= 0.0) {
-        die("load needs --port, --clients >= 1, --window >= 1 and --count or --secs");
+    if a.port == 0 || a.clients == 0 || a.clients > 41 || a.window == 0 || (a.count.is_none() && a.secs <= 0.0) {
+        die("load needs --port, 1 <= --clients <= 41 (ids stay u32), --window >= 1 and --count or --secs");
     }
     a
 }
@@ -399,8 +399,9 @@ fn client(
     };
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-    // Ids: client c uses c*10^9 + 1, 2, ...; small enough for any JSON reader.
-    let base = (c + 1) * 1_000_000_000;
+    // Ids: client c uses (c+1)*10^8 + 1, 2, ...: u32 values (P§3; the daemon answers -32600 to
+    // any other id), distinct between clients for up to 41 of them.
+    let base = (c + 1) * 100_000_000;
     let mut next = 0u64;
     let mut pending: HashMap<u64, Instant> = HashMap::new();
     let mut buf: Vec<u8> = Vec::new();
