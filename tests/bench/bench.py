@@ -235,6 +235,32 @@ def switches(pid):
     return vol, invol
 
 
+def udp_socket_drops(pid, port):
+    """The `drops` count of the process's UDP socket bound to `port` (/proc/net/udp), or None when it
+    has none. The kernel counts there every datagram delivered to the socket and not queued: those its
+    socket filter refused, and those a full receive buffer lost."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            v = line.split()
+            if v[9] in inodes and int(v[1].rsplit(":", 1)[1], 16) == port:
+                return int(v[-1])
+    return None
+
+
+def udp_sockets_on(port):
+    """How many UDP sockets of the machine's network namespace are bound to `port`."""
+    with open("/proc/net/udp") as f:
+        return sum(1 for line in f.readlines()[1:] if int(line.split()[1].rsplit(":", 1)[1], 16) == port)
+
+
 def mem_kib(pid):
     s = proc_status(pid)
     return int(s["VmRSS"]), int(s["VmHWM"])
@@ -676,6 +702,7 @@ def section_session(opts):
         d.connected()
         time.sleep(2.0)  # let the post-connect report (props ota_state) and its ack pass
         part("idle and memory", part_idle_memory, d, cloud)
+        part("idle with mDNS traffic", part_idle_mdns, d, cloud)
         pin(ONE_CPU, 0, d.p.pid, cloud.p.pid)
         part("round trip", part_rtt, d)
         part("LAN", section_lan, d)
@@ -738,8 +765,9 @@ def part_idle_memory(d, cloud):
         floor = 2 * 60.0 / keepalive
         mosq_min = (m1[0] - m0[0]) * 60.0 / secs if mosq else None
         how = ("voluntary_ctxt_switches delta of every thread (/proc/PID/task/*/status) over %.0f s, "
-               "connected, idle, 0 local clients, keepalive %.0f s: %d sleeps ended (%d involuntary)"
-               % (secs, keepalive, v1 - v0, i1 - i0)) + noise.text()
+               "connected, idle, 0 local clients, keepalive %.0f s, mDNS on (%s), no mDNS traffic sent: "
+               "%d sleeps ended (%d involuntary)"
+               % (secs, keepalive, mdns_said(d.text), v1 - v0, i1 - i0)) + noise.text()
         if mosq:
             figure("wakeups, connected idle (vs mosquitto)", per_min, "/min", mosq_min,
                    how + "; reference: mosquitto with one MQTT client pinging every %.0f s, same window: "
@@ -796,6 +824,125 @@ def part_idle_memory(d, cloud):
         pin(ALL_CPUS, 0, pid, cloud.p.pid)
         if mosq:
             mosq.close()
+
+
+MDNS_GROUP = "224.0.0.251"
+MDNS_PORT = 5353
+
+
+def mdns_query(name, qid):
+    """An mDNS query (RFC 6762) with one PTR question for `name`, class IN, QM."""
+    msg = struct.pack(">HHHHHH", qid, 0, 1, 0, 0, 0)
+    for label in name.split("."):
+        msg += bytes([len(label)]) + label.encode()
+    return msg + b"\x00\x00\x0c\x00\x01"
+
+
+def mdns_sender():
+    """A UDP socket that sends to 224.0.0.251 over loopback (IP_MULTICAST_IF 127.0.0.1): the group
+    address and port a query on the LAN has, without a packet leaving the machine. Its source port is
+    not 5353, so the daemon answers a query for its service to this socket (legacy unicast, RFC 6762
+    6.7)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    s.setblocking(False)
+    return s
+
+
+def mdns_window(pid, sock, query, secs):
+    """Sends `query(i)` once a second for `secs` and collects what comes back. Returns
+    (sent, answers, voluntary switches of the daemon, involuntary, drops of its mDNS socket, secs)."""
+    answers = []
+    d0 = udp_socket_drops(pid, MDNS_PORT)
+    v0, i0 = switches(pid)
+    t0 = time.monotonic()
+    sent = 0
+    while sent < secs:
+        sock.sendto(query(sent), (MDNS_GROUP, MDNS_PORT))
+        sent += 1
+        time.sleep(max(0.0, t0 + sent - time.monotonic()))
+        while True:
+            try:
+                answers.append(sock.recv(9000))
+            except BlockingIOError:
+                break
+    took = time.monotonic() - t0
+    v1, i1 = switches(pid)
+    time.sleep(0.2)  # the last query's drop is counted by then
+    d1 = udp_socket_drops(pid, MDNS_PORT)
+    return sent, answers, v1 - v0, i1 - i0, d1 - d0, took
+
+
+def part_idle_mdns(d, cloud):
+    """The idle window again with one foreign mDNS query a second (a name the daemon does not answer,
+    which its socket filter should drop in the kernel), then a shorter window with one query a second
+    for its own service (each should wake it and get an answer), as a check that the traffic reaches
+    it at all."""
+    foreign_name = "wakeups, connected idle, 1 foreign mDNS query/s"
+    ours_name = "wakeups, connected, 1 answered mDNS query/s (_miio._udp)"
+    pid = d.p.pid
+    keepalive = 20.0
+    floor = 2 * 60.0 / keepalive
+    mdns = mdns_said(d.text)
+    if udp_socket_drops(pid, MDNS_PORT) is None:
+        for n in (foreign_name, ours_name):
+            failed(n, "/min", "the daemon has no UDP socket on %d, mDNS on by default: %s" % (MDNS_PORT, mdns))
+        return
+    cpus = split_cpus()
+    if cpus:
+        pin(cpus[0], pid)
+        pin(cpus[1], 0, cloud.p.pid)
+    tx = mdns_sender()
+    try:
+        check_secs = int(max(5, min(30, IDLE_SECS / 4)))
+        others = udp_sockets_on(MDNS_PORT) - 1
+        say("idle window with one foreign mDNS query a second: %.0f s (BENCH_IDLE_SECS), then %d s "
+            "of one _miio._udp query a second" % (IDLE_SECS, check_secs))
+        noise = Noise(pinned=False)
+        noise.where = ("daemon on CPU %d, fake cloud and the query sender on CPU %d"
+                       % (min(cpus[0]), min(cpus[1]))) if cpus else "one CPU"
+        foreign = mdns_query("_googlecast._tcp.local", 0)
+        sent, got, vol, invol, drops, secs = mdns_window(pid, tx, lambda i: foreign, int(IDLE_SECS))
+        f_noise = noise.text()
+        noise = Noise(pinned=False)
+        noise.where = ("daemon on CPU %d, fake cloud and the query sender on CPU %d"
+                       % (min(cpus[0]), min(cpus[1]))) if cpus else "one CPU"
+        want = b"_miio%d" % DID
+        q_sent, answers, q_vol, q_invol, q_drops, q_secs = mdns_window(
+            pid, tx, lambda i: mdns_query("_miio._udp.local", 1000 + i), check_secs)
+        ours = [a for a in answers if want in a]
+        if not ours:
+            raise Broken("no answer naming %r to %d _miio._udp.local queries sent to %s:%d over "
+                         "loopback (%d other answers): the queries may not reach the daemon"
+                         % (want, q_sent, MDNS_GROUP, MDNS_PORT, len(answers) - len(ours)))
+        where = ("sent from 127.0.0.1 to %s:%d with IP_MULTICAST_IF 127.0.0.1 (multicast over "
+                 "loopback: the group and port of the LAN, no packet leaves the machine), the daemon "
+                 "with mDNS on (%s; %d other socket(s) on this machine share port %d and get the "
+                 "queries too)" % (MDNS_GROUP, MDNS_PORT, mdns, others, MDNS_PORT))
+        check = ("check that such traffic reaches the daemon and would wake it: %d queries for "
+                 "_miio._udp.local PTR sent the same way over %.0f s woke it %.1f times a minute and got "
+                 "%d answers naming did %d (row 'wakeups, connected, 1 answered mDNS query/s')"
+                 % (q_sent, q_secs, q_vol * 60.0 / q_secs, len(ours), DID))
+        figure(foreign_name, vol * 60.0 / secs, "/min", floor,
+               "voluntary_ctxt_switches delta of every thread over %.0f s, connected, idle, 0 local "
+               "clients, keepalive %.0f s, while one mDNS query for _googlecast._tcp.local PTR (a name "
+               "it does not answer) came each second: %d sleeps ended (%d involuntary); %d queries %s. "
+               "Delivered: the drops count of the daemon's own mDNS socket in /proc/net/udp (datagrams "
+               "the kernel delivered to that socket and did not queue, which is what its socket filter "
+               "refusing them does) rose by %d over the window, %d answers came back. %s; reference: "
+               "the keepalive floor, a timer wake and a pong per keepalive interval, the goal for "
+               "idle with or without foreign traffic"
+               % (secs, keepalive, vol, invol, sent, where, drops, len(got), check) + f_noise)
+        figure(ours_name, q_vol * 60.0 / q_secs, "/min", floor + 60.0,
+               "voluntary_ctxt_switches delta over %.0f s while one query for _miio._udp.local PTR (the "
+               "daemon's service; a new id each) came each second, %s: %d sleeps ended (%d "
+               "involuntary), %d queries, %d answers naming did %d (%d other answers); its socket's "
+               "drops count rose by %d; reference: the keepalive floor plus one wake per query"
+               % (q_secs, where, q_vol, q_invol, q_sent, len(ours), DID, len(answers) - len(ours),
+                  q_drops, ) + noise.text())
+    finally:
+        tx.close()
+        pin(ALL_CPUS, 0, pid, cloud.p.pid)
 
 
 def part(name, fn, *args):
