@@ -12,10 +12,11 @@ Contract (tests/bench/README.md):
 
 Python 3 standard library; the LAN miIO.info row also imports tests/pycloud/ocloud.py (needs the
 `cryptography` package). Knobs, all optional (environment): BENCH_IDLE_SECS (120), BENCH_TPUT_SECS (30),
-BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_STARTS (10), BENCH_LAN_N (1000), BENCH_ROUNDS (10),
+BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_STARTS (10), BENCH_LAN_N (1000), BENCH_SYSCALL_N (1000),
+BENCH_ROUNDS (10),
 BENCH_CPU (the CPU of the latency rows, or "none"),
 BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_HOSTILE_SECS (60), BENCH_ONLY (comma
-list of sections: flash,session,startup,static-memory,cpu,hostile), BENCH_WITHOUT (tools or Debian packages to treat as missing,
+list of sections: flash,session,startup,static-memory,cpu,syscalls,hostile), BENCH_WITHOUT (tools or Debian packages to treat as missing,
 e.g. "mosquitto valgrind perf qemu-arm-static rustc-web"), CARGO, MAKE.
 """
 
@@ -62,6 +63,7 @@ RTT_N = int(env_num("BENCH_RTT_N", 2000))
 CPU_N = int(env_num("BENCH_CPU_N", 2000))
 STARTS = int(env_num("BENCH_STARTS", 10))
 LAN_N = int(env_num("BENCH_LAN_N", 1000))
+SYSCALL_N = max(1, int(env_num("BENCH_SYSCALL_N", 1000)))
 HOSTILE_SECS = env_num("BENCH_HOSTILE_SECS", 60)
 # The latency rows (round trip, LAN, start-up) run the daemon, the fake cloud, the references and the
 # client on one CPU, as on the single-core boards the daemon is for. Spread over CPUs, a round trip
@@ -1355,6 +1357,138 @@ def section_cpu(opts):
               CPU_N, REPORT_LEN, ref_n, ref_0, CPU_N))
 
 
+# -- syscalls per report ------------------------------------------------------------------------------
+
+SYSCALL_NAME = "syscalls per report"
+
+
+def strace_counts(path):
+    """{syscall: (calls, errors)} from the table of `strace -c`."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            v = line.split()
+            if len(v) < 5 or v[-1] == "total":
+                continue
+            try:
+                float(v[0])
+                calls = int(v[3])
+                errors = int(v[4]) if len(v) >= 6 else 0
+            except ValueError:
+                continue
+            out[v[-1]] = (calls, errors)
+    return out
+
+
+def strace_window(strace, pid, tag, work, min_secs=0.0):
+    """`strace -c -f -p PID` attached around `work()`, kept on until `min_secs` have passed, then
+    detached with SIGINT. Returns ({syscall: (calls, errors)}, seconds traced)."""
+    out = os.path.join(RUN, "strace-%s.txt" % tag)
+    p = spawn([strace, "-c", "-f", "-o", out, "-p", str(pid)], stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE)
+    said = b""
+    end = time.monotonic() + 10
+    while b"attached" not in said:
+        ready, _, _ = select.select([p.stderr], [], [], max(0.0, end - time.monotonic()))
+        chunk = os.read(p.stderr.fileno(), 4096) if ready else b""
+        if not chunk:
+            stop(p)
+            raise Broken("strace did not attach to %d: %r" % (pid, said.decode(errors="replace")[-300:]))
+        said += chunk
+    time.sleep(0.2)  # the other threads of a threaded reference
+    t0 = time.monotonic()
+    work()
+    time.sleep(max(0.0, t0 + min_secs - time.monotonic()))
+    secs = time.monotonic() - t0
+    os.kill(p.pid, signal.SIGINT)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        stop(p)
+        raise Broken("strace did not detach from %d" % pid)
+    p.stderr.close()
+    PROCS.remove(p) if p in PROCS else None
+    return strace_counts(out), secs
+
+
+def per_report(with_n, base, n):
+    """Calls and errors per report of each syscall, (with_n - base) / n, the busiest first."""
+    names = set(with_n) | set(base)
+    rows = []
+    for k in names:
+        c = (with_n.get(k, (0, 0))[0] - base.get(k, (0, 0))[0]) / n
+        e = (with_n.get(k, (0, 0))[1] - base.get(k, (0, 0))[1]) / n
+        rows.append((k, c, e))
+    rows.sort(key=lambda r: -r[1])
+    return sum(r[1] for r in rows), rows
+
+
+def per_report_text(rows):
+    shown = ["%s %.2f%s" % (k, c, " (%.2f failed)" % e if e >= 0.005 else "")
+             for k, c, e in rows if abs(c) >= 0.005]
+    return ", ".join(shown) or "none"
+
+
+def syscalls_of(strace, pid, port, n, tag):
+    """Syscalls of `pid` per report: a window in which one client sends n reports one at a time
+    (each acked before the next), minus a window as long in which the same client connects, sends
+    nothing and closes."""
+    got = {}
+
+    def with_n():
+        got["r"] = load(port, count=n)
+    calls_n, secs_n = strace_window(strace, pid, tag + "-n", with_n)
+    r = got["r"]
+    if r["ok"] != n:
+        raise Broken("%s: %d of %d reports acked under strace: %s" % (tag, r["ok"], n, load_summary(r)))
+    calls_0, secs_0 = strace_window(strace, pid, tag + "-0", lambda: load(port, count=0), secs_n)
+    total, rows = per_report(calls_n, calls_0, n)
+    return total, rows, (sum(c for c, _ in calls_n.values()), secs_n,
+                         sum(c for c, _ in calls_0.values()), secs_0)
+
+
+def section_syscalls(opts):
+    """Syscalls per report: the daemon (host build, defaults) and the bare relay, each traced by
+    `strace -c -f` attached while one client sends SYSCALL_N reports one at a time, minus a window as
+    long with a client that sends none."""
+    strace = find_tool("strace")
+    if not strace:
+        skipped(SYSCALL_NAME, "calls", "strace")
+        return
+    say("syscalls: %d reports one at a time under strace -c -f, the daemon and the bare relay, each "
+        "minus a window as long without reports" % SYSCALL_N)
+    pin(ONE_CPU)
+    cloud = Cloud()
+    relay = None
+    try:
+        d = Daemon(cloud.port, opts, "syscalls")
+        try:
+            d.connected()
+            time.sleep(2.0)
+            dn, drows, dwin = syscalls_of(strace, d.p.pid, d.local, SYSCALL_N, "daemon")
+            mdns = mdns_said(d.text)
+        finally:
+            d.close()
+        relay = Relay()
+        rn, rrows, rwin = syscalls_of(strace, relay.relay.pid, relay.port, SYSCALL_N, "relay")
+    finally:
+        if relay:
+            relay.close()
+        pin(ALL_CPUS)
+        cloud.close()
+    figure(SYSCALL_NAME, dn, "calls", rn,
+           "strace -c -f attached to the daemon (target/release/miio_client, the defaults: mDNS on (%s), "
+           "default helper grace), connected, while one client (benchkit load) sent %d reports of %d "
+           "bytes one at a time, each acked by miio_fakecloud before the next: %d calls in %.1f s, minus "
+           "a window as long (%d calls in %.1f s) in which the client connected, sent nothing and "
+           "closed, over %d (goal: 9 or fewer). Per report: %s. Reference: the same for benchkit relay "
+           "(TCP in, UDP to a bare echo and back, TCP out; blocking, a thread per client), the same "
+           "client: %d calls in %.1f s minus %d in %.1f s; per report: %s. Neither counts its peer (the "
+           "fake cloud, the echo); daemon, cloud, relay and client on one CPU"
+           % (mdns, SYSCALL_N, REPORT_LEN, dwin[0], dwin[1], dwin[2], dwin[3], SYSCALL_N,
+              per_report_text(drows), rwin[0], rwin[1], rwin[2], rwin[3], per_report_text(rrows)))
+
+
 # -- hostile local load: the board binary ------------------------------------------------------------
 
 HOSTILE_ROWS = (("memory: VmHWM, static x86_64, hostile local load", "KiB"),
@@ -1589,6 +1723,7 @@ def main():
         section("startup", section_startup, opts, grace0_option())
         section("static-memory", section_static_memory, opts)
         section("cpu", section_cpu, opts)
+        section("syscalls", section_syscalls, opts)
         section("hostile", section_hostile)
     finally:
         stop_all()
