@@ -793,27 +793,7 @@ def part_idle_memory(d, cloud):
                "cloud_connected; " + ref_how)
         figure("memory: VmHWM, connected idle, 0 clients", hwm0, "KiB", mhwm,
                "peak RSS since exec, same moment; " + ref_how)
-        socks = []
-        try:
-            for i in range(CLIENTS):
-                s = socket.create_connection(("127.0.0.1", d.local), timeout=10)
-                socks.append(s)
-            for i, s in enumerate(socks):
-                s.sendall(b'{"id":%d,"method":"props","params":{"power":"on","client":%d}}' % (i + 1, i))
-            for s in socks:
-                got = b""
-                while b"}" not in got:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        raise Broken("the daemon closed a local client: %r" % got)
-                    got += chunk
-                if b'"result"' not in got:
-                    raise Broken("a report of the 20 clients was not acked: %r" % got)
-            time.sleep(1.0)
-            rss20, hwm20 = mem_kib(pid)
-        finally:
-            for s in socks:
-                s.close()
+        rss20, hwm20 = with_clients(pid, d.local)
         figure("memory: VmRSS, connected idle, 20 clients", rss20, "KiB", mrss,
                "20 local clients connected, each sent one report and got its ack, 1 s later; " + ref_how)
         figure("memory: VmHWM, connected idle, 20 clients", hwm20, "KiB", mhwm,
@@ -945,6 +925,31 @@ def part_idle_mdns(d, cloud):
     finally:
         tx.close()
         pin(ALL_CPUS, 0, pid, cloud.p.pid)
+
+
+def with_clients(pid, port):
+    """(VmRSS, VmHWM) in KiB with CLIENTS local clients connected, each having sent one report and got
+    its ack, 1 s later. The clients are closed afterwards."""
+    socks = []
+    try:
+        for i in range(CLIENTS):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        for i, s in enumerate(socks):
+            s.sendall(b'{"id":%d,"method":"props","params":{"power":"on","client":%d}}' % (i + 1, i))
+        for s in socks:
+            got = b""
+            while b"}" not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise Broken("the daemon closed a local client: %r" % got)
+                got += chunk
+            if b'"result"' not in got:
+                raise Broken("a report of the %d clients was not acked: %r" % (CLIENTS, got))
+        time.sleep(1.0)
+        return mem_kib(pid)
+    finally:
+        for s in socks:
+            s.close()
 
 
 def part(name, fn, *args):
@@ -1232,11 +1237,16 @@ def section_startup(opts, grace0):
 
 
 def section_static_memory(opts):
-    """The board binary: the static x86_64 musl build's memory, when make static made one."""
-    out = os.path.join(ROOT, "target", "static", "x86_64", "miio_client")
-    name = "memory: VmRSS, static x86_64 musl, connected idle"
-    if not os.path.exists(out):
-        skipped(name, "KiB", "no target/static/x86_64/miio_client (flash row skipped or failed)")
+    """The board binary, where memory is the question: the static x86_64 musl build's VmRSS and VmHWM,
+    connected, with the defaults (mDNS on, default helper grace), with 0 and with CLIENTS clients."""
+    names = [("memory: VmRSS, static x86_64 musl, connected idle", "rss"),
+             ("memory: VmHWM, static x86_64 musl, connected idle", "hwm"),
+             ("memory: VmRSS, static x86_64 musl, %d clients" % CLIENTS, "rss"),
+             ("memory: VmHWM, static x86_64 musl, %d clients" % CLIENTS, "hwm")]
+    out, built = static_binary("x86_64")
+    if out is None:
+        for name, _ in names:
+            (skipped if built[0] == "SKIP" else failed)(name, "KiB", built[1])
         return
     cloud = Cloud()
     try:
@@ -1245,13 +1255,24 @@ def section_static_memory(opts):
             d.connected()
             time.sleep(2.0)
             rss, hwm = mem_kib(d.p.pid)
+            rss20, hwm20 = with_clients(d.p.pid, d.local)
+            mdns = mdns_said(d.text)
         finally:
             d.close()
     finally:
         cloud.close()
-    figure(name, rss, "KiB", MOSQ_MEM.get("rss"),
-           "the board binary (no fakecloud applet), 0 clients, 2 s after cloud_connected; VmHWM %d KiB; "
-           "reference: mosquitto with one idle client%s" % (hwm, "" if MOSQ_MEM else " (SKIP: not measured)"))
+    ref = ("reference: mosquitto with one idle client, VmRSS %d / VmHWM %d KiB (session section)"
+           % (MOSQ_MEM["rss"], MOSQ_MEM["hwm"])) if MOSQ_MEM else \
+        "SKIP reference: mosquitto not measured (not installed, or the session section did not run)"
+    # The only memory goal the project states is the hardening issue's, for the hostile load (its own
+    # row); none is stated for these, so they keep mosquitto as their reference.
+    common = ("target/static/x86_64/miio_client (%s; the board binary, no fakecloud applet) with the "
+              "defaults: mDNS on (%s), default helper grace; /proc/PID/status" % (built, mdns))
+    when = ["0 clients, 2 s after cloud_connected", "0 clients, 2 s after cloud_connected: peak RSS since exec",
+            "%d local clients connected, each sent one report and got its ack, 1 s later" % CLIENTS,
+            "%d local clients, as above: peak RSS since exec" % CLIENTS]
+    for (name, kind), value, w in zip(names, (rss, hwm, rss20, hwm20), when):
+        figure(name, value, "KiB", MOSQ_MEM.get(kind), "%s, %s; %s" % (common, w, ref))
 
 
 # -- CPU: instructions per report ---------------------------------------------------------------------
