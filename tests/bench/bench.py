@@ -426,6 +426,12 @@ class Cloud:
     def dead(self):
         return self.p.poll() is not None
 
+    def check(self, what):
+        """Raises Broken when the fake cloud died: a figure measured without it would mislead."""
+        if self.dead():
+            raise Broken("miio_fakecloud exited (status %s) before the end of %s"
+                         % (self.p.returncode, what))
+
     def close(self):
         stop(self.p)
 
@@ -763,6 +769,7 @@ def part_idle_memory(d, cloud):
         secs = time.monotonic() - t0
         v1, i1 = switches(pid)
         m1 = switches(mosq.p.pid) if mosq else None
+        cloud.check("the idle window")
         per_min = (v1 - v0) * 60.0 / secs
         floor = 2 * 60.0 / keepalive
         mosq_min = (m1[0] - m0[0]) * 60.0 / secs if mosq else None
@@ -885,6 +892,7 @@ def part_idle_mdns(d, cloud):
                        % (min(cpus[0]), min(cpus[1]))) if cpus else "one CPU"
         foreign = mdns_query("_googlecast._tcp.local", 0)
         sent, got, vol, invol, drops, secs = mdns_window(pid, tx, lambda i: foreign, int(IDLE_SECS))
+        cloud.check("the window with foreign mDNS queries")
         f_noise = noise.text()
         noise = Noise(pinned=False)
         noise.where = ("daemon on CPU %d, fake cloud and the query sender on CPU %d"
@@ -892,6 +900,7 @@ def part_idle_mdns(d, cloud):
         want = b"_miio%d" % DID
         q_sent, answers, q_vol, q_invol, q_drops, q_secs = mdns_window(
             pid, tx, lambda i: mdns_query("_miio._udp.local", 1000 + i), check_secs)
+        cloud.check("the window with _miio._udp queries")
         ours = [a for a in answers if want in a]
         if not ours:
             raise Broken("no answer naming %r to %d _miio._udp.local queries sent to %s:%d over "
@@ -1428,7 +1437,8 @@ def strace_window(strace, pid, tag, work, min_secs=0.0):
         stop(p)
         raise Broken("strace did not detach from %d" % pid)
     p.stderr.close()
-    PROCS.remove(p) if p in PROCS else None
+    if p in PROCS:
+        PROCS.remove(p)
     return strace_counts(out), secs
 
 
