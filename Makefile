@@ -328,7 +328,7 @@ install: $(if $(STATIC),,all)
 # writes target/bench/results.json. Knobs (environment): BENCH_IDLE_SECS=120 BENCH_TPUT_SECS=30
 # BENCH_RTT_N=2000 BENCH_CPU_N=2000 BENCH_STARTS=10 BENCH_LAN_N=1000 BENCH_ROUNDS=10 BENCH_CPU=N|none
 # BENCH_STATIC_TARGETS="x86_64 aarch64 armv7" BENCH_HOSTILE_SECS=60
-# BENCH_ONLY=flash,session,startup,static-memory,cpu,hostile
+# BENCH_ONLY=flash,session,startup,static-memory,cpu,syscalls,hostile
 # BENCH_WITHOUT="mosquitto valgrind ..." (pretend a tool is missing).
 BENCH_PYTHON ?= $(or $(MIIO_PYTHON),$(wildcard tests/.venv/bin/python3),python3)
 .PHONY: bench
