@@ -1462,7 +1462,9 @@ impl CloudH {
             3 => json!({"params": {"pad": "z".repeat(usize::from(u.u16()) % 20_000)}}),
             _ => json!({}),
         };
-        let Value::Object(m) = info else { return };
+        let Some(m) = crate::wire::rpc::Members::of_object(info.to_string().as_bytes()) else {
+            return;
+        };
         self.c.handle_info(self.now, &m);
         self.drain();
     }
@@ -1584,9 +1586,9 @@ impl CloudH {
             }
             _ => {
                 let _ = (self.c.is_busy(), self.c.stamp(self.now), self.c.offset());
-                let p = self.c.info_params(self.now, &Map::new());
+                let p = self.c.info_params(self.now, &crate::wire::rpc::Members::new());
                 for k in ["model", "mac", "token", "life"] {
-                    assert!(p.contains_key(k), "INFO without {k}");
+                    assert!(p.get(k).is_some(), "INFO without {k}");
                 }
             }
         }

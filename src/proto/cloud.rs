@@ -37,7 +37,7 @@ use crate::time::{Duration, Instant};
 use crate::timer::TimerWheel;
 use crate::wire::crypto::Keys;
 use crate::wire::miio::{self, Packet};
-use crate::wire::rpc;
+use crate::wire::rpc::{self, Members};
 
 /// Hello resend period and the wait after the last one (P§5.3 D4).
 const HELLO_PERIOD: Duration = Duration::from_secs(5);
@@ -537,12 +537,12 @@ impl Cloud {
 
     /// `params` (the helper's, or the daemon's own) with `model`, `mac` (upper case), `token` and
     /// `life` appended or replaced (P§5.4). Without `uid`/`bindkey`: this is also INFO for `miIO.info`.
-    pub fn info_params(&self, now: Instant, params: &Map<String, Value>) -> Map<String, Value> {
+    pub fn info_params(&self, now: Instant, params: &Members) -> Members {
         let mut p = params.clone();
-        p.insert("model".into(), self.cfg.model.clone().into());
-        p.insert("mac".into(), self.cfg.mac.to_ascii_uppercase().into());
-        p.insert("token".into(), self.cfg.token_hex.clone().into());
-        p.insert("life".into(), secs(now).into());
+        p.set_str("model", &self.cfg.model);
+        p.set_str("mac", &self.cfg.mac.to_ascii_uppercase());
+        p.set_str("token", &self.cfg.token_hex);
+        p.set("life", secs(now).to_string());
         p
     }
 
@@ -939,9 +939,10 @@ impl Cloud {
         self.emit(Action::NeedInfo);
     }
 
-    /// The answer to `NeedInfo`: the helper's `_internal.info` object (its `params` plus top-level
-    /// extras), or the daemon's own `{"params":{..}}`. Sent as `_otc.info` (P§5.4).
-    pub fn handle_info(&mut self, now: Instant, info: &Map<String, Value>) {
+    /// The answer to `NeedInfo`: the members of the helper's `_internal.info` (its `params` plus
+    /// top-level extras), or the daemon's own `{"params":{..}}`. Sent as `_otc.info` (P§5.4), the
+    /// members in the order they came.
+    pub fn handle_info(&mut self, now: Instant, info: &Members) {
         let session = match self.info_for {
             Some(true) if self.phase == Phase::Info => true,
             Some(false) if self.phase == Phase::Up => false,
@@ -949,29 +950,28 @@ impl Cloud {
         };
         self.info_for = None;
         self.wheel.cancel(Timer::Info);
-        let empty = Map::new();
-        let params = match info.get("params") {
-            Some(Value::Object(p)) => p,
-            _ => &empty,
-        };
-        let mut params = self.info_params(now, params);
+        let params = info
+            .get("params")
+            .and_then(|p| Members::of_object(p.as_bytes()))
+            .unwrap_or_default();
+        let mut params = self.info_params(now, &params);
         if let Some((uid, bindkey)) = &self.bind {
-            params.insert("uid".into(), uid.clone().into());
+            params.set_str("uid", uid);
             if let Some(k) = bindkey {
-                params.insert("bindkey".into(), k.clone().into());
+                params.set_str("bindkey", k);
             }
         }
         let id = self.alloc_id();
-        let mut msg = Map::new();
-        msg.insert("id".into(), id.into());
-        msg.insert("method".into(), "_otc.info".into());
-        msg.insert("params".into(), Value::Object(params));
-        for (k, v) in info {
-            if !matches!(k.as_str(), "id" | "method" | "params") {
-                msg.insert(k.clone(), v.clone());
+        let mut msg = Members::new();
+        msg.set("id", id.to_string());
+        msg.set_str("method", "_otc.info");
+        msg.set("params", params.to_json());
+        for (k, v) in info.iter() {
+            if !matches!(k, "id" | "method" | "params") {
+                msg.set(k, v.to_owned());
             }
         }
-        let text = Value::Object(msg).to_string();
+        let text = msg.to_json();
         if text.len() > self.cfg.max_cloud_payload {
             warn!("_otc.info too long ({} bytes), not sent", text.len());
             if session {
@@ -1380,7 +1380,7 @@ impl Cloud {
         let params = || {
             rpc::parse_object(text.as_bytes())
                 .ok()
-                .and_then(|mut o| o.remove("params"))
+                .and_then(|mut o| o.get_mut("params").map(Value::take))
                 .unwrap_or(Value::Null)
         };
         // Id 0 is never answered (P§5.8), so such a command is not tracked either.
@@ -1614,6 +1614,11 @@ mod tests {
         rpc::parse_object(text.as_bytes()).expect("test JSON object")
     }
 
+    /// The members of an `_internal.info`-shaped text, for `handle_info`.
+    fn info(text: &str) -> Members {
+        Members::of_object(text.as_bytes()).expect("test JSON object")
+    }
+
     fn head(text: &str) -> rpc::Head {
         rpc::scan(text.as_bytes()).expect("test JSON object")
     }
@@ -1769,7 +1774,7 @@ mod tests {
             self.deliver(&miio::time_sync_reply(T0));
             assert_eq!(self.next(), Action::NeedInfo);
             self.c
-                .handle_info(self.now, &obj(r#"{"params":{"hw_ver":"Linux"}}"#));
+                .handle_info(self.now, &info(r#"{"params":{"hw_ver":"Linux"}}"#));
             let (_, m) = self.expect_json();
             assert_eq!(m["method"], "_otc.info");
             let ack =
@@ -1855,8 +1860,8 @@ mod tests {
         assert_eq!(h.c.offset(), i64::from(T0) - 1000);
         assert_eq!(h.c.stamp(h.now), T0);
         assert_eq!(h.next(), Action::NeedInfo);
-        let info = r#"{"method":"_internal.info","partner_id":"","params":{"hw_ver":"Linux","fw_ver":"1.0","ap":{"ssid":"s","bssid":"b"},"netif":{"localIp":"10.0.0.2","mask":"255.255.255.0","gw":"10.0.0.1"},"model":"old"}}"#;
-        h.c.handle_info(h.now, &obj(info));
+        let text = r#"{"method":"_internal.info","partner_id":"","params":{"hw_ver":"Linux","fw_ver":"1.0","ap":{"ssid":"s","bssid":"b"},"netif":{"localIp":"10.0.0.2","mask":"255.255.255.0","gw":"10.0.0.1"},"model":"old"}}"#;
+        h.c.handle_info(h.now, &info(text));
         let (stamp, m) = h.expect_json();
         assert_eq!(stamp, T0);
         assert_eq!(m["method"], "_otc.info");
@@ -1887,10 +1892,34 @@ mod tests {
         h.take();
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         let (_, m) = h.expect_json();
         assert_eq!(m["params"]["uid"], "12345");
         assert_eq!(m["params"]["bindkey"], "bk");
+    }
+
+    /// P§5.4: INFO keeps the helper's order (nested objects too), `model`/`mac`/`token`/`life`
+    /// replace members in place or follow, then `uid` and `bindkey`; extras follow `params`.
+    #[test]
+    fn otc_info_keeps_the_member_order() {
+        let mut h = H::new(cfg());
+        h.c.set_bind("12345".into(), Some("bk".into()));
+        h.c.start(h.now);
+        h.take();
+        h.resolved(Ok(vec![SERVER]));
+        h.c.handle_connected(h.now, LOCAL);
+        h.take();
+        h.deliver(&miio::time_sync_reply(T0));
+        h.take();
+        let text = r#"{"zz":1, "method":"_internal.info","params":{"z":"1","mac":"x","ap":{"ssid":"s","bssid":"b","rssi":-46}, "b": [1, {"y":2,"x":1}]},"partner_id":"","id":9}"#;
+        h.c.handle_info(h.now, &info(text));
+        let id = h.c.next_id - 1;
+        assert_eq!(
+            h.expect_text(),
+            format!(
+                r#"{{"id":{id},"method":"_otc.info","params":{{"z":"1","mac":"AA:BB:CC:01:02:03","ap":{{"ssid":"s","bssid":"b","rssi":-46}},"b":[1,{{"y":2,"x":1}}],"model":"vendor.camera.v1","token":"4142434445464748494a4b4c4d4e4f50","life":1000,"uid":"12345","bindkey":"bk"}},"zz":1,"partner_id":""}}"#
+            )
+        );
     }
 
     #[test]
@@ -1902,7 +1931,7 @@ mod tests {
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         let (_, m) = h.expect_json();
         h.deliver_json(&json!({"id": m["id"], "error": {"code": -1, "message": "no"}}).to_string());
         assert_eq!(
@@ -1921,7 +1950,7 @@ mod tests {
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         let (_, first) = h.expect_json();
         for _ in 0..3 {
             h.advance(3000);
@@ -1954,7 +1983,7 @@ mod tests {
             vec![Action::Close, Action::Event(CloudEvent::Retry)]
         );
         // A late answer is ignored.
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         h.quiet();
     }
 
@@ -2122,7 +2151,7 @@ mod tests {
         h.c.handle_connected(h.now, LOCAL);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         let (_, m) = h.expect_json();
         h.deliver_json(&json!({"id": m["id"], "result": {}}).to_string());
         let (_, props) = h.expect_json();
@@ -2174,7 +2203,7 @@ mod tests {
                             h.c.handle_datagram(h.now, &p);
                         }
                     }
-                    Action::NeedInfo => h.c.handle_info(h.now, &obj(r#"{"params":{}}"#)),
+                    Action::NeedInfo => h.c.handle_info(h.now, &info(r#"{"params":{}}"#)),
                     a => panic!("unexpected {a:?}"),
                 }
             }
@@ -2279,7 +2308,7 @@ mod tests {
         h.quiet();
         h.advance(1);
         assert_eq!(h.take(), vec![Action::NeedInfo]);
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         let (_, m) = h.expect_json();
         assert_eq!(m["method"], "_otc.info");
         // Its reply updates otc_list; no event.
@@ -2296,7 +2325,7 @@ mod tests {
         assert_eq!(hello, miio::cloud_hello());
         h.deliver(&miio::time_sync_reply(T0 + 300));
         assert_eq!(h.take(), vec![Action::NeedInfo]);
-        h.c.handle_info(h.now, &obj(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
         let (_, m) = h.expect_json();
         h.deliver_json(&json!({"id": m["id"], "error": {"code": -1, "message": "x"}}).to_string());
         h.quiet();
@@ -3170,7 +3199,7 @@ mod tests {
         h.c.handle_stream(h.now, b"\x21\x31\x00\x01");
         h.c.handle_link_down(h.now);
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_info(h.now, &Map::new());
+        h.c.handle_info(h.now, &Members::new());
         h.quiet();
         assert_eq!(h.c.state(), CloudState::Stopped);
     }

@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{self, device, device::DeviceConf, Secret16};
 use crate::time::{Duration, Instant};
+use crate::wire::rpc::Members;
 
 /// The node's name for a local connection (its slab slot).
 pub type ConnId = usize;
@@ -151,12 +152,9 @@ pub enum Action {
     Country(Option<String>),
     /// `res_wifi_conf_status`: true = provisioned (sta_mode), false = wifi_ap_mode.
     WifiStatus(bool),
-    /// The helper's `_internal.info`: `params` is INFO, `extra` the other top-level members
-    /// (e.g. `partner_id`) that go to the top level of `_otc.info` (P§5.4).
-    Info {
-        params: Map<String, Value>,
-        extra: Map<String, Value>,
-    },
+    /// The helper's `_internal.info`, its members in the order it sent them but `method` and `id`:
+    /// `params` is INFO, the others (e.g. `partner_id`) go to the top level of `_otc.info` (P§5.4).
+    Info(Members),
     /// `res_didkeymac`: any JSON, passed unread to the cloud as `data` (L§16 step 1).
     DidkeyMaterial(Value),
     /// `res_didkeymac2` `"ok"`: the helper stored the assigned did/key.
@@ -493,7 +491,14 @@ impl Helper {
 
     /// A message from a local client whose method is `_internal.*`, or a client's `local.status`
     /// (its `wifi_ap_mode*` params count as `_internal.wifi_ap_mode`, L§5). Others are ignored.
-    pub fn handle_message(&mut self, now: Instant, conn: ConnId, msg: &Map<String, Value>) {
+    /// `raw` is the text `msg` was parsed from: `_internal.info` is taken from it, in its order.
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        msg: &Map<String, Value>,
+        raw: &[u8],
+    ) {
         let Some(method) = msg.get("method").and_then(Value::as_str) else {
             return;
         };
@@ -504,12 +509,12 @@ impl Helper {
                 crate::info_limited!(now, "helper ready (fd {conn})");
                 self.on_present(now);
             }
-            "_internal.response_dinfo" => self.on_answer(now, Step::Dinfo, msg),
-            "_internal.response_dtoken" => self.on_answer(now, Step::Token, msg),
-            "_internal.res_wifi_conf_status" => self.on_answer(now, Step::WifiStatus, msg),
-            "_internal.info" => self.on_answer(now, Step::Info, msg),
-            "_internal.res_didkeymac" => self.on_answer(now, Step::Didkeymac, msg),
-            "_internal.res_didkeymac2" => self.on_answer(now, Step::Didkeymac2, msg),
+            "_internal.response_dinfo" => self.on_answer(now, Step::Dinfo, msg, raw),
+            "_internal.response_dtoken" => self.on_answer(now, Step::Token, msg, raw),
+            "_internal.res_wifi_conf_status" => self.on_answer(now, Step::WifiStatus, msg, raw),
+            "_internal.info" => self.on_answer(now, Step::Info, msg, raw),
+            "_internal.res_didkeymac" => self.on_answer(now, Step::Didkeymac, msg, raw),
+            "_internal.res_didkeymac2" => self.on_answer(now, Step::Didkeymac2, msg, raw),
             "_internal.response_dcountry" => match parse_country(params) {
                 Ok(cc) => self.actions.push_back(Action::Country(cc)),
                 Err(why) => {
@@ -674,7 +679,8 @@ impl Helper {
         }
     }
 
-    fn on_answer(&mut self, now: Instant, step: Step, msg: &Map<String, Value>) {
+    /// `raw`: the text of `msg`, read for `Step::Info` (its members in order).
+    fn on_answer(&mut self, now: Instant, step: Step, msg: &Map<String, Value>, raw: &[u8]) {
         let state = self.steps[step.index()];
         if matches!(state, StepState::Idle | StepState::Answered) {
             debug!("{}: not awaited, ignored", step.answer_method());
@@ -687,15 +693,14 @@ impl Helper {
             Step::WifiStatus => Ok(Action::WifiStatus(
                 params.as_u64() == Some(1) || params.as_str() == Some("1"),
             )),
-            Step::Info => match params {
-                Value::Object(p) => Ok(Action::Info {
-                    params: p.clone(),
-                    extra: msg
-                        .iter()
-                        .filter(|(k, _)| !matches!(k.as_str(), "method" | "params" | "id"))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                }),
+            Step::Info => match (params, Members::of_object(raw)) {
+                (Value::Object(_), Some(m)) => {
+                    let mut info = Members::new();
+                    for (k, v) in m.iter().filter(|(k, _)| !matches!(*k, "method" | "id")) {
+                        info.set(k, v.to_owned());
+                    }
+                    Ok(Action::Info(info))
+                }
                 _ => Err("params not an object".to_string()),
             },
             Step::Didkeymac => Ok(Action::DidkeyMaterial(params.clone())),
@@ -870,12 +875,13 @@ mod tests {
     }
 
     fn hello(h: &mut Helper, now: u64, conn: ConnId) -> Vec<Action> {
-        h.handle_message(at(now), conn, &obj(r#"{"method":"_internal.hello"}"#));
+        let hello = r#"{"method":"_internal.hello"}"#;
+        h.handle_message(at(now), conn, &obj(hello), hello.as_bytes());
         drain(h)
     }
 
     fn send(h: &mut Helper, now: u64, conn: ConnId, s: &str) -> Vec<Action> {
-        h.handle_message(at(now), conn, &obj(s));
+        h.handle_message(at(now), conn, &obj(s), s.as_bytes());
         drain(h)
     }
 
@@ -1039,10 +1045,16 @@ mod tests {
             r#"{"method":"_internal.info","partner_id":"","params":{"hw_ver":"Linux","fw_ver":"2.1.1_9527","ap":{"ssid":"s","bssid":"AA:BB:CC:00:11:22"},"netif":{"localIp":"1.2.3.4","mask":"255.0.0.0","gw":"1.0.0.1"}}}"#,
         );
         match got.as_slice() {
-            [Action::Info { params, extra }] => {
-                assert_eq!(params["fw_ver"], "2.1.1_9527");
-                assert_eq!(extra, &obj(r#"{"partner_id":""}"#));
-            }
+            [Action::Info(m)] => assert_eq!(
+                m.iter().collect::<Vec<_>>(),
+                [
+                    ("partner_id", r#""""#),
+                    (
+                        "params",
+                        r#"{"hw_ver":"Linux","fw_ver":"2.1.1_9527","ap":{"ssid":"s","bssid":"AA:BB:CC:00:11:22"},"netif":{"localIp":"1.2.3.4","mask":"255.0.0.0","gw":"1.0.0.1"}}"#
+                    )
+                ]
+            ),
             other => panic!("{other:?}"),
         }
         // Nothing left to time out.
@@ -1654,10 +1666,11 @@ mod tests {
                 n += 1;
                 let text = format!(r#"{{"method":"{m}","params":{p},"id":"x"}}"#);
                 if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(&text) {
-                    h.handle_message(at(n), n as ConnId % 4, &o);
+                    h.handle_message(at(n), n as ConnId % 4, &o, text.as_bytes());
                 }
-                h.handle_message(at(n), 1, &obj(r#"{"method":5}"#));
-                h.handle_message(at(n), 1, &obj(r#"{"params":1}"#));
+                for s in [r#"{"method":5}"#, r#"{"params":1}"#] {
+                    h.handle_message(at(n), 1, &obj(s), s.as_bytes());
+                }
                 h.handle_timeout(at(n * 1000));
                 drain(&mut h);
             }

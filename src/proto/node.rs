@@ -19,7 +19,7 @@ use super::state::State;
 use crate::config::device::DeviceConf;
 use crate::config::Secret16;
 use crate::time::{Duration, Instant};
-use crate::wire::rpc;
+use crate::wire::rpc::{self, Members};
 
 /// The device identity and what the data files say about provisioning.
 #[derive(Clone)]
@@ -169,7 +169,7 @@ pub struct Node {
     /// The id counter and D12 flag of the last cloud machine, for the next one (P§5.7 D5).
     cloud_carry: Option<cloud::Carry>,
     /// The helper's last `_internal.info` params: the base of `miIO.info`.
-    helper_info: Option<Map<String, Value>>,
+    helper_info: Option<Members>,
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
@@ -620,16 +620,15 @@ impl Node {
                 self.actions.push_back(Action::ReadSsid);
                 self.got_wifi(now, p)
             }
-            H::Info { params, extra } => {
-                self.helper_info = Some(params.clone());
-                let mut m = extra;
-                m.insert("params".into(), Value::Object(params));
+            H::Info(info) => {
+                self.helper_info = info.get("params").and_then(|p| Members::of_object(p.as_bytes()));
                 if let Some(c) = self.cloud.as_mut() {
-                    c.handle_info(now, &m);
+                    c.handle_info(now, &info);
                 }
             }
             H::UseFiles(Step::Info) => {
-                let info = self.own_info();
+                let mut info = Members::new();
+                info.set("params", self.own_info().to_json());
                 if let Some(c) = self.cloud.as_mut() {
                     c.handle_info(now, &info);
                 }
@@ -843,8 +842,8 @@ impl Node {
         }
     }
 
-    /// INFO built by the daemon itself (P§5.4, no helper answer).
-    fn own_info(&self) -> Map<String, Value> {
+    /// INFO built by the daemon itself (P§5.4, no helper answer), members in the order shown there.
+    fn own_info(&self) -> Members {
         let fw = self
             .identity
             .as_ref()
@@ -856,38 +855,39 @@ impl Node {
             .as_ref()
             .map(|i| i.ssid.clone())
             .unwrap_or_default();
-        let params = json!({
-            "hw_ver": "Linux",
-            "fw_ver": fw,
-            "ap": {"ssid": ssid, "bssid": ""},
-            "netif": {"localIp": self.netif.ip, "mask": self.netif.mask, "gw": self.netif.gw},
-        });
-        let mut m = Map::new();
-        m.insert("params".into(), params);
-        m
+        let mut ap = Members::new();
+        ap.set_str("ssid", &ssid);
+        ap.set_str("bssid", "");
+        let mut netif = Members::new();
+        netif.set_str("localIp", &self.netif.ip);
+        netif.set_str("mask", &self.netif.mask);
+        netif.set_str("gw", &self.netif.gw);
+        let mut p = Members::new();
+        p.set_str("hw_ver", "Linux");
+        p.set_str("fw_ver", &fw);
+        p.set("ap", ap.to_json());
+        p.set("netif", netif.to_json());
+        p
     }
 
     /// INFO for `miIO.info` (P§4.6): the `_otc.info` params without `bindkey`, in every state,
     /// AP mode included: the helper's last `_internal.info` (or the daemon's own), then `model`,
     /// `mac`, `token`, `life` (P§5.4) and the uid of a provisioning in this run.
-    fn info(&self, now: Instant) -> Map<String, Value> {
+    fn info(&self, now: Instant) -> Members {
         let mut p = match &self.helper_info {
             Some(h) => h.clone(),
-            None => match self.own_info().remove("params") {
-                Some(Value::Object(m)) => m,
-                _ => Map::new(),
-            },
+            None => self.own_info(),
         };
         if let Some(d) = self.boot.device.as_ref() {
-            p.insert("model".into(), d.model.clone().into());
-            p.insert("mac".into(), d.mac.to_ascii_uppercase().into());
+            p.set_str("model", &d.model);
+            p.set_str("mac", &d.mac.to_ascii_uppercase());
         }
         if let Some(t) = self.boot.token.as_ref() {
-            p.insert("token".into(), crate::config::token::to_hex(t).into());
+            p.set_str("token", &crate::config::token::to_hex(t));
         }
-        p.insert("life".into(), now.secs().into());
+        p.set("life", now.secs().to_string());
         if let Some((uid, _)) = &self.bind {
-            p.insert("uid".into(), uid.clone().into());
+            p.set_str("uid", uid);
         }
         p
     }
@@ -907,7 +907,7 @@ impl Node {
         Some(match method {
             "miIO.info" => format!(
                 "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{}}}",
-                Value::Object(self.info(now))
+                self.info(now).to_json()
             ),
             "miIO.wifi_assoc_state" => {
                 let state = if self.state == State::CloudConnected {
@@ -1027,8 +1027,8 @@ impl Node {
                 id,
                 obj,
             }) => self.local_request(now, conn, &method, id, &obj),
-            Some(Inbound::Internal { conn, obj, .. }) => {
-                self.helper.handle_message(now, conn, &obj)
+            Some(Inbound::Internal { conn, obj, text, .. }) => {
+                self.helper.handle_message(now, conn, &obj, text.as_bytes())
             }
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
                 Some(c) => c.upstream(now, ClientId(conn as u32), &text, &head),
@@ -1078,7 +1078,8 @@ impl Node {
     ) {
         if method == "local.status" {
             // A helper notice (L§5): `wifi_ap_mode*` counts as `_internal.wifi_ap_mode`.
-            self.helper.handle_message(now, conn, obj);
+            // Only `_internal.info` reads the raw text.
+            self.helper.handle_message(now, conn, obj, b"");
             return;
         }
         let Some(id) = id.filter(|v| v.is_u64() || v.is_i64()) else {
@@ -1158,7 +1159,7 @@ impl Node {
         out.push(("node.actions", self.actions.len()));
         out.push((
             "node.helper_info",
-            self.helper_info.as_ref().map_or(0, Map::len),
+            self.helper_info.as_ref().map_or(0, Members::len),
         ));
         out.push(("cloud.machines", usize::from(self.cloud.is_some())));
         if let Some(c) = self.cloud.as_ref() {
@@ -1438,8 +1439,35 @@ mod tests {
         other
     }
 
+    /// P§4.6/§5.4: `miIO.info` lists INFO's members in the order of P§5.4, and a helper's INFO
+    /// in the helper's order with `model`, `mac`, `token`, `life` and `uid` set in place or after.
+    #[test]
+    fn miio_info_keeps_the_member_order() {
+        let mut n = node();
+        n.identity = Some(identity(true));
+        n.netif = Netif {
+            ip: "10.0.0.2".into(),
+            mask: "255.0.0.0".into(),
+            gw: "10.0.0.1".into(),
+        };
+        n.boot.token = Some(Secret16::new(*b"ABCDEFGHIJKLMNOP"));
+        n.bind = Some(("42".into(), Some("bk".into())));
+        let now = Instant(7_000);
+        let ask = |n: &mut Node| n.self_method(now, "miIO.info", &Value::Null, Some(json!(3)), true);
+        assert_eq!(
+            ask(&mut n).unwrap(),
+            r#"{"id":3,"code":0,"message":"ok","result":{"hw_ver":"Linux","fw_ver":"1.2.3_0001","ap":{"ssid":"home","bssid":""},"netif":{"localIp":"10.0.0.2","mask":"255.0.0.0","gw":"10.0.0.1"},"token":"4142434445464748494a4b4c4d4e4f50","life":7,"uid":"42"}}"#
+        );
+        n.helper_info = Members::of_object(br#"{"z":0,"token":"old","ap":{"y":1,"x":2}}"#);
+        assert_eq!(
+            ask(&mut n).unwrap(),
+            r#"{"id":3,"code":0,"message":"ok","result":{"z":0,"token":"4142434445464748494a4b4c4d4e4f50","ap":{"y":1,"x":2},"life":7,"uid":"42"}}"#
+        );
+    }
+
     fn info_ssid(n: &Node, now: Instant) -> Value {
-        n.info(now)["ap"]["ssid"].clone()
+        let info: Value = serde_json::from_str(&n.info(now).to_json()).unwrap();
+        info["ap"]["ssid"].clone()
     }
 
     #[test]

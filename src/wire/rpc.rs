@@ -683,6 +683,109 @@ pub fn request(id: Option<&Value>, method: &str, params: &Value) -> String {
     }
 }
 
+/// The members of a JSON object in their order, each value kept as compact JSON text: how the
+/// daemon builds the objects whose member order peers see (INFO of `miIO.info` and `_otc.info`,
+/// P§5.4). A `serde_json::Map` sorts its keys; this keeps the order in which members came.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Members(Vec<(String, String)>);
+
+impl Members {
+    pub fn new() -> Members {
+        Members::default()
+    }
+
+    /// The top-level members of the JSON object `raw`, in the order of the text, or None if it is
+    /// not one valid object. Keys are unescaped (a key no `String` holds drops its member, as in
+    /// [`parse_object`]); values stay as written, whitespace outside strings removed. A key that
+    /// comes again keeps its first place and takes the last value, as a parser that keeps the
+    /// order sees it.
+    pub fn of_object(raw: &[u8]) -> Option<Members> {
+        core::str::from_utf8(raw).ok()?;
+        let mut m = Members::new();
+        // The walk `rewrite_id` already uses: another closure over `each_member` would be a second
+        // copy of it in flash.
+        for (k, v) in members(raw)? {
+            let (Some(key), Some(v)) = (raw.get(k), raw.get(v)) else {
+                continue;
+            };
+            if let Some(Value::String(key)) = value(key) {
+                m.set(&key, compact(v));
+            }
+        }
+        Some(m)
+    }
+
+    /// Sets `key` to the JSON text `json`: in its place when the key is there, else at the end.
+    pub fn set(&mut self, key: &str, json: String) {
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = json,
+            None => self.0.push((key.to_owned(), json)),
+        }
+    }
+
+    /// [`Members::set`] with a JSON string.
+    pub fn set_str(&mut self, key: &str, s: &str) {
+        self.set(key, json_str(s));
+    }
+
+    /// The JSON text of `key`'s value.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// (key, JSON text of the value), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// `{"k":v,...}`, compact, members in order.
+    pub fn to_json(&self) -> String {
+        let mut out = String::from("{");
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&json_str(k));
+            out.push(':');
+            out.push_str(v);
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// The JSON text `raw` (valid, UTF-8) without the whitespace between its tokens.
+fn compact(raw: &[u8]) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &c in raw {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+        } else if matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
+            continue;
+        } else if c == b'"' {
+            in_string = true;
+        }
+        out.push(c);
+    }
+    // Only ASCII whitespace outside strings was dropped, so the text is still UTF-8.
+    String::from_utf8(out).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -898,6 +1001,42 @@ mod tests {
         }
     }
 
+    /// The order-keeping writer: members come out in the order they came, a replaced member keeps
+    /// its place, nested objects keep the text's order, and only whitespace outside strings goes.
+    #[test]
+    fn members_keep_their_order() {
+        let mut m = Members::new();
+        m.set_str("z", "last\"first");
+        m.set("b", "2".into());
+        m.set("a", "[1]".into());
+        m.set("b", "3".into());
+        assert_eq!(m.to_json(), r#"{"z":"last\"first","b":3,"a":[1]}"#);
+        assert_eq!(m.get("b"), Some("3"));
+        assert_eq!(m.get("c"), None);
+        assert_eq!(Members::new().to_json(), "{}");
+
+        let raw = br#" { "y" : { "k" : "a b\" c" , "d" : [ 1 , 2 ] } , "x":1, "\u0061":true, "x":2 } "#;
+        let m = Members::of_object(raw).unwrap();
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            [
+                ("y", r#"{"k":"a b\" c","d":[1,2]}"#),
+                ("x", "2"),
+                ("a", "true")
+            ]
+        );
+        assert_eq!(m.to_json(), r#"{"y":{"k":"a b\" c","d":[1,2]},"x":2,"a":true}"#);
+        // A key that needs escaping is written escaped.
+        let mut e = Members::new();
+        e.set("q\"\n", "null".into());
+        assert_eq!(e.to_json(), r#"{"q\"\n":null}"#);
+        parse_object(e.to_json().as_bytes()).unwrap();
+
+        for bad in [&b"[1]"[..], b"{\"a\":}", b"{\"a\":1}{}", b"\"s\"", b"{\"a\":\"\xff\"}"] {
+            assert_eq!(Members::of_object(bad), None);
+        }
+    }
+
     #[test]
     fn builders() {
         assert_eq!(
@@ -917,8 +1056,8 @@ mod tests {
             r#"{"id":12,"result":["on"]}"#
         );
         assert_eq!(
-            result_reply(&json!(1), &json!({"b":1,"a":[null]})),
-            r#"{"id":1,"result":{"b":1,"a":[null]}}"#
+            result_reply(&json!(1), &json!({"a":[null],"b":1})),
+            r#"{"id":1,"result":{"a":[null],"b":1}}"#
         );
         assert_eq!(
             local_status("cloud_connected"),
