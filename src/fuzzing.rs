@@ -1586,7 +1586,9 @@ impl CloudH {
             }
             _ => {
                 let _ = (self.c.is_busy(), self.c.stamp(self.now), self.c.offset());
-                let p = self.c.info_params(self.now, &crate::wire::rpc::Members::new());
+                let p = self
+                    .c
+                    .info_params(self.now, &crate::wire::rpc::Members::new());
                 for k in ["model", "mac", "token", "life"] {
                     assert!(p.get(k).is_some(), "INFO without {k}");
                 }
@@ -2658,6 +2660,8 @@ impl NodeH {
                 );
                 self.files.country = config::country::parse(&cc).ok().flatten();
             }
+            // The driver never tells the node that an mDNS service changed.
+            NodeAction::MdnsAnnounce => panic!("mDNS announcement without a service change"),
             NodeAction::ReadSsid => {
                 let ssid = self
                     .files

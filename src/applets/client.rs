@@ -26,23 +26,11 @@ use crate::proto::local::{LocalAction, Port};
 use crate::proto::node::{Action, Node, NodeConfig};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
-use crate::timer::TimerWheel;
 use crate::wire::dns::ServiceInfo;
 use crate::wire::json_stream::SplitError;
 
 /// The vendor's line for a port already in use (LOCAL_API.md §2).
 pub const QUIT_BOUND: &str = "Quit, maybe another miio_client is already running.";
-
-/// How often a daemon without a usable identity repeats why (LOCAL_API.md §9.5).
-const CONFIG_RETRY: Duration = Duration::from_secs(30);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Timer {
-    /// Re-log why the daemon is still in `device_init`.
-    ConfigRetry,
-    /// RFC 6762 §8.3: the second announcement, one second after the first.
-    MdnsAnnounce,
-}
 
 struct Sockets {
     lan: Option<UdpSocket>,
@@ -104,7 +92,6 @@ struct Daemon {
     log: LogHandle,
     reactor: Reactor,
     sockets: Sockets,
-    wheel: TimerWheel<Timer>,
     node: Node,
     clients: Vec<Option<Client>>,
     cloud: Option<CloudSock>,
@@ -197,15 +184,6 @@ impl Daemon {
         match step {
             Step::Dinfo => {
                 let res = datafiles::load_device(&dir);
-                match &res {
-                    Ok(_) => {
-                        self.wheel.cancel(Timer::ConfigRetry);
-                    }
-                    Err(_) if self.node.state() == State::DeviceInit => {
-                        self.wheel.set(Timer::ConfigRetry, now + CONFIG_RETRY)
-                    }
-                    Err(_) => {}
-                }
                 let country = datafiles::load_country(&dir);
                 self.node
                     .file_dinfo(now, res.map_err(|e| e.to_string()), country);
@@ -247,18 +225,6 @@ impl Daemon {
         self.node.retry_files();
     }
 
-    fn fire(&mut self, t: Timer) {
-        match t {
-            // L§9.5: without a usable identity, say why again and re-read the files.
-            Timer::ConfigRetry => self.node.retry_files(),
-            Timer::MdnsAnnounce => {
-                if let Some(m) = self.mdns.as_ref() {
-                    m.announce();
-                }
-            }
-        }
-    }
-
     /// P§4.8: announce once in STA mode with an address (and on every new one); nothing to
     /// announce or answer in AP mode or without an identity.
     fn mdns_service(&mut self, now: Instant, ip: Option<Ipv4Addr>) {
@@ -276,9 +242,9 @@ impl Daemon {
         // send no multicast announcement for it.
         let routable = info.as_ref().is_some_and(|i| !i.ip.is_loopback());
         if m.set_service(info) && routable {
-            m.announce();
-            self.wheel
-                .set(Timer::MdnsAnnounce, now + Duration::from_secs(1));
+            // The node sends the announcement now and again in a second (P§4.8).
+            self.node.mdns_service_changed(now);
+            self.run_actions(now);
         }
     }
 
@@ -729,6 +695,11 @@ impl Daemon {
                         }
                     }
                 }
+                Action::MdnsAnnounce => {
+                    if let Some(m) = self.mdns.as_ref() {
+                        m.announce();
+                    }
+                }
                 Action::TrustFlag(on) => {
                     let p = std::path::Path::new(&self.args.datadir).join("otd_donot_trust_peer");
                     let r = if on {
@@ -803,10 +774,9 @@ impl Daemon {
         self.node.start(now);
         self.run_actions(now);
         loop {
-            let deadline = match (self.wheel.earliest(), self.node.poll_timeout()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // Every deadline of the process is the node's (ARCHITECTURE.md rule 4), so the
+            // `wakeup_time` it reports for a suspend is the one this wait uses.
+            let deadline = self.node.poll_timeout();
             let turn = self.reactor.wait(deadline, !self.again.is_empty())?;
             let now = turn.now;
             for s in &turn.signals {
@@ -859,9 +829,6 @@ impl Daemon {
                     self.again.push(r.token);
                 }
                 self.run_actions(now);
-            }
-            while let Some(t) = self.wheel.pop_due(now) {
-                self.fire(t);
             }
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
@@ -995,7 +962,6 @@ pub fn main(args: &[String]) -> i32 {
         log,
         reactor,
         sockets,
-        wheel: TimerWheel::new(),
         clients: Vec::new(),
         cloud: None,
         resolver,

@@ -114,7 +114,13 @@ pub enum Action {
     /// `ap.ssid` is the file's (P§5.4) even when a helper answered the Wi-Fi step or after a
     /// failed provisioning put the file back.
     ReadSsid,
+    /// Send the mDNS announcement of the service (P§4.8): at once when it changed, and once more
+    /// a second later (RFC 6762 §8.3).
+    MdnsAnnounce,
 }
+
+/// How long `device_init` waits before it says again why and re-reads the data files (L§9.5).
+pub const CONFIG_RETRY: Duration = Duration::from_secs(30);
 
 /// Where a provisioning came from, for its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +179,10 @@ pub struct Node {
     netif: Netif,
     /// The cloud socket has unsent output (TCP): the board must not sleep (L§12).
     cloud_backlog: bool,
+    /// In `device_init` without a usable `device.conf`: when to re-read the files (L§9.5).
+    config_retry: Option<Instant>,
+    /// The second mDNS announcement of a changed service (P§4.8).
+    mdns_again: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
@@ -220,6 +230,8 @@ impl Node {
             cloud: None,
             netif: Netif::default(),
             cloud_backlog: false,
+            config_retry: None,
+            mdns_again: None,
             actions: VecDeque::new(),
         }
     }
@@ -246,6 +258,8 @@ impl Node {
             self.cloud.as_ref().and_then(Cloud::poll_timeout),
             self.lan.poll_timeout(),
             self.helper.poll_timeout(),
+            self.config_retry,
+            self.mdns_again,
         ]
         .into_iter()
         .flatten()
@@ -253,6 +267,15 @@ impl Node {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.config_retry.is_some_and(|t| t <= now) {
+            // L§9.5: without a usable identity, say why again and re-read the files.
+            self.config_retry = None;
+            self.retry_files();
+        }
+        if self.mdns_again.is_some_and(|t| t <= now) {
+            self.mdns_again = None;
+            self.actions.push_back(Action::MdnsAnnounce);
+        }
         self.local.handle_timeout(now);
         if let Some(c) = self.cloud.as_mut() {
             c.handle_timeout(now);
@@ -325,6 +348,7 @@ impl Node {
     ) {
         match res {
             Ok(d) => {
+                self.config_retry = None;
                 if self.boot.device.is_none() {
                     self.boot.country = country;
                 }
@@ -333,6 +357,7 @@ impl Node {
             Err(e) => {
                 log::error!("{e}");
                 if self.state == State::DeviceInit {
+                    self.config_retry = Some(now + CONFIG_RETRY);
                     log::error!("staying in device_init; fix the file and send SIGHUP");
                 } else {
                     log::error!("keeping the identity in use");
@@ -340,6 +365,13 @@ impl Node {
             }
         }
         self.pump(now);
+    }
+
+    /// The reactor's mDNS responder took a new service that the LAN can reach (P§4.8): announce it
+    /// now and once more a second later.
+    pub fn mdns_service_changed(&mut self, now: Instant) {
+        self.actions.push_back(Action::MdnsAnnounce);
+        self.mdns_again = Some(now + Duration::from_secs(1));
     }
 
     /// The token step done from the files (L§9.3 token logic, run by the reactor).
@@ -621,7 +653,9 @@ impl Node {
                 self.got_wifi(now, p)
             }
             H::Info(info) => {
-                self.helper_info = info.get("params").and_then(|p| Members::of_object(p.as_bytes()));
+                self.helper_info = info
+                    .get("params")
+                    .and_then(|p| Members::of_object(p.as_bytes()));
                 if let Some(c) = self.cloud.as_mut() {
                     c.handle_info(now, &info);
                 }
@@ -1027,9 +1061,9 @@ impl Node {
                 id,
                 obj,
             }) => self.local_request(now, conn, &method, id, &obj),
-            Some(Inbound::Internal { conn, obj, text, .. }) => {
-                self.helper.handle_message(now, conn, &obj, text.as_bytes())
-            }
+            Some(Inbound::Internal {
+                conn, obj, text, ..
+            }) => self.helper.handle_message(now, conn, &obj, text.as_bytes()),
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
                 Some(c) => c.upstream(now, ClientId(conn as u32), &text, &head),
                 None => {
@@ -1306,6 +1340,55 @@ mod tests {
         v["params"]["wakeup_time"].as_u64().unwrap()
     }
 
+    /// ARCHITECTURE.md rule 4: every deadline of the process is the node's, so the suspend answer
+    /// knows them: the re-read of a broken `device.conf` (L§9.5) and the second mDNS announcement.
+    #[test]
+    fn config_retry_and_mdns_announcements_are_node_deadlines() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.handle_timeout(t0); // the helper grace is over: file mode
+        n.file_dinfo(t0, Err("device.conf: no did".into()), None);
+        while n.poll_action().is_some() {}
+        assert_eq!(n.state(), State::DeviceInit);
+        assert_eq!(n.poll_timeout(), Some(t0 + CONFIG_RETRY));
+        n.local_accept(t0, 1, Port::Local);
+        assert_eq!(ask_suspend(&mut n, t0), CONFIG_RETRY.secs_ceil());
+        let t1 = t0 + CONFIG_RETRY;
+        n.handle_timeout(t1);
+        let mut again = Vec::new();
+        while let Some(a) = n.poll_action() {
+            again.push(a);
+        }
+        assert!(again.contains(&Action::LoadFiles(Step::Dinfo)), "{again:?}");
+        // A good file ends the retries.
+        n.set_identity(t1, identity(true));
+        serve(&mut n, t1);
+        assert_eq!(n.state(), State::CloudConnected);
+        n.file_dinfo(t1, Ok(crate::config::device::parse(CONF).unwrap()), None);
+        serve(&mut n, t1);
+        assert!(
+            n.poll_timeout().is_none_or(|t| t > t1 + CONFIG_RETRY),
+            "retry still armed"
+        );
+
+        // mDNS: now, and once more a second later, which a suspend must not sleep through.
+        let announces = |n: &mut Node| {
+            let mut k = 0;
+            while let Some(a) = n.poll_action() {
+                k += usize::from(a == Action::MdnsAnnounce);
+            }
+            k
+        };
+        n.mdns_service_changed(t1);
+        assert_eq!(announces(&mut n), 1);
+        assert_eq!(n.poll_timeout(), Some(t1 + Duration::from_secs(1)));
+        assert_eq!(ask_suspend(&mut n, t1), 1);
+        n.handle_timeout(t1 + Duration::from_millis(999));
+        assert_eq!(announces(&mut n), 0);
+        n.handle_timeout(t1 + Duration::from_secs(1));
+        assert_eq!(announces(&mut n), 1);
+    }
+
     #[test]
     fn ap_mode_idle_sleeps_max_and_broadcasts_ap_mode() {
         let mut n = node();
@@ -1453,7 +1536,8 @@ mod tests {
         n.boot.token = Some(Secret16::new(*b"ABCDEFGHIJKLMNOP"));
         n.bind = Some(("42".into(), Some("bk".into())));
         let now = Instant(7_000);
-        let ask = |n: &mut Node| n.self_method(now, "miIO.info", &Value::Null, Some(json!(3)), true);
+        let ask =
+            |n: &mut Node| n.self_method(now, "miIO.info", &Value::Null, Some(json!(3)), true);
         assert_eq!(
             ask(&mut n).unwrap(),
             r#"{"id":3,"code":0,"message":"ok","result":{"hw_ver":"Linux","fw_ver":"1.2.3_0001","ap":{"ssid":"home","bssid":""},"netif":{"localIp":"10.0.0.2","mask":"255.0.0.0","gw":"10.0.0.1"},"token":"4142434445464748494a4b4c4d4e4f50","life":7,"uid":"42"}}"#

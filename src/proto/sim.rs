@@ -527,6 +527,10 @@ struct Sim {
     slot_of: HashMap<u64, ConnId>,
     next_cid: u64,
     link: Option<Link>,
+    /// The reactor's mDNS service is set (it is from the first connection in STA mode until the
+    /// node leaves the STA states), and when the announcements it asked for are due.
+    mdns_service: bool,
+    mdns_due: std::collections::VecDeque<Instant>,
     gen: u32,
     // the cloud
     outage: Option<(Outage, Instant)>,
@@ -593,6 +597,8 @@ impl Sim {
             slot_of: HashMap::new(),
             next_cid: 1,
             link: None,
+            mdns_service: false,
+            mdns_due: Default::default(),
             gen: 0,
             outage: None,
             skew: 0,
@@ -959,6 +965,13 @@ impl Sim {
                     self.deliver_local(slot, text.to_string())
                 }
                 Action::Local(LocalAction::Close(slot)) => self.server_close(slot),
+                // Each announcement the service change asked for, none early and none more (a
+                // late one is caught as an overdue deadline).
+                Action::MdnsAnnounce => match self.mdns_due.pop_front() {
+                    Some(t) if t <= self.now => {}
+                    Some(t) => self.fail(format!("mDNS announcement early, due at {:?}", clock(t))),
+                    None => self.fail("mDNS announcement nobody asked for"),
+                },
                 Action::Resolve {
                     transport,
                     host,
@@ -1054,6 +1067,14 @@ impl Sim {
             gw: "192.168.1.1".into(),
         };
         self.node.cloud_connected(self.now, netif, LOCAL_IP);
+        // As the reactor: a service that changed (here: became known) is announced now and once
+        // more a second later (P§4.8). LOCAL_IP stands for a LAN address.
+        if !self.mdns_service {
+            self.mdns_service = true;
+            self.node.mdns_service_changed(self.now);
+            self.mdns_due
+                .extend([self.now, self.now + Duration::from_secs(1)]);
+        }
     }
 
     /// The cloud socket is closed: the session, and the model's view of it, end.
@@ -1509,6 +1530,7 @@ impl Sim {
         for o in m.outstanding.values() {
             d.push(("ack", o.last_send + Duration(ACK_TIMEOUT)));
         }
+        d.extend(self.mdns_due.front().map(|&t| ("mDNS announcement", t)));
         d
     }
 
@@ -2417,6 +2439,13 @@ impl Sim {
     fn after_turn(&mut self) {
         let now = self.now;
         let state = self.node.state();
+        if !matches!(
+            state,
+            State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
+        ) {
+            self.mdns_service = false;
+        }
+
         // (1) Nothing overdue is left behind.
         let next = self.node.poll_timeout();
         self.next_deadline = next;

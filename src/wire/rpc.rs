@@ -730,7 +730,10 @@ impl Members {
 
     /// The JSON text of `key`'s value.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn len(&self) -> usize {
@@ -1015,7 +1018,8 @@ mod tests {
         assert_eq!(m.get("c"), None);
         assert_eq!(Members::new().to_json(), "{}");
 
-        let raw = br#" { "y" : { "k" : "a b\" c" , "d" : [ 1 , 2 ] } , "x":1, "\u0061":true, "x":2 } "#;
+        let raw =
+            br#" { "y" : { "k" : "a b\" c" , "d" : [ 1 , 2 ] } , "x":1, "\u0061":true, "x":2 } "#;
         let m = Members::of_object(raw).unwrap();
         assert_eq!(
             m.iter().collect::<Vec<_>>(),
@@ -1025,14 +1029,23 @@ mod tests {
                 ("a", "true")
             ]
         );
-        assert_eq!(m.to_json(), r#"{"y":{"k":"a b\" c","d":[1,2]},"x":2,"a":true}"#);
+        assert_eq!(
+            m.to_json(),
+            r#"{"y":{"k":"a b\" c","d":[1,2]},"x":2,"a":true}"#
+        );
         // A key that needs escaping is written escaped.
         let mut e = Members::new();
         e.set("q\"\n", "null".into());
         assert_eq!(e.to_json(), r#"{"q\"\n":null}"#);
         parse_object(e.to_json().as_bytes()).unwrap();
 
-        for bad in [&b"[1]"[..], b"{\"a\":}", b"{\"a\":1}{}", b"\"s\"", b"{\"a\":\"\xff\"}"] {
+        for bad in [
+            &b"[1]"[..],
+            b"{\"a\":}",
+            b"{\"a\":1}{}",
+            b"\"s\"",
+            b"{\"a\":\"\xff\"}",
+        ] {
             assert_eq!(Members::of_object(bad), None);
         }
     }
