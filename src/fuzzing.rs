@@ -544,6 +544,18 @@ pub fn rpc(data: &[u8]) {
     let rewritten = rpc::rewrite_id(text, new_id);
     let raw_id = rpc::raw_id(text);
     assert_eq!(rewritten.is_some(), raw_id.is_some());
+    // The scan the report path routes on: parse_object's verdict, the tree's members, and the
+    // same rewrite through the id's place it found.
+    let head = rpc::scan(raw);
+    match (&head, &r) {
+        (Ok(h), Ok(o)) => {
+            scanned_as_parsed(h, raw);
+            assert_eq!(h.kind(), rpc::classify(o), "scan and classify disagree");
+            assert_eq!(rpc::rewrite_id_scanned(text, h, new_id), rewritten);
+        }
+        (Err(a), Err(b)) => assert_eq!(a, b, "scan and parse_object refuse differently"),
+        _ => panic!("scan {head:?} against parse_object {r:?}"),
+    }
     let obj = match r {
         Ok(o) => o,
         Err(e) => {
