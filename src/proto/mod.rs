@@ -6,6 +6,7 @@ pub mod helper;
 pub mod lan;
 pub mod local;
 pub mod node;
+pub mod outbox;
 pub mod provision;
 #[cfg(test)]
 mod sim;

@@ -5,8 +5,7 @@
 //!
 //! The reactor feeds it inputs and executes its [`Action`]s; it never touches a socket or a file.
 
-use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use log::{info, warn};
 use serde_json::{json, Map, Value};
@@ -14,7 +13,8 @@ use serde_json::{json, Map, Value};
 use super::cloud::{self, ClientId, Cloud, CloudConfig, CloudEvent, CloudState};
 use super::helper::{self, Helper, Step};
 use super::lan::{Lan, LanAction};
-use super::local::{ConnId, Inbound, Local, LocalAction, Port};
+use super::local::{ConnId, Inbound, Local, Port};
+pub use super::outbox::{Action, Outbox};
 use super::state::State;
 use crate::config::device::DeviceConf;
 use crate::config::Secret16;
@@ -68,55 +68,6 @@ pub struct Netif {
     pub ip: String,
     pub mask: String,
     pub gw: String,
-}
-
-/// What the reactor must do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// A message to one local connection, or a close.
-    Local(LocalAction),
-    /// Resolve a cloud host off the loop; answer with [`Node::cloud_resolved`].
-    Resolve {
-        transport: cloud::Transport,
-        host: String,
-        port: u16,
-        attempt: u32,
-    },
-    /// Open a fresh cloud socket; answer with [`Node::cloud_connected`] / [`Node::cloud_connect_failed`].
-    Connect {
-        transport: cloud::Transport,
-        addr: SocketAddrV4,
-    },
-    /// One packet on the cloud socket.
-    CloudSend(Vec<u8>),
-    /// Close the cloud socket.
-    CloudClose,
-    /// One datagram on the LAN socket (54321).
-    LanSend { to: SocketAddr, bytes: Vec<u8> },
-    /// Apply a new log level (`miIO.config_loglevel`).
-    SetLogLevel(u8),
-    /// Create (true) or remove (false) `<datadir>/otd_donot_trust_peer` (`miIO.config`, P§4.6).
-    /// The reactor reports the result with [`Node::trust_written`]: the phone's answer waits for it.
-    TrustFlag(bool),
-    /// Shut the write side of a connection once its output is flushed (one message per hello).
-    ShutdownWrite(ConnId),
-    /// Take this start-up step from the data files (L§9.5); answer with the matching `file_*`.
-    LoadFiles(Step),
-    /// Provisioning (L§8): write `wifi.conf` atomically, mode 0600, keeping the old one in memory.
-    /// Answer with [`Node::wifi_written`] before running the next action: the requester's reply
-    /// waits for it.
-    WriteWifi(String),
-    /// A failed provisioning: put the previous `wifi.conf` back, or delete it if there was none.
-    RestoreWifi,
-    /// Provisioning: write `device.country` (0644).
-    WriteCountry(String),
-    /// Read the ssid of `wifi.conf` ("" without one) and answer with [`Node::file_ssid`]: INFO's
-    /// `ap.ssid` is the file's (P§5.4) even when a helper answered the Wi-Fi step or after a
-    /// failed provisioning put the file back.
-    ReadSsid,
-    /// Send the mDNS announcement of the service (P§4.8): at once when it changed, and once more
-    /// a second later (RFC 6762 §8.3).
-    MdnsAnnounce,
 }
 
 /// How long `device_init` waits before it says again why and re-reads the data files (L§9.5).
@@ -183,7 +134,7 @@ pub struct Node {
     config_retry: Option<Instant>,
     /// The second mDNS announcement of a changed service (P§4.8).
     mdns_again: Option<Instant>,
-    actions: VecDeque<Action>,
+    actions: Outbox,
 }
 
 /// The refusal of a provisioning (L§8), logged with its reason.
@@ -232,7 +183,7 @@ impl Node {
             cloud_backlog: false,
             config_retry: None,
             mdns_again: None,
-            actions: VecDeque::new(),
+            actions: Outbox::default(),
         }
     }
 
@@ -248,7 +199,7 @@ impl Node {
         if self.actions.is_empty() {
             self.collect();
         }
-        self.actions.pop_front()
+        self.actions.pop()
     }
 
     /// The earliest deadline that must wake the daemon (cache expiry excluded).
@@ -274,7 +225,7 @@ impl Node {
         }
         if self.mdns_again.is_some_and(|t| t <= now) {
             self.mdns_again = None;
-            self.actions.push_back(Action::MdnsAnnounce);
+            self.actions.push(Action::MdnsAnnounce);
         }
         self.local.handle_timeout(now);
         if let Some(c) = self.cloud.as_mut() {
@@ -335,7 +286,7 @@ impl Node {
     /// the sequence from the token step (L§18, L§9.5); an unchanged one changes nothing.
     pub fn retry_files(&mut self) {
         if !self.helper.present() && self.provisioning.is_none() && self.writing.is_none() {
-            self.actions.push_back(Action::LoadFiles(Step::Dinfo));
+            self.actions.push(Action::LoadFiles(Step::Dinfo));
         }
     }
 
@@ -370,7 +321,7 @@ impl Node {
     /// The reactor's mDNS responder took a new service that the LAN can reach (P§4.8): announce it
     /// now and once more a second later.
     pub fn mdns_service_changed(&mut self, now: Instant) {
-        self.actions.push_back(Action::MdnsAnnounce);
+        self.actions.push(Action::MdnsAnnounce);
         self.mdns_again = Some(now + Duration::from_secs(1));
     }
 
@@ -509,7 +460,7 @@ impl Node {
         let uid = params.uid.or(self.boot.uid);
         let w = crate::config::wifi::WifiConf::new(&params.ssid, &params.passwd, uid);
         self.actions
-            .push_back(Action::WriteWifi(crate::config::wifi::render(&w)));
+            .push(Action::WriteWifi(crate::config::wifi::render(&w)));
         self.writing = Some(Written { from, id, params });
     }
 
@@ -561,7 +512,7 @@ impl Node {
         let uid = p.uid.or(self.boot.uid);
         // 2. country, uid and bind_key (memory only, for _otc.info).
         if let Some(cc) = &p.country {
-            self.actions.push_back(Action::WriteCountry(cc.clone()));
+            self.actions.push(Action::WriteCountry(cc.clone()));
             self.boot.country = Some(cc.clone()).filter(|c| c != "cn");
         }
         if let Some(u) = p.uid {
@@ -608,8 +559,8 @@ impl Node {
         };
         self.broadcast("wifi_failed");
         // L§8: AP → delete wifi.conf and back to AP mode; STA → the old wifi.conf and sta_mode.
-        self.actions.push_back(Action::RestoreWifi);
-        self.actions.push_back(Action::ReadSsid);
+        self.actions.push(Action::RestoreWifi);
+        self.actions.push(Action::ReadSsid);
         self.bind = None;
         self.boot.provisioned = Some(!in_ap);
         self.rebuild_identity(now, !in_ap);
@@ -642,14 +593,14 @@ impl Node {
             H::ShutdownWrite { conn } => {
                 // After the message queued just before it.
                 self.collect();
-                self.actions.push_back(Action::ShutdownWrite(conn));
+                self.actions.push(Action::ShutdownWrite(conn));
             }
             H::Close { conn } => self.local.close(conn),
             H::Identity(d) => self.got_device(now, d),
             H::Token(t) => self.got_token(now, t),
             H::Country(c) => self.boot.country = c,
             H::WifiStatus(p) => {
-                self.actions.push_back(Action::ReadSsid);
+                self.actions.push(Action::ReadSsid);
                 self.got_wifi(now, p)
             }
             H::Info(info) => {
@@ -670,7 +621,7 @@ impl Node {
             H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
                 crate::info_limited!(now, "no helper answer for the did/key step")
             }
-            H::UseFiles(step) => self.actions.push_back(Action::LoadFiles(step)),
+            H::UseFiles(step) => self.actions.push(Action::LoadFiles(step)),
             H::DidkeyMaterial(_) | H::DidkeyStored => {
                 crate::info_limited!(now, "did/key helper answer ignored")
             }
@@ -739,7 +690,7 @@ impl Node {
 
     fn on_lan_action(&mut self, now: Instant, a: LanAction) {
         match a {
-            LanAction::Send { to, bytes } => self.actions.push_back(Action::LanSend { to, bytes }),
+            LanAction::Send { to, bytes } => self.actions.push(Action::LanSend { to, bytes }),
             LanAction::Command { local_id, text } => {
                 if self.local.command_audience() == 0 {
                     let r = rpc::error_reply(Some(&json!(local_id)), -9999, "user ack timeout");
@@ -771,7 +722,7 @@ impl Node {
             } if method == "miIO.config" => match params.get("enauth").and_then(Value::as_u64) {
                 Some(v @ 0..=1) => {
                     self.trusting = Some((handle, json!(id)));
-                    self.actions.push_back(Action::TrustFlag(v == 1));
+                    self.actions.push(Action::TrustFlag(v == 1));
                 }
                 _ => {
                     let r = rpc::result_reply(&json!(id), &json!(["ERROR"]));
@@ -800,7 +751,7 @@ impl Node {
 
     fn collect(&mut self) {
         for a in self.local.drain() {
-            self.actions.push_back(Action::Local(a));
+            self.actions.push(Action::Local(a));
         }
     }
 
@@ -811,17 +762,17 @@ impl Node {
                 host,
                 port,
                 attempt,
-            } => self.actions.push_back(Action::Resolve {
+            } => self.actions.push(Action::Resolve {
                 transport,
                 host,
                 port,
                 attempt,
             }),
             cloud::Action::Connect { transport, addr } => {
-                self.actions.push_back(Action::Connect { transport, addr })
+                self.actions.push(Action::Connect { transport, addr })
             }
-            cloud::Action::Send(b) => self.actions.push_back(Action::CloudSend(b)),
-            cloud::Action::Close => self.actions.push_back(Action::CloudClose),
+            cloud::Action::Send(b) => self.actions.push(Action::CloudSend(b)),
+            cloud::Action::Close => self.actions.push(Action::CloudClose),
             cloud::Action::NeedInfo => self.helper.ask_info(now),
             cloud::Action::ToClient { client, text } => self.local.send_to(conn_of(client), text),
             cloud::Action::Command { text, id } => {
@@ -955,7 +906,7 @@ impl Node {
             }
             "miIO.config_loglevel" => match params.get("loglevel").and_then(Value::as_u64) {
                 Some(l) if l <= 4 => {
-                    self.actions.push_back(Action::SetLogLevel(l as u8));
+                    self.actions.push(Action::SetLogLevel(l as u8));
                     rpc::result_reply(&id, &ok)
                 }
                 _ => rpc::result_reply(&id, &err),
@@ -1208,6 +1159,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::local::LocalAction;
     use crate::wire::crypto::Keys;
     use crate::wire::miio;
 
