@@ -20,7 +20,7 @@ use crate::proto::cloud::{Action, ClientId, Cloud, CloudConfig, CloudState, Tran
 use crate::proto::helper;
 use crate::proto::lan::{Lan, LanAction};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
-use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig};
+use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig, Outbox};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
@@ -2092,6 +2092,8 @@ fn error_no_id(e: rpc::RpcError) -> String {
 /// The reactor and the node around the table of local connections.
 struct LocalH {
     l: Local,
+    /// Where the table pushes its actions.
+    o: Outbox,
     now: Instant,
     max_clients: usize,
     max_msg: usize,
@@ -2124,18 +2126,23 @@ impl Clocked for LocalH {
         for id in due {
             self.classify(id, false);
         }
-        self.l.handle_timeout(now);
+        self.l.handle_timeout(&mut self.o, now);
         self.check();
         after_fire(now, self.l.poll_timeout(), false);
-        self.l.handle_timeout(now);
-        assert!(self.l.drain().is_empty(), "a second handle_timeout acted");
+        self.l.handle_timeout(&mut self.o, now);
+        assert!(self.o.is_empty(), "a second handle_timeout acted");
     }
 }
 
 impl LocalH {
     /// The machine's actions for this call are exactly `want`; the table matches the model.
     fn check(&mut self) {
-        let got = self.l.drain();
+        let got: Vec<LocalAction> = std::iter::from_fn(|| self.o.pop())
+            .map(|a| match a {
+                NodeAction::Local(a) => a,
+                other => panic!("not a local action: {other:?}"),
+            })
+            .collect();
         assert_eq!(got, std::mem::take(&mut self.want), "local actions");
         for a in &got {
             if let LocalAction::Send(_, t) = a {
@@ -2217,7 +2224,7 @@ impl LocalH {
         let Some(port) = self.conns.get(&id).map(|c| c.port) else {
             return;
         };
-        let got = self.l.handle_value(self.now, id, raw);
+        let got = self.l.handle_value(&mut self.o, self.now, id, raw);
         let want = match rpc::parse_object(raw) {
             // L§3 answers, except to an extra connection that this first message closed (L§2).
             Err(e @ rpc::RpcError::Parse) => {
@@ -2330,7 +2337,7 @@ impl LocalH {
                         self.send(id, error_no_id(rpc::RpcError::Parse));
                         self.want.push(LocalAction::Close(id));
                     }
-                    self.l.syntax_error(self.now, id);
+                    self.l.syntax_error(&mut self.o, self.now, id);
                     self.check();
                     return;
                 }
@@ -2405,9 +2412,9 @@ impl LocalH {
                 let status = t.contains("local.status");
                 self.broadcast(&t, status);
                 if status {
-                    self.l.broadcast_status(&t);
+                    self.l.broadcast_status(&mut self.o, &t);
                 } else {
-                    self.l.broadcast_command(&t);
+                    self.l.broadcast_command(&mut self.o, &t);
                 }
                 self.check();
             }
@@ -2416,14 +2423,14 @@ impl LocalH {
                 if self.conns.contains_key(&id) {
                     self.send(id, t.clone());
                 }
-                self.l.send_to(id, t);
+                self.l.send_to(&mut self.o, id, t);
                 self.check();
             }
             8 => {
                 if self.conns.contains_key(&id) {
                     self.close(id);
                 }
-                self.l.close(id);
+                self.l.close(&mut self.o, id);
                 self.check();
             }
             _ => {
@@ -2431,7 +2438,7 @@ impl LocalH {
                     self.send(id, error_no_id(rpc::RpcError::Parse));
                     self.want.push(LocalAction::Close(id));
                 }
-                self.l.syntax_error(self.now, id);
+                self.l.syntax_error(&mut self.o, self.now, id);
                 self.check();
             }
         }
@@ -2445,6 +2452,7 @@ pub fn local(data: &[u8]) {
     let max_msg = u.pick(&[16384, 256, 16]);
     let mut h = LocalH {
         l: Local::new(max_clients),
+        o: Outbox::default(),
         now: Instant(u64::from(u.u32())),
         max_clients,
         max_msg,

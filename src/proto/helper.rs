@@ -1,11 +1,12 @@
 //! The helper protocol (LOCAL_API.md §9, with §8 `wifi_start`, §13 offline notices, §16 did/key):
-//! a sans-IO machine. No socket, no clock, no file: `handle_*(now, …)` in, `poll_action()` out,
-//! `poll_timeout()` is its earliest deadline.
+//! a sans-IO machine. No socket, no clock, no file: `handle_*(out, now, …)` in; its writes,
+//! shutdowns and closes go into `out` (an [`Out`]) as it decides them, and what the helper said
+//! comes out as [`Event`]s through `poll_event()`; `poll_timeout()` is its earliest deadline.
 //!
 //! Contract:
 //! - The node asks for each step (`ask_dinfo`, `ask_token`, …) when its own state machine reaches it
 //!   (L§9.3: device_init → dinfo, didkey_done → dtoken, token_done → wifi status, before each
-//!   `_otc.info` → info). Each ask ends in exactly one outcome action for that step: the helper's
+//!   `_otc.info` → info). Each ask ends in exactly one outcome event for that step: the helper's
 //!   validated answer (`Identity`, `Token`, `WifiStatus`, `Info`, …) or `UseFiles(step)`, "take this
 //!   step from your own data". A helper's later answer to a step that ended in `UseFiles` still wins
 //!   and yields its outcome (L§9.5); the node then restarts from that step if a value changed.
@@ -27,6 +28,8 @@ use std::fmt;
 use log::{debug, info, warn};
 use serde_json::{Map, Value};
 
+use super::local::LocalAction;
+use super::outbox::{Action, Outbox};
 use crate::config::{self, device, device::DeviceConf, Secret16};
 use crate::time::{Duration, Instant};
 use crate::wire::rpc::Members;
@@ -135,15 +138,33 @@ impl fmt::Debug for HelperText {
     }
 }
 
-/// What the node must do, or what the helper said.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Action {
-    /// Write `text` on `conn` as one write. A `ShutdownWrite` for the same conn always follows.
-    HelperWrite { conn: ConnId, text: HelperText },
+/// Where the helper's effects go, in the order it decides them. The node passes its local table
+/// with its [`Outbox`] (a connection the table already closed gets nothing); an `Outbox` alone
+/// takes them unfiltered.
+pub trait Out {
+    /// Write `text` on `conn` as one write. A `shutdown_write` for the same conn always follows.
+    fn write(&mut self, conn: ConnId, text: HelperText);
     /// Shut the write side of `conn` once its queued output is flushed (the one message per hello).
-    ShutdownWrite { conn: ConnId },
+    fn shutdown_write(&mut self, conn: ConnId);
     /// Close `conn` (after flushing it): an older helper channel a newer hello replaced.
-    Close { conn: ConnId },
+    fn close(&mut self, conn: ConnId);
+}
+
+impl Out for Outbox {
+    fn write(&mut self, conn: ConnId, text: HelperText) {
+        self.push(Action::Local(LocalAction::Send(conn, text.text.into())));
+    }
+    fn shutdown_write(&mut self, conn: ConnId) {
+        self.push(Action::ShutdownWrite(conn));
+    }
+    fn close(&mut self, conn: ConnId) {
+        self.push(Action::Local(LocalAction::Close(conn)));
+    }
+}
+
+/// What the helper said, for the node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
     /// A valid `response_dinfo` (L§9.3). did 0/1 asks for the dynamic flow (L§16).
     Identity(DeviceConf),
     /// A valid `response_dtoken`: 16 `[0-9A-Za-z]`.
@@ -235,7 +256,7 @@ pub struct Helper {
     no_helper_logged: Option<Instant>,
     wifi_deadline: Option<Instant>,
     offline: Option<Offline>,
-    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
 }
 
 /// A JSON string literal with proper escapes.
@@ -273,43 +294,44 @@ impl Helper {
             no_helper_logged: None,
             wifi_deadline: None,
             offline: None,
-            actions: VecDeque::new(),
+            events: VecDeque::new(),
         }
     }
 
     // ---- requests (each ends in its outcome or UseFiles) ----
 
     /// device_init: `{"method":"_internal.request_dinfo","params":"<datadir>"}`.
-    pub fn ask_dinfo(&mut self, now: Instant) {
+    pub fn ask_dinfo(&mut self, out: &mut impl Out, now: Instant) {
         let t = format!(
             r#"{{"method":"_internal.request_dinfo","params":{}}}"#,
             json_str(&self.cfg.datadir)
         );
-        self.ask(now, Step::Dinfo, t);
+        self.ask(out, now, Step::Dinfo, t);
     }
 
     /// didkey_done: `request_dtoken` with a fresh `ntoken` and its closing brace (D9).
-    pub fn ask_token(&mut self, now: Instant, ntoken: &Secret16) {
+    pub fn ask_token(&mut self, out: &mut impl Out, now: Instant, ntoken: &Secret16) {
         let t = format!(
             r#"{{"method":"_internal.request_dtoken","params":{{"dir":{},"ntoken":{}}}}}"#,
             json_str(&self.cfg.datadir),
             json_str(&config::token::render(ntoken))
         );
-        self.ask(now, Step::Token, t);
+        self.ask(out, now, Step::Token, t);
     }
 
     /// token_done: `{"method":"_internal.req_wifi_conf_status","params":"<datadir>"}`.
-    pub fn ask_wifi_status(&mut self, now: Instant) {
+    pub fn ask_wifi_status(&mut self, out: &mut impl Out, now: Instant) {
         let t = format!(
             r#"{{"method":"_internal.req_wifi_conf_status","params":{}}}"#,
             json_str(&self.cfg.datadir)
         );
-        self.ask(now, Step::WifiStatus, t);
+        self.ask(out, now, Step::WifiStatus, t);
     }
 
     /// Before each `_otc.info`: `{"method":"_internal.info"}`.
-    pub fn ask_info(&mut self, now: Instant) {
+    pub fn ask_info(&mut self, out: &mut impl Out, now: Instant) {
         self.ask(
+            out,
             now,
             Step::Info,
             r#"{"method":"_internal.info"}"#.to_string(),
@@ -317,16 +339,16 @@ impl Helper {
     }
 
     /// didkey_req1: `{"method":"_internal.req_didkeymac","params":"<datadir>"}` (L§16).
-    pub fn ask_didkeymac(&mut self, now: Instant) {
+    pub fn ask_didkeymac(&mut self, out: &mut impl Out, now: Instant) {
         let t = format!(
             r#"{{"method":"_internal.req_didkeymac","params":{}}}"#,
             json_str(&self.cfg.datadir)
         );
-        self.ask(now, Step::Didkeymac, t);
+        self.ask(out, now, Step::Didkeymac, t);
     }
 
     /// After a did/key assignment: `req_didkeymac2` with the new did and key (L§16 step 4).
-    pub fn ask_didkeymac2(&mut self, now: Instant, did: u32, key: &Secret16) {
+    pub fn ask_didkeymac2(&mut self, out: &mut impl Out, now: Instant, did: u32, key: &Secret16) {
         let Some(key) = key.as_ascii() else {
             // A key always passed check_key; this cannot be sent as text, so the node stores it.
             self.fallback(Step::Didkeymac2);
@@ -337,10 +359,10 @@ impl Helper {
             json_str(&self.cfg.datadir),
             json_str(key)
         );
-        self.ask(now, Step::Didkeymac2, t);
+        self.ask(out, now, Step::Didkeymac2, t);
     }
 
-    fn ask(&mut self, now: Instant, step: Step, text: String) {
+    fn ask(&mut self, out: &mut impl Out, now: Instant, step: Step, text: String) {
         self.remove_kind(Kind::Ask(step));
         if !self.present {
             self.log_no_helper(now);
@@ -360,12 +382,12 @@ impl Helper {
             deadline: Some(now + self.cfg.timeout),
             sent: false,
         });
-        self.pump(now);
+        self.pump(out, now);
     }
 
     fn fallback(&mut self, step: Step) {
         self.steps[step.index()] = StepState::Fallback;
-        self.actions.push_back(Action::UseFiles(step));
+        self.events.push_back(Event::UseFiles(step));
     }
 
     fn log_no_helper(&mut self, now: Instant) {
@@ -383,13 +405,13 @@ impl Helper {
 
     /// L§8 step 4: `_internal.wifi_start`; its result (`WifiConnected`/`WifiFailed`) comes within
     /// 120 s. Without a helper the network is managed outside the daemon: `WifiConnected` at once (D9).
-    pub fn wifi_start(&mut self, now: Instant, p: &WifiStart<'_>) {
+    pub fn wifi_start(&mut self, out: &mut impl Out, now: Instant, p: &WifiStart<'_>) {
         if !self.present {
             crate::info_limited!(
                 now,
                 "no helper to start Wi-Fi; assuming the network is managed outside"
             );
-            self.actions.push_back(Action::WifiConnected);
+            self.events.push_back(Event::WifiConnected);
             return;
         }
         let t = format!(
@@ -402,12 +424,12 @@ impl Helper {
             json_str(p.tz)
         );
         self.wifi_deadline = Some(now + WIFI_START_LIMIT);
-        self.enqueue(now, Kind::WifiStart, "_internal.wifi_start", t);
+        self.enqueue(out, now, Kind::WifiStart, "_internal.wifi_start", t);
     }
 
     /// `miIO.config_tz` (P§4.6): queues `_internal.config_tz`. False (the caller answers
     /// `["ERROR"]`) when the tz is not a zoneinfo name (D15) or no helper is present.
-    pub fn config_tz(&mut self, now: Instant, tz: &str) -> bool {
+    pub fn config_tz(&mut self, out: &mut impl Out, now: Instant, tz: &str) -> bool {
         if !valid_tz(tz) {
             crate::warn_limited!(now, "illegal tz {:?}", tz.get(..64).unwrap_or(tz));
             return false;
@@ -420,7 +442,7 @@ impl Helper {
             r#"{{"method":"_internal.config_tz","params":{{"tz":{}}}}}"#,
             json_str(tz)
         );
-        self.enqueue(now, Kind::ConfigTz, "_internal.config_tz", t);
+        self.enqueue(out, now, Kind::ConfigTz, "_internal.config_tz", t);
         true
     }
 
@@ -443,7 +465,14 @@ impl Helper {
         }
     }
 
-    fn enqueue(&mut self, now: Instant, kind: Kind, method: &'static str, text: String) {
+    fn enqueue(
+        &mut self,
+        out: &mut impl Out,
+        now: Instant,
+        kind: Kind,
+        method: &'static str,
+        text: String,
+    ) {
         self.remove_kind(kind);
         debug!("helper: queue {method}");
         self.fifo.push_back(Entry {
@@ -452,7 +481,7 @@ impl Helper {
             deadline: None,
             sent: false,
         });
-        self.pump(now);
+        self.pump(out, now);
     }
 
     fn remove_kind(&mut self, kind: Kind) {
@@ -460,7 +489,7 @@ impl Helper {
     }
 
     /// Writes the head of the FIFO on a waiting hello connection, if both exist.
-    fn pump(&mut self, now: Instant) {
+    fn pump(&mut self, out: &mut impl Out, now: Instant) {
         let Some(ch) = self.channel.as_mut().filter(|c| !c.spent) else {
             return;
         };
@@ -483,8 +512,8 @@ impl Helper {
         } else {
             info!("to helper (fd {conn}): {}", text.method);
         }
-        self.actions.push_back(Action::HelperWrite { conn, text });
-        self.actions.push_back(Action::ShutdownWrite { conn });
+        out.write(conn, text);
+        out.shutdown_write(conn);
     }
 
     // ---- inputs ----
@@ -494,6 +523,7 @@ impl Helper {
     /// `raw` is the text `msg` was parsed from: `_internal.info` is taken from it, in its order.
     pub fn handle_message(
         &mut self,
+        out: &mut impl Out,
         now: Instant,
         conn: ConnId,
         msg: &Map<String, Value>,
@@ -504,19 +534,21 @@ impl Helper {
         };
         let params = msg.get("params").unwrap_or(&Value::Null);
         match method {
-            "_internal.hello" => self.on_hello(now, conn),
+            "_internal.hello" => self.on_hello(out, now, conn),
             "_internal.helper_ready" => {
                 crate::info_limited!(now, "helper ready (fd {conn})");
-                self.on_present(now);
+                self.on_present(out, now);
             }
-            "_internal.response_dinfo" => self.on_answer(now, Step::Dinfo, msg, raw),
-            "_internal.response_dtoken" => self.on_answer(now, Step::Token, msg, raw),
-            "_internal.res_wifi_conf_status" => self.on_answer(now, Step::WifiStatus, msg, raw),
-            "_internal.info" => self.on_answer(now, Step::Info, msg, raw),
-            "_internal.res_didkeymac" => self.on_answer(now, Step::Didkeymac, msg, raw),
-            "_internal.res_didkeymac2" => self.on_answer(now, Step::Didkeymac2, msg, raw),
+            "_internal.response_dinfo" => self.on_answer(out, now, Step::Dinfo, msg, raw),
+            "_internal.response_dtoken" => self.on_answer(out, now, Step::Token, msg, raw),
+            "_internal.res_wifi_conf_status" => {
+                self.on_answer(out, now, Step::WifiStatus, msg, raw)
+            }
+            "_internal.info" => self.on_answer(out, now, Step::Info, msg, raw),
+            "_internal.res_didkeymac" => self.on_answer(out, now, Step::Didkeymac, msg, raw),
+            "_internal.res_didkeymac2" => self.on_answer(out, now, Step::Didkeymac2, msg, raw),
             "_internal.response_dcountry" => match parse_country(params) {
-                Ok(cc) => self.actions.push_back(Action::Country(cc)),
+                Ok(cc) => self.events.push_back(Event::Country(cc)),
                 Err(why) => {
                     crate::warn_limited!(now, "invalid _internal.response_dcountry: {why}; ignored")
                 }
@@ -524,7 +556,7 @@ impl Helper {
             "_internal.wifi_connected" => {
                 crate::info_limited!(now, "helper: Wi-Fi connected");
                 self.wifi_result();
-                self.actions.push_back(Action::WifiConnected);
+                self.events.push_back(Event::WifiConnected);
             }
             "_internal.wifi_ap_mode" => self.on_wifi_failed(now),
             // L§5: a client's wifi_ap_mode* notice; any other value is ignored.
@@ -537,7 +569,7 @@ impl Helper {
             }
             "_internal.reboot" => {
                 crate::info_limited!(now, "helper: reboot");
-                self.actions.push_back(Action::Reboot);
+                self.events.push_back(Event::Reboot);
             }
             m if m.starts_with("_internal.res_wifi_")
                 || m == "_internal.process_wifistart"
@@ -561,7 +593,7 @@ impl Helper {
     }
 
     /// Fires what is due at `now`; an extra call is a no-op.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, out: &mut impl Out, now: Instant) {
         if self.grace_end.is_some_and(|g| now >= g) {
             self.grace_end = None;
             if !self.present {
@@ -590,15 +622,16 @@ impl Helper {
             warn!("no Wi-Fi result from the helper within 120 s");
             self.wifi_deadline = None;
             self.remove_kind(Kind::WifiStart);
-            self.actions.push_back(Action::WifiFailed);
+            self.events.push_back(Event::WifiFailed);
         }
-        self.fire_offline(now);
+        self.fire_offline(out, now);
         // A removed head may uncover a message for a waiting hello.
-        self.pump(now);
+        self.pump(out, now);
     }
 
-    pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+    /// The oldest thing the helper said that the node has not taken yet.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// The earliest deadline: grace, request timeouts, the Wi-Fi limit, the next offline notice.
@@ -632,11 +665,11 @@ impl Helper {
 
     // ---- internals ----
 
-    fn on_hello(&mut self, now: Instant, conn: ConnId) {
+    fn on_hello(&mut self, out: &mut impl Out, now: Instant, conn: ConnId) {
         match self.channel.take() {
             Some(old) if old.conn != conn => {
                 crate::info_limited!(now, "new fd: {conn}, close last fd: {}", old.conn);
-                self.actions.push_back(Action::Close { conn: old.conn });
+                out.close(old.conn);
             }
             Some(old) if old.spent => {
                 // Its write side is shut: nothing more can go there.
@@ -647,11 +680,11 @@ impl Helper {
             _ => {}
         }
         self.channel = Some(Channel { conn, spent: false });
-        self.on_present(now);
-        self.pump(now);
+        self.on_present(out, now);
+        self.pump(out, now);
     }
 
-    fn on_present(&mut self, now: Instant) {
+    fn on_present(&mut self, out: &mut impl Out, now: Instant) {
         self.present = true;
         self.grace_end = None;
         if self.files_mode {
@@ -659,7 +692,7 @@ impl Helper {
             self.files_mode = false;
             if self.steps[Step::Dinfo.index()] == StepState::Fallback {
                 info!("helper appeared; asking it for the identity again");
-                self.ask_dinfo(now);
+                self.ask_dinfo(out, now);
             }
         }
     }
@@ -680,7 +713,14 @@ impl Helper {
     }
 
     /// `raw`: the text of `msg`, read for `Step::Info` (its members in order).
-    fn on_answer(&mut self, now: Instant, step: Step, msg: &Map<String, Value>, raw: &[u8]) {
+    fn on_answer(
+        &mut self,
+        out: &mut impl Out,
+        now: Instant,
+        step: Step,
+        msg: &Map<String, Value>,
+        raw: &[u8],
+    ) {
         let state = self.steps[step.index()];
         if matches!(state, StepState::Idle | StepState::Answered) {
             debug!("{}: not awaited, ignored", step.answer_method());
@@ -688,9 +728,9 @@ impl Helper {
         }
         let params = msg.get("params").unwrap_or(&Value::Null);
         let parsed = match step {
-            Step::Dinfo => parse_dinfo(params).map(Action::Identity),
-            Step::Token => parse_token(params).map(Action::Token),
-            Step::WifiStatus => Ok(Action::WifiStatus(
+            Step::Dinfo => parse_dinfo(params).map(Event::Identity),
+            Step::Token => parse_token(params).map(Event::Token),
+            Step::WifiStatus => Ok(Event::WifiStatus(
                 params.as_u64() == Some(1) || params.as_str() == Some("1"),
             )),
             Step::Info => match (params, Members::of_object(raw)) {
@@ -699,13 +739,13 @@ impl Helper {
                     for (k, v) in m.iter().filter(|(k, _)| !matches!(*k, "method" | "id")) {
                         info.set(k, v.to_owned());
                     }
-                    Ok(Action::Info(info))
+                    Ok(Event::Info(info))
                 }
                 _ => Err("params not an object".to_string()),
             },
-            Step::Didkeymac => Ok(Action::DidkeyMaterial(params.clone())),
+            Step::Didkeymac => Ok(Event::DidkeyMaterial(params.clone())),
             Step::Didkeymac2 => match params.as_str() {
-                Some("ok") => Ok(Action::DidkeyStored),
+                Some("ok") => Ok(Event::DidkeyStored),
                 _ => Err("params is not \"ok\"".to_string()),
             },
         };
@@ -722,8 +762,8 @@ impl Helper {
                 }
                 self.steps[step.index()] = StepState::Answered;
                 self.remove_kind(Kind::Ask(step));
-                self.actions.push_back(action);
-                self.pump(now);
+                self.events.push_back(action);
+                self.pump(out, now);
             }
         }
     }
@@ -731,7 +771,7 @@ impl Helper {
     fn on_wifi_failed(&mut self, now: Instant) {
         crate::info_limited!(now, "helper: Wi-Fi failed");
         self.wifi_result();
-        self.actions.push_back(Action::WifiFailed);
+        self.events.push_back(Event::WifiFailed);
     }
 
     /// A Wi-Fi result ends the wait; a `wifi_start` not yet written is moot.
@@ -740,7 +780,7 @@ impl Helper {
         self.remove_kind(Kind::WifiStart);
     }
 
-    fn fire_offline(&mut self, now: Instant) {
+    fn fire_offline(&mut self, out: &mut impl Out, now: Instant) {
         let Some(o) = self.offline.as_mut() else {
             return;
         };
@@ -759,7 +799,7 @@ impl Helper {
         if self.present {
             info!("offline for {minutes} min: {method}");
             let t = format!(r#"{{"method":"{method}","params":""}}"#);
-            self.enqueue(now, Kind::Offline, method, t);
+            self.enqueue(out, now, Kind::Offline, method, t);
         } else {
             info!("offline for {minutes} min; no helper for {method}");
         }
@@ -772,7 +812,7 @@ impl Helper {
     pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
         out.extend([
             ("helper.fifo", self.fifo.len()),
-            ("helper.actions", self.actions.len()),
+            ("helper.events", self.events.len()),
         ]);
     }
 }
@@ -857,8 +897,127 @@ mod tests {
         }
     }
 
-    fn drain(h: &mut Helper) -> Vec<Action> {
-        std::iter::from_fn(|| h.poll_action()).collect()
+    /// What a call produced, effects and events in one list (effects first) for the assertions.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Action {
+        HelperWrite { conn: ConnId, text: HelperText },
+        ShutdownWrite { conn: ConnId },
+        Close { conn: ConnId },
+        Identity(DeviceConf),
+        Token(Secret16),
+        Country(Option<String>),
+        WifiStatus(bool),
+        Info(Members),
+        DidkeyMaterial(Value),
+        DidkeyStored,
+        WifiConnected,
+        WifiFailed,
+        Reboot,
+        UseFiles(Step),
+    }
+
+    impl From<Event> for Action {
+        fn from(e: Event) -> Action {
+            match e {
+                Event::Identity(d) => Action::Identity(d),
+                Event::Token(t) => Action::Token(t),
+                Event::Country(c) => Action::Country(c),
+                Event::WifiStatus(p) => Action::WifiStatus(p),
+                Event::Info(m) => Action::Info(m),
+                Event::DidkeyMaterial(v) => Action::DidkeyMaterial(v),
+                Event::DidkeyStored => Action::DidkeyStored,
+                Event::WifiConnected => Action::WifiConnected,
+                Event::WifiFailed => Action::WifiFailed,
+                Event::Reboot => Action::Reboot,
+                Event::UseFiles(s) => Action::UseFiles(s),
+            }
+        }
+    }
+
+    /// Records the helper's effects in order.
+    #[derive(Default)]
+    struct Rec(Vec<Action>);
+
+    impl Out for Rec {
+        fn write(&mut self, conn: ConnId, text: HelperText) {
+            self.0.push(Action::HelperWrite { conn, text });
+        }
+        fn shutdown_write(&mut self, conn: ConnId) {
+            self.0.push(Action::ShutdownWrite { conn });
+        }
+        fn close(&mut self, conn: ConnId) {
+            self.0.push(Action::Close { conn });
+        }
+    }
+
+    /// The machine with a recorder for its effects, driven like the node drives it.
+    struct H {
+        h: Helper,
+        o: Rec,
+    }
+
+    impl std::ops::Deref for H {
+        type Target = Helper;
+        fn deref(&self) -> &Helper {
+            &self.h
+        }
+    }
+
+    impl std::ops::DerefMut for H {
+        fn deref_mut(&mut self) -> &mut Helper {
+            &mut self.h
+        }
+    }
+
+    impl H {
+        fn new(now: Instant, cfg: Config) -> H {
+            H {
+                h: Helper::new(now, cfg),
+                o: Rec::default(),
+            }
+        }
+        fn ask_dinfo(&mut self, now: Instant) {
+            self.h.ask_dinfo(&mut self.o, now)
+        }
+        fn ask_token(&mut self, now: Instant, ntoken: &Secret16) {
+            self.h.ask_token(&mut self.o, now, ntoken)
+        }
+        fn ask_wifi_status(&mut self, now: Instant) {
+            self.h.ask_wifi_status(&mut self.o, now)
+        }
+        fn ask_info(&mut self, now: Instant) {
+            self.h.ask_info(&mut self.o, now)
+        }
+        fn ask_didkeymac(&mut self, now: Instant) {
+            self.h.ask_didkeymac(&mut self.o, now)
+        }
+        fn ask_didkeymac2(&mut self, now: Instant, did: u32, key: &Secret16) {
+            self.h.ask_didkeymac2(&mut self.o, now, did, key)
+        }
+        fn wifi_start(&mut self, now: Instant, p: &WifiStart<'_>) {
+            self.h.wifi_start(&mut self.o, now, p)
+        }
+        fn config_tz(&mut self, now: Instant, tz: &str) -> bool {
+            self.h.config_tz(&mut self.o, now, tz)
+        }
+        fn handle_message(
+            &mut self,
+            now: Instant,
+            conn: ConnId,
+            msg: &Map<String, Value>,
+            raw: &[u8],
+        ) {
+            self.h.handle_message(&mut self.o, now, conn, msg, raw)
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            self.h.handle_timeout(&mut self.o, now)
+        }
+    }
+
+    fn drain(h: &mut H) -> Vec<Action> {
+        let mut got = std::mem::take(&mut h.o.0);
+        got.extend(std::iter::from_fn(|| h.h.poll_event()).map(Action::from));
+        got
     }
 
     /// The texts written, with their conn; asserts each write is followed by its shutdown.
@@ -874,13 +1033,13 @@ mod tests {
         out
     }
 
-    fn hello(h: &mut Helper, now: u64, conn: ConnId) -> Vec<Action> {
+    fn hello(h: &mut H, now: u64, conn: ConnId) -> Vec<Action> {
         let hello = r#"{"method":"_internal.hello"}"#;
         h.handle_message(at(now), conn, &obj(hello), hello.as_bytes());
         drain(h)
     }
 
-    fn send(h: &mut Helper, now: u64, conn: ConnId, s: &str) -> Vec<Action> {
+    fn send(h: &mut H, now: u64, conn: ConnId, s: &str) -> Vec<Action> {
         h.handle_message(at(now), conn, &obj(s), s.as_bytes());
         drain(h)
     }
@@ -901,11 +1060,11 @@ mod tests {
 
     #[test]
     fn exact_literals() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_dinfo(at(0));
         assert_eq!(writes(&drain(&mut h)), vec![(1, DINFO.to_string())]);
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_token(at(0), &Secret16::new(*NTOKEN));
         assert_eq!(
@@ -916,7 +1075,7 @@ mod tests {
                     .to_string()
             )]
         );
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_wifi_status(at(0));
         assert_eq!(
@@ -926,14 +1085,14 @@ mod tests {
                 r#"{"method":"_internal.req_wifi_conf_status","params":"/data/miio/"}"#.into()
             )]
         );
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_info(at(0));
         assert_eq!(
             writes(&drain(&mut h)),
             vec![(1, r#"{"method":"_internal.info"}"#.into())]
         );
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_didkeymac2(at(0), 77, &Secret16::new(*b"YWJjZGVmZ2hpamts"));
         assert_eq!(
@@ -945,7 +1104,7 @@ mod tests {
             )]
         );
         // A datadir with a quote is escaped, not spliced.
-        let mut h = Helper::new(
+        let mut h = H::new(
             at(0),
             Config {
                 datadir: "/a\"b/".into(),
@@ -965,7 +1124,7 @@ mod tests {
 
     #[test]
     fn whole_startup_with_a_helper() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         // The message is due before any hello: queued; nothing written.
         h.ask_dinfo(at(0));
         assert!(drain(&mut h).is_empty());
@@ -1065,7 +1224,7 @@ mod tests {
 
     #[test]
     fn without_a_helper_files_at_exactly_the_grace() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         h.ask_dinfo(at(0));
         assert_eq!(h.poll_timeout(), Some(at(2 * SEC)));
         h.handle_timeout(at(2 * SEC - 1));
@@ -1106,7 +1265,7 @@ mod tests {
 
     #[test]
     fn a_late_answer_still_wins() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         send(&mut h, 0, 9, r#"{"method":"_internal.helper_ready"}"#);
         h.ask_dinfo(at(100));
         assert_eq!(h.poll_timeout(), Some(at(10_100)));
@@ -1134,7 +1293,7 @@ mod tests {
 
     #[test]
     fn late_answer_after_file_mode_and_a_late_helper_is_asked_again() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         h.ask_dinfo(at(0));
         h.handle_timeout(at(2 * SEC));
         assert_eq!(drain(&mut h), vec![Action::UseFiles(Step::Dinfo)]);
@@ -1152,7 +1311,7 @@ mod tests {
 
     #[test]
     fn invalid_dinfo_is_ignored_and_asked_again() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         h.ask_dinfo(at(0));
         for (conn, bad) in (1..).zip([
             r#"{"did":1,"key":"YWJjZGVmZ2hpamts","mac":"AA:BB:CC:01:02","model":"m"}"#,
@@ -1196,7 +1355,7 @@ mod tests {
 
     #[test]
     fn invalid_token_and_info_are_ignored() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_token(at(0), &Secret16::new(*NTOKEN));
         drain(&mut h);
@@ -1260,7 +1419,7 @@ mod tests {
 
     #[test]
     fn newer_hello_closes_the_older() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         assert!(hello(&mut h, 0, 1).is_empty());
         assert!(h.is_helper_conn(1));
         assert_eq!(hello(&mut h, 10, 2), vec![Action::Close { conn: 1 }]);
@@ -1283,7 +1442,7 @@ mod tests {
 
     #[test]
     fn broadcast_targets_exclude_only_the_helper_channel() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         // Ordinary clients are never helper connections; answers sent via send_line don't make one.
         send(&mut h, 0, 5, GOOD_DINFO);
         assert!(!h.is_helper_conn(5));
@@ -1305,7 +1464,7 @@ mod tests {
 
     #[test]
     fn fifo_order_requests_block_until_answered_or_timed_out() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         send(&mut h, 0, 9, r#"{"method":"_internal.helper_ready"}"#);
         h.ask_info(at(0));
         assert!(h.config_tz(at(0), "Europe/Berlin"));
@@ -1335,7 +1494,7 @@ mod tests {
 
     #[test]
     fn wifi_start_literal_and_results() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         let p = WifiStart {
             ssid: "my \"net\"",
@@ -1423,7 +1582,7 @@ mod tests {
 
     /// Runs the machine from `from` to `to`, with a helper that says hello again after each
     /// message; returns (minute, method) of every message written.
-    fn run_notices(h: &mut Helper, from: u64, to: u64, conn: &mut ConnId) -> Vec<(u64, String)> {
+    fn run_notices(h: &mut H, from: u64, to: u64, conn: &mut ConnId) -> Vec<(u64, String)> {
         let mut out = Vec::new();
         let mut now = from;
         while let Some(next) = h.poll_timeout().map(Instant::millis).filter(|&t| t <= to) {
@@ -1443,7 +1602,7 @@ mod tests {
 
     #[test]
     fn offline_notices_over_two_hours() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         let mut conn = 1;
         hello(&mut h, 0, conn);
         h.offline_start(at(0));
@@ -1473,7 +1632,7 @@ mod tests {
 
     #[test]
     fn only_the_latest_offline_notice_waits() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         send(&mut h, 0, 9, r#"{"method":"_internal.helper_ready"}"#);
         h.offline_start(at(0));
         for m in [15, 30, 45, 60] {
@@ -1538,7 +1697,7 @@ mod tests {
             assert!(!valid_tz(bad), "{bad:?}");
         }
         assert!(valid_tz(&"a".repeat(64)));
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         assert!(!h.config_tz(at(0), "../../etc/passwd"));
         assert!(drain(&mut h).is_empty());
@@ -1554,7 +1713,7 @@ mod tests {
 
     #[test]
     fn didkey_steps_and_reboot() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_didkeymac(at(0));
         assert_eq!(
@@ -1600,7 +1759,7 @@ mod tests {
 
     #[test]
     fn secrets_stay_out_of_debug() {
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         hello(&mut h, 0, 1);
         h.ask_token(at(0), &Secret16::new(*NTOKEN));
         let mut got = drain(&mut h);
@@ -1651,7 +1810,7 @@ mod tests {
             r#"{"hw_ver":1}"#,
             "true",
         ];
-        let mut h = Helper::new(at(0), cfg());
+        let mut h = H::new(at(0), cfg());
         let mut n = 0;
         for step in [Step::Dinfo, Step::Token, Step::WifiStatus, Step::Info] {
             match step {

@@ -1,7 +1,8 @@
 //! The table of local connections on 54322 and 54323 (LOCAL_API.md §2–§4): who may connect, what a
 //! connection is (unclassified, ordinary, helper, BLE), the framing errors of §3, and who receives a
 //! broadcast. Sans-IO: the reactor reports accepts, complete JSON values and closes; this machine
-//! answers with `LocalAction`s and hands classified messages to the node as `Inbound`.
+//! pushes its `LocalAction`s into the caller's [`Outbox`] as it decides them and hands classified
+//! messages to the node as `Inbound`.
 //!
 //! Shaped so that miio_agent and the MQTT bridge are only more kinds of ordinary client.
 
@@ -10,6 +11,7 @@ use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
+use super::outbox::{Action, Outbox};
 use crate::time::{Duration, Instant};
 use crate::wire::rpc::{self, Kind, RpcError};
 
@@ -91,12 +93,11 @@ struct Conn {
     extra: bool,
 }
 
-/// The local connections and their outgoing messages.
+/// The local connections. Their outgoing messages go into the caller's [`Outbox`].
 #[derive(Debug)]
 pub struct Local {
     max_clients: usize,
     conns: BTreeMap<ConnId, Conn>,
-    out: Vec<LocalAction>,
 }
 
 fn lossy(raw: &[u8]) -> String {
@@ -112,7 +113,6 @@ impl Local {
         Local {
             max_clients,
             conns: BTreeMap::new(),
-            out: Vec::new(),
         }
     }
 
@@ -176,35 +176,22 @@ impl Local {
         self.conns.is_empty()
     }
 
-    fn push_send(&mut self, conn: ConnId, text: Rc<str>) {
-        self.out.push(LocalAction::Send(conn, text));
-    }
-
-    fn push_close(&mut self, conn: ConnId) {
-        self.out.push(LocalAction::Close(conn));
-    }
-
-    /// Drains queued actions, in order.
-    pub fn drain(&mut self) -> Vec<LocalAction> {
-        std::mem::take(&mut self.out)
-    }
-
     /// Closes a connection after its queued output (an older helper channel, L§9.2).
-    pub fn close(&mut self, conn: ConnId) {
+    pub fn close(&mut self, out: &mut Outbox, conn: ConnId) {
         if self.conns.remove(&conn).is_some() {
-            self.push_close(conn);
+            push_close(out, conn);
         }
     }
 
     /// Sends `text` to one connection (a reply or an ack). Unknown connections are ignored.
-    pub fn send_to(&mut self, conn: ConnId, text: String) {
+    pub fn send_to(&mut self, out: &mut Outbox, conn: ConnId, text: String) {
         if self.conns.contains_key(&conn) {
-            self.push_send(conn, text.into());
+            push_send(out, conn, text.into());
         }
     }
 
     /// Marks a connection as a helper connection (the node decided from its first message).
-    fn classify_as(&mut self, now: Instant, conn: ConnId, helper: bool) {
+    fn classify_as(&mut self, out: &mut Outbox, now: Instant, conn: ConnId, helper: bool) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -217,24 +204,24 @@ impl Local {
                 // An extra connection whose first message is not `_internal.*`.
                 crate::warn_limited!(now, "too many sockets to track");
                 self.conns.remove(&conn);
-                self.push_close(conn);
+                push_close(out, conn);
             } else {
                 c.class = Class::Ordinary;
                 for t in held {
-                    self.push_send(conn, t);
+                    push_send(out, conn, t);
                 }
             }
         }
     }
 
     /// `local.status` broadcasts: every ordinary 54322 connection and the 54323 client.
-    pub fn broadcast_status(&mut self, text: &str) {
-        self.broadcast(text, true);
+    pub fn broadcast_status(&mut self, out: &mut Outbox, text: &str) {
+        self.broadcast(out, text, true);
     }
 
     /// Cloud and LAN commands: every ordinary 54322 connection (D6), never helpers or BLE.
-    pub fn broadcast_command(&mut self, text: &str) {
-        self.broadcast(text, false);
+    pub fn broadcast_command(&mut self, out: &mut Outbox, text: &str) {
+        self.broadcast(out, text, false);
     }
 
     /// How many connections a command would reach now (0 lets the node answer -9999 at once).
@@ -246,12 +233,12 @@ impl Local {
     }
 
     /// One copy of `text` for all: each connection's action (or held list) shares it.
-    fn broadcast(&mut self, text: &str, to_ble: bool) {
+    fn broadcast(&mut self, out: &mut Outbox, text: &str, to_ble: bool) {
         let text: Rc<str> = text.into();
         for (&id, c) in self.conns.iter_mut() {
             match &mut c.class {
-                Class::Ordinary => self.out.push(LocalAction::Send(id, text.clone())),
-                Class::Ble if to_ble => self.out.push(LocalAction::Send(id, text.clone())),
+                Class::Ordinary => push_send(out, id, text.clone()),
+                Class::Ble if to_ble => push_send(out, id, text.clone()),
                 Class::Unclassified { held, .. } if !c.extra => held.push(text.clone()),
                 _ => {}
             }
@@ -270,7 +257,7 @@ impl Local {
     }
 
     /// Connections silent for 1 s become ordinary (held messages flushed); extras are closed.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, out: &mut Outbox, now: Instant) {
         let due: Vec<ConnId> = self
             .conns
             .iter()
@@ -280,41 +267,47 @@ impl Local {
             .map(|(&id, _)| id)
             .collect();
         for id in due {
-            self.classify_as(now, id, false);
+            self.classify_as(out, now, id, false);
         }
     }
 
     /// The splitter found a syntax error in `conn`'s stream: -32700, then close (L§3).
-    pub fn syntax_error(&mut self, now: Instant, conn: ConnId) {
+    pub fn syntax_error(&mut self, out: &mut Outbox, now: Instant, conn: ConnId) {
         if self.conns.remove(&conn).is_some() {
             crate::warn_limited!(now, "local client {conn}: JSON syntax error; closing");
-            self.push_send(conn, error_no_id(RpcError::Parse).into());
-            self.push_close(conn);
+            push_send(out, conn, error_no_id(RpcError::Parse).into());
+            push_close(out, conn);
         }
     }
 
     /// One complete JSON value from `conn` (as cut by the splitter). Framing errors are answered
     /// here (L§3); a well-formed message is classified and returned for routing.
-    pub fn handle_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {
+    pub fn handle_value(
+        &mut self,
+        out: &mut Outbox,
+        now: Instant,
+        conn: ConnId,
+        raw: &[u8],
+    ) -> Option<Inbound> {
         let port = self.conns.get(&conn)?.port;
         // One scan for what routing needs; a tree only for the messages whose params are read.
         let head = match rpc::scan(raw) {
             Ok(h) => h,
             Err(e @ RpcError::Parse) => {
                 crate::warn_limited!(now, "local client {conn}: {e}; closing");
-                self.classify_as(now, conn, false);
+                self.classify_as(out, now, conn, false);
                 // An extra connection was just closed by that (L§2): nothing more goes to it.
                 if self.conns.remove(&conn).is_some() {
-                    self.push_send(conn, error_no_id(e).into());
-                    self.push_close(conn);
+                    push_send(out, conn, error_no_id(e).into());
+                    push_close(out, conn);
                 }
                 return None;
             }
             Err(e @ RpcError::NotObject) => {
                 crate::warn_limited!(now, "local client {conn}: {e}");
-                self.classify_as(now, conn, false);
+                self.classify_as(out, now, conn, false);
                 if self.conns.contains_key(&conn) {
-                    self.push_send(conn, error_no_id(e).into());
+                    push_send(out, conn, error_no_id(e).into());
                 }
                 return None;
             }
@@ -331,7 +324,7 @@ impl Local {
             .as_deref()
             .is_some_and(|m| m.starts_with("_internal."));
         if port == Port::Local {
-            self.classify_as(now, conn, internal);
+            self.classify_as(out, now, conn, internal);
             if !self.conns.contains_key(&conn) {
                 return None;
             }
@@ -345,7 +338,8 @@ impl Local {
             }),
             Some(m) if port == Port::Ble => {
                 crate::warn_limited!(now, "BLE client sent {m}: only local.* is allowed");
-                self.push_send(
+                push_send(
+                    out,
                     conn,
                     rpc::error_reply(id.as_ref(), -32601, "Method not found").into(),
                 );
@@ -362,7 +356,7 @@ impl Local {
                 // `Value` holds (an id of 400 digits reads as null in `obj`).
                 if id.as_ref().is_some_and(|v| rpc::id_u32(v).is_none()) {
                     let echo = rpc::raw_id(&text).unwrap_or("null");
-                    self.push_send(conn, rpc::invalid_request(echo).into());
+                    push_send(out, conn, rpc::invalid_request(echo).into());
                     return None;
                 }
                 Some(Inbound::Upstream { conn, head, text })
@@ -397,9 +391,16 @@ impl Local {
         out.extend([
             ("local.conns", self.conns.len()),
             ("local.held", held.sum()),
-            ("local.out", self.out.len()),
         ]);
     }
+}
+
+fn push_send(out: &mut Outbox, conn: ConnId, text: Rc<str>) {
+    out.push(Action::Local(LocalAction::Send(conn, text)));
+}
+
+fn push_close(out: &mut Outbox, conn: ConnId) {
+    out.push(Action::Local(LocalAction::Close(conn)));
 }
 
 fn error_no_id(e: RpcError) -> String {
@@ -410,8 +411,14 @@ fn error_no_id(e: RpcError) -> String {
 mod tests {
     use super::*;
 
-    fn texts(l: &mut Local) -> Vec<LocalAction> {
-        l.drain()
+    /// The local actions pushed so far, in order.
+    fn texts(o: &mut Outbox) -> Vec<LocalAction> {
+        std::iter::from_fn(|| o.pop())
+            .map(|a| match a {
+                Action::Local(a) => a,
+                other => panic!("not a local action: {other:?}"),
+            })
+            .collect()
     }
 
     fn sent_to(actions: &[LocalAction], conn: ConnId) -> Vec<String> {
@@ -428,16 +435,17 @@ mod tests {
 
     #[test]
     fn framing_errors() {
+        let mut o = Outbox::default();
         let mut l = Local::new(20);
         assert!(l.accept(T0, 1, Port::Local));
-        assert!(l.handle_value(T0, 1, b"[1,2]").is_none());
-        let a = texts(&mut l);
+        assert!(l.handle_value(&mut o, T0, 1, b"[1,2]").is_none());
+        let a = texts(&mut o);
         assert_eq!(
             sent_to(&a, 1),
             vec![r#"{"error":{"code":-32600,"message":"Invalid Request"}}"#]
         );
-        assert!(l.handle_value(T0, 1, b"{bad").is_none());
-        let a = texts(&mut l);
+        assert!(l.handle_value(&mut o, T0, 1, b"{bad").is_none());
+        let a = texts(&mut o);
         assert_eq!(
             sent_to(&a, 1),
             vec![r#"{"error":{"code":-32700,"message":"Parse error"}}"#]
@@ -448,65 +456,76 @@ mod tests {
 
     #[test]
     fn classification_and_held_broadcasts() {
+        let mut o = Outbox::default();
         let mut l = Local::new(20);
         l.accept(T0, 1, Port::Local);
         l.accept(T0, 2, Port::Local);
-        l.broadcast_status(r#"{"method":"local.status","params":"cloud_connected"}"#);
-        assert!(texts(&mut l).is_empty(), "held while unclassified");
+        l.broadcast_status(
+            &mut o,
+            r#"{"method":"local.status","params":"cloud_connected"}"#,
+        );
+        assert!(texts(&mut o).is_empty(), "held while unclassified");
         // conn 1 says hello: helper; its held broadcast is discarded.
-        let m = l.handle_value(T0, 1, br#"{"method":"_internal.hello"}"#);
+        let m = l.handle_value(&mut o, T0, 1, br#"{"method":"_internal.hello"}"#);
         assert!(matches!(m, Some(Inbound::Internal { conn: 1, .. })));
         assert!(l.is_helper(1));
-        assert!(texts(&mut l).is_empty());
+        assert!(texts(&mut o).is_empty());
         // conn 2 stays silent: after 1 s it is ordinary and gets the held broadcast.
         assert_eq!(l.poll_timeout(), Some(T0 + CLASSIFY_WINDOW));
-        l.handle_timeout(T0 + CLASSIFY_WINDOW);
-        let a = texts(&mut l);
+        l.handle_timeout(&mut o, T0 + CLASSIFY_WINDOW);
+        let a = texts(&mut o);
         assert_eq!(sent_to(&a, 2).len(), 1);
         // A later broadcast reaches 2, never the helper.
-        l.broadcast_command(r#"{"id":5,"method":"get_prop"}"#);
-        let a = texts(&mut l);
+        l.broadcast_command(&mut o, r#"{"id":5,"method":"get_prop"}"#);
+        let a = texts(&mut o);
         assert_eq!(sent_to(&a, 2).len(), 1);
         assert!(sent_to(&a, 1).is_empty());
     }
 
     #[test]
     fn routing_kinds() {
+        let mut o = Outbox::default();
         let mut l = Local::new(20);
         l.accept(T0, 1, Port::Local);
         assert!(matches!(
-            l.handle_value(T0, 1, br#"{"id":1,"method":"local.query_status"}"#),
+            l.handle_value(&mut o, T0, 1, br#"{"id":1,"method":"local.query_status"}"#),
             Some(Inbound::Local { .. })
         ));
         assert!(matches!(
-            l.handle_value(T0, 1, br#"{"id":2,"method":"props","params":{"a":1}}"#),
+            l.handle_value(
+                &mut o,
+                T0,
+                1,
+                br#"{"id":2,"method":"props","params":{"a":1}}"#
+            ),
             Some(Inbound::Upstream { .. })
         ));
         assert!(matches!(
-            l.handle_value(T0, 1, br#"{"id":3,"result":["ok"]}"#),
+            l.handle_value(&mut o, T0, 1, br#"{"id":3,"result":["ok"]}"#),
             Some(Inbound::Reply { id: 3, .. })
         ));
         assert!(l
-            .handle_value(T0, 1, br#"{"id":"x","method":"props"}"#)
+            .handle_value(&mut o, T0, 1, br#"{"id":"x","method":"props"}"#)
             .is_none());
-        let a = texts(&mut l);
+        let a = texts(&mut o);
         assert_eq!(
             sent_to(&a, 1),
             vec![r#"{"id":"x","error":{"code":-32600,"message":"Invalid Request"}}"#]
         );
-        assert!(l.handle_value(T0, 1, br#"{"foo":1}"#).is_none());
+        assert!(l.handle_value(&mut o, T0, 1, br#"{"foo":1}"#).is_none());
     }
 
     #[test]
     fn a_broadcast_is_one_allocation_for_every_connection() {
+        let mut o = Outbox::default();
         let mut l = Local::new(20);
         for c in 1..=3 {
             l.accept(T0, c, Port::Local);
         }
-        l.handle_timeout(T0 + CLASSIFY_WINDOW);
+        l.handle_timeout(&mut o, T0 + CLASSIFY_WINDOW);
         l.accept(T0, 4, Port::Local); // unclassified: holds the broadcast
-        l.broadcast_command(r#"{"id":5,"method":"get_prop"}"#);
-        let a = texts(&mut l);
+        l.broadcast_command(&mut o, r#"{"id":5,"method":"get_prop"}"#);
+        let a = texts(&mut o);
         let shared: Vec<&Rc<str>> = a
             .iter()
             .filter_map(|a| match a {
@@ -520,8 +539,8 @@ mod tests {
         assert_eq!(Rc::strong_count(shared[0]), 4);
         let kept = shared[0].clone();
         drop(a);
-        l.handle_timeout(T0 + CLASSIFY_WINDOW + CLASSIFY_WINDOW);
-        match texts(&mut l).as_slice() {
+        l.handle_timeout(&mut o, T0 + CLASSIFY_WINDOW + CLASSIFY_WINDOW);
+        match texts(&mut o).as_slice() {
             [LocalAction::Send(4, t)] => assert!(Rc::ptr_eq(t, &kept)),
             other => panic!("{other:?}"),
         }
@@ -529,25 +548,27 @@ mod tests {
 
     #[test]
     fn ble_port_rules() {
+        let mut o = Outbox::default();
         let mut l = Local::new(20);
         assert!(l.accept(T0, 7, Port::Ble));
         assert!(!l.accept(T0, 8, Port::Ble), "one BLE client only");
         assert!(l
-            .handle_value(T0, 7, br#"{"id":4,"method":"props"}"#)
+            .handle_value(&mut o, T0, 7, br#"{"id":4,"method":"props"}"#)
             .is_none());
-        let a = texts(&mut l);
+        let a = texts(&mut o);
         assert_eq!(
             sent_to(&a, 7),
             vec![r#"{"id":4,"error":{"code":-32601,"message":"Method not found"}}"#]
         );
-        l.broadcast_status("S");
-        l.broadcast_command("C");
-        let a = texts(&mut l);
+        l.broadcast_status(&mut o, "S");
+        l.broadcast_command(&mut o, "C");
+        let a = texts(&mut o);
         assert_eq!(sent_to(&a, 7), vec!["S".to_string()]);
     }
 
     #[test]
     fn limit_and_extra_helper_connections() {
+        let mut o = Outbox::default();
         let mut l = Local::new(2);
         assert!(l.accept(T0, 1, Port::Local));
         assert!(l.accept(T0, 2, Port::Local));
@@ -557,24 +578,25 @@ mod tests {
         assert!(!l.accept(T0, 5, Port::Local));
         // Extra 3 is a helper: kept. Extra 4 sends a plain request: closed.
         assert!(l
-            .handle_value(T0, 3, br#"{"method":"_internal.helper_ready"}"#)
+            .handle_value(&mut o, T0, 3, br#"{"method":"_internal.helper_ready"}"#)
             .is_some());
         assert!(l.is_helper(3));
         assert!(l
-            .handle_value(T0, 4, br#"{"id":1,"method":"props"}"#)
+            .handle_value(&mut o, T0, 4, br#"{"id":1,"method":"props"}"#)
             .is_none());
-        let a = texts(&mut l);
+        let a = texts(&mut o);
         assert!(a.contains(&LocalAction::Close(4)));
         assert_eq!(l.len(), 3);
     }
 
     #[test]
     fn silent_extra_is_closed_after_the_window() {
+        let mut o = Outbox::default();
         let mut l = Local::new(1);
         l.accept(T0, 1, Port::Local);
         l.accept(T0, 2, Port::Local);
-        l.handle_timeout(T0 + CLASSIFY_WINDOW);
-        let a = texts(&mut l);
+        l.handle_timeout(&mut o, T0 + CLASSIFY_WINDOW);
+        let a = texts(&mut o);
         assert!(a.contains(&LocalAction::Close(2)));
         assert!(!a.contains(&LocalAction::Close(1)));
     }
@@ -582,12 +604,13 @@ mod tests {
     #[test]
     fn valid_json_beyond_serde_is_routed_not_a_parse_error() {
         // L§4.1: an id that is not a u32 gets -32600 with the id as sent; the connection stays.
+        let mut o = Outbox::default();
         let mut l = Local::new(20);
         l.accept(T0, 1, Port::Local);
         let big = "9".repeat(400);
         let t = format!(r#"{{"id":{big},"method":"props","params":{{}}}}"#);
-        assert!(l.handle_value(T0, 1, t.as_bytes()).is_none());
-        let a = texts(&mut l);
+        assert!(l.handle_value(&mut o, T0, 1, t.as_bytes()).is_none());
+        let a = texts(&mut o);
         let invalid = |id: &str| {
             format!(r#"{{"id":{id},"error":{{"code":-32600,"message":"Invalid Request"}}}}"#)
         };
@@ -595,12 +618,15 @@ mod tests {
         assert!(!a.contains(&LocalAction::Close(1)));
         for id in ["4294967296", "-1", "1.5", "1e400"] {
             let t = format!(r#"{{"id":{id},"method":"props"}}"#);
-            assert!(l.handle_value(T0, 1, t.as_bytes()).is_none(), "{id}");
-            assert_eq!(sent_to(&texts(&mut l), 1), vec![invalid(id)], "{id}");
+            assert!(
+                l.handle_value(&mut o, T0, 1, t.as_bytes()).is_none(),
+                "{id}"
+            );
+            assert_eq!(sent_to(&texts(&mut o), 1), vec![invalid(id)], "{id}");
         }
         // Valid JSON with a number no f64 holds goes upstream byte for byte.
         let t = r#"{"id":7,"method":"props","params":{"x":1e400, "y":[-2E+999]}}"#;
-        match l.handle_value(T0, 1, t.as_bytes()) {
+        match l.handle_value(&mut o, T0, 1, t.as_bytes()) {
             Some(Inbound::Upstream {
                 conn: 1,
                 text,

@@ -151,6 +151,31 @@ fn refusal(now: Instant, from: ProvisionFrom, id: &Value, reason: &str) -> Strin
     }
 }
 
+/// The helper's effects go through the local table into the Outbox as it decides them: a
+/// connection the table already closed (a framing error, L§3) gets no more writes.
+struct Conns<'a> {
+    table: &'a mut Local,
+    out: &'a mut Outbox,
+}
+
+impl<'a> Conns<'a> {
+    fn new(table: &'a mut Local, out: &'a mut Outbox) -> Conns<'a> {
+        Conns { table, out }
+    }
+}
+
+impl helper::Out for Conns<'_> {
+    fn write(&mut self, conn: ConnId, text: helper::HelperText) {
+        self.table.send_to(self.out, conn, text.as_str().to_owned());
+    }
+    fn shutdown_write(&mut self, conn: ConnId) {
+        self.out.push(Action::ShutdownWrite(conn));
+    }
+    fn close(&mut self, conn: ConnId) {
+        self.table.close(self.out, conn);
+    }
+}
+
 fn conn_of(c: ClientId) -> ConnId {
     c.0 as ConnId
 }
@@ -196,9 +221,6 @@ impl Node {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        if self.actions.is_empty() {
-            self.collect();
-        }
         self.actions.pop()
     }
 
@@ -227,12 +249,13 @@ impl Node {
             self.mdns_again = None;
             self.actions.push(Action::MdnsAnnounce);
         }
-        self.local.handle_timeout(now);
+        self.local.handle_timeout(&mut self.actions, now);
         if let Some(c) = self.cloud.as_mut() {
             c.handle_timeout(now);
         }
         self.lan.handle_timeout(now);
-        self.helper.handle_timeout(now);
+        self.helper
+            .handle_timeout(&mut Conns::new(&mut self.local, &mut self.actions), now);
         self.pump(now);
     }
 
@@ -246,7 +269,8 @@ impl Node {
 
     fn broadcast(&mut self, event: &str) {
         info!("local.status: {event}");
-        self.local.broadcast_status(&rpc::local_status(event));
+        self.local
+            .broadcast_status(&mut self.actions, &rpc::local_status(event));
     }
 
     /// The device stamp (P§4.3): boottime seconds + the time-sync offset.
@@ -267,7 +291,8 @@ impl Node {
     /// Starts the start-up sequence (L§9.3): the helper is asked for the identity; without a helper
     /// the grace period ends in `LoadFiles(Dinfo)`.
     pub fn start(&mut self, now: Instant) {
-        self.helper.ask_dinfo(now);
+        self.helper
+            .ask_dinfo(&mut Conns::new(&mut self.local, &mut self.actions), now);
         self.pump(now);
     }
 
@@ -370,7 +395,11 @@ impl Node {
         self.drop_session(now);
         self.set_state(State::DidkeyDone);
         let fresh = self.fresh_token.clone();
-        self.helper.ask_token(now, &fresh);
+        self.helper.ask_token(
+            &mut Conns::new(&mut self.local, &mut self.actions),
+            now,
+            &fresh,
+        );
     }
 
     fn got_token(&mut self, now: Instant, t: Secret16) {
@@ -385,7 +414,8 @@ impl Node {
         self.boot.provisioned = None;
         self.drop_session(now);
         self.set_state(State::TokenDone);
-        self.helper.ask_wifi_status(now);
+        self.helper
+            .ask_wifi_status(&mut Conns::new(&mut self.local, &mut self.actions), now);
     }
 
     fn got_wifi(&mut self, now: Instant, provisioned: bool) {
@@ -480,7 +510,7 @@ impl Node {
             ProvisionFrom::Lan(handle) => {
                 self.lan.answer(now, handle, &reply);
             }
-            ProvisionFrom::Local(conn) => self.local.send_to(conn, reply),
+            ProvisionFrom::Local(conn) => self.local.send_to(&mut self.actions, conn, reply),
         }
         if ok {
             self.provision_start(now, params);
@@ -531,6 +561,7 @@ impl Node {
         let cc = p.country.clone().unwrap_or_default();
         let tz = p.tz.clone().unwrap_or_default();
         self.helper.wifi_start(
+            &mut Conns::new(&mut self.local, &mut self.actions),
             now,
             &helper::WifiStart {
                 ssid: &p.ssid,
@@ -586,16 +617,9 @@ impl Node {
         self.enter(now, id);
     }
 
-    fn on_helper_action(&mut self, now: Instant, a: helper::Action) {
-        use helper::Action as H;
-        match a {
-            H::HelperWrite { conn, text } => self.local.send_to(conn, text.as_str().to_owned()),
-            H::ShutdownWrite { conn } => {
-                // After the message queued just before it.
-                self.collect();
-                self.actions.push(Action::ShutdownWrite(conn));
-            }
-            H::Close { conn } => self.local.close(conn),
+    fn on_helper_event(&mut self, now: Instant, e: helper::Event) {
+        use helper::Event as H;
+        match e {
             H::Identity(d) => self.got_device(now, d),
             H::Token(t) => self.got_token(now, t),
             H::Country(c) => self.boot.country = c,
@@ -673,8 +697,8 @@ impl Node {
                 self.on_cloud_action(now, a);
                 continue;
             }
-            if let Some(a) = self.helper.poll_action() {
-                self.on_helper_action(now, a);
+            if let Some(e) = self.helper.poll_event() {
+                self.on_helper_event(now, e);
                 continue;
             }
             if let Some(c) = self.cloud.as_ref() {
@@ -685,7 +709,6 @@ impl Node {
                 None => break,
             }
         }
-        self.collect();
     }
 
     fn on_lan_action(&mut self, now: Instant, a: LanAction) {
@@ -696,7 +719,7 @@ impl Node {
                     let r = rpc::error_reply(Some(&json!(local_id)), -9999, "user ack timeout");
                     self.lan.local_reply(now, local_id, &r);
                 } else {
-                    self.local.broadcast_command(&text);
+                    self.local.broadcast_command(&mut self.actions, &text);
                 }
             }
             LanAction::SelfMethod {
@@ -749,12 +772,6 @@ impl Node {
         self.pump(now);
     }
 
-    fn collect(&mut self) {
-        for a in self.local.drain() {
-            self.actions.push(Action::Local(a));
-        }
-    }
-
     fn on_cloud_action(&mut self, now: Instant, a: cloud::Action) {
         match a {
             cloud::Action::Resolve {
@@ -773,8 +790,12 @@ impl Node {
             }
             cloud::Action::Send(b) => self.actions.push(Action::CloudSend(b)),
             cloud::Action::Close => self.actions.push(Action::CloudClose),
-            cloud::Action::NeedInfo => self.helper.ask_info(now),
-            cloud::Action::ToClient { client, text } => self.local.send_to(conn_of(client), text),
+            cloud::Action::NeedInfo => self
+                .helper
+                .ask_info(&mut Conns::new(&mut self.local, &mut self.actions), now),
+            cloud::Action::ToClient { client, text } => {
+                self.local.send_to(&mut self.actions, conn_of(client), text)
+            }
             cloud::Action::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
                     // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
@@ -793,7 +814,7 @@ impl Node {
                         c.self_reply(now, id, &r);
                     }
                 } else {
-                    self.local.broadcast_command(&text);
+                    self.local.broadcast_command(&mut self.actions, &text);
                 }
             }
             cloud::Action::SelfMethod { id, method, params } => {
@@ -914,7 +935,11 @@ impl Node {
             // P§4.6: ["ERROR"] if tz is invalid (D15) or no helper runs.
             "miIO.config_tz" => {
                 let tz = params.get("tz").and_then(Value::as_str).unwrap_or("");
-                if self.helper.config_tz(now, tz) {
+                if self.helper.config_tz(
+                    &mut Conns::new(&mut self.local, &mut self.actions),
+                    now,
+                    tz,
+                ) {
                     rpc::result_reply(&id, &ok)
                 } else {
                     rpc::result_reply(&id, &err)
@@ -999,13 +1024,12 @@ impl Node {
 
     /// A JSON syntax error in a local connection's stream.
     pub fn local_syntax_error(&mut self, now: Instant, conn: ConnId) {
-        self.local.syntax_error(now, conn);
-        self.collect();
+        self.local.syntax_error(&mut self.actions, now, conn);
     }
 
     /// One complete JSON value from a local connection.
     pub fn local_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) {
-        match self.local.handle_value(now, conn, raw) {
+        match self.local.handle_value(&mut self.actions, now, conn, raw) {
             Some(Inbound::Local {
                 conn,
                 method,
@@ -1014,12 +1038,19 @@ impl Node {
             }) => self.local_request(now, conn, &method, id, &obj),
             Some(Inbound::Internal {
                 conn, obj, text, ..
-            }) => self.helper.handle_message(now, conn, &obj, text.as_bytes()),
+            }) => self.helper.handle_message(
+                &mut Conns::new(&mut self.local, &mut self.actions),
+                now,
+                conn,
+                &obj,
+                text.as_bytes(),
+            ),
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
                 Some(c) => c.upstream(now, ClientId(conn as u32), &text, &head),
                 None => {
                     if let Some(id) = head.id.as_ref() {
                         self.local.send_to(
+                            &mut self.actions,
                             conn,
                             rpc::error_reply(Some(id), -30011, "OT server disconnected"),
                         );
@@ -1064,7 +1095,13 @@ impl Node {
         if method == "local.status" {
             // A helper notice (L§5): `wifi_ap_mode*` counts as `_internal.wifi_ap_mode`.
             // Only `_internal.info` reads the raw text.
-            self.helper.handle_message(now, conn, obj, b"");
+            self.helper.handle_message(
+                &mut Conns::new(&mut self.local, &mut self.actions),
+                now,
+                conn,
+                obj,
+                b"",
+            );
             return;
         }
         let Some(id) = id.filter(|v| v.is_u64() || v.is_i64()) else {
@@ -1100,7 +1137,7 @@ impl Node {
                 rpc::error_reply(Some(&id), -32601, "Method not found")
             }
         };
-        self.local.send_to(conn, reply);
+        self.local.send_to(&mut self.actions, conn, reply);
     }
 
     /// L§12: 0 while busy, else whole seconds to the earliest real deadline, 1..=max_sleep.

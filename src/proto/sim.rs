@@ -117,9 +117,8 @@ const BOUNDS: &[(&str, usize)] = &[
     ("lan.actions", 0),
     ("local.conns", 12),
     ("local.held", 8),
-    ("local.out", 0),
     ("helper.fifo", 9),
-    ("helper.actions", 0),
+    ("helper.events", 0),
 ];
 
 fn clock(t: Instant) -> String {
