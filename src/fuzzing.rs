@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use crate::config::{self, Secret16};
 use crate::proto::cloud::{Action, ClientId, Cloud, CloudConfig, CloudState, Transport};
 use crate::proto::helper;
+use crate::proto::ioerr::OsError;
 use crate::proto::lan::{Lan, LanAction};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
 use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig, Outbox};
@@ -2794,7 +2795,7 @@ impl NodeH {
             helper::Step::Dinfo => {
                 let d = config::device::parse(DEVICE_FILES[self.files.device]);
                 let cc = self.files.country.clone();
-                self.n.file_dinfo(now, d.map_err(|e| e.to_string()), cc);
+                self.n.file_dinfo(now, d, cc);
             }
             helper::Step::Token => {
                 let r = match self.files.token {
@@ -2807,7 +2808,11 @@ impl NodeH {
                         }
                         Ok(Secret16::new(*FRESH_TOKEN))
                     }
-                    TokenFile::Bad => Err("device.token: bad token".to_owned()),
+                    TokenFile::Bad => Err(config::ConfError {
+                        file: "device.token".into(),
+                        line: 0,
+                        reason: "bad token".into(),
+                    }),
                 };
                 self.n.file_token(now, r);
             }
@@ -3144,7 +3149,7 @@ impl NodeH {
             }
             11 => {
                 if self.connecting {
-                    self.n.cloud_connect_failed(now, "refused");
+                    self.n.cloud_connect_failed(now, OsError::Errno(111)); // ECONNREFUSED
                     self.drain();
                 }
             }

@@ -22,6 +22,7 @@ use crate::io::resolver::Resolver;
 use crate::io::sys;
 use crate::proto::cloud::{CloudConfig, Transport as CloudTransport};
 use crate::proto::helper::Step;
+use crate::proto::ioerr::OsError;
 use crate::proto::local::{LocalAction, Port};
 use crate::proto::node::{Action, Node, NodeConfig};
 use crate::proto::state::State;
@@ -185,12 +186,11 @@ impl Daemon {
             Step::Dinfo => {
                 let res = datafiles::load_device(&dir);
                 let country = datafiles::load_country(&dir);
-                self.node
-                    .file_dinfo(now, res.map_err(|e| e.to_string()), country);
+                self.node.file_dinfo(now, res, country);
             }
             Step::Token => {
                 let res = datafiles::token_step(&dir, &fresh_token());
-                self.node.file_token(now, res.map_err(|e| e.to_string()));
+                self.node.file_token(now, res);
             }
             Step::WifiStatus => {
                 let (provisioned, ssid, uid) = datafiles::wifi_status(&dir);
@@ -488,7 +488,7 @@ impl Daemon {
             Ok(None) => {}
             Err(e) => {
                 self.cloud_close();
-                self.node.cloud_connect_failed(now, &e.to_string());
+                self.node.cloud_connect_failed(now, e.into());
             }
         }
     }
@@ -599,16 +599,16 @@ impl Daemon {
             return false;
         };
         let failed = match stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e.to_string()),
+            Ok(Some(e)) | Err(e) => Some(OsError::from(e)),
             Ok(None) => match stream.peer_addr() {
                 Ok(_) => None,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return false,
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(OsError::from(e)),
             },
         };
         if let Some(reason) = failed {
             self.cloud_close();
-            self.node.cloud_connect_failed(now, &reason);
+            self.node.cloud_connect_failed(now, reason);
             return false;
         }
         *connected = true;
@@ -620,7 +620,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.cloud_close();
-                self.node.cloud_connect_failed(now, &e.to_string());
+                self.node.cloud_connect_failed(now, e.into());
                 false
             }
         }

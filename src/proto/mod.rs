@@ -3,6 +3,7 @@
 
 pub mod cloud;
 pub mod helper;
+pub mod ioerr;
 pub mod lan;
 pub mod local;
 pub mod node;

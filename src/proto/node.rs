@@ -12,12 +12,13 @@ use serde_json::{json, Map, Value};
 
 use super::cloud::{self, ClientId, Cloud, CloudConfig, CloudEvent, CloudState};
 use super::helper::{self, Helper, Step};
+use super::ioerr::OsError;
 use super::lan::{Lan, LanAction};
 use super::local::{ConnId, Inbound, Local, Port};
 pub use super::outbox::{Action, Outbox};
 use super::state::State;
 use crate::config::device::DeviceConf;
-use crate::config::Secret16;
+use crate::config::{ConfError, Secret16};
 use crate::time::{Duration, Instant};
 use crate::wire::rpc::{self, Members};
 
@@ -319,7 +320,7 @@ impl Node {
     pub fn file_dinfo(
         &mut self,
         now: Instant,
-        res: Result<DeviceConf, String>,
+        res: Result<DeviceConf, ConfError>,
         country: Option<String>,
     ) {
         match res {
@@ -351,7 +352,7 @@ impl Node {
     }
 
     /// The token step done from the files (L§9.3 token logic, run by the reactor).
-    pub fn file_token(&mut self, now: Instant, res: Result<Secret16, String>) {
+    pub fn file_token(&mut self, now: Instant, res: Result<Secret16, ConfError>) {
         match res {
             Ok(t) => self.got_token(now, t),
             Err(e) => log::error!("{e}"),
@@ -974,9 +975,9 @@ impl Node {
         self.pump(now);
     }
 
-    pub fn cloud_connect_failed(&mut self, now: Instant, reason: &str) {
+    pub fn cloud_connect_failed(&mut self, now: Instant, reason: OsError) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_connect_failed(now, reason);
+            c.handle_connect_failed(now, &reason.to_string());
         }
         self.pump(now);
     }
@@ -1262,7 +1263,7 @@ mod tests {
                 Action::LoadFiles(step) if conf.is_some() => match step {
                     Step::Dinfo => {
                         let d = crate::config::device::parse(conf.unwrap_or_default());
-                        n.file_dinfo(now, d.map_err(|e| e.to_string()), None)
+                        n.file_dinfo(now, d, None)
                     }
                     Step::Token => n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP"))),
                     Step::WifiStatus => n.file_wifi(now, true, "home".into(), None),
@@ -1336,7 +1337,12 @@ mod tests {
         let mut n = node();
         let t0 = Instant(10_000);
         n.handle_timeout(t0); // the helper grace is over: file mode
-        n.file_dinfo(t0, Err("device.conf: no did".into()), None);
+        let no_did = ConfError {
+            file: "device.conf".into(),
+            line: 0,
+            reason: "no did".into(),
+        };
+        n.file_dinfo(t0, Err(no_did), None);
         while n.poll_action().is_some() {}
         assert_eq!(n.state(), State::DeviceInit);
         assert_eq!(n.poll_timeout(), Some(t0 + CONFIG_RETRY));
@@ -1491,7 +1497,7 @@ mod tests {
                     let d = crate::config::device::parse(
                         "did=123456789\nkey=YWJjZGVmZ2hpamts\nmac=AA:BB:CC:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n",
                     );
-                    n.file_dinfo(now, d.map_err(|e| e.to_string()), None)
+                    n.file_dinfo(now, d, None)
                 }
                 Action::LoadFiles(Step::Token) => {
                     n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
@@ -1760,11 +1766,9 @@ mod tests {
         n.handle_timeout(t1);
         while let Some(a) = n.poll_action() {
             match a {
-                Action::LoadFiles(Step::Dinfo) => n.file_dinfo(
-                    t1,
-                    crate::config::device::parse(CONF).map_err(|e| e.to_string()),
-                    None,
-                ),
+                Action::LoadFiles(Step::Dinfo) => {
+                    n.file_dinfo(t1, crate::config::device::parse(CONF), None)
+                }
                 Action::LoadFiles(Step::Token) => {
                     n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
                 }
@@ -1817,11 +1821,9 @@ mod tests {
         n.handle_timeout(t1);
         while let Some(a) = n.poll_action() {
             match a {
-                Action::LoadFiles(Step::Dinfo) => n.file_dinfo(
-                    t1,
-                    crate::config::device::parse(CONF).map_err(|e| e.to_string()),
-                    None,
-                ),
+                Action::LoadFiles(Step::Dinfo) => {
+                    n.file_dinfo(t1, crate::config::device::parse(CONF), None)
+                }
                 Action::LoadFiles(Step::Token) => {
                     n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
                 }

@@ -50,6 +50,7 @@ use serde_json::{json, Map, Value};
 
 use super::cloud::{CloudConfig, Transport};
 use super::helper::{self, Step};
+use super::ioerr::OsError;
 use super::local::{ConnId, LocalAction, Port};
 use super::node::{Action, Netif, Node, NodeConfig};
 use super::state::State;
@@ -814,7 +815,8 @@ impl Sim {
                         self.link_up();
                     } else {
                         self.node
-                            .cloud_connect_failed(self.now, "Network is unreachable");
+                            .cloud_connect_failed(self.now, OsError::Errno(101));
+                        // ENETUNREACH
                     }
                     self.run_actions();
                 }
@@ -1108,7 +1110,7 @@ impl Sim {
         let now = self.now;
         match step {
             Step::Dinfo => {
-                let d = crate::config::device::parse(CONF).map_err(|e| e.to_string());
+                let d = crate::config::device::parse(CONF);
                 let cc = self.files.country.clone();
                 self.node.file_dinfo(now, d, cc);
             }
