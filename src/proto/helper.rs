@@ -130,6 +130,9 @@ impl HelperText {
     pub fn method(&self) -> &'static str {
         self.method
     }
+    pub fn into_string(self) -> String {
+        self.text
+    }
 }
 
 impl fmt::Debug for HelperText {

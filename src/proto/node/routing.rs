@@ -32,7 +32,7 @@ impl<'a> Conns<'a> {
 
 impl helper::Out for Conns<'_> {
     fn write(&mut self, conn: ConnId, text: helper::HelperText) {
-        self.table.send_to(self.out, conn, text.as_str().to_owned());
+        self.table.send_to(self.out, conn, text.into_string());
     }
     fn shutdown_write(&mut self, conn: ConnId) {
         self.out.push(Action::ShutdownWrite(conn));
