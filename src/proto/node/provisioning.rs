@@ -93,6 +93,11 @@ impl Node {
         } else {
             refusal(now, from, &id, "cannot write wifi.conf")
         };
+        if ok {
+            // The country file goes to the reactor ahead of the reply, so a requester that reads
+            // `device.country` once it has its `["OK"]` finds it written (L§8 step 2).
+            self.provision_country(&params);
+        }
         match from {
             ProvisionFrom::Lan(handle) => {
                 self.lan.answer(now, handle, &reply);
@@ -127,11 +132,7 @@ impl Node {
             if in_ap { "AP" } else { "STA" }
         );
         let uid = p.uid.or(self.boot.uid);
-        // 2. country, uid and bind_key (memory only, for _otc.info).
-        if let Some(cc) = &p.country {
-            self.actions.push(Action::WriteCountry(cc.clone()));
-            self.boot.country = Some(cc.clone()).filter(|c| c != "cn");
-        }
+        // 2. uid and bind_key (memory only, for _otc.info); the country is written already.
         if let Some(u) = p.uid {
             self.bind = Some((u.to_string(), p.bind_key.clone()));
         }
@@ -160,6 +161,14 @@ impl Node {
         );
     }
 
+    /// L§8 step 2, the country: `device.country` written, and the host prefix it gives.
+    pub(super) fn provision_country(&mut self, p: &crate::proto::provision::Params) {
+        if let Some(cc) = &p.country {
+            self.actions.push(Action::WriteCountry(cc.clone()));
+            self.boot.country = Some(cc.clone()).filter(|c| c != "cn");
+        }
+    }
+
     pub(super) fn wifi_connected(&mut self, now: Instant) {
         if self.provisioning.take().is_none() {
             crate::info_limited!(now, "helper: wifi connected");
@@ -175,10 +184,11 @@ impl Node {
             crate::info_limited!(now, "helper: wifi failed");
             return;
         };
-        self.broadcast("wifi_failed");
         // L§8: AP → delete wifi.conf and back to AP mode; STA → the old wifi.conf and sta_mode.
+        // The file is put back before the clients hear `wifi_failed`.
         self.actions.push(Action::RestoreWifi);
         self.actions.push(Action::ReadSsid);
+        self.broadcast("wifi_failed");
         self.bind = None;
         self.boot.provisioned = Some(!in_ap);
         self.rebuild_identity(now, !in_ap);
@@ -395,5 +405,52 @@ mod tests {
             assert_eq!(flag, written.map(|_| enauth == 1), "id {id}");
             assert_eq!(replies, vec![want.to_string()], "id {id}");
         }
+    }
+
+    /// L§8: `device.country` is handed to the reactor before the `["OK"]`, and the restore of
+    /// `wifi.conf` before `wifi_failed`: a client that reads the files once it heard either finds
+    /// them as they will stay.
+    #[test]
+    fn the_files_go_out_before_the_messages_that_announce_them() {
+        let mut n = node();
+        let t0 = Instant(10_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.start(t0);
+        let t1 = t0 + Duration::from_secs(3);
+        n.handle_timeout(t1);
+        serve_with(&mut n, t1, Some(CONF), &mut Vec::new());
+        assert_eq!(n.state(), State::CloudConnected);
+        let t2 = t1 + Duration::from_secs(1);
+        n.local_value(
+            t2,
+            1,
+            br#"{"id":5,"method":"local.ble.config_router","params":{"ssid":"new","country_domain":"de"}}"#,
+        );
+        let mut seen = Vec::new();
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::WriteWifi(_) => n.wifi_written(t2, true),
+                Action::WriteCountry(cc) => seen.push(format!("country {cc}")),
+                Action::Local(LocalAction::Send(1, t)) if t.contains(r#""result":["OK"]"#) => {
+                    seen.push("OK".into())
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(seen, ["country de", "OK"]);
+        // No helper: connected at once (D9); a helper's `wifi_ap_mode` notice would fail it.
+        n.provisioning = Some(false);
+        n.wifi_failed(t2);
+        let order: Vec<String> = drain(&mut n)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::RestoreWifi => Some("restore".to_string()),
+                Action::Local(LocalAction::Send(1, t)) if t.contains("wifi_failed") => {
+                    Some("wifi_failed".into())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["restore", "wifi_failed"]);
     }
 }
