@@ -10,3 +10,4 @@ pub mod netinfo;
 pub mod reactor;
 pub mod resolver;
 pub mod sys;
+pub mod writeq;
