@@ -3,7 +3,9 @@
 
 pub mod clock;
 pub mod conn;
+pub mod daemon;
 pub mod datafiles;
+pub mod effects;
 pub mod log;
 pub mod mdns;
 pub mod netinfo;
