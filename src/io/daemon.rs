@@ -1,7 +1,7 @@
 //! The daemon's loop (ARCHITECTURE.md §4): the sockets of `miio_client`, the node, and the turns of
 //! the reactor. Each turn reads every ready source a bounded amount (§4.2), hands what it read to the
 //! node and has the node's actions executed (`io::effects`) before the next input is taken, then
-//! fires what fell due. Every deadline is the node's (§4.4).
+//! fires what fell due. Every deadline is the node's (§4.4), asked once per turn.
 //!
 //! It decides nothing: what a datagram, a message or a timeout means is the node's business; this
 //! module knows sockets, tokens and bounds.
@@ -189,10 +189,11 @@ impl Daemon {
             .set_os_release(datafiles::os_release(&self.args.os_release));
         self.node.start(now);
         self.run_actions(now);
+        // Every deadline of the process is the node's (ARCHITECTURE.md rule 4), so the
+        // `wakeup_time` it reports for a suspend is the one this wait uses. It is asked once per
+        // turn, after the turn's input (and again only when something fell due and fired).
+        let mut deadline = self.node.poll_timeout();
         loop {
-            // Every deadline of the process is the node's (ARCHITECTURE.md rule 4), so the
-            // `wakeup_time` it reports for a suspend is the one this wait uses.
-            let deadline = self.node.poll_timeout();
             let turn = self.reactor.wait(deadline, !self.again.is_empty())?;
             let now = turn.now;
             for s in &turn.signals {
@@ -246,10 +247,14 @@ impl Daemon {
                 }
                 self.run_actions(now);
             }
-            if self.node.poll_timeout().is_some_and(|t| t <= now) {
+            deadline = self.node.poll_timeout();
+            if deadline.is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
+                self.run_actions(now);
+                deadline = self.node.poll_timeout();
             }
-            self.run_actions(now);
+            // Without an address this only withdraws the service: it queues nothing and moves no
+            // deadline of the node.
             if !matches!(
                 self.node.state(),
                 State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
