@@ -214,11 +214,11 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, Error> {
 /// A header with the given fields and a zero checksum.
 fn header(len: u16, unknown: u32, did: u32, stamp: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    let fields = MAGIC.to_be_bytes().into_iter().chain(len.to_be_bytes());
-    let fields = fields.chain(unknown.to_be_bytes()).chain(did.to_be_bytes());
-    for (dst, src) in h.iter_mut().zip(fields.chain(stamp.to_be_bytes())) {
-        *dst = src;
-    }
+    h[field::MAGIC].copy_from_slice(&MAGIC.to_be_bytes());
+    h[field::LENGTH].copy_from_slice(&len.to_be_bytes());
+    h[field::UNKNOWN].copy_from_slice(&unknown.to_be_bytes());
+    h[field::DID].copy_from_slice(&did.to_be_bytes());
+    h[field::STAMP].copy_from_slice(&stamp.to_be_bytes());
     h
 }
 
@@ -291,21 +291,31 @@ pub fn seal_checked(keys: &Keys, did: u32, stamp: u32, json: &[u8]) -> Option<Ve
     if json.len() > MAX_SEAL_JSON {
         return None;
     }
-    let mut plain = Vec::with_capacity(json.len() + 1);
-    plain.extend_from_slice(json);
-    plain.push(0);
-    seal_raw(keys, did, stamp, &plain)
+    seal_into(keys, did, stamp, json, true)
 }
 
 /// Encrypts `plain` as given, without adding a NUL. Real peers (python-miio, V1–V3) send such
 /// payloads; the daemon itself always uses [`seal`]. None when the packet would exceed 65535 bytes.
 pub fn seal_raw(keys: &Keys, did: u32, stamp: u32, plain: &[u8]) -> Option<Vec<u8>> {
-    let ct = keys.encrypt(plain);
-    let len = u16::try_from(HEADER_LEN + ct.len()).ok()?;
+    seal_into(keys, did, stamp, plain, false)
+}
+
+/// The packet in one buffer: header, then `plain` (and the NUL) padded and encrypted in place, then
+/// the checksum, computed over one contiguous slice with the secret standing where it goes.
+fn seal_into(keys: &Keys, did: u32, stamp: u32, plain: &[u8], nul: bool) -> Option<Vec<u8>> {
+    let text = plain.len() + usize::from(nul);
+    // The padding adds 1..=16 bytes.
+    let len = u16::try_from(HEADER_LEN + text + 16 - text % 16).ok()?;
     let mut out = Vec::with_capacity(usize::from(len));
     out.extend_from_slice(&header(len, 0, did, stamp));
-    out.extend_from_slice(&ct);
-    let sum = md5(&[out.get(field::CHECKED).unwrap_or(&[]), keys.secret(), &ct]);
+    out.extend_from_slice(plain);
+    if nul {
+        out.push(0);
+    }
+    keys.encrypt_tail(&mut out, HEADER_LEN);
+    // P§2.2: MD5(header[0..16] ‖ secret ‖ payload), and the secret's place is the checksum's.
+    set_checksum(&mut out, keys.secret());
+    let sum = md5(&[&out]);
     set_checksum(&mut out, &sum);
     Some(out)
 }
