@@ -65,6 +65,22 @@ pub struct Splitter {
     err: Option<SplitError>,
 }
 
+/// [`STOP`] bits: the bytes that end a run inside a string, and outside one.
+const IN_STR: u8 = 1;
+const OUT_STR: u8 = 2;
+
+/// Which bytes end a run of a nested value: `"` and `\\` in a string, `"` and brackets outside.
+static STOP: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'"' as usize] = IN_STR | OUT_STR;
+    t[b'\\' as usize] = IN_STR;
+    t[b'{' as usize] = OUT_STR;
+    t[b'}' as usize] = OUT_STR;
+    t[b'[' as usize] = OUT_STR;
+    t[b']' as usize] = OUT_STR;
+    t
+};
+
 fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n' | 0)
 }
@@ -236,35 +252,39 @@ impl Splitter {
     /// `pos` and the state where the run stopped, or the offset of a mismatched closer.
     fn nested_run(&mut self, mut in_str: bool, mut esc: bool) -> Result<Option<usize>, usize> {
         let limit = self.buf.len().min(self.head.saturating_add(self.max));
+        let run = self.buf.get(..limit).unwrap_or(&[]);
         let mut p = self.pos;
         let mut end = None;
-        while let Some(run) = self.buf.get(p..limit).filter(|r| !r.is_empty()) {
-            if esc {
-                esc = false;
-                p += 1;
+        if esc && p < limit {
+            esc = false;
+            p += 1;
+        }
+        // One table load per byte: the bytes that can change the state, in or out of a string.
+        let mut mask = if in_str { IN_STR } else { OUT_STR };
+        while let Some(&c) = run.get(p) {
+            p += 1;
+            if STOP[usize::from(c)] & mask == 0 {
                 continue;
             }
-            let hit = if in_str {
-                run.iter().position(|&c| c == b'"' || c == b'\\')
-            } else {
-                run.iter()
-                    .position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']'))
-            };
-            let Some(k) = hit else {
-                p = limit;
-                break;
-            };
-            let at = p + k;
-            p = at + 1;
-            match run[k] {
-                b'\\' => esc = true,
-                b'"' => in_str = !in_str,
+            match c {
+                b'\\' => {
+                    // The escaped byte cannot change the state; it may be in the next push.
+                    if p < limit {
+                        p += 1;
+                    } else {
+                        esc = true;
+                    }
+                }
+                b'"' => {
+                    in_str = !in_str;
+                    mask ^= IN_STR | OUT_STR;
+                }
                 b'{' => self.closers.push(b'}'),
                 b'[' => self.closers.push(b']'),
                 c => {
                     if self.closers.pop() != Some(c) {
                         self.pos = p;
-                        return Err(at);
+                        return Err(p - 1);
                     }
                     if self.closers.is_empty() {
                         end = Some(p);

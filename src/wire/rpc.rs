@@ -583,11 +583,14 @@ fn json_string(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
     loop {
         // Plain characters in one tight run: one table load per byte.
-        j += b
-            .get(j..)?
-            .iter()
-            .position(|&c| STRING_STOP[usize::from(c)])?;
-        match *b.get(j)? {
+        let c = loop {
+            let c = *b.get(j)?;
+            if STRING_STOP[usize::from(c)] {
+                break c;
+            }
+            j += 1;
+        };
+        match c {
             b'"' => return Some(j + 1),
             b'\\' => match *b.get(j + 1)? {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => j += 2,
@@ -604,7 +607,10 @@ fn json_string(b: &[u8], i: usize) -> Option<usize> {
 fn json_number(b: &[u8], i: usize) -> Option<usize> {
     let digits = |j: usize| {
         let mut k = j;
-        while b.get(k).is_some_and(u8::is_ascii_digit) {
+        while let Some(c) = b.get(k) {
+            if c.wrapping_sub(b'0') > 9 {
+                break;
+            }
             k += 1;
         }
         (k > j).then_some(k)
