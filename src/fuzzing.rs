@@ -547,6 +547,10 @@ pub fn rpc(data: &[u8]) {
     // The scan the report path routes on: parse_object's verdict, the tree's members, and the
     // same rewrite through the id's place it found.
     let head = rpc::scan(raw);
+    // The scan of a `str` (the local path, which checks UTF-8 once before it) is the same scan.
+    if let Ok(s) = core::str::from_utf8(raw) {
+        assert_eq!(rpc::scan_str(s), head, "scan_str and scan disagree");
+    }
     match (&head, &r) {
         (Ok(h), Ok(o)) => {
             scanned_as_parsed(h, raw);

@@ -298,7 +298,13 @@ impl Local {
     pub fn handle_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) -> Option<Inbound> {
         let port = self.conns.get(&conn)?.port;
         // One scan for what routing needs; a tree only for the messages whose params are read.
-        let head = match rpc::scan(raw) {
+        // UTF-8 is checked once, here: the scan of a `str` does not check it again.
+        let utf8 = core::str::from_utf8(raw).ok();
+        let scanned = match utf8 {
+            Some(s) => rpc::scan_str(s),
+            None => rpc::scan(raw),
+        };
+        let head = match scanned {
             Ok(h) => h,
             Err(e @ RpcError::Parse) => {
                 crate::warn_limited!(now, "local client {conn}: {e}; closing");
@@ -319,7 +325,7 @@ impl Local {
                 return None;
             }
         };
-        let text = lossy(raw);
+        let text = utf8.map_or_else(|| lossy(raw), str::to_owned);
         let (method, id) = match head.kind() {
             Kind::Request { method, id } => (Some(method.to_owned()), id.cloned()),
             Kind::Reply { id } => (None, Some(id.clone())),

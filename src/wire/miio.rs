@@ -339,7 +339,7 @@ pub struct Scanned {
 /// [`open`] checked the same way, without building the tree.
 pub fn open_scanned(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Scanned, Error> {
     let text = open_text(keys, our_did, pkt)?;
-    match rpc::scan(text.as_bytes()) {
+    match rpc::scan_str(&text) {
         Ok(head) => Ok(Scanned { text, head }),
         Err(rpc::RpcError::NotObject) => Err(Error::NotObject),
         Err(rpc::RpcError::Parse) => Err(Error::NotJson),

@@ -175,43 +175,52 @@ fn error_code(e: Option<&Value>) -> Option<i64> {
 /// tree (the text is checked against RFC 8259 syntax and UTF-8 as the lenient parser does). Only
 /// text that this scan refuses goes through `parse_object` to learn which error it is.
 pub fn scan(raw: &[u8]) -> Result<Head, RpcError> {
+    match core::str::from_utf8(raw) {
+        Ok(text) => scan_str(text),
+        // Not UTF-8: the parser gives the error.
+        Err(_) => parse_object(raw).map(|m| Head::from_tree(&m)),
+    }
+}
+
+/// [`scan`] of a text already known to be UTF-8 (a `str`), which it does not check again.
+pub fn scan_str(text: &str) -> Result<Head, RpcError> {
+    let raw = text.as_bytes();
     let mut head = Head::default();
     let mut ids = 0;
-    let whole = core::str::from_utf8(raw).is_ok()
-        && each_member(raw, |k, span| {
-            let (Some(key), Some(v)) = (raw.get(k), raw.get(span.clone())) else {
-                return;
-            };
-            match member_name(key) {
-                Some(Name::Method) => {
-                    // Without escapes, the text between the quotes (UTF-8 checked above).
-                    let plain = v
-                        .strip_prefix(b"\"")
-                        .and_then(|v| v.strip_suffix(b"\""))
-                        .filter(|m| !m.contains(&b'\\'));
-                    head.method = Some(if let Some(m) = plain {
-                        core::str::from_utf8(m).ok().map(str::to_owned)
-                    } else {
-                        match value(v) {
-                            Some(Value::String(m)) => Some(m),
-                            _ => None,
-                        }
-                    });
-                }
-                Some(Name::Id) => {
-                    head.id = Some(id_value(v));
-                    ids += 1;
-                    head.id_span = (ids == 1).then_some(span);
-                }
-                Some(Name::Result) => head.answer = true,
-                Some(Name::Error) => {
-                    head.answer = true;
-                    head.error_code = error_code(value(v).as_ref());
-                }
-                None => {}
+    let whole = each_member(raw, |k, span| {
+        let (Some(key), Some(v)) = (raw.get(k), raw.get(span.clone())) else {
+            return;
+        };
+        match member_name(key) {
+            Some(Name::Method) => {
+                // Without escapes, the text between the quotes (UTF-8 checked above).
+                let plain = v
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .filter(|m| !m.contains(&b'\\'));
+                head.method = Some(if let Some(m) = plain {
+                    core::str::from_utf8(m).ok().map(str::to_owned)
+                } else {
+                    match value(v) {
+                        Some(Value::String(m)) => Some(m),
+                        _ => None,
+                    }
+                });
             }
-        })
-        .is_some();
+            Some(Name::Id) => {
+                head.id = Some(id_value(v));
+                ids += 1;
+                head.id_span = (ids == 1).then_some(span);
+            }
+            Some(Name::Result) => head.answer = true,
+            Some(Name::Error) => {
+                head.answer = true;
+                head.error_code = error_code(value(v).as_ref());
+            }
+            None => {}
+        }
+    })
+    .is_some();
     if !whole {
         // Not one valid object: the parser says which error (or, should it ever accept what the
         // scan refused, the tree gives the head).
