@@ -24,7 +24,7 @@ use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
-use crate::wire::json_stream::{SplitError, Splitter};
+use crate::wire::json_stream::{Piece, SplitError, Splitter};
 use crate::wire::{dns, miio, rpc};
 
 /// A target: any bytes in, a panic when an invariant broke.
@@ -376,7 +376,12 @@ fn split_all(max: usize, chunks: &[&[u8]]) -> Vec<Result<Vec<u8>, SplitError>> {
     let mut out = Vec::new();
     for c in chunks {
         s.push(c);
-        while let Some(r) = s.next() {
+        while let Some(r) = s.next_piece() {
+            // The fast path's head is the scan of its text (which then needs no second scan).
+            if let Ok(Piece::Scanned { text, head }) = &r {
+                assert_eq!(rpc::scan(text.as_bytes()).as_ref(), Ok(head), "piece head");
+            }
+            let r = r.map(Piece::into_bytes);
             let err = r.is_err();
             out.push(r);
             if err {
@@ -2921,9 +2926,10 @@ impl NodeH {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            match c.split.next() {
+            match c.split.next_piece() {
                 None => return,
-                Some(Ok(v)) => {
+                Some(Ok(piece)) => {
+                    let v = piece.clone().into_bytes();
                     let o = rpc::parse_object(&v).ok();
                     let up = o.as_ref().and_then(|o| o.get("id")).and_then(rpc::id_u32);
                     if up.is_some_and(is_up_id) {
@@ -2941,7 +2947,8 @@ impl NodeH {
                         }
                         c.hello |= m == Some("_internal.hello");
                     }
-                    self.n.local_value(self.now, id, &v);
+                    // The daemon's path: a scanned piece is not scanned again.
+                    self.n.local_piece(self.now, id, piece);
                     self.drain();
                 }
                 Some(Err(SplitError::TooLarge { .. })) => {

@@ -19,6 +19,7 @@ use super::state::State;
 use crate::config::device::DeviceConf;
 use crate::config::Secret16;
 use crate::time::{Duration, Instant};
+use crate::wire::json_stream::Piece;
 use crate::wire::rpc::{self, Members};
 
 /// The device identity and what the data files say about provisioning.
@@ -1005,7 +1006,22 @@ impl Node {
 
     /// One complete JSON value from a local connection.
     pub fn local_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) {
-        match self.local.handle_value(now, conn, raw) {
+        let inbound = self.local.handle_value(now, conn, raw);
+        self.local_inbound(now, inbound);
+    }
+
+    /// [`Node::local_value`] of a value as the splitter cut it: one it scanned already is not
+    /// scanned again (json_stream::Piece).
+    pub fn local_piece(&mut self, now: Instant, conn: ConnId, piece: Piece) {
+        let inbound = match piece {
+            Piece::Scanned { text, head } => self.local.handle_scanned(now, conn, text, head),
+            Piece::Raw(raw) => self.local.handle_value(now, conn, &raw),
+        };
+        self.local_inbound(now, inbound);
+    }
+
+    fn local_inbound(&mut self, now: Instant, inbound: Option<Inbound>) {
+        match inbound {
             Some(Inbound::Local {
                 conn,
                 method,

@@ -14,6 +14,8 @@
 
 use core::fmt;
 
+use super::rpc;
+
 /// Why the stream cannot go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitError {
@@ -35,6 +37,26 @@ impl fmt::Display for SplitError {
 }
 
 impl std::error::Error for SplitError {}
+
+/// One value as the splitter cut it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// An object that arrived whole and was valid JSON and UTF-8: the walk that found its end
+    /// also read what routing needs, so `head` is what [`rpc::scan`] gives for `text`.
+    Scanned { text: String, head: rpc::Head },
+    /// Any other value (or an object that arrived in parts), as its raw bytes.
+    Raw(Vec<u8>),
+}
+
+impl Piece {
+    /// The value's bytes, whichever way it was cut.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Piece::Scanned { text, .. } => text.into_bytes(),
+            Piece::Raw(b) => b,
+        }
+    }
+}
 
 /// Where the scanner is, kept across pushes so no byte is scanned twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +152,13 @@ impl Splitter {
     // `for` loop spin; callers use `while let` and close on the first error.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Result<Vec<u8>, SplitError>> {
+        self.next_piece().map(|r| r.map(Piece::into_bytes))
+    }
+
+    /// [`Splitter::next`], with an object that is already whole in the buffer read by
+    /// [`rpc::scan_prefix`] in the pass that finds its end: the same values, cut in the same
+    /// places, and for a valid object the scan its reader would otherwise make again.
+    pub fn next_piece(&mut self) -> Option<Result<Piece, SplitError>> {
         if let Some(e) = self.err {
             return Some(Err(e));
         }
@@ -144,7 +173,7 @@ impl Splitter {
                         let value = self.buf.get(self.head..end).map(<[u8]>::to_vec);
                         self.head = end;
                         self.state = State::Between;
-                        return value.map(Ok);
+                        return value.map(|v| Ok(Piece::Raw(v)));
                     }
                     Ok(None) => {}
                     Err(at) => return Some(Err(self.fail_syntax(at))),
@@ -162,6 +191,11 @@ impl Splitter {
                         continue;
                     }
                     self.head = at;
+                    if b == b'{' {
+                        if let Some(piece) = self.whole_object(at) {
+                            return Some(Ok(piece));
+                        }
+                    }
                     match b {
                         b'{' | b'[' => {
                             self.closers.clear();
@@ -242,10 +276,28 @@ impl Splitter {
                 let value = self.buf.get(self.head..end).map(<[u8]>::to_vec);
                 self.head = end;
                 self.state = State::Between;
-                return value.map(Ok);
+                return value.map(|v| Ok(Piece::Raw(v)));
             }
         }
         None
+    }
+
+    /// The fast path of an object starting at `at`: when the buffer already holds all of it, at
+    /// most `max` bytes, and it is valid JSON, one walk finds its end and its head. A valid
+    /// object ends where the bracket count ends it, so the cut is the slow path's. Otherwise
+    /// None, and the slow path scans it from `at` (each byte at most twice, whatever the pushes).
+    fn whole_object(&mut self, at: usize) -> Option<Piece> {
+        let limit = self.buf.len().min(at.saturating_add(self.max));
+        let (len, head) = rpc::scan_prefix(self.buf.get(at..limit)?)?;
+        let end = at + len;
+        let value = self.buf.get(at..end)?.to_vec();
+        self.head = end;
+        self.pos = end;
+        self.state = State::Between;
+        Some(match String::from_utf8(value) {
+            Ok(text) => Piece::Scanned { text, head },
+            Err(e) => Piece::Raw(e.into_bytes()),
+        })
     }
 
     /// The nested-value states from `pos` up to `max` bytes of value: the value's end, or None with
@@ -349,6 +401,26 @@ mod tests {
 
     fn ok(vals: &[&str]) -> Vec<Result<Vec<u8>, SplitError>> {
         vals.iter().map(|v| Ok(v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn whole_valid_objects_come_scanned() {
+        let mut s = Splitter::new(16384);
+        s.push(b"{\"id\":1,\"method\":\"props\"} {\"a\":} {\"s\":\"\xff\"} [1] {\"id\":");
+        let text = "{\"id\":1,\"method\":\"props\"}".to_owned();
+        let head = rpc::scan(text.as_bytes()).unwrap();
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Scanned { text, head })));
+        // Not valid JSON, not UTF-8, not an object: cut as before, left to the reader.
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Raw(b"{\"a\":}".to_vec()))));
+        assert_eq!(
+            s.next_piece(),
+            Some(Ok(Piece::Raw(b"{\"s\":\"\xff\"}".to_vec())))
+        );
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Raw(b"[1]".to_vec()))));
+        // An object that arrives in parts goes the slow way.
+        assert_eq!(s.next_piece(), None);
+        s.push(b"2}");
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Raw(b"{\"id\":2}".to_vec()))));
     }
 
     #[test]

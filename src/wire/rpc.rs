@@ -185,9 +185,30 @@ pub fn scan(raw: &[u8]) -> Result<Head, RpcError> {
 /// [`scan`] of a text already known to be UTF-8 (a `str`), which it does not check again.
 pub fn scan_str(text: &str) -> Result<Head, RpcError> {
     let raw = text.as_bytes();
+    match scan_walk(raw) {
+        Some((end, head)) if skip_ws(raw, end) == raw.len() => Ok(head),
+        // Not one valid object: the parser says which error (or, should it ever accept what the
+        // scan refused, the tree gives the head).
+        _ => parse_object(raw).map(|m| Head::from_tree(&m)),
+    }
+}
+
+/// The object at the start of `b` (its first byte `{`, nothing before it), as the splitter meets
+/// it: the end of the object and its [`Head`], or None when `b` does not begin with one whole valid
+/// object. Bytes after the object are not looked at. The head is [`scan`]'s of `b[..end]` when
+/// that text is UTF-8, which is the caller's check (json_stream, LOCAL_API.md §3).
+pub fn scan_prefix(b: &[u8]) -> Option<(usize, Head)> {
+    if b.first() != Some(&b'{') {
+        return None;
+    }
+    scan_walk(b)
+}
+
+/// The walk of [`scan_str`] and [`scan_prefix`]: the end of the object and its head.
+fn scan_walk(raw: &[u8]) -> Option<(usize, Head)> {
     let mut head = Head::default();
     let mut ids = 0;
-    let whole = each_member(raw, |k, span| {
+    let end = each_member_at(raw, |k, span| {
         let (Some(key), Some(v)) = (raw.get(k), raw.get(span.clone())) else {
             return;
         };
@@ -219,14 +240,8 @@ pub fn scan_str(text: &str) -> Result<Head, RpcError> {
             }
             None => {}
         }
-    })
-    .is_some();
-    if !whole {
-        // Not one valid object: the parser says which error (or, should it ever accept what the
-        // scan refused, the tree gives the head).
-        return parse_object(raw).map(|m| Head::from_tree(&m));
-    }
-    Ok(head)
+    })?;
+    Some((end, head))
 }
 
 /// An id's value: the common unsigned integer without serde, anything else through it (`null`
@@ -355,7 +370,14 @@ fn members(b: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
 
 /// [`members`] without the vector: `f` sees each (key, value) as it is found, and the result says
 /// whether the whole text was one valid object (so a caller discards what it saw on None).
-fn each_member(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Option<()> {
+fn each_member(b: &[u8], f: impl FnMut(Range<usize>, Range<usize>)) -> Option<()> {
+    let end = each_member_at(b, f)?;
+    (skip_ws(b, end) == b.len()).then_some(())
+}
+
+/// [`each_member`] of the object at the start of `b` (after whitespace): the index just past its
+/// closing brace, whatever follows it.
+fn each_member_at(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Option<usize> {
     // One flat loop over the tokens (no call per value, no recursion): what a report costs
     // is mostly this walk. The grammar is [`value_end`]'s; `tests::each_member_is_the_grammar`
     // holds the two together.
@@ -396,7 +418,7 @@ fn each_member(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Optio
                 open.pop();
                 i += 1;
                 match open.depth {
-                    0 => return (skip_ws(b, i) == b.len()).then_some(()),
+                    0 => return Some(i),
                     1 => f(key.clone(), val..i),
                     _ => {}
                 }
