@@ -112,12 +112,24 @@ impl Keys {
     /// Inverse of [`Keys::encrypt`]. Empty or unaligned input gives `BadPayloadLength(n)`,
     /// malformed padding gives `BadPadding` (P§2.7 step 5).
     pub fn decrypt(&self, ct: &[u8]) -> Result<Vec<u8>, Error> {
-        if ct.is_empty() || !ct.len().is_multiple_of(BLOCK) {
-            return Err(Error::BadPayloadLength(ct.len()));
-        }
         let mut buf = ct.to_vec();
+        self.decrypt_tail(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// [`Keys::decrypt`] in place: `buf[from..]` is the ciphertext and becomes the unpadded
+    /// plaintext, `buf[..from]` (a header) stays, so a packet is opened in one buffer.
+    pub fn decrypt_tail(&self, buf: &mut Vec<u8>, from: usize) -> Result<(), Error> {
+        let n = buf.len().saturating_sub(from);
+        if n == 0 || !n.is_multiple_of(BLOCK) {
+            return Err(Error::BadPayloadLength(n));
+        }
         let mut prev = u128::from_ne_bytes(self.iv);
-        for block in buf.chunks_exact_mut(BLOCK) {
+        for block in buf
+            .get_mut(from..)
+            .unwrap_or(&mut [])
+            .chunks_exact_mut(BLOCK)
+        {
             let Ok(b) = <&mut [u8; BLOCK]>::try_from(block) else {
                 continue;
             };
@@ -130,7 +142,7 @@ impl Keys {
         if pad == 0 || pad > BLOCK {
             return Err(Error::BadPadding);
         }
-        let keep = buf.len() - pad; // buf.len() >= BLOCK >= pad
+        let keep = buf.len() - pad; // the tail is at least BLOCK >= pad bytes
         if !buf
             .get(keep..)
             .is_some_and(|t| t.iter().all(|&b| usize::from(b) == pad))
@@ -138,7 +150,7 @@ impl Keys {
             return Err(Error::BadPadding);
         }
         buf.truncate(keep);
-        Ok(buf)
+        Ok(())
     }
 }
 

@@ -351,10 +351,16 @@ fn open_text(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<String, E
     if pkt.did() != our_did {
         return Err(Error::DidMismatch { got: pkt.did() });
     }
-    if !md5_ok(keys, pkt) {
+    // One copy of the packet, checked and opened in place: the secret stands where the checksum
+    // was, so MD5(header[0..16] ‖ secret ‖ payload) is one slice (P§2.2), then the payload is
+    // decrypted behind the header.
+    let mut plain = pkt.buffer.to_vec();
+    set_checksum(&mut plain, keys.secret());
+    if md5(&[&plain]) != pkt.checksum() {
         return Err(Error::Md5Mismatch);
     }
-    let mut plain = keys.decrypt(pkt.payload())?;
+    keys.decrypt_tail(&mut plain, field::PAYLOAD)?;
+    plain.drain(..field::PAYLOAD.min(plain.len()));
     if let Some(nul) = plain.iter().position(|&b| b == 0) {
         plain.truncate(nul);
     }

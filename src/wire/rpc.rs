@@ -274,8 +274,16 @@ fn member_name(key: &[u8]) -> Option<Name> {
         (b"\"result\"", Name::Result),
         (b"\"error\"", Name::Error),
     ];
-    if let Some(&(_, n)) = NAMES.iter().find(|(k, _)| *k == key) {
-        return Some(n);
+    // The plain spellings by length first: most keys are none of them.
+    let plain = match key {
+        b"\"id\"" => Some(Name::Id),
+        b"\"error\"" => Some(Name::Error),
+        b"\"method\"" => Some(Name::Method),
+        b"\"result\"" => Some(Name::Result),
+        _ => None,
+    };
+    if plain.is_some() {
+        return plain;
     }
     if !key.contains(&b'\\') {
         return None;
