@@ -5,6 +5,7 @@ pub mod cloud;
 pub mod helper;
 pub mod lan;
 pub mod local;
+pub mod mdns;
 pub mod node;
 pub mod outbox;
 pub mod provision;
