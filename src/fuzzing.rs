@@ -25,7 +25,7 @@ use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig, Outbox};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
-use crate::wire::json_stream::{SplitError, Splitter};
+use crate::wire::json_stream::{Piece, SplitError, Splitter};
 use crate::wire::{dns, miio, rpc};
 
 /// A target: any bytes in, a panic when an invariant broke.
@@ -377,7 +377,12 @@ fn split_all(max: usize, chunks: &[&[u8]]) -> Vec<Result<Vec<u8>, SplitError>> {
     let mut out = Vec::new();
     for c in chunks {
         s.push(c);
-        while let Some(r) = s.next() {
+        while let Some(r) = s.next_piece() {
+            // The fast path's head is the scan of its text (which then needs no second scan).
+            if let Ok(Piece::Scanned { text, head }) = &r {
+                assert_eq!(rpc::scan(text.as_bytes()).as_ref(), Ok(head), "piece head");
+            }
+            let r = r.map(Piece::into_bytes);
             let err = r.is_err();
             out.push(r);
             if err {
@@ -548,6 +553,10 @@ pub fn rpc(data: &[u8]) {
     // The scan the report path routes on: parse_object's verdict, the tree's members, and the
     // same rewrite through the id's place it found.
     let head = rpc::scan(raw);
+    // The scan of a `str` (the local path, which checks UTF-8 once before it) is the same scan.
+    if let Ok(s) = core::str::from_utf8(raw) {
+        assert_eq!(rpc::scan_str(s), head, "scan_str and scan disagree");
+    }
     match (&head, &r) {
         (Ok(h), Ok(o)) => {
             scanned_as_parsed(h, raw);
@@ -2930,9 +2939,10 @@ impl NodeH {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            match c.split.next() {
+            match c.split.next_piece() {
                 None => return,
-                Some(Ok(v)) => {
+                Some(Ok(piece)) => {
+                    let v = piece.clone().into_bytes();
                     let o = rpc::parse_object(&v).ok();
                     let up = o.as_ref().and_then(|o| o.get("id")).and_then(rpc::id_u32);
                     if up.is_some_and(is_up_id) {
@@ -2950,7 +2960,8 @@ impl NodeH {
                         }
                         c.hello |= m == Some("_internal.hello");
                     }
-                    self.n.local_value(self.now, id, &v);
+                    // The daemon's path: a scanned piece is not scanned again.
+                    self.n.local_piece(self.now, id, piece);
                     self.drain();
                 }
                 Some(Err(SplitError::TooLarge { .. })) => {

@@ -14,7 +14,7 @@ use mio::net::TcpStream;
 
 use super::sys;
 use super::writeq::{Overflow, WriteQueue};
-use crate::wire::json_stream::{SplitError, Splitter};
+use crate::wire::json_stream::{Piece, SplitError, Splitter};
 
 /// SO_SNDBUF of a local connection. Loopback autotunes a send buffer to MBs, so a client that does
 /// not read would hold that much kernel memory long before the daemon's own 64 KiB cap (L§2) is
@@ -98,6 +98,11 @@ impl Conn {
     /// The next complete value read so far, or the splitter's (sticky) error: the caller closes.
     pub fn next_value(&mut self) -> Option<Result<Vec<u8>, SplitError>> {
         self.split.next()
+    }
+
+    /// [`Conn::next_value`] as the splitter cut it, scanned when it could be (`Piece`).
+    pub fn next_piece(&mut self) -> Option<Result<Piece, SplitError>> {
+        self.split.next_piece()
     }
 
     /// Backpressure: input is read only while the replies to earlier input are mostly written.

@@ -407,10 +407,10 @@ impl Daemon {
         let step = c.conn.read_once(r.closed, buf);
         while let Some(v) = self.clients[slot]
             .as_mut()
-            .and_then(|c| c.conn.next_value())
+            .and_then(|c| c.conn.next_piece())
         {
             match v {
-                Ok(raw) => self.node.local_value(now, slot, &raw),
+                Ok(piece) => self.node.local_piece(now, slot, piece),
                 Err(SplitError::TooLarge { .. }) => {
                     crate::warn_limited!(
                         now,

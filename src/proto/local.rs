@@ -289,9 +289,15 @@ impl Local {
         conn: ConnId,
         raw: &[u8],
     ) -> Option<Inbound> {
-        let port = self.conns.get(&conn)?.port;
+        self.conns.get(&conn)?;
         // One scan for what routing needs; a tree only for the messages whose params are read.
-        let head = match rpc::scan(raw) {
+        // UTF-8 is checked once, here: the scan of a `str` does not check it again.
+        let utf8 = core::str::from_utf8(raw).ok();
+        let scanned = match utf8 {
+            Some(s) => rpc::scan_str(s),
+            None => rpc::scan(raw),
+        };
+        let head = match scanned {
             Ok(h) => h,
             Err(e @ RpcError::Parse) => {
                 crate::warn_limited!(now, "local client {conn}: {e}; closing");
@@ -312,14 +318,28 @@ impl Local {
                 return None;
             }
         };
-        let text = lossy(raw);
+        let text = utf8.map_or_else(|| lossy(raw), str::to_owned);
+        self.handle_scanned(out, now, conn, text, head)
+    }
+
+    /// [`Local::handle_value`] of a message already scanned (valid JSON, UTF-8): `head` is what
+    /// [`rpc::scan`] gives for `text` (json_stream::Piece).
+    pub fn handle_scanned(
+        &mut self,
+        out: &mut Outbox,
+        now: Instant,
+        conn: ConnId,
+        text: String,
+        head: rpc::Head,
+    ) -> Option<Inbound> {
+        let port = self.conns.get(&conn)?.port;
         let (method, id) = match head.kind() {
             Kind::Request { method, id } => (Some(method.to_owned()), id.cloned()),
             Kind::Reply { id } => (None, Some(id.clone())),
             Kind::Other => (None, None),
         };
         // The scan accepted it, so the parser does too.
-        let tree = || rpc::parse_object(raw).unwrap_or_default();
+        let tree = || rpc::parse_object(text.as_bytes()).unwrap_or_default();
         let internal = method
             .as_deref()
             .is_some_and(|m| m.starts_with("_internal."));

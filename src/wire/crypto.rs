@@ -79,41 +79,70 @@ impl Keys {
 
     /// AES-128-CBC with PKCS#7 padding; block-aligned input gets a full block of `10` (P§2.3).
     pub fn encrypt(&self, plain: &[u8]) -> Vec<u8> {
-        let pad = BLOCK - plain.len() % BLOCK;
-        let mut buf = Vec::with_capacity(plain.len() + pad);
+        let mut buf = Vec::with_capacity(plain.len() + BLOCK);
         buf.extend_from_slice(plain);
-        // pad is 1..=16, so the cast cannot truncate.
-        buf.resize(plain.len() + pad, pad as u8);
-        // CBC: each block is XORed with the previous ciphertext block (the IV for the first).
-        // chunks_exact_mut yields exactly BLOCK bytes each, and buf is a multiple of BLOCK.
-        let mut prev = self.iv;
-        for block in buf.chunks_exact_mut(BLOCK) {
-            block.iter_mut().zip(prev).for_each(|(b, p)| *b ^= p);
-            self.aes.encrypt_block(GenericArray::from_mut_slice(block));
-            prev.copy_from_slice(block);
-        }
+        self.encrypt_tail(&mut buf, 0);
         buf
+    }
+
+    /// [`Keys::encrypt`] in place: pads `buf[from..]` and encrypts it, leaving `buf[..from]` (a
+    /// header) as it is, so a packet is built in one buffer with no copy of its payload.
+    pub fn encrypt_tail(&self, buf: &mut Vec<u8>, from: usize) {
+        let len = buf.len().saturating_sub(from);
+        let pad = BLOCK - len % BLOCK;
+        // pad is 1..=16, so the cast cannot truncate.
+        buf.resize(buf.len() + pad, pad as u8);
+        // CBC: each block is XORed with the previous ciphertext block (the IV for the first).
+        // chunks_exact_mut yields exactly BLOCK bytes each, and the tail is a multiple of BLOCK.
+        let mut prev = u128::from_ne_bytes(self.iv);
+        for block in buf
+            .get_mut(from..)
+            .unwrap_or(&mut [])
+            .chunks_exact_mut(BLOCK)
+        {
+            let Ok(b) = <&mut [u8; BLOCK]>::try_from(block) else {
+                continue;
+            };
+            *b = (u128::from_ne_bytes(*b) ^ prev).to_ne_bytes();
+            self.aes.encrypt_block(GenericArray::from_mut_slice(b));
+            prev = u128::from_ne_bytes(*b);
+        }
     }
 
     /// Inverse of [`Keys::encrypt`]. Empty or unaligned input gives `BadPayloadLength(n)`,
     /// malformed padding gives `BadPadding` (P§2.7 step 5).
     pub fn decrypt(&self, ct: &[u8]) -> Result<Vec<u8>, Error> {
-        if ct.is_empty() || !ct.len().is_multiple_of(BLOCK) {
-            return Err(Error::BadPayloadLength(ct.len()));
-        }
         let mut buf = ct.to_vec();
-        let mut prev = self.iv;
-        for block in buf.chunks_exact_mut(BLOCK) {
-            let this: [u8; BLOCK] = block.try_into().unwrap_or([0; BLOCK]);
-            self.aes.decrypt_block(GenericArray::from_mut_slice(block));
-            block.iter_mut().zip(prev).for_each(|(b, p)| *b ^= p);
+        self.decrypt_tail(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// [`Keys::decrypt`] in place: `buf[from..]` is the ciphertext and becomes the unpadded
+    /// plaintext, `buf[..from]` (a header) stays, so a packet is opened in one buffer.
+    pub fn decrypt_tail(&self, buf: &mut Vec<u8>, from: usize) -> Result<(), Error> {
+        let n = buf.len().saturating_sub(from);
+        if n == 0 || !n.is_multiple_of(BLOCK) {
+            return Err(Error::BadPayloadLength(n));
+        }
+        let mut prev = u128::from_ne_bytes(self.iv);
+        for block in buf
+            .get_mut(from..)
+            .unwrap_or(&mut [])
+            .chunks_exact_mut(BLOCK)
+        {
+            let Ok(b) = <&mut [u8; BLOCK]>::try_from(block) else {
+                continue;
+            };
+            let this = u128::from_ne_bytes(*b);
+            self.aes.decrypt_block(GenericArray::from_mut_slice(b));
+            *b = (u128::from_ne_bytes(*b) ^ prev).to_ne_bytes();
             prev = this;
         }
         let pad = usize::from(buf.last().copied().unwrap_or(0));
         if pad == 0 || pad > BLOCK {
             return Err(Error::BadPadding);
         }
-        let keep = buf.len() - pad; // buf.len() >= BLOCK >= pad
+        let keep = buf.len() - pad; // the tail is at least BLOCK >= pad bytes
         if !buf
             .get(keep..)
             .is_some_and(|t| t.iter().all(|&b| usize::from(b) == pad))
@@ -121,7 +150,7 @@ impl Keys {
             return Err(Error::BadPadding);
         }
         buf.truncate(keep);
-        Ok(buf)
+        Ok(())
     }
 }
 

@@ -14,6 +14,8 @@
 
 use core::fmt;
 
+use super::rpc;
+
 /// Why the stream cannot go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitError {
@@ -35,6 +37,26 @@ impl fmt::Display for SplitError {
 }
 
 impl std::error::Error for SplitError {}
+
+/// One value as the splitter cut it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// An object that arrived whole and was valid JSON and UTF-8: the walk that found its end
+    /// also read what routing needs, so `head` is what [`rpc::scan`] gives for `text`.
+    Scanned { text: String, head: rpc::Head },
+    /// Any other value (or an object that arrived in parts), as its raw bytes.
+    Raw(Vec<u8>),
+}
+
+impl Piece {
+    /// The value's bytes, whichever way it was cut.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Piece::Scanned { text, .. } => text.into_bytes(),
+            Piece::Raw(b) => b,
+        }
+    }
+}
 
 /// Where the scanner is, kept across pushes so no byte is scanned twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +86,22 @@ pub struct Splitter {
     closers: Vec<u8>,
     err: Option<SplitError>,
 }
+
+/// [`STOP`] bits: the bytes that end a run inside a string, and outside one.
+const IN_STR: u8 = 1;
+const OUT_STR: u8 = 2;
+
+/// Which bytes end a run of a nested value: `"` and `\\` in a string, `"` and brackets outside.
+static STOP: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'"' as usize] = IN_STR | OUT_STR;
+    t[b'\\' as usize] = IN_STR;
+    t[b'{' as usize] = OUT_STR;
+    t[b'}' as usize] = OUT_STR;
+    t[b'[' as usize] = OUT_STR;
+    t[b']' as usize] = OUT_STR;
+    t
+};
 
 fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n' | 0)
@@ -114,6 +152,13 @@ impl Splitter {
     // `for` loop spin; callers use `while let` and close on the first error.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Result<Vec<u8>, SplitError>> {
+        self.next_piece().map(|r| r.map(Piece::into_bytes))
+    }
+
+    /// [`Splitter::next`], with an object that is already whole in the buffer read by
+    /// [`rpc::scan_prefix`] in the pass that finds its end: the same values, cut in the same
+    /// places, and for a valid object the scan its reader would otherwise make again.
+    pub fn next_piece(&mut self) -> Option<Result<Piece, SplitError>> {
         if let Some(e) = self.err {
             return Some(Err(e));
         }
@@ -128,7 +173,7 @@ impl Splitter {
                         let value = self.buf.get(self.head..end).map(<[u8]>::to_vec);
                         self.head = end;
                         self.state = State::Between;
-                        return value.map(Ok);
+                        return value.map(|v| Ok(Piece::Raw(v)));
                     }
                     Ok(None) => {}
                     Err(at) => return Some(Err(self.fail_syntax(at))),
@@ -146,6 +191,11 @@ impl Splitter {
                         continue;
                     }
                     self.head = at;
+                    if b == b'{' {
+                        if let Some(piece) = self.whole_object(at) {
+                            return Some(Ok(piece));
+                        }
+                    }
                     match b {
                         b'{' | b'[' => {
                             self.closers.clear();
@@ -226,45 +276,67 @@ impl Splitter {
                 let value = self.buf.get(self.head..end).map(<[u8]>::to_vec);
                 self.head = end;
                 self.state = State::Between;
-                return value.map(Ok);
+                return value.map(|v| Ok(Piece::Raw(v)));
             }
         }
         None
+    }
+
+    /// The fast path of an object starting at `at`: when the buffer already holds all of it, at
+    /// most `max` bytes, and it is valid JSON, one walk finds its end and its head. A valid
+    /// object ends where the bracket count ends it, so the cut is the slow path's. Otherwise
+    /// None, and the slow path scans it from `at` (each byte at most twice, whatever the pushes).
+    fn whole_object(&mut self, at: usize) -> Option<Piece> {
+        let limit = self.buf.len().min(at.saturating_add(self.max));
+        let (len, head) = rpc::scan_prefix(self.buf.get(at..limit)?)?;
+        let end = at + len;
+        let value = self.buf.get(at..end)?.to_vec();
+        self.head = end;
+        self.pos = end;
+        self.state = State::Between;
+        Some(match String::from_utf8(value) {
+            Ok(text) => Piece::Scanned { text, head },
+            Err(e) => Piece::Raw(e.into_bytes()),
+        })
     }
 
     /// The nested-value states from `pos` up to `max` bytes of value: the value's end, or None with
     /// `pos` and the state where the run stopped, or the offset of a mismatched closer.
     fn nested_run(&mut self, mut in_str: bool, mut esc: bool) -> Result<Option<usize>, usize> {
         let limit = self.buf.len().min(self.head.saturating_add(self.max));
+        let run = self.buf.get(..limit).unwrap_or(&[]);
         let mut p = self.pos;
         let mut end = None;
-        while let Some(run) = self.buf.get(p..limit).filter(|r| !r.is_empty()) {
-            if esc {
-                esc = false;
-                p += 1;
+        if esc && p < limit {
+            esc = false;
+            p += 1;
+        }
+        // One table load per byte: the bytes that can change the state, in or out of a string.
+        let mut mask = if in_str { IN_STR } else { OUT_STR };
+        while let Some(&c) = run.get(p) {
+            p += 1;
+            if STOP[usize::from(c)] & mask == 0 {
                 continue;
             }
-            let hit = if in_str {
-                run.iter().position(|&c| c == b'"' || c == b'\\')
-            } else {
-                run.iter()
-                    .position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']'))
-            };
-            let Some(k) = hit else {
-                p = limit;
-                break;
-            };
-            let at = p + k;
-            p = at + 1;
-            match run[k] {
-                b'\\' => esc = true,
-                b'"' => in_str = !in_str,
+            match c {
+                b'\\' => {
+                    // The escaped byte cannot change the state; it may be in the next push.
+                    if p < limit {
+                        p += 1;
+                    } else {
+                        esc = true;
+                    }
+                }
+                b'"' => {
+                    in_str = !in_str;
+                    mask ^= IN_STR | OUT_STR;
+                }
                 b'{' => self.closers.push(b'}'),
                 b'[' => self.closers.push(b']'),
                 c => {
                     if self.closers.pop() != Some(c) {
                         self.pos = p;
-                        return Err(at);
+                        return Err(p - 1);
                     }
                     if self.closers.is_empty() {
                         end = Some(p);
@@ -329,6 +401,26 @@ mod tests {
 
     fn ok(vals: &[&str]) -> Vec<Result<Vec<u8>, SplitError>> {
         vals.iter().map(|v| Ok(v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn whole_valid_objects_come_scanned() {
+        let mut s = Splitter::new(16384);
+        s.push(b"{\"id\":1,\"method\":\"props\"} {\"a\":} {\"s\":\"\xff\"} [1] {\"id\":");
+        let text = "{\"id\":1,\"method\":\"props\"}".to_owned();
+        let head = rpc::scan(text.as_bytes()).unwrap();
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Scanned { text, head })));
+        // Not valid JSON, not UTF-8, not an object: cut as before, left to the reader.
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Raw(b"{\"a\":}".to_vec()))));
+        assert_eq!(
+            s.next_piece(),
+            Some(Ok(Piece::Raw(b"{\"s\":\"\xff\"}".to_vec())))
+        );
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Raw(b"[1]".to_vec()))));
+        // An object that arrives in parts goes the slow way.
+        assert_eq!(s.next_piece(), None);
+        s.push(b"2}");
+        assert_eq!(s.next_piece(), Some(Ok(Piece::Raw(b"{\"id\":2}".to_vec()))));
     }
 
     #[test]

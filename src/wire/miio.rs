@@ -214,11 +214,11 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, Error> {
 /// A header with the given fields and a zero checksum.
 fn header(len: u16, unknown: u32, did: u32, stamp: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    let fields = MAGIC.to_be_bytes().into_iter().chain(len.to_be_bytes());
-    let fields = fields.chain(unknown.to_be_bytes()).chain(did.to_be_bytes());
-    for (dst, src) in h.iter_mut().zip(fields.chain(stamp.to_be_bytes())) {
-        *dst = src;
-    }
+    h[field::MAGIC].copy_from_slice(&MAGIC.to_be_bytes());
+    h[field::LENGTH].copy_from_slice(&len.to_be_bytes());
+    h[field::UNKNOWN].copy_from_slice(&unknown.to_be_bytes());
+    h[field::DID].copy_from_slice(&did.to_be_bytes());
+    h[field::STAMP].copy_from_slice(&stamp.to_be_bytes());
     h
 }
 
@@ -291,21 +291,31 @@ pub fn seal_checked(keys: &Keys, did: u32, stamp: u32, json: &[u8]) -> Option<Ve
     if json.len() > MAX_SEAL_JSON {
         return None;
     }
-    let mut plain = Vec::with_capacity(json.len() + 1);
-    plain.extend_from_slice(json);
-    plain.push(0);
-    seal_raw(keys, did, stamp, &plain)
+    seal_into(keys, did, stamp, json, true)
 }
 
 /// Encrypts `plain` as given, without adding a NUL. Real peers (python-miio, V1–V3) send such
 /// payloads; the daemon itself always uses [`seal`]. None when the packet would exceed 65535 bytes.
 pub fn seal_raw(keys: &Keys, did: u32, stamp: u32, plain: &[u8]) -> Option<Vec<u8>> {
-    let ct = keys.encrypt(plain);
-    let len = u16::try_from(HEADER_LEN + ct.len()).ok()?;
+    seal_into(keys, did, stamp, plain, false)
+}
+
+/// The packet in one buffer: header, then `plain` (and the NUL) padded and encrypted in place, then
+/// the checksum, computed over one contiguous slice with the secret standing where it goes.
+fn seal_into(keys: &Keys, did: u32, stamp: u32, plain: &[u8], nul: bool) -> Option<Vec<u8>> {
+    let text = plain.len() + usize::from(nul);
+    // The padding adds 1..=16 bytes.
+    let len = u16::try_from(HEADER_LEN + text + 16 - text % 16).ok()?;
     let mut out = Vec::with_capacity(usize::from(len));
     out.extend_from_slice(&header(len, 0, did, stamp));
-    out.extend_from_slice(&ct);
-    let sum = md5(&[out.get(field::CHECKED).unwrap_or(&[]), keys.secret(), &ct]);
+    out.extend_from_slice(plain);
+    if nul {
+        out.push(0);
+    }
+    keys.encrypt_tail(&mut out, HEADER_LEN);
+    // P§2.2: MD5(header[0..16] ‖ secret ‖ payload), and the secret's place is the checksum's.
+    set_checksum(&mut out, keys.secret());
+    let sum = md5(&[&out]);
     set_checksum(&mut out, &sum);
     Some(out)
 }
@@ -329,7 +339,7 @@ pub struct Scanned {
 /// [`open`] checked the same way, without building the tree.
 pub fn open_scanned(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Scanned, Error> {
     let text = open_text(keys, our_did, pkt)?;
-    match rpc::scan(text.as_bytes()) {
+    match rpc::scan_str(&text) {
         Ok(head) => Ok(Scanned { text, head }),
         Err(rpc::RpcError::NotObject) => Err(Error::NotObject),
         Err(rpc::RpcError::Parse) => Err(Error::NotJson),
@@ -341,10 +351,16 @@ fn open_text(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<String, E
     if pkt.did() != our_did {
         return Err(Error::DidMismatch { got: pkt.did() });
     }
-    if !md5_ok(keys, pkt) {
+    // One copy of the packet, checked and opened in place: the secret stands where the checksum
+    // was, so MD5(header[0..16] ‖ secret ‖ payload) is one slice (P§2.2), then the payload is
+    // decrypted behind the header.
+    let mut plain = pkt.buffer.to_vec();
+    set_checksum(&mut plain, keys.secret());
+    if md5(&[&plain]) != pkt.checksum() {
         return Err(Error::Md5Mismatch);
     }
-    let mut plain = keys.decrypt(pkt.payload())?;
+    keys.decrypt_tail(&mut plain, field::PAYLOAD)?;
+    plain.drain(..field::PAYLOAD.min(plain.len()));
     if let Some(nul) = plain.iter().position(|&b| b == 0) {
         plain.truncate(nul);
     }

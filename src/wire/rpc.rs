@@ -175,49 +175,73 @@ fn error_code(e: Option<&Value>) -> Option<i64> {
 /// tree (the text is checked against RFC 8259 syntax and UTF-8 as the lenient parser does). Only
 /// text that this scan refuses goes through `parse_object` to learn which error it is.
 pub fn scan(raw: &[u8]) -> Result<Head, RpcError> {
-    let mut head = Head::default();
-    let mut ids = 0;
-    let whole = core::str::from_utf8(raw).is_ok()
-        && each_member(raw, |k, span| {
-            let (Some(key), Some(v)) = (raw.get(k), raw.get(span.clone())) else {
-                return;
-            };
-            match member_name(key) {
-                Some(Name::Method) => {
-                    // Without escapes, the text between the quotes (UTF-8 checked above).
-                    let plain = v
-                        .strip_prefix(b"\"")
-                        .and_then(|v| v.strip_suffix(b"\""))
-                        .filter(|m| !m.contains(&b'\\'));
-                    head.method = Some(if let Some(m) = plain {
-                        core::str::from_utf8(m).ok().map(str::to_owned)
-                    } else {
-                        match value(v) {
-                            Some(Value::String(m)) => Some(m),
-                            _ => None,
-                        }
-                    });
-                }
-                Some(Name::Id) => {
-                    head.id = Some(id_value(v));
-                    ids += 1;
-                    head.id_span = (ids == 1).then_some(span);
-                }
-                Some(Name::Result) => head.answer = true,
-                Some(Name::Error) => {
-                    head.answer = true;
-                    head.error_code = error_code(value(v).as_ref());
-                }
-                None => {}
-            }
-        })
-        .is_some();
-    if !whole {
+    match core::str::from_utf8(raw) {
+        Ok(text) => scan_str(text),
+        // Not UTF-8: the parser gives the error.
+        Err(_) => parse_object(raw).map(|m| Head::from_tree(&m)),
+    }
+}
+
+/// [`scan`] of a text already known to be UTF-8 (a `str`), which it does not check again.
+pub fn scan_str(text: &str) -> Result<Head, RpcError> {
+    let raw = text.as_bytes();
+    match scan_walk(raw) {
+        Some((end, head)) if skip_ws(raw, end) == raw.len() => Ok(head),
         // Not one valid object: the parser says which error (or, should it ever accept what the
         // scan refused, the tree gives the head).
-        return parse_object(raw).map(|m| Head::from_tree(&m));
+        _ => parse_object(raw).map(|m| Head::from_tree(&m)),
     }
-    Ok(head)
+}
+
+/// The object at the start of `b` (its first byte `{`, nothing before it), as the splitter meets
+/// it: the end of the object and its [`Head`], or None when `b` does not begin with one whole valid
+/// object. Bytes after the object are not looked at. The head is [`scan`]'s of `b[..end]` when
+/// that text is UTF-8, which is the caller's check (json_stream, LOCAL_API.md §3).
+pub fn scan_prefix(b: &[u8]) -> Option<(usize, Head)> {
+    if b.first() != Some(&b'{') {
+        return None;
+    }
+    scan_walk(b)
+}
+
+/// The walk of [`scan_str`] and [`scan_prefix`]: the end of the object and its head.
+fn scan_walk(raw: &[u8]) -> Option<(usize, Head)> {
+    let mut head = Head::default();
+    let mut ids = 0;
+    let end = each_member_at(raw, |k, span| {
+        let (Some(key), Some(v)) = (raw.get(k), raw.get(span.clone())) else {
+            return;
+        };
+        match member_name(key) {
+            Some(Name::Method) => {
+                // Without escapes, the text between the quotes (UTF-8 checked above).
+                let plain = v
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .filter(|m| !m.contains(&b'\\'));
+                head.method = Some(if let Some(m) = plain {
+                    core::str::from_utf8(m).ok().map(str::to_owned)
+                } else {
+                    match value(v) {
+                        Some(Value::String(m)) => Some(m),
+                        _ => None,
+                    }
+                });
+            }
+            Some(Name::Id) => {
+                head.id = Some(id_value(v));
+                ids += 1;
+                head.id_span = (ids == 1).then_some(span);
+            }
+            Some(Name::Result) => head.answer = true,
+            Some(Name::Error) => {
+                head.answer = true;
+                head.error_code = error_code(value(v).as_ref());
+            }
+            None => {}
+        }
+    })?;
+    Some((end, head))
 }
 
 /// An id's value: the common unsigned integer without serde, anything else through it (`null`
@@ -250,8 +274,16 @@ fn member_name(key: &[u8]) -> Option<Name> {
         (b"\"result\"", Name::Result),
         (b"\"error\"", Name::Error),
     ];
-    if let Some(&(_, n)) = NAMES.iter().find(|(k, _)| *k == key) {
-        return Some(n);
+    // The plain spellings by length first: most keys are none of them.
+    let plain = match key {
+        b"\"id\"" => Some(Name::Id),
+        b"\"error\"" => Some(Name::Error),
+        b"\"method\"" => Some(Name::Method),
+        b"\"result\"" => Some(Name::Result),
+        _ => None,
+    };
+    if plain.is_some() {
+        return plain;
     }
     if !key.contains(&b'\\') {
         return None;
@@ -346,7 +378,14 @@ fn members(b: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
 
 /// [`members`] without the vector: `f` sees each (key, value) as it is found, and the result says
 /// whether the whole text was one valid object (so a caller discards what it saw on None).
-fn each_member(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Option<()> {
+fn each_member(b: &[u8], f: impl FnMut(Range<usize>, Range<usize>)) -> Option<()> {
+    let end = each_member_at(b, f)?;
+    (skip_ws(b, end) == b.len()).then_some(())
+}
+
+/// [`each_member`] of the object at the start of `b` (after whitespace): the index just past its
+/// closing brace, whatever follows it.
+fn each_member_at(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Option<usize> {
     // One flat loop over the tokens (no call per value, no recursion): what a report costs
     // is mostly this walk. The grammar is [`value_end`]'s; `tests::each_member_is_the_grammar`
     // holds the two together.
@@ -387,7 +426,7 @@ fn each_member(b: &[u8], mut f: impl FnMut(Range<usize>, Range<usize>)) -> Optio
                 open.pop();
                 i += 1;
                 match open.depth {
-                    0 => return (skip_ws(b, i) == b.len()).then_some(()),
+                    0 => return Some(i),
                     1 => f(key.clone(), val..i),
                     _ => {}
                 }
@@ -583,11 +622,14 @@ fn json_string(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
     loop {
         // Plain characters in one tight run: one table load per byte.
-        j += b
-            .get(j..)?
-            .iter()
-            .position(|&c| STRING_STOP[usize::from(c)])?;
-        match *b.get(j)? {
+        let c = loop {
+            let c = *b.get(j)?;
+            if STRING_STOP[usize::from(c)] {
+                break c;
+            }
+            j += 1;
+        };
+        match c {
             b'"' => return Some(j + 1),
             b'\\' => match *b.get(j + 1)? {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => j += 2,
@@ -604,7 +646,10 @@ fn json_string(b: &[u8], i: usize) -> Option<usize> {
 fn json_number(b: &[u8], i: usize) -> Option<usize> {
     let digits = |j: usize| {
         let mut k = j;
-        while b.get(k).is_some_and(u8::is_ascii_digit) {
+        while let Some(c) = b.get(k) {
+            if c.wrapping_sub(b'0') > 9 {
+                break;
+            }
             k += 1;
         }
         (k > j).then_some(k)

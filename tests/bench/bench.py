@@ -12,7 +12,7 @@ Contract (tests/bench/README.md):
 
 Python 3 standard library; the LAN miIO.info row also imports tests/pycloud/ocloud.py (needs the
 `cryptography` package). Knobs, all optional (environment): BENCH_IDLE_SECS (120), BENCH_TPUT_SECS (30),
-BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_STARTS (10), BENCH_LAN_N (1000), BENCH_SYSCALL_N (1000),
+BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_CPU_BIN, BENCH_STARTS (10), BENCH_LAN_N (1000), BENCH_SYSCALL_N (1000),
 BENCH_ROUNDS (10),
 BENCH_CPU (the CPU of the latency rows, or "none"),
 BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_HOSTILE_SECS (60), BENCH_ONLY (comma
@@ -61,6 +61,9 @@ IDLE_SECS = env_num("BENCH_IDLE_SECS", 120)
 TPUT_SECS = env_num("BENCH_TPUT_SECS", 30)
 RTT_N = int(env_num("BENCH_RTT_N", 2000))
 CPU_N = int(env_num("BENCH_CPU_N", 2000))
+# The daemon binary of the CPU row: the host release build unless another is named (the board's
+# static build, to see what its libc costs per report).
+CPU_BIN = os.environ.get("BENCH_CPU_BIN") or None
 STARTS = int(env_num("BENCH_STARTS", 10))
 LAN_N = int(env_num("BENCH_LAN_N", 1000))
 SYSCALL_N = max(1, int(env_num("BENCH_SYSCALL_N", 1000)))
@@ -1338,7 +1341,7 @@ def daemon_instructions(tool, exe, opts, n, tag):
     cloud = Cloud()
     out = os.path.join(RUN, "%s-%s.out" % (tool, tag))
     try:
-        d = Daemon(cloud.port, opts, "cpu-" + tag, wrap=wrapped(tool, exe, out))
+        d = Daemon(cloud.port, opts, "cpu-" + tag, wrap=wrapped(tool, exe, out), binary=CPU_BIN or BIN)
         try:
             d.connected(limit=120)
             r = load(d.local, count=n)
@@ -1377,6 +1380,7 @@ def section_cpu(opts):
     per = (with_n - base) / CPU_N
     ref = (ref_n - ref_0) / CPU_N
     figure(name, per, "instr", ref,
+           (("daemon binary %s; " % CPU_BIN) if CPU_BIN else "") +
            "%s: whole daemon run with %d reports sent one at a time and acked (%d instr) minus the same "
            "run with a client that sends none (%d), over %d (goal: 25,000 or less); reference: the "
            "crate floor, benchkit crypto: a scan for \"id\" and \"method\", the seal (NUL, pad, "

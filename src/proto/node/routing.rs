@@ -15,6 +15,7 @@ use crate::proto::local::{ConnId, Inbound, Local, Port};
 use crate::proto::outbox::{Action, Outbox};
 use crate::proto::state::State;
 use crate::time::Instant;
+use crate::wire::json_stream::Piece;
 use crate::wire::rpc;
 
 /// The helper's effects go through the local table into the Outbox as it decides them: a
@@ -280,7 +281,25 @@ impl Node {
 
     /// One complete JSON value from a local connection.
     pub fn local_value(&mut self, now: Instant, conn: ConnId, raw: &[u8]) {
-        match self.local.handle_value(&mut self.actions, now, conn, raw) {
+        let inbound = self.local.handle_value(&mut self.actions, now, conn, raw);
+        self.local_inbound(now, inbound);
+    }
+
+    /// [`Node::local_value`] of a value as the splitter cut it: one it scanned already is not
+    /// scanned again (json_stream::Piece).
+    pub fn local_piece(&mut self, now: Instant, conn: ConnId, piece: Piece) {
+        let inbound = match piece {
+            Piece::Scanned { text, head } => {
+                self.local
+                    .handle_scanned(&mut self.actions, now, conn, text, head)
+            }
+            Piece::Raw(raw) => self.local.handle_value(&mut self.actions, now, conn, &raw),
+        };
+        self.local_inbound(now, inbound);
+    }
+
+    fn local_inbound(&mut self, now: Instant, inbound: Option<Inbound>) {
+        match inbound {
             Some(Inbound::Local {
                 conn,
                 method,
