@@ -33,6 +33,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use log::{debug, info, warn};
 use serde_json::{Map, Value};
 
+use super::downstream::{self, Downstream, Rng, CACHE_MAX_TEXT};
 use crate::time::{Duration, Instant};
 use crate::timer::TimerWheel;
 use crate::wire::crypto::Keys;
@@ -58,11 +59,6 @@ const KEEPALIVE_MISSES: u8 = 3;
 const RETRANSMITS: u8 = 3;
 /// Pending upstream requests (P§5.7).
 const MAX_UPSTREAM: usize = 128;
-/// Pending downstream commands (P§5.8).
-const MAX_DOWNSTREAM: usize = 64;
-/// Reply cache size and lifetime (P§5.8).
-const REPLY_CACHE: usize = 32;
-const REPLY_TTL: Duration = Duration::from_secs(60);
 /// Keepalive stamps remembered to tell a pong from a cloud ping (P§5.6).
 const SENT_STAMPS: usize = 8;
 /// Default refresh period when the cloud sends no `otc_test.interval` (P§5.4).
@@ -73,16 +69,6 @@ const MIN_CLOUD_REFRESH: Duration = Duration::from_secs(60);
 const MAX_OTC_LIST: usize = 16;
 /// Ids of upstream requests: 1..=2^31-1, never 0 (P§5.7 D5).
 const MAX_CLOUD_ID: u32 = 0x7fff_ffff;
-
-/// Methods the daemon answers itself; the node does that (P§4.6).
-const SELF_METHODS: [&str; 4] = [
-    "miIO.info",
-    "miIO.wifi_assoc_state",
-    "miIO.config_tz",
-    "miIO.config_loglevel",
-];
-/// Methods accepted only from the LAN; the cloud gets -32601 (P§4.6).
-const LAN_ONLY: [&str; 3] = ["miIO.config_router", "miIO.config", "miIO.stop_diag_mode"];
 
 /// A cloud transport (P§5.2). The lead may unify it with `cli::Transport`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,8 +272,6 @@ enum Timer {
     RefreshHello,
     /// Ack deadline of an upstream request, by cloud id.
     Ack(u32),
-    /// User-ack deadline of a downstream command, by cloud command id.
-    User(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,39 +316,6 @@ struct Upstream {
     /// The text as sent (id rewritten), kept for retransmission.
     text: String,
     sends: u8,
-}
-
-#[derive(Clone, Debug)]
-struct Downstream {
-    id: u32,
-    /// A -10000/-32601 reply held as a fallback (P§5.8 D16).
-    held: Option<String>,
-}
-
-#[derive(Clone, Debug)]
-struct Cached {
-    id: u32,
-    text: String,
-    until: Instant,
-}
-
-/// splitmix64: tiny, seeded, good enough for ids, shuffles and jitter.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0); the modulo bias is irrelevant at these sizes.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// What outlives one cloud machine within a run: the id counter (P§5.7 D5: ids unique for the life
@@ -424,17 +375,18 @@ pub struct Cloud {
     rx_buf: Vec<u8>,
     next_id: u32,
     ups: Vec<Upstream>,
-    downs: Vec<Downstream>,
-    cache: VecDeque<Cached>,
+    /// Pending cloud commands by cloud command id, and the replies cached by id (P§5.8).
+    downs: Downstream<u32, u32>,
     idle_reported: bool,
     bind: Option<(String, Option<String>)>,
 }
 
 impl Cloud {
     pub fn new(cfg: CloudConfig) -> Cloud {
-        let mut rng = Rng(cfg.seed);
+        let mut rng = Rng::new(cfg.seed);
         let next_id = 1 + rng.below(u64::from(MAX_CLOUD_ID)) as u32;
         let keys = Keys::new(&cfg.key);
+        let downs = Downstream::new(cfg.max_cloud_payload.max(CACHE_MAX_TEXT));
         Cloud {
             cfg,
             keys,
@@ -468,8 +420,7 @@ impl Cloud {
             rx_buf: Vec::new(),
             next_id,
             ups: Vec::new(),
-            downs: Vec::new(),
-            cache: VecDeque::new(),
+            downs,
             idle_reported: false,
             bind: None,
         }
@@ -499,7 +450,10 @@ impl Cloud {
 
     /// The earliest deadline that must wake the daemon.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.wheel.earliest()
+        [self.wheel.earliest(), self.downs.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn state(&self) -> CloudState {
@@ -575,6 +529,10 @@ impl Cloud {
         while let Some(t) = self.wheel.pop_due(now) {
             self.fire(now, t);
         }
+        while let Some(p) = self.downs.pop_due(now) {
+            let reply = p.timeout_reply(now, p.origin);
+            self.reply_sent(now, p.origin, reply);
+        }
     }
 
     fn fire(&mut self, now: Instant, t: Timer) {
@@ -611,7 +569,6 @@ impl Cloud {
                 }
             }
             Timer::Ack(id) => self.ack_timeout(now, id),
-            Timer::User(id) => self.user_timeout(now, id),
         }
     }
 
@@ -847,9 +804,7 @@ impl Cloud {
             }
         }
         // Replies to this session's commands can no longer go up.
-        for d in std::mem::take(&mut self.downs) {
-            self.wheel.cancel(Timer::User(d.id));
-        }
+        self.downs.clear_pending();
     }
 
     /// An attempt failed or the link was lost (P§5.9): close, fail pending, back off.
@@ -1374,8 +1329,8 @@ impl Cloud {
         if method.starts_with("local.") || method.starts_with("_internal.") {
             return self.dropped(now, &format_args!("cloud method {method} dropped"));
         }
-        let lan_only = LAN_ONLY.contains(&method);
-        let own = SELF_METHODS.contains(&method);
+        let lan_only = downstream::lan_only(method);
+        let own = downstream::self_answered(method) && !lan_only;
         // Params are read only for the methods the daemon answers itself: the tree, built then.
         let params = || {
             rpc::parse_object(text.as_bytes())
@@ -1401,16 +1356,11 @@ impl Cloud {
             }
             return;
         };
-        if self.downs.iter().any(|d| d.id == id) {
+        if self.downs.contains(|&d| d == id) {
             crate::info_limited!(now, "cloud msg repeated, id:{id}");
             return;
         }
-        let now_cached = self
-            .cache
-            .iter()
-            .find(|c| c.id == id && c.until > now)
-            .map(|c| c.text.clone());
-        if let Some(reply) = now_cached {
+        if let Some(reply) = self.downs.cached(now, &id).map(str::to_owned) {
             crate::info_limited!(now, "cloud msg repeated, id:{id}: answered from the cache");
             return self.send_json(now, &reply);
         }
@@ -1419,14 +1369,11 @@ impl Cloud {
             let reply = rpc::error_reply(Some(&id.into()), -32601, "Method not found");
             return self.reply_sent(now, id, reply);
         }
-        if self.downs.len() >= MAX_DOWNSTREAM {
+        if !self.downs.insert(id, now + self.cfg.user_ack_timeout) {
             crate::warn_limited!(now, "too many pending cloud commands, id:{id}");
-            let reply = rpc::error_reply(Some(&id.into()), -9999, "user ack timeout");
+            let reply = downstream::user_ack_timeout_reply(id);
             return self.reply_sent(now, id, reply);
         }
-        self.downs.push(Downstream { id, held: None });
-        self.wheel
-            .set(Timer::User(id), now + self.cfg.user_ack_timeout);
         if own {
             self.emit(Action::SelfMethod {
                 id: Some(id),
@@ -1472,7 +1419,7 @@ impl Cloud {
         if id == 0 {
             return false;
         }
-        let Some(i) = self.downs.iter().position(|d| d.id == id) else {
+        let Some(i) = self.downs.position(|&d| d == id) else {
             return false;
         };
         if text.len() > self.cfg.max_cloud_payload {
@@ -1487,43 +1434,20 @@ impl Cloud {
             }
             return true;
         }
-        if matches!(code, Some(-10000 | -32601)) {
+        if downstream::is_fallback(code) {
             // D16: held as a fallback; any other reply replaces it.
-            if let Some(d) = self.downs.get_mut(i) {
-                d.held.get_or_insert_with(|| text.to_owned());
-            }
+            self.downs.hold(i, text.to_owned());
             return true;
         }
         self.downs.remove(i);
-        self.wheel.cancel(Timer::User(id));
         self.reply_sent(now, id, text.to_owned());
         true
-    }
-
-    fn user_timeout(&mut self, now: Instant, id: u32) {
-        let Some(i) = self.downs.iter().position(|d| d.id == id) else {
-            return;
-        };
-        let d = self.downs.remove(i);
-        let reply = d.held.unwrap_or_else(|| {
-            crate::info_limited!(now, "user ack timeout, id:{id}");
-            rpc::error_reply(Some(&id.into()), -9999, "user ack timeout")
-        });
-        self.reply_sent(now, id, reply);
     }
 
     /// Sends a reply to a cloud command and remembers it for repeats (P§5.8).
     fn reply_sent(&mut self, now: Instant, id: u32, text: String) {
         self.send_json(now, &text);
-        self.cache.retain(|c| c.until > now && c.id != id);
-        if self.cache.len() >= REPLY_CACHE {
-            self.cache.pop_front();
-        }
-        self.cache.push_back(Cached {
-            id,
-            text,
-            until: now + REPLY_TTL,
-        });
+        self.downs.cache_put(now, id, text);
     }
 
     // ---- sending ---------------------------------------------------------------------------
@@ -1556,11 +1480,8 @@ impl Cloud {
             ("cloud.otc_list", self.otc_list.len()),
             ("cloud.ups", self.ups.len()),
             ("cloud.downs", self.downs.len()),
-            (
-                "cloud.downs_held",
-                self.downs.iter().filter(|d| d.held.is_some()).count(),
-            ),
-            ("cloud.reply_cache", self.cache.len()),
+            ("cloud.downs_held", self.downs.held()),
+            ("cloud.reply_cache", self.downs.cache_len()),
             ("cloud.rx_buf", self.rx_buf.len()),
         ]);
     }

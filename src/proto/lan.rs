@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use log::{debug, warn};
 use serde_json::Value;
 
+use crate::proto::downstream::{self, Downstream, Rng, CACHE_MAX_TEXT};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
@@ -38,31 +39,14 @@ use crate::wire::rpc;
 
 /// Default wait for a local reply before -9999 (P§5.8, `--user-ack-timeout`).
 pub const DEFAULT_USER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pending commands (forwarded and self-answered); a further one gets -9999 at once (P§5.8).
-const MAX_PENDING: usize = 64;
 /// Replay guard: lifetime and size (P§4.5 D7).
 const GUARD_TTL: Duration = Duration::from_secs(600);
 const GUARD_MAX: usize = 256;
-/// Reply cache: size, lifetime and largest plaintext kept (P§4.5 D7).
-const CACHE_MAX: usize = 32;
-const CACHE_TTL: Duration = Duration::from_secs(60);
-const CACHE_MAX_TEXT: usize = 2048;
 /// Local ids of forwarded LAN commands (P§4.7 D7).
 const LOCAL_ID_MIN: u32 = 0x4000_0000;
 const LOCAL_ID_MAX: u32 = 0x7fff_ffff;
 /// The largest UDP payload over IPv4: a longer reply cannot be sent.
 const MAX_DATAGRAM: usize = 65507;
-
-/// Methods the daemon answers itself on the LAN (P§4.6).
-const SELF_METHODS: [&str; 7] = [
-    "miIO.info",
-    "miIO.wifi_assoc_state",
-    "miIO.config_router",
-    "miIO.config_tz",
-    "miIO.config_loglevel",
-    "miIO.config",
-    "miIO.stop_diag_mode",
-];
 
 /// What the node must do for the LAN machine.
 #[derive(Clone, PartialEq)]
@@ -116,21 +100,13 @@ enum Route {
     SelfAnswered(u64),
 }
 
-struct Pending {
+/// What the LAN keeps per pending command: who answers it and where the reply goes.
+#[derive(Clone, Copy)]
+struct Origin {
     route: Route,
     phone_id: u32,
     to: SocketAddr,
     key: GuardKey,
-    deadline: Instant,
-    /// D16: a -10000/-32601 reply (phone id restored), sent at the deadline instead of -9999.
-    held: Option<String>,
-}
-
-struct Cached {
-    key: GuardKey,
-    /// The reply plaintext with the phone's id, without the NUL.
-    text: String,
-    until: Instant,
 }
 
 /// The LAN machine. Not `Debug`: it holds the token and replies that may carry it.
@@ -143,10 +119,11 @@ pub struct Lan {
     user_ack_timeout: Duration,
     next_local: u32,
     next_handle: u64,
-    pending: Vec<Pending>,
+    /// Pending commands, and the replies (plaintext with the phone's id, no NUL) cached by
+    /// replay-guard key for repeats.
+    pending: Downstream<Origin, GuardKey>,
     /// Accepted commands, oldest first, with the time they were accepted.
     guard: VecDeque<(GuardKey, Instant)>,
-    cache: VecDeque<Cached>,
     actions: VecDeque<LanAction>,
 }
 
@@ -155,7 +132,7 @@ impl Lan {
     pub fn new(seed: u64, user_ack_timeout: Duration) -> Lan {
         let span = u64::from(LOCAL_ID_MAX - LOCAL_ID_MIN) + 1;
         // span is 2^30, so the remainder fits in u32.
-        let start = LOCAL_ID_MIN + (splitmix64(seed) % span) as u32;
+        let start = LOCAL_ID_MIN + (Rng::new(seed).next_u64() % span) as u32;
         Lan {
             identity: None,
             state: State::DeviceInit,
@@ -163,9 +140,8 @@ impl Lan {
             user_ack_timeout,
             next_local: start,
             next_handle: 1,
-            pending: Vec::new(),
+            pending: Downstream::new(CACHE_MAX_TEXT),
             guard: VecDeque::new(),
-            cache: VecDeque::new(),
             actions: VecDeque::new(),
         }
     }
@@ -180,7 +156,7 @@ impl Lan {
         if !same {
             self.identity = Some((did, Keys::new(&token)));
             self.guard.clear();
-            self.cache.clear();
+            self.pending.clear_cache();
         }
     }
 
@@ -208,7 +184,7 @@ impl Lan {
 
     /// The earliest user-ack deadline; None when nothing is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.iter().map(|p| p.deadline).min()
+        self.pending.poll_timeout()
     }
 
     /// L§12 counts "the LAN socket has unsent output": here, actions not yet drained. Pending
@@ -219,7 +195,7 @@ impl Lan {
 
     /// True when `id` is the local id of a forwarded LAN command still waiting for a reply.
     pub fn is_local_id_pending(&self, id: u32) -> bool {
-        self.pending.iter().any(|p| p.route == Route::Forwarded(id))
+        self.pending.contains(|o| o.route == Route::Forwarded(id))
     }
 
     /// One datagram received on 54321 from `from`.
@@ -267,14 +243,14 @@ impl Lan {
         }
         self.guard.push_back((key, now));
 
-        if self.pending.len() >= MAX_PENDING {
+        if self.pending.is_full() {
             crate::warn_limited!(now, "too many pending LAN commands, id:{id} answered -9999");
-            let text = user_ack_timeout_reply(id);
+            let text = downstream::user_ack_timeout_reply(id);
             self.send_reply(now, from, key, text);
             return;
         }
         let deadline = now + self.user_ack_timeout;
-        if SELF_METHODS.contains(&method) {
+        if downstream::self_answered(method) {
             let handle = self.next_handle;
             self.next_handle = self.next_handle.wrapping_add(1);
             let action = LanAction::SelfMethod {
@@ -283,14 +259,13 @@ impl Lan {
                 id,
                 params: opened.value.get("params").cloned().unwrap_or(Value::Null),
             };
-            self.pending.push(Pending {
+            let origin = Origin {
                 route: Route::SelfAnswered(handle),
                 phone_id: id,
                 to: from,
                 key,
-                deadline,
-                held: None,
-            });
+            };
+            self.pending.insert(origin, deadline);
             self.actions.push_back(action);
             return;
         }
@@ -304,14 +279,13 @@ impl Lan {
             "M, orig_id:{id}, new_id:{local_id}, len:{}",
             text.len()
         );
-        self.pending.push(Pending {
+        let origin = Origin {
             route: Route::Forwarded(local_id),
             phone_id: id,
             to: from,
             key,
-            deadline,
-            held: None,
-        });
+        };
+        self.pending.insert(origin, deadline);
         self.actions
             .push_back(LanAction::Command { local_id, text });
     }
@@ -321,27 +295,26 @@ impl Lan {
     pub fn local_reply(&mut self, now: Instant, local_id: u32, text: &str) -> bool {
         let Some(i) = self
             .pending
-            .iter()
-            .position(|p| p.route == Route::Forwarded(local_id))
+            .position(|o| o.route == Route::Forwarded(local_id))
         else {
             return false;
         };
         let Ok(obj) = rpc::parse_object(text.as_bytes()) else {
             return false;
         };
-        let Some(p) = self.pending.get_mut(i) else {
+        let Some(phone_id) = self.pending.get(i).map(|p| p.origin.phone_id) else {
             return false;
         };
-        let Some(restored) = rpc::rewrite_id(text, u64::from(p.phone_id)) else {
+        let Some(restored) = rpc::rewrite_id(text, u64::from(phone_id)) else {
             return false;
         };
         let code = obj
             .get("error")
             .and_then(|e| e.get("code"))
             .and_then(Value::as_i64);
-        if matches!(code, Some(-10000 | -32601)) {
+        if downstream::is_fallback(code) {
             // D16: a fallback only; the first one is kept until something better comes.
-            p.held.get_or_insert(restored);
+            self.pending.hold(i, restored);
             return true;
         }
         self.finish(now, i, restored);
@@ -354,12 +327,11 @@ impl Lan {
     pub fn answer(&mut self, now: Instant, handle: u64, text: &str) -> bool {
         let Some(i) = self
             .pending
-            .iter()
-            .position(|p| p.route == Route::SelfAnswered(handle))
+            .position(|o| o.route == Route::SelfAnswered(handle))
         else {
             return false;
         };
-        let Some(phone_id) = self.pending.get(i).map(|p| p.phone_id) else {
+        let Some(phone_id) = self.pending.get(i).map(|p| p.origin.phone_id) else {
             return false;
         };
         match rpc::rewrite_id(text, u64::from(phone_id)) {
@@ -373,22 +345,22 @@ impl Lan {
 
     /// Answers every command whose user-ack deadline has passed: the held error, else -9999.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(i) = self.pending.iter().position(|p| p.deadline <= now) {
-            let p = self.pending.remove(i);
-            let fallback = || {
-                crate::info_limited!(now, "user ack timeout, id:{}", p.phone_id);
-                user_ack_timeout_reply(p.phone_id)
-            };
-            let text = p.held.clone().unwrap_or_else(fallback);
-            if !self.send_reply(now, p.to, p.key, text) {
-                self.send_reply(now, p.to, p.key, fallback());
+        while let Some(p) = self.pending.pop_due(now) {
+            let Origin {
+                phone_id, to, key, ..
+            } = p.origin;
+            let text = p.timeout_reply(now, phone_id);
+            if !self.send_reply(now, to, key, text) {
+                // The held reply could not be sealed: the phone still gets its -9999.
+                let text = downstream::user_ack_timeout_reply(phone_id);
+                self.send_reply(now, to, key, text);
             }
         }
     }
 
     /// Sends `text` for pending entry `i` and removes it; false (entry kept) if it cannot be sent.
     fn finish(&mut self, now: Instant, i: usize, text: String) -> bool {
-        let Some((to, key)) = self.pending.get(i).map(|p| (p.to, p.key)) else {
+        let Some((to, key)) = self.pending.get(i).map(|p| (p.origin.to, p.origin.key)) else {
             return false;
         };
         if !self.send_reply(now, to, key, text) {
@@ -405,17 +377,7 @@ impl Lan {
         };
         crate::info_limited!(now, "ACK, id:{}, to:mobile {to}", key.id);
         self.actions.push_back(LanAction::Send { to, bytes });
-        if text.len() <= CACHE_MAX_TEXT {
-            self.cache.retain(|c| c.key != key);
-            if self.cache.len() >= CACHE_MAX {
-                self.cache.pop_front();
-            }
-            self.cache.push_back(Cached {
-                key,
-                text,
-                until: now + CACHE_TTL,
-            });
-        }
+        self.pending.cache_put(now, key, text);
         true
     }
 
@@ -458,15 +420,10 @@ impl Lan {
                 now.secs()
             ),
         );
-        if self.pending.iter().any(|p| p.key == key) {
+        if self.pending.contains(|o| o.key == key) {
             return;
         }
-        let Some(text) = self
-            .cache
-            .iter()
-            .find(|c| c.key == key)
-            .map(|c| c.text.clone())
-        else {
+        let Some(text) = self.pending.cached(now, &key).map(str::to_owned) else {
             return;
         };
         if let Some(bytes) = self.seal(now, &text) {
@@ -483,9 +440,7 @@ impl Lan {
         {
             self.guard.pop_front();
         }
-        while self.cache.front().is_some_and(|c| c.until <= now) {
-            self.cache.pop_front();
-        }
+        self.pending.expire(now);
     }
 
     /// Next local id: +1, wraps to 0x40000000, skips pending ones (P§4.7 D7).
@@ -516,27 +471,12 @@ impl Lan {
     pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
         out.extend([
             ("lan.pending", self.pending.len()),
-            (
-                "lan.pending_held",
-                self.pending.iter().filter(|p| p.held.is_some()).count(),
-            ),
+            ("lan.pending_held", self.pending.held()),
             ("lan.guard", self.guard.len()),
-            ("lan.reply_cache", self.cache.len()),
+            ("lan.reply_cache", self.pending.cache_len()),
             ("lan.actions", self.actions.len()),
         ]);
     }
-}
-
-fn user_ack_timeout_reply(phone_id: u32) -> String {
-    rpc::error_reply(Some(&Value::from(phone_id)), -9999, "user ack timeout")
-}
-
-/// One step of SplitMix64: spreads a seed (a time, a counter) over all 64 bits.
-fn splitmix64(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -1024,7 +964,7 @@ mod tests {
     #[test]
     fn all_self_methods_go_to_the_node() {
         let mut l = lan(State::WifiApMode);
-        for (i, m) in SELF_METHODS.iter().enumerate() {
+        for (i, m) in downstream::SELF_METHODS.iter().enumerate() {
             let plain = format!(r#"{{"id":{i},"method":"{m}","params":{{"k":1}}}}"#);
             l.handle_datagram(T0, addr(9), &phone(1, &plain));
             let (_, method, id, params) = self_method(&drain(&mut l));
