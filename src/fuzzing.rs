@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde_json::{json, Map, Value};
 
 use crate::config::{self, Secret16};
-use crate::proto::cloud::{Action, ClientId, Cloud, CloudConfig, CloudState, Transport};
+use crate::proto::cloud::{Action, Cloud, CloudConfig, CloudState, Transport};
 use crate::proto::helper;
 use crate::proto::lan::{Lan, LanAction};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
@@ -1251,7 +1251,7 @@ impl CloudH {
                 let i = self
                     .waiting
                     .iter()
-                    .position(|(c, w)| *c == client.0 && *w == id)
+                    .position(|(c, w)| *c as ConnId == client && *w == id)
                     .unwrap_or_else(|| panic!("a reply nobody waits for: {text}"));
                 self.waiting.remove(i);
             }
@@ -1410,7 +1410,7 @@ impl CloudH {
             }
         }
         let h = rpc::scan(text.as_bytes()).expect("parse_object took it");
-        self.c.upstream(self.now, ClientId(client), &text, &h);
+        self.c.upstream(self.now, client as ConnId, &text, &h);
         self.drain();
     }
 
@@ -1444,7 +1444,7 @@ impl CloudH {
             h.error_code,
             o.get("error").and_then(|e| e["code"].as_i64())
         );
-        let taken = self.c.local_reply(self.now, ClientId(client), &text, &h);
+        let taken = self.c.local_reply(self.now, client as ConnId, &text, &h);
         assert_eq!(
             taken, pending,
             "local_reply({id}) against the pending table"
@@ -1592,7 +1592,7 @@ impl CloudH {
             20 => {
                 // The client's connection closed: nothing more may be addressed to it.
                 let k = u32::from(u.u8() % 4);
-                self.c.client_gone(ClientId(k));
+                self.c.client_gone(k as ConnId);
                 self.waiting.retain(|w| w.0 != k);
                 self.drain();
             }

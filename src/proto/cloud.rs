@@ -34,6 +34,7 @@ use log::{debug, info, warn};
 use serde_json::{Map, Value};
 
 use super::downstream::{self, Downstream, Rng, CACHE_MAX_TEXT};
+use super::local::ConnId;
 use crate::time::{Duration, Instant};
 use crate::timer::TimerWheel;
 use crate::wire::crypto::Keys;
@@ -70,12 +71,8 @@ const MAX_OTC_LIST: usize = 16;
 /// Ids of upstream requests: 1..=2^31-1, never 0 (P§5.7 D5).
 const MAX_CLOUD_ID: u32 = 0x7fff_ffff;
 
-/// A cloud transport (P§5.2). The lead may unify it with `cli::Transport`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
+/// A cloud transport (P§5.2): the one type, from the command line's `--transports` on.
+pub use crate::cli::Transport;
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -94,10 +91,6 @@ pub struct Endpoint {
     /// Set by `-H`, `--udp-host`, `--tcp-host`: its addresses are never filtered (P§5.1 D1).
     pub explicit: bool,
 }
-
-/// A local client of the node (54322 connection, agent link, MQTT). The lead may unify it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ClientId(pub u32);
 
 /// Everything the machine needs to know, fixed for a run.
 #[derive(Clone)]
@@ -227,7 +220,7 @@ pub enum Action {
     NeedInfo,
     /// A message for one local client only (an ack with its id restored, or an error).
     ToClient {
-        client: ClientId,
+        client: ConnId,
         text: String,
     },
     /// A cloud command to broadcast verbatim to local clients (P§5.8 D6). `id` is the tracked id, if
@@ -298,7 +291,7 @@ struct Server {
 #[derive(Clone, Debug)]
 enum Origin {
     Client {
-        client: ClientId,
+        client: ConnId,
         orig: u64,
     },
     /// A client's request whose client has gone: still retransmitted, its ack or error dropped.
@@ -1174,7 +1167,7 @@ impl Cloud {
     // ---- upstream (P§5.7) ------------------------------------------------------------------
 
     /// A request from a local client (`method` present, not `local.*`/`_internal.*`).
-    pub fn upstream(&mut self, now: Instant, client: ClientId, text: &str, head: &rpc::Head) {
+    pub fn upstream(&mut self, now: Instant, client: ConnId, text: &str, head: &rpc::Head) {
         let method = head.method();
         if method.starts_with("local.") || method.starts_with("_internal.") {
             // P§5.7: these never reach the cloud, whoever routed them here.
@@ -1226,14 +1219,14 @@ impl Cloud {
             );
             return self.tell_client(client, orig, -32600, "msg too long");
         }
-        debug!("U, orig_id:{orig}, id:{id}, client:{}", client.0);
+        debug!("U, orig_id:{orig}, id:{id}, client:{client}");
         self.send_up(now, id, Origin::Client { client, orig }, new);
     }
 
     /// The connection of `client` closed (P§5.7: "If that client has gone, the ack is dropped").
     /// Its pending requests stay, retransmitted as before, but their ack or error goes to no one:
     /// the reactor reuses the slot, and the next connection in it must not get them.
-    pub fn client_gone(&mut self, client: ClientId) {
+    pub fn client_gone(&mut self, client: ConnId) {
         for up in &mut self.ups {
             if matches!(up.origin, Origin::Client { client: c, .. } if c == client) {
                 up.origin = Origin::Gone;
@@ -1241,7 +1234,7 @@ impl Cloud {
         }
     }
 
-    fn tell_client(&mut self, client: ClientId, orig: u64, code: i64, msg: &str) {
+    fn tell_client(&mut self, client: ConnId, orig: u64, code: i64, msg: &str) {
         let text = rpc::error_reply(Some(&Value::from(orig)), code, msg);
         self.emit(Action::ToClient { client, text });
     }
@@ -1393,7 +1386,7 @@ impl Cloud {
     pub fn local_reply(
         &mut self,
         now: Instant,
-        client: ClientId,
+        client: ConnId,
         text: &str,
         head: &rpc::Head,
     ) -> bool {
@@ -1411,7 +1404,7 @@ impl Cloud {
     fn reply(
         &mut self,
         now: Instant,
-        client: Option<ClientId>,
+        client: Option<ConnId>,
         id: u32,
         text: &str,
         code: Option<i64>,
@@ -1726,14 +1719,14 @@ mod tests {
 
         fn upstream(&mut self, client: u32, text: &str) {
             self.c
-                .upstream(self.now, ClientId(client), text, &head(text));
+                .upstream(self.now, client as ConnId, text, &head(text));
             self.pump();
         }
 
         fn reply(&mut self, client: u32, text: &str) -> bool {
             let r = self
                 .c
-                .local_reply(self.now, ClientId(client), text, &head(text));
+                .local_reply(self.now, client as ConnId, text, &head(text));
             self.pump();
             r
         }
@@ -1741,7 +1734,7 @@ mod tests {
 
     fn to_client(client: u32, text: &str) -> Action {
         Action::ToClient {
-            client: ClientId(client),
+            client: client as ConnId,
             text: text.to_owned(),
         }
     }
@@ -2573,7 +2566,7 @@ mod tests {
         let mut h = H::connected(cfg());
         h.upstream(4, r#"{"id":9,"method":"event.x","params":[]}"#);
         let (_, first) = h.expect_json();
-        h.c.client_gone(ClientId(4));
+        h.c.client_gone(4);
         h.advance(3000);
         let (_, again) = h.expect_json();
         assert_eq!(again, first, "still retransmitted");
@@ -2583,7 +2576,7 @@ mod tests {
         // Gone and never acked: the noack goes to no one either.
         h.upstream(4, r#"{"id":10,"method":"event.x","params":[]}"#);
         h.expect_json();
-        h.c.client_gone(ClientId(4));
+        h.c.client_gone(4);
         for _ in 0..3 {
             h.advance(3000);
             h.expect_json();

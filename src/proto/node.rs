@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use log::{info, warn};
 use serde_json::{json, Map, Value};
 
-use super::cloud::{self, ClientId, Cloud, CloudConfig, CloudEvent, CloudState};
+use super::cloud::{self, Cloud, CloudConfig, CloudEvent, CloudState};
 use super::helper::{self, Helper, Step};
 use super::lan::{Lan, LanAction};
 use super::local::{ConnId, Inbound, Local, Port};
@@ -149,10 +149,6 @@ fn refusal(now: Instant, from: ProvisionFrom, id: &Value, reason: &str) -> Strin
             rpc::error_reply(Some(id), -33020, reason)
         }
     }
-}
-
-fn conn_of(c: ClientId) -> ConnId {
-    c.0 as ConnId
 }
 
 impl Node {
@@ -774,7 +770,7 @@ impl Node {
             cloud::Action::Send(b) => self.actions.push(Action::CloudSend(b)),
             cloud::Action::Close => self.actions.push(Action::CloudClose),
             cloud::Action::NeedInfo => self.helper.ask_info(now),
-            cloud::Action::ToClient { client, text } => self.local.send_to(conn_of(client), text),
+            cloud::Action::ToClient { client, text } => self.local.send_to(client, text),
             cloud::Action::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
                     // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
@@ -993,7 +989,7 @@ impl Node {
         self.helper.handle_closed(conn);
         // The reactor reuses the slot: acks still due to this connection must go to no one.
         if let Some(c) = self.cloud.as_mut() {
-            c.client_gone(ClientId(conn as u32));
+            c.client_gone(conn);
         }
     }
 
@@ -1016,7 +1012,7 @@ impl Node {
                 conn, obj, text, ..
             }) => self.helper.handle_message(now, conn, &obj, text.as_bytes()),
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
-                Some(c) => c.upstream(now, ClientId(conn as u32), &text, &head),
+                Some(c) => c.upstream(now, conn, &text, &head),
                 None => {
                     if let Some(id) = head.id.as_ref() {
                         self.local.send_to(
@@ -1036,7 +1032,7 @@ impl Node {
                     self.lan.local_reply(now, id, &text)
                 } else {
                     match self.cloud.as_mut() {
-                        Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &head),
+                        Some(c) => c.local_reply(now, conn, &text, &head),
                         None => false,
                     }
                 };
