@@ -18,9 +18,10 @@ use serde_json::{json, Map, Value};
 use crate::config::{self, Secret16};
 use crate::proto::cloud::{Action, Cloud, CloudConfig, CloudState, Transport};
 use crate::proto::helper;
-use crate::proto::lan::{Lan, LanAction};
+use crate::proto::lan::{Lan, LanEvent};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
 use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig};
+use crate::proto::outbox::Outbox;
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
@@ -1691,8 +1692,15 @@ fn phone_command(u: &mut Input, fresh: u32) -> (String, Option<u32>) {
 type Delivery = (Vec<u8>, Option<Map<String, Value>>, usize);
 
 /// The node and the phones around one LAN machine.
+/// What the LAN driver sees of the machine: a datagram it put in the outbox, or an event.
+enum LanOut {
+    Send { to: SocketAddr, bytes: Vec<u8> },
+    Event(LanEvent),
+}
+
 struct LanH {
     l: Lan,
+    out: Outbox,
     now: Instant,
     timeout: Duration,
     identity: Option<(u32, [u8; 16])>,
@@ -1723,14 +1731,14 @@ impl Clocked for LanH {
         self.l.poll_timeout()
     }
     fn fire(&mut self) {
-        self.l.handle_timeout(self.now);
+        self.l.handle_timeout(self.now, &mut self.out);
         let now = self.now;
         self.selfs.retain(|_, d| *d > now);
         self.drain();
         after_fire(self.now, self.l.poll_timeout(), false);
-        self.l.handle_timeout(self.now);
+        self.l.handle_timeout(self.now, &mut self.out);
         assert!(
-            self.l.poll_action().is_none(),
+            self.out.is_empty() && self.l.poll_event().is_none(),
             "a second handle_timeout acted"
         );
     }
@@ -1738,7 +1746,15 @@ impl Clocked for LanH {
 
 impl LanH {
     fn drain(&mut self) {
-        while let Some(a) = self.l.poll_action() {
+        loop {
+            let a = match self.out.pop() {
+                Some(NodeAction::LanSend { to, bytes }) => LanOut::Send { to, bytes },
+                Some(a) => panic!("the LAN machine queued {a:?}"),
+                None => match self.l.poll_event() {
+                    Some(e) => LanOut::Event(e),
+                    None => break,
+                },
+            };
             self.on_action(a);
         }
         assert!(!self.l.is_busy());
@@ -1777,9 +1793,9 @@ impl LanH {
         o.expect("an executed command opened")
     }
 
-    fn on_action(&mut self, a: LanAction) {
+    fn on_action(&mut self, a: LanOut) {
         match a {
-            LanAction::Send { to, bytes } => {
+            LanOut::Send { to, bytes } => {
                 assert!((0..3).any(|i| phone(i) == to), "sent to {to}, not a phone");
                 assert!(bytes.len() <= 65507);
                 let (did, token) = self.identity.expect("sent without an identity");
@@ -1815,7 +1831,7 @@ impl LanH {
                     );
                 }
             }
-            LanAction::Command { local_id, text } => {
+            LanOut::Event(LanEvent::Command { local_id, text }) => {
                 assert!(
                     (0x4000_0000..=0x7fff_ffff).contains(&local_id),
                     "local id {local_id}"
@@ -1836,9 +1852,9 @@ impl LanH {
                 assert_eq!(got, o, "the command changed beyond its id");
                 self.forwarded.insert(local_id, phone_id);
             }
-            LanAction::SelfMethod {
+            LanOut::Event(LanEvent::SelfMethod {
                 handle, method, id, ..
-            } => {
+            }) => {
                 assert!(
                     SELF_METHODS.contains(&method.as_str()),
                     "{method} is not ours"
@@ -1864,7 +1880,8 @@ impl LanH {
         if self.sent.len() > 16 {
             self.sent.pop_front();
         }
-        self.l.handle_datagram(self.now, phone(who), &bytes);
+        self.l
+            .handle_datagram(self.now, phone(who), &bytes, &mut self.out);
         self.drain();
         self.current = None;
     }
@@ -1959,7 +1976,7 @@ impl LanH {
                 let pending = self.l.is_local_id_pending(id);
                 let want = pending && rpc::rewrite_id(&text, 0).is_some();
                 assert_eq!(
-                    self.l.local_reply(self.now, id, &text),
+                    self.l.local_reply(self.now, id, &text, &mut self.out),
                     want,
                     "local_reply({id})"
                 );
@@ -1979,7 +1996,11 @@ impl LanH {
                 let want = self.selfs.contains_key(&h)
                     && rpc::rewrite_id(&text, 0).is_some()
                     && text.len() < 60_000;
-                assert_eq!(self.l.answer(self.now, h, &text), want, "answer({h})");
+                assert_eq!(
+                    self.l.answer(self.now, h, &text, &mut self.out),
+                    want,
+                    "answer({h})"
+                );
                 if want {
                     self.selfs.remove(&h);
                 }
@@ -1999,6 +2020,7 @@ pub fn lan(data: &[u8]) {
     let timeout = Duration::from_millis(u.pick(&[0, 1, 5000, 60_000]));
     let mut h = LanH {
         l: Lan::new(seed, timeout),
+        out: Outbox::default(),
         now: Instant(u64::from(u.u32())),
         timeout,
         identity: None,

@@ -3,7 +3,8 @@
 //! Contract (ARCHITECTURE.md §3): sans-IO. No socket, no clock, no file. Inputs are
 //! [`Lan::handle_datagram`], [`Lan::handle_timeout`], [`Lan::local_reply`] and [`Lan::answer`];
 //! configuration comes from the node through [`Lan::set_identity`], [`Lan::set_state`] and
-//! [`Lan::set_offset`]. Outputs are [`LanAction`]s drained with [`Lan::poll_action`].
+//! [`Lan::set_offset`]. Datagrams go straight into the caller's [`Outbox`] (`LanSend`), in order;
+//! what the node decides is a [`LanEvent`], drained with [`Lan::poll_event`].
 //! [`Lan::poll_timeout`] is the earliest user-ack deadline of a pending command; the replay guard and
 //! the reply cache expire lazily on the next datagram and never wake the daemon (L§12).
 //!
@@ -11,12 +12,12 @@
 //! `wifi_ap_mode`); opens data packets under the token (P§2.7); refuses anything but a command with a
 //! string `method` and a u32 `id`, and `local.*`/`_internal.*` methods (P§4.4); never executes a
 //! repeated packet and answers it from the reply cache (P§4.5 D7); hands the methods of P§4.6 to the
-//! node ([`LanAction::SelfMethod`]); forwards every other command with its id rewritten to a local id
+//! node ([`LanEvent::SelfMethod`]); forwards every other command with its id rewritten to a local id
 //! (P§4.7 D7); and answers the phone with the first local reply, the held -10000/-32601 fallback
 //! (D16) or -9999 after the user-ack timeout (P§5.8).
 //!
 //! The node's side:
-//! - `Send{to, bytes}`: one datagram from the 54321 socket to `to`.
+//! - `Action::LanSend{to, bytes}` (in the outbox): one datagram from the 54321 socket to `to`.
 //! - `Command{local_id, text}`: broadcast `text` to the local clients like a cloud command (D6).
 //!   Feed replies whose id is a pending local id ([`Lan::is_local_id_pending`]) to
 //!   [`Lan::local_reply`]. If the command reached no local client, the node may leave it to the timeout.
@@ -31,6 +32,7 @@ use log::{debug, warn};
 use serde_json::Value;
 
 use crate::proto::downstream::{self, Downstream, Rng, CACHE_MAX_TEXT};
+use crate::proto::outbox::{Action, Outbox};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
@@ -48,11 +50,9 @@ const LOCAL_ID_MAX: u32 = 0x7fff_ffff;
 /// The largest UDP payload over IPv4: a longer reply cannot be sent.
 const MAX_DATAGRAM: usize = 65507;
 
-/// What the node must do for the LAN machine.
+/// What the LAN machine leaves to the node (its datagrams go straight into the [`Outbox`]).
 #[derive(Clone, PartialEq)]
-pub enum LanAction {
-    /// One datagram from the LAN socket.
-    Send { to: SocketAddr, bytes: Vec<u8> },
+pub enum LanEvent {
     /// A phone command, id rewritten to `local_id`, to broadcast to local clients (P§4.7).
     Command { local_id: u32, text: String },
     /// A method of P§4.6 for the node to answer with [`Lan::answer`]`(now, handle, reply)`.
@@ -66,14 +66,13 @@ pub enum LanAction {
 }
 
 // `params` of miIO.config_router carries the Wi-Fi password: never printed (P§2.5).
-impl fmt::Debug for LanAction {
+impl fmt::Debug for LanEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LanAction::Send { to, bytes } => write!(f, "Send {{ to: {to}, {} bytes }}", bytes.len()),
-            LanAction::Command { local_id, text } => {
+            LanEvent::Command { local_id, text } => {
                 write!(f, "Command {{ local_id: {local_id}, text: {text:?} }}")
             }
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle, method, id, ..
             } => write!(
                 f,
@@ -124,7 +123,7 @@ pub struct Lan {
     pending: Downstream<Origin, GuardKey>,
     /// Accepted commands, oldest first, with the time they were accepted.
     guard: VecDeque<(GuardKey, Instant)>,
-    actions: VecDeque<LanAction>,
+    events: VecDeque<LanEvent>,
 }
 
 impl Lan {
@@ -142,7 +141,7 @@ impl Lan {
             next_handle: 1,
             pending: Downstream::new(CACHE_MAX_TEXT),
             guard: VecDeque::new(),
-            actions: VecDeque::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -178,8 +177,9 @@ impl Lan {
         secs.wrapping_add(self.offset) as u32
     }
 
-    pub fn poll_action(&mut self) -> Option<LanAction> {
-        self.actions.pop_front()
+    /// What the node must decide next (a command to broadcast, a method to answer).
+    pub fn poll_event(&mut self) -> Option<LanEvent> {
+        self.events.pop_front()
     }
 
     /// The earliest user-ack deadline; None when nothing is pending.
@@ -187,10 +187,11 @@ impl Lan {
         self.pending.poll_timeout()
     }
 
-    /// L§12 counts "the LAN socket has unsent output": here, actions not yet drained. Pending
-    /// commands do not block a suspend; their deadline is in [`Lan::poll_timeout`].
+    /// L§12 counts "the LAN socket has unsent output": here, events the node has not drained
+    /// (the datagrams themselves are in the [`Outbox`]). Pending commands do not block a suspend;
+    /// their deadline is in [`Lan::poll_timeout`].
     pub fn is_busy(&self) -> bool {
-        !self.actions.is_empty()
+        !self.events.is_empty()
     }
 
     /// True when `id` is the local id of a forwarded LAN command still waiting for a reply.
@@ -199,7 +200,13 @@ impl Lan {
     }
 
     /// One datagram received on 54321 from `from`.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        bytes: &[u8],
+        out: &mut Outbox,
+    ) {
         self.expire(now);
         let pkt = match Packet::new_checked(bytes) {
             Ok(p) => p,
@@ -207,7 +214,7 @@ impl Lan {
         };
         if pkt.is_control() {
             if pkt.is_lan_hello() {
-                self.hello(now, from);
+                self.hello(now, from, out);
             } else {
                 debug!("LAN control packet from {from} ignored");
             }
@@ -236,7 +243,7 @@ impl Lan {
             checksum: pkt.checksum(),
         };
         if self.guard.iter().any(|(k, _)| *k == key) {
-            return self.repeated(now, from, key);
+            return self.repeated(now, from, key, out);
         }
         if self.guard.len() >= GUARD_MAX {
             self.guard.pop_front();
@@ -246,14 +253,14 @@ impl Lan {
         if self.pending.is_full() {
             crate::warn_limited!(now, "too many pending LAN commands, id:{id} answered -9999");
             let text = downstream::user_ack_timeout_reply(id);
-            self.send_reply(now, from, key, text);
+            self.send_reply(now, from, key, text, out);
             return;
         }
         let deadline = now + self.user_ack_timeout;
         if downstream::self_answered(method) {
             let handle = self.next_handle;
             self.next_handle = self.next_handle.wrapping_add(1);
-            let action = LanAction::SelfMethod {
+            let event = LanEvent::SelfMethod {
                 handle,
                 method: method.to_owned(),
                 id,
@@ -266,7 +273,7 @@ impl Lan {
                 key,
             };
             self.pending.insert(origin, deadline);
-            self.actions.push_back(action);
+            self.events.push_back(event);
             return;
         }
         let local_id = self.next_local_id();
@@ -286,13 +293,18 @@ impl Lan {
             key,
         };
         self.pending.insert(origin, deadline);
-        self.actions
-            .push_back(LanAction::Command { local_id, text });
+        self.events.push_back(LanEvent::Command { local_id, text });
     }
 
     /// A local client's reply to a forwarded command (`text` is the reply as received). Returns
     /// whether `local_id` was pending here. The first reply wins; -10000/-32601 are held (D16).
-    pub fn local_reply(&mut self, now: Instant, local_id: u32, text: &str) -> bool {
+    pub fn local_reply(
+        &mut self,
+        now: Instant,
+        local_id: u32,
+        text: &str,
+        out: &mut Outbox,
+    ) -> bool {
         let Some(i) = self
             .pending
             .position(|o| o.route == Route::Forwarded(local_id))
@@ -317,14 +329,14 @@ impl Lan {
             self.pending.hold(i, restored);
             return true;
         }
-        self.finish(now, i, restored);
+        self.finish(now, i, restored, out);
         true
     }
 
-    /// The node's reply to a [`LanAction::SelfMethod`]. `text` is a JSON object with a top-level
+    /// The node's reply to a [`LanEvent::SelfMethod`]. `text` is a JSON object with a top-level
     /// `id` (restored to the phone's id here). False when the handle is no longer pending or the
     /// reply is unusable (then the phone gets -9999 at the deadline).
-    pub fn answer(&mut self, now: Instant, handle: u64, text: &str) -> bool {
+    pub fn answer(&mut self, now: Instant, handle: u64, text: &str, out: &mut Outbox) -> bool {
         let Some(i) = self
             .pending
             .position(|o| o.route == Route::SelfAnswered(handle))
@@ -335,7 +347,7 @@ impl Lan {
             return false;
         };
         match rpc::rewrite_id(text, u64::from(phone_id)) {
-            Some(restored) => self.finish(now, i, restored),
+            Some(restored) => self.finish(now, i, restored, out),
             None => {
                 warn!("LAN self reply without id, handle {handle}: not sent");
                 false
@@ -344,26 +356,26 @@ impl Lan {
     }
 
     /// Answers every command whose user-ack deadline has passed: the held error, else -9999.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Outbox) {
         while let Some(p) = self.pending.pop_due(now) {
             let Origin {
                 phone_id, to, key, ..
             } = p.origin;
             let text = p.timeout_reply(now, phone_id);
-            if !self.send_reply(now, to, key, text) {
+            if !self.send_reply(now, to, key, text, out) {
                 // The held reply could not be sealed: the phone still gets its -9999.
                 let text = downstream::user_ack_timeout_reply(phone_id);
-                self.send_reply(now, to, key, text);
+                self.send_reply(now, to, key, text, out);
             }
         }
     }
 
     /// Sends `text` for pending entry `i` and removes it; false (entry kept) if it cannot be sent.
-    fn finish(&mut self, now: Instant, i: usize, text: String) -> bool {
+    fn finish(&mut self, now: Instant, i: usize, text: String, out: &mut Outbox) -> bool {
         let Some((to, key)) = self.pending.get(i).map(|p| (p.origin.to, p.origin.key)) else {
             return false;
         };
-        if !self.send_reply(now, to, key, text) {
+        if !self.send_reply(now, to, key, text, out) {
             return false;
         }
         self.pending.remove(i);
@@ -371,12 +383,19 @@ impl Lan {
     }
 
     /// Seals `text` for `to` with the current stamp and caches it for repeats (P§4.4, P§4.5).
-    fn send_reply(&mut self, now: Instant, to: SocketAddr, key: GuardKey, text: String) -> bool {
+    fn send_reply(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        key: GuardKey,
+        text: String,
+        out: &mut Outbox,
+    ) -> bool {
         let Some(bytes) = self.seal(now, &text) else {
             return false;
         };
         crate::info_limited!(now, "ACK, id:{}, to:mobile {to}", key.id);
-        self.actions.push_back(LanAction::Send { to, bytes });
+        out.push(Action::LanSend { to, bytes });
         self.pending.cache_put(now, key, text);
         true
     }
@@ -396,7 +415,7 @@ impl Lan {
         Some(bytes)
     }
 
-    fn hello(&mut self, now: Instant, from: SocketAddr) {
+    fn hello(&mut self, now: Instant, from: SocketAddr, out: &mut Outbox) {
         let Some((did, keys)) = self.identity.as_ref().filter(|_| self.state.token_known()) else {
             debug!("LAN hello from {from} before the token is known: silent");
             return;
@@ -405,11 +424,11 @@ impl Lan {
         let token = (self.state == State::WifiApMode).then(|| keys.secret());
         let bytes = miio::lan_hello_reply(*did, self.stamp(now), token).to_vec();
         debug!("LAN hello from {from} answered");
-        self.actions.push_back(LanAction::Send { to: from, bytes });
+        out.push(Action::LanSend { to: from, bytes });
     }
 
     /// A packet the guard has seen: never executed again (P§4.5 D7).
-    fn repeated(&mut self, now: Instant, from: SocketAddr, key: GuardKey) {
+    fn repeated(&mut self, now: Instant, from: SocketAddr, key: GuardKey, out: &mut Outbox) {
         self.log_drop(
             now,
             from,
@@ -427,7 +446,7 @@ impl Lan {
             return;
         };
         if let Some(bytes) = self.seal(now, &text) {
-            self.actions.push_back(LanAction::Send { to: from, bytes });
+            out.push(Action::LanSend { to: from, bytes });
         }
     }
 
@@ -474,7 +493,7 @@ impl Lan {
             ("lan.pending_held", self.pending.held()),
             ("lan.guard", self.guard.len()),
             ("lan.reply_cache", self.pending.cache_len()),
-            ("lan.actions", self.actions.len()),
+            ("lan.actions", self.events.len()),
         ]);
     }
 }
@@ -516,15 +535,103 @@ mod tests {
         T0 + Duration::from_secs(secs)
     }
 
-    fn lan(state: State) -> Lan {
-        let mut l = Lan::new(7, DEFAULT_USER_ACK_TIMEOUT);
+    /// What a test sees of the machine: its datagrams (from the outbox) and its events, in order
+    /// (no call makes both).
+    #[derive(Debug, PartialEq)]
+    enum LanAction {
+        Send {
+            to: SocketAddr,
+            bytes: Vec<u8>,
+        },
+        Command {
+            local_id: u32,
+            text: String,
+        },
+        SelfMethod {
+            handle: u64,
+            method: String,
+            id: u32,
+            params: Value,
+        },
+    }
+
+    /// The machine with the node's outbox beside it.
+    struct L {
+        l: Lan,
+        out: Outbox,
+    }
+
+    impl From<Lan> for L {
+        fn from(l: Lan) -> L {
+            L {
+                l,
+                out: Outbox::default(),
+            }
+        }
+    }
+
+    impl std::ops::Deref for L {
+        type Target = Lan;
+        fn deref(&self) -> &Lan {
+            &self.l
+        }
+    }
+
+    impl std::ops::DerefMut for L {
+        fn deref_mut(&mut self) -> &mut Lan {
+            &mut self.l
+        }
+    }
+
+    impl L {
+        fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+            self.l.handle_datagram(now, from, bytes, &mut self.out);
+        }
+
+        fn handle_timeout(&mut self, now: Instant) {
+            self.l.handle_timeout(now, &mut self.out);
+        }
+
+        fn local_reply(&mut self, now: Instant, local_id: u32, text: &str) -> bool {
+            self.l.local_reply(now, local_id, text, &mut self.out)
+        }
+
+        fn answer(&mut self, now: Instant, handle: u64, text: &str) -> bool {
+            self.l.answer(now, handle, text, &mut self.out)
+        }
+
+        fn poll_action(&mut self) -> Option<LanAction> {
+            match self.out.pop() {
+                Some(Action::LanSend { to, bytes }) => return Some(LanAction::Send { to, bytes }),
+                Some(a) => panic!("the LAN machine queued {a:?}"),
+                None => {}
+            }
+            Some(match self.l.poll_event()? {
+                LanEvent::Command { local_id, text } => LanAction::Command { local_id, text },
+                LanEvent::SelfMethod {
+                    handle,
+                    method,
+                    id,
+                    params,
+                } => LanAction::SelfMethod {
+                    handle,
+                    method,
+                    id,
+                    params,
+                },
+            })
+        }
+    }
+
+    fn lan(state: State) -> L {
+        let mut l = L::from(Lan::new(7, DEFAULT_USER_ACK_TIMEOUT));
         l.set_identity(DID, TOKEN);
         l.set_state(state);
         l.set_offset(OFFSET);
         l
     }
 
-    fn drain(l: &mut Lan) -> Vec<LanAction> {
+    fn drain(l: &mut L) -> Vec<LanAction> {
         std::iter::from_fn(|| l.poll_action()).collect()
     }
 
@@ -623,7 +730,7 @@ mod tests {
             assert_eq!(l.poll_timeout(), None);
         }
         // Without an identity even token_done is silent.
-        let mut l = Lan::new(1, DEFAULT_USER_ACK_TIMEOUT);
+        let mut l = L::from(Lan::new(1, DEFAULT_USER_ACK_TIMEOUT));
         l.set_state(State::TokenDone);
         l.handle_datagram(T0, addr(1), &vector("V4"));
         l.handle_datagram(T0, addr(1), &vector("V10"));
@@ -814,7 +921,7 @@ mod tests {
 
     #[test]
     fn unanswered_self_method_times_out() {
-        let mut l = Lan::new(3, Duration::from_millis(2500));
+        let mut l = L::from(Lan::new(3, Duration::from_millis(2500)));
         l.set_identity(DID, TOKEN);
         l.set_state(State::WifiApMode);
         l.set_offset(OFFSET);
@@ -991,7 +1098,7 @@ mod tests {
 
     #[test]
     fn debug_hides_params() {
-        let a = LanAction::SelfMethod {
+        let a = LanEvent::SelfMethod {
             handle: 1,
             method: "miIO.config_router".into(),
             id: 2,

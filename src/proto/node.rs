@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::cloud::{self, Cloud, CloudConfig, CloudEvent, CloudState};
 use super::helper::{self, Helper, Step};
-use super::lan::{Lan, LanAction};
+use super::lan::{Lan, LanEvent};
 use super::local::{ConnId, Inbound, Local, Port};
 pub use super::outbox::{Action, Outbox};
 use super::state::State;
@@ -227,7 +227,7 @@ impl Node {
         if let Some(c) = self.cloud.as_mut() {
             c.handle_timeout(now);
         }
-        self.lan.handle_timeout(now);
+        self.lan.handle_timeout(now, &mut self.actions);
         self.helper.handle_timeout(now);
         self.pump(now);
     }
@@ -474,7 +474,7 @@ impl Node {
         };
         match from {
             ProvisionFrom::Lan(handle) => {
-                self.lan.answer(now, handle, &reply);
+                self.lan.answer(now, handle, &reply, &mut self.actions);
             }
             ProvisionFrom::Local(conn) => self.local.send_to(conn, reply),
         }
@@ -492,7 +492,8 @@ impl Node {
             return;
         };
         let r = if ok { json!(["OK"]) } else { json!(["ERROR"]) };
-        self.lan.answer(now, handle, &rpc::result_reply(&id, &r));
+        self.lan
+            .answer(now, handle, &rpc::result_reply(&id, &r), &mut self.actions);
         self.pump(now);
     }
 
@@ -676,26 +677,25 @@ impl Node {
             if let Some(c) = self.cloud.as_ref() {
                 self.lan.set_offset(c.offset());
             }
-            match self.lan.poll_action() {
-                Some(a) => self.on_lan_action(now, a),
+            match self.lan.poll_event() {
+                Some(e) => self.on_lan_event(now, e),
                 None => break,
             }
         }
         self.collect();
     }
 
-    fn on_lan_action(&mut self, now: Instant, a: LanAction) {
-        match a {
-            LanAction::Send { to, bytes } => self.actions.push(Action::LanSend { to, bytes }),
-            LanAction::Command { local_id, text } => {
+    fn on_lan_event(&mut self, now: Instant, e: LanEvent) {
+        match e {
+            LanEvent::Command { local_id, text } => {
                 if self.local.command_audience() == 0 {
                     let r = rpc::error_reply(Some(&json!(local_id)), -9999, "user ack timeout");
-                    self.lan.local_reply(now, local_id, &r);
+                    self.lan.local_reply(now, local_id, &r, &mut self.actions);
                 } else {
                     self.local.broadcast_command(&text);
                 }
             }
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle,
                 method,
                 id,
@@ -704,13 +704,13 @@ impl Node {
                 let from = ProvisionFrom::Lan(handle);
                 match self.provision_check(now, Some(&params), &json!(id), from) {
                     Err(r) => {
-                        self.lan.answer(now, handle, &r);
+                        self.lan.answer(now, handle, &r, &mut self.actions);
                     }
                     Ok(p) => self.provision_write(from, json!(id), p),
                 }
             }
             // P§4.6: answered once the flag file is written (`trust_written`).
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle,
                 method,
                 id,
@@ -722,10 +722,10 @@ impl Node {
                 }
                 _ => {
                     let r = rpc::result_reply(&json!(id), &json!(["ERROR"]));
-                    self.lan.answer(now, handle, &r);
+                    self.lan.answer(now, handle, &r, &mut self.actions);
                 }
             },
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle,
                 method,
                 id,
@@ -733,7 +733,7 @@ impl Node {
             } => {
                 let reply = self.self_method(now, &method, &params, Some(json!(id)), true);
                 if let Some(r) = reply {
-                    self.lan.answer(now, handle, &r);
+                    self.lan.answer(now, handle, &r, &mut self.actions);
                 }
             }
         }
@@ -741,7 +741,7 @@ impl Node {
 
     /// A datagram on the LAN socket (54321).
     pub fn lan_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.lan.handle_datagram(now, from, data);
+        self.lan.handle_datagram(now, from, data, &mut self.actions);
         self.pump(now);
     }
 
@@ -917,7 +917,7 @@ impl Node {
                 }
             }
             // LAN-only methods (the cloud machine already refuses them from the cloud);
-            // `miIO.config` waits for its file write (`on_lan_action`).
+            // `miIO.config` waits for its file write (`on_lan_event`).
             "miIO.stop_diag_mode" if from_lan => rpc::result_reply(&id, &ok),
             _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
         })
@@ -1029,7 +1029,7 @@ impl Node {
                 text,
             }) => {
                 let taken = if self.lan.is_local_id_pending(id) {
-                    self.lan.local_reply(now, id, &text)
+                    self.lan.local_reply(now, id, &text, &mut self.actions)
                 } else {
                     match self.cloud.as_mut() {
                         Some(c) => c.local_reply(now, conn, &text, &head),
