@@ -330,6 +330,49 @@ pub fn set_linger_reset(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l)
 }
 
+/// Runs `f` on a new detached POSIX thread with a `stack`-byte stack, named `name` (at most 15
+/// bytes). A bare thread, not a `std::thread`: nothing joins it or needs its handle, and std's spawn
+/// machinery costs flash on every board (io/resolver.rs).
+pub fn spawn_detached(
+    stack: usize,
+    name: &'static core::ffi::CStr,
+    f: Box<dyn FnOnce() + Send>,
+) -> io::Result<()> {
+    type Job = Box<dyn FnOnce() + Send>;
+    extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is the `Box<Job>` leaked below, handed to exactly this one thread.
+        let job = unsafe { Box::from_raw(arg.cast::<(Job, &'static core::ffi::CStr)>()) };
+        let (f, name) = *job;
+        // SAFETY: a NUL-terminated name, for the calling thread only (the kernel cuts it at 15 bytes).
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
+        f();
+        std::ptr::null_mut()
+    }
+    let arg = Box::into_raw(Box::new((f, name)));
+    // SAFETY: plain pthread calls on a local attribute object, destroyed before return; on
+    // success the new thread owns `arg`, on failure it is taken back here.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        let mut rc = libc::pthread_attr_init(&mut attr);
+        if rc == 0 {
+            rc = libc::pthread_attr_setstacksize(&mut attr, stack);
+            if rc == 0 {
+                rc = libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+            }
+            if rc == 0 {
+                let mut tid: libc::pthread_t = std::mem::zeroed();
+                rc = libc::pthread_create(&mut tid, &attr, start, arg.cast());
+            }
+            libc::pthread_attr_destroy(&mut attr);
+        }
+        if rc != 0 {
+            drop(Box::from_raw(arg));
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
