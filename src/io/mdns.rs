@@ -9,17 +9,15 @@
 //!   each new address, since at start-up the board often has no address yet.
 //! - With no service set (AP mode, no address) nothing is announced and no query is answered, but
 //!   [`Mdns::readable`] still drains the socket, as edge-triggered mio requires.
-//! - Legacy unicast queries (source port not 5353, RFC 6762 §6.7) are answered to the source with the
-//!   legacy form; queries with the QU bit (§5.4) are answered unicast; the rest to the group.
-//!   Queries from off-link sources are not answered (RFC 6762 §11), so the port is no reflector.
-//! - Malformed packets are dropped with a rate-limited debug line; responses of other responders
-//!   (and our own looped-back announcements) are dropped silently. Nothing here panics.
+//! - Which datagrams are answered, how and where is `proto::mdns::Responder`'s decision; this
+//!   module only receives, sends and keeps the membership. Nothing here panics.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use log::{debug, warn};
 
+use crate::proto::mdns::{Dest, Responder};
 use crate::wire::dns::{self, ServiceInfo, MDNS_GROUP, MDNS_PORT};
 
 /// Datagrams are read into this much stack. A longer one is cut by the kernel; the questions come
@@ -30,39 +28,6 @@ const MAX_RECV_ERRORS: u32 = 8;
 /// RFC 6762 §11: multicast is sent with IP TTL 255.
 const MULTICAST_TTL: u32 = 255;
 
-/// Where the answer to one query goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
-    /// To the source, in the legacy form (RFC 6762 §6.7).
-    Legacy,
-    /// To the source, in the mDNS form (QU bit, RFC 6762 §5.4).
-    Unicast,
-    /// To the group (RFC 6762 §6).
-    Multicast,
-}
-
-fn route(src_port: u16, wants_unicast: bool) -> Route {
-    if src_port != MDNS_PORT {
-        Route::Legacy
-    } else if wants_unicast {
-        Route::Unicast
-    } else {
-        Route::Multicast
-    }
-}
-
-/// True when `src` may be answered: loopback, or inside the subnet of our address. With the mask
-/// unknown we answer, rather than go silent on a board whose interface table we failed to read.
-fn on_link(src: Ipv4Addr, ours: Ipv4Addr, mask: Option<Ipv4Addr>) -> bool {
-    if src.is_loopback() {
-        return true;
-    }
-    match mask {
-        Some(m) => u32::from(src) & u32::from(m) == u32::from(ours) & u32::from(m),
-        None => true,
-    }
-}
-
 /// The responder. Register [`Mdns::source`] with `reactor::MDNS` for `Interest::READABLE`.
 pub struct Mdns {
     sock: mio::net::UdpSocket,
@@ -72,11 +37,8 @@ pub struct Mdns {
     joined: Option<Ipv4Addr>,
     /// Where announcements and multicast answers go: 224.0.0.251:5353 unless a test moves it.
     target: SocketAddr,
-    service: Option<ServiceInfo>,
-    /// Netmask of the service address, read once per address (for the on-link check).
-    mask: Option<Ipv4Addr>,
-    /// Malformed packets seen; a debug line is written at 1, 2, 4, 8, ... of them.
-    bad: u32,
+    /// The decisions: what is answered, how and where.
+    responder: Responder,
 }
 
 impl Mdns {
@@ -116,9 +78,7 @@ impl Mdns {
             want_multicast: multicast,
             joined: None,
             target: SocketAddr::V4(SocketAddrV4::new(MDNS_GROUP, MDNS_PORT)),
-            service: None,
-            mask: None,
-            bad: 0,
+            responder: Responder::default(),
         })
     }
 
@@ -160,26 +120,31 @@ impl Mdns {
     /// when it changed, which is when the caller should [`Mdns::announce`]. A new address also moves
     /// the group membership to its interface (a failed join is a warning).
     pub fn set_service(&mut self, info: Option<ServiceInfo>) -> bool {
-        if self.service == info {
+        let old_ip = self.responder.service().map(|i| i.ip);
+        let new_ip = info.as_ref().map(|i| i.ip);
+        if self.responder.service() == info.as_ref() {
             return false;
         }
-        let new_ip = info.as_ref().map(|i| i.ip);
-        if new_ip != self.service.as_ref().map(|i| i.ip) {
-            self.mask = new_ip.and_then(crate::io::sys::netmask_of);
+        // The netmask is read once per address, for the responder's on-link check.
+        let mask = if new_ip == old_ip {
+            self.responder.mask()
+        } else {
+            new_ip.and_then(crate::io::sys::netmask_of)
+        };
+        if new_ip != old_ip {
             if let Some(ip) = new_ip.filter(|ip| self.want_multicast && !ip.is_unspecified()) {
                 if let Err(e) = self.join(ip) {
                     warn!("mDNS: cannot join {MDNS_GROUP} on {ip}: {e}; answering unicast queries only");
                 }
             }
         }
-        self.service = info;
-        true
+        self.responder.set_service(info, mask)
     }
 
     /// Sends the unsolicited announcement (RFC 6762 §8.3) when a service is set.
     pub fn announce(&self) {
-        if let Some(info) = &self.service {
-            self.send(&dns::build_announcement(info), self.target);
+        if let Some(bytes) = self.responder.announcement() {
+            self.send(&bytes, self.target);
         }
     }
 
@@ -216,32 +181,13 @@ impl Mdns {
     }
 
     fn datagram(&mut self, msg: &[u8], from: SocketAddr) {
-        let Some(info) = &self.service else { return };
-        let SocketAddr::V4(src) = from else { return };
-        let query = match dns::parse_query(msg) {
-            Ok(q) => q,
-            // Other responders' answers, and our own announcements looped back.
-            Err(dns::DnsError::NotQuery) => return,
-            Err(e) => {
-                self.bad = self.bad.saturating_add(1);
-                if self.bad.is_power_of_two() {
-                    debug!(
-                        "mDNS: dropped a packet from {from}: {e} ({} so far)",
-                        self.bad
-                    );
-                }
-                return;
-            }
-        };
-        if !dns::answers_for(&query, info) || !on_link(*src.ip(), info.ip, self.mask) {
-            return;
+        if let Some((bytes, dest)) = self.responder.handle_datagram(from, msg) {
+            let to = match dest {
+                Dest::Source(a) => a,
+                Dest::Group => self.target,
+            };
+            self.send(&bytes, to);
         }
-        let (bytes, to) = match route(src.port(), query.wants_unicast()) {
-            Route::Legacy => (dns::build_response(info, Some(&query), true), from),
-            Route::Unicast => (dns::build_response(info, Some(&query), false), from),
-            Route::Multicast => (dns::build_response(info, Some(&query), false), self.target),
-        };
-        self.send(&bytes, to);
     }
 
     fn send(&self, bytes: &[u8], to: SocketAddr) {
@@ -260,25 +206,6 @@ fn attach_query_filter(sock: &std::net::UdpSocket) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_follow_rfc6762() {
-        assert_eq!(route(54000, false), Route::Legacy);
-        assert_eq!(route(54000, true), Route::Legacy);
-        assert_eq!(route(MDNS_PORT, true), Route::Unicast);
-        assert_eq!(route(MDNS_PORT, false), Route::Multicast);
-    }
-
-    #[test]
-    fn on_link_checks_the_subnet() {
-        let ours = Ipv4Addr::new(192, 168, 1, 157);
-        let mask = Some(Ipv4Addr::new(255, 255, 255, 0));
-        assert!(on_link(Ipv4Addr::new(192, 168, 1, 20), ours, mask));
-        assert!(on_link(Ipv4Addr::LOCALHOST, ours, mask));
-        assert!(!on_link(Ipv4Addr::new(8, 8, 8, 8), ours, mask));
-        assert!(!on_link(Ipv4Addr::new(192, 168, 2, 20), ours, mask));
-        assert!(on_link(Ipv4Addr::new(8, 8, 8, 8), ours, None));
-    }
 
     #[test]
     fn set_service_reports_changes() {

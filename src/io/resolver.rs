@@ -117,7 +117,11 @@ mod tests {
         let mut events = Events::with_capacity(4);
         while got.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "only {} of {n} lookups answered", got.len());
+            assert!(
+                !left.is_zero(),
+                "only {} of {n} lookups answered",
+                got.len()
+            );
             poll.poll(&mut events, Some(left)).unwrap();
             got.extend(r.drain());
         }
@@ -135,7 +139,10 @@ mod tests {
         got.sort_by_key(|a| a.tag);
         assert_eq!(got[0].result, Ok(vec![Ipv4Addr::LOCALHOST]));
         assert!(
-            got[1].result.as_ref().is_ok_and(|v| v.contains(&Ipv4Addr::LOCALHOST)),
+            got[1]
+                .result
+                .as_ref()
+                .is_ok_and(|v| v.contains(&Ipv4Addr::LOCALHOST)),
             "localhost: {:?}",
             got[1].result
         );

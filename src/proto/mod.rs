@@ -6,6 +6,7 @@ pub mod downstream;
 pub mod helper;
 pub mod lan;
 pub mod local;
+pub mod mdns;
 pub mod node;
 pub mod outbox;
 pub mod provision;
