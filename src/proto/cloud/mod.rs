@@ -391,12 +391,24 @@ impl Cloud {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(t) = self.wheel.pop_due(now) {
-            self.fire(now, t);
-        }
-        while let Some(p) = self.downs.pop_due(now) {
-            let reply = p.timeout_reply(now, p.origin);
-            self.reply_sent(now, p.origin, reply);
+        // In deadline order across the wheel and the command table, as when both were one wheel:
+        // after a suspend, a command's -9999 still goes up before a later keepalive loses the link.
+        loop {
+            let wheel = self.wheel.earliest().filter(|&t| t <= now);
+            let down = self.downs.poll_timeout().filter(|&t| t <= now);
+            match (wheel, down) {
+                (w, Some(d)) if w.is_none_or(|w| d < w) => {
+                    if let Some(p) = self.downs.pop_due(now) {
+                        let reply = p.timeout_reply(now, p.origin);
+                        self.reply_sent(now, p.origin, reply);
+                    }
+                }
+                (Some(_), _) => match self.wheel.pop_due(now) {
+                    Some(t) => self.fire(now, t),
+                    None => break,
+                },
+                _ => break,
+            }
         }
     }
 
