@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde_json::{json, Map, Value};
 
 use crate::config::{self, Secret16};
-use crate::proto::cloud::{Action, Cloud, CloudConfig, CloudState, Transport};
+use crate::proto::cloud::{self, Cloud, CloudConfig, CloudEvent, CloudState, Transport};
 use crate::proto::helper;
 use crate::proto::lan::{Lan, LanEvent};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
@@ -27,6 +27,75 @@ use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
 use crate::wire::json_stream::{SplitError, Splitter};
 use crate::wire::{dns, miio, rpc};
+
+/// What a driver of the cloud machine sees of it, in one stream: the effects it put in the outbox,
+/// then the events it left to the node (the machine keeps the two apart; within one call no test
+/// or invariant here depends on how they interleave). Also read by the machine's unit tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum CloudOut {
+    Resolve {
+        transport: Transport,
+        host: String,
+        port: u16,
+        attempt: u32,
+    },
+    Connect {
+        transport: Transport,
+        addr: std::net::SocketAddrV4,
+    },
+    Send(Vec<u8>),
+    Close,
+    NeedInfo,
+    ToClient {
+        client: ConnId,
+        text: String,
+    },
+    Command {
+        text: String,
+        id: Option<u32>,
+    },
+    SelfMethod {
+        id: Option<u32>,
+        method: String,
+        params: Value,
+    },
+    Event(CloudEvent),
+}
+
+/// The next of what `c` did into `out` and its events, as one [`CloudOut`].
+pub(crate) fn cloud_out(out: &mut Outbox, c: &mut Cloud) -> Option<CloudOut> {
+    if let Some(a) = out.pop() {
+        return Some(match a {
+            NodeAction::Resolve {
+                transport,
+                host,
+                port,
+                attempt,
+            } => CloudOut::Resolve {
+                transport,
+                host,
+                port,
+                attempt,
+            },
+            NodeAction::Connect { transport, addr } => CloudOut::Connect { transport, addr },
+            NodeAction::CloudSend(b) => CloudOut::Send(b),
+            NodeAction::CloudClose => CloudOut::Close,
+            NodeAction::Local(LocalAction::Send(client, text)) => CloudOut::ToClient {
+                client,
+                text: text.to_string(),
+            },
+            other => panic!("the cloud machine queued {other:?}"),
+        });
+    }
+    Some(match c.poll_event()? {
+        cloud::Event::NeedInfo => CloudOut::NeedInfo,
+        cloud::Event::Command { text, id } => CloudOut::Command { text, id },
+        cloud::Event::SelfMethod { id, method, params } => {
+            CloudOut::SelfMethod { id, method, params }
+        }
+        cloud::Event::State(e) => CloudOut::Event(e),
+    })
+}
 
 /// A target: any bytes in, a panic when an invariant broke.
 pub type Target = fn(&[u8]);
@@ -1120,6 +1189,7 @@ fn cloud_config(u: &mut Input) -> CloudConfig {
 /// The reactor, the node and the cloud around one cloud machine.
 struct CloudH {
     c: Cloud,
+    out: Outbox,
     cfg: CloudConfig,
     keys: Keys,
     now: Instant,
@@ -1156,12 +1226,16 @@ impl Clocked for CloudH {
         self.c.poll_timeout()
     }
     fn fire(&mut self) {
-        self.c.handle_timeout(self.now);
+        self.c.handle_timeout(self.now, &mut self.out);
         self.drain();
         after_fire(self.now, self.c.poll_timeout(), false);
         // Calling it again with nothing due does nothing (ARCHITECTURE.md §3).
-        self.c.handle_timeout(self.now);
-        assert_eq!(self.c.poll_action(), None, "a second handle_timeout acted");
+        self.c.handle_timeout(self.now, &mut self.out);
+        assert_eq!(
+            cloud_out(&mut self.out, &mut self.c),
+            None,
+            "a second handle_timeout acted"
+        );
     }
 }
 
@@ -1169,6 +1243,7 @@ impl CloudH {
     fn new(cfg: CloudConfig) -> CloudH {
         CloudH {
             c: Cloud::new(cfg.clone()),
+            out: Outbox::default(),
             keys: Keys::new(&cfg.key),
             cfg,
             now: Instant(1_000_000),
@@ -1191,7 +1266,7 @@ impl CloudH {
     }
 
     fn drain(&mut self) {
-        while let Some(a) = self.c.poll_action() {
+        while let Some(a) = cloud_out(&mut self.out, &mut self.c) {
             self.on_action(a);
         }
         if self.c.state() != CloudState::Stopped {
@@ -1213,9 +1288,9 @@ impl CloudH {
         );
     }
 
-    fn on_action(&mut self, a: Action) {
+    fn on_action(&mut self, a: CloudOut) {
         match a {
-            Action::Resolve {
+            CloudOut::Resolve {
                 transport,
                 host,
                 port,
@@ -1230,7 +1305,7 @@ impl CloudH {
                 assert_eq!(port, ep.port);
                 self.attempt = Some(attempt);
             }
-            Action::Connect { transport, .. } => {
+            CloudOut::Connect { transport, .. } => {
                 assert!(self.cfg.transports.contains(&transport));
                 self.link = Some(transport);
                 self.connecting = true;
@@ -1238,15 +1313,15 @@ impl CloudH {
                 self.hello_out = false;
                 self.last_ka = None;
             }
-            Action::Send(b) => self.on_send(&b),
-            Action::Close => {
+            CloudOut::Send(b) => self.on_send(&b),
+            CloudOut::Close => {
                 assert!(self.link.is_some(), "Close without a socket");
                 self.link = None;
                 self.connecting = false;
                 self.pending_down.clear();
             }
-            Action::NeedInfo => {}
-            Action::ToClient { client, text } => {
+            CloudOut::NeedInfo => {}
+            CloudOut::ToClient { client, text } => {
                 let o = obj(&text).expect("a reply to a client parses");
                 let id = o.get("id").cloned().unwrap_or(Value::Null);
                 let i = self
@@ -1256,7 +1331,7 @@ impl CloudH {
                     .unwrap_or_else(|| panic!("a reply nobody waits for: {text}"));
                 self.waiting.remove(i);
             }
-            Action::Command { text, id } => {
+            CloudOut::Command { text, id } => {
                 assert_eq!(
                     Some(&text),
                     self.delivered.as_ref(),
@@ -1272,7 +1347,7 @@ impl CloudH {
                     self.handed.push_back(i);
                 }
             }
-            Action::SelfMethod { id, method, .. } => {
+            CloudOut::SelfMethod { id, method, .. } => {
                 assert!(
                     SELF_METHODS.contains(&method.as_str()),
                     "{method} is not ours"
@@ -1282,7 +1357,7 @@ impl CloudH {
                     self.handed.push_back(i);
                 }
             }
-            Action::Event(_) => {}
+            CloudOut::Event(_) => {}
         }
         while self.handed.len() > 64 {
             self.handed.pop_front();
@@ -1342,11 +1417,12 @@ impl CloudH {
     /// Close is never delivered).
     fn deliver(&mut self, u: &mut Input, bytes: &[u8]) {
         match self.link {
-            Some(Transport::Udp) => self.c.handle_datagram(self.now, bytes),
+            Some(Transport::Udp) => self.c.handle_datagram(self.now, bytes, &mut self.out),
             Some(Transport::Tcp) => {
                 let mut at = 0;
                 for n in chunk_plan(u, bytes.len()) {
-                    self.c.handle_stream(self.now, &bytes[at..at + n]);
+                    self.c
+                        .handle_stream(self.now, &bytes[at..at + n], &mut self.out);
                     at += n;
                 }
             }
@@ -1411,7 +1487,8 @@ impl CloudH {
             }
         }
         let h = rpc::scan(text.as_bytes()).expect("parse_object took it");
-        self.c.upstream(self.now, client as ConnId, &text, &h);
+        self.c
+            .upstream(self.now, client as ConnId, &text, &h, &mut self.out);
         self.drain();
     }
 
@@ -1445,7 +1522,9 @@ impl CloudH {
             h.error_code,
             o.get("error").and_then(|e| e["code"].as_i64())
         );
-        let taken = self.c.local_reply(self.now, client as ConnId, &text, &h);
+        let taken = self
+            .c
+            .local_reply(self.now, client as ConnId, &text, &h, &mut self.out);
         assert_eq!(
             taken, pending,
             "local_reply({id}) against the pending table"
@@ -1463,7 +1542,10 @@ impl CloudH {
         };
         let text = format!(r#"{{"id":{id},"result":["OK"]}}"#);
         let pending = id != 0 && self.pending_down.contains(&id);
-        assert_eq!(self.c.self_reply(self.now, id, &text), pending);
+        assert_eq!(
+            self.c.self_reply(self.now, id, &text, &mut self.out),
+            pending
+        );
         self.drain();
     }
 
@@ -1478,7 +1560,7 @@ impl CloudH {
         let Some(m) = crate::wire::rpc::Members::of_object(info.to_string().as_bytes()) else {
             return;
         };
-        self.c.handle_info(self.now, &m);
+        self.c.handle_info(self.now, &m, &mut self.out);
         self.drain();
     }
 
@@ -1486,11 +1568,11 @@ impl CloudH {
         match u.u8() % 22 {
             0 => advance(self, u),
             1 => {
-                self.c.start(self.now);
+                self.c.start(self.now, &mut self.out);
                 self.drain();
             }
             2 => {
-                self.c.stop(self.now);
+                self.c.stop(self.now, &mut self.out);
                 self.drain();
                 assert_eq!(self.c.poll_timeout(), None, "stopped with a deadline");
                 assert!(self.waiting.is_empty(), "stop left a client unanswered");
@@ -1510,22 +1592,23 @@ impl CloudH {
                         })
                         .collect()),
                 };
-                self.c.handle_resolved(self.now, attempt, r);
+                self.c.handle_resolved(self.now, attempt, r, &mut self.out);
                 self.drain();
             }
             4 => {
                 // The socket is set up (UDP at once, TCP when the connect completed).
                 let local = u.pick(&LOCAL_IPS);
                 self.connecting = false;
-                self.c.handle_connected(self.now, local);
+                self.c.handle_connected(self.now, local, &mut self.out);
                 self.drain();
             }
             5 => {
-                self.c.handle_connect_failed(self.now, "refused");
+                self.c
+                    .handle_connect_failed(self.now, "refused", &mut self.out);
                 self.drain();
             }
             6 => {
-                self.c.handle_link_down(self.now);
+                self.c.handle_link_down(self.now, &mut self.out);
                 self.drain();
             }
             7 => {
@@ -1584,7 +1667,7 @@ impl CloudH {
             19 => {
                 // The node's way to a new identity: stop, then a new machine that carries on.
                 let carry = self.c.carry();
-                self.c.stop(self.now);
+                self.c.stop(self.now, &mut self.out);
                 self.drain();
                 self.c = Cloud::new(self.cfg.clone());
                 self.c.resume(carry);
@@ -1621,7 +1704,7 @@ pub fn cloud(data: &[u8]) {
         }
         h.event(&mut u);
     }
-    h.c.stop(h.now);
+    h.c.stop(h.now, &mut h.out);
     h.drain();
     assert!(h.waiting.is_empty(), "a client request was never answered");
     assert_eq!(h.c.poll_timeout(), None);

@@ -225,7 +225,7 @@ impl Node {
         }
         self.local.handle_timeout(now);
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_timeout(now);
+            c.handle_timeout(now, &mut self.actions);
         }
         self.lan.handle_timeout(now, &mut self.actions);
         self.helper.handle_timeout(now);
@@ -605,14 +605,14 @@ impl Node {
                     .get("params")
                     .and_then(|p| Members::of_object(p.as_bytes()));
                 if let Some(c) = self.cloud.as_mut() {
-                    c.handle_info(now, &info);
+                    c.handle_info(now, &info, &mut self.actions);
                 }
             }
             H::UseFiles(Step::Info) => {
                 let mut info = Members::new();
                 info.set("params", self.own_info().to_json());
                 if let Some(c) = self.cloud.as_mut() {
-                    c.handle_info(now, &info);
+                    c.handle_info(now, &info, &mut self.actions);
                 }
             }
             H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
@@ -659,15 +659,15 @@ impl Node {
         if let Some((uid, bindkey)) = &self.bind {
             c.set_bind(uid.clone(), bindkey.clone());
         }
-        c.start(now);
+        c.start(now, &mut self.actions);
         self.cloud = Some(c);
     }
 
     /// Drains the machines' actions into node actions and decisions.
     fn pump(&mut self, now: Instant) {
         loop {
-            if let Some(a) = self.cloud.as_mut().and_then(Cloud::poll_action) {
-                self.on_cloud_action(now, a);
+            if let Some(e) = self.cloud.as_mut().and_then(Cloud::poll_event) {
+                self.on_cloud_event(now, e);
                 continue;
             }
             if let Some(a) = self.helper.poll_action() {
@@ -751,27 +751,11 @@ impl Node {
         }
     }
 
-    fn on_cloud_action(&mut self, now: Instant, a: cloud::Action) {
-        match a {
-            cloud::Action::Resolve {
-                transport,
-                host,
-                port,
-                attempt,
-            } => self.actions.push(Action::Resolve {
-                transport,
-                host,
-                port,
-                attempt,
-            }),
-            cloud::Action::Connect { transport, addr } => {
-                self.actions.push(Action::Connect { transport, addr })
-            }
-            cloud::Action::Send(b) => self.actions.push(Action::CloudSend(b)),
-            cloud::Action::Close => self.actions.push(Action::CloudClose),
-            cloud::Action::NeedInfo => self.helper.ask_info(now),
-            cloud::Action::ToClient { client, text } => self.local.send_to(client, text),
-            cloud::Action::Command { text, id } => {
+    fn on_cloud_event(&mut self, now: Instant, e: cloud::Event) {
+        let out = &mut self.actions;
+        match e {
+            cloud::Event::NeedInfo => self.helper.ask_info(now),
+            cloud::Event::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
                     // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
                     crate::warn_limited!(
@@ -780,29 +764,29 @@ impl Node {
                     );
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
-                        c.self_reply(now, id, &r);
+                        c.self_reply(now, id, &r, out);
                     }
                 } else if self.local.command_audience() == 0 {
                     // P§5.8: MAY answer at once when the command reached no local client.
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
-                        c.self_reply(now, id, &r);
+                        c.self_reply(now, id, &r, out);
                     }
                 } else {
                     self.local.broadcast_command(&text);
                 }
             }
-            cloud::Action::SelfMethod { id, method, params } => {
+            cloud::Event::SelfMethod { id, method, params } => {
                 let reply = self.self_method(now, &method, &params, id.map(|i| json!(i)), false);
                 if let (Some(id), Some(r), Some(c)) = (id, reply, self.cloud.as_mut()) {
-                    c.self_reply(now, id, &r);
+                    c.self_reply(now, id, &r, &mut self.actions);
                 }
             }
-            cloud::Action::Event(e) => self.on_cloud_event(now, e),
+            cloud::Event::State(e) => self.on_cloud_state(now, e),
         }
     }
 
-    fn on_cloud_event(&mut self, now: Instant, e: CloudEvent) {
+    fn on_cloud_state(&mut self, now: Instant, e: CloudEvent) {
         match e {
             CloudEvent::Trying => self.set_state(State::CloudTrying),
             CloudEvent::InternetConnected => self.broadcast("internet_connected"),
@@ -932,7 +916,7 @@ impl Node {
         result: Result<Vec<Ipv4Addr>, String>,
     ) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_resolved(now, attempt, result);
+            c.handle_resolved(now, attempt, result, &mut self.actions);
         }
         self.pump(now);
     }
@@ -940,35 +924,35 @@ impl Node {
     pub fn cloud_connected(&mut self, now: Instant, netif: Netif, local: Ipv4Addr) {
         self.netif = netif;
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_connected(now, local);
+            c.handle_connected(now, local, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_connect_failed(&mut self, now: Instant, reason: &str) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_connect_failed(now, reason);
+            c.handle_connect_failed(now, reason, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_datagram(&mut self, now: Instant, data: &[u8]) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_datagram(now, data);
+            c.handle_datagram(now, data, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_stream(&mut self, now: Instant, data: &[u8]) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_stream(now, data);
+            c.handle_stream(now, data, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_link_down(&mut self, now: Instant) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_link_down(now);
+            c.handle_link_down(now, &mut self.actions);
         }
         self.pump(now);
     }
@@ -1012,7 +996,7 @@ impl Node {
                 conn, obj, text, ..
             }) => self.helper.handle_message(now, conn, &obj, text.as_bytes()),
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
-                Some(c) => c.upstream(now, conn, &text, &head),
+                Some(c) => c.upstream(now, conn, &text, &head, &mut self.actions),
                 None => {
                     if let Some(id) = head.id.as_ref() {
                         self.local.send_to(
@@ -1032,7 +1016,7 @@ impl Node {
                     self.lan.local_reply(now, id, &text, &mut self.actions)
                 } else {
                     match self.cloud.as_mut() {
-                        Some(c) => c.local_reply(now, conn, &text, &head),
+                        Some(c) => c.local_reply(now, conn, &text, &head, &mut self.actions),
                         None => false,
                     }
                 };
@@ -1127,7 +1111,7 @@ impl Node {
     /// Stops the cloud link (shutdown).
     pub fn shutdown(&mut self, now: Instant) {
         if let Some(c) = self.cloud.as_mut() {
-            c.stop(now);
+            c.stop(now, &mut self.actions);
         }
         self.pump(now);
     }

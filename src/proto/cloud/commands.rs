@@ -9,7 +9,14 @@ use super::*;
 impl Cloud {
     // ---- downstream (P§5.8) ----------------------------------------------------------------
 
-    pub(super) fn command(&mut self, now: Instant, method: &str, text: &str, head: &rpc::Head) {
+    pub(super) fn command(
+        &mut self,
+        now: Instant,
+        method: &str,
+        text: &str,
+        head: &rpc::Head,
+        out: &mut Outbox,
+    ) {
         if method.starts_with("local.") || method.starts_with("_internal.") {
             return self.dropped(now, &format_args!("cloud method {method} dropped"));
         }
@@ -25,7 +32,7 @@ impl Cloud {
         // Id 0 is never answered (P§5.8), so such a command is not tracked either.
         let Some(id) = head.id.as_ref().and_then(rpc::id_u32).filter(|&id| id != 0) else {
             if own {
-                self.emit(Action::SelfMethod {
+                self.note(Event::SelfMethod {
                     id: None,
                     method: method.to_owned(),
                     params: params(),
@@ -33,7 +40,7 @@ impl Cloud {
             } else if lan_only {
                 debug!("LAN-only notification {method} from the cloud dropped");
             } else {
-                self.emit(Action::Command {
+                self.note(Event::Command {
                     text: text.to_owned(),
                     id: None,
                 });
@@ -46,26 +53,26 @@ impl Cloud {
         }
         if let Some(reply) = self.downs.cached(now, &id).map(str::to_owned) {
             crate::info_limited!(now, "cloud msg repeated, id:{id}: answered from the cache");
-            return self.send_json(now, &reply);
+            return self.send_json(now, &reply, out);
         }
         if lan_only {
             crate::warn_limited!(now, "LAN-only method {method} from the cloud refused");
             let reply = rpc::error_reply(Some(&id.into()), -32601, "Method not found");
-            return self.reply_sent(now, id, reply);
+            return self.reply_sent(now, id, reply, out);
         }
         if !self.downs.insert(id, now + self.cfg.user_ack_timeout) {
             crate::warn_limited!(now, "too many pending cloud commands, id:{id}");
             let reply = downstream::user_ack_timeout_reply(id);
-            return self.reply_sent(now, id, reply);
+            return self.reply_sent(now, id, reply, out);
         }
         if own {
-            self.emit(Action::SelfMethod {
+            self.note(Event::SelfMethod {
                 id: Some(id),
                 method: method.to_owned(),
                 params: params(),
             });
         } else {
-            self.emit(Action::Command {
+            self.note(Event::Command {
                 text: text.to_owned(),
                 id: Some(id),
             });
@@ -80,16 +87,17 @@ impl Cloud {
         client: ConnId,
         text: &str,
         head: &rpc::Head,
+        out: &mut Outbox,
     ) -> bool {
         let Some(id) = head.id.as_ref().and_then(rpc::id_u32) else {
             return false;
         };
-        self.reply(now, Some(client), id, text, head.error_code)
+        self.reply(now, Some(client), id, text, head.error_code, out)
     }
 
     /// The daemon's own answer to a `SelfMethod` (or a -9999 for a command that collides with a LAN id).
-    pub fn self_reply(&mut self, now: Instant, id: u32, text: &str) -> bool {
-        self.reply(now, None, id, text, None)
+    pub fn self_reply(&mut self, now: Instant, id: u32, text: &str, out: &mut Outbox) -> bool {
+        self.reply(now, None, id, text, None, out)
     }
 
     pub(super) fn reply(
@@ -99,6 +107,7 @@ impl Cloud {
         id: u32,
         text: &str,
         code: Option<i64>,
+        out: &mut Outbox,
     ) -> bool {
         if id == 0 {
             return false;
@@ -114,7 +123,7 @@ impl Cloud {
                 self.cfg.max_cloud_payload
             );
             if let Some(c) = client {
-                self.tell_client(c, u64::from(id), -32600, "msg too long");
+                self.tell_client(c, u64::from(id), -32600, "msg too long", out);
             }
             return true;
         }
@@ -124,13 +133,13 @@ impl Cloud {
             return true;
         }
         self.downs.remove(i);
-        self.reply_sent(now, id, text.to_owned());
+        self.reply_sent(now, id, text.to_owned(), out);
         true
     }
 
     /// Sends a reply to a cloud command and remembers it for repeats (P§5.8).
-    pub(super) fn reply_sent(&mut self, now: Instant, id: u32, text: String) {
-        self.send_json(now, &text);
+    pub(super) fn reply_sent(&mut self, now: Instant, id: u32, text: String, out: &mut Outbox) {
+        self.send_json(now, &text, out);
         self.downs.cache_put(now, id, text);
     }
 }
@@ -138,6 +147,7 @@ impl Cloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::cloud::testkit::Action;
     use crate::proto::cloud::testkit::*;
     use serde_json::json;
 
@@ -331,7 +341,8 @@ mod tests {
         assert!(h.c.self_reply(
             h.now,
             63,
-            r#"{"id":63,"code":0,"message":"ok","result":{}}"#
+            r#"{"id":63,"code":0,"message":"ok","result":{}}"#,
+            &mut h.o
         ));
         assert_eq!(
             h.expect_text(),
@@ -374,7 +385,7 @@ mod tests {
         let mut h = H::connected(cfg());
         h.deliver_json(CMD);
         h.take();
-        h.c.handle_link_down(h.now);
+        h.c.handle_link_down(h.now, &mut h.o);
         h.take();
         assert!(!h.reply(1, r#"{"id":55,"result":"ok"}"#));
         h.quiet();

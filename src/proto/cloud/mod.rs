@@ -3,11 +3,14 @@
 //! first-reply-wins, the reply cache, the periodic refresh and the reconnect backoff.
 //!
 //! Contract (ARCHITECTURE.md §3): sans-IO. No socket, no clock, no file. Inputs are `start`, `stop`,
-//! `handle_*(now, ..)`, `upstream`, `local_reply`, `self_reply`; outputs are [`Action`]s drained with
-//! [`Cloud::poll_action`]; [`Cloud::poll_timeout`] is the earliest non-lazy deadline. Randomness (cloud
+//! `handle_*(now, ..)`, `upstream`, `local_reply`, `self_reply`. Each takes the node's [`Outbox`] and
+//! pushes its effects into it in the order it decides them (`Resolve`, `Connect`, `CloudSend`,
+//! `CloudClose`, and `Local(Send)` for a message to one local client); what the node decides is an
+//! [`Event`], drained with [`Cloud::poll_event`]. [`Cloud::poll_timeout`] is the earliest non-lazy
+//! deadline. Randomness (cloud
 //! ids, DNS shuffle, backoff jitter) comes from a PRNG seeded by the caller ([`CloudConfig::seed`]).
 //!
-//! The reactor's side of the protocol:
+//! The reactor's side of the protocol (the actions of `proto::outbox`):
 //! - `Resolve{transport, host, port, attempt}`: resolve off the loop, then call
 //!   [`Cloud::handle_resolved`] with `attempt` and the IPv4 A records or an error text. The machine
 //!   owns the 10 s DNS deadline; a late answer (an older attempt) is ignored. Nothing is filtered by the
@@ -17,14 +20,16 @@
 //!   socket; TCP: a non-blocking connect). Call [`Cloud::handle_connected`] with the socket's local
 //!   address once it is set up (UDP: at once), or [`Cloud::handle_connect_failed`]. The machine owns
 //!   the 5 s connect deadline.
-//! - `Send(bytes)`: one packet on the current cloud socket (one datagram, or bytes on the stream).
-//! - `Close`: close the cloud socket. Data read after it must not be delivered.
+//! - `CloudSend(bytes)`: one packet on the current cloud socket (one datagram, or bytes on the stream).
+//! - `CloudClose`: close the cloud socket. Data read after it must not be delivered.
 //! - Received data: [`Cloud::handle_datagram`] (UDP, one datagram each) or [`Cloud::handle_stream`]
 //!   (TCP, any chunking, chunks of at most 64 KiB). EOF or a socket error: [`Cloud::handle_link_down`].
 //!   `ECONNREFUSED` on the UDP socket is NOT reported: it counts as nothing received (P§5.6).
-//! - `NeedInfo`: answer with [`Cloud::handle_info`] (the helper's `_internal.info` answer, or the
-//!   daemon's own `{"params":{..}}`).
-//! - `ToClient`, `Command`, `SelfMethod`, `Event`: for the node (see [`Action`]).
+//! - `Local(Send(conn, text))`: an ack with its id restored, or an error, for one local client.
+//!
+//! The node's side: [`Event::NeedInfo`] (answer with [`Cloud::handle_info`]: the helper's
+//! `_internal.info` answer, or the daemon's own `{"params":{..}}`), [`Event::Command`],
+//! [`Event::SelfMethod`] and [`Event::State`].
 
 use core::fmt;
 use std::collections::VecDeque;
@@ -34,7 +39,8 @@ use log::debug;
 use serde_json::Value;
 
 use super::downstream::{self, Downstream, Rng, CACHE_MAX_TEXT};
-use super::local::ConnId;
+use super::local::{ConnId, LocalAction};
+use super::outbox::{Action, Outbox};
 use crate::time::{Duration, Instant};
 use crate::timer::TimerWheel;
 use crate::wire::crypto::Keys;
@@ -98,45 +104,28 @@ pub enum CloudEvent {
     Retry,
 }
 
-/// What the reactor or the node must do.
+/// What the cloud machine leaves to the node to decide. Its socket and resolver effects, and its
+/// messages to local clients, go straight into the [`Outbox`] passed to each call.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Resolve `host` off the loop; answer with [`Cloud::handle_resolved`] and `attempt`.
-    Resolve {
-        transport: Transport,
-        host: String,
-        port: u16,
-        attempt: u32,
-    },
-    /// Open a new cloud socket to `addr`; answer with `handle_connected` / `handle_connect_failed`.
-    Connect {
-        transport: Transport,
-        addr: SocketAddrV4,
-    },
-    /// One packet on the current cloud socket.
-    Send(Vec<u8>),
-    /// Close the cloud socket.
-    Close,
+pub enum Event {
     /// Get the device info; answer with [`Cloud::handle_info`].
     NeedInfo,
-    /// A message for one local client only (an ack with its id restored, or an error).
-    ToClient {
-        client: ConnId,
-        text: String,
-    },
     /// A cloud command to broadcast verbatim to local clients (P§5.8 D6). `id` is the tracked id, if
     /// any; the node answers at once with `self_reply(-9999)` if it collides with a pending LAN id (P§4.7).
-    Command {
-        text: String,
-        id: Option<u32>,
-    },
+    Command { text: String, id: Option<u32> },
     /// A method the daemon answers itself (P§4.6); answer with [`Cloud::self_reply`] when `id` is set.
     SelfMethod {
         id: Option<u32>,
         method: String,
         params: Value,
     },
-    Event(CloudEvent),
+    /// A change of the link for the node's state and broadcasts.
+    State(CloudEvent),
+}
+
+/// A message for one local client only (an ack with its id restored, or an error).
+fn local_send(client: ConnId, text: String) -> Action {
+    Action::Local(LocalAction::Send(client, text.into()))
 }
 
 /// The machine's state as the node reports it (LOCAL_API.md §7).
@@ -200,7 +189,7 @@ pub struct Cloud {
     keys: Keys,
     rng: Rng,
     wheel: TimerWheel<Timer>,
-    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
     phase: Phase,
     /// `Connected` emitted for this session.
     announced: bool,
@@ -257,7 +246,7 @@ impl Cloud {
             keys,
             rng,
             wheel: TimerWheel::new(),
-            actions: VecDeque::new(),
+            events: VecDeque::new(),
             phase: Phase::Stopped,
             announced: false,
             link: None,
@@ -309,8 +298,9 @@ impl Cloud {
 
     // ---- outputs ---------------------------------------------------------------------------
 
-    pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+    /// What the node must decide next.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// The earliest deadline that must wake the daemon.
@@ -368,20 +358,20 @@ impl Cloud {
     // ---- life cycle ------------------------------------------------------------------------
 
     /// Starts connecting at once (P§5.9 D4: the first attempt is immediate). No-op when running.
-    pub fn start(&mut self, now: Instant) {
+    pub fn start(&mut self, now: Instant, out: &mut Outbox) {
         if self.phase != Phase::Stopped {
             return;
         }
         self.failures = 0;
-        self.begin_attempt(now);
+        self.begin_attempt(now, out);
     }
 
     /// Closes everything: AP mode, a new identity, shutdown. Pending upstream senders get -30011.
-    pub fn stop(&mut self, _now: Instant) {
+    pub fn stop(&mut self, _now: Instant, out: &mut Outbox) {
         if self.phase == Phase::Stopped {
             return;
         }
-        self.end_session();
+        self.end_session(out);
         self.wheel = TimerWheel::new();
         self.phase = Phase::Stopped;
         self.list_built = false;
@@ -390,7 +380,7 @@ impl Cloud {
         self.pos = 0;
     }
 
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Outbox) {
         // In deadline order across the wheel and the command table, as when both were one wheel:
         // after a suspend, a command's -9999 still goes up before a later keepalive loses the link.
         loop {
@@ -400,11 +390,11 @@ impl Cloud {
                 (w, Some(d)) if w.is_none_or(|w| d < w) => {
                     if let Some(p) = self.downs.pop_due(now) {
                         let reply = p.timeout_reply(now, p.origin);
-                        self.reply_sent(now, p.origin, reply);
+                        self.reply_sent(now, p.origin, reply, out);
                     }
                 }
                 (Some(_), _) => match self.wheel.pop_due(now) {
-                    Some(t) => self.fire(now, t),
+                    Some(t) => self.fire(now, t, out),
                     None => break,
                 },
                 _ => break,
@@ -412,32 +402,32 @@ impl Cloud {
         }
     }
 
-    fn fire(&mut self, now: Instant, t: Timer) {
+    fn fire(&mut self, now: Instant, t: Timer, out: &mut Outbox) {
         match t {
             Timer::Backoff => {
                 if self.phase == Phase::Retry {
-                    self.begin_attempt(now);
+                    self.begin_attempt(now, out);
                 }
             }
             Timer::Dns => {
                 if self.phase == Phase::Resolving {
                     self.build_list(Vec::new());
-                    self.dns_failed(now, "no answer within 10 s");
+                    self.dns_failed(now, "no answer within 10 s", out);
                 }
             }
             Timer::Connect => {
                 if self.phase == Phase::Connecting {
-                    self.connect_failed(now, "connect timeout");
+                    self.connect_failed(now, "connect timeout", out);
                 }
             }
-            Timer::Hello => self.hello_tick(now),
+            Timer::Hello => self.hello_tick(now, out),
             Timer::Info => {
                 if self.phase == Phase::Info && self.info_for == Some(true) {
-                    self.fail(now, "no device info");
+                    self.fail(now, "no device info", out);
                 }
             }
-            Timer::Keepalive => self.keepalive_tick(now),
-            Timer::Refresh => self.refresh_tick(now),
+            Timer::Keepalive => self.keepalive_tick(now, out),
+            Timer::Refresh => self.refresh_tick(now, out),
             Timer::RefreshHello => {
                 // P§5.10: 5 s without a time-sync reply; go on with `_otc.info`.
                 if self.phase == Phase::Up {
@@ -445,14 +435,14 @@ impl Cloud {
                     self.want_info(false);
                 }
             }
-            Timer::Ack(id) => self.ack_timeout(now, id),
+            Timer::Ack(id) => self.ack_timeout(now, id, out),
         }
     }
 
     // ---- sending ---------------------------------------------------------------------------
 
     /// One data packet on the link, with a stamp that never decreases in the session (P§5.5 D4).
-    fn send_json(&mut self, now: Instant, text: &str) {
+    fn send_json(&mut self, now: Instant, text: &str, out: &mut Outbox) {
         if self.link.is_none() {
             debug!("no cloud link, message not sent");
             return;
@@ -460,11 +450,11 @@ impl Cloud {
         let stamp = self.stamp(now).max(self.last_tx);
         self.last_tx = stamp;
         let pkt = miio::seal(&self.keys, self.cfg.did, stamp, text.as_bytes());
-        self.emit(Action::Send(pkt));
+        out.push(Action::CloudSend(pkt));
     }
 
-    fn emit(&mut self, a: Action) {
-        self.actions.push_back(a);
+    fn note(&mut self, e: Event) {
+        self.events.push_back(e);
     }
 }
 
@@ -474,7 +464,7 @@ impl Cloud {
     pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
         out.extend([
             ("cloud.wheel", self.wheel.len()),
-            ("cloud.actions", self.actions.len()),
+            ("cloud.actions", self.events.len()),
             ("cloud.list", self.list.len()),
             ("cloud.otc_list", self.otc_list.len()),
             ("cloud.ups", self.ups.len()),

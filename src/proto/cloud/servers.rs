@@ -17,10 +17,10 @@ pub(super) struct Server {
 impl Cloud {
     // ---- attempts, DNS, connect ------------------------------------------------------------
 
-    pub(super) fn begin_attempt(&mut self, now: Instant) {
+    pub(super) fn begin_attempt(&mut self, now: Instant, out: &mut Outbox) {
         self.phase = Phase::Resolving;
-        self.emit(Action::Event(CloudEvent::Trying));
-        self.next_server(now);
+        self.note(Event::State(CloudEvent::Trying));
+        self.next_server(now, out);
     }
 
     pub(super) fn transport(&self) -> Transport {
@@ -39,13 +39,13 @@ impl Cloud {
     }
 
     /// Connects to the next server, or asks for the next transport's list (P§5.1, §5.9).
-    pub(super) fn next_server(&mut self, now: Instant) {
+    pub(super) fn next_server(&mut self, now: Instant, out: &mut Outbox) {
         // Each round either connects, asks the resolver, or builds a list from an IP literal; a list of
         // literals can be empty only when filtered, so one pass over the transports is enough.
         for _ in 0..=self.cfg.transports.len() {
             if let Some(&s) = self.list.get(self.pos).filter(|_| self.list_built) {
                 self.pos += 1;
-                self.connect(now, s);
+                self.connect(now, s, out);
                 return;
             }
             if self.list_built {
@@ -63,7 +63,7 @@ impl Cloud {
                     info!("getaddrinfo ({}:{}) for {t}", ep.host, ep.port);
                     self.dns_attempt = self.dns_attempt.wrapping_add(1);
                     self.wheel.set(Timer::Dns, now + DNS_TIMEOUT);
-                    self.emit(Action::Resolve {
+                    out.push(Action::Resolve {
                         transport: t,
                         host: ep.host,
                         port: ep.port,
@@ -73,7 +73,7 @@ impl Cloud {
                 }
             }
         }
-        self.dns_failed(now, "no usable server address");
+        self.dns_failed(now, "no usable server address", out);
     }
 
     /// The resolver's answer to `Resolve` number `attempt`. Stale answers are ignored.
@@ -82,6 +82,7 @@ impl Cloud {
         now: Instant,
         attempt: u32,
         result: Result<Vec<Ipv4Addr>, String>,
+        out: &mut Outbox,
     ) {
         if self.phase != Phase::Resolving || attempt != self.dns_attempt {
             debug!("late DNS answer (attempt {attempt}) ignored");
@@ -92,24 +93,24 @@ impl Cloud {
             Ok(addrs) => {
                 self.build_list(addrs);
                 if self.list.is_empty() {
-                    self.dns_failed(now, "no usable address");
+                    self.dns_failed(now, "no usable address", out);
                 } else {
-                    self.next_server(now);
+                    self.next_server(now, out);
                 }
             }
             Err(e) => {
                 // Keep what does not need DNS (otc_list) for the next attempt.
                 self.build_list(Vec::new());
-                self.dns_failed(now, &e);
+                self.dns_failed(now, &e, out);
             }
         }
     }
 
-    pub(super) fn dns_failed(&mut self, now: Instant, why: &str) {
+    pub(super) fn dns_failed(&mut self, now: Instant, why: &str, out: &mut Outbox) {
         let t = self.transport();
         warn!("resolving {} for {t} failed: {why}", self.endpoint(t).host);
-        self.emit(Action::Event(CloudEvent::InternetFailed));
-        self.fail(now, "name resolution failed");
+        self.note(Event::State(CloudEvent::InternetFailed));
+        self.fail(now, "name resolution failed", out);
     }
 
     /// DNS records (filtered unless explicit, shuffled), then for UDP the `otc_list` entries (P§5.1).
@@ -153,14 +154,14 @@ impl Cloud {
         self.list_built = true;
     }
 
-    pub(super) fn connect(&mut self, now: Instant, s: Server) {
+    pub(super) fn connect(&mut self, now: Instant, s: Server, out: &mut Outbox) {
         let t = self.transport();
         self.phase = Phase::Connecting;
         self.current = Some(s);
         self.link = Some(t);
         self.generation = self.generation.wrapping_add(1);
         info!("connecting to {} over {t}", s.addr);
-        self.emit(Action::Connect {
+        out.push(Action::Connect {
             transport: t,
             addr: s.addr,
         });
@@ -168,7 +169,7 @@ impl Cloud {
     }
 
     /// The socket is set up; `local` is its local address (the route to the server).
-    pub fn handle_connected(&mut self, now: Instant, local: Ipv4Addr) {
+    pub fn handle_connected(&mut self, now: Instant, local: Ipv4Addr, out: &mut Outbox) {
         if self.phase != Phase::Connecting {
             return;
         }
@@ -180,48 +181,48 @@ impl Cloud {
                     "server ip({}), my ip({local}), we might be using a buggy router.",
                     s.addr.ip()
                 );
-                self.connect_failed(now, "server address on the local network");
+                self.connect_failed(now, "server address on the local network", out);
                 return;
             }
         }
-        self.emit(Action::Event(CloudEvent::InternetConnected));
+        self.note(Event::State(CloudEvent::InternetConnected));
         self.last_tx = 0;
         self.sent_stamps = [0; SENT_STAMPS];
         self.last_rx = None;
         self.rx_buf.clear();
         self.phase = Phase::Hello;
         self.hellos = 0;
-        self.hello_tick(now);
+        self.hello_tick(now, out);
     }
 
     /// The connect failed (refused, unreachable, ...).
-    pub fn handle_connect_failed(&mut self, now: Instant, reason: &str) {
+    pub fn handle_connect_failed(&mut self, now: Instant, reason: &str, out: &mut Outbox) {
         if self.phase == Phase::Connecting {
-            self.connect_failed(now, reason);
+            self.connect_failed(now, reason, out);
         }
     }
 
-    pub(super) fn connect_failed(&mut self, now: Instant, reason: &str) {
+    pub(super) fn connect_failed(&mut self, now: Instant, reason: &str, out: &mut Outbox) {
         if let Some(s) = self.current {
             warn!("connect to {} failed: {reason}", s.addr);
         }
-        self.emit(Action::Event(CloudEvent::InternetFailed));
-        self.fail(now, "connect failed");
+        self.note(Event::State(CloudEvent::InternetFailed));
+        self.fail(now, "connect failed", out);
     }
 
     /// EOF or an error on the cloud socket (not `ECONNREFUSED` on UDP).
-    pub fn handle_link_down(&mut self, now: Instant) {
+    pub fn handle_link_down(&mut self, now: Instant, out: &mut Outbox) {
         match self.phase {
-            Phase::Connecting => self.connect_failed(now, "socket error"),
-            Phase::Hello | Phase::Info | Phase::Up => self.fail(now, "link down"),
+            Phase::Connecting => self.connect_failed(now, "socket error", out),
+            Phase::Hello | Phase::Info | Phase::Up => self.fail(now, "link down", out),
             _ => {}
         }
     }
 
     /// Closes the socket and fails what depends on it; no state change, no event.
-    pub(super) fn end_session(&mut self) {
+    pub(super) fn end_session(&mut self, out: &mut Outbox) {
         if self.link.take().is_some() {
-            self.emit(Action::Close);
+            out.push(Action::CloudClose);
         }
         for t in [
             Timer::Dns,
@@ -243,7 +244,7 @@ impl Cloud {
         for up in std::mem::take(&mut self.ups) {
             self.wheel.cancel(Timer::Ack(up.cloud_id));
             if let Origin::Client { client, orig } = up.origin {
-                self.tell_client(client, orig, -30011, "OT server disconnected");
+                self.tell_client(client, orig, -30011, "OT server disconnected", out);
             }
         }
         // Replies to this session's commands can no longer go up.
@@ -251,15 +252,15 @@ impl Cloud {
     }
 
     /// An attempt failed or the link was lost (P§5.9): close, fail pending, back off.
-    pub(super) fn fail(&mut self, now: Instant, why: &str) {
+    pub(super) fn fail(&mut self, now: Instant, why: &str, out: &mut Outbox) {
         warn!("cloud: {why}, retry later");
-        self.end_session();
+        self.end_session(out);
         self.failures = self.failures.saturating_add(1);
         let delay = self.backoff(self.failures);
         info!("next cloud attempt in {delay}");
         self.wheel.set(Timer::Backoff, now + delay);
         if self.phase != Phase::Retry {
-            self.emit(Action::Event(CloudEvent::Retry));
+            self.note(Event::State(CloudEvent::Retry));
         }
         self.phase = Phase::Retry;
     }
@@ -283,6 +284,7 @@ impl Cloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::cloud::testkit::Action;
     use crate::proto::cloud::testkit::*;
 
     // ---- backoff, server list, DNS ---------------------------------------------------------
@@ -301,9 +303,9 @@ mod tests {
             let mut c = cfg();
             c.seed = seed;
             let mut h = H::new(c);
-            h.c.start(h.now);
+            h.c.start(h.now, &mut h.o);
             for k in 1..=8 {
-                assert_eq!(h.next(), Action::Event(CloudEvent::Trying));
+                h.expect_event(CloudEvent::Trying);
                 assert!(matches!(h.next(), Action::Resolve { .. }));
                 h.resolved(Err("NXDOMAIN".into()));
                 assert_eq!(
@@ -320,7 +322,7 @@ mod tests {
             }
             h.expect_event(CloudEvent::Trying);
             h.finish_attempt();
-            h.c.handle_link_down(h.now);
+            h.c.handle_link_down(h.now, &mut h.o);
             h.take();
             let d = h.c.poll_timeout().unwrap().0 - h.now.0;
             let (lo, hi) = d4_bounds(1, 5000, 300_000);
@@ -349,7 +351,7 @@ mod tests {
         h.c.apply_otc(&obj(
             r#"{"otc_list":[{"ip":"1.2.3.4","port":8053},{"ip":"9.9.9.9","port":8054},{"ip":"","port":1},{"ip":"bad"},{"ip":"8.8.8.8","port":0},{"ip":"127.0.0.1","port":8053}]}"#,
         ));
-        h.c.handle_link_down(h.now);
+        h.c.handle_link_down(h.now, &mut h.o);
         h.take();
         let t = h.c.poll_timeout().unwrap();
         h.advance(t.0 - h.now.0);
@@ -390,7 +392,7 @@ mod tests {
                 Action::Connect { addr, .. } => order.push(addr),
                 a => panic!("{a:?}"),
             }
-            h.c.handle_connect_failed(h.now, "refused");
+            h.c.handle_connect_failed(h.now, "refused", &mut h.o);
             h.take();
             let t = h.c.poll_timeout().unwrap();
             h.advance(t.0 - h.now.0);
@@ -424,7 +426,7 @@ mod tests {
             explicit: true,
         };
         let mut h = H::new(c);
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.expect_event(CloudEvent::Trying);
         let lo = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8053);
         assert_eq!(
@@ -435,7 +437,7 @@ mod tests {
             }
         );
         // Same first octet as the local address: fine for an explicit host.
-        h.c.handle_connected(h.now, Ipv4Addr::LOCALHOST);
+        h.c.handle_connected(h.now, Ipv4Addr::LOCALHOST, &mut h.o);
         h.expect_event(CloudEvent::InternetConnected);
 
         // An explicit name: its DNS answer is not filtered either.
@@ -443,7 +445,7 @@ mod tests {
         c.udp.host = "localhost".into();
         c.udp.explicit = true;
         let mut h = H::new(c);
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![Ipv4Addr::LOCALHOST]));
         assert_eq!(
@@ -458,16 +460,16 @@ mod tests {
     #[test]
     fn dns_answer_in_our_subnet_is_a_buggy_router() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![Ipv4Addr::new(10, 0, 0, 1)]));
         assert!(matches!(h.next(), Action::Connect { .. }));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         assert_eq!(
             h.take(),
             vec![
-                Action::Event(CloudEvent::InternetFailed),
                 Action::Close,
+                Action::Event(CloudEvent::InternetFailed),
                 Action::Event(CloudEvent::Retry)
             ]
         );
@@ -476,7 +478,7 @@ mod tests {
     #[test]
     fn all_dns_answers_refused_is_a_dns_failure() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![Ipv4Addr::LOCALHOST]));
         assert_eq!(
@@ -491,7 +493,7 @@ mod tests {
     #[test]
     fn tcp_connect_deadline_is_five_seconds() {
         let mut h = H::new(tcp_cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
         assert!(matches!(
@@ -508,13 +510,13 @@ mod tests {
         assert_eq!(
             h.take(),
             vec![
-                Action::Event(CloudEvent::InternetFailed),
                 Action::Close,
+                Action::Event(CloudEvent::InternetFailed),
                 Action::Event(CloudEvent::Retry)
             ]
         );
         // A late connect is ignored.
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.quiet();
     }
 
@@ -523,7 +525,7 @@ mod tests {
         let mut h = H::connected(cfg());
         h.upstream(1, r#"{"id":5,"method":"m"}"#);
         h.take();
-        h.c.stop(h.now);
+        h.c.stop(h.now, &mut h.o);
         assert_eq!(
             h.take(),
             vec![
@@ -539,7 +541,7 @@ mod tests {
         h.advance(1_000_000);
         h.quiet();
         // And it starts again at once.
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.expect_event(CloudEvent::Trying);
         assert!(matches!(
             h.next(),

@@ -12,19 +12,19 @@ use super::*;
 impl Cloud {
     // ---- hello, time sync, info ------------------------------------------------------------
 
-    pub(super) fn hello_tick(&mut self, now: Instant) {
+    pub(super) fn hello_tick(&mut self, now: Instant, out: &mut Outbox) {
         if self.phase != Phase::Hello {
             return;
         }
         if self.hellos >= HELLO_TRIES {
             // P§5.3 D4: fails 5 s after the 3rd unanswered hello.
-            self.fail(now, "no time-sync reply to 3 hellos");
+            self.fail(now, "no time-sync reply to 3 hellos", out);
             return;
         }
         self.hellos += 1;
         self.hello_out = true;
         debug!("cloud hello ({}/{HELLO_TRIES})", self.hellos);
-        self.emit(Action::Send(miio::cloud_hello().to_vec()));
+        out.push(Action::CloudSend(miio::cloud_hello().to_vec()));
         self.wheel.set(Timer::Hello, now + HELLO_PERIOD);
     }
 
@@ -65,13 +65,13 @@ impl Cloud {
 
     pub(super) fn want_info(&mut self, session: bool) {
         self.info_for = Some(session);
-        self.emit(Action::NeedInfo);
+        self.note(Event::NeedInfo);
     }
 
     /// The answer to `NeedInfo`: the members of the helper's `_internal.info` (its `params` plus
     /// top-level extras), or the daemon's own `{"params":{..}}`. Sent as `_otc.info` (P§5.4), the
     /// members in the order they came.
-    pub fn handle_info(&mut self, now: Instant, info: &Members) {
+    pub fn handle_info(&mut self, now: Instant, info: &Members, out: &mut Outbox) {
         let session = match self.info_for {
             Some(true) if self.phase == Phase::Info => true,
             Some(false) if self.phase == Phase::Up => false,
@@ -104,25 +104,31 @@ impl Cloud {
         if text.len() > self.cfg.max_cloud_payload {
             warn!("_otc.info too long ({} bytes), not sent", text.len());
             if session {
-                self.fail(now, "_otc.info too long");
+                self.fail(now, "_otc.info too long", out);
             }
             return;
         }
         // The text holds the token: its content stays out of the log.
         info!("send _otc.info, id:{id}");
-        self.send_up(now, id, Origin::Info { refresh: !session }, text);
+        self.send_up(now, id, Origin::Info { refresh: !session }, text, out);
     }
 
-    pub(super) fn info_reply(&mut self, now: Instant, obj: &Map<String, Value>, refresh: bool) {
+    pub(super) fn info_reply(
+        &mut self,
+        now: Instant,
+        obj: &Map<String, Value>,
+        refresh: bool,
+        out: &mut Outbox,
+    ) {
         match obj.get("result") {
             Some(Value::Object(r)) => {
                 self.apply_otc(r);
                 if !refresh && self.phase == Phase::Info {
-                    self.session_up(now);
+                    self.session_up(now, out);
                 }
             }
             _ if refresh => warn!("refresh: _otc.info not accepted"),
-            _ => self.fail(now, "_otc.info refused"),
+            _ => self.fail(now, "_otc.info refused", out),
         }
     }
 
@@ -159,7 +165,7 @@ impl Cloud {
     }
 
     /// P§5.3 step 6.
-    pub(super) fn session_up(&mut self, now: Instant) {
+    pub(super) fn session_up(&mut self, now: Instant, out: &mut Outbox) {
         self.phase = Phase::Up;
         self.failures = 0;
         self.misses = 0;
@@ -174,18 +180,18 @@ impl Cloud {
             // D12: the first session after start reports OTA idle, and only then is announced.
             let id = self.alloc_id();
             let text = format!(r#"{{"id":{id},"method":"props","params":{{"ota_state":"idle"}}}}"#);
-            self.send_up(now, id, Origin::IdleReport, text);
+            self.send_up(now, id, Origin::IdleReport, text, out);
         }
     }
 
     pub(super) fn announce(&mut self) {
         if self.phase == Phase::Up && !self.announced {
             self.announced = true;
-            self.emit(Action::Event(CloudEvent::Connected));
+            self.note(Event::State(CloudEvent::Connected));
         }
     }
 
-    pub(super) fn refresh_tick(&mut self, now: Instant) {
+    pub(super) fn refresh_tick(&mut self, now: Instant, out: &mut Outbox) {
         if self.phase != Phase::Up {
             return;
         }
@@ -201,14 +207,14 @@ impl Cloud {
         }
         debug!("refresh: cloud hello");
         self.hello_out = true;
-        self.emit(Action::Send(miio::cloud_hello().to_vec()));
+        out.push(Action::CloudSend(miio::cloud_hello().to_vec()));
         self.wheel
             .set(Timer::RefreshHello, now + REFRESH_HELLO_WAIT);
     }
 
     // ---- keepalive -------------------------------------------------------------------------
 
-    pub(super) fn keepalive_tick(&mut self, now: Instant) {
+    pub(super) fn keepalive_tick(&mut self, now: Instant, out: &mut Outbox) {
         if self.phase != Phase::Up {
             return;
         }
@@ -220,14 +226,14 @@ impl Cloud {
             self.misses = 0;
         }
         if self.misses >= KEEPALIVE_MISSES {
-            self.fail(now, "3 keepalives unanswered");
+            self.fail(now, "3 keepalives unanswered", out);
             return;
         }
         let stamp = self.stamp(now).max(self.last_tx.saturating_add(1));
         self.last_tx = stamp;
         self.sent_stamps[self.sent_idx % SENT_STAMPS] = stamp;
         self.sent_idx = self.sent_idx.wrapping_add(1);
-        self.emit(Action::Send(
+        out.push(Action::CloudSend(
             miio::keepalive(&self.keys, self.cfg.did, stamp).to_vec(),
         ));
         self.ka_sent = true;
@@ -242,14 +248,14 @@ impl Cloud {
     }
 
     /// One UDP datagram from the cloud socket.
-    pub fn handle_datagram(&mut self, now: Instant, data: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, data: &[u8], out: &mut Outbox) {
         if self.receiving(Transport::Udp) {
-            self.on_packet(now, data);
+            self.on_packet(now, data, out);
         }
     }
 
     /// Bytes read from the TCP cloud socket, in any chunking (P§5.2).
-    pub fn handle_stream(&mut self, now: Instant, data: &[u8]) {
+    pub fn handle_stream(&mut self, now: Instant, data: &[u8], out: &mut Outbox) {
         if !self.receiving(Transport::Tcp) {
             return;
         }
@@ -259,12 +265,12 @@ impl Cloud {
             match miio::stream_frame_len(&self.rx_buf) {
                 Err(e) => {
                     warn!("{e}");
-                    self.fail(now, "stream protocol error");
+                    self.fail(now, "stream protocol error", out);
                     return;
                 }
                 Ok(Some(n)) if n <= self.rx_buf.len() => {
                     let pkt: Vec<u8> = self.rx_buf.drain(..n).collect();
-                    self.on_packet(now, &pkt);
+                    self.on_packet(now, &pkt, out);
                     if self.generation != gen || !self.receiving(Transport::Tcp) {
                         return;
                     }
@@ -279,7 +285,7 @@ impl Cloud {
     }
 
     /// P§2.7, at the first failure drop with one rate-limited log line.
-    pub(super) fn on_packet(&mut self, now: Instant, data: &[u8]) {
+    pub(super) fn on_packet(&mut self, now: Instant, data: &[u8], out: &mut Outbox) {
         let pkt = match Packet::new_checked(data) {
             Ok(p) => p,
             Err(e) => return self.dropped(now, &e),
@@ -288,7 +294,7 @@ impl Cloud {
             if pkt.ids_all_ff() {
                 self.time_sync(now, pkt.stamp());
             } else {
-                self.control(now, &pkt, data);
+                self.control(now, &pkt, data, out);
             }
             return;
         }
@@ -296,14 +302,20 @@ impl Cloud {
             Ok(o) => {
                 self.rx_since_ka = true;
                 self.last_rx = Some(self.last_rx.map_or(pkt.stamp(), |l| l.max(pkt.stamp())));
-                self.on_message(now, &o.text, &o.head);
+                self.on_message(now, &o.text, &o.head, out);
             }
             Err(e) => self.dropped(now, &e),
         }
     }
 
     /// A pong, or a cloud-initiated ping (P§5.6).
-    pub(super) fn control(&mut self, now: Instant, pkt: &Packet<&[u8]>, raw: &[u8]) {
+    pub(super) fn control(
+        &mut self,
+        now: Instant,
+        pkt: &Packet<&[u8]>,
+        raw: &[u8],
+        out: &mut Outbox,
+    ) {
         if pkt.did() != self.cfg.did {
             return self.dropped(now, &miio::Error::DidMismatch { got: pkt.did() });
         }
@@ -316,7 +328,7 @@ impl Cloud {
             debug!("ping from the cloud, stamp {stamp}: echoed");
             self.last_rx = Some(stamp);
             self.rx_since_ka = true;
-            self.emit(Action::Send(raw.to_vec()));
+            out.push(Action::CloudSend(raw.to_vec()));
         } else if md5_ok || filler {
             self.rx_since_ka = true;
         } else {
@@ -330,17 +342,23 @@ impl Cloud {
     }
 
     /// An authenticated JSON object from the cloud, as scanned (no tree: an ack needs none).
-    pub(super) fn on_message(&mut self, now: Instant, text: &str, head: &rpc::Head) {
+    pub(super) fn on_message(
+        &mut self,
+        now: Instant,
+        text: &str,
+        head: &rpc::Head,
+        out: &mut Outbox,
+    ) {
         match &head.method {
             None => {
                 let id = head.id.as_ref().and_then(rpc::id_u32);
                 match id.and_then(|id| self.ups.iter().position(|u| u.cloud_id == id)) {
-                    Some(i) => self.acked(now, i, text, head),
+                    Some(i) => self.acked(now, i, text, head, out),
                     // P§5.8: the cloud's ack of one of our replies.
                     None => debug!("cloud ack swallowed: id {id:?}"),
                 }
             }
-            Some(Some(m)) => self.command(now, m, text, head),
+            Some(Some(m)) => self.command(now, m, text, head, out),
             Some(None) => self.dropped(now, &"cloud message with a non-string method"),
         }
     }
@@ -349,6 +367,7 @@ impl Cloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::cloud::testkit::Action;
     use crate::proto::cloud::testkit::*;
     use proptest::prelude::*;
     use serde_json::json;
@@ -358,7 +377,7 @@ mod tests {
     #[test]
     fn session_start_sends_exact_hello_and_full_otc_info() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.expect_event(CloudEvent::Trying);
         assert_eq!(
             h.next(),
@@ -378,7 +397,7 @@ mod tests {
                 addr: SocketAddrV4::new(SERVER, 8053)
             }
         );
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.expect_event(CloudEvent::InternetConnected);
         // V7, byte for byte.
         let v7 = "21310020ffffffffffffffff0000000000000000000000000000000000000000";
@@ -389,7 +408,7 @@ mod tests {
         assert_eq!(h.c.stamp(h.now), T0);
         assert_eq!(h.next(), Action::NeedInfo);
         let text = r#"{"method":"_internal.info","partner_id":"","params":{"hw_ver":"Linux","fw_ver":"1.0","ap":{"ssid":"s","bssid":"b"},"netif":{"localIp":"10.0.0.2","mask":"255.255.255.0","gw":"10.0.0.1"},"model":"old"}}"#;
-        h.c.handle_info(h.now, &info(text));
+        h.c.handle_info(h.now, &info(text), &mut h.o);
         let (stamp, m) = h.expect_json();
         assert_eq!(stamp, T0);
         assert_eq!(m["method"], "_otc.info");
@@ -413,14 +432,14 @@ mod tests {
     fn otc_info_carries_uid_and_bindkey_after_provisioning() {
         let mut h = H::new(cfg());
         h.c.set_bind("12345".into(), Some("bk".into()));
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.take();
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         let (_, m) = h.expect_json();
         assert_eq!(m["params"]["uid"], "12345");
         assert_eq!(m["params"]["bindkey"], "bk");
@@ -432,15 +451,15 @@ mod tests {
     fn otc_info_keeps_the_member_order() {
         let mut h = H::new(cfg());
         h.c.set_bind("12345".into(), Some("bk".into()));
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.take();
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
         let text = r#"{"zz":1, "method":"_internal.info","params":{"z":"1","mac":"x","ap":{"ssid":"s","bssid":"b","rssi":-46}, "b": [1, {"y":2,"x":1}]},"partner_id":"","id":9}"#;
-        h.c.handle_info(h.now, &info(text));
+        h.c.handle_info(h.now, &info(text), &mut h.o);
         let id = h.c.next_id - 1;
         assert_eq!(
             h.expect_text(),
@@ -453,13 +472,13 @@ mod tests {
     #[test]
     fn otc_info_error_fails_the_attempt() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         let (_, m) = h.expect_json();
         h.deliver_json(&json!({"id": m["id"], "error": {"code": -1, "message": "no"}}).to_string());
         assert_eq!(
@@ -472,13 +491,13 @@ mod tests {
     #[test]
     fn otc_info_noack_fails_after_retransmits() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         let (_, first) = h.expect_json();
         for _ in 0..3 {
             h.advance(3000);
@@ -496,10 +515,10 @@ mod tests {
     #[test]
     fn a_lost_info_answer_fails_the_attempt_after_the_guard() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.deliver(&miio::time_sync_reply(T0));
         assert_eq!(h.take().last(), Some(&Action::NeedInfo));
         assert!(h.c.is_busy());
@@ -511,17 +530,17 @@ mod tests {
             vec![Action::Close, Action::Event(CloudEvent::Retry)]
         );
         // A late answer is ignored.
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         h.quiet();
     }
 
     #[test]
     fn hello_misses_fail_five_seconds_after_the_third() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         let t0 = h.now;
         let a = h.take();
         assert_eq!(a.len(), 3, "{a:?}");
@@ -543,13 +562,13 @@ mod tests {
     #[test]
     fn time_sync_only_while_a_hello_is_outstanding() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         // Not connected: nothing is read at all.
         h.deliver(&miio::time_sync_reply(T0));
         h.quiet();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.take();
         // V7 echoed back (stamp 0) is not a time sync.
         h.deliver(&miio::cloud_hello());
@@ -573,10 +592,10 @@ mod tests {
     #[test]
     fn a_time_sync_past_2097_is_refused() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         assert!(h
             .take()
             .contains(&Action::Send(miio::cloud_hello().to_vec())));
@@ -595,10 +614,10 @@ mod tests {
     #[test]
     fn a_refused_time_sync_is_no_answer_to_the_hello() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.take();
         // A cloud that only ever answers 0xfffffff0: the hellos run out and the attempt fails, as
         // with no answer at all, instead of a session whose stamps are stuck at 0xffffffff.
@@ -617,7 +636,7 @@ mod tests {
     #[test]
     fn a_resolver_that_never_answers_fails_the_attempt_after_10_s() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.expect_event(CloudEvent::Trying);
         let Action::Resolve { attempt: first, .. } = h.next() else {
             panic!("expected Resolve");
@@ -647,10 +666,10 @@ mod tests {
         };
         assert_ne!(first, second);
         // The first attempt's answer arrives late: ignored, still resolving.
-        h.c.handle_resolved(h.now, first, Ok(vec![SERVER]));
+        h.c.handle_resolved(h.now, first, Ok(vec![SERVER]), &mut h.o);
         h.quiet();
         // The current one is taken.
-        h.c.handle_resolved(h.now, second, Ok(vec![SERVER]));
+        h.c.handle_resolved(h.now, second, Ok(vec![SERVER]), &mut h.o);
         assert!(matches!(h.next(), Action::Connect { .. }));
     }
 
@@ -658,7 +677,7 @@ mod tests {
     fn idle_report_only_on_the_first_connect() {
         let mut h = H::new(cfg());
         assert!(h.up(), "first connect reports idle");
-        h.c.handle_link_down(h.now);
+        h.c.handle_link_down(h.now, &mut h.o);
         assert_eq!(
             h.take(),
             vec![Action::Close, Action::Event(CloudEvent::Retry)]
@@ -673,18 +692,18 @@ mod tests {
     #[test]
     fn idle_report_retried_when_the_link_dropped_before_its_ack() {
         let mut h = H::new(cfg());
-        h.c.start(h.now);
+        h.c.start(h.now, &mut h.o);
         h.take();
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_connected(h.now, LOCAL);
+        h.c.handle_connected(h.now, LOCAL, &mut h.o);
         h.deliver(&miio::time_sync_reply(T0));
         h.take();
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         let (_, m) = h.expect_json();
         h.deliver_json(&json!({"id": m["id"], "result": {}}).to_string());
         let (_, props) = h.expect_json();
         assert_eq!(props["method"], "props");
-        h.c.handle_link_down(h.now);
+        h.c.handle_link_down(h.now, &mut h.o);
         assert_eq!(
             h.take(),
             vec![Action::Close, Action::Event(CloudEvent::Retry)]
@@ -706,14 +725,14 @@ mod tests {
         let mut all_stamps: Vec<u32> = Vec::new();
         while let Some(t) = h.c.poll_timeout().filter(|&t| t <= end) {
             h.now = t;
-            h.c.handle_timeout(t);
-            while let Some(a) = h.c.poll_action() {
+            h.c.handle_timeout(t, &mut h.o);
+            while let Some(a) = crate::fuzzing::cloud_out(&mut h.o, &mut h.c) {
                 match a {
                     Action::Send(b) if b[..] == miio::cloud_hello()[..] => {
                         refreshes += 1;
                         // The refresh moves the clock back by 7 s: stamps must not follow.
                         let back = h.c.stamp(h.now) - 7;
-                        h.c.handle_datagram(h.now, &miio::time_sync_reply(back));
+                        h.c.handle_datagram(h.now, &miio::time_sync_reply(back), &mut h.o);
                     }
                     Action::Send(b) => {
                         let p = Packet::new_checked(&b[..]).unwrap();
@@ -722,16 +741,16 @@ mod tests {
                             kas += 1;
                             ka_stamps.push(p.stamp());
                             assert_eq!(b[..], miio::keepalive(&h.keys, DID, p.stamp())[..]);
-                            h.c.handle_datagram(h.now, &b); // the pong
+                            h.c.handle_datagram(h.now, &b, &mut h.o); // the pong
                         } else {
                             let m = miio::decode(&h.keys, DID, &b).unwrap().value;
                             assert_eq!(m["method"], "_otc.info");
                             let ack = json!({"id": m["id"], "result": {"otc_list": []}});
                             let p = h.msg(&ack.to_string());
-                            h.c.handle_datagram(h.now, &p);
+                            h.c.handle_datagram(h.now, &p, &mut h.o);
                         }
                     }
-                    Action::NeedInfo => h.c.handle_info(h.now, &info(r#"{"params":{}}"#)),
+                    Action::NeedInfo => h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o),
                     a => panic!("unexpected {a:?}"),
                 }
             }
@@ -836,7 +855,7 @@ mod tests {
         h.quiet();
         h.advance(1);
         assert_eq!(h.take(), vec![Action::NeedInfo]);
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         let (_, m) = h.expect_json();
         assert_eq!(m["method"], "_otc.info");
         // Its reply updates otc_list; no event.
@@ -853,7 +872,7 @@ mod tests {
         assert_eq!(hello, miio::cloud_hello());
         h.deliver(&miio::time_sync_reply(T0 + 300));
         assert_eq!(h.take(), vec![Action::NeedInfo]);
-        h.c.handle_info(h.now, &info(r#"{"params":{}}"#));
+        h.c.handle_info(h.now, &info(r#"{"params":{}}"#), &mut h.o);
         let (_, m) = h.expect_json();
         h.deliver_json(&json!({"id": m["id"], "error": {"code": -1, "message": "x"}}).to_string());
         h.quiet();
@@ -882,18 +901,20 @@ mod tests {
         h.deliver(&s);
         let want = h.take();
         assert_eq!(want.len(), 4, "{want:?}");
+        // Each channel (effects, events) in the same order, however the bytes were cut.
+        let want = channels(want);
         for i in 0..=s.len() {
             let (mut h, s2) = stream_case();
             assert_eq!(s2, s);
             h.deliver(&s[..i]);
             h.deliver(&s[i..]);
-            assert_eq!(h.take(), want, "split at {i}");
+            assert_eq!(channels(h.take()), want, "split at {i}");
         }
         let (mut h, _) = stream_case();
         for b in &s {
             h.deliver(std::slice::from_ref(b));
         }
-        assert_eq!(h.take(), want, "byte by byte");
+        assert_eq!(channels(h.take()), want, "byte by byte");
     }
 
     #[test]
@@ -920,7 +941,7 @@ mod tests {
         h.quiet();
         assert_eq!(h.c.state(), CloudState::Connected);
         // And TCP EOF drops the link.
-        h.c.handle_link_down(h.now);
+        h.c.handle_link_down(h.now, &mut h.o);
         assert_eq!(
             h.take(),
             vec![Action::Close, Action::Event(CloudEvent::Retry)]
@@ -978,10 +999,10 @@ mod tests {
     fn garbage_before_connect_is_ignored() {
         let mut h = H::new(cfg());
         h.deliver(b"hello");
-        h.c.handle_stream(h.now, b"\x21\x31\x00\x01");
-        h.c.handle_link_down(h.now);
+        h.c.handle_stream(h.now, b"\x21\x31\x00\x01", &mut h.o);
+        h.c.handle_link_down(h.now, &mut h.o);
         h.resolved(Ok(vec![SERVER]));
-        h.c.handle_info(h.now, &Members::new());
+        h.c.handle_info(h.now, &Members::new(), &mut h.o);
         h.quiet();
         assert_eq!(h.c.state(), CloudState::Stopped);
     }

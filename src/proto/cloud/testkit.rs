@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 use serde_json::{json, Map, Value};
 
 use super::*;
+use crate::fuzzing::cloud_out;
+pub(super) use crate::fuzzing::CloudOut as Action;
 use crate::wire::crypto::md5;
 
 pub(super) const DID: u32 = 1234567;
@@ -68,7 +70,10 @@ pub(super) const HEADER: usize = miio::HEADER_LEN;
 pub(super) struct H {
     pub(super) c: Cloud,
     pub(super) now: Instant,
+    /// What the machine did, as the test reads it: the effects, then the events of each call.
     pub(super) out: VecDeque<Action>,
+    /// The outbox the machine pushes its effects into.
+    pub(super) o: Outbox,
     pub(super) keys: Keys,
     pub(super) tcp: bool,
 }
@@ -79,6 +84,7 @@ impl H {
             c: Cloud::new(cfg),
             now: Instant(1_000_000),
             out: VecDeque::new(),
+            o: Outbox::default(),
             keys: Keys::new(KEY),
             tcp: false,
         }
@@ -91,7 +97,7 @@ impl H {
     }
 
     pub(super) fn pump(&mut self) {
-        while let Some(a) = self.c.poll_action() {
+        while let Some(a) = cloud_out(&mut self.o, &mut self.c) {
             self.out.push_back(a);
         }
     }
@@ -117,7 +123,7 @@ impl H {
         let end = Instant(self.now.0 + ms);
         while let Some(t) = self.c.poll_timeout().filter(|&t| t <= end) {
             self.now = self.now.max(t);
-            self.c.handle_timeout(self.now);
+            self.c.handle_timeout(self.now, &mut self.o);
             self.pump();
         }
         self.now = end;
@@ -125,14 +131,15 @@ impl H {
 
     /// The resolver's answer to the last `Resolve`.
     pub(super) fn resolved(&mut self, r: Result<Vec<Ipv4Addr>, String>) {
-        self.c.handle_resolved(self.now, self.c.dns_attempt, r);
+        self.c
+            .handle_resolved(self.now, self.c.dns_attempt, r, &mut self.o);
     }
 
     pub(super) fn deliver(&mut self, bytes: &[u8]) {
         if self.tcp {
-            self.c.handle_stream(self.now, bytes);
+            self.c.handle_stream(self.now, bytes, &mut self.o);
         } else {
-            self.c.handle_datagram(self.now, bytes);
+            self.c.handle_datagram(self.now, bytes, &mut self.o);
         }
         self.pump();
     }
@@ -172,12 +179,18 @@ impl H {
     }
 
     #[track_caller]
+    /// The next event is `e`. Events are a channel of their own, read after the effects of their
+    /// call: effects queued before it (a Resolve after Trying, a hello after InternetConnected)
+    /// stay for the test to read next.
     pub(super) fn expect_event(&mut self, e: CloudEvent) {
-        assert_eq!(self.next(), Action::Event(e));
+        self.pump();
+        let i = self.out.iter().position(is_event);
+        let got = i.and_then(|i| self.out.remove(i));
+        assert_eq!(got, Some(Action::Event(e)));
     }
 
     pub(super) fn up(&mut self) -> bool {
-        self.c.start(self.now);
+        self.c.start(self.now, &mut self.o);
         self.expect_event(CloudEvent::Trying);
         self.finish_attempt()
     }
@@ -193,13 +206,16 @@ impl H {
             panic!("expected Connect, got {a:?}");
         };
         self.tcp = transport == Transport::Tcp;
-        self.c.handle_connected(self.now, LOCAL);
+        self.c.handle_connected(self.now, LOCAL, &mut self.o);
         self.expect_event(CloudEvent::InternetConnected);
         assert_eq!(self.expect_send(), miio::cloud_hello());
         self.deliver(&miio::time_sync_reply(T0));
         assert_eq!(self.next(), Action::NeedInfo);
-        self.c
-            .handle_info(self.now, &info(r#"{"params":{"hw_ver":"Linux"}}"#));
+        self.c.handle_info(
+            self.now,
+            &info(r#"{"params":{"hw_ver":"Linux"}}"#),
+            &mut self.o,
+        );
         let (_, m) = self.expect_json();
         assert_eq!(m["method"], "_otc.info");
         let ack =
@@ -230,14 +246,14 @@ impl H {
 
     pub(super) fn upstream(&mut self, client: u32, text: &str) {
         self.c
-            .upstream(self.now, client as ConnId, text, &head(text));
+            .upstream(self.now, client as ConnId, text, &head(text), &mut self.o);
         self.pump();
     }
 
     pub(super) fn reply(&mut self, client: u32, text: &str) -> bool {
         let r = self
             .c
-            .local_reply(self.now, client as ConnId, text, &head(text));
+            .local_reply(self.now, client as ConnId, text, &head(text), &mut self.o);
         self.pump();
         r
     }
@@ -251,3 +267,16 @@ pub(super) fn to_client(client: u32, text: &str) -> Action {
 }
 /// A cloud command the tests send down (P§5.8).
 pub(super) const CMD: &str = r#"{"id":55,"method":"set_power","params":["on"],"from":"4"}"#;
+
+/// True for what the machine left to the node (an event), false for an effect in the outbox.
+pub(super) fn is_event(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::NeedInfo | Action::Command { .. } | Action::SelfMethod { .. } | Action::Event(_)
+    )
+}
+
+/// `v` as its two channels: the effects in order, and the events in order.
+pub(super) fn channels(v: Vec<Action>) -> (Vec<Action>, Vec<Action>) {
+    v.into_iter().partition(|a| !is_event(a))
+}

@@ -33,7 +33,14 @@ impl Cloud {
     // ---- upstream (P§5.7) ------------------------------------------------------------------
 
     /// A request from a local client (`method` present, not `local.*`/`_internal.*`).
-    pub fn upstream(&mut self, now: Instant, client: ConnId, text: &str, head: &rpc::Head) {
+    pub fn upstream(
+        &mut self,
+        now: Instant,
+        client: ConnId,
+        text: &str,
+        head: &rpc::Head,
+        out: &mut Outbox,
+    ) {
         let method = head.method();
         if method.starts_with("local.") || method.starts_with("_internal.") {
             // P§5.7: these never reach the cloud, whoever routed them here.
@@ -51,30 +58,30 @@ impl Cloud {
                     self.cfg.max_cloud_payload
                 );
             } else {
-                self.send_json(now, text);
+                self.send_json(now, text, out);
             }
             return;
         };
         // P§3: ids are u32 (the local table refuses others first, L§4.1).
         let Some(orig) = rpc::id_u32(idv).map(u64::from) else {
-            self.emit(Action::ToClient {
+            out.push(local_send(
                 client,
-                text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),
-            });
+                rpc::error_reply(Some(idv), -32600, "Invalid Request"),
+            ));
             return;
         };
         if self.phase != Phase::Up {
-            return self.tell_client(client, orig, -30011, "OT server disconnected");
+            return self.tell_client(client, orig, -30011, "OT server disconnected", out);
         }
         if self.ups.len() >= MAX_UPSTREAM {
-            return self.tell_client(client, orig, -30011, "OT queue full");
+            return self.tell_client(client, orig, -30011, "OT queue full", out);
         }
         let id = self.alloc_id();
         let Some(new) = rpc::rewrite_id_scanned(text, head, u64::from(id)) else {
-            self.emit(Action::ToClient {
+            out.push(local_send(
                 client,
-                text: rpc::error_reply(Some(idv), -32600, "Invalid Request"),
-            });
+                rpc::error_reply(Some(idv), -32600, "Invalid Request"),
+            ));
             return;
         };
         if new.len() > self.cfg.max_cloud_payload {
@@ -83,10 +90,10 @@ impl Cloud {
                 "msg too long, bigger than OT_MAX_PAYLOAD ({})",
                 self.cfg.max_cloud_payload
             );
-            return self.tell_client(client, orig, -32600, "msg too long");
+            return self.tell_client(client, orig, -32600, "msg too long", out);
         }
         debug!("U, orig_id:{orig}, id:{id}, client:{client}");
-        self.send_up(now, id, Origin::Client { client, orig }, new);
+        self.send_up(now, id, Origin::Client { client, orig }, new, out);
     }
 
     /// The connection of `client` closed (P§5.7: "If that client has gone, the ack is dropped").
@@ -100,9 +107,16 @@ impl Cloud {
         }
     }
 
-    pub(super) fn tell_client(&mut self, client: ConnId, orig: u64, code: i64, msg: &str) {
+    pub(super) fn tell_client(
+        &mut self,
+        client: ConnId,
+        orig: u64,
+        code: i64,
+        msg: &str,
+        out: &mut Outbox,
+    ) {
         let text = rpc::error_reply(Some(&Value::from(orig)), code, msg);
-        self.emit(Action::ToClient { client, text });
+        out.push(local_send(client, text));
     }
 
     pub(super) fn alloc_id(&mut self) -> u32 {
@@ -115,8 +129,15 @@ impl Cloud {
         }
     }
 
-    pub(super) fn send_up(&mut self, now: Instant, cloud_id: u32, origin: Origin, text: String) {
-        self.send_json(now, &text);
+    pub(super) fn send_up(
+        &mut self,
+        now: Instant,
+        cloud_id: u32,
+        origin: Origin,
+        text: String,
+        out: &mut Outbox,
+    ) {
+        self.send_json(now, &text, out);
         self.ups.push(Upstream {
             cloud_id,
             origin,
@@ -127,7 +148,7 @@ impl Cloud {
             .set(Timer::Ack(cloud_id), now + self.cfg.ack_timeout);
     }
 
-    pub(super) fn ack_timeout(&mut self, now: Instant, id: u32) {
+    pub(super) fn ack_timeout(&mut self, now: Instant, id: u32, out: &mut Outbox) {
         let Some(i) = self.ups.iter().position(|u| u.cloud_id == id) else {
             return;
         };
@@ -137,7 +158,7 @@ impl Cloud {
                 up.sends += 1;
                 let text = up.text.clone();
                 debug!("retransmit id:{id}");
-                self.send_json(now, &text);
+                self.send_json(now, &text, out);
                 self.wheel.set(Timer::Ack(id), now + self.cfg.ack_timeout);
                 return;
             }
@@ -146,11 +167,11 @@ impl Cloud {
         match up.origin {
             Origin::Client { client, orig } => {
                 crate::warn_limited!(now, "OT server noack, id:{id}");
-                self.tell_client(client, orig, -30011, "OT server noack");
+                self.tell_client(client, orig, -30011, "OT server noack", out);
             }
             Origin::Gone => crate::warn_limited!(now, "OT server noack, id:{id} (client gone)"),
             Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
-            Origin::Info { refresh: false } => self.fail(now, "_otc.info not acked"),
+            Origin::Info { refresh: false } => self.fail(now, "_otc.info not acked", out),
             Origin::IdleReport => {
                 warn!("ota_state idle report not acked");
                 self.idle_reported = true;
@@ -159,7 +180,14 @@ impl Cloud {
         }
     }
 
-    pub(super) fn acked(&mut self, now: Instant, i: usize, text: &str, head: &rpc::Head) {
+    pub(super) fn acked(
+        &mut self,
+        now: Instant,
+        i: usize,
+        text: &str,
+        head: &rpc::Head,
+        out: &mut Outbox,
+    ) {
         let up = self.ups.remove(i);
         self.wheel.cancel(Timer::Ack(up.cloud_id));
         match up.origin {
@@ -167,13 +195,13 @@ impl Cloud {
                 // D5: only the id changes back.
                 let text =
                     rpc::rewrite_id_scanned(text, head, orig).unwrap_or_else(|| text.to_owned());
-                self.emit(Action::ToClient { client, text });
+                out.push(local_send(client, text));
             }
             Origin::Gone => debug!("ack id:{} for a client that has gone: dropped", up.cloud_id),
             Origin::Info { refresh } => {
                 // The one ack whose content matters: its tree, built only here.
                 let obj = rpc::parse_object(text.as_bytes()).unwrap_or_default();
-                self.info_reply(now, &obj, refresh);
+                self.info_reply(now, &obj, refresh, out);
             }
             Origin::IdleReport => {
                 self.idle_reported = true;
@@ -186,6 +214,7 @@ impl Cloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::cloud::testkit::Action;
     use crate::proto::cloud::testkit::*;
     use serde_json::json;
 
@@ -320,7 +349,7 @@ mod tests {
         h.upstream(1, r#"{"id":11,"method":"a"}"#);
         h.upstream(2, r#"{"id":12,"method":"b"}"#);
         h.take();
-        h.c.handle_link_down(h.now);
+        h.c.handle_link_down(h.now, &mut h.o);
         let disc = |c, id| {
             to_client(
                 c,
