@@ -1,20 +1,19 @@
 //! A local TCP connection (54322/54323 clients, the helper channel): non-blocking reads fed to the
-//! JSON stream splitter (LOCAL_API.md §3) and a bounded write queue (64 KiB, §2) so that a client
+//! JSON stream splitter (LOCAL_API.md §3) and a bounded [`WriteQueue`] (64 KiB, §2) so that a client
 //! that never reads is closed instead of growing the daemon's memory. Input is read a bounded chunk
 //! at a time and split values are handled one by one, so a fast writer costs no memory either.
 //!
 //! The write queue holds messages, not bytes: a broadcast is one `Rc<str>` that every client's queue
-//! shares, so 20 clients that do not read hold one copy of it, not 20. The cap still counts, per
-//! client, the bytes that client has yet to be sent.
+//! shares, so 20 clients that do not read hold one copy of it, not 20 (`io::writeq`).
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use mio::net::TcpStream;
 
 use super::sys;
+use super::writeq::{Overflow, WriteQueue};
 use crate::wire::json_stream::{SplitError, Splitter};
 
 /// SO_SNDBUF of a local connection. Loopback autotunes a send buffer to MBs, so a client that does
@@ -43,22 +42,13 @@ pub enum ReadStep {
 pub struct Conn {
     pub stream: TcpStream,
     split: Splitter,
-    /// Messages not yet written, oldest first; a broadcast is shared with other clients' queues.
-    out: VecDeque<Rc<str>>,
-    /// Bytes of the first message already written.
-    out_pos: usize,
-    /// Bytes queued and not yet written: what the cap counts.
-    out_len: usize,
-    out_limit: usize,
+    /// Messages not yet written; a broadcast is shared with other clients' queues.
+    out: WriteQueue,
     /// Close once the output queue is flushed (one-shot helper writes, errors before close).
     pub close_after_flush: bool,
     /// Shut the write side once the output queue is flushed (one message per hello, L§9.2).
     shutdown_pending: bool,
 }
-
-/// Output beyond the per-connection limit: the caller closes the connection.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Overflow;
 
 impl Conn {
     pub fn new(stream: TcpStream, max_msg: usize, out_limit: usize) -> Conn {
@@ -67,10 +57,7 @@ impl Conn {
         Conn {
             stream,
             split: Splitter::new(max_msg),
-            out: VecDeque::new(),
-            out_pos: 0,
-            out_len: 0,
-            out_limit,
+            out: WriteQueue::new(out_limit),
             close_after_flush: false,
             shutdown_pending: false,
         }
@@ -119,21 +106,17 @@ impl Conn {
     /// gives about 10 KiB) and for broadcasts, so in practice only a client that does not read
     /// reaches the cap (L§2) and is closed.
     pub fn wants_input(&self) -> bool {
-        self.pending_out() <= self.out_limit / 2
+        self.pending_out() <= self.out.limit() / 2
     }
 
     pub fn pending_out(&self) -> usize {
-        self.out_len
+        self.out.len()
     }
 
     /// Queues one whole message (kept, not copied: a broadcast stays one allocation however many
-    /// queues hold it) and tries to write it at once.
+    /// queues hold it) and tries to write it at once. Beyond the cap the caller closes (L§2).
     pub fn send(&mut self, msg: Rc<str>) -> Result<(), Overflow> {
-        if self.out_len + msg.len() > self.out_limit {
-            return Err(Overflow);
-        }
-        self.out_len += msg.len();
-        self.out.push_back(msg);
+        self.out.push(msg)?;
         // A write error surfaces as a readable/closed event and is handled there.
         let _ = self.flush();
         Ok(())
@@ -141,23 +124,8 @@ impl Conn {
 
     /// Writes queued output until WouldBlock. Ok(true) when the queue is empty.
     pub fn flush(&mut self) -> io::Result<bool> {
-        while let Some(msg) = self.out.front() {
-            let rest = &msg.as_bytes()[self.out_pos..];
-            if rest.is_empty() {
-                self.out.pop_front();
-                self.out_pos = 0;
-                continue;
-            }
-            match self.stream.write(rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.out_pos += n;
-                    self.out_len -= n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+        if !self.out.write_to(&mut self.stream)? {
+            return Ok(false);
         }
         if self.shutdown_pending {
             self.shutdown_pending = false;
@@ -190,6 +158,8 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::writeq::Chunk;
+    use std::io::Write;
     use std::net::TcpListener;
 
     /// A connection to a peer on loopback that reads only when the test says so.
@@ -272,7 +242,8 @@ mod tests {
         let msg: Rc<str> = "x".repeat(8192).into();
         // Until the kernel buffers are full, then some more: queued in the daemon.
         let mut sent = 0;
-        while a.out.len() < 4 || b.out.len() < 4 {
+        let queued_msgs = |c: &Conn| c.out.chunks().0.len();
+        while queued_msgs(&a) < 4 || queued_msgs(&b) < 4 {
             a.send(msg.clone()).unwrap();
             b.send(msg.clone()).unwrap();
             sent += 1;
@@ -284,12 +255,17 @@ mod tests {
         // Every queued piece of both queues is the one allocation.
         assert!(a
             .out
+            .chunks()
+            .0
             .iter()
-            .chain(b.out.iter())
-            .all(|m| Rc::ptr_eq(m, &msg)));
-        assert_eq!(Rc::strong_count(&msg), 1 + a.out.len() + b.out.len());
+            .chain(b.out.chunks().0.iter())
+            .all(|m| matches!(m, Chunk::Shared(m) if Rc::ptr_eq(m, &msg))));
+        assert_eq!(
+            Rc::strong_count(&msg),
+            1 + queued_msgs(&a) + queued_msgs(&b)
+        );
         // The cap counts bytes per client as before.
-        let queued = |c: &Conn| c.out.len() * 8192 - c.out_pos;
+        let queued = |c: &Conn| queued_msgs(c) * 8192 - c.out.chunks().1;
         assert_eq!(a.pending_out(), queued(&a));
         assert_eq!(b.pending_out(), queued(&b));
     }

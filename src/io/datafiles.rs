@@ -1,6 +1,6 @@
 //! Reading the data dir at run time (LOCAL_API.md §17, §9.5 file mode): device.conf, device.token,
 //! wifi.conf, device.country and os-release. Parsing is done by the pure `config` parsers; this file
-//! only does the file system and the token step of the file mode (L§9.3).
+//! only does the file system, the token step of the file mode (L§9.3) and a fresh random token.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -129,4 +129,19 @@ pub fn token_step(datadir: &str, fresh: &Secret16) -> Result<Secret16, ConfError
 /// The text of os-release, if readable.
 pub fn os_release(p: &str) -> Option<String> {
     read(Path::new(p)).ok().flatten()
+}
+
+/// A new random LAN token (the token step when the data dir holds none, and the node's first).
+pub fn fresh_token() -> Secret16 {
+    let mut raw = [0u8; 96];
+    // A failing getrandom is near impossible; the token still must not be predictable, so fall
+    // back to mixing in the clock only to keep the daemon alive, and say so.
+    if let Err(e) = super::sys::random_bytes(&mut raw) {
+        log::warn!("getrandom failed ({e}); token entropy is weak");
+        let t = super::sys::boottime_ms().to_le_bytes();
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b ^= t[i % 8].wrapping_mul(i as u8 | 1);
+        }
+    }
+    crate::config::token::generate(&raw).unwrap_or_else(|| Secret16::new(*b"0123456789abcdef"))
 }

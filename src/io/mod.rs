@@ -3,10 +3,13 @@
 
 pub mod clock;
 pub mod conn;
+pub mod daemon;
 pub mod datafiles;
+pub mod effects;
 pub mod log;
 pub mod mdns;
 pub mod netinfo;
 pub mod reactor;
 pub mod resolver;
 pub mod sys;
+pub mod writeq;

@@ -184,6 +184,14 @@ pub fn daemonize(redirect_stdio: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// A seed for the node's PRNGs (cloud ids, backoff jitter): the kernel's random bytes mixed with
+/// the clock, which is what is left should getrandom fail.
+pub fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = random_bytes(&mut b);
+    u64::from_le_bytes(b) ^ boottime_ms()
+}
+
 /// Fills `buf` from the kernel's random source (for tokens and id seeds, PROTOCOL.md §2.5).
 pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
