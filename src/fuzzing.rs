@@ -16,17 +16,87 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde_json::{json, Map, Value};
 
 use crate::config::{self, Secret16};
-use crate::proto::cloud::{Action, ClientId, Cloud, CloudConfig, CloudState, Transport};
+use crate::proto::cloud::{self, Cloud, CloudConfig, CloudEvent, CloudState, Transport};
 use crate::proto::helper;
 use crate::proto::ioerr::OsError;
-use crate::proto::lan::{Lan, LanAction};
+use crate::proto::lan::{Lan, LanEvent};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
-use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig, Outbox};
+use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig};
+use crate::proto::outbox::Outbox;
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
 use crate::wire::json_stream::{Piece, SplitError, Splitter};
 use crate::wire::{dns, miio, rpc};
+
+/// What a driver of the cloud machine sees of it, in one stream: the effects it put in the outbox,
+/// then the events it left to the node (the machine keeps the two apart; within one call no test
+/// or invariant here depends on how they interleave). Also read by the machine's unit tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum CloudOut {
+    Resolve {
+        transport: Transport,
+        host: String,
+        port: u16,
+        attempt: u32,
+    },
+    Connect {
+        transport: Transport,
+        addr: std::net::SocketAddrV4,
+    },
+    Send(Vec<u8>),
+    Close,
+    NeedInfo,
+    ToClient {
+        client: ConnId,
+        text: String,
+    },
+    Command {
+        text: String,
+        id: Option<u32>,
+    },
+    SelfMethod {
+        id: Option<u32>,
+        method: String,
+        params: Value,
+    },
+    Event(CloudEvent),
+}
+
+/// The next of what `c` did into `out` and its events, as one [`CloudOut`].
+pub(crate) fn cloud_out(out: &mut Outbox, c: &mut Cloud) -> Option<CloudOut> {
+    if let Some(a) = out.pop() {
+        return Some(match a {
+            NodeAction::Resolve {
+                transport,
+                host,
+                port,
+                attempt,
+            } => CloudOut::Resolve {
+                transport,
+                host,
+                port,
+                attempt,
+            },
+            NodeAction::Connect { transport, addr } => CloudOut::Connect { transport, addr },
+            NodeAction::CloudSend(b) => CloudOut::Send(b),
+            NodeAction::CloudClose => CloudOut::Close,
+            NodeAction::Local(LocalAction::Send(client, text)) => CloudOut::ToClient {
+                client,
+                text: text.to_string(),
+            },
+            other => panic!("the cloud machine queued {other:?}"),
+        });
+    }
+    Some(match c.poll_event()? {
+        cloud::Event::NeedInfo => CloudOut::NeedInfo,
+        cloud::Event::Command { text, id } => CloudOut::Command { text, id },
+        cloud::Event::SelfMethod { id, method, params } => {
+            CloudOut::SelfMethod { id, method, params }
+        }
+        cloud::Event::State(e) => CloudOut::Event(e),
+    })
+}
 
 /// A target: any bytes in, a panic when an invariant broke.
 pub type Target = fn(&[u8]);
@@ -1129,6 +1199,7 @@ fn cloud_config(u: &mut Input) -> CloudConfig {
 /// The reactor, the node and the cloud around one cloud machine.
 struct CloudH {
     c: Cloud,
+    out: Outbox,
     cfg: CloudConfig,
     keys: Keys,
     now: Instant,
@@ -1165,12 +1236,16 @@ impl Clocked for CloudH {
         self.c.poll_timeout()
     }
     fn fire(&mut self) {
-        self.c.handle_timeout(self.now);
+        self.c.handle_timeout(self.now, &mut self.out);
         self.drain();
         after_fire(self.now, self.c.poll_timeout(), false);
         // Calling it again with nothing due does nothing (ARCHITECTURE.md §3).
-        self.c.handle_timeout(self.now);
-        assert_eq!(self.c.poll_action(), None, "a second handle_timeout acted");
+        self.c.handle_timeout(self.now, &mut self.out);
+        assert_eq!(
+            cloud_out(&mut self.out, &mut self.c),
+            None,
+            "a second handle_timeout acted"
+        );
     }
 }
 
@@ -1178,6 +1253,7 @@ impl CloudH {
     fn new(cfg: CloudConfig) -> CloudH {
         CloudH {
             c: Cloud::new(cfg.clone()),
+            out: Outbox::default(),
             keys: Keys::new(&cfg.key),
             cfg,
             now: Instant(1_000_000),
@@ -1200,7 +1276,7 @@ impl CloudH {
     }
 
     fn drain(&mut self) {
-        while let Some(a) = self.c.poll_action() {
+        while let Some(a) = cloud_out(&mut self.out, &mut self.c) {
             self.on_action(a);
         }
         if self.c.state() != CloudState::Stopped {
@@ -1222,9 +1298,9 @@ impl CloudH {
         );
     }
 
-    fn on_action(&mut self, a: Action) {
+    fn on_action(&mut self, a: CloudOut) {
         match a {
-            Action::Resolve {
+            CloudOut::Resolve {
                 transport,
                 host,
                 port,
@@ -1239,7 +1315,7 @@ impl CloudH {
                 assert_eq!(port, ep.port);
                 self.attempt = Some(attempt);
             }
-            Action::Connect { transport, .. } => {
+            CloudOut::Connect { transport, .. } => {
                 assert!(self.cfg.transports.contains(&transport));
                 self.link = Some(transport);
                 self.connecting = true;
@@ -1247,25 +1323,25 @@ impl CloudH {
                 self.hello_out = false;
                 self.last_ka = None;
             }
-            Action::Send(b) => self.on_send(&b),
-            Action::Close => {
+            CloudOut::Send(b) => self.on_send(&b),
+            CloudOut::Close => {
                 assert!(self.link.is_some(), "Close without a socket");
                 self.link = None;
                 self.connecting = false;
                 self.pending_down.clear();
             }
-            Action::NeedInfo => {}
-            Action::ToClient { client, text } => {
+            CloudOut::NeedInfo => {}
+            CloudOut::ToClient { client, text } => {
                 let o = obj(&text).expect("a reply to a client parses");
                 let id = o.get("id").cloned().unwrap_or(Value::Null);
                 let i = self
                     .waiting
                     .iter()
-                    .position(|(c, w)| *c == client.0 && *w == id)
+                    .position(|(c, w)| *c as ConnId == client && *w == id)
                     .unwrap_or_else(|| panic!("a reply nobody waits for: {text}"));
                 self.waiting.remove(i);
             }
-            Action::Command { text, id } => {
+            CloudOut::Command { text, id } => {
                 assert_eq!(
                     Some(&text),
                     self.delivered.as_ref(),
@@ -1281,7 +1357,7 @@ impl CloudH {
                     self.handed.push_back(i);
                 }
             }
-            Action::SelfMethod { id, method, .. } => {
+            CloudOut::SelfMethod { id, method, .. } => {
                 assert!(
                     SELF_METHODS.contains(&method.as_str()),
                     "{method} is not ours"
@@ -1291,7 +1367,7 @@ impl CloudH {
                     self.handed.push_back(i);
                 }
             }
-            Action::Event(_) => {}
+            CloudOut::Event(_) => {}
         }
         while self.handed.len() > 64 {
             self.handed.pop_front();
@@ -1351,11 +1427,12 @@ impl CloudH {
     /// Close is never delivered).
     fn deliver(&mut self, u: &mut Input, bytes: &[u8]) {
         match self.link {
-            Some(Transport::Udp) => self.c.handle_datagram(self.now, bytes),
+            Some(Transport::Udp) => self.c.handle_datagram(self.now, bytes, &mut self.out),
             Some(Transport::Tcp) => {
                 let mut at = 0;
                 for n in chunk_plan(u, bytes.len()) {
-                    self.c.handle_stream(self.now, &bytes[at..at + n]);
+                    self.c
+                        .handle_stream(self.now, &bytes[at..at + n], &mut self.out);
                     at += n;
                 }
             }
@@ -1420,7 +1497,8 @@ impl CloudH {
             }
         }
         let h = rpc::scan(text.as_bytes()).expect("parse_object took it");
-        self.c.upstream(self.now, ClientId(client), &text, &h);
+        self.c
+            .upstream(self.now, client as ConnId, &text, &h, &mut self.out);
         self.drain();
     }
 
@@ -1454,7 +1532,9 @@ impl CloudH {
             h.error_code,
             o.get("error").and_then(|e| e["code"].as_i64())
         );
-        let taken = self.c.local_reply(self.now, ClientId(client), &text, &h);
+        let taken = self
+            .c
+            .local_reply(self.now, client as ConnId, &text, &h, &mut self.out);
         assert_eq!(
             taken, pending,
             "local_reply({id}) against the pending table"
@@ -1472,7 +1552,10 @@ impl CloudH {
         };
         let text = format!(r#"{{"id":{id},"result":["OK"]}}"#);
         let pending = id != 0 && self.pending_down.contains(&id);
-        assert_eq!(self.c.self_reply(self.now, id, &text), pending);
+        assert_eq!(
+            self.c.self_reply(self.now, id, &text, &mut self.out),
+            pending
+        );
         self.drain();
     }
 
@@ -1487,7 +1570,7 @@ impl CloudH {
         let Some(m) = crate::wire::rpc::Members::of_object(info.to_string().as_bytes()) else {
             return;
         };
-        self.c.handle_info(self.now, &m);
+        self.c.handle_info(self.now, &m, &mut self.out);
         self.drain();
     }
 
@@ -1495,11 +1578,11 @@ impl CloudH {
         match u.u8() % 22 {
             0 => advance(self, u),
             1 => {
-                self.c.start(self.now);
+                self.c.start(self.now, &mut self.out);
                 self.drain();
             }
             2 => {
-                self.c.stop(self.now);
+                self.c.stop(self.now, &mut self.out);
                 self.drain();
                 assert_eq!(self.c.poll_timeout(), None, "stopped with a deadline");
                 assert!(self.waiting.is_empty(), "stop left a client unanswered");
@@ -1519,22 +1602,23 @@ impl CloudH {
                         })
                         .collect()),
                 };
-                self.c.handle_resolved(self.now, attempt, r);
+                self.c.handle_resolved(self.now, attempt, r, &mut self.out);
                 self.drain();
             }
             4 => {
                 // The socket is set up (UDP at once, TCP when the connect completed).
                 let local = u.pick(&LOCAL_IPS);
                 self.connecting = false;
-                self.c.handle_connected(self.now, local);
+                self.c.handle_connected(self.now, local, &mut self.out);
                 self.drain();
             }
             5 => {
-                self.c.handle_connect_failed(self.now, "refused");
+                self.c
+                    .handle_connect_failed(self.now, "refused", &mut self.out);
                 self.drain();
             }
             6 => {
-                self.c.handle_link_down(self.now);
+                self.c.handle_link_down(self.now, &mut self.out);
                 self.drain();
             }
             7 => {
@@ -1593,7 +1677,7 @@ impl CloudH {
             19 => {
                 // The node's way to a new identity: stop, then a new machine that carries on.
                 let carry = self.c.carry();
-                self.c.stop(self.now);
+                self.c.stop(self.now, &mut self.out);
                 self.drain();
                 self.c = Cloud::new(self.cfg.clone());
                 self.c.resume(carry);
@@ -1602,7 +1686,7 @@ impl CloudH {
             20 => {
                 // The client's connection closed: nothing more may be addressed to it.
                 let k = u32::from(u.u8() % 4);
-                self.c.client_gone(ClientId(k));
+                self.c.client_gone(k as ConnId);
                 self.waiting.retain(|w| w.0 != k);
                 self.drain();
             }
@@ -1630,7 +1714,7 @@ pub fn cloud(data: &[u8]) {
         }
         h.event(&mut u);
     }
-    h.c.stop(h.now);
+    h.c.stop(h.now, &mut h.out);
     h.drain();
     assert!(h.waiting.is_empty(), "a client request was never answered");
     assert_eq!(h.c.poll_timeout(), None);
@@ -1701,8 +1785,15 @@ fn phone_command(u: &mut Input, fresh: u32) -> (String, Option<u32>) {
 type Delivery = (Vec<u8>, Option<Map<String, Value>>, usize);
 
 /// The node and the phones around one LAN machine.
+/// What the LAN driver sees of the machine: a datagram it put in the outbox, or an event.
+enum LanOut {
+    Send { to: SocketAddr, bytes: Vec<u8> },
+    Event(LanEvent),
+}
+
 struct LanH {
     l: Lan,
+    out: Outbox,
     now: Instant,
     timeout: Duration,
     identity: Option<(u32, [u8; 16])>,
@@ -1733,14 +1824,14 @@ impl Clocked for LanH {
         self.l.poll_timeout()
     }
     fn fire(&mut self) {
-        self.l.handle_timeout(self.now);
+        self.l.handle_timeout(self.now, &mut self.out);
         let now = self.now;
         self.selfs.retain(|_, d| *d > now);
         self.drain();
         after_fire(self.now, self.l.poll_timeout(), false);
-        self.l.handle_timeout(self.now);
+        self.l.handle_timeout(self.now, &mut self.out);
         assert!(
-            self.l.poll_action().is_none(),
+            self.out.is_empty() && self.l.poll_event().is_none(),
             "a second handle_timeout acted"
         );
     }
@@ -1748,7 +1839,15 @@ impl Clocked for LanH {
 
 impl LanH {
     fn drain(&mut self) {
-        while let Some(a) = self.l.poll_action() {
+        loop {
+            let a = match self.out.pop() {
+                Some(NodeAction::LanSend { to, bytes }) => LanOut::Send { to, bytes },
+                Some(a) => panic!("the LAN machine queued {a:?}"),
+                None => match self.l.poll_event() {
+                    Some(e) => LanOut::Event(e),
+                    None => break,
+                },
+            };
             self.on_action(a);
         }
         assert!(!self.l.is_busy());
@@ -1787,9 +1886,9 @@ impl LanH {
         o.expect("an executed command opened")
     }
 
-    fn on_action(&mut self, a: LanAction) {
+    fn on_action(&mut self, a: LanOut) {
         match a {
-            LanAction::Send { to, bytes } => {
+            LanOut::Send { to, bytes } => {
                 assert!((0..3).any(|i| phone(i) == to), "sent to {to}, not a phone");
                 assert!(bytes.len() <= 65507);
                 let (did, token) = self.identity.expect("sent without an identity");
@@ -1825,7 +1924,7 @@ impl LanH {
                     );
                 }
             }
-            LanAction::Command { local_id, text } => {
+            LanOut::Event(LanEvent::Command { local_id, text }) => {
                 assert!(
                     (0x4000_0000..=0x7fff_ffff).contains(&local_id),
                     "local id {local_id}"
@@ -1846,9 +1945,9 @@ impl LanH {
                 assert_eq!(got, o, "the command changed beyond its id");
                 self.forwarded.insert(local_id, phone_id);
             }
-            LanAction::SelfMethod {
+            LanOut::Event(LanEvent::SelfMethod {
                 handle, method, id, ..
-            } => {
+            }) => {
                 assert!(
                     SELF_METHODS.contains(&method.as_str()),
                     "{method} is not ours"
@@ -1874,7 +1973,8 @@ impl LanH {
         if self.sent.len() > 16 {
             self.sent.pop_front();
         }
-        self.l.handle_datagram(self.now, phone(who), &bytes);
+        self.l
+            .handle_datagram(self.now, phone(who), &bytes, &mut self.out);
         self.drain();
         self.current = None;
     }
@@ -1969,7 +2069,7 @@ impl LanH {
                 let pending = self.l.is_local_id_pending(id);
                 let want = pending && rpc::rewrite_id(&text, 0).is_some();
                 assert_eq!(
-                    self.l.local_reply(self.now, id, &text),
+                    self.l.local_reply(self.now, id, &text, &mut self.out),
                     want,
                     "local_reply({id})"
                 );
@@ -1989,7 +2089,11 @@ impl LanH {
                 let want = self.selfs.contains_key(&h)
                     && rpc::rewrite_id(&text, 0).is_some()
                     && text.len() < 60_000;
-                assert_eq!(self.l.answer(self.now, h, &text), want, "answer({h})");
+                assert_eq!(
+                    self.l.answer(self.now, h, &text, &mut self.out),
+                    want,
+                    "answer({h})"
+                );
                 if want {
                     self.selfs.remove(&h);
                 }
@@ -2009,6 +2113,7 @@ pub fn lan(data: &[u8]) {
     let timeout = Duration::from_millis(u.pick(&[0, 1, 5000, 60_000]));
     let mut h = LanH {
         l: Lan::new(seed, timeout),
+        out: Outbox::default(),
         now: Instant(u64::from(u.u32())),
         timeout,
         identity: None,

@@ -178,6 +178,11 @@ impl Daemon {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
+        // After a close was ordered nothing more is queued: the close follows the last message
+        // the node meant for the connection (a -32700, L§3), not a late ack of the cloud's.
+        if c.conn.close_after_flush {
+            return;
+        }
         if c.conn.send(text).is_err() {
             crate::warn_limited!(
                 now,

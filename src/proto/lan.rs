@@ -3,7 +3,8 @@
 //! Contract (ARCHITECTURE.md §3): sans-IO. No socket, no clock, no file. Inputs are
 //! [`Lan::handle_datagram`], [`Lan::handle_timeout`], [`Lan::local_reply`] and [`Lan::answer`];
 //! configuration comes from the node through [`Lan::set_identity`], [`Lan::set_state`] and
-//! [`Lan::set_offset`]. Outputs are [`LanAction`]s drained with [`Lan::poll_action`].
+//! [`Lan::set_offset`]. Datagrams go straight into the caller's [`Outbox`] (`LanSend`), in order;
+//! what the node decides is a [`LanEvent`], drained with [`Lan::poll_event`].
 //! [`Lan::poll_timeout`] is the earliest user-ack deadline of a pending command; the replay guard and
 //! the reply cache expire lazily on the next datagram and never wake the daemon (L§12).
 //!
@@ -11,12 +12,12 @@
 //! `wifi_ap_mode`); opens data packets under the token (P§2.7); refuses anything but a command with a
 //! string `method` and a u32 `id`, and `local.*`/`_internal.*` methods (P§4.4); never executes a
 //! repeated packet and answers it from the reply cache (P§4.5 D7); hands the methods of P§4.6 to the
-//! node ([`LanAction::SelfMethod`]); forwards every other command with its id rewritten to a local id
+//! node ([`LanEvent::SelfMethod`]); forwards every other command with its id rewritten to a local id
 //! (P§4.7 D7); and answers the phone with the first local reply, the held -10000/-32601 fallback
 //! (D16) or -9999 after the user-ack timeout (P§5.8).
 //!
 //! The node's side:
-//! - `Send{to, bytes}`: one datagram from the 54321 socket to `to`.
+//! - `Action::LanSend{to, bytes}` (in the outbox): one datagram from the 54321 socket to `to`.
 //! - `Command{local_id, text}`: broadcast `text` to the local clients like a cloud command (D6).
 //!   Feed replies whose id is a pending local id ([`Lan::is_local_id_pending`]) to
 //!   [`Lan::local_reply`]. If the command reached no local client, the node may leave it to the timeout.
@@ -30,6 +31,8 @@ use std::net::SocketAddr;
 use log::{debug, warn};
 use serde_json::Value;
 
+use crate::proto::downstream::{self, Downstream, Rng, CACHE_MAX_TEXT};
+use crate::proto::outbox::{Action, Outbox};
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
@@ -38,37 +41,18 @@ use crate::wire::rpc;
 
 /// Default wait for a local reply before -9999 (P§5.8, `--user-ack-timeout`).
 pub const DEFAULT_USER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pending commands (forwarded and self-answered); a further one gets -9999 at once (P§5.8).
-const MAX_PENDING: usize = 64;
 /// Replay guard: lifetime and size (P§4.5 D7).
 const GUARD_TTL: Duration = Duration::from_secs(600);
 const GUARD_MAX: usize = 256;
-/// Reply cache: size, lifetime and largest plaintext kept (P§4.5 D7).
-const CACHE_MAX: usize = 32;
-const CACHE_TTL: Duration = Duration::from_secs(60);
-const CACHE_MAX_TEXT: usize = 2048;
 /// Local ids of forwarded LAN commands (P§4.7 D7).
 const LOCAL_ID_MIN: u32 = 0x4000_0000;
 const LOCAL_ID_MAX: u32 = 0x7fff_ffff;
 /// The largest UDP payload over IPv4: a longer reply cannot be sent.
 const MAX_DATAGRAM: usize = 65507;
 
-/// Methods the daemon answers itself on the LAN (P§4.6).
-const SELF_METHODS: [&str; 7] = [
-    "miIO.info",
-    "miIO.wifi_assoc_state",
-    "miIO.config_router",
-    "miIO.config_tz",
-    "miIO.config_loglevel",
-    "miIO.config",
-    "miIO.stop_diag_mode",
-];
-
-/// What the node must do for the LAN machine.
+/// What the LAN machine leaves to the node (its datagrams go straight into the [`Outbox`]).
 #[derive(Clone, PartialEq)]
-pub enum LanAction {
-    /// One datagram from the LAN socket.
-    Send { to: SocketAddr, bytes: Vec<u8> },
+pub enum LanEvent {
     /// A phone command, id rewritten to `local_id`, to broadcast to local clients (P§4.7).
     Command { local_id: u32, text: String },
     /// A method of P§4.6 for the node to answer with [`Lan::answer`]`(now, handle, reply)`.
@@ -82,14 +66,13 @@ pub enum LanAction {
 }
 
 // `params` of miIO.config_router carries the Wi-Fi password: never printed (P§2.5).
-impl fmt::Debug for LanAction {
+impl fmt::Debug for LanEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LanAction::Send { to, bytes } => write!(f, "Send {{ to: {to}, {} bytes }}", bytes.len()),
-            LanAction::Command { local_id, text } => {
+            LanEvent::Command { local_id, text } => {
                 write!(f, "Command {{ local_id: {local_id}, text: {text:?} }}")
             }
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle, method, id, ..
             } => write!(
                 f,
@@ -116,21 +99,13 @@ enum Route {
     SelfAnswered(u64),
 }
 
-struct Pending {
+/// What the LAN keeps per pending command: who answers it and where the reply goes.
+#[derive(Clone, Copy)]
+struct Origin {
     route: Route,
     phone_id: u32,
     to: SocketAddr,
     key: GuardKey,
-    deadline: Instant,
-    /// D16: a -10000/-32601 reply (phone id restored), sent at the deadline instead of -9999.
-    held: Option<String>,
-}
-
-struct Cached {
-    key: GuardKey,
-    /// The reply plaintext with the phone's id, without the NUL.
-    text: String,
-    until: Instant,
 }
 
 /// The LAN machine. Not `Debug`: it holds the token and replies that may carry it.
@@ -143,11 +118,12 @@ pub struct Lan {
     user_ack_timeout: Duration,
     next_local: u32,
     next_handle: u64,
-    pending: Vec<Pending>,
+    /// Pending commands, and the replies (plaintext with the phone's id, no NUL) cached by
+    /// replay-guard key for repeats.
+    pending: Downstream<Origin, GuardKey>,
     /// Accepted commands, oldest first, with the time they were accepted.
     guard: VecDeque<(GuardKey, Instant)>,
-    cache: VecDeque<Cached>,
-    actions: VecDeque<LanAction>,
+    events: VecDeque<LanEvent>,
 }
 
 impl Lan {
@@ -155,7 +131,7 @@ impl Lan {
     pub fn new(seed: u64, user_ack_timeout: Duration) -> Lan {
         let span = u64::from(LOCAL_ID_MAX - LOCAL_ID_MIN) + 1;
         // span is 2^30, so the remainder fits in u32.
-        let start = LOCAL_ID_MIN + (splitmix64(seed) % span) as u32;
+        let start = LOCAL_ID_MIN + (Rng::new(seed).next_u64() % span) as u32;
         Lan {
             identity: None,
             state: State::DeviceInit,
@@ -163,10 +139,9 @@ impl Lan {
             user_ack_timeout,
             next_local: start,
             next_handle: 1,
-            pending: Vec::new(),
+            pending: Downstream::new(CACHE_MAX_TEXT),
             guard: VecDeque::new(),
-            cache: VecDeque::new(),
-            actions: VecDeque::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -180,7 +155,7 @@ impl Lan {
         if !same {
             self.identity = Some((did, Keys::new(&token)));
             self.guard.clear();
-            self.cache.clear();
+            self.pending.clear_cache();
         }
     }
 
@@ -202,28 +177,36 @@ impl Lan {
         secs.wrapping_add(self.offset) as u32
     }
 
-    pub fn poll_action(&mut self) -> Option<LanAction> {
-        self.actions.pop_front()
+    /// What the node must decide next (a command to broadcast, a method to answer).
+    pub fn poll_event(&mut self) -> Option<LanEvent> {
+        self.events.pop_front()
     }
 
     /// The earliest user-ack deadline; None when nothing is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.iter().map(|p| p.deadline).min()
+        self.pending.poll_timeout()
     }
 
-    /// L§12 counts "the LAN socket has unsent output": here, actions not yet drained. Pending
-    /// commands do not block a suspend; their deadline is in [`Lan::poll_timeout`].
+    /// L§12 counts "the LAN socket has unsent output": here, events the node has not drained
+    /// (the datagrams themselves are in the [`Outbox`]). Pending commands do not block a suspend;
+    /// their deadline is in [`Lan::poll_timeout`].
     pub fn is_busy(&self) -> bool {
-        !self.actions.is_empty()
+        !self.events.is_empty()
     }
 
     /// True when `id` is the local id of a forwarded LAN command still waiting for a reply.
     pub fn is_local_id_pending(&self, id: u32) -> bool {
-        self.pending.iter().any(|p| p.route == Route::Forwarded(id))
+        self.pending.contains(|o| o.route == Route::Forwarded(id))
     }
 
     /// One datagram received on 54321 from `from`.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        bytes: &[u8],
+        out: &mut Outbox,
+    ) {
         self.expire(now);
         let pkt = match Packet::new_checked(bytes) {
             Ok(p) => p,
@@ -231,7 +214,7 @@ impl Lan {
         };
         if pkt.is_control() {
             if pkt.is_lan_hello() {
-                self.hello(now, from);
+                self.hello(now, from, out);
             } else {
                 debug!("LAN control packet from {from} ignored");
             }
@@ -260,38 +243,37 @@ impl Lan {
             checksum: pkt.checksum(),
         };
         if self.guard.iter().any(|(k, _)| *k == key) {
-            return self.repeated(now, from, key);
+            return self.repeated(now, from, key, out);
         }
         if self.guard.len() >= GUARD_MAX {
             self.guard.pop_front();
         }
         self.guard.push_back((key, now));
 
-        if self.pending.len() >= MAX_PENDING {
+        if self.pending.is_full() {
             crate::warn_limited!(now, "too many pending LAN commands, id:{id} answered -9999");
-            let text = user_ack_timeout_reply(id);
-            self.send_reply(now, from, key, text);
+            let text = downstream::user_ack_timeout_reply(id);
+            self.send_reply(now, from, key, text, out);
             return;
         }
         let deadline = now + self.user_ack_timeout;
-        if SELF_METHODS.contains(&method) {
+        if downstream::self_answered(method) {
             let handle = self.next_handle;
             self.next_handle = self.next_handle.wrapping_add(1);
-            let action = LanAction::SelfMethod {
+            let event = LanEvent::SelfMethod {
                 handle,
                 method: method.to_owned(),
                 id,
                 params: opened.value.get("params").cloned().unwrap_or(Value::Null),
             };
-            self.pending.push(Pending {
+            let origin = Origin {
                 route: Route::SelfAnswered(handle),
                 phone_id: id,
                 to: from,
                 key,
-                deadline,
-                held: None,
-            });
-            self.actions.push_back(action);
+            };
+            self.pending.insert(origin, deadline);
+            self.events.push_back(event);
             return;
         }
         let local_id = self.next_local_id();
@@ -304,66 +286,68 @@ impl Lan {
             "M, orig_id:{id}, new_id:{local_id}, len:{}",
             text.len()
         );
-        self.pending.push(Pending {
+        let origin = Origin {
             route: Route::Forwarded(local_id),
             phone_id: id,
             to: from,
             key,
-            deadline,
-            held: None,
-        });
-        self.actions
-            .push_back(LanAction::Command { local_id, text });
+        };
+        self.pending.insert(origin, deadline);
+        self.events.push_back(LanEvent::Command { local_id, text });
     }
 
     /// A local client's reply to a forwarded command (`text` is the reply as received). Returns
     /// whether `local_id` was pending here. The first reply wins; -10000/-32601 are held (D16).
-    pub fn local_reply(&mut self, now: Instant, local_id: u32, text: &str) -> bool {
+    pub fn local_reply(
+        &mut self,
+        now: Instant,
+        local_id: u32,
+        text: &str,
+        out: &mut Outbox,
+    ) -> bool {
         let Some(i) = self
             .pending
-            .iter()
-            .position(|p| p.route == Route::Forwarded(local_id))
+            .position(|o| o.route == Route::Forwarded(local_id))
         else {
             return false;
         };
         let Ok(obj) = rpc::parse_object(text.as_bytes()) else {
             return false;
         };
-        let Some(p) = self.pending.get_mut(i) else {
+        let Some(phone_id) = self.pending.get(i).map(|p| p.origin.phone_id) else {
             return false;
         };
-        let Some(restored) = rpc::rewrite_id(text, u64::from(p.phone_id)) else {
+        let Some(restored) = rpc::rewrite_id(text, u64::from(phone_id)) else {
             return false;
         };
         let code = obj
             .get("error")
             .and_then(|e| e.get("code"))
             .and_then(Value::as_i64);
-        if matches!(code, Some(-10000 | -32601)) {
+        if downstream::is_fallback(code) {
             // D16: a fallback only; the first one is kept until something better comes.
-            p.held.get_or_insert(restored);
+            self.pending.hold(i, restored);
             return true;
         }
-        self.finish(now, i, restored);
+        self.finish(now, i, restored, out);
         true
     }
 
-    /// The node's reply to a [`LanAction::SelfMethod`]. `text` is a JSON object with a top-level
+    /// The node's reply to a [`LanEvent::SelfMethod`]. `text` is a JSON object with a top-level
     /// `id` (restored to the phone's id here). False when the handle is no longer pending or the
     /// reply is unusable (then the phone gets -9999 at the deadline).
-    pub fn answer(&mut self, now: Instant, handle: u64, text: &str) -> bool {
+    pub fn answer(&mut self, now: Instant, handle: u64, text: &str, out: &mut Outbox) -> bool {
         let Some(i) = self
             .pending
-            .iter()
-            .position(|p| p.route == Route::SelfAnswered(handle))
+            .position(|o| o.route == Route::SelfAnswered(handle))
         else {
             return false;
         };
-        let Some(phone_id) = self.pending.get(i).map(|p| p.phone_id) else {
+        let Some(phone_id) = self.pending.get(i).map(|p| p.origin.phone_id) else {
             return false;
         };
         match rpc::rewrite_id(text, u64::from(phone_id)) {
-            Some(restored) => self.finish(now, i, restored),
+            Some(restored) => self.finish(now, i, restored, out),
             None => {
                 warn!("LAN self reply without id, handle {handle}: not sent");
                 false
@@ -372,26 +356,26 @@ impl Lan {
     }
 
     /// Answers every command whose user-ack deadline has passed: the held error, else -9999.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(i) = self.pending.iter().position(|p| p.deadline <= now) {
-            let p = self.pending.remove(i);
-            let fallback = || {
-                crate::info_limited!(now, "user ack timeout, id:{}", p.phone_id);
-                user_ack_timeout_reply(p.phone_id)
-            };
-            let text = p.held.clone().unwrap_or_else(fallback);
-            if !self.send_reply(now, p.to, p.key, text) {
-                self.send_reply(now, p.to, p.key, fallback());
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Outbox) {
+        while let Some(p) = self.pending.pop_due(now) {
+            let Origin {
+                phone_id, to, key, ..
+            } = p.origin;
+            let text = p.timeout_reply(now, phone_id);
+            if !self.send_reply(now, to, key, text, out) {
+                // The held reply could not be sealed: the phone still gets its -9999.
+                let text = downstream::user_ack_timeout_reply(phone_id);
+                self.send_reply(now, to, key, text, out);
             }
         }
     }
 
     /// Sends `text` for pending entry `i` and removes it; false (entry kept) if it cannot be sent.
-    fn finish(&mut self, now: Instant, i: usize, text: String) -> bool {
-        let Some((to, key)) = self.pending.get(i).map(|p| (p.to, p.key)) else {
+    fn finish(&mut self, now: Instant, i: usize, text: String, out: &mut Outbox) -> bool {
+        let Some((to, key)) = self.pending.get(i).map(|p| (p.origin.to, p.origin.key)) else {
             return false;
         };
-        if !self.send_reply(now, to, key, text) {
+        if !self.send_reply(now, to, key, text, out) {
             return false;
         }
         self.pending.remove(i);
@@ -399,23 +383,20 @@ impl Lan {
     }
 
     /// Seals `text` for `to` with the current stamp and caches it for repeats (P§4.4, P§4.5).
-    fn send_reply(&mut self, now: Instant, to: SocketAddr, key: GuardKey, text: String) -> bool {
+    fn send_reply(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        key: GuardKey,
+        text: String,
+        out: &mut Outbox,
+    ) -> bool {
         let Some(bytes) = self.seal(now, &text) else {
             return false;
         };
         crate::info_limited!(now, "ACK, id:{}, to:mobile {to}", key.id);
-        self.actions.push_back(LanAction::Send { to, bytes });
-        if text.len() <= CACHE_MAX_TEXT {
-            self.cache.retain(|c| c.key != key);
-            if self.cache.len() >= CACHE_MAX {
-                self.cache.pop_front();
-            }
-            self.cache.push_back(Cached {
-                key,
-                text,
-                until: now + CACHE_TTL,
-            });
-        }
+        out.push(Action::LanSend { to, bytes });
+        self.pending.cache_put(now, key, text);
         true
     }
 
@@ -434,7 +415,7 @@ impl Lan {
         Some(bytes)
     }
 
-    fn hello(&mut self, now: Instant, from: SocketAddr) {
+    fn hello(&mut self, now: Instant, from: SocketAddr, out: &mut Outbox) {
         let Some((did, keys)) = self.identity.as_ref().filter(|_| self.state.token_known()) else {
             debug!("LAN hello from {from} before the token is known: silent");
             return;
@@ -443,11 +424,11 @@ impl Lan {
         let token = (self.state == State::WifiApMode).then(|| keys.secret());
         let bytes = miio::lan_hello_reply(*did, self.stamp(now), token).to_vec();
         debug!("LAN hello from {from} answered");
-        self.actions.push_back(LanAction::Send { to: from, bytes });
+        out.push(Action::LanSend { to: from, bytes });
     }
 
     /// A packet the guard has seen: never executed again (P§4.5 D7).
-    fn repeated(&mut self, now: Instant, from: SocketAddr, key: GuardKey) {
+    fn repeated(&mut self, now: Instant, from: SocketAddr, key: GuardKey, out: &mut Outbox) {
         self.log_drop(
             now,
             from,
@@ -458,19 +439,14 @@ impl Lan {
                 now.secs()
             ),
         );
-        if self.pending.iter().any(|p| p.key == key) {
+        if self.pending.contains(|o| o.key == key) {
             return;
         }
-        let Some(text) = self
-            .cache
-            .iter()
-            .find(|c| c.key == key)
-            .map(|c| c.text.clone())
-        else {
+        let Some(text) = self.pending.cached(now, &key).map(str::to_owned) else {
             return;
         };
         if let Some(bytes) = self.seal(now, &text) {
-            self.actions.push_back(LanAction::Send { to: from, bytes });
+            out.push(Action::LanSend { to: from, bytes });
         }
     }
 
@@ -483,9 +459,7 @@ impl Lan {
         {
             self.guard.pop_front();
         }
-        while self.cache.front().is_some_and(|c| c.until <= now) {
-            self.cache.pop_front();
-        }
+        self.pending.expire(now);
     }
 
     /// Next local id: +1, wraps to 0x40000000, skips pending ones (P§4.7 D7).
@@ -516,27 +490,12 @@ impl Lan {
     pub(crate) fn debug_sizes(&self, out: &mut Vec<(&'static str, usize)>) {
         out.extend([
             ("lan.pending", self.pending.len()),
-            (
-                "lan.pending_held",
-                self.pending.iter().filter(|p| p.held.is_some()).count(),
-            ),
+            ("lan.pending_held", self.pending.held()),
             ("lan.guard", self.guard.len()),
-            ("lan.reply_cache", self.cache.len()),
-            ("lan.actions", self.actions.len()),
+            ("lan.reply_cache", self.pending.cache_len()),
+            ("lan.actions", self.events.len()),
         ]);
     }
-}
-
-fn user_ack_timeout_reply(phone_id: u32) -> String {
-    rpc::error_reply(Some(&Value::from(phone_id)), -9999, "user ack timeout")
-}
-
-/// One step of SplitMix64: spreads a seed (a time, a counter) over all 64 bits.
-fn splitmix64(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -576,15 +535,103 @@ mod tests {
         T0 + Duration::from_secs(secs)
     }
 
-    fn lan(state: State) -> Lan {
-        let mut l = Lan::new(7, DEFAULT_USER_ACK_TIMEOUT);
+    /// What a test sees of the machine: its datagrams (from the outbox) and its events, in order
+    /// (no call makes both).
+    #[derive(Debug, PartialEq)]
+    enum LanAction {
+        Send {
+            to: SocketAddr,
+            bytes: Vec<u8>,
+        },
+        Command {
+            local_id: u32,
+            text: String,
+        },
+        SelfMethod {
+            handle: u64,
+            method: String,
+            id: u32,
+            params: Value,
+        },
+    }
+
+    /// The machine with the node's outbox beside it.
+    struct L {
+        l: Lan,
+        out: Outbox,
+    }
+
+    impl From<Lan> for L {
+        fn from(l: Lan) -> L {
+            L {
+                l,
+                out: Outbox::default(),
+            }
+        }
+    }
+
+    impl std::ops::Deref for L {
+        type Target = Lan;
+        fn deref(&self) -> &Lan {
+            &self.l
+        }
+    }
+
+    impl std::ops::DerefMut for L {
+        fn deref_mut(&mut self) -> &mut Lan {
+            &mut self.l
+        }
+    }
+
+    impl L {
+        fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+            self.l.handle_datagram(now, from, bytes, &mut self.out);
+        }
+
+        fn handle_timeout(&mut self, now: Instant) {
+            self.l.handle_timeout(now, &mut self.out);
+        }
+
+        fn local_reply(&mut self, now: Instant, local_id: u32, text: &str) -> bool {
+            self.l.local_reply(now, local_id, text, &mut self.out)
+        }
+
+        fn answer(&mut self, now: Instant, handle: u64, text: &str) -> bool {
+            self.l.answer(now, handle, text, &mut self.out)
+        }
+
+        fn poll_action(&mut self) -> Option<LanAction> {
+            match self.out.pop() {
+                Some(Action::LanSend { to, bytes }) => return Some(LanAction::Send { to, bytes }),
+                Some(a) => panic!("the LAN machine queued {a:?}"),
+                None => {}
+            }
+            Some(match self.l.poll_event()? {
+                LanEvent::Command { local_id, text } => LanAction::Command { local_id, text },
+                LanEvent::SelfMethod {
+                    handle,
+                    method,
+                    id,
+                    params,
+                } => LanAction::SelfMethod {
+                    handle,
+                    method,
+                    id,
+                    params,
+                },
+            })
+        }
+    }
+
+    fn lan(state: State) -> L {
+        let mut l = L::from(Lan::new(7, DEFAULT_USER_ACK_TIMEOUT));
         l.set_identity(DID, TOKEN);
         l.set_state(state);
         l.set_offset(OFFSET);
         l
     }
 
-    fn drain(l: &mut Lan) -> Vec<LanAction> {
+    fn drain(l: &mut L) -> Vec<LanAction> {
         std::iter::from_fn(|| l.poll_action()).collect()
     }
 
@@ -683,7 +730,7 @@ mod tests {
             assert_eq!(l.poll_timeout(), None);
         }
         // Without an identity even token_done is silent.
-        let mut l = Lan::new(1, DEFAULT_USER_ACK_TIMEOUT);
+        let mut l = L::from(Lan::new(1, DEFAULT_USER_ACK_TIMEOUT));
         l.set_state(State::TokenDone);
         l.handle_datagram(T0, addr(1), &vector("V4"));
         l.handle_datagram(T0, addr(1), &vector("V10"));
@@ -874,7 +921,7 @@ mod tests {
 
     #[test]
     fn unanswered_self_method_times_out() {
-        let mut l = Lan::new(3, Duration::from_millis(2500));
+        let mut l = L::from(Lan::new(3, Duration::from_millis(2500)));
         l.set_identity(DID, TOKEN);
         l.set_state(State::WifiApMode);
         l.set_offset(OFFSET);
@@ -1024,7 +1071,7 @@ mod tests {
     #[test]
     fn all_self_methods_go_to_the_node() {
         let mut l = lan(State::WifiApMode);
-        for (i, m) in SELF_METHODS.iter().enumerate() {
+        for (i, m) in downstream::SELF_METHODS.iter().enumerate() {
             let plain = format!(r#"{{"id":{i},"method":"{m}","params":{{"k":1}}}}"#);
             l.handle_datagram(T0, addr(9), &phone(1, &plain));
             let (_, method, id, params) = self_method(&drain(&mut l));
@@ -1051,7 +1098,7 @@ mod tests {
 
     #[test]
     fn debug_hides_params() {
-        let a = LanAction::SelfMethod {
+        let a = LanEvent::SelfMethod {
             handle: 1,
             method: "miIO.config_router".into(),
             id: 2,

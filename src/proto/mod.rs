@@ -2,6 +2,7 @@
 //! they never touch a socket, a file, a process or the clock.
 
 pub mod cloud;
+pub mod downstream;
 pub mod helper;
 pub mod ioerr;
 pub mod lan;

@@ -236,14 +236,14 @@ impl Node {
                     .get("params")
                     .and_then(|p| Members::of_object(p.as_bytes()));
                 if let Some(c) = self.cloud.as_mut() {
-                    c.handle_info(now, &info);
+                    c.handle_info(now, &info, &mut self.actions);
                 }
             }
             H::UseFiles(Step::Info) => {
                 let mut info = Members::new();
                 info.set("params", self.own_info().to_json());
                 if let Some(c) = self.cloud.as_mut() {
-                    c.handle_info(now, &info);
+                    c.handle_info(now, &info, &mut self.actions);
                 }
             }
             H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
@@ -290,7 +290,7 @@ impl Node {
         if let Some((uid, bindkey)) = &self.bind {
             c.set_bind(uid.clone(), bindkey.clone());
         }
-        c.start(now);
+        c.start(now, &mut self.actions);
         self.cloud = Some(c);
     }
 }

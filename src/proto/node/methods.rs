@@ -111,7 +111,7 @@ impl Node {
                 }
             }
             // LAN-only methods (the cloud machine already refuses them from the cloud);
-            // `miIO.config` waits for its file write (`on_lan_action`).
+            // `miIO.config` waits for its file write (`on_lan_event`).
             "miIO.stop_diag_mode" if from_lan => rpc::result_reply(&id, &ok),
             _ => rpc::error_reply(Some(&id), -32601, "Method not found"),
         })

@@ -191,9 +191,9 @@ impl Node {
         }
         self.local.handle_timeout(&mut self.actions, now);
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_timeout(now);
+            c.handle_timeout(now, &mut self.actions);
         }
-        self.lan.handle_timeout(now);
+        self.lan.handle_timeout(now, &mut self.actions);
         self.helper
             .handle_timeout(&mut Conns::new(&mut self.local, &mut self.actions), now);
         self.pump(now);
@@ -239,7 +239,7 @@ impl Node {
     /// Stops the cloud link (shutdown).
     pub fn shutdown(&mut self, now: Instant) {
         if let Some(c) = self.cloud.as_mut() {
-            c.stop(now);
+            c.stop(now, &mut self.actions);
         }
         self.pump(now);
     }

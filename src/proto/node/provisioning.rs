@@ -100,7 +100,7 @@ impl Node {
         }
         match from {
             ProvisionFrom::Lan(handle) => {
-                self.lan.answer(now, handle, &reply);
+                self.lan.answer(now, handle, &reply, &mut self.actions);
             }
             ProvisionFrom::Local(conn) => self.local.send_to(&mut self.actions, conn, reply),
         }
@@ -118,7 +118,8 @@ impl Node {
             return;
         };
         let r = if ok { json!(["OK"]) } else { json!(["ERROR"]) };
-        self.lan.answer(now, handle, &rpc::result_reply(&id, &r));
+        self.lan
+            .answer(now, handle, &rpc::result_reply(&id, &r), &mut self.actions);
         self.pump(now);
     }
 

@@ -7,10 +7,10 @@ use serde_json::{json, Value};
 
 use super::provisioning::ProvisionFrom;
 use super::{Netif, Node};
-use crate::proto::cloud::{self, ClientId, Cloud, CloudEvent};
+use crate::proto::cloud::{self, Cloud, CloudEvent};
 use crate::proto::helper;
 use crate::proto::ioerr::OsError;
-use crate::proto::lan::LanAction;
+use crate::proto::lan::LanEvent;
 use crate::proto::local::{ConnId, Inbound, Local, Port};
 use crate::proto::outbox::{Action, Outbox};
 use crate::proto::state::State;
@@ -43,16 +43,12 @@ impl helper::Out for Conns<'_> {
     }
 }
 
-pub(super) fn conn_of(c: ClientId) -> ConnId {
-    c.0 as ConnId
-}
-
 impl Node {
     /// Drains the machines' actions into node actions and decisions.
     pub(super) fn pump(&mut self, now: Instant) {
         loop {
-            if let Some(a) = self.cloud.as_mut().and_then(Cloud::poll_action) {
-                self.on_cloud_action(now, a);
+            if let Some(e) = self.cloud.as_mut().and_then(Cloud::poll_event) {
+                self.on_cloud_event(now, e);
                 continue;
             }
             if let Some(e) = self.helper.poll_event() {
@@ -62,25 +58,24 @@ impl Node {
             if let Some(c) = self.cloud.as_ref() {
                 self.lan.set_offset(c.offset());
             }
-            match self.lan.poll_action() {
-                Some(a) => self.on_lan_action(now, a),
+            match self.lan.poll_event() {
+                Some(e) => self.on_lan_event(now, e),
                 None => break,
             }
         }
     }
 
-    pub(super) fn on_lan_action(&mut self, now: Instant, a: LanAction) {
-        match a {
-            LanAction::Send { to, bytes } => self.actions.push(Action::LanSend { to, bytes }),
-            LanAction::Command { local_id, text } => {
+    pub(super) fn on_lan_event(&mut self, now: Instant, e: LanEvent) {
+        match e {
+            LanEvent::Command { local_id, text } => {
                 if self.local.command_audience() == 0 {
                     let r = rpc::error_reply(Some(&json!(local_id)), -9999, "user ack timeout");
-                    self.lan.local_reply(now, local_id, &r);
+                    self.lan.local_reply(now, local_id, &r, &mut self.actions);
                 } else {
                     self.local.broadcast_command(&mut self.actions, &text);
                 }
             }
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle,
                 method,
                 id,
@@ -89,13 +84,13 @@ impl Node {
                 let from = ProvisionFrom::Lan(handle);
                 match self.provision_check(now, Some(&params), &json!(id), from) {
                     Err(r) => {
-                        self.lan.answer(now, handle, &r);
+                        self.lan.answer(now, handle, &r, &mut self.actions);
                     }
                     Ok(p) => self.provision_write(from, json!(id), p),
                 }
             }
             // P§4.6: answered once the flag file is written (`trust_written`).
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle,
                 method,
                 id,
@@ -107,10 +102,10 @@ impl Node {
                 }
                 _ => {
                     let r = rpc::result_reply(&json!(id), &json!(["ERROR"]));
-                    self.lan.answer(now, handle, &r);
+                    self.lan.answer(now, handle, &r, &mut self.actions);
                 }
             },
-            LanAction::SelfMethod {
+            LanEvent::SelfMethod {
                 handle,
                 method,
                 id,
@@ -118,7 +113,7 @@ impl Node {
             } => {
                 let reply = self.self_method(now, &method, &params, Some(json!(id)), true);
                 if let Some(r) = reply {
-                    self.lan.answer(now, handle, &r);
+                    self.lan.answer(now, handle, &r, &mut self.actions);
                 }
             }
         }
@@ -126,35 +121,16 @@ impl Node {
 
     /// A datagram on the LAN socket (54321).
     pub fn lan_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.lan.handle_datagram(now, from, data);
+        self.lan.handle_datagram(now, from, data, &mut self.actions);
         self.pump(now);
     }
 
-    pub(super) fn on_cloud_action(&mut self, now: Instant, a: cloud::Action) {
-        match a {
-            cloud::Action::Resolve {
-                transport,
-                host,
-                port,
-                attempt,
-            } => self.actions.push(Action::Resolve {
-                transport,
-                host,
-                port,
-                attempt,
-            }),
-            cloud::Action::Connect { transport, addr } => {
-                self.actions.push(Action::Connect { transport, addr })
-            }
-            cloud::Action::Send(b) => self.actions.push(Action::CloudSend(b)),
-            cloud::Action::Close => self.actions.push(Action::CloudClose),
-            cloud::Action::NeedInfo => self
+    pub(super) fn on_cloud_event(&mut self, now: Instant, e: cloud::Event) {
+        match e {
+            cloud::Event::NeedInfo => self
                 .helper
                 .ask_info(&mut Conns::new(&mut self.local, &mut self.actions), now),
-            cloud::Action::ToClient { client, text } => {
-                self.local.send_to(&mut self.actions, conn_of(client), text)
-            }
-            cloud::Action::Command { text, id } => {
+            cloud::Event::Command { text, id } => {
                 if id.is_some_and(|i| self.lan.is_local_id_pending(i)) {
                     // P§4.7: a cloud id that collides with a pending LAN id is answered at once.
                     crate::warn_limited!(
@@ -163,29 +139,29 @@ impl Node {
                     );
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
-                        c.self_reply(now, id, &r);
+                        c.self_reply(now, id, &r, &mut self.actions);
                     }
                 } else if self.local.command_audience() == 0 {
                     // P§5.8: MAY answer at once when the command reached no local client.
                     if let (Some(id), Some(c)) = (id, self.cloud.as_mut()) {
                         let r = rpc::error_reply(Some(&json!(id)), -9999, "user ack timeout");
-                        c.self_reply(now, id, &r);
+                        c.self_reply(now, id, &r, &mut self.actions);
                     }
                 } else {
                     self.local.broadcast_command(&mut self.actions, &text);
                 }
             }
-            cloud::Action::SelfMethod { id, method, params } => {
+            cloud::Event::SelfMethod { id, method, params } => {
                 let reply = self.self_method(now, &method, &params, id.map(|i| json!(i)), false);
                 if let (Some(id), Some(r), Some(c)) = (id, reply, self.cloud.as_mut()) {
-                    c.self_reply(now, id, &r);
+                    c.self_reply(now, id, &r, &mut self.actions);
                 }
             }
-            cloud::Action::Event(e) => self.on_cloud_event(now, e),
+            cloud::Event::State(e) => self.on_cloud_state(now, e),
         }
     }
 
-    pub(super) fn on_cloud_event(&mut self, now: Instant, e: CloudEvent) {
+    pub(super) fn on_cloud_state(&mut self, now: Instant, e: CloudEvent) {
         match e {
             CloudEvent::Trying => self.set_state(State::CloudTrying),
             CloudEvent::InternetConnected => self.broadcast("internet_connected"),
@@ -213,7 +189,7 @@ impl Node {
         result: Result<Vec<Ipv4Addr>, String>,
     ) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_resolved(now, attempt, result);
+            c.handle_resolved(now, attempt, result, &mut self.actions);
         }
         self.pump(now);
     }
@@ -221,35 +197,35 @@ impl Node {
     pub fn cloud_connected(&mut self, now: Instant, netif: Netif, local: Ipv4Addr) {
         self.netif = netif;
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_connected(now, local);
+            c.handle_connected(now, local, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_connect_failed(&mut self, now: Instant, reason: OsError) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_connect_failed(now, &reason.to_string());
+            c.handle_connect_failed(now, &reason.to_string(), &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_datagram(&mut self, now: Instant, data: &[u8]) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_datagram(now, data);
+            c.handle_datagram(now, data, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_stream(&mut self, now: Instant, data: &[u8]) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_stream(now, data);
+            c.handle_stream(now, data, &mut self.actions);
         }
         self.pump(now);
     }
 
     pub fn cloud_link_down(&mut self, now: Instant) {
         if let Some(c) = self.cloud.as_mut() {
-            c.handle_link_down(now);
+            c.handle_link_down(now, &mut self.actions);
         }
         self.pump(now);
     }
@@ -270,7 +246,7 @@ impl Node {
         self.helper.handle_closed(conn);
         // The reactor reuses the slot: acks still due to this connection must go to no one.
         if let Some(c) = self.cloud.as_mut() {
-            c.client_gone(ClientId(conn as u32));
+            c.client_gone(conn);
         }
     }
 
@@ -316,7 +292,7 @@ impl Node {
                 text.as_bytes(),
             ),
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
-                Some(c) => c.upstream(now, ClientId(conn as u32), &text, &head),
+                Some(c) => c.upstream(now, conn, &text, &head, &mut self.actions),
                 None => {
                     if let Some(id) = head.id.as_ref() {
                         self.local.send_to(
@@ -334,10 +310,10 @@ impl Node {
                 text,
             }) => {
                 let taken = if self.lan.is_local_id_pending(id) {
-                    self.lan.local_reply(now, id, &text)
+                    self.lan.local_reply(now, id, &text, &mut self.actions)
                 } else {
                     match self.cloud.as_mut() {
-                        Some(c) => c.local_reply(now, ClientId(conn as u32), &text, &head),
+                        Some(c) => c.local_reply(now, conn, &text, &head, &mut self.actions),
                         None => false,
                     }
                 };
