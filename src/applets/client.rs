@@ -9,7 +9,7 @@ use crate::cli::{self, CliError, ClientArgs};
 use crate::io::daemon;
 use crate::io::log as ilog;
 use crate::io::sys;
-use crate::proto::cloud::{CloudConfig, Transport as CloudTransport};
+use crate::proto::cloud::CloudConfig;
 use crate::proto::node::NodeConfig;
 use crate::time::Duration;
 
@@ -19,14 +19,7 @@ pub const QUIT_BOUND: &str = "Quit, maybe another miio_client is already running
 /// The node's settings from the command line (P§5.1 host and port rules, timers).
 fn node_config(a: &ClientArgs) -> NodeConfig {
     let mut c = CloudConfig::new(0, [0; 16], "", "", "", a.country.as_deref().unwrap_or(""));
-    c.transports = a
-        .transports
-        .iter()
-        .map(|t| match t {
-            cli::Transport::Udp => CloudTransport::Udp,
-            cli::Transport::Tcp => CloudTransport::Tcp,
-        })
-        .collect();
+    c.transports.clone_from(&a.transports);
     // D1: -H and -p move both transports; the per-transport options win over them.
     let udp_host = a.udp_host.clone().or_else(|| a.host.clone());
     let tcp_host = a.tcp_host.clone().or_else(|| a.host.clone());

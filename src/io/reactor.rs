@@ -73,8 +73,6 @@ pub struct Turn {
     pub now: Instant,
     pub signals: Vec<Signal>,
     pub ready: Vec<Ready>,
-    /// The timerfd expired: something in the wheel is due at `now`.
-    pub timer: bool,
 }
 
 pub struct Reactor {
@@ -136,9 +134,10 @@ impl Reactor {
             ..Turn::default()
         };
         let mut signalled = false;
+        let mut expired = false;
         for ev in self.events.iter() {
             match ev.token() {
-                TIMER => turn.timer = true,
+                TIMER => expired = true,
                 SIGNAL => signalled = true,
                 _ => turn.ready.push(Ready::of(ev)),
             }
@@ -163,14 +162,9 @@ impl Reactor {
             }
         }
         let mut exp = [0u8; 8];
-        if turn.timer && self.timer.read(&mut exp).is_ok() {
+        if expired && self.timer.read(&mut exp).is_ok() {
             // The expiry is consumed; the armed deadline is spent.
             self.armed = None;
-        }
-        if let Some(d) = deadline {
-            if turn.now >= d {
-                turn.timer = true;
-            }
         }
         Ok(turn)
     }

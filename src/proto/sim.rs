@@ -1,7 +1,7 @@
 //! A simulated month of the whole [`Node`] in virtual time (the hardening issue).
 //!
 //! The node runs for 30 days of [`Instant`]s under a simulated reactor that plays the io side as
-//! `applets::client` does: it answers `LoadFiles`, `ReadSsid`, `WriteWifi`, `Resolve` and `Connect`,
+//! `io::daemon` and `io::effects` do: it answers `LoadFiles`, `ReadSsid`, `WriteWifi`, `Resolve` and `Connect`,
 //! carries cloud packets to a simulated cloud built on the crate's own codec with the device key,
 //! delivers LAN datagrams from a simulated phone, and plays the local clients: two applications, short
 //! command-line clients, a power manager that asks `local.prep_suspend`, the BLE/QR provisioning
