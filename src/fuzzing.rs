@@ -23,6 +23,7 @@ use crate::proto::lan::{Lan, LanEvent};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
 use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig};
 use crate::proto::outbox::Outbox;
+use crate::proto::outbox::WifiText;
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
@@ -2781,13 +2782,31 @@ impl NodeH {
             NodeAction::WriteWifi(text) => {
                 let w = config::wifi::parse(&text).expect("the node writes a wifi.conf it reads");
                 let ok = self.files.writable;
+                let mut replaced = None;
                 if ok {
+                    replaced = self.files.wifi.as_ref().map(|(ssid, uid)| {
+                        WifiText(config::wifi::render(&config::wifi::WifiConf::new(
+                            ssid, "pw", *uid,
+                        )))
+                    });
                     self.files.backup = Some(self.files.wifi.take());
                     self.files.wifi = Some((w.ssid, w.uid));
                 }
-                self.n.wifi_written(now, ok);
+                self.n.wifi_written(now, ok, replaced);
             }
-            NodeAction::RestoreWifi => self.files.wifi = self.files.backup.take().flatten(),
+            // The node chose what goes back: the file the last good write replaced, or none.
+            NodeAction::RestoreWifi(text) => {
+                let back = text.map(|t| {
+                    let w = config::wifi::parse(&t).expect("the node restores a wifi.conf it read");
+                    (w.ssid, w.uid)
+                });
+                assert_eq!(
+                    back,
+                    self.files.backup.take().flatten(),
+                    "restored wifi.conf"
+                );
+                self.files.wifi = back;
+            }
             NodeAction::WriteCountry(cc) => {
                 assert!(
                     config::country::valid_country(&cc).is_ok(),

@@ -99,8 +99,6 @@ pub(super) struct Daemon {
     pub(super) clients: Vec<Option<Client>>,
     pub(super) cloud: Option<CloudSock>,
     pub(super) resolver: Resolver<u32>,
-    /// The `wifi.conf` before a provisioning wrote a new one (None inside: there was none).
-    pub(super) wifi_backup: Option<Option<String>>,
     /// The mDNS responder (P§4.8), when enabled and its port could be bound.
     pub(super) mdns: Option<Mdns>,
     /// Receive buffer for the LAN and cloud sockets, reused (see `with_rx`).
@@ -155,7 +153,6 @@ pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, config: NodeConfi
         clients: Vec::new(),
         cloud: None,
         resolver,
-        wifi_backup: None,
         mdns,
         rx: vec![0; 65536],
         again: Vec::new(),

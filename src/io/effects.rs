@@ -22,6 +22,7 @@ use crate::proto::cloud::Transport as CloudTransport;
 use crate::proto::helper::Step;
 use crate::proto::local::LocalAction;
 use crate::proto::node::Action;
+use crate::proto::outbox::WifiText;
 use crate::time::Instant;
 use crate::wire::dns::ServiceInfo;
 
@@ -72,16 +73,13 @@ impl Daemon {
                 }
                 Action::LoadFiles(step) => self.load_files(now, step),
                 Action::WriteWifi(text) => {
-                    // Keep the previous file in memory: a failed router change restores it (L§8).
-                    let old = datafiles::read_raw(&self.args.datadir, "wifi.conf");
+                    // The node keeps the file this replaces: a failed router change restores it.
+                    let old = datafiles::read_raw(&self.args.datadir, "wifi.conf").map(WifiText);
                     let ok = self.write_data("wifi.conf", text.as_bytes(), 0o600);
-                    if ok {
-                        self.wifi_backup = Some(old);
-                    }
                     // Before any other action: the provisioning's reply depends on it (L§8).
-                    self.node.wifi_written(now, ok);
+                    self.node.wifi_written(now, ok, old);
                 }
-                Action::RestoreWifi => match self.wifi_backup.take().flatten() {
+                Action::RestoreWifi(old) => match old {
                     Some(old) => {
                         self.write_data("wifi.conf", old.as_bytes(), 0o600);
                     }

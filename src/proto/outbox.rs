@@ -44,12 +44,13 @@ pub enum Action {
     ShutdownWrite(ConnId),
     /// Take this start-up step from the data files (L§9.5); answer with the matching `file_*`.
     LoadFiles(Step),
-    /// Provisioning (L§8): write `wifi.conf` atomically, mode 0600, keeping the old one in memory.
-    /// Answer with [`crate::proto::node::Node::wifi_written`] before running the next action: the requester's reply
-    /// waits for it.
-    WriteWifi(String),
-    /// A failed provisioning: put the previous `wifi.conf` back, or delete it if there was none.
-    RestoreWifi,
+    /// Provisioning (L§8): read the present `wifi.conf`, then write this one atomically, mode 0600.
+    /// Answer with [`crate::proto::node::Node::wifi_written`] (the result and the file it replaced)
+    /// before running the next action: the requester's reply waits for it.
+    WriteWifi(WifiText),
+    /// A failed provisioning (L§8): write this `wifi.conf` back (0600), or delete the file (None).
+    /// The node chose it from what [`crate::proto::node::Node::wifi_written`] reported.
+    RestoreWifi(Option<WifiText>),
     /// Provisioning: write `device.country` (0644).
     WriteCountry(String),
     /// Read the ssid of `wifi.conf` ("" without one) and answer with [`crate::proto::node::Node::file_ssid`]: INFO's
@@ -59,6 +60,24 @@ pub enum Action {
     /// Send the mDNS announcement of the service (P§4.8): at once when it changed, and once more
     /// a second later (RFC 6762 §8.3).
     MdnsAnnounce,
+}
+
+/// The text of a `wifi.conf`. It holds the router's password, so `Debug` shows its length only
+/// (LOCAL_API.md §17: no secret in a log line).
+#[derive(Clone, PartialEq, Eq)]
+pub struct WifiText(pub String);
+
+impl core::ops::Deref for WifiText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl core::fmt::Debug for WifiText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "WifiText({} bytes)", self.0.len())
+    }
 }
 
 /// The effects queued by the core, oldest first.
@@ -84,5 +103,23 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         self.q.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `wifi.conf` in an action never shows its password in `Debug` (L§17).
+    #[test]
+    fn wifi_text_is_not_printed() {
+        let text = WifiText("ssid=\"home\"\npsk=\"secret-pw\"\n".into());
+        for a in [
+            Action::WriteWifi(text.clone()),
+            Action::RestoreWifi(Some(text)),
+        ] {
+            let d = format!("{a:?}");
+            assert!(!d.contains("secret-pw") && !d.contains("home"), "{d}");
+        }
     }
 }

@@ -53,6 +53,7 @@ use super::helper::{self, Step};
 use super::ioerr::OsError;
 use super::local::{ConnId, LocalAction, Port};
 use super::node::{Action, Netif, Node, NodeConfig};
+use super::outbox::WifiText;
 use super::state::State;
 use crate::config::Secret16;
 use crate::time::{Duration, Instant};
@@ -1041,14 +1042,26 @@ impl Sim {
                 Action::WriteWifi(text) => {
                     let w = crate::config::wifi::parse(&text)
                         .unwrap_or_else(|e| self.fail(format!("wifi.conf written bad: {e}")));
-                    self.files.backup = Some(self.files.wifi.replace(w));
-                    self.node.wifi_written(self.now, true);
+                    let old = self.files.wifi.replace(w);
+                    let replaced = old
+                        .as_ref()
+                        .map(|o| WifiText(crate::config::wifi::render(o)));
+                    self.files.backup = Some(old);
+                    self.node.wifi_written(self.now, true, replaced);
                 }
-                Action::RestoreWifi => {
+                // The node chose what goes back: what the last write replaced, as the model kept it.
+                Action::RestoreWifi(text) => {
                     let Some(old) = self.files.backup.take() else {
                         self.fail("RestoreWifi without a write");
                     };
-                    self.files.wifi = old;
+                    let back = text.map(|t| {
+                        crate::config::wifi::parse(&t)
+                            .unwrap_or_else(|e| self.fail(format!("wifi.conf restored bad: {e}")))
+                    });
+                    if back != old {
+                        self.fail("RestoreWifi is not the file the write replaced");
+                    }
+                    self.files.wifi = back;
                 }
                 Action::ReadSsid => {
                     let ssid = self.files.wifi.as_ref().map(|w| w.ssid.clone());

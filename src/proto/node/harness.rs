@@ -97,7 +97,7 @@ pub(super) fn serve_with(
                 Step::WifiStatus => n.file_wifi(now, true, "home".into(), None),
                 _ => {}
             },
-            Action::WriteWifi(_) => n.wifi_written(now, true),
+            Action::WriteWifi(_) => n.wifi_written(now, true, None),
             Action::Resolve { attempt, .. } => {
                 n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
             }
@@ -180,7 +180,7 @@ pub(super) fn files(n: &mut Node, now: Instant, file: Option<&str>) -> Vec<Actio
             // The write succeeds; the caller still sees that it was asked for.
             Action::WriteWifi(w) => {
                 other.push(Action::WriteWifi(w));
-                n.wifi_written(now, true)
+                n.wifi_written(now, true, None)
             }
             a => other.push(a),
         }

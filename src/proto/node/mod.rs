@@ -101,6 +101,9 @@ pub struct Node {
     provisioning: Option<bool>,
     /// A provisioning waiting for its `wifi.conf` write (L§8: the reply comes after it).
     writing: Option<Written>,
+    /// The `wifi.conf` the last successful write replaced (None inside: there was none), for a
+    /// failed Wi-Fi change (L§8).
+    wifi_backup: Option<Option<super::outbox::WifiText>>,
     /// A LAN `miIO.config` (handle, id) waiting for its flag file (P§4.6): the answer says
     /// whether the file was written.
     trusting: Option<(u64, Value)>,
@@ -131,6 +134,7 @@ impl Node {
             os_release: None,
             provisioning: None,
             writing: None,
+            wifi_backup: None,
             trusting: None,
             bind: None,
             cloud_carry: None,

@@ -9,7 +9,7 @@ use super::routing::Conns;
 use super::Node;
 use crate::proto::helper;
 use crate::proto::local::ConnId;
-use crate::proto::outbox::Action;
+use crate::proto::outbox::{Action, WifiText};
 use crate::proto::state::State;
 use crate::time::Instant;
 use crate::wire::rpc;
@@ -77,14 +77,19 @@ impl Node {
         let uid = params.uid.or(self.boot.uid);
         let w = crate::config::wifi::WifiConf::new(&params.ssid, &params.passwd, uid);
         self.actions
-            .push(Action::WriteWifi(crate::config::wifi::render(&w)));
+            .push(Action::WriteWifi(WifiText(crate::config::wifi::render(&w))));
         self.writing = Some(Written { from, id, params });
     }
 
-    /// The result of [`Action::WriteWifi`]. Written: `["OK"]`, then the rest of L§8. Not written
-    /// (the reactor logged the errno): `["ERROR"]` or -33020 `cannot write wifi.conf`, and nothing
-    /// else happens: no state change, no broadcast, no uid for `_otc.info`.
-    pub fn wifi_written(&mut self, now: Instant, ok: bool) {
+    /// The result of [`Action::WriteWifi`], with the `wifi.conf` it replaced (None: there was none,
+    /// or it could not be read). Written: `["OK"]`, then the rest of L§8; the replaced file is
+    /// kept for a failed Wi-Fi change. Not written (the reactor logged the errno): `["ERROR"]` or
+    /// -33020 `cannot write wifi.conf`, and nothing else happens: no state change, no broadcast,
+    /// no uid for `_otc.info`.
+    pub fn wifi_written(&mut self, now: Instant, ok: bool, replaced: Option<WifiText>) {
+        if ok {
+            self.wifi_backup = Some(replaced);
+        }
         let Some(Written { from, id, params }) = self.writing.take() else {
             return;
         };
@@ -186,8 +191,10 @@ impl Node {
             return;
         };
         // L§8: AP → delete wifi.conf and back to AP mode; STA → the old wifi.conf and sta_mode.
-        // The file is put back before the clients hear `wifi_failed`.
-        self.actions.push(Action::RestoreWifi);
+        // The file is put back before the clients hear `wifi_failed`: the one the last write
+        // replaced, or none (deleted) when there was none or nothing was written.
+        let old = self.wifi_backup.take().flatten();
+        self.actions.push(Action::RestoreWifi(old));
         self.actions.push(Action::ReadSsid);
         self.broadcast("wifi_failed");
         self.bind = None;
@@ -223,7 +230,7 @@ mod tests {
         // Wi-Fi fails: wifi.conf is deleted (L§8), and miIO.info must not name the failed network.
         n.local_value(t0, 1, br#"{"method":"_internal.wifi_ap_mode"}"#);
         let a = files(&mut n, t0, None);
-        assert!(a.contains(&Action::RestoreWifi), "{a:?}");
+        assert!(a.contains(&Action::RestoreWifi(None)), "{a:?}");
         assert_eq!(n.state(), State::WifiApMode);
         assert_eq!(info_ssid(&n, t0), "");
     }
@@ -257,9 +264,9 @@ mod tests {
             match a {
                 Action::WriteWifi(text) => {
                     assert!(out.is_empty(), "no reply before the write: {out:?}");
-                    assert!(text.contains("ssid=\"new\""), "{text}");
+                    assert!(text.contains("ssid=\"new\""), "{}", &*text);
                     wrote += 1;
-                    n.wifi_written(t2, false);
+                    n.wifi_written(t2, false, None);
                 }
                 Action::Local(LocalAction::Send(c, t)) => out.push((c, t.to_string())),
                 other => panic!("nothing else may happen: {other:?}"),
@@ -334,7 +341,7 @@ mod tests {
                     Action::WriteWifi(_) => {
                         assert!(replies.is_empty(), "no reply before the write");
                         wrote = true;
-                        n.wifi_written(t1, ok);
+                        n.wifi_written(t1, ok, None);
                     }
                     Action::LanSend { bytes, .. } => {
                         let o = miio::decode(&keys, DID, &bytes).unwrap();
@@ -413,6 +420,7 @@ mod tests {
     /// them as they will stay.
     #[test]
     fn the_files_go_out_before_the_messages_that_announce_them() {
+        const OLD: &str = "ssid=\"home\"\npsk=\"old-password\"\n";
         let mut n = node();
         let t0 = Instant(10_000);
         n.local_accept(t0, 1, Port::Local);
@@ -430,7 +438,7 @@ mod tests {
         let mut seen = Vec::new();
         while let Some(a) = n.poll_action() {
             match a {
-                Action::WriteWifi(_) => n.wifi_written(t2, true),
+                Action::WriteWifi(_) => n.wifi_written(t2, true, Some(WifiText(OLD.into()))),
                 Action::WriteCountry(cc) => seen.push(format!("country {cc}")),
                 Action::Local(LocalAction::Send(1, t)) if t.contains(r#""result":["OK"]"#) => {
                     seen.push("OK".into())
@@ -445,7 +453,8 @@ mod tests {
         let order: Vec<String> = drain(&mut n)
             .into_iter()
             .filter_map(|a| match a {
-                Action::RestoreWifi => Some("restore".to_string()),
+                // The file the write replaced goes back (STA mode: L§8).
+                Action::RestoreWifi(Some(t)) if *t == *OLD => Some("restore".to_string()),
                 Action::Local(LocalAction::Send(1, t)) if t.contains("wifi_failed") => {
                     Some("wifi_failed".into())
                 }
@@ -453,5 +462,28 @@ mod tests {
             })
             .collect();
         assert_eq!(order, ["restore", "wifi_failed"]);
+    }
+
+    /// L§8: the choice between putting the old `wifi.conf` back and deleting it is the node's,
+    /// from what the reactor reported with the write: a failed write keeps nothing, a restore is
+    /// used once, and without a previous file the new one is deleted.
+    #[test]
+    fn a_failed_wifi_change_restores_what_the_write_replaced() {
+        let old = WifiText("ssid=\"home\"\npsk=\"pw\"\n".into());
+        let restore = |n: &mut Node| {
+            n.provisioning = Some(false);
+            n.wifi_failed(Instant(1));
+            drain(n).into_iter().find_map(|a| match a {
+                Action::RestoreWifi(t) => Some(t),
+                _ => None,
+            })
+        };
+        let mut n = node();
+        n.wifi_written(Instant(1), true, Some(old.clone()));
+        n.wifi_written(Instant(1), false, None); // a failed write replaces nothing
+        assert_eq!(restore(&mut n), Some(Some(old)));
+        assert_eq!(restore(&mut n), Some(None), "used once; then deleted");
+        n.wifi_written(Instant(1), true, None);
+        assert_eq!(restore(&mut n), Some(None));
     }
 }
