@@ -21,7 +21,7 @@ use crate::proto::helper;
 use crate::proto::ioerr::OsError;
 use crate::proto::lan::{Lan, LanEvent};
 use crate::proto::local::{ConnId, Inbound, Local, LocalAction, Port, CLASSIFY_WINDOW};
-use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig};
+use crate::proto::node::{Action as NodeAction, Netif, Node, NodeConfig, TokenFiles};
 use crate::proto::outbox::Outbox;
 use crate::proto::outbox::WifiText;
 use crate::proto::state::State;
@@ -2807,6 +2807,25 @@ impl NodeH {
                 );
                 self.files.wifi = back;
             }
+            // Stored or removed when the dir takes it; the node uses the fresh token either way.
+            NodeAction::TokenFile(t) => {
+                let ok = self.files.writable;
+                if ok {
+                    self.files.token = match t {
+                        Some(t) => {
+                            assert_eq!(
+                                t,
+                                Secret16::new(*FRESH_TOKEN),
+                                "only a fresh token is stored"
+                            );
+                            TokenFile::Good(2)
+                        }
+                        None => TokenFile::Missing,
+                    };
+                }
+                let r = if ok { Ok(()) } else { Err(OsError::Errno(30)) };
+                self.n.token_written(now, r);
+            }
             NodeAction::WriteCountry(cc) => {
                 assert!(
                     config::country::valid_country(&cc).is_ok(),
@@ -2931,23 +2950,25 @@ impl NodeH {
                 self.n.file_dinfo(now, d, cc);
             }
             helper::Step::Token => {
-                let r = match self.files.token {
-                    TokenFile::Good(i) if i < TOKENS.len() => Ok(Secret16::new(b16(TOKENS[i]))),
-                    TokenFile::Good(_) => Ok(Secret16::new(HEX_TOKEN)),
-                    TokenFile::Missing => {
-                        // Stored when it can be; used from memory either way.
-                        if self.files.writable {
-                            self.files.token = TokenFile::Good(2);
-                        }
-                        Ok(Secret16::new(*FRESH_TOKEN))
+                // What the reactor reads; the node decides (L§9.3).
+                let token = match self.files.token {
+                    TokenFile::Good(i) => {
+                        let t = TOKENS.get(i).map_or(HEX_TOKEN, |t| b16(t));
+                        Ok(Some(config::token::render(&Secret16::new(t))))
                     }
+                    TokenFile::Missing => Ok(None),
                     TokenFile::Bad => Err(config::ConfError {
                         file: "device.token".into(),
                         line: 0,
-                        reason: "bad token".into(),
+                        reason: "cannot read: Permission denied (os error 13)".into(),
                     }),
                 };
-                self.n.file_token(now, r);
+                let files = TokenFiles {
+                    wifi_conf: self.files.wifi.is_some(),
+                    token,
+                    fresh: Secret16::new(*FRESH_TOKEN),
+                };
+                self.n.file_token(now, files);
             }
             helper::Step::WifiStatus => {
                 let (p, ssid, uid) = match &self.files.wifi {

@@ -1,11 +1,13 @@
 //! Reading the data dir at run time (LOCAL_API.md §17, §9.5 file mode): device.conf, device.token,
-//! wifi.conf, device.country and os-release. Parsing is done by the pure `config` parsers; this file
-//! only does the file system, the token step of the file mode (L§9.3) and a fresh random token.
+//! wifi.conf, device.country and os-release. Parsing is done by the pure `config` parsers and the
+//! token step's decisions by the node (L§9.3); this file only does the file system and a fresh
+//! random token.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, device::DeviceConf, ConfError, Secret16};
+use crate::proto::node::TokenFiles;
 
 /// Data files are tiny; anything larger is refused rather than read into RAM.
 const MAX_FILE: usize = 64 * 1024;
@@ -90,39 +92,25 @@ pub fn read_raw(datadir: &str, name: &str) -> Option<String> {
     read(&path(datadir, name)).ok().flatten()
 }
 
-/// The token step of the file mode (L§9.3): no `wifi.conf` → delete `device.token` (a reset makes a
-/// fresh token); a valid token file → that token; otherwise `fresh` is stored (0600) and used.
-/// A data dir that is read-only or full cannot keep the device out of AP mode (L§8): when the old
-/// token cannot be deleted or the fresh one cannot be stored, the fresh one is used from memory
-/// (logged with the errno).
-pub fn token_step(datadir: &str, fresh: &Secret16) -> Result<Secret16, ConfError> {
+/// What the token step of the file mode reads (L§9.3): whether `wifi.conf` exists, the text of
+/// `device.token`, and a fresh random token. The node decides; [`write_token`] does what it asks.
+pub fn token_files(datadir: &str) -> TokenFiles {
     let token_path = path(datadir, "device.token");
-    let in_memory = |what: &str, e: io::Error| {
-        log::error!(
-            "{}: cannot {what}: {e}; using a new token in memory",
-            token_path.display()
-        );
-        Ok(fresh.clone())
-    };
-    if !path(datadir, "wifi.conf").exists() {
-        if let Err(e) = config::store::remove_durable(&token_path) {
-            return in_memory("remove", e);
-        }
+    TokenFiles {
+        wifi_conf: path(datadir, "wifi.conf").exists(),
+        token: read(&token_path).map_err(|e| io_err(&token_path, e)),
+        fresh: fresh_token(),
     }
-    let existing = read(&token_path).map_err(|e| io_err(&token_path, e))?;
-    match existing.map(|t| config::token::parse(&t)) {
-        Some(Ok(t)) => Ok(t),
-        other => {
-            if let Some(Err(e)) = other {
-                log::warn!("{}; storing a new token", at(&token_path, e));
-            }
-            let text = config::token::render(fresh);
-            if let Err(e) = config::store::write_atomic(&token_path, text.as_bytes(), 0o600) {
-                return in_memory("write", e);
-            }
-            log::info!("stored a new token in {}", token_path.display());
-            Ok(fresh.clone())
+}
+
+/// `Action::TokenFile`: stores `token` in `device.token` (0600), or removes the file (None).
+pub fn write_token(datadir: &str, token: Option<&Secret16>) -> io::Result<()> {
+    let token_path = path(datadir, "device.token");
+    match token {
+        Some(t) => {
+            config::store::write_atomic(&token_path, config::token::render(t).as_bytes(), 0o600)
         }
+        None => config::store::remove_durable(&token_path),
     }
 }
 

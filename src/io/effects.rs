@@ -20,6 +20,7 @@ use crate::io::reactor;
 use crate::io::writeq::WriteQueue;
 use crate::proto::cloud::Transport as CloudTransport;
 use crate::proto::helper::Step;
+use crate::proto::ioerr::OsError;
 use crate::proto::local::LocalAction;
 use crate::proto::node::Action;
 use crate::proto::outbox::WifiText;
@@ -94,6 +95,10 @@ impl Daemon {
                     let (_, ssid, _) = datafiles::wifi_status(&self.args.datadir);
                     self.node.file_ssid(ssid);
                 }
+                Action::TokenFile(t) => {
+                    let r = datafiles::write_token(&self.args.datadir, t.as_ref());
+                    self.node.token_written(now, r.map_err(OsError::from));
+                }
                 Action::WriteCountry(cc) => {
                     self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644);
                 }
@@ -114,10 +119,7 @@ impl Daemon {
                 let country = datafiles::load_country(&dir);
                 self.node.file_dinfo(now, res, country);
             }
-            Step::Token => {
-                let res = datafiles::token_step(&dir, &datafiles::fresh_token());
-                self.node.file_token(now, res);
-            }
+            Step::Token => self.node.file_token(now, datafiles::token_files(&dir)),
             Step::WifiStatus => {
                 let (provisioned, ssid, uid) = datafiles::wifi_status(&dir);
                 self.node.file_wifi(now, provisioned, ssid, uid);

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use super::cloud;
 use super::helper::Step;
 use super::local::{ConnId, LocalAction};
+use crate::config::Secret16;
 
 /// What the reactor must do: the one vocabulary of effects out of the core. Paths to the
 /// node's `answer with` methods are written in full because this module does not import the node.
@@ -51,6 +52,9 @@ pub enum Action {
     /// A failed provisioning (L§8): write this `wifi.conf` back (0600), or delete the file (None).
     /// The node chose it from what [`crate::proto::node::Node::wifi_written`] reported.
     RestoreWifi(Option<WifiText>),
+    /// The token step of the file mode (L§9.3): store this token in `device.token` (0600), or
+    /// remove the file (None). Answer with [`crate::proto::node::Node::token_written`].
+    TokenFile(Option<Secret16>),
     /// Provisioning: write `device.country` (0644).
     WriteCountry(String),
     /// Read the ssid of `wifi.conf` ("" without one) and answer with [`crate::proto::node::Node::file_ssid`]: INFO's

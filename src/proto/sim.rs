@@ -52,7 +52,7 @@ use super::cloud::{CloudConfig, Transport};
 use super::helper::{self, Step};
 use super::ioerr::OsError;
 use super::local::{ConnId, LocalAction, Port};
-use super::node::{Action, Netif, Node, NodeConfig};
+use super::node::{Action, Netif, Node, NodeConfig, TokenFiles};
 use super::outbox::WifiText;
 use super::state::State;
 use crate::config::Secret16;
@@ -447,6 +447,8 @@ struct Files {
     wifi: Option<crate::config::wifi::WifiConf>,
     backup: Option<Option<crate::config::wifi::WifiConf>>,
     country: Option<String>,
+    /// `device.token`'s text.
+    token: Option<String>,
 }
 
 /// The independent model of the node's deadlines and busy state.
@@ -1068,6 +1070,14 @@ impl Sim {
                     self.node.file_ssid(ssid.unwrap_or_default());
                 }
                 Action::WriteCountry(cc) => self.files.country = Some(cc),
+                // The token step (L§9.3): the fresh token is the only one ever stored.
+                Action::TokenFile(t) => {
+                    if t.as_ref().is_some_and(|t| *t != Secret16::new(TOKEN)) {
+                        self.fail("a token other than the fresh one stored");
+                    }
+                    self.files.token = t.map(|t| crate::config::token::render(&t));
+                    self.node.token_written(self.now, Ok(()));
+                }
             }
         }
     }
@@ -1127,7 +1137,14 @@ impl Sim {
                 let cc = self.files.country.clone();
                 self.node.file_dinfo(now, d, cc);
             }
-            Step::Token => self.node.file_token(now, Ok(Secret16::new(TOKEN))),
+            Step::Token => {
+                let files = TokenFiles {
+                    wifi_conf: self.files.wifi.is_some(),
+                    token: Ok(self.files.token.clone()),
+                    fresh: Secret16::new(TOKEN),
+                };
+                self.node.file_token(now, files);
+            }
             Step::WifiStatus => {
                 let w = self.files.wifi.as_ref();
                 let ssid = w.map(|w| w.ssid.clone()).unwrap_or_default();

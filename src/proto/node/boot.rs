@@ -9,6 +9,7 @@ use crate::config::device::DeviceConf;
 use crate::config::{ConfError, Secret16};
 use crate::proto::cloud::{self, Cloud};
 use crate::proto::helper::{self, Step};
+use crate::proto::ioerr::OsError;
 use crate::proto::outbox::Action;
 use crate::proto::state::State;
 use crate::time::{Duration, Instant};
@@ -27,6 +28,27 @@ pub(super) struct Boot {
     /// `uid=` of wifi.conf (D18: kept when a provisioning brings none).
     pub(super) uid: Option<u64>,
     pub(super) country: Option<String>,
+    /// The token step of the file mode waiting for io (L§9.3).
+    pub(super) token_job: Option<TokenJob>,
+}
+
+/// A file-mode token step waiting for [`Node::token_written`]: the fresh token it will use, and
+/// whether the request out is the removal of the old file (else the write of the fresh one).
+pub(super) struct TokenJob {
+    fresh: Secret16,
+    removing: bool,
+}
+
+/// What io read for the token step of the file mode (L§9.3), with a fresh random token: the node
+/// decides from it whether the token file is used, removed or replaced.
+#[derive(Debug)]
+pub struct TokenFiles {
+    /// `wifi.conf` exists: the device is provisioned.
+    pub wifi_conf: bool,
+    /// The text of `device.token` (None: no such file), or why it could not be read.
+    pub token: Result<Option<String>, ConfError>,
+    /// A new random token, for a device that has none or must get a new one.
+    pub fresh: Secret16,
 }
 
 impl Node {
@@ -92,13 +114,70 @@ impl Node {
         self.mdns_again = Some(now + Duration::from_secs(1));
     }
 
-    /// The token step done from the files (L§9.3 token logic, run by the reactor).
-    pub fn file_token(&mut self, now: Instant, res: Result<Secret16, ConfError>) {
-        match res {
-            Ok(t) => self.got_token(now, t),
-            Err(e) => log::error!("{e}"),
+    /// The token step of the file mode (L§9.3) from what io read: no `wifi.conf` → the token file
+    /// is removed (a reset makes a fresh token); a valid token file → that token; otherwise the
+    /// fresh token is stored (0600) and used. The removal and the write are [`Action::TokenFile`],
+    /// answered with [`Node::token_written`]. A token file that cannot be read leaves the device
+    /// in `didkey_done` (logged).
+    pub fn file_token(&mut self, now: Instant, files: TokenFiles) {
+        if !files.wifi_conf {
+            self.token_request(files.fresh, true);
+        } else {
+            match files.token {
+                Ok(Some(text)) => match crate::config::token::parse(&text) {
+                    Ok(t) => self.got_token(now, t),
+                    Err(mut e) => {
+                        e.file = self.token_path();
+                        warn!("{e}; storing a new token");
+                        self.token_request(files.fresh, false);
+                    }
+                },
+                Ok(None) => self.token_request(files.fresh, false),
+                Err(e) => log::error!("{e}"),
+            }
         }
         self.pump(now);
+    }
+
+    /// The result of [`Action::TokenFile`]. A data dir that is read-only or full cannot keep the
+    /// device out of AP mode (L§8): when the old token cannot be removed or the fresh one cannot
+    /// be stored, the fresh one is used from memory (logged with the errno).
+    pub fn token_written(&mut self, now: Instant, res: Result<(), OsError>) {
+        let Some(TokenJob { fresh, removing }) = self.boot.token_job.take() else {
+            return;
+        };
+        match res {
+            // The old token is gone: store the fresh one.
+            Ok(()) if removing => self.token_request(fresh, false),
+            Ok(()) => {
+                info!("stored a new token in {}", self.token_path());
+                self.got_token(now, fresh);
+            }
+            Err(e) => {
+                let what = if removing { "remove" } else { "write" };
+                log::error!(
+                    "{}: cannot {what}: {e}; using a new token in memory",
+                    self.token_path()
+                );
+                self.got_token(now, fresh);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Asks io to remove `device.token` (`removing`) or to store `fresh` in it.
+    fn token_request(&mut self, fresh: Secret16, removing: bool) {
+        let store = (!removing).then(|| fresh.clone());
+        self.boot.token_job = Some(TokenJob { fresh, removing });
+        self.actions.push(Action::TokenFile(store));
+    }
+
+    /// `device.token`'s path, as the log names it.
+    fn token_path(&self) -> String {
+        std::path::Path::new(&self.cfg.helper.datadir)
+            .join("device.token")
+            .display()
+            .to_string()
     }
 
     /// The Wi-Fi status from the files: `wifi.conf` exists (provisioned), its ssid and uid.
@@ -349,6 +428,69 @@ mod tests {
         assert_eq!(announces(&mut n), 0);
         n.handle_timeout(t1 + Duration::from_secs(1));
         assert_eq!(announces(&mut n), 1);
+    }
+
+    /// L§9.3, file mode: the token step is the node's decision; io only reads the files and
+    /// removes or writes `device.token` as asked.
+    #[test]
+    fn the_token_step_decides_from_what_io_read() {
+        const FILE: &[u8; 16] = b"ABCDEFGHIJKLMNOP";
+        const FRESH: &[u8; 16] = b"NewToken01234567";
+        let ro = || Err(OsError::Errno(30));
+        // A node in `didkey_done`, asked for the token step; the requests it makes to io, each
+        // answered from `results`, and the token it ends with.
+        let step = |wifi_conf: bool,
+                    token: Result<Option<&str>, ConfError>,
+                    mut results: Vec<Result<(), OsError>>| {
+            let mut n = node();
+            let t = Instant(10_000);
+            n.handle_timeout(t); // the helper grace is over: file mode
+            n.file_dinfo(t, crate::config::device::parse(CONF), None);
+            assert!(drain(&mut n).contains(&Action::LoadFiles(Step::Token)));
+            let files = TokenFiles {
+                wifi_conf,
+                token: token.map(|o| o.map(str::to_string)),
+                fresh: Secret16::new(*FRESH),
+            };
+            n.file_token(t, files);
+            let mut asked = Vec::new();
+            while let Some(a) = n.poll_action() {
+                if let Action::TokenFile(op) = a {
+                    asked.push(op.map(|t| *t.as_bytes()));
+                    n.token_written(t, results.remove(0));
+                }
+            }
+            assert!(results.is_empty(), "answers left: {results:?}");
+            (asked, n.boot.token.as_ref().map(|t| *t.as_bytes()))
+        };
+        let good = || Ok(Some("ABCDEFGHIJKLMNOP"));
+        // Provisioned with a valid token file: that token, nothing written.
+        assert_eq!(step(true, good(), vec![]), (vec![], Some(*FILE)));
+        // No wifi.conf (a reset): the old file goes, the fresh token is stored and used.
+        assert_eq!(
+            step(false, good(), vec![Ok(()), Ok(())]),
+            (vec![None, Some(*FRESH)], Some(*FRESH))
+        );
+        // ... and when it cannot be removed, the fresh one is used from memory, not stored.
+        assert_eq!(step(false, good(), vec![ro()]), (vec![None], Some(*FRESH)));
+        // No token file, or a bad one: the fresh token is stored; a failed write uses it anyway.
+        for file in [Ok(None), Ok(Some("short"))] {
+            assert_eq!(
+                step(true, file.clone(), vec![Ok(())]),
+                (vec![Some(*FRESH)], Some(*FRESH))
+            );
+            assert_eq!(
+                step(true, file, vec![ro()]),
+                (vec![Some(*FRESH)], Some(*FRESH))
+            );
+        }
+        // A token file that cannot be read: no token, nothing written (logged).
+        let unreadable = ConfError {
+            file: "device.token".into(),
+            line: 0,
+            reason: "cannot read".into(),
+        };
+        assert_eq!(step(true, Err(unreadable), vec![]), (vec![], None));
     }
 
     /// P§5.7 D5, D12: ids are unique for the life of the process and `ota_state idle` goes up once

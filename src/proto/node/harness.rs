@@ -58,6 +58,16 @@ pub(super) fn node() -> Node {
     )
 }
 
+/// The token step's files (L§9.3): `wifi.conf` there or not, `device.token` holding the test
+/// token, and a fresh token equal to it, so the token is the test token whatever the node decides.
+pub(super) fn token_files(wifi_conf: bool) -> TokenFiles {
+    TokenFiles {
+        wifi_conf,
+        token: Ok(Some("ABCDEFGHIJKLMNOP".into())),
+        fresh: Secret16::new(*b"ABCDEFGHIJKLMNOP"),
+    }
+}
+
 /// Every action the node has queued, oldest first, none of them carried out.
 pub(super) fn drain(n: &mut Node) -> Vec<Action> {
     std::iter::from_fn(|| n.poll_action()).collect()
@@ -93,11 +103,12 @@ pub(super) fn serve_with(
                     let d = crate::config::device::parse(conf.unwrap_or_default());
                     n.file_dinfo(now, d, None)
                 }
-                Step::Token => n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP"))),
+                Step::Token => n.file_token(now, token_files(true)),
                 Step::WifiStatus => n.file_wifi(now, true, "home".into(), None),
                 _ => {}
             },
             Action::WriteWifi(_) => n.wifi_written(now, true, None),
+            Action::TokenFile(_) => n.token_written(now, Ok(())),
             Action::Resolve { attempt, .. } => {
                 n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
             }
@@ -170,9 +181,8 @@ pub(super) fn files(n: &mut Node, now: Instant, file: Option<&str>) -> Vec<Actio
                 );
                 n.file_dinfo(now, d, None)
             }
-            Action::LoadFiles(Step::Token) => {
-                n.file_token(now, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
-            }
+            Action::LoadFiles(Step::Token) => n.file_token(now, token_files(file.is_some())),
+            Action::TokenFile(_) => n.token_written(now, Ok(())),
             Action::LoadFiles(Step::WifiStatus) => {
                 n.file_wifi(now, file.is_some(), file.unwrap_or("").into(), None)
             }

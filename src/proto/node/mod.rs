@@ -32,7 +32,7 @@ use crate::config::Secret16;
 use crate::time::{Duration, Instant};
 use crate::wire::rpc::{self, Members};
 use boot::Boot;
-pub use boot::CONFIG_RETRY;
+pub use boot::{TokenFiles, CONFIG_RETRY};
 use provisioning::Written;
 use routing::Conns;
 

@@ -318,9 +318,7 @@ mod tests {
                 Action::LoadFiles(Step::Dinfo) => {
                     n.file_dinfo(t1, crate::config::device::parse(CONF), None)
                 }
-                Action::LoadFiles(Step::Token) => {
-                    n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
-                }
+                Action::LoadFiles(Step::Token) => n.file_token(t1, token_files(true)),
                 Action::LoadFiles(Step::WifiStatus) => n.file_wifi(t1, false, String::new(), None),
                 _ => {}
             }
@@ -373,9 +371,7 @@ mod tests {
                 Action::LoadFiles(Step::Dinfo) => {
                     n.file_dinfo(t1, crate::config::device::parse(CONF), None)
                 }
-                Action::LoadFiles(Step::Token) => {
-                    n.file_token(t1, Ok(Secret16::new(*b"ABCDEFGHIJKLMNOP")))
-                }
+                Action::LoadFiles(Step::Token) => n.file_token(t1, token_files(true)),
                 Action::LoadFiles(Step::WifiStatus) => n.file_wifi(t1, false, String::new(), None),
                 _ => {}
             }
