@@ -2694,6 +2694,11 @@ struct NodeH {
     // Clients waiting for the reply to an upstream request.
     waiting: Vec<(ConnId, u32)>,
     next_up: u32,
+    /// The mDNS responder's service as the node set it (P§4.8).
+    mdns: Option<dns::ServiceInfo>,
+    /// Announcements still expected: a service the LAN can reach is announced now and a second
+    /// later, and a new one restarts the pair.
+    mdns_announce: u8,
 }
 
 impl Clocked for NodeH {
@@ -2730,6 +2735,25 @@ impl NodeH {
             "wakeup_time {w} over max-sleep"
         );
         let _ = (self.n.state(), self.n.cloud_state(), self.n.stamp(self.now));
+        // P§4.8: a service only in the STA states, for the identity in use.
+        if let Some(s) = &self.mdns {
+            let state = self.n.state();
+            assert!(
+                matches!(
+                    state,
+                    State::WifiStaMode
+                        | State::CloudTrying
+                        | State::CloudConnected
+                        | State::CloudRetry
+                ),
+                "mDNS service in {state:?}"
+            );
+            // (A router change in STA mode drops the identity until Wi-Fi is back; the service
+            // stays: the device is the same.)
+            if let Some(id) = self.n.identity() {
+                assert!(id.provisioned && id.did == s.did && id.model == s.model);
+            }
+        }
     }
 
     fn on_action(&mut self, a: NodeAction) {
@@ -2833,8 +2857,24 @@ impl NodeH {
                 );
                 self.files.country = config::country::parse(&cc).ok().flatten();
             }
-            // The driver never tells the node that an mDNS service changed.
-            NodeAction::MdnsAnnounce => panic!("mDNS announcement without a service change"),
+            // Only changes, for a real address of the cloud socket on the LAN port.
+            NodeAction::MdnsService(info) => {
+                assert_ne!(info, self.mdns, "an unchanged mDNS service");
+                if let Some(i) = &info {
+                    assert!(!i.ip.is_unspecified() && i.port == 54321, "{i:?}");
+                    assert!(LOCAL_IPS.contains(&i.ip) || i.ip == Ipv4Addr::new(10, 0, 0, 2));
+                    if !i.ip.is_loopback() {
+                        self.mdns_announce = 2;
+                    }
+                }
+                self.mdns = info;
+            }
+            // Only the two a new service the LAN can reach asked for (the second may find the
+            // service gone: the responder then sends nothing).
+            NodeAction::MdnsAnnounce => {
+                assert!(self.mdns_announce > 0, "mDNS announcement nobody asked for");
+                self.mdns_announce -= 1;
+            }
             NodeAction::ReadSsid => {
                 let ssid = self
                     .files
@@ -3429,6 +3469,7 @@ pub fn node(data: &[u8]) {
             grace,
             timeout,
         },
+        mdns: Some(54321),
     };
     let now = Instant(u64::from(u.u32()));
     let files = Files {
@@ -3465,6 +3506,8 @@ pub fn node(data: &[u8]) {
         next_phone: 0,
         waiting: Vec::new(),
         next_up: 0,
+        mdns: None,
+        mdns_announce: 0,
     };
     h.n.start(now);
     h.drain();

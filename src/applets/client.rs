@@ -56,6 +56,8 @@ fn node_config(a: &ClientArgs) -> NodeConfig {
             grace: a.helper_grace,
             timeout: a.helper_timeout,
         },
+        // P§4.8: the responder runs unless disabled, and it names a LAN port that is open.
+        mdns: (a.mdns && a.mdns_port != 0 && a.lan_port != 0).then_some(a.lan_port),
     }
 }
 

@@ -25,7 +25,6 @@ use crate::io::writeq::WriteQueue;
 use crate::proto::ioerr::OsError;
 use crate::proto::local::Port;
 use crate::proto::node::{Node, NodeConfig};
-use crate::proto::state::State;
 use crate::time::Instant;
 use crate::wire::json_stream::SplitError;
 
@@ -111,7 +110,7 @@ pub(super) struct Daemon {
 /// Sets up the reactor, the mDNS responder and the resolver around the bound `sockets`, builds the
 /// node and runs the loop until SIGTERM/SIGINT. Returns the exit status: 0 after a signal, 1 when
 /// a set-up step or the loop failed (logged).
-pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, config: NodeConfig) -> i32 {
+pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, mut config: NodeConfig) -> i32 {
     let a = args;
     let reactor = match Reactor::new() {
         Ok(r) => r,
@@ -125,7 +124,7 @@ pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, config: NodeConfi
         crate::VERSION,
         a.datadir
     );
-    let mdns = if d_args_mdns(&a) {
+    let mdns = if config.mdns.is_some() {
         match Mdns::open(a.mdns_port, None) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -136,6 +135,10 @@ pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, config: NodeConfi
     } else {
         None
     };
+    if mdns.is_none() {
+        // No responder: the node decides no service (P§4.8).
+        config.mdns = None;
+    }
     log_bound(&sockets, mdns.as_ref());
     let resolver = match Resolver::new(reactor.registry(), reactor::RESOLVER) {
         Ok(r) => r,
@@ -250,14 +253,6 @@ impl Daemon {
                 self.node.handle_timeout(now);
                 self.run_actions(now);
                 deadline = self.node.poll_timeout();
-            }
-            // Without an address this only withdraws the service: it queues nothing and moves no
-            // deadline of the node.
-            if !matches!(
-                self.node.state(),
-                State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
-            ) {
-                self.mdns_service(now, None);
             }
         }
     }
@@ -553,10 +548,6 @@ impl Daemon {
             }
         }
     }
-}
-
-fn d_args_mdns(a: &ClientArgs) -> bool {
-    a.mdns && a.mdns_port != 0 && a.lan_port != 0
 }
 
 /// One line naming every listening socket as bound (the kernel's address, "off" when disabled):

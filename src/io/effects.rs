@@ -25,7 +25,6 @@ use crate::proto::local::LocalAction;
 use crate::proto::node::Action;
 use crate::proto::outbox::WifiText;
 use crate::time::Instant;
-use crate::wire::dns::ServiceInfo;
 
 impl Daemon {
     /// Executes the node's actions until it has none left (handlers may queue more).
@@ -48,6 +47,12 @@ impl Daemon {
                         if let Err(e) = lan.send_to(&bytes, to) {
                             debug!("LAN send to {to}: {e}");
                         }
+                    }
+                }
+                Action::MdnsService(info) => {
+                    if let Some(m) = self.mdns.as_mut() {
+                        // The node pushes only changes; the join follows a new address.
+                        m.set_service(info);
                     }
                 }
                 Action::MdnsAnnounce => {
@@ -143,29 +148,6 @@ impl Daemon {
         }
     }
 
-    /// P§4.8: announce once in STA mode with an address (and on every new one); nothing to
-    /// announce or answer in AP mode or without an identity.
-    pub(super) fn mdns_service(&mut self, now: Instant, ip: Option<Ipv4Addr>) {
-        let Some(m) = self.mdns.as_mut() else { return };
-        let info = match (self.node.identity(), ip) {
-            (Some(id), Some(ip)) if id.provisioned && !ip.is_unspecified() => Some(ServiceInfo {
-                model: id.model.clone(),
-                did: id.did,
-                ip,
-                port: self.args.lan_port,
-            }),
-            _ => None,
-        };
-        // A loopback address (a cloud on this host) reaches nobody on the LAN: answer queries, but
-        // send no multicast announcement for it.
-        let routable = info.as_ref().is_some_and(|i| !i.ip.is_loopback());
-        if m.set_service(info) && routable {
-            // The node sends the announcement now and again in a second (P§4.8).
-            self.node.mdns_service_changed(now);
-            self.run_actions(now);
-        }
-    }
-
     pub(super) fn close_client(&mut self, slot: usize) {
         if let Some(mut c) = self.clients.get_mut(slot).and_then(Option::take) {
             let _ = self.reactor.registry().deregister(&mut c.conn.stream);
@@ -256,7 +238,6 @@ impl Daemon {
             SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         };
         self.node.cloud_connected(now, netinfo::netif_for(ip), ip);
-        self.mdns_service(now, Some(ip));
     }
 
     fn cloud_send(&mut self, now: Instant, bytes: Vec<u8>) {

@@ -116,8 +116,8 @@ impl Mdns {
         self.sock.local_addr()
     }
 
-    /// What to announce and answer; None (AP mode, no address) silences the responder. Returns true
-    /// when it changed, which is when the caller should [`Mdns::announce`]. A new address also moves
+    /// What to announce and answer, as the node decided (`Action::MdnsService`); None (AP mode, no
+    /// address) silences the responder. Returns true when it changed. A new address also moves
     /// the group membership to its interface (a failed join is a warning).
     pub fn set_service(&mut self, info: Option<ServiceInfo>) -> bool {
         let old_ip = self.responder.service().map(|i| i.ip);

@@ -1,7 +1,7 @@
 //! The mDNS responder's decisions for `_miio._udp.local` (PROTOCOL.md §4.8), sans-IO: which
 //! datagrams are answered, in which form, and where the answer goes (RFC 6762). The socket, the
-//! group membership and the kernel filter are `io::mdns`; the bytes are `wire::dns`; when to
-//! announce is the node's (`Action::MdnsAnnounce`).
+//! group membership and the kernel filter are `io::mdns`; the bytes are `wire::dns`; which service
+//! is set and when to announce it are the node's (`Action::MdnsService`, `Action::MdnsAnnounce`).
 //!
 //! - With no service set (AP mode, no address) nothing is announced and nothing is answered.
 //! - Legacy unicast queries (source port not 5353, RFC 6762 §6.7) are answered to the source in

@@ -11,6 +11,7 @@ use super::cloud;
 use super::helper::Step;
 use super::local::{ConnId, LocalAction};
 use crate::config::Secret16;
+use crate::wire::dns::ServiceInfo;
 
 /// What the reactor must do: the one vocabulary of effects out of the core. Paths to the
 /// node's `answer with` methods are written in full because this module does not import the node.
@@ -61,6 +62,9 @@ pub enum Action {
     /// `ap.ssid` is the file's (P§5.4) even when a helper answered the Wi-Fi step or after a
     /// failed provisioning put the file back.
     ReadSsid,
+    /// Give the mDNS responder this service to announce and answer for, or none (P§4.8). The node
+    /// pushes it when the service changes.
+    MdnsService(Option<ServiceInfo>),
     /// Send the mDNS announcement of the service (P§4.8): at once when it changed, and once more
     /// a second later (RFC 6762 §8.3).
     MdnsAnnounce,

@@ -58,6 +58,7 @@ use super::state::State;
 use crate::config::Secret16;
 use crate::time::{Duration, Instant};
 use crate::wire::crypto::Keys;
+use crate::wire::dns::ServiceInfo;
 use crate::wire::miio::{self, Packet};
 use crate::wire::rpc;
 
@@ -530,9 +531,10 @@ struct Sim {
     slot_of: HashMap<u64, ConnId>,
     next_cid: u64,
     link: Option<Link>,
-    /// The reactor's mDNS service is set (it is from the first connection in STA mode until the
-    /// node leaves the STA states), and when the announcements it asked for are due.
-    mdns_service: bool,
+    /// The mDNS responder's service as the node set it (from the first connection in STA mode
+    /// until the node leaves the STA states, P§4.8), and when the announcements it asked for are
+    /// due.
+    mdns_service: Option<ServiceInfo>,
     mdns_due: std::collections::VecDeque<Instant>,
     gen: u32,
     // the cloud
@@ -584,6 +586,7 @@ impl Sim {
                 grace: Duration::from_secs(2),
                 timeout: Duration::from_millis(HELPER_TIMEOUT),
             },
+            mdns: Some(54321),
         };
         let mut s = Sim {
             node: Node::new(t0, cfg, Secret16::new(TOKEN)),
@@ -600,7 +603,7 @@ impl Sim {
             slot_of: HashMap::new(),
             next_cid: 1,
             link: None,
-            mdns_service: false,
+            mdns_service: None,
             mdns_due: Default::default(),
             gen: 0,
             outage: None,
@@ -971,6 +974,23 @@ impl Sim {
                 Action::Local(LocalAction::Close(slot)) => self.server_close(slot),
                 // Each announcement the service change asked for, none early and none more (a
                 // late one is caught as an overdue deadline).
+                // Only a change goes to the responder; a new service (LOCAL_IP stands for a LAN
+                // address) is announced now and once more a second later (P§4.8).
+                Action::MdnsService(info) => {
+                    if info == self.mdns_service {
+                        self.fail("an unchanged mDNS service");
+                    }
+                    if let Some(i) = &info {
+                        let id = self.node.identity();
+                        if i.ip != LOCAL_IP || i.port != 54321 || id.is_none_or(|d| d.did != i.did)
+                        {
+                            self.fail(format!("mDNS service {i:?}"));
+                        }
+                        // A change restarts the pair.
+                        self.mdns_due = [self.now, self.now + Duration::from_secs(1)].into();
+                    }
+                    self.mdns_service = info;
+                }
                 Action::MdnsAnnounce => match self.mdns_due.pop_front() {
                     Some(t) if t <= self.now => {}
                     Some(t) => self.fail(format!("mDNS announcement early, due at {:?}", clock(t))),
@@ -1091,14 +1111,6 @@ impl Sim {
             gw: "192.168.1.1".into(),
         };
         self.node.cloud_connected(self.now, netif, LOCAL_IP);
-        // As the reactor: a service that changed (here: became known) is announced now and once
-        // more a second later (P§4.8). LOCAL_IP stands for a LAN address.
-        if !self.mdns_service {
-            self.mdns_service = true;
-            self.node.mdns_service_changed(self.now);
-            self.mdns_due
-                .extend([self.now, self.now + Duration::from_secs(1)]);
-        }
     }
 
     /// The cloud socket is closed: the session, and the model's view of it, end.
@@ -2470,11 +2482,22 @@ impl Sim {
     fn after_turn(&mut self) {
         let now = self.now;
         let state = self.node.state();
-        if !matches!(
-            state,
-            State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
-        ) {
-            self.mdns_service = false;
+        // P§4.8: with a cloud socket up and a provisioned identity the responder has the service,
+        // at the socket's address.
+        let provisioned = self.node.identity().is_some_and(|i| i.provisioned);
+        if self.link.as_ref().is_some_and(|l| l.up)
+            && provisioned
+            && self.mdns_service.as_ref().map(|i| i.ip) != Some(LOCAL_IP)
+        {
+            self.fail("no mDNS service at the cloud socket's address");
+        }
+        if self.mdns_service.is_some()
+            && !matches!(
+                state,
+                State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
+            )
+        {
+            self.fail(format!("an mDNS service in {state:?}"));
         }
 
         // (1) Nothing overdue is left behind.

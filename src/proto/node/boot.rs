@@ -40,8 +40,7 @@ pub(super) struct TokenJob {
 }
 
 /// What io read for the token step of the file mode (L§9.3), with a fresh random token: the node
-/// decides from it whether the token file is used, removed or replaced.
-#[derive(Debug)]
+/// decides from it whether the token file is used, removed or replaced. `Debug` shows no token.
 pub struct TokenFiles {
     /// `wifi.conf` exists: the device is provisioned.
     pub wifi_conf: bool,
@@ -49,6 +48,18 @@ pub struct TokenFiles {
     pub token: Result<Option<String>, ConfError>,
     /// A new random token, for a device that has none or must get a new one.
     pub fresh: Secret16,
+}
+
+impl core::fmt::Debug for TokenFiles {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TokenFiles")
+            .field("wifi_conf", &self.wifi_conf)
+            .field(
+                "token",
+                &self.token.as_ref().map(|t| t.as_ref().map(|_| "***")),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Node {
@@ -107,9 +118,9 @@ impl Node {
         self.pump(now);
     }
 
-    /// The reactor's mDNS responder took a new service that the LAN can reach (P§4.8): announce it
-    /// now and once more a second later.
-    pub fn mdns_service_changed(&mut self, now: Instant) {
+    /// A new service that the LAN can reach (P§4.8): announce it now and once more a second later
+    /// (RFC 6762 §8.3).
+    pub(super) fn mdns_announce(&mut self, now: Instant) {
         self.actions.push(Action::MdnsAnnounce);
         self.mdns_again = Some(now + Duration::from_secs(1));
     }
@@ -420,7 +431,7 @@ mod tests {
             }
             k
         };
-        n.mdns_service_changed(t1);
+        n.mdns_announce(t1);
         assert_eq!(announces(&mut n), 1);
         assert_eq!(n.poll_timeout(), Some(t1 + Duration::from_secs(1)));
         assert_eq!(ask_suspend(&mut n, t1), 1);
@@ -428,6 +439,62 @@ mod tests {
         assert_eq!(announces(&mut n), 0);
         n.handle_timeout(t1 + Duration::from_secs(1));
         assert_eq!(announces(&mut n), 1);
+    }
+
+    /// P§4.8: the mDNS service is the node's decision: a provisioned identity in a STA state with
+    /// the cloud socket's real address; a change goes to io, and one the LAN can reach (not
+    /// loopback) is announced; leaving the STA states withdraws it until the next socket.
+    #[test]
+    fn the_mdns_service_follows_identity_state_and_address() {
+        use crate::wire::dns::ServiceInfo;
+        let t = Instant(10_000);
+        let lan = Ipv4Addr::new(192, 168, 1, 20);
+        let at = |ip| {
+            Some(ServiceInfo {
+                model: "acme.dev.v1".into(),
+                did: DID,
+                ip,
+                port: 54321,
+            })
+        };
+        let mdns = |n: &mut Node| -> Vec<Action> {
+            drain(n)
+                .into_iter()
+                .filter(|a| matches!(a, Action::MdnsService(_) | Action::MdnsAnnounce))
+                .collect()
+        };
+        // Without a responder there is nothing to decide.
+        let mut n = node();
+        n.set_identity(t, identity(true));
+        n.cloud_connected(t, Netif::default(), lan);
+        assert_eq!(mdns(&mut n), []);
+
+        let mut n = node();
+        n.cfg.mdns = Some(54321);
+        n.set_identity(t, identity(true));
+        assert_eq!(mdns(&mut n), [], "no address yet");
+        n.cloud_connected(t, Netif::default(), Ipv4Addr::LOCALHOST);
+        assert_eq!(mdns(&mut n), [Action::MdnsService(at(Ipv4Addr::LOCALHOST))]);
+        assert_eq!(n.mdns_again, None, "no announcement for loopback");
+        n.cloud_connected(t, Netif::default(), lan);
+        let announced = [Action::MdnsService(at(lan)), Action::MdnsAnnounce];
+        assert_eq!(mdns(&mut n), announced);
+        assert_eq!(n.mdns_again, Some(t + Duration::from_secs(1)));
+        n.cloud_connected(t, Netif::default(), lan);
+        assert_eq!(mdns(&mut n), [], "unchanged");
+        n.cloud_connected(t, Netif::default(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(mdns(&mut n), [Action::MdnsService(None)], "not IPv4");
+        n.cloud_connected(t, Netif::default(), lan);
+        assert_eq!(mdns(&mut n), announced);
+        // AP mode: withdrawn; a socket there sets nothing, nor does STA mode before a socket.
+        n.set_identity(t, identity(false));
+        assert_eq!(mdns(&mut n), [Action::MdnsService(None)]);
+        n.cloud_connected(t, Netif::default(), lan);
+        assert_eq!(mdns(&mut n), []);
+        n.set_identity(t, identity(true));
+        assert_eq!(mdns(&mut n), []);
+        n.cloud_connected(t, Netif::default(), lan);
+        assert_eq!(mdns(&mut n), announced);
     }
 
     /// L§9.3, file mode: the token step is the node's decision; io only reads the files and

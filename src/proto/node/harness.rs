@@ -53,6 +53,7 @@ pub(super) fn node() -> Node {
             country_override: None,
             hosts_explicit: (true, false),
             helper: helper::Config::default(),
+            mdns: None,
         },
         Secret16::new(*b"FreshToken012345"),
     )

@@ -19,6 +19,8 @@ mod power;
 mod provisioning;
 mod routing;
 
+use std::net::Ipv4Addr;
+
 use log::info;
 use serde_json::Value;
 
@@ -30,6 +32,7 @@ pub use super::outbox::{Action, Outbox};
 use super::state::State;
 use crate::config::Secret16;
 use crate::time::{Duration, Instant};
+use crate::wire::dns::ServiceInfo;
 use crate::wire::rpc::{self, Members};
 use boot::Boot;
 pub use boot::{TokenFiles, CONFIG_RETRY};
@@ -75,6 +78,9 @@ pub struct NodeConfig {
     pub hosts_explicit: (bool, bool),
     /// The helper protocol: data dir, grace and timeout (L§9).
     pub helper: helper::Config,
+    /// The LAN port the mDNS service names (P§4.8); None: no mDNS responder (disabled, or its
+    /// port could not be bound), and the node decides no service.
+    pub mdns: Option<u16>,
 }
 
 /// The local network facts of the cloud socket, for INFO's `netif` (P§5.4).
@@ -118,6 +124,10 @@ pub struct Node {
     cloud_backlog: bool,
     /// In `device_init` without a usable `device.conf`: when to re-read the files (L§9.5).
     config_retry: Option<Instant>,
+    /// The local address of the cloud socket, while in a STA state (P§4.8: the service's A record).
+    mdns_ip: Option<Ipv4Addr>,
+    /// The mDNS service the responder was last given (P§4.8).
+    mdns_service: Option<ServiceInfo>,
     /// The second mDNS announcement of a changed service (P§4.8).
     mdns_again: Option<Instant>,
     actions: Outbox,
@@ -151,6 +161,8 @@ impl Node {
             netif: Netif::default(),
             cloud_backlog: false,
             config_retry: None,
+            mdns_ip: None,
+            mdns_service: None,
             mdns_again: None,
             actions: Outbox::default(),
         }
@@ -208,7 +220,41 @@ impl Node {
             info!("{}", State::transition_line(self.state, to));
             self.state = to;
             self.lan.set_state(to);
+            if !sta(to) {
+                // P§4.8: no service outside the STA states, until a cloud socket has an address.
+                self.mdns_ip = None;
+                self.mdns_update();
+            }
         }
+    }
+
+    /// The mDNS service (P§4.8) from the identity, the state and the cloud socket's address: a
+    /// provisioned identity in a STA state with a real address, else none. A change goes to the
+    /// responder; one that the LAN can reach is announced now and once more a second later. A
+    /// loopback address (a cloud on this host) reaches nobody on the LAN: queries are answered,
+    /// but no multicast announcement is sent for it.
+    fn mdns_update(&mut self) -> bool {
+        let Some(port) = self.cfg.mdns else {
+            return false;
+        };
+        let want = match (self.identity.as_ref(), self.mdns_ip) {
+            (Some(id), Some(ip)) if id.provisioned && !ip.is_unspecified() && sta(self.state) => {
+                Some(ServiceInfo {
+                    model: id.model.clone(),
+                    did: id.did,
+                    ip,
+                    port,
+                })
+            }
+            _ => None,
+        };
+        if want == self.mdns_service {
+            return false;
+        }
+        let routable = want.as_ref().is_some_and(|i| !i.ip.is_loopback());
+        self.mdns_service.clone_from(&want);
+        self.actions.push(Action::MdnsService(want));
+        routable
     }
 
     fn broadcast(&mut self, event: &str) {
@@ -247,6 +293,14 @@ impl Node {
         }
         self.pump(now);
     }
+}
+
+/// The states with Wi-Fi in STA mode, where the mDNS service may be set (P§4.8).
+fn sta(s: State) -> bool {
+    matches!(
+        s,
+        State::WifiStaMode | State::CloudTrying | State::CloudConnected | State::CloudRetry
+    )
 }
 
 /// Collection sizes for the month simulation (`proto::sim`): the node's own and every machine's.

@@ -194,12 +194,20 @@ impl Node {
         self.pump(now);
     }
 
+    /// A cloud socket is open with the local address `local` (UNSPECIFIED: not IPv4). It is also
+    /// the mDNS service's address (P§4.8).
     pub fn cloud_connected(&mut self, now: Instant, netif: Netif, local: Ipv4Addr) {
         self.netif = netif;
         if let Some(c) = self.cloud.as_mut() {
             c.handle_connected(now, local, &mut self.actions);
         }
         self.pump(now);
+        if super::sta(self.state) {
+            self.mdns_ip = Some(local);
+        }
+        if self.mdns_update() {
+            self.mdns_announce(now);
+        }
     }
 
     pub fn cloud_connect_failed(&mut self, now: Instant, reason: OsError) {
