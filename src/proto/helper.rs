@@ -262,10 +262,7 @@ pub struct Helper {
     events: VecDeque<Event>,
 }
 
-/// A JSON string literal with proper escapes.
-fn json_str(s: &str) -> String {
-    Value::from(s).to_string()
-}
+use crate::wire::rpc::json_str;
 
 /// D15: a zoneinfo name. 1–64 bytes of letters, digits and `_ + - . /`; not absolute; no empty,
 /// `.` or `..` component. So it cannot leave the zoneinfo dir nor name the dir itself.

@@ -684,8 +684,91 @@ fn key_is_id(raw: &[u8]) -> bool {
 }
 
 /// A JSON string literal with proper escapes.
-fn json_str(s: &str) -> String {
-    Value::from(s).to_string()
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    write_str(&mut out, s);
+    out
+}
+
+/// `v` as compact JSON, in `format!` arguments: `{}` of [`Compact`] writes what serde_json's
+/// compact serializer writes (keys in the map's order, the same string escapes, numbers as
+/// `Number` prints them). One small writer instead of serde_json's `Display` for `Value`, which
+/// carries its pretty printer too (~1 KB of flash per board).
+pub struct Compact<'a>(pub &'a Value);
+
+impl core::fmt::Display for Compact<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut out = String::new();
+        write_value(&mut out, self.0);
+        f.write_str(&out)
+    }
+}
+
+/// Appends `v` as compact JSON.
+pub fn write_value(out: &mut String, v: &Value) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            use core::fmt::Write;
+            let _ = write!(out, "{n}");
+        }
+        Value::String(s) => write_str(out, s),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, x);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_str(out, k);
+                out.push(':');
+                write_value(out, x);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// Appends `s` as a JSON string literal, escaped as serde_json escapes: `"` `\\` and the
+/// control characters (the short forms where JSON has one, `\u00XX` otherwise); nothing else.
+fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 /// `{"id":N,"error":{"code":C,"message":"M"}}`, without the id member when there is none (L§3).
@@ -695,7 +778,7 @@ pub fn error_reply(id: Option<&Value>, code: i64, message: &str) -> String {
         json_str(message)
     );
     match id {
-        Some(id) => format!(r#"{{"id":{id},{err}"#),
+        Some(id) => format!(r#"{{"id":{},{err}"#, Compact(id)),
         None => format!("{{{err}"),
     }
 }
@@ -708,7 +791,7 @@ pub fn invalid_request(raw_id: &str) -> String {
 
 /// `{"id":N,"result":R}`.
 pub fn result_reply(id: &Value, result: &Value) -> String {
-    format!(r#"{{"id":{id},"result":{result}}}"#)
+    format!(r#"{{"id":{},"result":{}}}"#, Compact(id), Compact(result))
 }
 
 /// The broadcast `{"method":"local.status","params":"E"}` (LOCAL_API.md §6), compact (L§3).
@@ -721,9 +804,13 @@ pub fn local_status(event: &str) -> String {
 
 /// `{"id":N,"method":"M","params":P}`, or without the id member (a notification).
 pub fn request(id: Option<&Value>, method: &str, params: &Value) -> String {
-    let rest = format!(r#""method":{},"params":{params}}}"#, json_str(method));
+    let rest = format!(
+        r#""method":{},"params":{}}}"#,
+        json_str(method),
+        Compact(params)
+    );
     match id {
-        Some(id) => format!(r#"{{"id":{id},{rest}"#),
+        Some(id) => format!(r#"{{"id":{},{rest}"#, Compact(id)),
         None => format!("{{{rest}"),
     }
 }
@@ -1211,6 +1298,46 @@ mod tests {
         assert_eq!(raw_id(r#"{"id":1.50,"id":"a"}"#), Some(r#""a""#));
         assert_eq!(raw_id(r#"{"params":{"id":1}}"#), None);
         assert_eq!(raw_id("[1]"), None);
+    }
+
+    /// Any JSON value: strings from any characters (control characters, quotes, backslashes,
+    /// non-ASCII), integers of both signs, finite floats, nested arrays and objects.
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(any::<String>(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The small writer writes what serde_json's compact serializer writes.
+        #[test]
+        fn compact_writer_matches_serde(v in any_value()) {
+            prop_assert_eq!(Compact(&v).to_string(), serde_json::to_string(&v).unwrap());
+        }
+    }
+
+    #[test]
+    fn compact_writer_escapes_like_serde() {
+        let s: String = (0u8..0x80).map(char::from).chain("é€😀".chars()).collect();
+        let v = Value::String(s.clone());
+        assert_eq!(json_str(&s), serde_json::to_string(&v).unwrap());
+        assert_eq!(json_str("a\u{7f}\"\\/"), "\"a\u{7f}\\\"\\\\/\"");
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use crate::proto::local::ConnId;
 use crate::proto::outbox::Action;
 use crate::proto::state::State;
 use crate::time::Instant;
-use crate::wire::rpc::{self, Members};
+use crate::wire::rpc::{self, Compact, Members};
 
 impl Node {
     /// INFO built by the daemon itself (P§5.4, no helper answer), members in the order shown there.
@@ -77,7 +77,8 @@ impl Node {
         let err = json!(["ERROR"]);
         Some(match method {
             "miIO.info" => format!(
-                "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{}}}",
+                "{{\"id\":{},\"code\":0,\"message\":\"ok\",\"result\":{}}}",
+                Compact(&id),
                 self.info(now).to_json()
             ),
             "miIO.wifi_assoc_state" => {
@@ -87,7 +88,8 @@ impl Node {
                     "CONNECTING"
                 };
                 format!(
-                    "{{\"id\":{id},\"code\":0,\"message\":\"ok\",\"result\":{{\"state\":\"{state}\",\"auth_fail_count\":0,\"conn_success_count\":1,\"conn_fail_count\":0,\"dhcp_fail_count\":0}}}}"
+                    "{{\"id\":{},\"code\":0,\"message\":\"ok\",\"result\":{{\"state\":\"{state}\",\"auth_fail_count\":0,\"conn_success_count\":1,\"conn_fail_count\":0,\"dhcp_fail_count\":0}}}}",
+                    Compact(&id)
                 )
             }
             "miIO.config_loglevel" => match params.get("loglevel").and_then(Value::as_u64) {
@@ -146,16 +148,19 @@ impl Node {
         };
         let reply = match method {
             "local.query_status" => format!(
-                "{{\"id\":{id},\"method\":\"local.status\",\"params\":\"{}\"}}",
+                "{{\"id\":{},\"method\":\"local.status\",\"params\":\"{}\"}}",
+                Compact(&id),
                 self.state.status()
             ),
             "local.query_time" => format!(
-                "{{\"id\":{id},\"method\":\"local.time\",\"params\":{}}}",
+                "{{\"id\":{},\"method\":\"local.time\",\"params\":{}}}",
+                Compact(&id),
                 self.stamp(now)
             ),
             "local.query_country" => format!(
-                "{{\"id\":{id},\"method\":\"local.country\",\"params\":{}}}",
-                Value::String(self.country().unwrap_or_else(|| "prc".into()))
+                "{{\"id\":{},\"method\":\"local.country\",\"params\":{}}}",
+                Compact(&id),
+                rpc::json_str(&self.country().unwrap_or_else(|| "prc".into()))
             ),
             "local.ble.config_router" => {
                 let from = ProvisionFrom::Local(conn);
@@ -165,7 +170,8 @@ impl Node {
                 }
             }
             "local.prep_suspend" => format!(
-                "{{\"id\":{id},\"method\":\"local.resp_suspend\",\"params\":{{\"wakeup_time\":{}}}}}",
+                "{{\"id\":{},\"method\":\"local.resp_suspend\",\"params\":{{\"wakeup_time\":{}}}}}",
+                Compact(&id),
                 self.wakeup_time(now)
             ),
             _ => {
