@@ -9,7 +9,7 @@
 //! stack-overflow guard registry) cost ~5 KB of flash on every board (README "Static builds").
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use mio::{Registry, Token, Waker};
@@ -34,12 +34,12 @@ impl<T: Send + 'static> Resolver<T> {
         })
     }
 
-    /// Starts a lookup of `host`; an IP literal is answered on the same path without DNS.
-    pub fn lookup(&self, tag: T, host: &str, port: u16) {
+    /// Starts a lookup of `host`; an IP literal is answered on the same path without DNS. The
+    /// answer is addresses only: the caller adds its `_port`.
+    pub fn lookup(&self, tag: T, host: &str, _port: u16) {
         let job = Box::new(Job {
             tag,
             host: host.to_owned(),
-            port,
             done: self.done.clone(),
             waker: self.waker.clone(),
         });
@@ -58,7 +58,6 @@ impl<T: Send + 'static> Resolver<T> {
 struct Job<T> {
     tag: T,
     host: String,
-    port: u16,
     done: Arc<Mutex<Vec<Answer<T>>>>,
     waker: Arc<Waker>,
 }
@@ -68,24 +67,12 @@ impl<T> Job<T> {
         let Job {
             tag,
             host,
-            port,
             done,
             waker,
         } = self;
-        let result = match (host.as_str(), port).to_socket_addrs() {
-            Ok(it) => {
-                let v: Vec<Ipv4Addr> = it
-                    .filter_map(|a| match a {
-                        SocketAddr::V4(a) => Some(*a.ip()),
-                        SocketAddr::V6(_) => None,
-                    })
-                    .collect();
-                if v.is_empty() {
-                    Err(format!("{host}: no IPv4 address"))
-                } else {
-                    Ok(v)
-                }
-            }
+        let result = match super::sys::lookup_ipv4(&host) {
+            Ok(v) if v.is_empty() => Err(format!("{host}: no IPv4 address")),
+            Ok(v) => Ok(v),
             Err(e) => Err(format!("{host}: {e}")),
         };
         // A poisoned lock still holds a usable list (no holder leaves it half-changed).

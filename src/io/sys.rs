@@ -381,9 +381,85 @@ pub fn spawn_detached(
     Ok(())
 }
 
+/// The IPv4 addresses of `host` from `getaddrinfo` (names, `/etc/hosts`, IP literals; blocking),
+/// in its order. `Ok` may be empty (a name with IPv6 addresses only). The error is the text std's
+/// `ToSocketAddrs` gives for the same failure. Called directly rather than through std, whose lookup
+/// path cost flash for conversions the resolver never uses (io/resolver.rs).
+pub fn lookup_ipv4(host: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let c_host =
+        std::ffi::CString::new(host).map_err(|_| "host name contains a NUL byte".to_string())?;
+    // SAFETY: a zeroed addrinfo is a valid hints value (all fields empty); the list getaddrinfo
+    // returns is read only while it is alive and freed exactly once.
+    unsafe {
+        let mut hints: libc::addrinfo = std::mem::zeroed();
+        hints.ai_family = libc::AF_UNSPEC;
+        hints.ai_socktype = libc::SOCK_STREAM;
+        let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+        let rc = libc::getaddrinfo(c_host.as_ptr(), std::ptr::null(), &hints, &mut res);
+        if rc != 0 {
+            if rc == libc::EAI_SYSTEM {
+                return Err(io::Error::last_os_error().to_string());
+            }
+            let detail = std::ffi::CStr::from_ptr(libc::gai_strerror(rc)).to_string_lossy();
+            return Err(format!("failed to lookup address information: {detail}"));
+        }
+        let mut v = Vec::new();
+        let mut p = res;
+        while !p.is_null() {
+            let ai = &*p;
+            if ai.ai_family == libc::AF_INET && !ai.ai_addr.is_null() {
+                let sin = &*ai.ai_addr.cast::<libc::sockaddr_in>();
+                v.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            p = ai.ai_next;
+        }
+        libc::freeaddrinfo(res);
+        Ok(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lookup gives std's answers and std's error text, for what the resolver logs.
+    #[test]
+    fn lookup_ipv4_matches_std() {
+        use std::net::{SocketAddr, ToSocketAddrs};
+        let std_v4 = |h: &str| -> Result<Vec<std::net::Ipv4Addr>, String> {
+            (h, 0)
+                .to_socket_addrs()
+                .map(|it| {
+                    it.filter_map(|a| match a {
+                        SocketAddr::V4(a) => Some(*a.ip()),
+                        SocketAddr::V6(_) => None,
+                    })
+                    .collect()
+                })
+                .map_err(|e| e.to_string())
+        };
+        for h in ["127.0.0.1", "localhost", "::1", ""] {
+            let ours = lookup_ipv4(h);
+            let theirs = std_v4(h);
+            match (&ours, &theirs) {
+                // The order of a name's addresses is the resolver's; compare them as sets.
+                (Ok(a), Ok(b)) => {
+                    let (mut a, mut b) = (a.clone(), b.clone());
+                    a.sort();
+                    a.dedup();
+                    b.sort();
+                    b.dedup();
+                    assert_eq!(a, b, "{h:?}");
+                }
+                _ => assert_eq!(ours, theirs, "{h:?}"),
+            }
+        }
+        assert!(lookup_ipv4("").is_err());
+        assert_eq!(
+            lookup_ipv4("127.0.0.1"),
+            Ok(vec![std::net::Ipv4Addr::LOCALHOST])
+        );
+    }
 
     /// 2039-01-01 12:00:00 UTC and 2100-03-01 00:00:00 UTC: past the 32-bit time_t limit of
     /// 2038-01-19. Runs on the 32-bit boards in `make static-test TARGET=armv7`; the date is at
