@@ -633,6 +633,16 @@ pub fn rpc(data: &[u8]) {
             scanned_as_parsed(h, raw);
             assert_eq!(h.kind(), rpc::classify(o), "scan and classify disagree");
             assert_eq!(rpc::rewrite_id_scanned(text, h, new_id), rewritten);
+            // The buffer and in-place forms the report path uses give the same text.
+            let mut buf = String::from("left over");
+            let into = rpc::rewrite_id_scanned_into(text, h, new_id, &mut buf);
+            assert_eq!(into.then_some(buf), rewritten);
+            let mut own = text.to_owned();
+            let in_place = rpc::rewrite_id_in_place(&mut own, h, new_id);
+            assert_eq!(in_place.then(|| own.clone()), rewritten);
+            if !in_place {
+                assert_eq!(own, text, "a refused rewrite leaves the text");
+            }
         }
         (Err(a), Err(b)) => assert_eq!(a, b, "scan and parse_object refuse differently"),
         _ => panic!("scan {head:?} against parse_object {r:?}"),
@@ -1499,7 +1509,7 @@ impl CloudH {
         }
         let h = rpc::scan(text.as_bytes()).expect("parse_object took it");
         self.c
-            .upstream(self.now, client as ConnId, &text, &h, &mut self.out);
+            .upstream(self.now, client as ConnId, text.clone(), &h, &mut self.out);
         self.drain();
     }
 
@@ -3530,7 +3540,15 @@ pub fn node(data: &[u8]) {
 fn scanned_as_parsed(head: &rpc::Head, raw: &[u8]) {
     let o = rpc::parse_object(raw).expect("a routed message parses");
     assert_eq!(
-        (&head.method, &head.id, head.answer, head.error_code),
+        (
+            &head
+                .method
+                .as_ref()
+                .map(|m| m.as_ref().map(|m| m.as_str().to_owned())),
+            &head.id,
+            head.answer,
+            head.error_code,
+        ),
         (
             &o.get("method").map(|m| m.as_str().map(str::to_owned)),
             &o.get("id").cloned(),

@@ -248,6 +248,7 @@ impl Daemon {
                 }
                 self.run_actions(now);
             }
+            self.reactor.recycle(ready);
             deadline = self.node.poll_timeout();
             if deadline.is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);

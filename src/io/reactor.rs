@@ -82,6 +82,9 @@ pub struct Reactor {
     armed: Option<Instant>,
     sig_read: File,
     _sig_write: OwnedFd,
+    /// The last turn's ready list, handed back by [`Reactor::recycle`]: its buffer is reused, so
+    /// a turn allocates nothing.
+    spare: Vec<Ready>,
 }
 
 impl Reactor {
@@ -106,7 +109,13 @@ impl Reactor {
             armed: None,
             sig_read: File::from(r),
             _sig_write: w,
+            spare: Vec::new(),
         })
+    }
+
+    /// Gives a turn's ready list back, for the next turn to reuse its buffer.
+    pub fn recycle(&mut self, ready: Vec<Ready>) {
+        self.spare = ready;
     }
 
     pub fn registry(&self) -> &Registry {
@@ -129,8 +138,11 @@ impl Reactor {
                 Err(e) => return Err(e),
             }
         }
+        let mut ready = std::mem::take(&mut self.spare);
+        ready.clear();
         let mut turn = Turn {
             now: clock::now(),
+            ready,
             ..Turn::default()
         };
         let mut signalled = false;

@@ -334,15 +334,13 @@ impl Local {
     ) -> Option<Inbound> {
         let port = self.conns.get(&conn)?.port;
         let (method, id) = match head.kind() {
-            Kind::Request { method, id } => (Some(method.to_owned()), id.cloned()),
+            Kind::Request { method, id } => (Some(method), id.cloned()),
             Kind::Reply { id } => (None, Some(id.clone())),
             Kind::Other => (None, None),
         };
         // The scan accepted it, so the parser does too.
         let tree = || rpc::parse_object(text.as_bytes()).unwrap_or_default();
-        let internal = method
-            .as_deref()
-            .is_some_and(|m| m.starts_with("_internal."));
+        let internal = method.is_some_and(|m| m.starts_with("_internal."));
         if port == Port::Local {
             self.classify_as(out, now, conn, internal);
             if !self.conns.contains_key(&conn) {
@@ -352,7 +350,7 @@ impl Local {
         match method {
             Some(m) if m.starts_with("local.") => Some(Inbound::Local {
                 conn,
-                method: m,
+                method: m.to_owned(),
                 id,
                 obj: tree(),
             }),
@@ -367,7 +365,7 @@ impl Local {
             }
             Some(m) if internal => Some(Inbound::Internal {
                 conn,
-                method: m,
+                method: m.to_owned(),
                 obj: tree(),
                 text,
             }),

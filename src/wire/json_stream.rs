@@ -14,6 +14,9 @@
 
 use core::fmt;
 
+/// The bytes a scanned object's buffer holds beyond its text: a u32 id's 10 digits.
+const ID_ROOM: usize = 10;
+
 use super::rpc;
 
 /// Why the stream cannot go on.
@@ -290,7 +293,10 @@ impl Splitter {
         let limit = self.buf.len().min(at.saturating_add(self.max));
         let (len, head) = rpc::scan_prefix(self.buf.get(at..limit)?)?;
         let end = at + len;
-        let value = self.buf.get(at..end)?.to_vec();
+        let bytes = self.buf.get(at..end)?;
+        // Room for a longer id: a report's id is rewritten in place (P§5.7, `rpc::rewrite_id_in_place`).
+        let mut value = Vec::with_capacity(bytes.len() + ID_ROOM);
+        value.extend_from_slice(bytes);
         self.head = end;
         self.pos = end;
         self.state = State::Between;

@@ -338,9 +338,26 @@ pub struct Scanned {
 
 /// [`open`] checked the same way, without building the tree.
 pub fn open_scanned(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Scanned, Error> {
-    let text = open_text(keys, our_did, pkt)?;
-    match rpc::scan_str(&text) {
-        Ok(head) => Ok(Scanned { text, head }),
+    let mut buf = Vec::new();
+    let (text, head) = open_scanned_in(keys, our_did, pkt, &mut buf)?;
+    Ok(Scanned {
+        text: text.to_owned(),
+        head,
+    })
+}
+
+/// [`open_scanned`] in `buf`, a buffer its caller reuses (its contents are replaced): the text
+/// is borrowed from it, so a packet opened this way allocates nothing once `buf` has grown.
+pub fn open_scanned_in<'b>(
+    keys: &Keys,
+    our_did: u32,
+    pkt: &Packet<&[u8]>,
+    buf: &'b mut Vec<u8>,
+) -> Result<(&'b str, rpc::Head), Error> {
+    open_text_in(keys, our_did, pkt, buf)?;
+    let text = core::str::from_utf8(buf).map_err(|_| Error::NotUtf8)?;
+    match rpc::scan_str(text) {
+        Ok(head) => Ok((text, head)),
         Err(rpc::RpcError::NotObject) => Err(Error::NotObject),
         Err(rpc::RpcError::Parse) => Err(Error::NotJson),
     }
@@ -348,23 +365,36 @@ pub fn open_scanned(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<Sc
 
 /// Steps 5a-g of P§2.7 up to the text: did, MD5, payload length, decrypt, unpad, NUL, UTF-8.
 fn open_text(keys: &Keys, our_did: u32, pkt: &Packet<&[u8]>) -> Result<String, Error> {
+    let mut plain = Vec::new();
+    open_text_in(keys, our_did, pkt, &mut plain)?;
+    String::from_utf8(plain).map_err(|_| Error::NotUtf8)
+}
+
+/// [`open_text`] up to the UTF-8 check, the bytes left in `plain` (its contents replaced).
+fn open_text_in(
+    keys: &Keys,
+    our_did: u32,
+    pkt: &Packet<&[u8]>,
+    plain: &mut Vec<u8>,
+) -> Result<(), Error> {
     if pkt.did() != our_did {
         return Err(Error::DidMismatch { got: pkt.did() });
     }
     // One copy of the packet, checked and opened in place: the secret stands where the checksum
     // was, so MD5(header[0..16] ‖ secret ‖ payload) is one slice (P§2.2), then the payload is
     // decrypted behind the header.
-    let mut plain = pkt.buffer.to_vec();
-    set_checksum(&mut plain, keys.secret());
-    if md5(&[&plain]) != pkt.checksum() {
+    plain.clear();
+    plain.extend_from_slice(pkt.buffer);
+    set_checksum(plain, keys.secret());
+    if md5(&[plain]) != pkt.checksum() {
         return Err(Error::Md5Mismatch);
     }
-    keys.decrypt_tail(&mut plain, field::PAYLOAD)?;
+    keys.decrypt_tail(plain, field::PAYLOAD)?;
     plain.drain(..field::PAYLOAD.min(plain.len()));
     if let Some(nul) = plain.iter().position(|&b| b == 0) {
         plain.truncate(nul);
     }
-    String::from_utf8(plain).map_err(|_| Error::NotUtf8)
+    Ok(())
 }
 
 /// Step 5 of P§2.7, in order: did, MD5, payload length, decrypt, unpad, cut at the first NUL

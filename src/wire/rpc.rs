@@ -124,7 +124,7 @@ pub fn classify(obj: &Map<String, Value>) -> Kind<'_> {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Head {
     /// `None`: no `method` member; `Some(None)`: one that is not a string.
-    pub method: Option<Option<String>>,
+    pub method: Option<Option<Method>>,
     pub id: Option<Value>,
     /// A `result` or an `error` member is present.
     pub answer: bool,
@@ -140,7 +140,7 @@ impl Head {
     pub fn kind(&self) -> Kind<'_> {
         match (&self.method, &self.id) {
             (Some(Some(method)), id) => Kind::Request {
-                method,
+                method: method.as_str(),
                 id: id.as_ref(),
             },
             (None, Some(id)) if self.answer => Kind::Reply { id },
@@ -151,19 +151,76 @@ impl Head {
     /// The method when it is a string, else "".
     pub fn method(&self) -> &str {
         match &self.method {
-            Some(Some(m)) => m,
+            Some(Some(m)) => m.as_str(),
             _ => "",
         }
     }
 
     fn from_tree(obj: &Map<String, Value>) -> Head {
         Head {
-            method: obj.get("method").map(|m| m.as_str().map(str::to_owned)),
+            method: obj.get("method").map(|m| m.as_str().map(Method::new)),
             id: obj.get("id").cloned(),
             answer: obj.contains_key("result") || obj.contains_key("error"),
             error_code: error_code(obj.get("error")),
             id_span: None,
         }
+    }
+}
+
+/// A `method` string as a [`Head`] holds it: inline when it is short, as the method names of
+/// reports and commands are, so that a scan allocates nothing; on the heap otherwise.
+#[derive(Clone)]
+pub struct Method(MethodRepr);
+
+/// Method names up to this many bytes are held inline.
+const METHOD_INLINE: usize = 46;
+
+#[derive(Clone)]
+enum MethodRepr {
+    Inline { len: u8, bytes: [u8; METHOD_INLINE] },
+    Heap(Box<str>),
+}
+
+impl Method {
+    pub fn new(s: &str) -> Method {
+        let mut bytes = [0u8; METHOD_INLINE];
+        match (bytes.get_mut(..s.len()), u8::try_from(s.len())) {
+            (Some(dst), Ok(len)) => {
+                dst.copy_from_slice(s.as_bytes());
+                Method(MethodRepr::Inline { len, bytes })
+            }
+            _ => Method(MethodRepr::Heap(s.into())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Copied from a `str` whole, so always UTF-8.
+            MethodRepr::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|b| core::str::from_utf8(b).ok())
+                .unwrap_or(""),
+            MethodRepr::Heap(s) => s,
+        }
+    }
+}
+
+impl core::ops::Deref for Method {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Method) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl fmt::Debug for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -220,10 +277,10 @@ fn scan_walk(raw: &[u8]) -> Option<(usize, Head)> {
                     .and_then(|v| v.strip_suffix(b"\""))
                     .filter(|m| !m.contains(&b'\\'));
                 head.method = Some(if let Some(m) = plain {
-                    core::str::from_utf8(m).ok().map(str::to_owned)
+                    core::str::from_utf8(m).ok().map(Method::new)
                 } else {
                     match value(v) {
-                        Some(Value::String(m)) => Some(m),
+                        Some(Value::String(m)) => Some(Method::new(&m)),
                         _ => None,
                     }
                 });
@@ -333,28 +390,70 @@ pub fn rewrite_id(text: &str, new_id: u64) -> Option<String> {
 
 /// [`rewrite_id`] of a text [`scan`] read into `head`, reusing the id's place it found.
 pub fn rewrite_id_scanned(text: &str, head: &Head, new_id: u64) -> Option<String> {
+    let mut out = String::new();
+    rewrite_id_scanned_into(text, head, new_id, &mut out).then_some(out)
+}
+
+/// [`rewrite_id_scanned`] into `out` (cleared first), a buffer its caller reuses: false, and `out`
+/// left empty, where that gives None.
+pub fn rewrite_id_scanned_into(text: &str, head: &Head, new_id: u64, out: &mut String) -> bool {
+    out.clear();
     let Some(span) = head.id_span.clone() else {
-        return rewrite_id(text, new_id);
+        return match rewrite_id(text, new_id) {
+            Some(t) => {
+                out.push_str(&t);
+                true
+            }
+            None => false,
+        };
     };
-    let (before, after) = (text.get(..span.start)?, text.get(span.end..)?);
-    // The digits by hand: the formatting machinery costs more than the rest of the rewrite.
+    let (Some(before), Some(after)) = (text.get(..span.start), text.get(span.end..)) else {
+        return false;
+    };
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = new_id;
+    let id = decimal(new_id, &mut digits);
+    out.reserve(text.len() + id.len());
+    out.push_str(before);
+    out.push_str(id);
+    out.push_str(after);
+    true
+}
+
+/// [`rewrite_id_scanned`] of `text` in place, where `head` is [`scan`]'s of it: the id's digits
+/// replace the old value's bytes, so a text with room for them (`capacity`) is not copied. False,
+/// and `text` unchanged, where [`rewrite_id_scanned`] gives None.
+pub fn rewrite_id_in_place(text: &mut String, head: &Head, new_id: u64) -> bool {
+    let Some(span) = head.id_span.clone() else {
+        return match rewrite_id(text, new_id) {
+            Some(t) => {
+                *text = t;
+                true
+            }
+            None => false,
+        };
+    };
+    if text.get(span.clone()).is_none() {
+        return false;
+    }
+    let mut digits = [0u8; 20];
+    text.replace_range(span, decimal(new_id, &mut digits));
+    true
+}
+
+/// `n` in decimal, written at the end of `buf`. By hand: the formatting machinery costs more than
+/// the rest of an id rewrite.
+pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut n = n;
     loop {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+        buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    let id = core::str::from_utf8(&digits[i..]).ok()?;
-    let mut out = String::with_capacity(text.len() + id.len());
-    out.push_str(before);
-    out.push_str(id);
-    out.push_str(after);
-    Some(out)
+    core::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
 /// The raw text of the last top-level `id` member (the one a parser keeps), as sent: the id to echo
@@ -988,6 +1087,24 @@ mod tests {
     }
 
     #[test]
+    fn method_names_short_and_long() {
+        for m in [
+            "",
+            "props",
+            "é.ü",
+            &"x".repeat(46),
+            &"y".repeat(47),
+            &"z".repeat(300),
+        ] {
+            let n = Method::new(m);
+            assert_eq!(n.as_str(), m);
+            assert_eq!(n, Method::new(m));
+            assert_eq!(format!("{n:?}"), format!("{m:?}"));
+        }
+        assert_ne!(Method::new("a"), Method::new("b"));
+    }
+
+    #[test]
     fn scan_reads_what_routing_needs() {
         let h = scan(br#"{"id":17,"method":"props","params":{"id":3,"method":"x"}}"#).unwrap();
         assert_eq!(
@@ -1365,6 +1482,9 @@ mod tests {
                 if let Ok(h) = &mut h {
                     // The rewrite through the span is the rewrite through a second pass.
                     prop_assert_eq!(rewrite_id_scanned(&t, h, id), rewrite_id(&t, id), "{}", t);
+                    let mut own = t.clone();
+                    let done = rewrite_id_in_place(&mut own, h, id);
+                    prop_assert_eq!(done.then_some(own), rewrite_id(&t, id), "{}", t);
                     h.id_span = None;
                 }
                 prop_assert_eq!(h, parse_object(b).map(|m| Head::from_tree(&m)), "{}", t);

@@ -1019,6 +1019,9 @@ def part_rtt(d):
     figure("report round trip p99", pct(dv, 0.99), "us", pct(rv, 0.99), how)
 
 
+CPU_TIME_NAME = "CPU time per report, %d clients pipelining" % CLIENTS
+
+
 def part_tput(d):
     pid = d.p.pid
     rounds = min(ROUNDS, 3)
@@ -1029,8 +1032,12 @@ def part_tput(d):
     relay = Relay()
     try:
         ports = {"daemon": d.local, "relay": relay.port}
+        # The CPU time of the server under load (the daemon, or the relay alone: not the fake cloud,
+        # the echo or the clients), sampled by the load client at the start and end of its window.
+        pids = {"daemon": pid, "relay": relay.relay.pid}
         got = interleaved(rounds, lambda t, r: load(ports[t], clients=CLIENTS, window=WINDOW,
-                                                     secs=secs, drain=15), "daemon", "relay")
+                                                     secs=secs, drain=15, **{"cpu-pid": pids[t]}),
+                          "daemon", "relay")
     finally:
         relay.close()
     for t in got:
@@ -1048,6 +1055,21 @@ def part_tput(d):
            "reference, acks counted in the window; daemon: %s; its VmHWM after it %s KiB; reference "
            "benchkit relay: %s" % (CLIENTS, WINDOW, TPUT_SECS, rounds, load_summary(tot["daemon"]),
                                    hwm_t, load_summary(tot["relay"])) + noise.text())
+    cpu = {}
+    for t in got:
+        ticks = sum(r.get("cpu_ticks") or 0 for r in got[t])
+        acks = sum(r.get("ok_in_window") or 0 for r in got[t])
+        if not acks:
+            raise Broken("%s: no ack in the throughput window" % t)
+        cpu[t] = (ticks, acks, ticks / os.sysconf("SC_CLK_TCK") * 1e6 / acks)
+    figure(CPU_TIME_NAME, cpu["daemon"][2], "us", cpu["relay"][2],
+           "utime + stime of the daemon process (/proc/PID/stat, all threads) over the throughput "
+           "windows above (%d clients, %d in flight each, %.0f s in %d rounds), sampled by the load "
+           "client at each window's start and end, over the acks counted in those windows: %d ticks "
+           "of 1/%d s, %d acks; reference: the same for the benchkit relay process over its rounds, "
+           "%d ticks, %d acks; neither counts its peers (fake cloud, echo, clients); goal 1.3x or less"
+           % (CLIENTS, WINDOW, TPUT_SECS, rounds, cpu["daemon"][0], os.sysconf("SC_CLK_TCK"),
+              cpu["daemon"][1], cpu["relay"][0], cpu["relay"][1]) + noise.text())
 
 
 def merge_loads(results):

@@ -227,6 +227,10 @@ pub struct Cloud {
 
     info_for: Option<bool>,
     rx_buf: Vec<u8>,
+    /// Buffers reused on the path of every report and ack, so that it allocates only what it
+    /// hands on: a packet's plaintext as opened, an ack's text as rewritten for its client.
+    rx_plain: Vec<u8>,
+    scratch: String,
     next_id: u32,
     ups: Vec<Upstream>,
     /// Pending cloud commands by cloud command id, and the replies cached by id (P§5.8).
@@ -272,6 +276,8 @@ impl Cloud {
             misses: 0,
             info_for: None,
             rx_buf: Vec::new(),
+            rx_plain: Vec::new(),
+            scratch: String::new(),
             next_id,
             ups: Vec::new(),
             downs,

@@ -298,14 +298,17 @@ impl Cloud {
             }
             return;
         }
-        match miio::open_scanned(&self.keys, self.cfg.did, &pkt) {
-            Ok(o) => {
+        // The plaintext in the machine's reused buffer, taken out while the message is handled.
+        let mut plain = std::mem::take(&mut self.rx_plain);
+        match miio::open_scanned_in(&self.keys, self.cfg.did, &pkt, &mut plain) {
+            Ok((text, head)) => {
                 self.rx_since_ka = true;
                 self.last_rx = Some(self.last_rx.map_or(pkt.stamp(), |l| l.max(pkt.stamp())));
-                self.on_message(now, &o.text, &o.head, out);
+                self.on_message(now, text, &head, out);
             }
             Err(e) => self.dropped(now, &e),
         }
+        self.rx_plain = plain;
     }
 
     /// A pong, or a cloud-initiated ping (P§5.6).

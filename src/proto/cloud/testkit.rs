@@ -245,8 +245,13 @@ impl H {
     }
 
     pub(super) fn upstream(&mut self, client: u32, text: &str) {
-        self.c
-            .upstream(self.now, client as ConnId, text, &head(text), &mut self.o);
+        self.c.upstream(
+            self.now,
+            client as ConnId,
+            text.to_owned(),
+            &head(text),
+            &mut self.o,
+        );
         self.pump();
     }
 

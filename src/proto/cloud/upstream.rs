@@ -3,6 +3,7 @@
 
 use log::{debug, warn};
 use serde_json::Value;
+use std::rc::Rc;
 
 use super::*;
 
@@ -37,7 +38,7 @@ impl Cloud {
         &mut self,
         now: Instant,
         client: ConnId,
-        text: &str,
+        mut text: String,
         head: &rpc::Head,
         out: &mut Outbox,
     ) {
@@ -58,7 +59,7 @@ impl Cloud {
                     self.cfg.max_cloud_payload
                 );
             } else {
-                self.send_json(now, text, out);
+                self.send_json(now, &text, out);
             }
             return;
         };
@@ -77,13 +78,15 @@ impl Cloud {
             return self.tell_client(client, orig, -30011, "OT queue full", out);
         }
         let id = self.alloc_id();
-        let Some(new) = rpc::rewrite_id_scanned(text, head, u64::from(id)) else {
+        // The client's text becomes the record: its id rewritten in place (json_stream leaves room).
+        if !rpc::rewrite_id_in_place(&mut text, head, u64::from(id)) {
             out.push(local_send(
                 client,
                 rpc::error_reply(Some(idv), -32600, "Invalid Request"),
             ));
             return;
-        };
+        }
+        let new = text;
         if new.len() > self.cfg.max_cloud_payload {
             crate::warn_limited!(
                 now,
@@ -192,10 +195,17 @@ impl Cloud {
         self.wheel.cancel(Timer::Ack(up.cloud_id));
         match up.origin {
             Origin::Client { client, orig } => {
-                // D5: only the id changes back.
-                let text =
-                    rpc::rewrite_id_scanned(text, head, orig).unwrap_or_else(|| text.to_owned());
-                out.push(local_send(client, text));
+                // D5: only the id changes back. Written in the reused buffer, so the one
+                // allocation is the message handed to the client's write queue.
+                let mut buf = std::mem::take(&mut self.scratch);
+                if !rpc::rewrite_id_scanned_into(text, head, orig, &mut buf) {
+                    buf.push_str(text);
+                }
+                out.push(Action::Local(LocalAction::Send(
+                    client,
+                    Rc::from(buf.as_str()),
+                )));
+                self.scratch = buf;
             }
             Origin::Gone => debug!("ack id:{} for a client that has gone: dropped", up.cloud_id),
             Origin::Info { refresh } => {

@@ -300,7 +300,7 @@ impl Node {
                 text.as_bytes(),
             ),
             Some(Inbound::Upstream { conn, head, text }) => match self.cloud.as_mut() {
-                Some(c) => c.upstream(now, conn, &text, &head, &mut self.actions),
+                Some(c) => c.upstream(now, conn, text, &head, &mut self.actions),
                 None => {
                     if let Some(id) = head.id.as_ref() {
                         self.local.send_to(

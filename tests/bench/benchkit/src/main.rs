@@ -14,7 +14,8 @@
 //!   [--lat-out FILE]`: C local clients, each keeping W reports in flight, until each has sent N (count
 //!   mode) or S seconds passed; then waits up to `--drain` seconds for the missing answers. Counts
 //!   answers, errors and losses, and the send-to-answer latency of each report after the first K
-//!   (percentiles on stdout, every sample in FILE).
+//!   (percentiles on stdout, every sample in FILE). `--cpu-pid PID` also reports the CPU time
+//!   (utime + stime, clock ticks) that process PID used over the S seconds, as `cpu_ticks`.
 //! - `hostile --port P --ctl C --secs S [--never N] [--every-ms M] [--push-bytes B] [--push-hz H]
 //!   [--tail T]`: the hostile local load of the bench's `hostile` row, for S seconds: one client writes
 //!   `{}` back to back as fast as the socket takes it (and drains what it is sent, so it stays); N
@@ -265,6 +266,9 @@ struct LoadArgs {
     drain: f64,
     /// Where to write every latency sample (us, one a line), so runs can be merged.
     lat_out: Option<String>,
+    /// A process whose CPU time (utime + stime of all its threads, clock ticks) over the window
+    /// is reported as `cpu_ticks`: the server under load, never this client.
+    cpu_pid: Option<u32>,
 }
 
 fn num<T: std::str::FromStr>(k: &str, v: &str) -> T {
@@ -282,6 +286,7 @@ fn parse_load(args: &[String]) -> LoadArgs {
         warmup: 0,
         drain: 15.0,
         lat_out: None,
+        cpu_pid: None,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -297,6 +302,7 @@ fn parse_load(args: &[String]) -> LoadArgs {
             "--warmup" => a.warmup = num(k, v),
             "--drain" => a.drain = num(k, v),
             "--lat-out" => a.lat_out = Some(v.clone()),
+            "--cpu-pid" => a.cpu_pid = Some(num(k, v)),
             _ => die(&format!("unknown option {k}")),
         }
     }
@@ -320,6 +326,7 @@ struct ClientResult {
 
 fn load(args: &[String]) {
     let a = parse_load(args);
+    let cpu0 = a.cpu_pid.map(cpu_ticks);
     let start = Instant::now();
     let stop_at = (a.secs > 0.0).then(|| start + Duration::from_secs_f64(a.secs));
     let mut handles = Vec::new();
@@ -329,6 +336,15 @@ fn load(args: &[String]) {
             client(c as u64, port, window, count, stop_at, warmup, drain)
         }));
     }
+    // The server's CPU time over the window that `ok_in_window` counts: sampled at its start and
+    // its end (`stop_at`), while the clients run.
+    let cpu_window = match (cpu0, stop_at, a.cpu_pid) {
+        (Some(t0), Some(end), Some(pid)) => {
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            Some(cpu_ticks(pid).saturating_sub(t0))
+        }
+        _ => None,
+    };
     let results: Vec<ClientResult> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
@@ -375,9 +391,20 @@ fn load(args: &[String]) {
         "unknown": unknown, "lost": sent.saturating_sub(ok + errors),
         "secs": window_secs, "rate": okw as f64 / window_secs.max(1e-9),
         "samples": lat.len(), "p50_us": pct(0.50), "p99_us": pct(0.99), "mean_us": mean,
-        "first_error": first_error, "io_error": io_error,
+        "first_error": first_error, "io_error": io_error, "cpu_ticks": cpu_window,
+        "ok_in_window": okw,
     });
     println!("{out}");
+}
+
+/// utime + stime of process `pid`, all its threads, in clock ticks (/proc/PID/stat fields 14, 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| die(&format!("/proc/{pid}/stat: {e}")));
+    // After the command name's closing parenthesis: field 3 (the state) onwards.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
 fn client(
