@@ -306,7 +306,12 @@ fn parse_load(args: &[String]) -> LoadArgs {
             _ => die(&format!("unknown option {k}")),
         }
     }
-    if a.port == 0 || a.clients == 0 || a.clients > 41 || a.window == 0 || (a.count.is_none() && a.secs <= 0.0) {
+    if a.port == 0
+        || a.clients == 0
+        || a.clients > 41
+        || a.window == 0
+        || (a.count.is_none() && a.secs <= 0.0)
+    {
         die("load needs --port, 1 <= --clients <= 41 (ids stay u32), --window >= 1 and --count or --secs");
     }
     a
@@ -403,7 +408,10 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or_else(|e| die(&format!("/proc/{pid}/stat: {e}")));
     // After the command name's closing parenthesis: field 3 (the state) onwards.
     let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
