@@ -1,4 +1,4 @@
-//! The outbox: the one queue of effects out of the sans-IO core (ARCHITECTURE.md §4.4).
+//! The outbox: the one queue of effects out of the sans-IO core (ARCHITECTURE.md §3).
 //!
 //! Every machine pushes what the reactor must do into the same [`Outbox`], in the order it decides
 //! it, and the reactor executes the actions in that order. The vocabulary is [`Action`]: a socket,
