@@ -1359,11 +1359,12 @@ def measured_pid(tool, p):
     return wait_for(child, 10, "perf to start the daemon")
 
 
-def daemon_instructions(tool, exe, opts, n, tag):
+def daemon_instructions(tool, exe, opts, n, tag, binary=None):
     cloud = Cloud()
     out = os.path.join(RUN, "%s-%s.out" % (tool, tag))
     try:
-        d = Daemon(cloud.port, opts, "cpu-" + tag, wrap=wrapped(tool, exe, out), binary=CPU_BIN or BIN)
+        d = Daemon(cloud.port, opts, "cpu-" + tag, wrap=wrapped(tool, exe, out),
+                   binary=binary or CPU_BIN or BIN)
         try:
             d.connected(limit=120)
             r = load(d.local, count=n)
@@ -1389,28 +1390,43 @@ def kit_instructions(tool, exe, n):
 
 
 def section_cpu(opts):
+    """Instructions per report of the host release build (or BENCH_CPU_BIN) and, unless
+    BENCH_CPU_BIN is set, of the static x86_64 board build, each against the one crate floor."""
     name = "CPU: user instructions per report"
+    sname = "CPU: user instructions per report, static x86_64 musl"
     tool, exe = counter_tool()
     if not tool:
         skipped(name, "instr", exe)
+        if not CPU_BIN:
+            skipped(sname, "instr", exe)
         return
     say("CPU: %d reports under %s, and a baseline run with none" % (CPU_N, tool))
-    with_n = daemon_instructions(tool, exe, opts, CPU_N, "n")
-    base = daemon_instructions(tool, exe, opts, 0, "0")
     ref_n = kit_instructions(tool, exe, CPU_N)
     ref_0 = kit_instructions(tool, exe, 0)
-    per = (with_n - base) / CPU_N
     ref = (ref_n - ref_0) / CPU_N
-    figure(name, per, "instr", ref,
-           (("daemon binary %s; " % CPU_BIN) if CPU_BIN else "") +
-           "%s: whole daemon run with %d reports sent one at a time and acked (%d instr) minus the same "
-           "run with a client that sends none (%d), over %d (goal: 25,000 or less); reference: the "
-           "crate floor, benchkit crypto: a scan for \"id\" and \"method\", the seal (NUL, pad, "
-           "AES-128-CBC, MD5) of the same %d-byte report and the open (MD5, decrypt, unpad) of its "
-           "31-byte ack, key schedule made once, same crates and release profile as the daemon, "
-           "(%d - %d) / %d"
-           % ("callgrind Ir" if tool == "valgrind" else "perf instructions:u", CPU_N, with_n, base,
-              CPU_N, REPORT_LEN, ref_n, ref_0, CPU_N))
+
+    def row(row_name, binary, label, tag):
+        with_n = daemon_instructions(tool, exe, opts, CPU_N, tag + "n", binary)
+        base = daemon_instructions(tool, exe, opts, 0, tag + "0", binary)
+        per = (with_n - base) / CPU_N
+        figure(row_name, per, "instr", ref,
+               "daemon binary %s; %s: whole daemon run with %d reports sent one at a time and acked "
+               "(%d instr) minus the same run with a client that sends none (%d), over %d (goal: "
+               "25,000 or less); reference: the crate floor, benchkit crypto: a scan for \"id\" and "
+               "\"method\", the seal (NUL, pad, AES-128-CBC, MD5) of the same %d-byte report and the "
+               "open (MD5, decrypt, unpad) of its 31-byte ack, key schedule made once, same crates "
+               "and release profile as the daemon, (%d - %d) / %d"
+               % (label, "callgrind Ir" if tool == "valgrind" else "perf instructions:u", CPU_N,
+                  with_n, base, CPU_N, REPORT_LEN, ref_n, ref_0, CPU_N))
+
+    row(name, CPU_BIN or BIN, CPU_BIN or "the host release build (glibc)", "")
+    if CPU_BIN:
+        return
+    out, built = static_binary("x86_64")
+    if out is None:
+        (skipped if built[0] == "SKIP" else failed)(sname, "instr", built[1])
+        return
+    row(sname, out, "%s, the board build (musl, std built for size)" % out, "static-")
 
 
 # -- syscalls per report ------------------------------------------------------------------------------
