@@ -6,7 +6,6 @@
 //!
 //! Shaped so that miio_agent and the MQTT bridge are only more kinds of ordinary client.
 
-use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use serde_json::{Map, Value};
@@ -97,7 +96,45 @@ struct Conn {
 #[derive(Debug)]
 pub struct Local {
     max_clients: usize,
-    conns: BTreeMap<ConnId, Conn>,
+    conns: Table,
+}
+
+/// The connections by id, in id order (the order broadcasts go out in). A sorted `Vec`: the
+/// table is small (max-clients plus a few), and a map type would cost the board several KB.
+#[derive(Debug)]
+struct Table(Vec<(ConnId, Conn)>);
+
+impl Table {
+    fn find(&self, id: ConnId) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |&(k, _)| k)
+    }
+    fn insert(&mut self, id: ConnId, c: Conn) {
+        match self.find(id) {
+            Ok(i) => self.0[i].1 = c,
+            Err(i) => self.0.insert(i, (id, c)),
+        }
+    }
+    fn remove(&mut self, id: &ConnId) -> Option<Conn> {
+        self.find(*id).ok().map(|i| self.0.remove(i).1)
+    }
+    fn get(&self, id: &ConnId) -> Option<&Conn> {
+        self.find(*id).ok().map(|i| &self.0[i].1)
+    }
+    fn get_mut(&mut self, id: &ConnId) -> Option<&mut Conn> {
+        self.find(*id).ok().map(|i| &mut self.0[i].1)
+    }
+    fn contains_key(&self, id: &ConnId) -> bool {
+        self.find(*id).is_ok()
+    }
+    fn values(&self) -> impl Iterator<Item = &Conn> {
+        self.0.iter().map(|(_, c)| c)
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 fn lossy(raw: &[u8]) -> String {
@@ -112,7 +149,7 @@ impl Local {
     pub fn new(max_clients: usize) -> Local {
         Local {
             max_clients,
-            conns: BTreeMap::new(),
+            conns: Table(Vec::new()),
         }
     }
 
@@ -235,7 +272,8 @@ impl Local {
     /// One copy of `text` for all: each connection's action (or held list) shares it.
     fn broadcast(&mut self, out: &mut Outbox, text: &str, to_ble: bool) {
         let text: Rc<str> = text.into();
-        for (&id, c) in self.conns.iter_mut() {
+        for (id, c) in self.conns.0.iter_mut() {
+            let id = *id;
             match &mut c.class {
                 Class::Ordinary => push_send(out, id, text.clone()),
                 Class::Ble if to_ble => push_send(out, id, text.clone()),
@@ -260,11 +298,12 @@ impl Local {
     pub fn handle_timeout(&mut self, out: &mut Outbox, now: Instant) {
         let due: Vec<ConnId> = self
             .conns
+            .0
             .iter()
             .filter(
                 |(_, c)| matches!(c.class, Class::Unclassified { deadline, .. } if deadline <= now),
             )
-            .map(|(&id, _)| id)
+            .map(|&(id, _)| id)
             .collect();
         for id in due {
             self.classify_as(out, now, id, false);
