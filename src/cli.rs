@@ -151,10 +151,20 @@ fn usage(msg: impl Into<String>) -> CliError {
     CliError::Usage(msg.into())
 }
 
-fn num<T: core::str::FromStr>(opt: &str, v: &str) -> Result<T, CliError> {
-    v.trim()
-        .parse()
-        .map_err(|_| usage(format!("option {opt}: '{v}' is not a valid number")))
+/// The crate's one decimal parser of unsigned numbers: `str::parse` of a `u64` (an optional `+`,
+/// then digits), narrowed to `T`, so it accepts exactly what `str::parse::<T>` accepts. One copy of
+/// the digit loop instead of one per integer type: the board's flash counts each.
+pub fn uint<T: TryFrom<u64>>(s: &str) -> Option<T> {
+    T::try_from(u64_of(s)?).ok()
+}
+
+#[inline(never)]
+fn u64_of(s: &str) -> Option<u64> {
+    s.parse().ok()
+}
+
+fn num<T: TryFrom<u64>>(opt: &str, v: &str) -> Result<T, CliError> {
+    uint(v.trim()).ok_or_else(|| usage(format!("option {opt}: '{v}' is not a valid number")))
 }
 
 fn port(opt: &str, v: &str, allow_zero: bool) -> Result<u16, CliError> {

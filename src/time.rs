@@ -61,7 +61,11 @@ impl Duration {
         if !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        let whole: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        let whole: u64 = if int.is_empty() {
+            0
+        } else {
+            crate::cli::uint(int)?
+        };
         let mut ms = 0u64;
         for (i, b) in frac.bytes().take(3).enumerate() {
             ms += u64::from(b - b'0') * [100, 10, 1][i];

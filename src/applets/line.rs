@@ -22,8 +22,8 @@ const HELLO: &[u8] = br#"{"method":"_internal.hello"}"#;
 /// `$MIIO_LOCAL_PORT`, or the default when unset or empty; `Err` names a value that is no port.
 fn port() -> Result<u16, String> {
     match std::env::var("MIIO_LOCAL_PORT") {
-        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u16>() {
-            Ok(p) if p != 0 => Ok(p),
+        Ok(v) if !v.trim().is_empty() => match crate::cli::uint::<u16>(v.trim()) {
+            Some(p) if p != 0 => Ok(p),
             _ => Err(v),
         },
         _ => Ok(DEFAULT_PORT),

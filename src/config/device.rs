@@ -110,7 +110,7 @@ pub fn check_did(v: &str) -> Result<u32, String> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
-    v.parse::<u32>().map_err(|_| bad())
+    crate::cli::uint::<u32>(v).ok_or_else(bad)
 }
 
 /// The cloud key: exactly 16 printable ASCII characters (LOCAL_API.md §9.3, PROTOCOL.md §2.5).

@@ -87,8 +87,8 @@ pub fn parse(text: &str) -> Result<WifiConf, ConfError> {
             "uid" => {
                 let u = maybe_quoted(v, n, "uid")?;
                 let ok = !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit());
-                match u.parse::<u64>() {
-                    Ok(x) if ok => uid = Some(x),
+                match crate::cli::uint::<u64>(&u) {
+                    Some(x) if ok => uid = Some(x),
                     _ => {
                         let why = format!("uid must be a decimal number (got {})", shown(&u));
                         return Err(ConfError::new(FILE, n, why));

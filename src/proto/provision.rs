@@ -67,9 +67,9 @@ pub fn parse(params: Option<&Value>) -> Result<Params, String> {
             None => return Err("uid not found, or uid not int.".into()),
         },
         Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            match s.parse::<u64>() {
-                Ok(u) => Some(u),
-                Err(_) => return Err("uid not found, or uid not int.".into()),
+            match crate::cli::uint::<u64>(s) {
+                Some(u) => Some(u),
+                None => return Err("uid not found, or uid not int.".into()),
             }
         }
         Some(_) => return Err("uid not found, or uid not int.".into()),
