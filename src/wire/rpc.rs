@@ -59,13 +59,279 @@ pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, RpcError> {
     }
 }
 
-/// The one serde parse of this module, not inlined at each use: flash matters more than speed.
+/// The one parse of JSON text into a `Value` in this module, with `serde_json::from_slice`'s
+/// verdict and value for every input (`tests::value_is_serde_json` holds them together): at most
+/// 127 nested containers, strings checked as UTF-8 with surrogate escapes paired, the last of a
+/// duplicated key kept, integers as `u64` (or `i64` when negative), whitespace around the value.
+/// A number with a fraction or an exponent, or an integer beyond those types, is the `f64`
+/// serde_json makes of it ([`float`]). serde_json's `Value` deserializer, string and number
+/// readers and error positions were several KB of the board's flash that this walk replaces.
 #[inline(never)]
 fn value(raw: &[u8]) -> Option<Value> {
-    serde_json::from_slice(raw).ok()
+    let mut i = 0;
+    let v = tree(raw, &mut i, 128)?;
+    (skip_json_ws(raw, i) == raw.len()).then_some(v)
 }
 
-/// The slow path of [`parse_object`], taken only when serde refused the text.
+/// The value at `*i` (after whitespace), `*i` moved past it. `depth` is serde_json's remaining
+/// recursion budget: a container that brings it to 0 is refused.
+fn tree(b: &[u8], i: &mut usize, depth: u8) -> Option<Value> {
+    *i = skip_json_ws(b, *i);
+    let c = *b.get(*i)?;
+    let (word, v): (&[u8], Value) = match c {
+        b'{' | b'[' => return container(b, i, c, depth.checked_sub(1).filter(|&d| d > 0)?),
+        b'"' => return string(b, i).map(Value::String),
+        b't' => (b"true", Value::Bool(true)),
+        b'f' => (b"false", Value::Bool(false)),
+        b'n' => (b"null", Value::Null),
+        _ => return number(b, i),
+    };
+    let end = *i + word.len();
+    (b.get(*i..end) == Some(word)).then(|| {
+        *i = end;
+        v
+    })
+}
+
+/// An object or an array (`open` at `*i`), its members or elements parsed with `depth`.
+fn container(b: &[u8], i: &mut usize, open: u8, depth: u8) -> Option<Value> {
+    let mut map = Map::new();
+    let mut arr = Vec::new();
+    *i = skip_json_ws(b, *i + 1);
+    if b.get(*i) != Some(&(open + 2)) {
+        loop {
+            if open == b'{' {
+                let k = string(b, i)?;
+                *i = colon(b, *i)?;
+                map.insert(k, tree(b, i, depth)?);
+            } else {
+                arr.push(tree(b, i, depth)?);
+            }
+            *i = skip_json_ws(b, *i);
+            match *b.get(*i)? {
+                b',' => *i = skip_json_ws(b, *i + 1),
+                c if c == open + 2 => break,
+                _ => return None,
+            }
+        }
+    }
+    *i += 1;
+    Some(if open == b'{' {
+        Value::Object(map)
+    } else {
+        Value::Array(arr)
+    })
+}
+
+/// The string at `*i` (RFC 8259 §7, as [`json_string`] checks it), unescaped: None when its
+/// bytes are not UTF-8 or a `\u` surrogate has no partner.
+fn string(b: &[u8], i: &mut usize) -> Option<String> {
+    let end = json_string(b, *i)?;
+    let body = b.get(*i + 1..end - 1)?;
+    *i = end;
+    let mut out = Vec::with_capacity(body.len());
+    let mut j = 0;
+    while let Some(&c) = body.get(j) {
+        j += 1;
+        if c != b'\\' {
+            out.push(c);
+            continue;
+        }
+        let e = *body.get(j)?;
+        j += 1;
+        let ch = match e {
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = hex4(body, j)?;
+                j += 4;
+                let n = match hi {
+                    0xD800..=0xDBFF => {
+                        // A leading surrogate: the trailing one must follow at once.
+                        let lo = match body.get(j..j + 2) {
+                            Some(b"\\u") => hex4(body, j + 2)?,
+                            _ => return None,
+                        };
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return None;
+                        }
+                        j += 6;
+                        0x1_0000 + ((hi - 0xD800) << 10 | (lo - 0xDC00))
+                    }
+                    n => n,
+                };
+                char::from_u32(n)?
+            }
+            // `"`, `\\` and `/` stand for themselves (json_string allowed no other escape).
+            e => char::from(e),
+        };
+        let mut utf8 = [0u8; 4];
+        out.extend_from_slice(ch.encode_utf8(&mut utf8).as_bytes());
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The four hex digits at `j` (checked by [`json_string`]).
+fn hex4(b: &[u8], j: usize) -> Option<u32> {
+    b.get(j..j + 4)?.iter().try_fold(0, |n, &c| {
+        let d = char::from(c).to_digit(16)?;
+        Some(n << 4 | d)
+    })
+}
+
+/// The number at `*i`, as serde_json reads it: an integer that fits as `u64`, or as `i64` when
+/// negative (`-0` is a float there); any other as an `f64` by [`float`].
+fn number(b: &[u8], i: &mut usize) -> Option<Value> {
+    let start = *i;
+    let end = json_number(b, start)?;
+    *i = end;
+    let text = b.get(start..end)?;
+    let (neg, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let int = digits.iter().try_fold(0u64, |n, &d| {
+        let d = u64::from(d.wrapping_sub(b'0'));
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(d)
+    });
+    match int {
+        Some(n) if !neg => Some(Value::from(n)),
+        Some(n @ 1..=0x8000_0000_0000_0000) => Some(Value::from((n as i64).wrapping_neg())),
+        _ => serde_json::Number::from_f64(float(digits, neg)?).map(Value::Number),
+    }
+}
+
+/// serde_json's conversion of a number to `f64` (its default one, not `float_roundtrip`), bit for
+/// bit: the digits into a `u64` significand while it has room (the integer digits beyond it
+/// scale by ten, the fraction digits beyond it are dropped), then one multiplication or division
+/// by a power of ten from [`POW10`]. None where it refuses the number: out of `f64`'s range.
+/// `digits` is a number of [`json_number`]'s grammar without its sign.
+fn float(digits: &[u8], neg: bool) -> Option<f64> {
+    // The next digit `d` does not fit: serde_json's `overflow!` test.
+    let full = |n: u64, d: u64| n >= u64::MAX / 10 && (n > u64::MAX / 10 || d > u64::MAX % 10);
+    let mut sig = 0u64;
+    let mut exp = 0i32;
+    let mut j = 0;
+    let mut spilled = false;
+    while let Some(d) = digits.get(j).and_then(|c| char::from(*c).to_digit(10)) {
+        let d = u64::from(d);
+        if spilled || full(sig, d) {
+            spilled = true;
+            exp += 1;
+        } else {
+            sig = sig * 10 + d;
+        }
+        j += 1;
+    }
+    if digits.get(j) == Some(&b'.') {
+        j += 1;
+        let mut spilled = false;
+        while let Some(d) = digits.get(j).and_then(|c| char::from(*c).to_digit(10)) {
+            let d = u64::from(d);
+            if spilled || full(sig, d) {
+                spilled = true;
+            } else {
+                sig = sig * 10 + d;
+                exp -= 1;
+            }
+            j += 1;
+        }
+    }
+    if let Some(b'e' | b'E') = digits.get(j) {
+        j += 1;
+        let minus = digits.get(j) == Some(&b'-');
+        j += usize::from(matches!(digits.get(j), Some(b'+' | b'-')));
+        let mut e = 0i32;
+        while let Some(d) = digits.get(j).and_then(|c| char::from(*c).to_digit(10)) {
+            let d = d as i32;
+            if e >= i32::MAX / 10 && (e > i32::MAX / 10 || d > i32::MAX % 10) {
+                // An exponent beyond i32: infinity is refused, anything else is zero.
+                if sig != 0 && !minus {
+                    return None;
+                }
+                return Some(if neg { -0.0 } else { 0.0 });
+            }
+            e = e * 10 + d;
+            j += 1;
+        }
+        exp = if minus {
+            exp.saturating_sub(e)
+        } else {
+            exp.saturating_add(e)
+        };
+    }
+    let mut f = sig as f64;
+    loop {
+        match POW10.get(exp.wrapping_abs() as usize) {
+            Some(&pow) => {
+                if exp >= 0 {
+                    f *= pow;
+                    if f.is_infinite() {
+                        return None;
+                    }
+                } else {
+                    f /= pow;
+                }
+                break;
+            }
+            None => {
+                if f == 0.0 {
+                    break;
+                }
+                if exp >= 0 {
+                    return None;
+                }
+                f /= 1e308;
+                exp += 308;
+            }
+        }
+    }
+    Some(if neg { -f } else { f })
+}
+
+/// 1e0 to 1e308, each the `f64` nearest to it: the powers [`float`] scales by.
+#[rustfmt::skip]
+static POW10: [f64; 309] = [
+    1e000, 1e001, 1e002, 1e003, 1e004, 1e005, 1e006, 1e007, 1e008, 1e009, //
+    1e010, 1e011, 1e012, 1e013, 1e014, 1e015, 1e016, 1e017, 1e018, 1e019, //
+    1e020, 1e021, 1e022, 1e023, 1e024, 1e025, 1e026, 1e027, 1e028, 1e029, //
+    1e030, 1e031, 1e032, 1e033, 1e034, 1e035, 1e036, 1e037, 1e038, 1e039, //
+    1e040, 1e041, 1e042, 1e043, 1e044, 1e045, 1e046, 1e047, 1e048, 1e049, //
+    1e050, 1e051, 1e052, 1e053, 1e054, 1e055, 1e056, 1e057, 1e058, 1e059, //
+    1e060, 1e061, 1e062, 1e063, 1e064, 1e065, 1e066, 1e067, 1e068, 1e069, //
+    1e070, 1e071, 1e072, 1e073, 1e074, 1e075, 1e076, 1e077, 1e078, 1e079, //
+    1e080, 1e081, 1e082, 1e083, 1e084, 1e085, 1e086, 1e087, 1e088, 1e089, //
+    1e090, 1e091, 1e092, 1e093, 1e094, 1e095, 1e096, 1e097, 1e098, 1e099, //
+    1e100, 1e101, 1e102, 1e103, 1e104, 1e105, 1e106, 1e107, 1e108, 1e109, //
+    1e110, 1e111, 1e112, 1e113, 1e114, 1e115, 1e116, 1e117, 1e118, 1e119, //
+    1e120, 1e121, 1e122, 1e123, 1e124, 1e125, 1e126, 1e127, 1e128, 1e129, //
+    1e130, 1e131, 1e132, 1e133, 1e134, 1e135, 1e136, 1e137, 1e138, 1e139, //
+    1e140, 1e141, 1e142, 1e143, 1e144, 1e145, 1e146, 1e147, 1e148, 1e149, //
+    1e150, 1e151, 1e152, 1e153, 1e154, 1e155, 1e156, 1e157, 1e158, 1e159, //
+    1e160, 1e161, 1e162, 1e163, 1e164, 1e165, 1e166, 1e167, 1e168, 1e169, //
+    1e170, 1e171, 1e172, 1e173, 1e174, 1e175, 1e176, 1e177, 1e178, 1e179, //
+    1e180, 1e181, 1e182, 1e183, 1e184, 1e185, 1e186, 1e187, 1e188, 1e189, //
+    1e190, 1e191, 1e192, 1e193, 1e194, 1e195, 1e196, 1e197, 1e198, 1e199, //
+    1e200, 1e201, 1e202, 1e203, 1e204, 1e205, 1e206, 1e207, 1e208, 1e209, //
+    1e210, 1e211, 1e212, 1e213, 1e214, 1e215, 1e216, 1e217, 1e218, 1e219, //
+    1e220, 1e221, 1e222, 1e223, 1e224, 1e225, 1e226, 1e227, 1e228, 1e229, //
+    1e230, 1e231, 1e232, 1e233, 1e234, 1e235, 1e236, 1e237, 1e238, 1e239, //
+    1e240, 1e241, 1e242, 1e243, 1e244, 1e245, 1e246, 1e247, 1e248, 1e249, //
+    1e250, 1e251, 1e252, 1e253, 1e254, 1e255, 1e256, 1e257, 1e258, 1e259, //
+    1e260, 1e261, 1e262, 1e263, 1e264, 1e265, 1e266, 1e267, 1e268, 1e269, //
+    1e270, 1e271, 1e272, 1e273, 1e274, 1e275, 1e276, 1e277, 1e278, 1e279, //
+    1e280, 1e281, 1e282, 1e283, 1e284, 1e285, 1e286, 1e287, 1e288, 1e289, //
+    1e290, 1e291, 1e292, 1e293, 1e294, 1e295, 1e296, 1e297, 1e298, 1e299, //
+    1e300, 1e301, 1e302, 1e303, 1e304, 1e305, 1e306, 1e307, 1e308, //
+];
+
+/// The slow path of [`parse_object`], taken only when [`value`] refused the text.
 #[cold]
 fn parse_object_lenient(raw: &[u8]) -> Result<Map<String, Value>, RpcError> {
     if core::str::from_utf8(raw).is_err() {
@@ -301,7 +567,7 @@ fn scan_walk(raw: &[u8]) -> Option<(usize, Head)> {
     Some((end, head))
 }
 
-/// An id's value: the common unsigned integer without serde, anything else through it (`null`
+/// An id's value: the common unsigned integer at once, anything else through [`value`] (`null`
 /// for a value no `Value` holds, as in the lenient parse).
 fn id_value(v: &[u8]) -> Value {
     if !v.is_empty()
@@ -777,8 +1043,7 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 }
 
 fn key_is_id(raw: &[u8]) -> bool {
-    // Escaped spellings of "id" too, through the one `Value` parse: a parse into `String` of its
-    // own would be a second serde instantiation (~0.8 KB of flash).
+    // Escaped spellings of "id" too, through the one `Value` parse rather than a second reader.
     member_name(raw) == Some(Name::Id)
 }
 
@@ -1437,6 +1702,162 @@ mod tests {
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    /// [`value`] against `serde_json::from_slice`, the parser it stands in for: the same verdict,
+    /// and the same value down to the kind of each number and the bits of each float.
+    fn check_value_is_serde(b: &[u8]) -> Result<(), TestCaseError> {
+        let want = serde_json::from_slice::<Value>(b).ok();
+        let got = value(b);
+        let text = String::from_utf8_lossy(b);
+        prop_assert_eq!(&got, &want, "{}", text);
+        let show = |v: &Option<Value>| v.as_ref().map(|v| serde_json::to_string(v).unwrap());
+        prop_assert_eq!(show(&got), show(&want), "{}", text);
+        Ok(())
+    }
+
+    #[test]
+    fn value_is_serde_json() {
+        let nest =
+            |n: usize, open: &str, close: &str| format!("{}{}", open.repeat(n), close.repeat(n));
+        let mut cases: Vec<Vec<u8>> = [
+            "",
+            " ",
+            "null",
+            " true ",
+            "false",
+            "nul",
+            "truex",
+            "[]",
+            "{}",
+            "[ ]",
+            "{ }",
+            "[1,]",
+            "{\"a\":1,}",
+            "{\"a\" : [1 , 2] , \"a\" : {\"b\":null}}",
+            "{\"a\"}",
+            "{1:2}",
+            "[1 2]",
+            "\"\\ud83d\\ude00\"",
+            "\"\\ud83d\"",
+            "\"\\ud83dx\"",
+            "\"\\ud83d\\n\"",
+            "\"\\ud83d\\u0041\"",
+            "\"\\ude00\"",
+            "\"\\ud83d\\ud83d\"",
+            "\"\\u0000\\u00e9\\u20AC\\/\\b\\f\\n\\r\\t\\\"\\\\\"",
+            "\"\\x\"",
+            "\"\\u12\"",
+            "\"a\tb\"",
+            "\"é€😀\"",
+            "0",
+            "-0",
+            "-0.0",
+            "0.0",
+            "01",
+            "-",
+            "1.",
+            ".5",
+            "1e5",
+            "1E+5",
+            "1e-5",
+            "-1",
+            "1.5",
+            "0.1",
+            "123456789012345678901234567890",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "-18446744073709551615",
+            "-18446744073709551616",
+            "1e400",
+            "-1e400",
+            "1e-400",
+            "1.7976931348623157e308",
+            "2.2250738585072014e-308",
+            "4.9e-324",
+            "0.30000000000000004",
+            "123.456e-7",
+            "9007199254740993",
+            "1e",
+            "1e+",
+            "[1e400]",
+            "{\"a\":1e400}",
+            "\u{feff}1",
+            "\t\r\n 1 \n",
+            "18446744073709551619.5",
+            "18446744073709551615.5",
+            "1844674407370955161.59e3",
+            "184467440737095516150000.0001e-4",
+            "0.000000000000000000000000000000000000001234",
+            "1e2147483647",
+            "1e2147483648",
+            "1e-2147483648",
+            "1e-2147483649",
+            "0e99999999999",
+            "-0e99999999999",
+            "1e-99999999999",
+            "-1.5e-99999999999",
+            "0.0e-9999999999",
+            "1.5e-2147483647",
+            "123e-330",
+            "-123e-330",
+            "1e-320",
+            "17976931348623157e292",
+            "17976931348623159e292",
+            "0.0000000000000000000000000000001e330",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        for n in [126, 127, 128, 129] {
+            cases.push(nest(n, "[", "]").into_bytes());
+            cases.push(format!("{}{}", "{\"a\":".repeat(n), "}".repeat(n)).into_bytes());
+            cases.push(format!("{}1{}", "[".repeat(n), "]".repeat(n)).into_bytes());
+        }
+        cases.push(b"\"\xff\"".to_vec());
+        cases.push(b"\"\xc3\"".to_vec());
+        cases.push(b"\xc3\xa9".to_vec());
+        cases.push(b"\"a\x00b\"".to_vec());
+        cases.push(b"\"a\x1fb\"".to_vec());
+        cases.push(b"1\x00".to_vec());
+        for c in &cases {
+            check_value_is_serde(c).unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn value_is_serde_json_on_any_text(s in "[\\[\\]{}\",:0-9eE.+ \\-tnrufalsxbd\\\\/\u{e9}\u{1F600}\t]{0,32}") {
+            check_value_is_serde(s.as_bytes())?;
+        }
+
+        #[test]
+        fn value_is_serde_json_on_any_value(v in any_value(), ws in "[ \t\r\n]{0,2}") {
+            let text = serde_json::to_string(&v).unwrap();
+            check_value_is_serde(text.as_bytes())?;
+            check_value_is_serde(format!("{ws}[{text}{ws},{ws}{text}]{ws}").as_bytes())?;
+            // The escaped spelling of every character in the strings.
+            let escaped: String = text.chars().flat_map(|c| {
+                if c.is_ascii() { vec![c.to_string()] } else {
+                    let mut u = [0u16; 2];
+                    c.encode_utf16(&mut u).iter().map(|x| format!("\\u{x:04x}")).collect()
+                }
+            }).collect();
+            check_value_is_serde(escaped.as_bytes())?;
+        }
+
+        #[test]
+        fn value_is_serde_json_on_numbers(f in any::<f64>(), i in any::<i64>(), u in any::<u64>(),
+                                          e in -400i32..400, d in "[0-9]{1,30}") {
+            for t in [format!("{f:e}"), format!("{f}"), format!("{i}"), format!("{u}"),
+                      format!("{d}e{e}"), format!("-{d}.{d}E{e}"), format!("0.{d}"), format!("-{d}")] {
+                check_value_is_serde(t.as_bytes())?;
+            }
+        }
     }
 
     proptest! {
