@@ -210,7 +210,7 @@ fn number(b: &[u8], i: &mut usize) -> Option<Value> {
 /// serde_json's conversion of a number to `f64` (its default one, not `float_roundtrip`), bit for
 /// bit: the digits into a `u64` significand while it has room (the integer digits beyond it
 /// scale by ten, the fraction digits beyond it are dropped), then one multiplication or division
-/// by a power of ten from [`POW10`]. None where it refuses the number: out of `f64`'s range.
+/// by a power of ten ([`pow10`]). None where it refuses the number: out of `f64`'s range.
 /// `digits` is a number of [`json_number`]'s grammar without its sign.
 fn float(digits: &[u8], neg: bool) -> Option<f64> {
     // The next digit `d` does not fit: serde_json's `overflow!` test.
@@ -268,8 +268,11 @@ fn float(digits: &[u8], neg: bool) -> Option<f64> {
     }
     let mut f = sig as f64;
     loop {
-        match POW10.get(exp.wrapping_abs() as usize) {
-            Some(&pow) => {
+        match Some(exp.wrapping_abs() as usize)
+            .filter(|&e| e <= 308)
+            .map(pow10)
+        {
+            Some(pow) => {
                 if exp >= 0 {
                     f *= pow;
                     if f.is_infinite() {
@@ -295,41 +298,48 @@ fn float(digits: &[u8], neg: bool) -> Option<f64> {
     Some(if neg { -f } else { f })
 }
 
-/// 1e0 to 1e308, each the `f64` nearest to it: the powers [`float`] scales by.
-#[rustfmt::skip]
-static POW10: [f64; 309] = [
-    1e000, 1e001, 1e002, 1e003, 1e004, 1e005, 1e006, 1e007, 1e008, 1e009, //
-    1e010, 1e011, 1e012, 1e013, 1e014, 1e015, 1e016, 1e017, 1e018, 1e019, //
-    1e020, 1e021, 1e022, 1e023, 1e024, 1e025, 1e026, 1e027, 1e028, 1e029, //
-    1e030, 1e031, 1e032, 1e033, 1e034, 1e035, 1e036, 1e037, 1e038, 1e039, //
-    1e040, 1e041, 1e042, 1e043, 1e044, 1e045, 1e046, 1e047, 1e048, 1e049, //
-    1e050, 1e051, 1e052, 1e053, 1e054, 1e055, 1e056, 1e057, 1e058, 1e059, //
-    1e060, 1e061, 1e062, 1e063, 1e064, 1e065, 1e066, 1e067, 1e068, 1e069, //
-    1e070, 1e071, 1e072, 1e073, 1e074, 1e075, 1e076, 1e077, 1e078, 1e079, //
-    1e080, 1e081, 1e082, 1e083, 1e084, 1e085, 1e086, 1e087, 1e088, 1e089, //
-    1e090, 1e091, 1e092, 1e093, 1e094, 1e095, 1e096, 1e097, 1e098, 1e099, //
-    1e100, 1e101, 1e102, 1e103, 1e104, 1e105, 1e106, 1e107, 1e108, 1e109, //
-    1e110, 1e111, 1e112, 1e113, 1e114, 1e115, 1e116, 1e117, 1e118, 1e119, //
-    1e120, 1e121, 1e122, 1e123, 1e124, 1e125, 1e126, 1e127, 1e128, 1e129, //
-    1e130, 1e131, 1e132, 1e133, 1e134, 1e135, 1e136, 1e137, 1e138, 1e139, //
-    1e140, 1e141, 1e142, 1e143, 1e144, 1e145, 1e146, 1e147, 1e148, 1e149, //
-    1e150, 1e151, 1e152, 1e153, 1e154, 1e155, 1e156, 1e157, 1e158, 1e159, //
-    1e160, 1e161, 1e162, 1e163, 1e164, 1e165, 1e166, 1e167, 1e168, 1e169, //
-    1e170, 1e171, 1e172, 1e173, 1e174, 1e175, 1e176, 1e177, 1e178, 1e179, //
-    1e180, 1e181, 1e182, 1e183, 1e184, 1e185, 1e186, 1e187, 1e188, 1e189, //
-    1e190, 1e191, 1e192, 1e193, 1e194, 1e195, 1e196, 1e197, 1e198, 1e199, //
-    1e200, 1e201, 1e202, 1e203, 1e204, 1e205, 1e206, 1e207, 1e208, 1e209, //
-    1e210, 1e211, 1e212, 1e213, 1e214, 1e215, 1e216, 1e217, 1e218, 1e219, //
-    1e220, 1e221, 1e222, 1e223, 1e224, 1e225, 1e226, 1e227, 1e228, 1e229, //
-    1e230, 1e231, 1e232, 1e233, 1e234, 1e235, 1e236, 1e237, 1e238, 1e239, //
-    1e240, 1e241, 1e242, 1e243, 1e244, 1e245, 1e246, 1e247, 1e248, 1e249, //
-    1e250, 1e251, 1e252, 1e253, 1e254, 1e255, 1e256, 1e257, 1e258, 1e259, //
-    1e260, 1e261, 1e262, 1e263, 1e264, 1e265, 1e266, 1e267, 1e268, 1e269, //
-    1e270, 1e271, 1e272, 1e273, 1e274, 1e275, 1e276, 1e277, 1e278, 1e279, //
-    1e280, 1e281, 1e282, 1e283, 1e284, 1e285, 1e286, 1e287, 1e288, 1e289, //
-    1e290, 1e291, 1e292, 1e293, 1e294, 1e295, 1e296, 1e297, 1e298, 1e299, //
-    1e300, 1e301, 1e302, 1e303, 1e304, 1e305, 1e306, 1e307, 1e308, //
-];
+/// The `f64` nearest to 10^`e` (ties to even), for `e` in 0..=308: what the literal `1e<e>`
+/// is, and so each entry of the table serde_json scales by (`tests::pow10_is_the_literal`
+/// checks all 309). Computed, not stored: the table was 2.4 KB of flash. 10^e is 5^e · 2^e;
+/// 5^e (at most 716 bits) is rounded to 53 bits here, and the power of two is exact.
+fn pow10(e: usize) -> f64 {
+    // 5^e in little-endian 32-bit limbs, multiplied up 5^13 (the largest power below 2^32) at a
+    // time: about 550 word products for 5^308, so a text full of floats costs little CPU.
+    let mut n = [0u32; 24];
+    n[0] = 1;
+    let mut used = 1;
+    let mut left = e;
+    while left > 0 {
+        let k = left.min(13);
+        left -= k;
+        let m = 5u64.pow(k as u32);
+        let mut carry = 0;
+        for l in n.iter_mut().take(used) {
+            let x = u64::from(*l) * m + carry;
+            *l = x as u32;
+            carry = x >> 32;
+        }
+        if let (true, Some(l)) = (carry > 0, n.get_mut(used)) {
+            *l = carry as u32;
+            used += 1;
+        }
+    }
+    let bit = |i: usize| n.get(i / 32).is_some_and(|l| l >> (i % 32) & 1 == 1);
+    let top = n
+        .get(used - 1)
+        .map_or(0, |l| 32 - l.leading_zeros() as usize);
+    let len = (used - 1) * 32 + top;
+    let shift = len.saturating_sub(53);
+    let mut mant = (shift..len)
+        .rev()
+        .fold(0u64, |m, i| m << 1 | u64::from(bit(i)));
+    if shift > 0 && bit(shift - 1) && ((0..shift - 1).any(bit) || mant & 1 == 1) {
+        mant += 1;
+    }
+    // 2^(shift + e) as an f64 (at most 2^970): exact, as is the product.
+    let scale = f64::from_bits((1023 + (shift + e) as u64) << 52);
+    mant as f64 * scale
+}
 
 /// The slow path of [`parse_object`], taken only when [`value`] refused the text.
 #[cold]
@@ -1714,6 +1724,14 @@ mod tests {
         let show = |v: &Option<Value>| v.as_ref().map(|v| serde_json::to_string(v).unwrap());
         prop_assert_eq!(show(&got), show(&want), "{}", text);
         Ok(())
+    }
+
+    #[test]
+    fn pow10_is_the_literal() {
+        for e in 0..=308 {
+            let lit: f64 = format!("1e{e}").parse().unwrap();
+            assert_eq!(pow10(e).to_bits(), lit.to_bits(), "1e{e}");
+        }
     }
 
     #[test]
