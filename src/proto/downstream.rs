@@ -16,8 +16,6 @@
 //! Also here, because both machines read them: the methods the daemon answers itself (P§4.6) and
 //! the LAN-only subset of them, and the seeded PRNG of the core.
 
-use std::collections::VecDeque;
-
 use serde_json::Value;
 
 use crate::time::{Duration, Instant};
@@ -94,7 +92,7 @@ struct Cached<K> {
 #[derive(Clone, Debug)]
 pub struct Downstream<O, K> {
     pending: Vec<Pending<O>>,
-    cache: VecDeque<Cached<K>>,
+    cache: Vec<Cached<K>>,
     /// Longer replies are sent but not cached.
     cache_max_text: usize,
 }
@@ -104,7 +102,7 @@ impl<O, K: PartialEq> Downstream<O, K> {
     pub fn new(cache_max_text: usize) -> Self {
         Downstream {
             pending: Vec::new(),
-            cache: VecDeque::new(),
+            cache: Vec::new(),
             cache_max_text,
         }
     }
@@ -177,9 +175,9 @@ impl<O, K: PartialEq> Downstream<O, K> {
         }
         self.cache.retain(|c| c.until > now && c.key != key);
         if self.cache.len() >= CACHE_MAX {
-            self.cache.pop_front();
+            self.cache.remove(0);
         }
-        self.cache.push_back(Cached {
+        self.cache.push(Cached {
             key,
             text,
             until: now + CACHE_TTL,
@@ -196,9 +194,8 @@ impl<O, K: PartialEq> Downstream<O, K> {
 
     /// Lazy expiry of the cache, oldest first (no deadline is armed for it).
     pub fn expire(&mut self, now: Instant) {
-        while self.cache.front().is_some_and(|c| c.until <= now) {
-            self.cache.pop_front();
-        }
+        let old = self.cache.iter().take_while(|c| c.until <= now).count();
+        self.cache.drain(..old);
     }
 
     /// Forgets the cache (its replies belong to an old secret).

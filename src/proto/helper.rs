@@ -22,7 +22,6 @@
 //! - Nothing here panics on any message; invalid answers are logged and ignored. The token, the key
 //!   and the Wi-Fi password never reach a log line or a `Debug` output.
 
-use std::collections::VecDeque;
 use std::fmt;
 
 use log::{debug, info, warn};
@@ -249,7 +248,10 @@ struct Offline {
 /// The helper-protocol machine.
 pub struct Helper {
     cfg: Config,
-    fifo: VecDeque<Entry>,
+    /// Queues of a few entries, so plain `Vec`s: a `VecDeque` is a copy of its ring-buffer code
+    /// per element type, which the board's flash pays for (the same in `cloud`, `lan`,
+    /// `downstream`).
+    fifo: Vec<Entry>,
     steps: [StepState; 6],
     channel: Option<Channel>,
     present: bool,
@@ -259,7 +261,7 @@ pub struct Helper {
     no_helper_logged: Option<Instant>,
     wifi_deadline: Option<Instant>,
     offline: Option<Offline>,
-    events: VecDeque<Event>,
+    events: Vec<Event>,
 }
 
 use crate::wire::rpc::json_str;
@@ -285,7 +287,7 @@ impl Helper {
         let grace_end = Some(now + cfg.grace);
         Helper {
             cfg,
-            fifo: VecDeque::new(),
+            fifo: Vec::new(),
             steps: [StepState::Idle; 6],
             channel: None,
             present: false,
@@ -294,7 +296,7 @@ impl Helper {
             no_helper_logged: None,
             wifi_deadline: None,
             offline: None,
-            events: VecDeque::new(),
+            events: Vec::new(),
         }
     }
 
@@ -373,7 +375,7 @@ impl Helper {
         }
         debug!("helper: queue {}", step.request_method());
         self.steps[step.index()] = StepState::Pending;
-        self.fifo.push_back(Entry {
+        self.fifo.push(Entry {
             kind: Kind::Ask(step),
             text: HelperText {
                 method: step.request_method(),
@@ -387,7 +389,7 @@ impl Helper {
 
     fn fallback(&mut self, step: Step) {
         self.steps[step.index()] = StepState::Fallback;
-        self.events.push_back(Event::UseFiles(step));
+        self.events.push(Event::UseFiles(step));
     }
 
     fn log_no_helper(&mut self, now: Instant) {
@@ -411,7 +413,7 @@ impl Helper {
                 now,
                 "no helper to start Wi-Fi; assuming the network is managed outside"
             );
-            self.events.push_back(Event::WifiConnected);
+            self.events.push(Event::WifiConnected);
             return;
         }
         let t = format!(
@@ -475,7 +477,7 @@ impl Helper {
     ) {
         self.remove_kind(kind);
         debug!("helper: queue {method}");
-        self.fifo.push_back(Entry {
+        self.fifo.push(Entry {
             kind,
             text: HelperText { method, text },
             deadline: None,
@@ -494,15 +496,12 @@ impl Helper {
             return;
         };
         // A request stays at the head until answered: each hello gets it again.
-        let (text, again) = match self.fifo.front_mut() {
+        let (text, again) = match self.fifo.first_mut() {
             None => return,
             Some(e) if matches!(e.kind, Kind::Ask(_)) => {
                 (e.text.clone(), std::mem::replace(&mut e.sent, true))
             }
-            Some(_) => match self.fifo.pop_front() {
-                Some(e) => (e.text, false),
-                None => return,
-            },
+            Some(_) => (self.fifo.remove(0).text, false),
         };
         ch.spent = true;
         let conn = ch.conn;
@@ -548,7 +547,7 @@ impl Helper {
             "_internal.res_didkeymac" => self.on_answer(out, now, Step::Didkeymac, msg, raw),
             "_internal.res_didkeymac2" => self.on_answer(out, now, Step::Didkeymac2, msg, raw),
             "_internal.response_dcountry" => match parse_country(params) {
-                Ok(cc) => self.events.push_back(Event::Country(cc)),
+                Ok(cc) => self.events.push(Event::Country(cc)),
                 Err(why) => {
                     crate::warn_limited!(now, "invalid _internal.response_dcountry: {why}; ignored")
                 }
@@ -556,7 +555,7 @@ impl Helper {
             "_internal.wifi_connected" => {
                 crate::info_limited!(now, "helper: Wi-Fi connected");
                 self.wifi_result();
-                self.events.push_back(Event::WifiConnected);
+                self.events.push(Event::WifiConnected);
             }
             "_internal.wifi_ap_mode" => self.on_wifi_failed(now),
             // L§5: a client's wifi_ap_mode* notice; any other value is ignored.
@@ -569,7 +568,7 @@ impl Helper {
             }
             "_internal.reboot" => {
                 crate::info_limited!(now, "helper: reboot");
-                self.events.push_back(Event::Reboot);
+                self.events.push(Event::Reboot);
             }
             m if m.starts_with("_internal.res_wifi_")
                 || m == "_internal.process_wifistart"
@@ -605,10 +604,10 @@ impl Helper {
             .iter()
             .position(|e| e.deadline.is_some_and(|d| d <= now))
         {
-            if let Some(Entry {
+            if let Entry {
                 kind: Kind::Ask(step),
                 ..
-            }) = self.fifo.remove(pos)
+            } = self.fifo.remove(pos)
             {
                 warn!(
                     "helper did not answer {} within {}; using own data",
@@ -622,7 +621,7 @@ impl Helper {
             warn!("no Wi-Fi result from the helper within 120 s");
             self.wifi_deadline = None;
             self.remove_kind(Kind::WifiStart);
-            self.events.push_back(Event::WifiFailed);
+            self.events.push(Event::WifiFailed);
         }
         self.fire_offline(out, now);
         // A removed head may uncover a message for a waiting hello.
@@ -631,7 +630,7 @@ impl Helper {
 
     /// The oldest thing the helper said that the node has not taken yet.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        (!self.events.is_empty()).then(|| self.events.remove(0))
     }
 
     /// The earliest deadline: grace, request timeouts, the Wi-Fi limit, the next offline notice.
@@ -762,7 +761,7 @@ impl Helper {
                 }
                 self.steps[step.index()] = StepState::Answered;
                 self.remove_kind(Kind::Ask(step));
-                self.events.push_back(action);
+                self.events.push(action);
                 self.pump(out, now);
             }
         }
@@ -771,7 +770,7 @@ impl Helper {
     fn on_wifi_failed(&mut self, now: Instant) {
         crate::info_limited!(now, "helper: Wi-Fi failed");
         self.wifi_result();
-        self.events.push_back(Event::WifiFailed);
+        self.events.push(Event::WifiFailed);
     }
 
     /// A Wi-Fi result ends the wait; a `wifi_start` not yet written is moot.

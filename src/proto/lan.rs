@@ -25,7 +25,6 @@
 //!   [`Lan::answer`], now or later (the helper may be asked first); unanswered, the phone gets -9999.
 
 use core::fmt;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use log::{debug, warn};
@@ -121,9 +120,10 @@ pub struct Lan {
     /// Pending commands, and the replies (plaintext with the phone's id, no NUL) cached by
     /// replay-guard key for repeats.
     pending: Downstream<Origin, GuardKey>,
-    /// Accepted commands, oldest first, with the time they were accepted.
-    guard: VecDeque<(GuardKey, Instant)>,
-    events: VecDeque<LanEvent>,
+    /// Accepted commands, oldest first, with the time they were accepted (a `Vec`, as in
+    /// `proto::helper`).
+    guard: Vec<(GuardKey, Instant)>,
+    events: Vec<LanEvent>,
 }
 
 impl Lan {
@@ -140,8 +140,8 @@ impl Lan {
             next_local: start,
             next_handle: 1,
             pending: Downstream::new(CACHE_MAX_TEXT),
-            guard: VecDeque::new(),
-            events: VecDeque::new(),
+            guard: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -179,7 +179,7 @@ impl Lan {
 
     /// What the node must decide next (a command to broadcast, a method to answer).
     pub fn poll_event(&mut self) -> Option<LanEvent> {
-        self.events.pop_front()
+        (!self.events.is_empty()).then(|| self.events.remove(0))
     }
 
     /// The earliest user-ack deadline; None when nothing is pending.
@@ -246,9 +246,9 @@ impl Lan {
             return self.repeated(now, from, key, out);
         }
         if self.guard.len() >= GUARD_MAX {
-            self.guard.pop_front();
+            self.guard.remove(0);
         }
-        self.guard.push_back((key, now));
+        self.guard.push((key, now));
 
         if self.pending.is_full() {
             crate::warn_limited!(now, "too many pending LAN commands, id:{id} answered -9999");
@@ -273,7 +273,7 @@ impl Lan {
                 key,
             };
             self.pending.insert(origin, deadline);
-            self.events.push_back(event);
+            self.events.push(event);
             return;
         }
         let local_id = self.next_local_id();
@@ -293,7 +293,7 @@ impl Lan {
             key,
         };
         self.pending.insert(origin, deadline);
-        self.events.push_back(LanEvent::Command { local_id, text });
+        self.events.push(LanEvent::Command { local_id, text });
     }
 
     /// A local client's reply to a forwarded command (`text` is the reply as received). Returns
@@ -452,13 +452,12 @@ impl Lan {
 
     /// Lazy expiry of the guard and the cache, oldest first.
     fn expire(&mut self, now: Instant) {
-        while self
+        let old = self
             .guard
-            .front()
-            .is_some_and(|(_, at)| *at + GUARD_TTL <= now)
-        {
-            self.guard.pop_front();
-        }
+            .iter()
+            .take_while(|(_, at)| *at + GUARD_TTL <= now)
+            .count();
+        self.guard.drain(..old);
         self.pending.expire(now);
     }
 

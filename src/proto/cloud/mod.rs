@@ -32,7 +32,6 @@
 //! [`Event::SelfMethod`] and [`Event::State`].
 
 use core::fmt;
-use std::collections::VecDeque;
 use std::net::SocketAddrV4;
 
 use log::debug;
@@ -189,7 +188,7 @@ pub struct Cloud {
     keys: Keys,
     rng: Rng,
     wheel: TimerWheel<Timer>,
-    events: VecDeque<Event>,
+    events: Vec<Event>,
     phase: Phase,
     /// `Connected` emitted for this session.
     announced: bool,
@@ -250,7 +249,7 @@ impl Cloud {
             keys,
             rng,
             wheel: TimerWheel::new(),
-            events: VecDeque::new(),
+            events: Vec::new(),
             phase: Phase::Stopped,
             announced: false,
             link: None,
@@ -306,7 +305,7 @@ impl Cloud {
 
     /// What the node must decide next.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        (!self.events.is_empty()).then(|| self.events.remove(0))
     }
 
     /// The earliest deadline that must wake the daemon.
@@ -460,7 +459,7 @@ impl Cloud {
     }
 
     fn note(&mut self, e: Event) {
-        self.events.push_back(e);
+        self.events.push(e);
     }
 }
 
