@@ -1,0 +1,901 @@
+//! miio_agent's core (LOCAL_API.md §10): the applications on 54320, their subscriptions, and the
+//! one upstream connection to the daemon's 54322. Sans-IO like `proto::local`: the applet reports
+//! accepts, closes, complete JSON values (cut by `wire::json_stream`) and the upstream connection's
+//! fate; this machine queues [`AgentAction`]s and names its next deadline in [`Agent::poll_timeout`].
+//!
+//! Messages to applications reuse [`LocalAction`] (an application is a local connection of the
+//! agent); the agent's own effects are only the upstream message and the connect.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use log::{debug, info, warn};
+
+use super::local::{ConnId, LocalAction};
+use crate::time::{Duration, Instant};
+use crate::wire::json_stream::{Piece, SplitError};
+use crate::wire::rpc::{self, Head, RpcError};
+
+/// L§10: the daemon is tried again every 3 s, the first connection included.
+pub const RETRY: Duration = Duration::from_secs(3);
+/// L§10: a rewritten id is kept this long for its answer.
+pub const MAPPING_TTL: Duration = Duration::from_secs(180);
+/// L§10: a registration key is at most 31 bytes.
+pub const MAX_KEY: usize = 31;
+/// L§10: at most 20 connections per key.
+pub const MAX_PER_KEY: usize = 20;
+/// Keys one connection may hold; beyond, a `register` is refused with a log line.
+pub const MAX_KEYS_PER_APP: usize = 64;
+/// Rewritten ids waiting for an answer; beyond, the oldest mapping is given up.
+pub const MAX_PENDING: usize = 1024;
+/// L§10: the counter runs over 1..2^31−1 and wraps.
+pub const MAX_ID: u32 = 0x7fff_ffff;
+
+/// What the applet must do, in the order decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAction {
+    /// A message to an application, or its close.
+    App(LocalAction),
+    /// One message to the daemon on the upstream connection.
+    Up(Rc<str>),
+    /// Open the upstream connection to the daemon; answer with [`Agent::upstream_connected`] or
+    /// [`Agent::upstream_failed`].
+    Connect,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upstream {
+    /// Waiting to try again at this instant.
+    Down(Instant),
+    /// A connect is under way.
+    Connecting,
+    Up,
+}
+
+#[derive(Debug, Default)]
+struct App {
+    /// The keys this connection registered (at most [`MAX_KEYS_PER_APP`]).
+    keys: Vec<String>,
+}
+
+/// A request an application sent up under a rewritten id.
+#[derive(Debug)]
+struct Pending {
+    app: ConnId,
+    /// The application's id as it wrote it, put back byte for byte.
+    orig: String,
+    /// The request was `local.*`: its answer carries a `method` (L§5).
+    local: bool,
+    expires: Instant,
+}
+
+/// The agent's state. Its effects are read with [`Agent::take_actions`].
+#[derive(Debug)]
+pub struct Agent {
+    max_clients: usize,
+    apps: BTreeMap<ConnId, App>,
+    /// key → the connections registered for it (at most [`MAX_PER_KEY`]), in registration order.
+    subs: BTreeMap<String, Vec<ConnId>>,
+    pending: BTreeMap<u32, Pending>,
+    /// (expiry, id) of every pending mapping, earliest first.
+    expiry: BTreeSet<(Instant, u32)>,
+    next_id: u32,
+    up: Upstream,
+    out: Vec<AgentAction>,
+}
+
+/// Whether `v`'s text is a JSON integer (the ids the agent rewrites, L§10).
+fn is_integer(v: &serde_json::Value) -> bool {
+    v.is_i64() || v.is_u64()
+}
+
+impl Agent {
+    /// A new agent; its first action is the connect to the daemon (L§10: no supervisor restarts
+    /// an agent that gave up).
+    pub fn new(max_clients: usize) -> Agent {
+        Agent {
+            max_clients,
+            apps: BTreeMap::new(),
+            subs: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            expiry: BTreeSet::new(),
+            next_id: 1,
+            up: Upstream::Connecting,
+            out: vec![AgentAction::Connect],
+        }
+    }
+
+    /// The actions queued so far, oldest first.
+    pub fn take_actions(&mut self) -> Vec<AgentAction> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.up == Upstream::Up
+    }
+
+    pub fn apps(&self) -> usize {
+        self.apps.len()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The connections registered for `key`, in registration order.
+    pub fn subscribers(&self, key: &str) -> &[ConnId] {
+        self.subs.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The earliest deadline: the next connect attempt or the next mapping to expire.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let retry = match self.up {
+            Upstream::Down(at) => Some(at),
+            _ => None,
+        };
+        let exp = self.expiry.first().map(|&(t, _)| t);
+        match (retry, exp) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs what is due at `now`: a connect attempt, expired mappings.
+    pub fn tick(&mut self, now: Instant) {
+        if let Upstream::Down(at) = self.up {
+            if now >= at {
+                self.up = Upstream::Connecting;
+                self.out.push(AgentAction::Connect);
+            }
+        }
+        while let Some(&(t, id)) = self.expiry.first() {
+            if t > now {
+                break;
+            }
+            self.expiry.pop_first();
+            if let Some(p) = self.pending.remove(&id) {
+                debug!("agent: id {id} (app {} id {}) expired", p.app, p.orig);
+            }
+        }
+    }
+
+    /// The connect succeeded.
+    pub fn upstream_connected(&mut self, _now: Instant) {
+        if self.up != Upstream::Up {
+            info!("agent: connected to the daemon");
+        }
+        self.up = Upstream::Up;
+    }
+
+    /// The connect failed: try again in [`RETRY`].
+    pub fn upstream_failed(&mut self, now: Instant) {
+        crate::warn_limited!(now, "agent: cannot connect to the daemon; retry in 3 s");
+        self.up = Upstream::Down(now + RETRY);
+    }
+
+    /// The upstream connection closed (or failed): its answers will never come, so the mappings
+    /// go; the applications and their keys stay (L§10). Try again in [`RETRY`].
+    pub fn upstream_closed(&mut self, now: Instant) {
+        if self.up == Upstream::Up {
+            warn!("agent: the daemon closed the connection; retry in 3 s");
+        }
+        self.pending.clear();
+        self.expiry.clear();
+        self.up = Upstream::Down(now + RETRY);
+    }
+
+    /// A new application connection. False: the table is full, close it at once.
+    pub fn accept(&mut self, now: Instant, app: ConnId) -> bool {
+        if self.apps.len() >= self.max_clients {
+            crate::warn_limited!(
+                now,
+                "agent: too many clients ({}), closing",
+                self.max_clients
+            );
+            return false;
+        }
+        self.apps.insert(app, App::default());
+        true
+    }
+
+    /// The application's connection ended: it leaves all its keys and mappings (L§10).
+    pub fn closed(&mut self, app: ConnId) {
+        let Some(a) = self.apps.remove(&app) else {
+            return;
+        };
+        for k in a.keys {
+            self.drop_sub(&k, app);
+        }
+        let ids: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.app == app)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.forget(id);
+        }
+    }
+
+    fn forget(&mut self, id: u32) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        self.expiry.remove(&(p.expires, id));
+        Some(p)
+    }
+
+    fn drop_sub(&mut self, key: &str, app: ConnId) {
+        if let Some(v) = self.subs.get_mut(key) {
+            v.retain(|&c| c != app);
+            if v.is_empty() {
+                self.subs.remove(key);
+            }
+        }
+    }
+
+    fn send_app(&mut self, app: ConnId, text: Rc<str>) {
+        self.out
+            .push(AgentAction::App(LocalAction::Send(app, text)));
+    }
+
+    fn close_app(&mut self, app: ConnId) {
+        self.closed(app);
+        self.out.push(AgentAction::App(LocalAction::Close(app)));
+    }
+
+    /// The splitter refused an application's stream (L§3): a syntax error is answered -32700,
+    /// then the connection is closed.
+    pub fn app_framing_error(&mut self, now: Instant, app: ConnId, err: SplitError) {
+        if !self.apps.contains_key(&app) {
+            return;
+        }
+        crate::warn_limited!(now, "agent: client {app}: {err}; closing");
+        if let SplitError::Syntax { .. } = err {
+            let e = RpcError::Parse;
+            self.send_app(app, rpc::error_reply(None, e.code(), e.message()).into());
+        }
+        self.close_app(app);
+    }
+
+    /// One complete JSON value from an application.
+    pub fn app_message(&mut self, now: Instant, app: ConnId, piece: Piece) {
+        if !self.apps.contains_key(&app) {
+            return;
+        }
+        let (text, head) = match piece {
+            Piece::Scanned { text, head } => (text, head),
+            Piece::Raw(raw) => match rpc::scan(&raw) {
+                Ok(head) => match String::from_utf8(raw) {
+                    Ok(t) => (t, head),
+                    Err(_) => return,
+                },
+                Err(e) => {
+                    crate::warn_limited!(now, "agent: client {app}: {}", e.message());
+                    self.send_app(app, rpc::error_reply(None, e.code(), e.message()).into());
+                    if e == RpcError::Parse {
+                        self.close_app(app);
+                    }
+                    return;
+                }
+            },
+        };
+        match &head.method {
+            Some(Some(m)) if m.as_str() == "register" || m.as_str() == "unregister" => {
+                let reg = m.as_str() == "register";
+                self.registration(now, app, reg, &text);
+            }
+            Some(Some(_)) => self.request_up(now, app, text, &head),
+            // A reply (or anything without a string method): forwarded unchanged.
+            _ => self.forward(now, text.into()),
+        }
+    }
+
+    /// `register` / `unregister` (L§10): exact method names, a string key, no answer.
+    fn registration(&mut self, now: Instant, app: ConnId, reg: bool, text: &str) {
+        let key = match rpc::parse_object(text.as_bytes()) {
+            Ok(obj) => match obj.get("key") {
+                Some(serde_json::Value::String(k)) => k.clone(),
+                _ => {
+                    crate::warn_limited!(
+                        now,
+                        "agent: client {app}: (un)register without a string key"
+                    );
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        let Some(a) = self.apps.get_mut(&app) else {
+            return;
+        };
+        if !reg {
+            let gone: Vec<String> = if key.is_empty() {
+                std::mem::take(&mut a.keys)
+            } else if let Some(i) = a.keys.iter().position(|k| *k == key) {
+                vec![a.keys.remove(i)]
+            } else {
+                Vec::new()
+            };
+            for k in gone {
+                debug!("agent: client {app} unregistered {k}");
+                self.drop_sub(&k, app);
+            }
+            return;
+        }
+        if key.is_empty() || key.len() > MAX_KEY {
+            crate::warn_limited!(
+                now,
+                "agent: client {app}: register key of {} bytes refused (1 to {MAX_KEY})",
+                key.len()
+            );
+            return;
+        }
+        if a.keys.contains(&key) {
+            return;
+        }
+        if a.keys.len() >= MAX_KEYS_PER_APP {
+            crate::warn_limited!(
+                now,
+                "agent: client {app}: more than {MAX_KEYS_PER_APP} keys; register {key} refused"
+            );
+            return;
+        }
+        let subs = self.subs.get(&key).map_or(0, Vec::len);
+        if subs >= MAX_PER_KEY {
+            crate::warn_limited!(
+                now,
+                "agent: {MAX_PER_KEY} clients registered for {key} already; client {app} refused"
+            );
+            return;
+        }
+        debug!("agent: client {app} registered {key}");
+        a.keys.push(key.clone());
+        self.subs.entry(key).or_default().push(app);
+    }
+
+    /// A request from an application: an integer id is rewritten (L§10), any other goes as it is.
+    fn request_up(&mut self, now: Instant, app: ConnId, text: String, head: &Head) {
+        let Some(id) = &head.id else {
+            return self.forward(now, text.into());
+        };
+        if !is_integer(id) {
+            // The daemon would answer -32600 under an id the agent could not route back (L§4.1):
+            // the agent answers it itself, with the id as sent.
+            let raw = rpc::raw_id(&text).unwrap_or("null");
+            crate::warn_limited!(now, "agent: client {app}: id {raw} is not an integer");
+            self.send_app(app, rpc::invalid_request(raw).into());
+            return;
+        }
+        if self.up != Upstream::Up {
+            crate::warn_limited!(
+                now,
+                "agent: not connected to the daemon; {} dropped",
+                head.method()
+            );
+            return;
+        }
+        let orig = match head.id_span.clone().and_then(|s| text.get(s)) {
+            Some(s) => s.to_owned(),
+            None => rpc::raw_id(&text).unwrap_or("0").to_owned(),
+        };
+        let new = self.alloc_id(now);
+        let Some(up) = rpc::rewrite_id_scanned(&text, head, u64::from(new)) else {
+            return;
+        };
+        let expires = now + MAPPING_TTL;
+        self.pending.insert(
+            new,
+            Pending {
+                app,
+                orig,
+                local: head.method().starts_with("local."),
+                expires,
+            },
+        );
+        self.expiry.insert((expires, new));
+        self.out.push(AgentAction::Up(up.into()));
+    }
+
+    /// The next id of the counter that is not pending; the oldest mapping goes when all
+    /// [`MAX_PENDING`] are taken.
+    fn alloc_id(&mut self, now: Instant) -> u32 {
+        if self.pending.len() >= MAX_PENDING {
+            if let Some(&(_, old)) = self.expiry.first() {
+                crate::warn_limited!(
+                    now,
+                    "agent: {MAX_PENDING} requests pending; the oldest is given up"
+                );
+                self.forget(old);
+            }
+        }
+        loop {
+            let id = self.next_id;
+            self.next_id = if id >= MAX_ID { 1 } else { id + 1 };
+            if !self.pending.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn forward(&mut self, now: Instant, text: Rc<str>) {
+        if self.up != Upstream::Up {
+            crate::warn_limited!(now, "agent: not connected to the daemon; message dropped");
+            return;
+        }
+        self.out.push(AgentAction::Up(text));
+    }
+
+    /// One complete JSON value from the daemon (L§10, the dispatch table).
+    pub fn upstream_message(&mut self, now: Instant, piece: Piece) {
+        let (text, head) = match piece {
+            Piece::Scanned { text, head } => (text, head),
+            Piece::Raw(raw) => match rpc::scan(&raw) {
+                Ok(head) => match String::from_utf8(raw) {
+                    Ok(t) => (t, head),
+                    Err(_) => return,
+                },
+                Err(e) => {
+                    crate::warn_limited!(now, "agent: from the daemon: {}", e.message());
+                    return;
+                }
+            },
+        };
+        let method = match &head.method {
+            Some(Some(m)) => Some(m.as_str()),
+            _ => None,
+        };
+        // An answer to a rewritten id. A message with a method is one only when the request was
+        // `local.*` (L§5 answers carry a method); a cloud command that happens to use a pending
+        // id is a command.
+        if let Some(id) = head.id.as_ref().and_then(rpc::id_u32) {
+            let hit = self
+                .pending
+                .get(&id)
+                .is_some_and(|p| method.is_none_or(|m| p.local && m.starts_with("local.")));
+            if hit {
+                if let Some(p) = self.forget(id) {
+                    let back = restore_id(&text, &head, &p.orig).unwrap_or(text);
+                    self.send_app(p.app, back.into());
+                }
+                return;
+            }
+        }
+        match method {
+            Some(m) => {
+                let subs = self.subs.get(m).cloned().unwrap_or_default();
+                if subs.is_empty() {
+                    crate::info_limited!(now, "agent: nobody registered for {m}; dropped");
+                    return;
+                }
+                let text: Rc<str> = text.into();
+                for app in subs {
+                    self.send_app(app, text.clone());
+                }
+            }
+            None => {
+                let id = head.id.as_ref().map(rpc::Compact);
+                match id {
+                    Some(id) => crate::info_limited!(now, "agent: id {id} not found"),
+                    None => crate::info_limited!(now, "agent: message without id dropped"),
+                }
+            }
+        }
+    }
+}
+
+/// `text` with its id's value replaced by `raw` (the application's id as it wrote it).
+fn restore_id(text: &str, head: &Head, raw: &str) -> Option<String> {
+    if let Some(span) = head.id_span.clone() {
+        let (a, b) = (text.get(..span.start)?, text.get(span.end..)?);
+        return Some(format!("{a}{raw}{b}"));
+    }
+    // Several ids (or a text that went through the tree): the tree, with the id set.
+    let mut obj = rpc::parse_object(text.as_bytes()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    obj.insert("id".into(), v);
+    let mut out = String::new();
+    rpc::write_value(&mut out, &serde_json::Value::Object(obj));
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn at(s: u64) -> Instant {
+        Instant::from_millis(s * 1000)
+    }
+
+    fn piece(v: &str) -> Piece {
+        match rpc::scan_str(v) {
+            Ok(head) => Piece::Scanned {
+                text: v.to_owned(),
+                head,
+            },
+            Err(_) => Piece::Raw(v.as_bytes().to_vec()),
+        }
+    }
+
+    /// An agent connected to the daemon with apps 1 and 2.
+    fn agent() -> Agent {
+        let mut a = Agent::new(20);
+        assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
+        a.upstream_connected(at(0));
+        assert!(a.accept(at(0), 1));
+        assert!(a.accept(at(0), 2));
+        a
+    }
+
+    fn app_msgs(acts: &[AgentAction]) -> Vec<(ConnId, Value)> {
+        acts.iter()
+            .filter_map(|x| match x {
+                AgentAction::App(LocalAction::Send(c, t)) => {
+                    Some((*c, serde_json::from_str(t).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ups(acts: &[AgentAction]) -> Vec<Value> {
+        acts.iter()
+            .filter_map(|x| match x {
+                AgentAction::Up(t) => Some(serde_json::from_str(t).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn commands_reach_only_their_subscribers() {
+        let mut a = agent();
+        a.app_message(at(0), 1, piece(r#"{"method":"register","key":"get_prop"}"#));
+        a.app_message(
+            at(0),
+            2,
+            piece(r#"{"method":"register","key":"set_power"}"#),
+        );
+        a.app_message(
+            at(0),
+            2,
+            piece(r#"{"method":"register","key":"local.status"}"#),
+        );
+        assert!(
+            a.take_actions().is_empty(),
+            "register is not answered nor forwarded"
+        );
+        a.upstream_message(at(1), piece(r#"{"id":7,"method":"get_prop","params":[]}"#));
+        a.upstream_message(
+            at(1),
+            piece(r#"{"id":8,"method":"set_power","params":["on"]}"#),
+        );
+        a.upstream_message(
+            at(1),
+            piece(r#"{"method":"local.status","params":"cloud_connected"}"#),
+        );
+        a.upstream_message(at(1), piece(r#"{"id":9,"method":"nobody","params":[]}"#));
+        let got = app_msgs(&a.take_actions());
+        assert_eq!(
+            got,
+            vec![
+                (1, json!({"id":7,"method":"get_prop","params":[]})),
+                (2, json!({"id":8,"method":"set_power","params":["on"]})),
+                (
+                    2,
+                    json!({"method":"local.status","params":"cloud_connected"})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn register_matches_exactly_and_keys_are_bounded() {
+        let mut a = agent();
+        // Not a registration: a method that only begins with `register` goes up like any other.
+        a.app_message(at(0), 1, piece(r#"{"method":"register_x","key":"a"}"#));
+        assert_eq!(ups(&a.take_actions()).len(), 1);
+        assert!(a.subscribers("a").is_empty());
+        let long = "k".repeat(MAX_KEY + 1);
+        a.app_message(
+            at(0),
+            1,
+            piece(&format!(r#"{{"method":"register","key":"{long}"}}"#)),
+        );
+        a.app_message(at(0), 1, piece(r#"{"method":"register","key":""}"#));
+        a.app_message(at(0), 1, piece(r#"{"method":"register","key":5}"#));
+        assert!(a.subs.is_empty());
+        let ok = "k".repeat(MAX_KEY);
+        a.app_message(
+            at(0),
+            1,
+            piece(&format!(r#"{{"method":"register","key":"{ok}"}}"#)),
+        );
+        a.app_message(
+            at(0),
+            1,
+            piece(&format!(r#"{{"method":"register","key":"{ok}"}}"#)),
+        );
+        assert_eq!(a.subscribers(&ok), &[1]);
+        for i in 0..MAX_KEYS_PER_APP + 5 {
+            a.app_message(
+                at(0),
+                2,
+                piece(&format!(r#"{{"method":"register","key":"m{i}"}}"#)),
+            );
+        }
+        assert_eq!(a.apps[&2].keys.len(), MAX_KEYS_PER_APP);
+        assert!(a.take_actions().is_empty());
+    }
+
+    #[test]
+    fn at_most_twenty_connections_per_key() {
+        let mut a = Agent::new(30);
+        a.upstream_connected(at(0));
+        for c in 0..25 {
+            assert!(a.accept(at(0), c));
+            a.app_message(at(0), c, piece(r#"{"method":"register","key":"m"}"#));
+        }
+        assert_eq!(a.subscribers("m").len(), MAX_PER_KEY);
+        // One leaves: the next registration gets its seat.
+        a.closed(3);
+        a.app_message(at(0), 24, piece(r#"{"method":"register","key":"m"}"#));
+        assert!(a.subscribers("m").contains(&24));
+    }
+
+    #[test]
+    fn unregister_one_key_or_all() {
+        let mut a = agent();
+        for k in ["a", "b", "c"] {
+            a.app_message(
+                at(0),
+                1,
+                piece(&format!(r#"{{"method":"register","key":"{k}"}}"#)),
+            );
+        }
+        a.app_message(at(0), 1, piece(r#"{"method":"unregister","key":"b"}"#));
+        assert_eq!(a.subscribers("a"), &[1]);
+        assert!(a.subscribers("b").is_empty());
+        a.app_message(at(0), 1, piece(r#"{"method":"unregister","key":""}"#));
+        assert!(a.subs.is_empty());
+        assert!(a.take_actions().is_empty());
+    }
+
+    #[test]
+    fn same_ids_from_two_apps_never_collide_and_acks_go_back() {
+        let mut a = agent();
+        a.app_message(
+            at(0),
+            1,
+            piece(r#"{"id":1,"method":"props","params":{"a":1}}"#),
+        );
+        a.app_message(
+            at(0),
+            2,
+            piece(r#"{"id":1,"method":"props","params":{"b":2}}"#),
+        );
+        let up = ups(&a.take_actions());
+        let (x, y) = (up[0]["id"].as_u64().unwrap(), up[1]["id"].as_u64().unwrap());
+        assert_ne!(x, y);
+        assert_eq!(up[0]["params"], json!({"a":1}));
+        a.upstream_message(at(1), piece(&format!(r#"{{"id":{y},"result":"ok"}}"#)));
+        a.upstream_message(at(1), piece(&format!(r#"{{"id":{x},"result":"ok"}}"#)));
+        assert_eq!(
+            app_msgs(&a.take_actions()),
+            vec![
+                (2, json!({"id":1,"result":"ok"})),
+                (1, json!({"id":1,"result":"ok"}))
+            ]
+        );
+        assert_eq!(a.pending(), 0);
+        // A second answer to the same id finds no mapping and is dropped.
+        a.upstream_message(at(1), piece(&format!(r#"{{"id":{x},"result":"ok"}}"#)));
+        assert!(a.take_actions().is_empty());
+    }
+
+    #[test]
+    fn local_answers_route_by_id_and_commands_with_a_pending_id_stay_commands() {
+        let mut a = agent();
+        a.app_message(
+            at(0),
+            1,
+            piece(r#"{"id":-5,"method":"local.query_status"}"#),
+        );
+        let up = ups(&a.take_actions());
+        let n = up[0]["id"].as_u64().unwrap();
+        a.app_message(at(0), 2, piece(r#"{"method":"register","key":"get_prop"}"#));
+        a.app_message(at(0), 2, piece(r#"{"id":44,"method":"props","params":{}}"#));
+        let m = ups(&a.take_actions())[0]["id"].as_u64().unwrap();
+        // A cloud command that uses the pending id of a report is still a command.
+        a.upstream_message(
+            at(1),
+            piece(&format!(r#"{{"id":{m},"method":"get_prop"}}"#)),
+        );
+        a.upstream_message(
+            at(1),
+            piece(&format!(
+                r#"{{"id":{n},"method":"local.status","params":"cloud_connected"}}"#
+            )),
+        );
+        assert_eq!(
+            app_msgs(&a.take_actions()),
+            vec![
+                (2, json!({"id":m,"method":"get_prop"})),
+                (
+                    1,
+                    json!({"id":-5,"method":"local.status","params":"cloud_connected"})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn replies_and_notifications_go_up_unchanged() {
+        let mut a = agent();
+        let reply = r#"{"id":77,"result":["ok"]}"#;
+        let note = r#"{"method":"event.x","params":[]}"#;
+        a.app_message(at(0), 1, piece(reply));
+        a.app_message(at(0), 1, piece(note));
+        assert_eq!(
+            a.take_actions(),
+            vec![AgentAction::Up(reply.into()), AgentAction::Up(note.into())]
+        );
+        assert_eq!(a.pending(), 0);
+    }
+
+    #[test]
+    fn bad_input_is_answered_and_never_panics() {
+        let mut a = agent();
+        a.app_message(at(0), 1, piece(r#"{"id":"x","method":"props"}"#));
+        a.app_message(at(0), 1, piece("[1,2]"));
+        assert_eq!(
+            app_msgs(&a.take_actions()),
+            vec![
+                (
+                    1,
+                    json!({"id":"x","error":{"code":-32600,"message":"Invalid Request"}})
+                ),
+                (
+                    1,
+                    json!({"error":{"code":-32600,"message":"Invalid Request"}})
+                ),
+            ]
+        );
+        a.app_framing_error(at(0), 1, SplitError::Syntax { offset: 3 });
+        let acts = a.take_actions();
+        assert_eq!(app_msgs(&acts)[0].1["error"]["code"], json!(-32700));
+        assert_eq!(acts.last(), Some(&AgentAction::App(LocalAction::Close(1))));
+        assert_eq!(a.apps(), 1);
+        a.app_framing_error(at(0), 2, SplitError::TooLarge { size: 20000 });
+        assert_eq!(
+            a.take_actions(),
+            vec![AgentAction::App(LocalAction::Close(2))]
+        );
+        // From the daemon: garbage and orphans are dropped.
+        for t in [
+            "{",
+            "[]",
+            r#"{"id":5,"result":1}"#,
+            r#"{"result":1}"#,
+            "\u{0}",
+        ] {
+            a.upstream_message(at(0), Piece::Raw(t.as_bytes().to_vec()));
+        }
+        assert!(a.take_actions().is_empty());
+    }
+
+    #[test]
+    fn mappings_expire_after_180_s() {
+        let mut a = agent();
+        a.app_message(at(0), 1, piece(r#"{"id":1,"method":"props"}"#));
+        let n = ups(&a.take_actions())[0]["id"].as_u64().unwrap();
+        assert_eq!(a.poll_timeout(), Some(at(180)));
+        a.tick(at(179));
+        assert_eq!(a.pending(), 1);
+        a.tick(at(180));
+        assert_eq!(a.pending(), 0);
+        assert_eq!(a.poll_timeout(), None, "idle: nothing armed");
+        a.upstream_message(at(181), piece(&format!(r#"{{"id":{n},"result":"ok"}}"#)));
+        assert!(a.take_actions().is_empty());
+    }
+
+    #[test]
+    fn the_counter_wraps_and_skips_pending_ids() {
+        let mut a = agent();
+        a.next_id = MAX_ID;
+        a.app_message(at(0), 1, piece(r#"{"id":1,"method":"props"}"#));
+        a.app_message(at(0), 1, piece(r#"{"id":2,"method":"props"}"#));
+        let ids: Vec<u64> = ups(&a.take_actions())
+            .iter()
+            .map(|v| v["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![u64::from(MAX_ID), 1]);
+        a.next_id = MAX_ID;
+        a.app_message(at(0), 1, piece(r#"{"id":3,"method":"props"}"#));
+        let ids: Vec<u64> = ups(&a.take_actions())
+            .iter()
+            .map(|v| v["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![2], "MAX_ID and 1 are pending");
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let mut a = agent();
+        for i in 0..MAX_PENDING + 10 {
+            a.app_message(
+                at(0),
+                1,
+                piece(&format!(r#"{{"id":{i},"method":"props"}}"#)),
+            );
+        }
+        assert_eq!(a.pending(), MAX_PENDING);
+        assert_eq!(a.expiry.len(), MAX_PENDING);
+    }
+
+    #[test]
+    fn a_closed_app_leaves_its_keys_and_mappings() {
+        let mut a = agent();
+        a.app_message(at(0), 1, piece(r#"{"method":"register","key":"get_prop"}"#));
+        a.app_message(at(0), 1, piece(r#"{"id":1,"method":"props"}"#));
+        a.take_actions();
+        a.closed(1);
+        assert!(a.subs.is_empty());
+        assert_eq!(a.pending(), 0);
+        assert!(a.expiry.is_empty());
+        a.upstream_message(at(1), piece(r#"{"id":3,"method":"get_prop"}"#));
+        assert!(a.take_actions().is_empty());
+    }
+
+    #[test]
+    fn max_clients() {
+        let mut a = Agent::new(2);
+        assert!(a.accept(at(0), 1));
+        assert!(a.accept(at(0), 2));
+        assert!(!a.accept(at(0), 3));
+        a.closed(1);
+        assert!(a.accept(at(0), 3));
+    }
+
+    #[test]
+    fn the_daemon_is_retried_every_3_s_and_keys_survive_its_restart() {
+        let mut a = Agent::new(20);
+        assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
+        a.upstream_failed(at(0));
+        assert_eq!(a.poll_timeout(), Some(at(3)));
+        a.tick(at(2));
+        assert!(a.take_actions().is_empty());
+        a.tick(at(3));
+        assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
+        assert_eq!(a.poll_timeout(), None);
+        a.upstream_connected(at(3));
+        assert!(a.accept(at(3), 1));
+        a.app_message(at(4), 1, piece(r#"{"method":"register","key":"get_prop"}"#));
+        a.app_message(at(4), 1, piece(r#"{"id":1,"method":"props"}"#));
+        a.take_actions();
+        a.upstream_closed(at(10));
+        assert_eq!(a.pending(), 0);
+        assert_eq!(a.poll_timeout(), Some(at(13)));
+        // Down: requests are dropped, not queued.
+        a.app_message(at(11), 1, piece(r#"{"id":2,"method":"props"}"#));
+        assert!(a.take_actions().is_empty());
+        a.tick(at(13));
+        assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
+        a.upstream_connected(at(13));
+        a.upstream_message(at(14), piece(r#"{"id":3,"method":"get_prop"}"#));
+        assert_eq!(
+            app_msgs(&a.take_actions()),
+            vec![(1, json!({"id":3,"method":"get_prop"}))]
+        );
+    }
+
+    #[test]
+    fn restore_id_without_a_span_uses_the_tree() {
+        let t = r#"{"id":5,"id":6,"result":1}"#;
+        let head = rpc::scan_str(t).unwrap();
+        let back = restore_id(t, &head, "\"abc\"").unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&back).unwrap(),
+            json!({"id":"abc","result":1})
+        );
+    }
+}
