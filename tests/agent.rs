@@ -21,10 +21,15 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(dir: &TempDir, daemon_port: u16) -> AgentProc {
+        AgentProc::start_with(dir, daemon_port, &[])
+    }
+
+    fn start_with(dir: &TempDir, daemon_port: u16, extra: &[&str]) -> AgentProc {
         let log = dir.join("agent.log");
         let child = Command::new(BIN)
             .args(["miio_agent", "--port", "0", "--daemon-port"])
             .arg(daemon_port.to_string())
+            .args(extra)
             .args(["-l", "3", "-L"])
             .arg(&log)
             .stdin(Stdio::null())
@@ -340,4 +345,35 @@ fn init_script_start_restart_stop_under_busybox() {
     run("stop");
     assert!(gone(&second), "stopped");
     assert!(!pid.exists());
+}
+
+#[test]
+fn bad_input_and_the_client_limit() {
+    let dead = DeadPort::new();
+    let dir = TempDir::new("agent-bad");
+    let agent = AgentProc::start_with(&dir, dead.port, &["--max-clients", "2"]);
+    let mut a = LocalClient::connect(agent.port);
+    let mut b = LocalClient::connect(agent.port);
+    // An id the agent could not route back is answered by the agent; the connection stays.
+    a.send(r#"{"id":"x","method":"props"}"#);
+    let v = next(&mut a, "-32600");
+    assert_eq!(
+        v,
+        json!({"id":"x","error":{"code":-32600,"message":"Invalid Request"}})
+    );
+    a.send("[1]");
+    assert_eq!(next(&mut a, "-32600")["error"]["code"], -32600);
+    // A third application is closed at once.
+    let mut c = LocalClient::connect(agent.port);
+    assert!(c.recv(T).is_none(), "closed");
+    // A syntax error: -32700, then the close.
+    a.send("}");
+    assert_eq!(next(&mut a, "-32700")["error"]["code"], -32700);
+    assert!(a.recv(T).is_none(), "closed after -32700");
+    // The other application is still served, and the freed seat is taken again.
+    b.send(r#"{"id":1.5,"method":"props"}"#);
+    assert_eq!(next(&mut b, "-32600")["id"], 1.5);
+    let mut d = LocalClient::connect(agent.port);
+    d.send("[]");
+    assert_eq!(next(&mut d, "-32600")["error"]["code"], -32600);
 }

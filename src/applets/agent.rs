@@ -276,11 +276,12 @@ impl Loop {
                     }
                     AgentAction::App(LocalAction::Close(slot)) => {
                         if let Some(app) = self.apps.get_mut(slot).and_then(Option::as_mut) {
-                            if app.conn.pending_out() == 0 {
-                                self.drop_app(slot);
-                            } else {
-                                app.conn.close_after_flush = true;
+                            // The core has forgotten it already: output the kernel cannot take now
+                            // (a client that does not read) is not waited for, so the slot is free.
+                            if app.conn.pending_out() > 0 {
+                                app.conn.reset_on_close();
                             }
+                            self.drop_app(slot);
                         }
                     }
                     AgentAction::Up(text) => {
@@ -344,6 +345,21 @@ impl Loop {
             self.core.upstream_failed(now);
         }
         self.again.retain(|t| *t != UPSTREAM);
+        // Applications held back by the daemon's queue are read again (the core drops what they
+        // send while the daemon is away).
+        self.wake_unread();
+    }
+
+    /// Serves next turn the applications whose input was left in the kernel for backpressure.
+    fn wake_unread(&mut self) {
+        for (i, a) in self.apps.iter().enumerate() {
+            if a.as_ref().is_some_and(|a| a.unread) {
+                let t = Token(reactor::CLIENT_BASE + i);
+                if !self.again.contains(&t) {
+                    self.again.push(t);
+                }
+            }
+        }
     }
 
     fn accept(&mut self, now: Instant) -> bool {
@@ -396,20 +412,11 @@ impl Loop {
         let Some(app) = self.apps.get_mut(slot).and_then(Option::as_mut) else {
             return false;
         };
-        if r.writable {
-            match app.conn.flush() {
-                Ok(true) if app.conn.close_after_flush => {
-                    self.drop_app(slot);
-                    return false;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    self.drop_app(slot);
-                    return false;
-                }
-            }
+        if r.writable && app.conn.flush().is_err() {
+            self.drop_app(slot);
+            return false;
         }
-        if app.conn.close_after_flush || !(r.readable || app.unread) {
+        if !(r.readable || app.unread) {
             return false;
         }
         app.unread = !app.conn.wants_input() || !room;
@@ -479,14 +486,7 @@ impl Loop {
             }
             // Room again: the applications held back by backpressure are read next turn.
             if u.conn.wants_input() {
-                for (i, a) in self.apps.iter().enumerate() {
-                    if a.as_ref().is_some_and(|a| a.unread) {
-                        let t = Token(reactor::CLIENT_BASE + i);
-                        if !self.again.contains(&t) {
-                            self.again.push(t);
-                        }
-                    }
-                }
+                self.wake_unread();
             }
         }
         if !r.readable {
