@@ -6,7 +6,6 @@
 //! Messages to applications reuse [`LocalAction`] (an application is a local connection of the
 //! agent); the agent's own effects are only the upstream message and the connect.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use log::{debug, info, warn};
@@ -73,12 +72,12 @@ struct Pending {
 #[derive(Debug)]
 pub struct Agent {
     max_clients: usize,
-    apps: BTreeMap<ConnId, App>,
-    /// key → the connections registered for it (at most [`MAX_PER_KEY`]), in registration order.
-    subs: BTreeMap<String, Vec<ConnId>>,
-    pending: BTreeMap<u32, Pending>,
-    /// (expiry, id) of every pending mapping, earliest first.
-    expiry: BTreeSet<(Instant, u32)>,
+    /// The applications in the order they came, each with its keys. Plain vectors searched
+    /// linearly: they are small (`--max-clients`, [`MAX_PENDING`]) and cost no map code on flash.
+    apps: Vec<(ConnId, App)>,
+    /// The mappings by rewritten id, in the order they were made, which is the order they
+    /// expire in (one TTL for all): the first is the next to expire.
+    pending: Vec<(u32, Pending)>,
     next_id: u32,
     up: Upstream,
     out: Vec<AgentAction>,
@@ -95,10 +94,8 @@ impl Agent {
     pub fn new(max_clients: usize) -> Agent {
         Agent {
             max_clients,
-            apps: BTreeMap::new(),
-            subs: BTreeMap::new(),
-            pending: BTreeMap::new(),
-            expiry: BTreeSet::new(),
+            apps: Vec::new(),
+            pending: Vec::new(),
             next_id: 1,
             up: Upstream::Connecting,
             out: vec![AgentAction::Connect],
@@ -122,9 +119,24 @@ impl Agent {
         self.pending.len()
     }
 
-    /// The connections registered for `key`, in registration order.
-    pub fn subscribers(&self, key: &str) -> &[ConnId] {
-        self.subs.get(key).map(Vec::as_slice).unwrap_or(&[])
+    /// The connections registered for `key`, in the order they connected.
+    pub fn subscribers(&self, key: &str) -> Vec<ConnId> {
+        self.apps
+            .iter()
+            .filter(|(_, a)| a.keys.iter().any(|k| k == key))
+            .map(|&(c, _)| c)
+            .collect()
+    }
+
+    fn app_mut(&mut self, app: ConnId) -> Option<&mut App> {
+        self.apps
+            .iter_mut()
+            .find(|(c, _)| *c == app)
+            .map(|(_, a)| a)
+    }
+
+    fn has_app(&self, app: ConnId) -> bool {
+        self.apps.iter().any(|(c, _)| *c == app)
     }
 
     /// The earliest deadline: the next connect attempt or the next mapping to expire.
@@ -133,7 +145,7 @@ impl Agent {
             Upstream::Down(at) => Some(at),
             _ => None,
         };
-        let exp = self.expiry.first().map(|&(t, _)| t);
+        let exp = self.pending.first().map(|(_, p)| p.expires);
         match (retry, exp) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -148,14 +160,13 @@ impl Agent {
                 self.out.push(AgentAction::Connect);
             }
         }
-        while let Some(&(t, id)) = self.expiry.first() {
-            if t > now {
-                break;
-            }
-            self.expiry.pop_first();
-            if let Some(p) = self.pending.remove(&id) {
-                debug!("agent: id {id} (app {} id {}) expired", p.app, p.orig);
-            }
+        let due = self
+            .pending
+            .iter()
+            .take_while(|(_, p)| p.expires <= now)
+            .count();
+        for (id, p) in self.pending.drain(..due) {
+            debug!("agent: id {id} (app {} id {}) expired", p.app, p.orig);
         }
     }
 
@@ -180,7 +191,6 @@ impl Agent {
             warn!("agent: the daemon closed the connection; retry in 3 s");
         }
         self.pending.clear();
-        self.expiry.clear();
         self.up = Upstream::Down(now + RETRY);
     }
 
@@ -194,42 +204,18 @@ impl Agent {
             );
             return false;
         }
-        self.apps.insert(app, App::default());
+        self.apps.push((app, App::default()));
         true
     }
 
     /// The application's connection ended: it leaves all its keys and mappings (L§10).
     pub fn closed(&mut self, app: ConnId) {
-        let Some(a) = self.apps.remove(&app) else {
-            return;
-        };
-        for k in a.keys {
-            self.drop_sub(&k, app);
-        }
-        let ids: Vec<u32> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.app == app)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in ids {
-            self.forget(id);
-        }
+        self.apps.retain(|(c, _)| *c != app);
+        self.pending.retain(|(_, p)| p.app != app);
     }
 
-    fn forget(&mut self, id: u32) -> Option<Pending> {
-        let p = self.pending.remove(&id)?;
-        self.expiry.remove(&(p.expires, id));
-        Some(p)
-    }
-
-    fn drop_sub(&mut self, key: &str, app: ConnId) {
-        if let Some(v) = self.subs.get_mut(key) {
-            v.retain(|&c| c != app);
-            if v.is_empty() {
-                self.subs.remove(key);
-            }
-        }
+    fn find(&self, id: u32) -> Option<usize> {
+        self.pending.iter().position(|(i, _)| *i == id)
     }
 
     fn send_app(&mut self, app: ConnId, text: Rc<str>) {
@@ -245,7 +231,7 @@ impl Agent {
     /// The splitter refused an application's stream (L§3): a syntax error is answered -32700,
     /// then the connection is closed.
     pub fn app_framing_error(&mut self, now: Instant, app: ConnId, err: SplitError) {
-        if !self.apps.contains_key(&app) {
+        if !self.has_app(app) {
             return;
         }
         crate::warn_limited!(now, "agent: client {app}: {err}; closing");
@@ -258,7 +244,7 @@ impl Agent {
 
     /// One complete JSON value from an application.
     pub fn app_message(&mut self, now: Instant, app: ConnId, piece: Piece) {
-        if !self.apps.contains_key(&app) {
+        if !self.has_app(app) {
             return;
         }
         let (text, head) = match piece {
@@ -304,21 +290,17 @@ impl Agent {
             },
             Err(_) => return,
         };
-        let Some(a) = self.apps.get_mut(&app) else {
+        let subs = self.subscribers(&key).len();
+        let Some(a) = self.app_mut(app) else {
             return;
         };
         if !reg {
-            let gone: Vec<String> = if key.is_empty() {
-                std::mem::take(&mut a.keys)
-            } else if let Some(i) = a.keys.iter().position(|k| *k == key) {
-                vec![a.keys.remove(i)]
+            if key.is_empty() {
+                a.keys.clear();
             } else {
-                Vec::new()
-            };
-            for k in gone {
-                debug!("agent: client {app} unregistered {k}");
-                self.drop_sub(&k, app);
+                a.keys.retain(|k| *k != key);
             }
+            debug!("agent: client {app} unregistered {key:?}");
             return;
         }
         if key.is_empty() || key.len() > MAX_KEY {
@@ -339,7 +321,6 @@ impl Agent {
             );
             return;
         }
-        let subs = self.subs.get(&key).map_or(0, Vec::len);
         if subs >= MAX_PER_KEY {
             crate::warn_limited!(
                 now,
@@ -348,8 +329,7 @@ impl Agent {
             return;
         }
         debug!("agent: client {app} registered {key}");
-        a.keys.push(key.clone());
-        self.subs.entry(key).or_default().push(app);
+        a.keys.push(key);
     }
 
     /// A request from an application: an integer id is rewritten (L§10), any other goes as it is.
@@ -381,17 +361,15 @@ impl Agent {
         let Some(up) = rpc::rewrite_id_scanned(&text, head, u64::from(new)) else {
             return;
         };
-        let expires = now + MAPPING_TTL;
-        self.pending.insert(
+        self.pending.push((
             new,
             Pending {
                 app,
                 orig,
                 local: head.method().starts_with("local."),
-                expires,
+                expires: now + MAPPING_TTL,
             },
-        );
-        self.expiry.insert((expires, new));
+        ));
         self.out.push(AgentAction::Up(up.into()));
     }
 
@@ -399,18 +377,16 @@ impl Agent {
     /// [`MAX_PENDING`] are taken.
     fn alloc_id(&mut self, now: Instant) -> u32 {
         if self.pending.len() >= MAX_PENDING {
-            if let Some(&(_, old)) = self.expiry.first() {
-                crate::warn_limited!(
-                    now,
-                    "agent: {MAX_PENDING} requests pending; the oldest is given up"
-                );
-                self.forget(old);
-            }
+            crate::warn_limited!(
+                now,
+                "agent: {MAX_PENDING} requests pending; the oldest is given up"
+            );
+            self.pending.remove(0);
         }
         loop {
             let id = self.next_id;
             self.next_id = if id >= MAX_ID { 1 } else { id + 1 };
-            if !self.pending.contains_key(&id) {
+            if self.find(id).is_none() {
                 return id;
             }
         }
@@ -447,21 +423,20 @@ impl Agent {
         // `local.*` (L§5 answers carry a method); a cloud command that happens to use a pending
         // id is a command.
         if let Some(id) = head.id.as_ref().and_then(rpc::id_u32) {
-            let hit = self
-                .pending
-                .get(&id)
-                .is_some_and(|p| method.is_none_or(|m| p.local && m.starts_with("local.")));
-            if hit {
-                if let Some(p) = self.forget(id) {
-                    let back = restore_id(&text, &head, &p.orig).unwrap_or(text);
-                    self.send_app(p.app, back.into());
-                }
+            let hit = self.find(id).filter(|&i| {
+                let p = &self.pending[i].1;
+                method.is_none_or(|m| p.local && m.starts_with("local."))
+            });
+            if let Some(i) = hit {
+                let (_, p) = self.pending.remove(i);
+                let back = restore_id(&text, &head, &p.orig).unwrap_or(text);
+                self.send_app(p.app, back.into());
                 return;
             }
         }
         match method {
             Some(m) => {
-                let subs = self.subs.get(m).cloned().unwrap_or_default();
+                let subs = self.subscribers(m);
                 if subs.is_empty() {
                     crate::info_limited!(now, "agent: nobody registered for {m}; dropped");
                     return;
@@ -524,6 +499,10 @@ mod tests {
         assert!(a.accept(at(0), 1));
         assert!(a.accept(at(0), 2));
         a
+    }
+
+    fn no_keys(a: &Agent) -> bool {
+        a.apps.iter().all(|(_, x)| x.keys.is_empty())
     }
 
     fn app_msgs(acts: &[AgentAction]) -> Vec<(ConnId, Value)> {
@@ -603,7 +582,7 @@ mod tests {
         );
         a.app_message(at(0), 1, piece(r#"{"method":"register","key":""}"#));
         a.app_message(at(0), 1, piece(r#"{"method":"register","key":5}"#));
-        assert!(a.subs.is_empty());
+        assert!(no_keys(&a));
         let ok = "k".repeat(MAX_KEY);
         a.app_message(
             at(0),
@@ -615,7 +594,7 @@ mod tests {
             1,
             piece(&format!(r#"{{"method":"register","key":"{ok}"}}"#)),
         );
-        assert_eq!(a.subscribers(&ok), &[1]);
+        assert_eq!(a.subscribers(&ok), [1]);
         for i in 0..MAX_KEYS_PER_APP + 5 {
             a.app_message(
                 at(0),
@@ -623,7 +602,7 @@ mod tests {
                 piece(&format!(r#"{{"method":"register","key":"m{i}"}}"#)),
             );
         }
-        assert_eq!(a.apps[&2].keys.len(), MAX_KEYS_PER_APP);
+        assert_eq!(a.app_mut(2).unwrap().keys.len(), MAX_KEYS_PER_APP);
         assert!(a.take_actions().is_empty());
     }
 
@@ -653,10 +632,10 @@ mod tests {
             );
         }
         a.app_message(at(0), 1, piece(r#"{"method":"unregister","key":"b"}"#));
-        assert_eq!(a.subscribers("a"), &[1]);
+        assert_eq!(a.subscribers("a"), [1]);
         assert!(a.subscribers("b").is_empty());
         a.app_message(at(0), 1, piece(r#"{"method":"unregister","key":""}"#));
-        assert!(a.subs.is_empty());
+        assert!(no_keys(&a));
         assert!(a.take_actions().is_empty());
     }
 
@@ -829,7 +808,6 @@ mod tests {
             );
         }
         assert_eq!(a.pending(), MAX_PENDING);
-        assert_eq!(a.expiry.len(), MAX_PENDING);
     }
 
     #[test]
@@ -839,9 +817,8 @@ mod tests {
         a.app_message(at(0), 1, piece(r#"{"id":1,"method":"props"}"#));
         a.take_actions();
         a.closed(1);
-        assert!(a.subs.is_empty());
+        assert!(no_keys(&a));
         assert_eq!(a.pending(), 0);
-        assert!(a.expiry.is_empty());
         a.upstream_message(at(1), piece(r#"{"id":3,"method":"get_prop"}"#));
         assert!(a.take_actions().is_empty());
     }
