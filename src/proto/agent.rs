@@ -269,6 +269,11 @@ impl Agent {
                 let reg = m.as_str() == "register";
                 self.registration(now, app, reg, &text);
             }
+            // L§10: the helper channel is the daemon's own (L§9); through the agent it would make
+            // the agent's connection a helper connection, which receives no commands (L§4.2).
+            Some(Some(m)) if m.as_str().starts_with("_internal.") => {
+                crate::warn_limited!(now, "agent: client {app}: {} not forwarded", m.as_str());
+            }
             Some(Some(_)) => self.request_up(now, app, text, &head),
             // A reply (or anything without a string method): forwarded unchanged.
             _ => self.forward(now, text.into()),
@@ -705,6 +710,19 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn internal_messages_are_not_forwarded() {
+        let mut a = agent();
+        a.app_message(at(0), 1, piece(r#"{"method":"_internal.hello"}"#));
+        a.app_message(
+            at(0),
+            1,
+            piece(r#"{"id":3,"method":"_internal.wifi_connected"}"#),
+        );
+        assert!(a.take_actions().is_empty());
+        assert_eq!(a.pending(), 0);
     }
 
     #[test]
