@@ -345,7 +345,7 @@ bench:
 FUZZ_SECS    ?= 60
 # FUZZ_RUNS=N: stop a target after N executions (FUZZ_SECS still bounds the time).
 FUZZ_RUNS    ?=
-FUZZ_TARGETS ?= miio_packet miio_sealed json_stream rpc config dns cloud lan local node
+FUZZ_TARGETS ?= miio_packet miio_sealed json_stream rpc config dns cloud lan local node mqtt
 FUZZ_FLAGS   ?= -timeout=10 -rss_limit_mb=2048
 FUZZ_NIGHTLY ?= +nightly
 # No AddressSanitizer by default: the crate has no unsafe code outside io/sys.rs, which no target

@@ -337,6 +337,41 @@ def node_seeds():
     return out
 
 
+def mqtt_seeds():
+    """src/fuzzing.rs `mqtt`: a stream for the splitter, then a session played against a broker."""
+    connack = bytes([0x20, 2, 0, 0])
+    suback = bytes([0x90, 5, 0, 1, 1, 1, 0x80])
+    pub1 = bytes([0x32, 0x11, 0, 11]) + b"miio/report" + bytes([0, 7]) + b"{}"
+    stream = connack + suback + pub1 + bytes([0xD0, 0, 0x40, 2, 0, 1, 0xC0, 0, 0xE0, 0])
+    connect = bytes([0x10, 0x17, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 0, 0, 11]) + b"miio_client"
+    out = {}
+
+    def head(p, ka=0, stream=stream, cap=256):
+        return p.u16(cap).u8(3).blob(stream).u8(0, ka, 0x00, 0x10, 4)
+
+    def up(p):
+        return p.u8(2, 1).u8(3, 0).u8(4, 3, 1, 1, 1)  # connected, CONNACK 0, SUBACK
+
+    p = up(head(P()))
+    p.u8(7, 0).blob('{"id":1,"method":"props"}')  # publish on miio/report_ack
+    p.u8(5, 0)  # its PUBACK
+    p.u8(6, 0).u16(9).u8(0).blob('{"id":2}')  # a message on miio/report
+    p.u8(6, 0).u16(9).u8(1).blob('{"id":2}')  # the DUP of it
+    p.u8(7, 2).blob('{"id":3}').u8(8, 3)  # publish, then the broker closes
+    p.u8(0).u16(200).u8(2, 1).u8(3, 0)  # 1.6 s later: reconnect, CONNACK, the DUP publish
+    p.u8(5, 0).u8(8, 0)  # PUBACK, stop
+    out["session"] = p.b
+    p = up(head(P(), ka=3, stream=connect, cap=64))
+    p.u8(0).u16(4000).u8(8, 2).u8(0).u16(4000).u8(0).u16(4000)  # ping, PINGRESP, ping, timeout
+    out["keepalive"] = p.b
+    p = head(P(), stream=bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF]), cap=1000)
+    for _ in range(8):  # refused and unreachable: the backoff
+        p.u8(2, 0).u8(0).u16(8000)
+    p.u8(2, 1).u8(3, 5).u8(0).u16(8000).u8(2, 1).u8(1).blob(bytes([0x62, 2, 0, 1]))
+    out["backoff"] = p.b
+    return out
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "fuzz/work/seeds")
     seeds = {}
@@ -365,6 +400,7 @@ def main():
     seeds["lan"] = lan_seeds()
     seeds["local"] = local_seeds()
     seeds["node"] = node_seeds()
+    seeds["mqtt"] = mqtt_seeds()
     for target, files in seeds.items():
         os.makedirs(os.path.join(out, target), exist_ok=True)
         for name, data in files.items():

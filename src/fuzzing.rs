@@ -114,6 +114,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("lan", lan),
     ("local", local),
     ("node", node),
+    ("mqtt", mqtt),
 ];
 
 /// The target called `name`, if there is one.
@@ -3559,4 +3560,203 @@ fn scanned_as_parsed(head: &rpc::Head, raw: &[u8]) {
         ),
         "scan and tree disagree"
     );
+}
+
+// ---- (10) wire::mqtt and proto::mqtt ----------------------------------------------------------
+
+/// The MQTT codec and the client session (L§11). The first part of the input is a stream cut in
+/// a chunking the input chooses: every frame the splitter gives is the same whole or chunked, and
+/// one that decodes encodes back to a packet that decodes the same. The rest is a program for the
+/// session, with a broker played from the input (raw bytes or well-formed answers to what the
+/// session sent): everything it writes is whole client packets with non-zero ids, no PINGREQ with
+/// keep-alive 0, no deadline in the past after a timeout, the unacknowledged publishes bounded.
+pub fn mqtt(data: &[u8]) {
+    use crate::proto::mqtt as session;
+    use crate::wire::mqtt as codec;
+
+    let mut u = Input::new(data);
+    let cap = 2 + usize::from(u.u16() % 2048);
+    let mut seed = u64::from(u.u8());
+    let stream = u.blob();
+
+    // Whole, then in chunks: the same frames, or the same first error.
+    let frames = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+        let mut s = codec::Splitter::new(cap);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c);
+            loop {
+                match s.next_frame() {
+                    Ok(Some(f)) => out.push(Ok(f.to_vec())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let whole = frames(&mut std::iter::once(stream));
+    let mut rest = stream;
+    let chunked = frames(&mut std::iter::from_fn(|| {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = 1 + (mix(&mut seed) % 16) as usize;
+        let (a, b) = rest.split_at(n.min(rest.len()));
+        rest = b;
+        Some(a)
+    }));
+    assert_eq!(whole, chunked, "the chunking changed the frames");
+    for f in whole.iter().flatten() {
+        assert!(f.len() <= cap, "a frame above the cap");
+        if let Ok(p) = codec::decode(f) {
+            let mut out = Vec::new();
+            p.encode(&mut out).expect("a decoded packet encodes again");
+            assert_eq!(
+                codec::decode(&out),
+                Ok(p),
+                "the round trip changed the packet"
+            );
+        }
+    }
+
+    // The session.
+    let cfg = session::Config {
+        client_id: ["miio_client", "", "id-é"][u.below(3)].to_owned(),
+        keep_alive: [0, 0, 1, 30][u.below(4)],
+        max_packet: 64 + usize::from(u.u16() % 4096),
+        max_inflight: 1 + u.below(8),
+    };
+    let keep_alive = cfg.keep_alive;
+    let max_inflight = cfg.max_inflight;
+    let mut s = session::Session::new(cfg);
+    let mut now = Instant::ZERO;
+    s.start(now);
+    // What the played broker knows: a connect asked for, the SUBSCRIBE and publishes seen.
+    let mut connect_asked = false;
+    let mut sub_id: Option<u16> = None;
+    let mut published: Vec<u16> = Vec::new();
+    let mut steps = 0;
+    while !u.is_empty() && steps < 2000 {
+        steps += 1;
+        match u.u8() % 10 {
+            0 => {
+                now += Duration::from_millis(u64::from(u.u16()) * 8);
+                if s.poll_timeout().is_some_and(|t| t <= now) {
+                    s.handle_timeout(now);
+                    assert!(
+                        s.poll_timeout().is_none_or(|t| t > now),
+                        "a deadline in the past after handle_timeout"
+                    );
+                }
+            }
+            1 => s.received(now, u.blob()),
+            2 if connect_asked => {
+                connect_asked = false;
+                if u.bool() {
+                    s.connected(now)
+                } else {
+                    s.connect_failed(now)
+                }
+            }
+            3 => s.received(now, &[0x20, 2, 0, u.u8() % 8]),
+            4 => {
+                let id = sub_id.unwrap_or(u.u16()).to_be_bytes();
+                let n = 1 + u.below(4);
+                let mut p = vec![0x90, 2 + n as u8, id[0], id[1]];
+                p.extend((0..n).map(|_| [0, 1, 2, 0x80][u.below(4)]));
+                s.received(now, &p);
+            }
+            5 => {
+                let id = if published.is_empty() || u.bool() {
+                    u.u16()
+                } else {
+                    published.swap_remove(u.below(published.len()))
+                };
+                s.received(now, &[0x40, 2, (id >> 8) as u8, id as u8]);
+            }
+            6 => {
+                let topic = u.pick(&session::Topic::ALL).name();
+                let id = u.u16();
+                let p = codec::Publish {
+                    dup: u.bool(),
+                    qos: codec::QoS::AtLeastOnce,
+                    retain: false,
+                    topic,
+                    id: Some(id.max(1)),
+                    payload: u.blob(),
+                };
+                let mut out = Vec::new();
+                codec::publish(&p, &mut out).expect("a valid PUBLISH");
+                s.received(now, &out);
+            }
+            7 => {
+                let topic = u.pick(&session::Topic::ALL);
+                let payload = u.blob();
+                let was_up = s.is_up();
+                match s.publish(now, topic, payload) {
+                    Ok(id) => assert!(id != 0 && was_up, "a publish taken with id 0 or while down"),
+                    Err(session::Dropped::NotUp) => assert!(!was_up),
+                    Err(_) => {}
+                }
+            }
+            8 => match u.u8() % 4 {
+                0 => s.stop(now),
+                1 => s.start(now),
+                2 => s.received(now, &[0xd0, 0]),
+                _ => s.closed(now),
+            },
+            _ => {}
+        }
+        // Drain and check what the session did.
+        while let Some(a) = s.poll_action() {
+            match a {
+                session::Action::Connect => connect_asked = true,
+                session::Action::Close => connect_asked = false,
+                session::Action::Send(bytes) => {
+                    let mut sp = codec::Splitter::new(usize::MAX);
+                    sp.push(&bytes);
+                    let f = sp
+                        .next_frame()
+                        .expect("a well-formed packet")
+                        .expect("a whole packet");
+                    assert_eq!(f.len(), bytes.len(), "one whole packet per send");
+                    match codec::decode(f).expect("the session sends valid packets") {
+                        codec::Packet::Subscribe { id, .. } => sub_id = Some(id),
+                        codec::Packet::Publish(p) => {
+                            assert_eq!(p.qos, codec::QoS::AtLeastOnce);
+                            published.extend(p.id);
+                        }
+                        codec::Packet::PingReq => {
+                            assert!(keep_alive > 0, "PINGREQ with keep-alive 0")
+                        }
+                        codec::Packet::Connect(_)
+                        | codec::Packet::PubAck(_)
+                        | codec::Packet::Disconnect => {}
+                        other => panic!("the session sent {other:?}"),
+                    }
+                }
+            }
+        }
+        while let Some(e) = s.poll_event() {
+            if let session::Event::Message { topic, .. } = e {
+                assert!(session::Topic::SUBSCRIBED.contains(&topic));
+            }
+        }
+        assert!(
+            s.inflight() <= max_inflight,
+            "the unacknowledged publishes overflowed"
+        );
+        if s.is_up() && keep_alive == 0 {
+            assert_eq!(
+                s.poll_timeout(),
+                None,
+                "a deadline while up with keep-alive 0"
+            );
+        }
+        published.truncate(64);
+    }
 }

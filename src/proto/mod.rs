@@ -9,6 +9,7 @@ pub mod ioerr;
 pub mod lan;
 pub mod local;
 pub mod mdns;
+pub mod mqtt;
 pub mod node;
 pub mod outbox;
 pub mod provision;
