@@ -466,11 +466,17 @@ impl Agent {
 fn restore_id(text: &str, head: &Head, raw: &str) -> Option<String> {
     if let Some(span) = head.id_span.clone() {
         let (a, b) = (text.get(..span.start)?, text.get(span.end..)?);
-        return Some(format!("{a}{raw}{b}"));
+        let mut out = String::with_capacity(a.len() + raw.len() + b.len());
+        out.push_str(a);
+        out.push_str(raw);
+        out.push_str(b);
+        return Some(out);
     }
-    // Several ids (or a text that went through the tree): the tree, with the id set.
+    // Several ids (or a text that went through the tree): the tree, with the id set. The id goes
+    // through the daemon's one serde parse (`rpc::value`): a `from_str` of its own would link a
+    // second copy of serde_json's parser.
     let mut obj = rpc::parse_object(text.as_bytes()).ok()?;
-    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let v = rpc::value(raw.as_bytes())?;
     obj.insert("id".into(), v);
     let mut out = String::new();
     rpc::write_value(&mut out, &serde_json::Value::Object(obj));

@@ -61,7 +61,7 @@ pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, RpcError> {
 
 /// The one serde parse of this module, not inlined at each use: flash matters more than speed.
 #[inline(never)]
-fn value(raw: &[u8]) -> Option<Value> {
+pub fn value(raw: &[u8]) -> Option<Value> {
     serde_json::from_slice(raw).ok()
 }
 
