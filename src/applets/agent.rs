@@ -2,25 +2,25 @@
 //! decisions are `proto::agent`'s; this file is the command line and a small loop on the shared
 //! reactor (no tick: an idle agent sleeps until a socket or its one deadline wakes it), with the
 //! daemon's connection type (`io::conn::Conn`: bounded reads, a bounded write queue, SO_SNDBUF
-//! small) for the applications and for the upstream connection alike.
+//! small) for the applications and for the upstream connection alike. The core drives the sockets
+//! through [`proto::agent::Io`](crate::proto::agent::Io), implemented by [`Sockets`].
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::rc::Rc;
 
-use log::{error, info, warn};
+use log::{error, info};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Token};
 
-use crate::io::conn::{Conn, ReadStep};
-use crate::io::log as ilog;
-use crate::io::reactor::{self, Reactor, Ready, Signal};
-use crate::io::sys;
-use crate::proto::agent::{Agent, AgentAction};
-use crate::proto::local::LocalAction;
+use crate::io::conn::{Conn, ReadStep, READ_CHUNK};
+use crate::io::log::{self as ilog, LogHandle};
+use crate::io::reactor::{self, Reactor, Signal};
+use crate::io::{clock, sys};
+use crate::proto::agent::{self, Agent, Io};
 use crate::time::Instant;
-use crate::wire::json_stream::SplitError;
 
-const USAGE: &str = "Usage: miio_agent [-h] [-D] [-l level] [-L logfile] [--port 54320] \
+const USAGE: &str = "Usage: miio_agent [-h] [-D] [-l 0-4] [-L logfile] [--port 54320] \
 [--daemon-port 54322] [--max-clients 20]\n";
 
 /// L§10 / D8: one JSON value from an application is at most 16384 bytes.
@@ -31,7 +31,7 @@ const UP_MAX_MSG: usize = 65536;
 const APP_OUT_LIMIT: usize = 64 * 1024;
 /// What may wait for the daemon; beyond it the upstream connection is closed and retried.
 const UP_OUT_LIMIT: usize = 256 * 1024;
-/// Accepts per readiness event of the listener.
+/// Accepts per turn.
 const BURST: usize = 16;
 
 const LISTEN: Token = reactor::LOCAL_LISTEN;
@@ -41,13 +41,15 @@ const UPSTREAM: Token = Token(10);
 struct Args {
     port: u16,
     daemon_port: u16,
-    max_clients: usize,
-    loglevel: u8,
+    max_clients: u16,
+    loglevel: u16,
     logfile: Option<String>,
     daemonize: bool,
 }
 
-fn parse(args: &[String]) -> Result<Args, Option<String>> {
+/// None: `-h`, or a usage error. Every value is a number but `-L`'s, so one `parse::<u16>` (the
+/// daemon's) reads them all.
+fn parse(args: &[String]) -> Option<Args> {
     let mut a = Args {
         port: 54320,
         daemon_port: 54322,
@@ -58,467 +60,303 @@ fn parse(args: &[String]) -> Result<Args, Option<String>> {
     };
     let mut it = args.iter();
     while let Some(opt) = it.next() {
-        let (name, inline) = match opt.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (opt.as_str(), None),
-        };
-        let mut val = |n: &str| {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| Some(format!("{n} needs a value")))
-        };
-        match name {
-            "-h" | "--help" => return Err(None),
-            "-D" | "--daemonize" => a.daemonize = true,
-            "-l" | "--loglevel" => {
-                a.loglevel = match val(name)?.parse() {
-                    Ok(l @ 0..=4) => l,
-                    _ => return Err(Some("-l takes 0 to 4".into())),
-                }
-            }
-            "-L" | "--logfile" => a.logfile = Some(val(name)?),
-            "--port" => {
-                a.port = val(name)?
-                    .parse()
-                    .map_err(|_| Some("--port takes 0 to 65535".into()))?
-            }
-            "--daemon-port" | "--server-port" => {
-                a.daemon_port = match val(name)?.parse() {
-                    Ok(p @ 1..) => p,
-                    _ => return Err(Some(format!("{name} takes 1 to 65535"))),
-                }
-            }
-            "--max-clients" => {
-                a.max_clients = match val(name)?.parse() {
-                    Ok(n @ 1..=1000) => n,
-                    _ => return Err(Some("--max-clients takes 1 to 1000".into())),
-                }
-            }
-            _ => return Err(Some(format!("unknown option {opt}"))),
+        if opt == "-D" {
+            a.daemonize = true;
+            continue;
+        }
+        let v = it.next()?;
+        match (opt.as_str(), v.parse::<u16>().ok()) {
+            ("-L", _) => a.logfile = Some(v.clone()),
+            ("-l", Some(l @ 0..=4)) => a.loglevel = l,
+            ("--port", Some(p)) => a.port = p,
+            ("--daemon-port", Some(p @ 1..)) => a.daemon_port = p,
+            ("--max-clients", Some(n @ 1..=1000)) => a.max_clients = n,
+            _ => return None,
         }
     }
-    Ok(a)
+    Some(a)
 }
 
 /// Entry point of the applet.
 pub fn main(args: &[String]) -> i32 {
-    let a = match parse(args) {
-        Ok(a) => a,
-        Err(why) => {
-            if let Some(w) = why {
-                eprintln!("miio_agent: {w}");
-            }
-            eprint!("{USAGE}");
-            return 1;
-        }
+    let Some(a) = parse(args) else {
+        eprint!("{USAGE}");
+        return 1;
     };
-    let log = match ilog::init(a.loglevel, a.logfile.as_deref()) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("miio_agent: cannot open log file: {e}");
-            return 1;
-        }
+    let Ok(log) = ilog::init(a.loglevel as u8, a.logfile.as_deref()) else {
+        eprintln!("miio_agent: cannot open the log file");
+        return 1;
     };
-    // Bind before detaching, so a port in use is an exit status the init script sees.
-    let listener = match std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, a.port))
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-    {
-        Ok(l) => TcpListener::from_std(l),
-        Err(e) => {
-            error!("bind 127.0.0.1:{}: {e}", a.port);
-            error!("Quit, maybe another miio_agent is already running.");
-            return 1;
-        }
-    };
-    if a.daemonize {
-        if let Err(e) = sys::daemonize(true) {
-            error!("cannot daemonize: {e}");
-            return 1;
-        }
-    }
-    let reactor = match Reactor::new() {
-        Ok(r) => r,
-        Err(e) => {
-            error!("cannot set up the reactor: {e}");
-            return 1;
-        }
-    };
-    match listener.local_addr() {
-        Ok(l) => info!("bound: agent tcp {l}, daemon 127.0.0.1:{}", a.daemon_port),
-        Err(e) => info!(
-            "bound: agent tcp ? ({e}), daemon 127.0.0.1:{}",
-            a.daemon_port
-        ),
-    }
-    let mut l = Loop {
-        core: Agent::new(a.max_clients),
-        reactor,
-        listener,
-        apps: Vec::new(),
-        up: None,
-        daemon: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, a.daemon_port)),
-        rx: vec![0; crate::io::conn::READ_CHUNK],
-        again: Vec::new(),
-    };
-    match l.run(&log) {
+    match run(&a, &log) {
         Ok(()) => 0,
         Err(e) => {
-            error!("fatal: {e}");
+            error!("miio_agent: {e}");
             1
         }
     }
 }
 
-struct App {
+/// One connection: an application or the daemon.
+struct Peer {
     conn: Conn,
-    /// Input left in the kernel (backpressure, or a read that may hold more).
-    unread: bool,
+    /// Input to read: an edge was seen, or the last read may have left more (mio is
+    /// edge-triggered), or backpressure left it in the kernel.
+    rd: bool,
+    /// The peer's close or an error was reported (`Conn::read_once`).
+    hup: bool,
 }
 
-struct Up {
-    conn: Conn,
-    connected: bool,
+impl Peer {
+    fn new(stream: TcpStream, max_msg: usize, out_limit: usize) -> Peer {
+        Peer {
+            conn: Conn::new(stream, max_msg, out_limit),
+            rd: false,
+            hup: false,
+        }
+    }
 }
 
-struct Loop {
-    core: Agent,
+/// The agent's sockets: what the core drives ([`Io`]) and the loop reads.
+struct Sockets {
     reactor: Reactor,
-    listener: TcpListener,
-    apps: Vec<Option<App>>,
-    up: Option<Up>,
+    /// By slot; an application's token is `CLIENT_BASE + slot`.
+    apps: Vec<Option<Peer>>,
+    up: Option<Peer>,
     daemon: SocketAddr,
-    rx: Vec<u8>,
-    /// Sources to serve again next turn without a new edge.
-    again: Vec<Token>,
 }
 
-impl Loop {
-    fn run(&mut self, log: &ilog::LogHandle) -> io::Result<()> {
-        self.reactor
-            .registry()
-            .register(&mut self.listener, LISTEN, Interest::READABLE)?;
-        let now = crate::io::clock::now();
-        self.run_actions(now);
-        loop {
-            let turn = self
-                .reactor
-                .wait(self.core.poll_timeout(), !self.again.is_empty())?;
-            let now = turn.now;
-            for s in &turn.signals {
-                match s {
-                    Signal::Stop => {
-                        info!("stopping on signal");
-                        return Ok(());
-                    }
-                    Signal::Reload => {
-                        if let Err(e) = log.reopen() {
-                            warn!("cannot reopen the log: {e}");
-                        }
-                    }
-                    Signal::Child => {
-                        sys::reap_children();
-                    }
-                }
-            }
-            self.core.tick(now);
-            self.run_actions(now);
-            let mut ready = turn.ready;
-            for token in std::mem::take(&mut self.again) {
-                match ready.iter_mut().find(|r| r.token == token) {
-                    Some(r) => r.readable = true,
-                    None => ready.push(Ready {
-                        token,
-                        readable: true,
-                        writable: false,
-                        closed: false,
-                    }),
-                }
-            }
-            for r in &ready {
-                let more = match r.token {
-                    LISTEN => self.accept(now),
-                    UPSTREAM => self.upstream_ready(now, r),
-                    Token(t) if t >= reactor::CLIENT_BASE => {
-                        self.app_ready(now, t - reactor::CLIENT_BASE, r)
-                    }
-                    _ => false,
-                };
-                if more && !self.again.contains(&r.token) {
-                    self.again.push(r.token);
-                }
-            }
-            self.reactor.recycle(ready);
+impl Io for Sockets {
+    fn send(&mut self, app: usize, text: Rc<str>) -> bool {
+        match self.apps.get_mut(app).and_then(Option::as_mut) {
+            Some(p) => p.conn.send(text).is_ok(),
+            None => true,
         }
     }
 
-    /// Executes what the core decided, in order, until it decides nothing more.
-    fn run_actions(&mut self, now: Instant) {
-        loop {
-            let acts = self.core.take_actions();
-            if acts.is_empty() {
-                return;
-            }
-            for a in acts {
-                match a {
-                    AgentAction::App(LocalAction::Send(slot, text)) => {
-                        let Some(app) = self.apps.get_mut(slot).and_then(Option::as_mut) else {
-                            continue;
-                        };
-                        if app.conn.send(text).is_err() {
-                            crate::warn_limited!(
-                                now,
-                                "agent: client {slot} does not read; closing"
-                            );
-                            app.conn.reset_on_close();
-                            self.drop_app(slot);
-                        }
-                    }
-                    AgentAction::App(LocalAction::Close(slot)) => {
-                        if let Some(app) = self.apps.get_mut(slot).and_then(Option::as_mut) {
-                            // The core has forgotten it already: output the kernel cannot take now
-                            // (a client that does not read) is not waited for, so the slot is free.
-                            if app.conn.pending_out() > 0 {
-                                app.conn.reset_on_close();
-                            }
-                            self.drop_app(slot);
-                        }
-                    }
-                    AgentAction::Up(text) => {
-                        let overflow = match self.up.as_mut() {
-                            Some(u) if u.connected => u.conn.send(text).is_err(),
-                            _ => false,
-                        };
-                        if overflow {
-                            crate::warn_limited!(
-                                now,
-                                "agent: the daemon does not read; reconnecting"
-                            );
-                            self.up_down(now);
-                        }
-                    }
-                    AgentAction::Connect => self.connect(now),
-                }
+    fn close(&mut self, app: usize) {
+        if let Some(p) = self.apps.get_mut(app).and_then(Option::take) {
+            // Output the kernel cannot take now (a client that does not read) is not waited
+            // for: a reset, and the slot is free (L§2).
+            if p.conn.pending_out() > 0 {
+                p.conn.reset_on_close();
             }
         }
     }
 
-    /// Forgets an application's socket (the core is told too, if it still knows it).
-    fn drop_app(&mut self, slot: usize) {
-        if let Some(s) = self.apps.get_mut(slot) {
-            *s = None;
+    fn up(&mut self, text: Rc<str>) -> bool {
+        let ok = self.up.as_mut().is_some_and(|u| u.conn.send(text).is_ok());
+        if !ok {
+            self.up = None;
         }
-        self.core.closed(slot);
+        ok
     }
 
-    fn connect(&mut self, now: Instant) {
+    fn connect(&mut self) -> bool {
         self.up = None;
-        let res = TcpStream::connect(self.daemon).and_then(|s| {
-            let mut conn = Conn::new(s, UP_MAX_MSG, UP_OUT_LIMIT);
-            self.reactor.registry().register(
-                &mut conn.stream,
-                UPSTREAM,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(conn)
-        });
-        match res {
-            Ok(conn) => {
-                self.up = Some(Up {
-                    conn,
-                    connected: false,
-                })
-            }
-            Err(e) => {
-                log::debug!("agent: connect {}: {e}", self.daemon);
-                self.core.upstream_failed(now);
+        let Ok(s) = TcpStream::connect(self.daemon) else {
+            return false;
+        };
+        let mut p = Peer::new(s, UP_MAX_MSG, UP_OUT_LIMIT);
+        let r = self.reactor.registry().register(
+            &mut p.conn.stream,
+            UPSTREAM,
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        self.up = r.is_ok().then_some(p);
+        r.is_ok()
+    }
+}
+
+/// The loop: one wait, the events noted (writes flushed at once), then one bounded read of each
+/// connection with input, each value handed to the core before the next.
+fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
+    // Bound before `-D` detaches, so a port in use is an exit status the init script sees.
+    let mut listener = TcpListener::bind(SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::LOCALHOST,
+        a.port,
+    )))?;
+    if a.daemonize {
+        sys::daemonize(true)?;
+    }
+    let reactor = Reactor::new()?;
+    reactor
+        .registry()
+        .register(&mut listener, LISTEN, Interest::READABLE)?;
+    let port = listener.local_addr().map_or(0, |l| l.port());
+    info!(
+        "bound: agent tcp 127.0.0.1:{port}, daemon 127.0.0.1:{}",
+        a.daemon_port
+    );
+    let io = Sockets {
+        reactor,
+        apps: Vec::new(),
+        up: None,
+        daemon: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, a.daemon_port)),
+    };
+    let mut core = Agent::new(usize::from(a.max_clients), io, clock::now());
+    let mut rx = vec![0; READ_CHUNK];
+    let mut busy = false;
+    let mut accepting = false;
+    loop {
+        let turn = core.io.reactor.wait(core.poll_timeout(), busy)?;
+        let now = turn.now;
+        for s in &turn.signals {
+            match s {
+                Signal::Stop => {
+                    info!("stopping on signal");
+                    return Ok(());
+                }
+                Signal::Reload => {
+                    let _ = log.reopen();
+                }
+                Signal::Child => {}
             }
         }
-    }
-
-    /// The upstream socket is gone: the core retries in 3 s.
-    fn up_down(&mut self, now: Instant) {
-        let was = self.up.take().is_some_and(|u| u.connected);
-        if was {
-            self.core.upstream_closed(now);
-        } else {
-            self.core.upstream_failed(now);
-        }
-        self.again.retain(|t| *t != UPSTREAM);
-        // Applications held back by the daemon's queue are read again (the core drops what they
-        // send while the daemon is away).
-        self.wake_unread();
-    }
-
-    /// Serves next turn the applications whose input was left in the kernel for backpressure.
-    fn wake_unread(&mut self) {
-        for (i, a) in self.apps.iter().enumerate() {
-            if a.as_ref().is_some_and(|a| a.unread) {
-                let t = Token(reactor::CLIENT_BASE + i);
-                if !self.again.contains(&t) {
-                    self.again.push(t);
+        core.tick(now);
+        for r in &turn.ready {
+            match r.token {
+                LISTEN => accepting = true,
+                UPSTREAM => {
+                    if core.io.up.is_none() {
+                        continue;
+                    }
+                    if !core.is_connected() {
+                        // A connect that failed reports an error; one that succeeded, writable.
+                        if r.closed {
+                            lost(&mut core, now);
+                        }
+                        if !r.writable || r.closed {
+                            continue;
+                        }
+                        core.upstream_connected(now);
+                    }
+                    let Some(u) = core.io.up.as_mut() else {
+                        continue;
+                    };
+                    if r.writable && u.conn.flush().is_err() {
+                        lost(&mut core, now);
+                        continue;
+                    }
+                    u.rd |= r.readable;
+                    u.hup |= r.closed;
+                }
+                Token(t) => {
+                    let slot = t.wrapping_sub(reactor::CLIENT_BASE);
+                    let Some(p) = core.io.apps.get_mut(slot).and_then(Option::as_mut) else {
+                        continue;
+                    };
+                    if r.writable && p.conn.flush().is_err() {
+                        drop_app(&mut core, slot);
+                        continue;
+                    }
+                    p.rd |= r.readable;
+                    p.hup |= r.closed;
                 }
             }
         }
-    }
-
-    fn accept(&mut self, now: Instant) -> bool {
-        for _ in 0..BURST {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    crate::warn_limited!(now, "agent: accept: {e}");
-                    return false;
+        core.io.reactor.recycle(turn.ready);
+        if accepting {
+            accepting = accept(&mut core, &mut listener, now);
+        }
+        // The daemon first: its answers make room in the applications' queues.
+        if let Some(u) = core.io.up.as_mut().filter(|u| u.rd) {
+            let step = u.conn.read_once(u.hup, &mut rx);
+            u.rd = step == ReadStep::More;
+            while let Some(v) = core.io.up.as_mut().and_then(|u| u.conn.next_piece()) {
+                match v {
+                    Ok(piece) => core.upstream_message(now, piece),
+                    Err(_) => {
+                        agent::note(now, "bad stream from the daemon");
+                        lost(&mut core, now);
+                    }
                 }
+            }
+            if step == ReadStep::Eof && core.io.up.is_some() {
+                lost(&mut core, now);
+            }
+        }
+        busy = accepting || core.io.up.as_ref().is_some_and(|u| u.rd);
+        for slot in 0..core.io.apps.len() {
+            // Backpressure: input waits in the kernel while the daemon's queue or the
+            // application's own is over half full; their writable edge brings it back here.
+            let room = core.io.up.as_ref().is_none_or(|u| u.conn.wants_input());
+            let Some(p) = core.io.apps[slot].as_mut() else {
+                continue;
             };
-            let slot = match self.apps.iter().position(Option::is_none) {
-                Some(i) => i,
-                None => {
-                    self.apps.push(None);
-                    self.apps.len() - 1
-                }
-            };
-            if !self.core.accept(now, slot) {
-                continue; // dropped: closed
-            }
-            let mut conn = Conn::new(stream, APP_MAX_MSG, APP_OUT_LIMIT);
-            if let Err(e) = self.reactor.registry().register(
-                &mut conn.stream,
-                Token(reactor::CLIENT_BASE + slot),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                crate::warn_limited!(now, "agent: register client: {e}");
-                self.core.closed(slot);
+            if !(p.rd && room && p.conn.wants_input()) {
                 continue;
             }
-            self.apps[slot] = Some(App {
-                conn,
-                unread: false,
-            });
-        }
-        true
-    }
-
-    /// Whether the daemon's queue has room for more of the applications' input (else their
-    /// input waits in the kernel, and TCP slows them down).
-    fn up_has_room(&self) -> bool {
-        self.up.as_ref().is_none_or(|u| u.conn.wants_input())
-    }
-
-    fn app_ready(&mut self, now: Instant, slot: usize, r: &Ready) -> bool {
-        let room = self.up_has_room();
-        let Some(app) = self.apps.get_mut(slot).and_then(Option::as_mut) else {
-            return false;
-        };
-        if r.writable && app.conn.flush().is_err() {
-            self.drop_app(slot);
-            return false;
-        }
-        if !(r.readable || app.unread) {
-            return false;
-        }
-        app.unread = !app.conn.wants_input() || !room;
-        if app.unread {
-            return false;
-        }
-        let step = app.conn.read_once(r.closed, &mut self.rx);
-        while let Some(v) = self.apps[slot].as_mut().and_then(|a| a.conn.next_piece()) {
-            match v {
-                Ok(piece) => self.core.app_message(now, slot, piece),
-                Err(e) => {
-                    self.core.app_framing_error(now, slot, e);
-                    self.run_actions(now);
-                    return false;
+            let step = p.conn.read_once(p.hup, &mut rx);
+            p.rd = step == ReadStep::More;
+            busy |= p.rd;
+            while let Some(v) = core.io.apps[slot]
+                .as_mut()
+                .and_then(|p| p.conn.next_piece())
+            {
+                match v {
+                    Ok(piece) => core.app_message(now, slot, piece),
+                    Err(e) => {
+                        // The core answers and closes; the splitter's error is sticky.
+                        core.app_framing_error(now, slot, e);
+                        drop_app(&mut core, slot);
+                    }
                 }
             }
-            self.run_actions(now);
-        }
-        if self.apps[slot].is_none() {
-            return false;
-        }
-        match step {
-            ReadStep::Eof => {
-                self.drop_app(slot);
-                false
+            if step == ReadStep::Eof {
+                drop_app(&mut core, slot);
             }
-            ReadStep::More => true,
-            ReadStep::Drained => false,
         }
     }
+}
 
-    /// Finishes a non-blocking connect. False: not yet, or it failed (the core was told).
-    fn finish_connect(&mut self, now: Instant) -> bool {
-        let Some(u) = self.up.as_mut() else {
-            return false;
-        };
-        let s = &u.conn.stream;
-        let failed = match s.take_error() {
-            Ok(Some(_)) | Err(_) => true,
-            Ok(None) => match s.peer_addr() {
-                Ok(_) => false,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return false,
-                Err(_) => true,
-            },
-        };
-        if failed {
-            self.up_down(now);
-            return false;
-        }
-        u.connected = true;
-        self.core.upstream_connected(now);
-        self.run_actions(now);
-        true
-    }
+/// The daemon's connection is gone: the core retries in 3 s.
+fn lost(core: &mut Agent<Sockets>, now: Instant) {
+    core.io.up = None;
+    core.upstream_closed(now);
+}
 
-    fn upstream_ready(&mut self, now: Instant, r: &Ready) -> bool {
-        if self.up.as_ref().is_some_and(|u| !u.connected) && !self.finish_connect(now) {
-            return false;
-        }
-        let Some(u) = self.up.as_mut() else {
-            return false;
+fn drop_app(core: &mut Agent<Sockets>, slot: usize) {
+    if let Some(s) = core.io.apps.get_mut(slot) {
+        *s = None;
+    }
+    core.closed(slot);
+}
+
+/// Accepts up to [`BURST`] applications. True: there may be more.
+fn accept(core: &mut Agent<Sockets>, listener: &mut TcpListener, now: Instant) -> bool {
+    for _ in 0..BURST {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => return e.kind() == io::ErrorKind::Interrupted,
         };
-        if r.writable {
-            if u.conn.flush().is_err() {
-                self.up_down(now);
-                return false;
-            }
-            // Room again: the applications held back by backpressure are read next turn.
-            if u.conn.wants_input() {
-                self.wake_unread();
-            }
+        let apps = &mut core.io.apps;
+        let slot = apps.iter().position(Option::is_none).unwrap_or(apps.len());
+        if !core.accept(now, slot) {
+            continue; // dropped: closed
         }
-        if !r.readable {
-            return false;
+        let mut p = Peer::new(stream, APP_MAX_MSG, APP_OUT_LIMIT);
+        if core
+            .io
+            .reactor
+            .registry()
+            .register(
+                &mut p.conn.stream,
+                Token(reactor::CLIENT_BASE + slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            core.closed(slot);
+            continue;
         }
-        let Some(u) = self.up.as_mut() else {
-            return false;
-        };
-        let step = u.conn.read_once(r.closed, &mut self.rx);
-        while let Some(v) = self.up.as_mut().and_then(|u| u.conn.next_piece()) {
-            match v {
-                Ok(piece) => self.core.upstream_message(now, piece),
-                Err(e) => {
-                    let e: SplitError = e;
-                    warn!("agent: from the daemon: {e}; reconnecting");
-                    self.up_down(now);
-                    self.run_actions(now);
-                    return false;
-                }
-            }
-            self.run_actions(now);
-        }
-        match step {
-            ReadStep::Eof => {
-                self.up_down(now);
-                self.run_actions(now);
-                false
-            }
-            ReadStep::More => self.up.is_some(),
-            ReadStep::Drained => false,
+        let apps = &mut core.io.apps;
+        if slot == apps.len() {
+            apps.push(Some(p));
+        } else {
+            apps[slot] = Some(p);
         }
     }
+    true
 }
 
 #[cfg(test)]
@@ -546,9 +384,8 @@ mod tests {
                 daemonize: true,
             }
         );
-        assert_eq!(parse(&argv("--server-port=7")).unwrap().daemon_port, 7);
         assert_eq!(parse(&[]).unwrap().port, 54320);
-        assert_eq!(parse(&argv("-h")), Err(None));
+        assert_eq!(parse(&argv("-h")), None);
         for bad in [
             "--port",
             "--port x",
@@ -557,7 +394,7 @@ mod tests {
             "--daemon-port 0",
             "-x",
         ] {
-            assert!(matches!(parse(&argv(bad)), Err(Some(_))), "{bad}");
+            assert_eq!(parse(&argv(bad)), None, "{bad}");
         }
     }
 }

@@ -1,16 +1,15 @@
 //! miio_agent's core (LOCAL_API.md §10): the applications on 54320, their subscriptions, and the
 //! one upstream connection to the daemon's 54322. Sans-IO like `proto::local`: the applet reports
 //! accepts, closes, complete JSON values (cut by `wire::json_stream`) and the upstream connection's
-//! fate; this machine queues [`AgentAction`]s and names its next deadline in [`Agent::poll_timeout`].
-//!
-//! Messages to applications reuse [`LocalAction`] (an application is a local connection of the
-//! agent); the agent's own effects are only the upstream message and the connect.
+//! fate; this machine decides, names its next deadline in [`Agent::poll_timeout`], and carries out
+//! its few effects through the [`Io`] it owns, in the order decided (no queue between: the one
+//! implementation is the applet's sockets, so the calls cost no effect list on flash).
 
 use std::rc::Rc;
 
 use log::{debug, info, warn};
 
-use super::local::{ConnId, LocalAction};
+use super::local::ConnId;
 use crate::time::{Duration, Instant};
 use crate::wire::json_stream::{Piece, SplitError};
 use crate::wire::rpc::{self, Head, RpcError};
@@ -30,16 +29,27 @@ pub const MAX_PENDING: usize = 1024;
 /// L§10: the counter runs over 1..2^31−1 and wraps.
 pub const MAX_ID: u32 = 0x7fff_ffff;
 
-/// What the applet must do, in the order decided.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AgentAction {
-    /// A message to an application, or its close.
-    App(LocalAction),
-    /// One message to the daemon on the upstream connection.
-    Up(Rc<str>),
-    /// Open the upstream connection to the daemon; answer with [`Agent::upstream_connected`] or
-    /// [`Agent::upstream_failed`].
-    Connect,
+/// Logs a line a peer (an application, the daemon) can make the agent repeat. One kind for the whole
+/// agent (P§2.7: one line per 10 s, the count carried by the next), so each cause costs only its
+/// short text.
+#[inline(never)]
+pub fn note(now: Instant, why: &str) {
+    crate::warn_limited!(now, "agent: {why}");
+}
+
+/// The agent's effects, carried out at once by the io side.
+pub trait Io {
+    /// Queues `text` to application `app`. False: its queue is over the cap (L§2); the core then
+    /// closes it.
+    fn send(&mut self, app: ConnId, text: Rc<str>) -> bool;
+    /// Closes application `app`; output the kernel cannot take now is not waited for.
+    fn close(&mut self, app: ConnId);
+    /// Queues `text` to the daemon. False: its queue is over the cap and the io side has dropped
+    /// the connection.
+    fn up(&mut self, text: Rc<str>) -> bool;
+    /// Opens the connection to the daemon; the applet then reports [`Agent::upstream_connected`]
+    /// or [`Agent::upstream_closed`]. False: it failed at once.
+    fn connect(&mut self) -> bool;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +78,10 @@ struct Pending {
     expires: Instant,
 }
 
-/// The agent's state. Its effects are read with [`Agent::take_actions`].
+/// The agent's state, and the io side it drives (`io`, for the applet's loop to reach its sockets).
 #[derive(Debug)]
-pub struct Agent {
+pub struct Agent<I> {
+    pub io: I,
     max_clients: usize,
     /// The applications in the order they came, each with its keys. Plain vectors searched
     /// linearly: they are small (`--max-clients`, [`MAX_PENDING`]) and cost no map code on flash.
@@ -80,31 +91,22 @@ pub struct Agent {
     pending: Vec<(u32, Pending)>,
     next_id: u32,
     up: Upstream,
-    out: Vec<AgentAction>,
 }
 
-/// Whether `v`'s text is a JSON integer (the ids the agent rewrites, L§10).
-fn is_integer(v: &serde_json::Value) -> bool {
-    v.is_i64() || v.is_u64()
-}
-
-impl Agent {
-    /// A new agent; its first action is the connect to the daemon (L§10: no supervisor restarts
-    /// an agent that gave up).
-    pub fn new(max_clients: usize) -> Agent {
-        Agent {
+impl<I: Io> Agent<I> {
+    /// A new agent, which connects to the daemon at once (L§10: no supervisor restarts an agent
+    /// that gave up).
+    pub fn new(max_clients: usize, io: I, now: Instant) -> Agent<I> {
+        let mut a = Agent {
+            io,
             max_clients,
             apps: Vec::new(),
             pending: Vec::new(),
             next_id: 1,
-            up: Upstream::Connecting,
-            out: vec![AgentAction::Connect],
-        }
-    }
-
-    /// The actions queued so far, oldest first.
-    pub fn take_actions(&mut self) -> Vec<AgentAction> {
-        std::mem::take(&mut self.out)
+            up: Upstream::Down(now),
+        };
+        a.tick(now);
+        a
     }
 
     pub fn is_connected(&self) -> bool {
@@ -119,15 +121,6 @@ impl Agent {
         self.pending.len()
     }
 
-    /// The connections registered for `key`, in the order they connected.
-    pub fn subscribers(&self, key: &str) -> Vec<ConnId> {
-        self.apps
-            .iter()
-            .filter(|(_, a)| a.keys.iter().any(|k| k == key))
-            .map(|&(c, _)| c)
-            .collect()
-    }
-
     fn app_mut(&mut self, app: ConnId) -> Option<&mut App> {
         self.apps
             .iter_mut()
@@ -135,20 +128,12 @@ impl Agent {
             .map(|(_, a)| a)
     }
 
-    fn has_app(&self, app: ConnId) -> bool {
-        self.apps.iter().any(|(c, _)| *c == app)
-    }
-
     /// The earliest deadline: the next connect attempt or the next mapping to expire.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let retry = match self.up {
-            Upstream::Down(at) => Some(at),
-            _ => None,
-        };
         let exp = self.pending.first().map(|(_, p)| p.expires);
-        match (retry, exp) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        match self.up {
+            Upstream::Down(at) => Some(exp.map_or(at, |e| e.min(at))),
+            _ => exp,
         }
     }
 
@@ -157,7 +142,9 @@ impl Agent {
         if let Upstream::Down(at) = self.up {
             if now >= at {
                 self.up = Upstream::Connecting;
-                self.out.push(AgentAction::Connect);
+                if !self.io.connect() {
+                    self.upstream_failed(now);
+                }
             }
         }
         let due = self
@@ -165,9 +152,7 @@ impl Agent {
             .iter()
             .take_while(|(_, p)| p.expires <= now)
             .count();
-        for (id, p) in self.pending.drain(..due) {
-            debug!("agent: id {id} (app {} id {}) expired", p.app, p.orig);
-        }
+        self.pending.drain(..due);
     }
 
     /// The connect succeeded.
@@ -180,28 +165,26 @@ impl Agent {
 
     /// The connect failed: try again in [`RETRY`].
     pub fn upstream_failed(&mut self, now: Instant) {
-        crate::warn_limited!(now, "agent: cannot connect to the daemon; retry in 3 s");
+        note(now, "no daemon; retry in 3 s");
         self.up = Upstream::Down(now + RETRY);
     }
 
-    /// The upstream connection closed (or failed): its answers will never come, so the mappings
-    /// go; the applications and their keys stay (L§10). Try again in [`RETRY`].
+    /// The upstream connection closed (or failed, or never came up): its answers will never come,
+    /// so the mappings go; the applications and their keys stay (L§10). Try again in [`RETRY`].
     pub fn upstream_closed(&mut self, now: Instant) {
-        if self.up == Upstream::Up {
-            warn!("agent: the daemon closed the connection; retry in 3 s");
-        }
         self.pending.clear();
-        self.up = Upstream::Down(now + RETRY);
+        if self.up == Upstream::Up {
+            warn!("agent: lost the daemon; retry in 3 s");
+            self.up = Upstream::Down(now + RETRY);
+        } else {
+            self.upstream_failed(now);
+        }
     }
 
     /// A new application connection. False: the table is full, close it at once.
     pub fn accept(&mut self, now: Instant, app: ConnId) -> bool {
         if self.apps.len() >= self.max_clients {
-            crate::warn_limited!(
-                now,
-                "agent: too many clients ({}), closing",
-                self.max_clients
-            );
+            note(now, "too many clients; closed");
             return false;
         }
         self.apps.push((app, App::default()));
@@ -218,174 +201,154 @@ impl Agent {
         self.pending.iter().position(|(i, _)| *i == id)
     }
 
-    fn send_app(&mut self, app: ConnId, text: Rc<str>) {
-        self.out
-            .push(AgentAction::App(LocalAction::Send(app, text)));
+    /// False: the application does not read (L§2) and is closed.
+    fn send_app(&mut self, now: Instant, app: ConnId, text: Rc<str>) -> bool {
+        if self.io.send(app, text) {
+            return true;
+        }
+        note(now, "a client does not read; closed");
+        self.close_app(app);
+        false
     }
 
     fn close_app(&mut self, app: ConnId) {
         self.closed(app);
-        self.out.push(AgentAction::App(LocalAction::Close(app)));
+        self.io.close(app);
     }
 
     /// The splitter refused an application's stream (L§3): a syntax error is answered -32700,
     /// then the connection is closed.
     pub fn app_framing_error(&mut self, now: Instant, app: ConnId, err: SplitError) {
-        if !self.has_app(app) {
+        if self.app_mut(app).is_none() {
             return;
         }
-        crate::warn_limited!(now, "agent: client {app}: {err}; closing");
+        note(now, "bad stream from a client; closed");
         if let SplitError::Syntax { .. } = err {
-            let e = RpcError::Parse;
-            self.send_app(app, rpc::error_reply(None, e.code(), e.message()).into());
+            self.refuse(now, app, None, RpcError::Parse);
         }
         self.close_app(app);
     }
 
+    /// Answers an application's request with an error: -32600 with its id as sent, or another
+    /// code without an id.
+    fn refuse(&mut self, now: Instant, app: ConnId, raw_id: Option<&str>, e: RpcError) {
+        let text = match raw_id {
+            Some(raw) => rpc::invalid_request(raw),
+            None => rpc::error_reply(None, e.code(), e.message()),
+        };
+        self.send_app(now, app, text.into());
+    }
+
     /// One complete JSON value from an application.
     pub fn app_message(&mut self, now: Instant, app: ConnId, piece: Piece) {
-        if !self.has_app(app) {
+        if self.app_mut(app).is_none() {
             return;
         }
-        let (text, head) = match piece {
-            Piece::Scanned { text, head } => (text, head),
-            Piece::Raw(raw) => match rpc::scan(&raw) {
-                Ok(head) => match String::from_utf8(raw) {
-                    Ok(t) => (t, head),
-                    Err(_) => return,
-                },
-                Err(e) => {
-                    crate::warn_limited!(now, "agent: client {app}: {}", e.message());
-                    self.send_app(app, rpc::error_reply(None, e.code(), e.message()).into());
-                    if e == RpcError::Parse {
-                        self.close_app(app);
-                    }
-                    return;
-                }
-            },
+        let Some((text, head)) = take(piece) else {
+            return;
         };
-        match &head.method {
-            Some(Some(m)) if m.as_str() == "register" || m.as_str() == "unregister" => {
-                let reg = m.as_str() == "register";
-                self.registration(now, app, reg, &text);
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => {
+                note(now, "bad request from a client");
+                self.refuse(now, app, None, e);
+                if e == RpcError::Parse {
+                    self.close_app(app);
+                }
+                return;
             }
+        };
+        let m = match &head.method {
+            Some(Some(m)) => m.as_str(),
+            // A reply (or anything without a string method): forwarded unchanged.
+            _ => {
+                self.send_up(now, text.into());
+                return;
+            }
+        };
+        if m == "register" || m == "unregister" {
+            self.registration(now, app, m == "register", &text);
+        } else if m.starts_with("_internal.") {
             // L§10: the helper channel is the daemon's own (L§9); through the agent it would make
             // the agent's connection a helper connection, which receives no commands (L§4.2).
-            Some(Some(m)) if m.as_str().starts_with("_internal.") => {
-                crate::warn_limited!(now, "agent: client {app}: {} not forwarded", m.as_str());
-            }
-            Some(Some(_)) => self.request_up(now, app, text, &head),
-            // A reply (or anything without a string method): forwarded unchanged.
-            _ => self.forward(now, text.into()),
+            note(now, "_internal.* from a client not forwarded");
+        } else {
+            self.request_up(now, app, text, &head);
         }
     }
 
     /// `register` / `unregister` (L§10): exact method names, a string key, no answer.
     fn registration(&mut self, now: Instant, app: ConnId, reg: bool, text: &str) {
-        let key = match rpc::parse_object(text.as_bytes()) {
-            Ok(obj) => match obj.get("key") {
-                Some(serde_json::Value::String(k)) => k.clone(),
-                _ => {
-                    crate::warn_limited!(
-                        now,
-                        "agent: client {app}: (un)register without a string key"
-                    );
-                    return;
-                }
-            },
-            Err(_) => return,
+        let Ok(obj) = rpc::parse_object(text.as_bytes()) else {
+            return;
         };
-        let subs = self.subscribers(&key).len();
+        let key = match obj.get("key") {
+            Some(serde_json::Value::String(k)) => Some(k.clone()),
+            _ => None,
+        };
+        let subs = key.as_ref().map_or(0, |k| {
+            self.apps.iter().filter(|(_, a)| a.keys.contains(k)).count()
+        });
         let Some(a) = self.app_mut(app) else {
             return;
         };
-        if !reg {
-            if key.is_empty() {
-                a.keys.clear();
-            } else {
-                a.keys.retain(|k| *k != key);
+        match key {
+            // `"key":""` removes every key.
+            Some(k) if !reg => a.keys.retain(|x| !k.is_empty() && *x != k),
+            Some(k) if a.keys.contains(&k) => {}
+            Some(k)
+                if !k.is_empty()
+                    && k.len() <= MAX_KEY
+                    && a.keys.len() < MAX_KEYS_PER_APP
+                    && subs < MAX_PER_KEY =>
+            {
+                debug!("agent: registered {k}");
+                a.keys.push(k);
             }
-            debug!("agent: client {app} unregistered {key:?}");
-            return;
+            _ => note(now, "(un)register refused (L§10 bounds)"),
         }
-        if key.is_empty() || key.len() > MAX_KEY {
-            crate::warn_limited!(
-                now,
-                "agent: client {app}: register key of {} bytes refused (1 to {MAX_KEY})",
-                key.len()
-            );
-            return;
-        }
-        if a.keys.contains(&key) {
-            return;
-        }
-        if a.keys.len() >= MAX_KEYS_PER_APP {
-            crate::warn_limited!(
-                now,
-                "agent: client {app}: more than {MAX_KEYS_PER_APP} keys; register {key} refused"
-            );
-            return;
-        }
-        if subs >= MAX_PER_KEY {
-            crate::warn_limited!(
-                now,
-                "agent: {MAX_PER_KEY} clients registered for {key} already; client {app} refused"
-            );
-            return;
-        }
-        debug!("agent: client {app} registered {key}");
-        a.keys.push(key);
     }
 
     /// A request from an application: an integer id is rewritten (L§10), any other goes as it is.
     fn request_up(&mut self, now: Instant, app: ConnId, text: String, head: &Head) {
         let Some(id) = &head.id else {
-            return self.forward(now, text.into());
+            self.send_up(now, text.into());
+            return;
         };
-        if !is_integer(id) {
+        let raw = match head.id_span.clone().and_then(|s| text.get(s)) {
+            Some(s) => s,
+            None => rpc::raw_id(&text).unwrap_or("null"),
+        };
+        if !(id.is_i64() || id.is_u64()) {
             // The daemon would answer -32600 under an id the agent could not route back (L§4.1):
             // the agent answers it itself, with the id as sent.
-            let raw = rpc::raw_id(&text).unwrap_or("null");
-            crate::warn_limited!(now, "agent: client {app}: id {raw} is not an integer");
-            self.send_app(app, rpc::invalid_request(raw).into());
-            return;
+            note(now, "a client's id is not an integer");
+            return self.refuse(now, app, Some(raw), RpcError::NotObject);
         }
-        if self.up != Upstream::Up {
-            crate::warn_limited!(
-                now,
-                "agent: not connected to the daemon; {} dropped",
-                head.method()
-            );
-            return;
-        }
-        let orig = match head.id_span.clone().and_then(|s| text.get(s)) {
-            Some(s) => s.to_owned(),
-            None => rpc::raw_id(&text).unwrap_or("0").to_owned(),
-        };
+        let orig = raw.to_owned();
         let new = self.alloc_id(now);
-        let Some(up) = rpc::rewrite_id_scanned(&text, head, u64::from(new)) else {
+        let mut up = String::new();
+        if !rpc::rewrite_id_scanned_into(&text, head, u64::from(new), &mut up) {
             return;
-        };
-        self.pending.push((
-            new,
-            Pending {
-                app,
-                orig,
-                local: head.method().starts_with("local."),
-                expires: now + MAPPING_TTL,
-            },
-        ));
-        self.out.push(AgentAction::Up(up.into()));
+        }
+        if self.send_up(now, up.into()) {
+            self.pending.push((
+                new,
+                Pending {
+                    app,
+                    orig,
+                    local: head.method().starts_with("local."),
+                    expires: now + MAPPING_TTL,
+                },
+            ));
+        }
     }
 
     /// The next id of the counter that is not pending; the oldest mapping goes when all
     /// [`MAX_PENDING`] are taken.
     fn alloc_id(&mut self, now: Instant) -> u32 {
         if self.pending.len() >= MAX_PENDING {
-            crate::warn_limited!(
-                now,
-                "agent: {MAX_PENDING} requests pending; the oldest is given up"
-            );
+            note(now, "1024 requests pending; oldest given up");
             self.pending.remove(0);
         }
         loop {
@@ -397,29 +360,33 @@ impl Agent {
         }
     }
 
-    fn forward(&mut self, now: Instant, text: Rc<str>) {
+    /// One message to the daemon. False: dropped (the daemon is away, or does not read: then
+    /// the connection is given up and retried).
+    fn send_up(&mut self, now: Instant, text: Rc<str>) -> bool {
         if self.up != Upstream::Up {
-            crate::warn_limited!(now, "agent: not connected to the daemon; message dropped");
-            return;
+            note(now, "no daemon; a client's message dropped");
+            return false;
         }
-        self.out.push(AgentAction::Up(text));
+        if self.io.up(text) {
+            return true;
+        }
+        note(now, "the daemon does not read; reconnecting");
+        self.upstream_closed(now);
+        false
     }
 
     /// One complete JSON value from the daemon (L§10, the dispatch table).
     pub fn upstream_message(&mut self, now: Instant, piece: Piece) {
-        let (text, head) = match piece {
-            Piece::Scanned { text, head } => (text, head),
-            Piece::Raw(raw) => match rpc::scan(&raw) {
-                Ok(head) => match String::from_utf8(raw) {
-                    Ok(t) => (t, head),
-                    Err(_) => return,
-                },
-                Err(e) => {
-                    crate::warn_limited!(now, "agent: from the daemon: {}", e.message());
-                    return;
-                }
-            },
-        };
+        if let Some((text, Ok(head))) = take(piece) {
+            if self.dispatch(now, text, &head) {
+                return;
+            }
+        }
+        note(now, "a message from the daemon for nobody; dropped");
+    }
+
+    /// False: nobody takes `text`.
+    fn dispatch(&mut self, now: Instant, text: String, head: &Head) -> bool {
         let method = match &head.method {
             Some(Some(m)) => Some(m.as_str()),
             _ => None,
@@ -434,30 +401,40 @@ impl Agent {
             });
             if let Some(i) = hit {
                 let (_, p) = self.pending.remove(i);
-                let back = restore_id(&text, &head, &p.orig).unwrap_or(text);
-                self.send_app(p.app, back.into());
-                return;
+                let back = restore_id(&text, head, &p.orig).unwrap_or(text);
+                self.send_app(now, p.app, back.into());
+                return true;
             }
         }
-        match method {
-            Some(m) => {
-                let subs = self.subscribers(m);
-                if subs.is_empty() {
-                    crate::info_limited!(now, "agent: nobody registered for {m}; dropped");
-                    return;
-                }
-                let text: Rc<str> = text.into();
-                for app in subs {
-                    self.send_app(app, text.clone());
-                }
-            }
-            None => {
-                let id = head.id.as_ref().map(rpc::Compact);
-                match id {
-                    Some(id) => crate::info_limited!(now, "agent: id {id} not found"),
-                    None => crate::info_limited!(now, "agent: message without id dropped"),
+        let Some(m) = method else {
+            return false;
+        };
+        // To every connection registered for exactly `m`; one that does not read is closed, and
+        // the next one then sits at the same index.
+        let text: Rc<str> = text.into();
+        let mut sent = false;
+        let mut i = 0;
+        while let Some((c, a)) = self.apps.get(i) {
+            if a.keys.iter().any(|k| k == m) {
+                sent = true;
+                if !self.send_app(now, *c, text.clone()) {
+                    continue;
                 }
             }
+            i += 1;
+        }
+        sent
+    }
+}
+
+/// A piece's text and what `rpc::scan` says of it; None: not UTF-8 (the splitter passes only
+/// valid JSON, so only a `Raw` value can be that).
+fn take(piece: Piece) -> Option<(String, Result<Head, RpcError>)> {
+    match piece {
+        Piece::Scanned { text, head } => Some((text, Ok(head))),
+        Piece::Raw(raw) => {
+            let head = rpc::scan(&raw);
+            String::from_utf8(raw).ok().map(|t| (t, head))
         }
     }
 }
@@ -486,7 +463,53 @@ fn restore_id(text: &str, head: &Head, raw: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::local::LocalAction;
     use serde_json::{json, Value};
+
+    /// The effects as the agent made them, in order.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum AgentAction {
+        App(LocalAction),
+        Up(Rc<str>),
+        Connect,
+    }
+
+    impl Io for Vec<AgentAction> {
+        fn send(&mut self, app: ConnId, text: Rc<str>) -> bool {
+            self.push(AgentAction::App(LocalAction::Send(app, text)));
+            true
+        }
+        fn close(&mut self, app: ConnId) {
+            self.push(AgentAction::App(LocalAction::Close(app)));
+        }
+        fn up(&mut self, text: Rc<str>) -> bool {
+            self.push(AgentAction::Up(text));
+            true
+        }
+        fn connect(&mut self) -> bool {
+            self.push(AgentAction::Connect);
+            true
+        }
+    }
+
+    impl Agent<Vec<AgentAction>> {
+        fn take_actions(&mut self) -> Vec<AgentAction> {
+            std::mem::take(&mut self.io)
+        }
+
+        /// The connections registered for `key`, in the order they connected.
+        fn subscribers(&self, key: &str) -> Vec<ConnId> {
+            self.apps
+                .iter()
+                .filter(|(_, a)| a.keys.iter().any(|k| k == key))
+                .map(|&(c, _)| c)
+                .collect()
+        }
+    }
+
+    fn new(max_clients: usize) -> Agent<Vec<AgentAction>> {
+        Agent::new(max_clients, Vec::new(), at(0))
+    }
 
     fn at(s: u64) -> Instant {
         Instant::from_millis(s * 1000)
@@ -503,8 +526,8 @@ mod tests {
     }
 
     /// An agent connected to the daemon with apps 1 and 2.
-    fn agent() -> Agent {
-        let mut a = Agent::new(20);
+    fn agent() -> Agent<Vec<AgentAction>> {
+        let mut a = new(20);
         assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
         a.upstream_connected(at(0));
         assert!(a.accept(at(0), 1));
@@ -512,7 +535,7 @@ mod tests {
         a
     }
 
-    fn no_keys(a: &Agent) -> bool {
+    fn no_keys(a: &Agent<Vec<AgentAction>>) -> bool {
         a.apps.iter().all(|(_, x)| x.keys.is_empty())
     }
 
@@ -619,7 +642,7 @@ mod tests {
 
     #[test]
     fn at_most_twenty_connections_per_key() {
-        let mut a = Agent::new(30);
+        let mut a = new(30);
         a.upstream_connected(at(0));
         for c in 0..25 {
             assert!(a.accept(at(0), c));
@@ -849,7 +872,7 @@ mod tests {
 
     #[test]
     fn max_clients() {
-        let mut a = Agent::new(2);
+        let mut a = new(2);
         assert!(a.accept(at(0), 1));
         assert!(a.accept(at(0), 2));
         assert!(!a.accept(at(0), 3));
@@ -859,7 +882,7 @@ mod tests {
 
     #[test]
     fn the_daemon_is_retried_every_3_s_and_keys_survive_its_restart() {
-        let mut a = Agent::new(20);
+        let mut a = new(20);
         assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
         a.upstream_failed(at(0));
         assert_eq!(a.poll_timeout(), Some(at(3)));
