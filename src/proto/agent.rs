@@ -302,7 +302,7 @@ impl<I: Io> Agent<I> {
                     && a.keys.len() < MAX_KEYS_PER_APP
                     && subs < MAX_PER_KEY =>
             {
-                debug!("agent: registered {k}");
+                debug!("agent: registered a key");
                 a.keys.push(k);
             }
             _ => note(now, "(un)register refused (L§10 bounds)"),
