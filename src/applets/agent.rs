@@ -65,14 +65,18 @@ fn parse(args: &[String]) -> Option<Args> {
             continue;
         }
         let v = it.next()?;
-        match (opt.as_str(), v.parse::<u16>().ok()) {
-            ("-L", _) => a.logfile = Some(v.clone()),
-            ("-l", Some(l @ 0..=4)) => a.loglevel = l,
-            ("--port", Some(p)) => a.port = p,
-            ("--daemon-port", Some(p @ 1..)) => a.daemon_port = p,
-            ("--max-clients", Some(n @ 1..=1000)) => a.max_clients = n,
-            _ => return None,
+        if opt == "-L" {
+            a.logfile = Some(v.clone());
+            continue;
         }
+        let (slot, min, max) = match opt.as_str() {
+            "-l" => (&mut a.loglevel, 0, 4),
+            "--port" => (&mut a.port, 0, u16::MAX),
+            "--daemon-port" => (&mut a.daemon_port, 1, u16::MAX),
+            "--max-clients" => (&mut a.max_clients, 1, 1000),
+            _ => return None,
+        };
+        *slot = v.parse().ok().filter(|n| (min..=max).contains(n))?;
     }
     Some(a)
 }

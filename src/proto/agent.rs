@@ -147,12 +147,9 @@ impl<I: Io> Agent<I> {
                 }
             }
         }
-        let due = self
-            .pending
-            .iter()
-            .take_while(|(_, p)| p.expires <= now)
-            .count();
-        self.pending.drain(..due);
+        while self.pending.first().is_some_and(|(_, p)| p.expires <= now) {
+            self.pending.remove(0);
+        }
     }
 
     /// The connect succeeded.
@@ -427,15 +424,15 @@ impl<I: Io> Agent<I> {
     }
 }
 
-/// A piece's text and what `rpc::scan` says of it; None: not UTF-8 (the splitter passes only
+/// A piece's text and what `rpc::scan_str` says of it; None: not UTF-8 (the splitter passes only
 /// valid JSON, so only a `Raw` value can be that).
 fn take(piece: Piece) -> Option<(String, Result<Head, RpcError>)> {
     match piece {
         Piece::Scanned { text, head } => Some((text, Ok(head))),
-        Piece::Raw(raw) => {
-            let head = rpc::scan(&raw);
-            String::from_utf8(raw).ok().map(|t| (t, head))
-        }
+        Piece::Raw(raw) => String::from_utf8(raw).ok().map(|t| {
+            let head = rpc::scan_str(&t);
+            (t, head)
+        }),
     }
 }
 
