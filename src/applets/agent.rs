@@ -17,7 +17,7 @@ use crate::io::conn::{Conn, ReadStep, READ_CHUNK};
 use crate::io::log::{self as ilog, LogHandle};
 use crate::io::reactor::{self, Reactor, Signal};
 use crate::io::{clock, sys};
-use crate::proto::agent::{self, Agent, Io};
+use crate::proto::agent::{Agent, Io};
 use crate::time::Instant;
 
 const USAGE: &str = "Usage: miio_agent [-h] [-D] [-l 0-4] [-L logfile] [--port 54320] \
@@ -35,7 +35,6 @@ const UP_OUT_LIMIT: usize = 256 * 1024;
 const BURST: usize = 16;
 
 const LISTEN: Token = reactor::LOCAL_LISTEN;
-const UPSTREAM: Token = Token(10);
 
 #[derive(Debug, PartialEq, Eq)]
 struct Args {
@@ -123,22 +122,25 @@ impl Peer {
 /// The agent's sockets: what the core drives ([`Io`]) and the loop reads.
 struct Sockets {
     reactor: Reactor,
-    /// By slot; an application's token is `CLIENT_BASE + slot`.
-    apps: Vec<Option<Peer>>,
-    up: Option<Peer>,
+    /// By slot, token `CLIENT_BASE + slot`: slot [`UP`] is the daemon's connection, the others
+    /// the applications (the core's `ConnId`). One list, so one loop serves them all.
+    peers: Vec<Option<Peer>>,
     daemon: SocketAddr,
 }
 
+/// The daemon's slot.
+const UP: usize = 0;
+
 impl Io for Sockets {
     fn send(&mut self, app: usize, text: Rc<str>) -> bool {
-        match self.apps.get_mut(app).and_then(Option::as_mut) {
+        match self.peers.get_mut(app).and_then(Option::as_mut) {
             Some(p) => p.conn.send(text).is_ok(),
             None => true,
         }
     }
 
     fn close(&mut self, app: usize) {
-        if let Some(p) = self.apps.get_mut(app).and_then(Option::take) {
+        if let Some(p) = self.peers.get_mut(app).and_then(Option::take) {
             // Output the kernel cannot take now (a client that does not read) is not waited
             // for: a reset, and the slot is free (L§2).
             if p.conn.pending_out() > 0 {
@@ -148,31 +150,31 @@ impl Io for Sockets {
     }
 
     fn up(&mut self, text: Rc<str>) -> bool {
-        let ok = self.up.as_mut().is_some_and(|u| u.conn.send(text).is_ok());
+        let ok = self.send(UP, text);
         if !ok {
-            self.up = None;
+            self.peers[UP] = None;
         }
         ok
     }
 
     fn connect(&mut self) -> bool {
-        self.up = None;
+        self.peers[UP] = None;
         let Ok(s) = TcpStream::connect(self.daemon) else {
             return false;
         };
         let mut p = Peer::new(s, UP_MAX_MSG, UP_OUT_LIMIT);
         let r = self.reactor.registry().register(
             &mut p.conn.stream,
-            UPSTREAM,
+            Token(reactor::CLIENT_BASE + UP),
             Interest::READABLE | Interest::WRITABLE,
         );
-        self.up = r.is_ok().then_some(p);
+        self.peers[UP] = r.is_ok().then_some(p);
         r.is_ok()
     }
 }
 
 /// The loop: one wait, the events noted (writes flushed at once), then one bounded read of each
-/// connection with input, each value handed to the core before the next.
+/// connection with input, the daemon's first, each value handed to the core before the next.
 fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
     // Bound before `-D` detaches, so a port in use is an exit status the init script sees.
     let mut listener = TcpListener::bind(SocketAddr::V4(SocketAddrV4::new(
@@ -193,8 +195,7 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
     );
     let io = Sockets {
         reactor,
-        apps: Vec::new(),
-        up: None,
+        peers: vec![None],
         daemon: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, a.daemon_port)),
     };
     let mut core = Agent::new(usize::from(a.max_clients), io, clock::now());
@@ -218,73 +219,47 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
         }
         core.tick(now);
         for r in &turn.ready {
-            match r.token {
-                LISTEN => accepting = true,
-                UPSTREAM => {
-                    if core.io.up.is_none() {
-                        continue;
-                    }
-                    if !core.is_connected() {
-                        // A connect that failed reports an error; one that succeeded, writable.
-                        if r.closed {
-                            lost(&mut core, now);
-                        }
-                        if !r.writable || r.closed {
-                            continue;
-                        }
-                        core.upstream_connected(now);
-                    }
-                    let Some(u) = core.io.up.as_mut() else {
-                        continue;
-                    };
-                    if r.writable && u.conn.flush().is_err() {
-                        lost(&mut core, now);
-                        continue;
-                    }
-                    u.rd |= r.readable;
-                    u.hup |= r.closed;
-                }
-                Token(t) => {
-                    let slot = t.wrapping_sub(reactor::CLIENT_BASE);
-                    let Some(p) = core.io.apps.get_mut(slot).and_then(Option::as_mut) else {
-                        continue;
-                    };
-                    if r.writable && p.conn.flush().is_err() {
-                        drop_app(&mut core, slot);
-                        continue;
-                    }
-                    p.rd |= r.readable;
-                    p.hup |= r.closed;
-                }
+            if r.token == LISTEN {
+                accepting = true;
+                continue;
             }
+            let slot = r.token.0.wrapping_sub(reactor::CLIENT_BASE);
+            if core.io.peers.get(slot).is_none_or(Option::is_none) {
+                continue;
+            }
+            if slot == UP && !core.is_connected() {
+                // A connect that failed reports an error; one that succeeded, writable.
+                if r.closed || !r.writable {
+                    if r.closed {
+                        gone(&mut core, now, UP);
+                    }
+                    continue;
+                }
+                core.upstream_connected(now);
+            }
+            let Some(p) = core.io.peers[slot].as_mut() else {
+                continue;
+            };
+            if r.writable && p.conn.flush().is_err() {
+                gone(&mut core, now, slot);
+                continue;
+            }
+            p.rd |= r.readable;
+            p.hup |= r.closed;
         }
         core.io.reactor.recycle(turn.ready);
         if accepting {
             accepting = accept(&mut core, &mut listener, now);
         }
-        // The daemon first: its answers make room in the applications' queues.
-        if let Some(u) = core.io.up.as_mut().filter(|u| u.rd) {
-            let step = u.conn.read_once(u.hup, &mut rx);
-            u.rd = step == ReadStep::More;
-            while let Some(v) = core.io.up.as_mut().and_then(|u| u.conn.next_piece()) {
-                match v {
-                    Ok(piece) => core.upstream_message(now, piece),
-                    Err(_) => {
-                        agent::note(now, "bad stream from the daemon");
-                        lost(&mut core, now);
-                    }
-                }
-            }
-            if step == ReadStep::Eof && core.io.up.is_some() {
-                lost(&mut core, now);
-            }
-        }
-        busy = accepting || core.io.up.as_ref().is_some_and(|u| u.rd);
-        for slot in 0..core.io.apps.len() {
-            // Backpressure: input waits in the kernel while the daemon's queue or the
-            // application's own is over half full; their writable edge brings it back here.
-            let room = core.io.up.as_ref().is_none_or(|u| u.conn.wants_input());
-            let Some(p) = core.io.apps[slot].as_mut() else {
+        busy = accepting;
+        for slot in 0..core.io.peers.len() {
+            // Backpressure: an application's input waits in the kernel while the daemon's queue
+            // or its own is over half full; their writable edge brings it back here.
+            let room = slot == UP
+                || core.io.peers[UP]
+                    .as_ref()
+                    .is_none_or(|u| u.conn.wants_input());
+            let Some(p) = core.io.peers[slot].as_mut() else {
                 continue;
             };
             if !(p.rd && room && p.conn.wants_input()) {
@@ -293,37 +268,39 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
             let step = p.conn.read_once(p.hup, &mut rx);
             p.rd = step == ReadStep::More;
             busy |= p.rd;
-            while let Some(v) = core.io.apps[slot]
+            while let Some(v) = core.io.peers[slot]
                 .as_mut()
                 .and_then(|p| p.conn.next_piece())
             {
                 match v {
+                    Ok(piece) if slot == UP => core.upstream_message(now, piece),
                     Ok(piece) => core.app_message(now, slot, piece),
                     Err(e) => {
-                        // The core answers and closes; the splitter's error is sticky.
-                        core.app_framing_error(now, slot, e);
-                        drop_app(&mut core, slot);
+                        // The core answers an application and closes it; the splitter's error
+                        // is sticky.
+                        if slot != UP {
+                            core.app_framing_error(now, slot, e);
+                        }
+                        gone(&mut core, now, slot);
                     }
                 }
             }
             if step == ReadStep::Eof {
-                drop_app(&mut core, slot);
+                gone(&mut core, now, slot);
             }
         }
     }
 }
 
-/// The daemon's connection is gone: the core retries in 3 s.
-fn lost(core: &mut Agent<Sockets>, now: Instant) {
-    core.io.up = None;
-    core.upstream_closed(now);
-}
-
-fn drop_app(core: &mut Agent<Sockets>, slot: usize) {
-    if let Some(s) = core.io.apps.get_mut(slot) {
-        *s = None;
+/// A connection is gone (its socket dropped if it is still there): an application leaves the
+/// core; the daemon's is retried in 3 s.
+fn gone(core: &mut Agent<Sockets>, now: Instant, slot: usize) {
+    let was = core.io.peers.get_mut(slot).and_then(Option::take).is_some();
+    if slot != UP {
+        core.closed(slot);
+    } else if was {
+        core.upstream_closed(now);
     }
-    core.closed(slot);
 }
 
 /// Accepts up to [`BURST`] applications. True: there may be more.
@@ -333,8 +310,13 @@ fn accept(core: &mut Agent<Sockets>, listener: &mut TcpListener, now: Instant) -
             Ok((s, _)) => s,
             Err(e) => return e.kind() == io::ErrorKind::Interrupted,
         };
-        let apps = &mut core.io.apps;
-        let slot = apps.iter().position(Option::is_none).unwrap_or(apps.len());
+        let peers = &mut core.io.peers;
+        // Slot UP (0) is the daemon's, always present.
+        let slot = peers
+            .iter()
+            .skip(1)
+            .position(Option::is_none)
+            .map_or(peers.len(), |i| i + 1);
         if !core.accept(now, slot) {
             continue; // dropped: closed
         }
@@ -353,11 +335,11 @@ fn accept(core: &mut Agent<Sockets>, listener: &mut TcpListener, now: Instant) -
             core.closed(slot);
             continue;
         }
-        let apps = &mut core.io.apps;
-        if slot == apps.len() {
-            apps.push(Some(p));
+        let peers = &mut core.io.peers;
+        if slot == peers.len() {
+            peers.push(Some(p));
         } else {
-            apps[slot] = Some(p);
+            peers[slot] = Some(p);
         }
     }
     true
