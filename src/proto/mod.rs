@@ -10,6 +10,7 @@ pub mod ioerr;
 pub mod lan;
 pub mod local;
 pub mod mdns;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod node;
 pub mod outbox;
