@@ -7,7 +7,7 @@
 
 use std::rc::Rc;
 
-use log::{debug, info, warn};
+use log::{debug, info};
 
 use super::local::ConnId;
 use crate::time::{Duration, Instant};
@@ -171,7 +171,7 @@ impl<I: Io> Agent<I> {
     pub fn upstream_closed(&mut self, now: Instant) {
         self.pending.clear();
         if self.up == Upstream::Up {
-            warn!("agent: lost the daemon; retry in 3 s");
+            note(now, "lost the daemon; retry in 3 s");
             self.up = Upstream::Down(now + RETRY);
         } else {
             self.upstream_failed(now);
@@ -324,10 +324,11 @@ impl<I: Io> Agent<I> {
         }
         let orig = raw.to_owned();
         let new = self.alloc_id(now);
-        let mut up = String::new();
-        if !rpc::rewrite_id_scanned_into(&text, head, u64::from(new), &mut up) {
+        // The same splice that puts the application's id back (`with_id`).
+        let mut buf = [0; 20];
+        let Some(up) = with_id(&text, head, rpc::decimal(u64::from(new), &mut buf)) else {
             return;
-        }
+        };
         if self.send_up(now, up.into()) {
             self.pending.push((
                 new,
@@ -398,7 +399,7 @@ impl<I: Io> Agent<I> {
             });
             if let Some(i) = hit {
                 let (_, p) = self.pending.remove(i);
-                let back = restore_id(&text, head, &p.orig).unwrap_or(text);
+                let back = with_id(&text, head, &p.orig).unwrap_or(text);
                 self.send_app(now, p.app, back.into());
                 return true;
             }
@@ -436,8 +437,9 @@ fn take(piece: Piece) -> Option<(String, Result<Head, RpcError>)> {
     }
 }
 
-/// `text` with its id's value replaced by `raw` (the application's id as it wrote it).
-fn restore_id(text: &str, head: &Head, raw: &str) -> Option<String> {
+/// `text` with its id's value replaced by the JSON text `raw`: the agent's id on the way up, the
+/// application's id as it wrote it on the way back.
+fn with_id(text: &str, head: &Head, raw: &str) -> Option<String> {
     if let Some(span) = head.id_span.clone() {
         let (a, b) = (text.get(..span.start)?, text.get(span.end..)?);
         let mut out = String::with_capacity(a.len() + raw.len() + b.len());
@@ -910,10 +912,10 @@ mod tests {
     }
 
     #[test]
-    fn restore_id_without_a_span_uses_the_tree() {
+    fn with_id_without_a_span_uses_the_tree() {
         let t = r#"{"id":5,"id":6,"result":1}"#;
         let head = rpc::scan_str(t).unwrap();
-        let back = restore_id(t, &head, "\"abc\"").unwrap();
+        let back = with_id(t, &head, "\"abc\"").unwrap();
         assert_eq!(
             serde_json::from_str::<Value>(&back).unwrap(),
             json!({"id":"abc","result":1})
