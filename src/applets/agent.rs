@@ -17,7 +17,7 @@ use crate::io::conn::{Conn, ReadStep, READ_CHUNK};
 use crate::io::log::{self as ilog, LogHandle};
 use crate::io::reactor::{self, Reactor, Signal};
 use crate::io::{clock, sys};
-use crate::proto::agent::{Agent, Io};
+use crate::proto::agent::{self, Agent, Io};
 use crate::time::Instant;
 
 const USAGE: &str = "Usage: miio_agent [-h] [-D] [-l 0-4] [-L logfile] [--port 54320] \
@@ -308,7 +308,13 @@ fn accept(core: &mut Agent<Sockets>, listener: &mut TcpListener, now: Instant) -
     for _ in 0..BURST {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
-            Err(e) => return e.kind() == io::ErrorKind::Interrupted,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            Err(_) => {
+                // Out of descriptors, say: the next connection's edge tries again.
+                agent::note(now, "accept failed");
+                return false;
+            }
         };
         let peers = &mut core.io.peers;
         // Slot UP (0) is the daemon's, always present.
