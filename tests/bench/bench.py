@@ -1400,6 +1400,9 @@ def part_agent_idle(d, cloud):
         time.sleep(1.0)
         say("agent idle window: %.0f s (BENCH_IDLE_SECS), 2 registered applications" % IDLE_SECS)
         noise = Noise(pinned=False)
+        if cpus:
+            noise.where = ("agent and daemon on CPU %d, fake cloud on CPU %d"
+                           % (min(cpus[0]), min(cpus[1])))
         v0, i0 = switches(a.p.pid)
         t0 = time.monotonic()
         time.sleep(IDLE_SECS)
