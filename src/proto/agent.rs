@@ -71,8 +71,10 @@ struct App {
 #[derive(Debug)]
 struct Pending {
     app: ConnId,
-    /// The application's id as it wrote it, put back byte for byte.
-    orig: String,
+    /// The application's integer id: its magnitude and whether it was negative. An integer id's
+    /// text is the canonical decimal (JSON has no leading zero or `+`, and `-0` is a float), so
+    /// writing it again puts it back byte for byte, without a string kept per request.
+    orig: (bool, u64),
     /// The request was `local.*`: its answer carries a `method` (L§5).
     local: bool,
     expires: Instant,
@@ -312,17 +314,20 @@ impl<I: Io> Agent<I> {
             self.send_up(now, text.into());
             return;
         };
-        let raw = match head.id_span.clone().and_then(|s| text.get(s)) {
-            Some(s) => s,
-            None => rpc::raw_id(&text).unwrap_or("null"),
+        let orig = match (id.as_u64(), id.as_i64()) {
+            (Some(n), _) => (false, n),
+            (None, Some(n)) => (true, n.unsigned_abs()),
+            _ => {
+                // The daemon would answer -32600 under an id the agent could not route back
+                // (L§4.1): the agent answers it itself, with the id as sent.
+                note(now, "a client's id is not an integer");
+                let raw = match head.id_span.clone().and_then(|s| text.get(s)) {
+                    Some(s) => s,
+                    None => rpc::raw_id(&text).unwrap_or("null"),
+                };
+                return self.refuse(now, app, Some(raw), RpcError::NotObject);
+            }
         };
-        if !(id.is_i64() || id.is_u64()) {
-            // The daemon would answer -32600 under an id the agent could not route back (L§4.1):
-            // the agent answers it itself, with the id as sent.
-            note(now, "a client's id is not an integer");
-            return self.refuse(now, app, Some(raw), RpcError::NotObject);
-        }
-        let orig = raw.to_owned();
         let new = self.alloc_id(now);
         // The same splice that puts the application's id back (`with_id`).
         let mut buf = [0; 20];
@@ -399,7 +404,11 @@ impl<I: Io> Agent<I> {
             });
             if let Some(i) = hit {
                 let (_, p) = self.pending.remove(i);
-                let back = with_id(&text, head, &p.orig).unwrap_or(text);
+                let mut buf = [0; 20];
+                let digits = rpc::decimal(p.orig.1, &mut buf);
+                let mut orig = String::from(if p.orig.0 { "-" } else { "" });
+                orig.push_str(digits);
+                let back = with_id(&text, head, &orig).unwrap_or(text);
                 self.send_app(now, p.app, back.into());
                 return true;
             }
