@@ -2,6 +2,8 @@
 //! the first argument when the binary is called by a name that is not an applet (or by its own
 //! name with an applet name after it), for people without symlinks.
 
+#[cfg(feature = "agent")]
+pub mod agent;
 pub mod client;
 #[cfg(feature = "fakecloud")]
 pub mod fakecloud;
@@ -15,6 +17,8 @@ pub const APPLETS: &[(&str, Entry)] = &[
     ("miio_client", client::main),
     ("miio_send_line", line::send_main),
     ("miio_recv_line", line::recv_main),
+    #[cfg(feature = "agent")]
+    ("miio_agent", agent::main),
     #[cfg(feature = "fakecloud")]
     ("miio_fakecloud", fakecloud::main),
 ];

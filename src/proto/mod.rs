@@ -1,6 +1,8 @@
 //! The sans-IO state machines. They take `now` and inputs, queue actions, and expose `poll_timeout()`;
 //! they never touch a socket, a file, a process or the clock.
 
+#[cfg(feature = "agent")]
+pub mod agent;
 pub mod cloud;
 pub mod downstream;
 pub mod helper;

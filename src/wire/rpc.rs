@@ -67,7 +67,7 @@ pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, RpcError> {
 /// serde_json makes of it ([`float`]). serde_json's `Value` deserializer, string and number
 /// readers and error positions were several KB of the board's flash that this walk replaces.
 #[inline(never)]
-fn value(raw: &[u8]) -> Option<Value> {
+pub fn value(raw: &[u8]) -> Option<Value> {
     let mut i = 0;
     let v = tree(raw, &mut i, 128)?;
     (skip_json_ws(raw, i) == raw.len()).then_some(v)

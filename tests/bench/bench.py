@@ -16,11 +16,12 @@ BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_CPU_BIN, BENCH_STARTS (10), BENCH_
 BENCH_ROUNDS (10),
 BENCH_CPU (the CPU of the latency rows, or "none"),
 BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_HOSTILE_SECS (60), BENCH_ONLY (comma
-list of sections: flash,session,startup,static-memory,cpu,syscalls,hostile), BENCH_WITHOUT (tools or Debian packages to treat as missing,
+list of sections: flash,session,startup,static-memory,cpu,syscalls,hostile,agent), BENCH_WITHOUT (tools or Debian packages to treat as missing,
 e.g. "mosquitto valgrind perf qemu-arm-static rustc-web"), CARGO, MAKE.
 """
 
 import json
+import re
 import os
 import select
 import shutil
@@ -1309,6 +1310,176 @@ def section_static_memory(opts):
         figure(name, value, "KiB", MOSQ_MEM.get(kind), "%s, %s; %s" % (common, w, ref))
 
 
+# -- miio_agent (L§10) -------------------------------------------------------------------------------
+
+class AgentProc:
+    """miio_agent in the foreground in front of a daemon, logging at debug level (its registration
+    lines) to a file; its port (it binds port 0) is read from its `bound:` line."""
+
+    def __init__(self, daemon_port, tag, binary=BIN):
+        self.log = os.path.join(RUN, tag + ".log")
+        if os.path.exists(self.log):
+            os.unlink(self.log)
+        self.p = spawn([binary, "miio_agent", "--port", "0", "--daemon-port", str(daemon_port),
+                        "-l", "3", "-L", self.log], stdout=subprocess.DEVNULL,
+                       stderr=open(os.path.join(RUN, tag + ".err"), "wb"))
+        self.port = wait_for(self._port, 10, "the agent's bound: line")
+        wait_for(lambda: "connected to the daemon" in self.text(), 10, "the agent to reach the daemon")
+
+    def text(self):
+        if self.p.poll() is not None:
+            raise Broken("the agent exited (status %s)" % self.p.returncode)
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _port(self):
+        m = re.search(r"bound: agent tcp 127\.0\.0\.1:(\d+)", self.text())
+        return int(m.group(1)) if m else None
+
+    def apps(self, n):
+        """`n` applications, each registered for its own method; returns their sockets."""
+        socks = []
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            s.sendall(b'{"method":"register","key":"bench_method_%d"}' % i)
+            socks.append(s)
+        wait_for(lambda: self.text().count(" registered ") >= n, 10, "%d registrations" % n)
+        return socks
+
+    def close(self):
+        stop(self.p)
+
+
+def has_agent(binary):
+    p = subprocess.run([binary, "--list-applets"], stdout=subprocess.PIPE, text=True,
+                       stdin=subprocess.DEVNULL)
+    return "miio_agent" in p.stdout.split()
+
+
+AGENT_ROWS = ["agent: wakeups, idle, 2 registered apps", "agent: VmRSS, static x86_64 musl, 2 apps",
+              "agent: report round trip p50", "agent: report round trip p99"]
+
+
+def section_agent(opts):
+    """miio_agent between applications and a connected daemon: its idle wakeups with two registered
+    applications, its memory as the board binary, and a report's round trip through it beside the
+    same client on 54322 directly."""
+    if not has_agent(BIN):
+        for n in AGENT_ROWS:
+            skipped(n, "", "target/release/miio_client was built without the agent feature")
+        return
+    cloud = Cloud()
+    d = None
+    try:
+        d = Daemon(cloud.port, opts, "agent-daemon")
+        d.connected()
+        time.sleep(2.0)
+        part("agent idle", part_agent_idle, d, cloud)
+        part("agent memory", part_agent_memory, d)
+        pin(ONE_CPU, 0, d.p.pid, cloud.p.pid)
+        part("agent round trip", part_agent_rtt, d)
+    finally:
+        pin(ALL_CPUS)
+        if d:
+            d.close()
+        cloud.close()
+
+
+def part_agent_idle(d, cloud):
+    a = AgentProc(d.local, "agent-idle")
+    socks = []
+    cpus = split_cpus()
+    try:
+        socks = a.apps(2)
+        if cpus:
+            pin(cpus[0], a.p.pid, d.p.pid)
+            pin(cpus[1], 0, cloud.p.pid)
+        time.sleep(1.0)
+        say("agent idle window: %.0f s (BENCH_IDLE_SECS), 2 registered applications" % IDLE_SECS)
+        noise = Noise(pinned=False)
+        if cpus:
+            noise.where = ("agent and daemon on CPU %d, fake cloud on CPU %d"
+                           % (min(cpus[0]), min(cpus[1])))
+        v0, i0 = switches(a.p.pid)
+        t0 = time.monotonic()
+        time.sleep(IDLE_SECS)
+        secs = time.monotonic() - t0
+        v1, i1 = switches(a.p.pid)
+        cloud.check("the agent's idle window")
+        figure(AGENT_ROWS[0], (v1 - v0) * 60.0 / secs, "/min", 0,
+               "voluntary_ctxt_switches delta of the agent (host build, every thread) over %.0f s, the "
+               "same window length as the daemon's idle row; the daemon connected and idle behind it, "
+               "two applications connected and registered, nothing sent: %d sleeps ended (%d "
+               "involuntary); reference: 0, no tick and no deadline when idle (L§10)"
+               % (secs, v1 - v0, i1 - i0) + noise.text())
+    finally:
+        if cpus:
+            pin(ALL_CPUS, 0, d.p.pid, cloud.p.pid)
+        for s in socks:
+            s.close()
+        a.close()
+
+
+def part_agent_memory(d):
+    name = AGENT_ROWS[1]
+    out, built = static_binary("x86_64")
+    if out is None:
+        (skipped if built[0] == "SKIP" else failed)(name, "KiB", built[1])
+        return
+    if not has_agent(out):
+        skipped(name, "KiB", "target/static/x86_64/miio_client (%s) was built without the agent "
+                "feature" % built)
+        return
+    a = AgentProc(d.local, "agent-static", binary=out)
+    socks = []
+    try:
+        socks = a.apps(2)
+        time.sleep(1.0)
+        rss, hwm = mem_kib(a.p.pid)
+        figure(name, rss, "KiB", None,
+               "/proc/PID/status of target/static/x86_64/miio_client run as miio_agent (%s), connected "
+               "to the daemon, two applications registered, 1 s later (VmHWM %d KiB); the project "
+               "states no goal for it" % (built, hwm))
+    finally:
+        for s in socks:
+            s.close()
+        a.close()
+
+
+def part_agent_rtt(d):
+    rounds = ROUNDS
+    chunk = max(1, RTT_N // rounds)
+    warm = 20
+    a = AgentProc(d.local, "agent-rtt")
+    try:
+        pin(ONE_CPU, a.p.pid)
+        say("agent round trip: %d reports, one client, through the agent and on 54322 directly, "
+            "alternating in %d rounds" % (chunk * rounds, rounds))
+        noise = Noise()
+        ports = {"agent": a.port, "direct": d.local}
+
+        def measure(t, r):
+            path = os.path.join(RUN, "agent-rtt-%s-%d.txt" % (t, r))
+            res = load(ports[t], count=chunk + warm, warmup=warm, **{"lat-out": path})
+            check_load(res, "%s round trip" % t)
+            with open(path) as f:
+                return [float(x) for x in f.read().split()]
+        got = interleaved(rounds, measure, "agent", "direct")
+    finally:
+        a.close()
+    av = [x for c in got["agent"] for x in c]
+    dv = [x for c in got["direct"] for x in c]
+    how = ("one application (benchkit load) sends %d reports of %d bytes one at a time through "
+           "miio_agent (host build), send to ack (%d rounds of %d, each after %d warm-up), "
+           "miio_fakecloud acking; reference: the same client on the daemon's 54322 directly, same "
+           "run, rounds alternating" % (len(av), REPORT_LEN, rounds, chunk, warm)) + noise.text()
+    figure(AGENT_ROWS[2], pct(av, 0.50), "us", pct(dv, 0.50), how)
+    figure(AGENT_ROWS[3], pct(av, 0.99), "us", pct(dv, 0.99), how)
+
+
 # -- CPU: instructions per report ---------------------------------------------------------------------
 
 def counter_tool():
@@ -1798,6 +1969,7 @@ def main():
         section("cpu", section_cpu, opts)
         section("syscalls", section_syscalls, opts)
         section("hostile", section_hostile)
+        section("agent", section_agent, opts)
     finally:
         stop_all()
     with open(os.path.join(OUT, "results.json"), "w") as f:
