@@ -57,7 +57,7 @@ pub struct ClientArgs {
     /// `-e`/`-E`: accepted, no effect (LOCAL_API.md §19).
     pub enckey: bool,
     pub encdata: bool,
-    /// Options given that are parsed but not implemented yet (`--mqtt`, `--didkey-method`).
+    /// Options given that are parsed but not implemented yet (`--didkey-method`).
     pub not_built: Vec<&'static str>,
 }
 
@@ -238,13 +238,12 @@ const LONG: &[(&str, bool)] = &[
 fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliError> {
     let v = val.unwrap_or("");
     let o = name;
-    let todo = match name {
-        "mqtt" | "mqtt-id" | "mqtt-keepalive" => Some("--mqtt"),
-        "didkey-method" => Some("--didkey-method"),
-        _ => None,
-    };
-    if let Some(t) = todo.filter(|t| !a.not_built.contains(t)) {
-        a.not_built.push(t);
+    if name == "didkey-method" && a.not_built.is_empty() {
+        a.not_built.push("--didkey-method");
+    }
+    #[cfg(not(feature = "mqtt"))]
+    if name.starts_with("mqtt") {
+        return Err(usage("--mqtt: this build has no MQTT (feature mqtt)"));
     }
     match name {
         "D" | "daemonize" => a.daemonize = true,

@@ -29,6 +29,9 @@ pub enum Port {
     Local,
     /// 54323: the BLE provisioning process (one client, `local.*` only).
     Ble,
+    /// The MQTT bridge (L§11): a connection the node attaches itself, ordinary from the start,
+    /// on no seat of `--max-clients`.
+    Mqtt,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +158,16 @@ impl Local {
             },
         );
         true
+    }
+
+    /// Attaches a connection of the node's own (`Port::Mqtt`), ordinary at once; one already
+    /// attached stays as it is.
+    pub fn attach(&mut self, conn: ConnId) {
+        self.conns.entry(conn).or_insert(Conn {
+            port: Port::Mqtt,
+            class: Class::Ordinary,
+            extra: false,
+        });
     }
 
     /// The reactor saw EOF or an error: forget the connection.
@@ -380,7 +393,7 @@ impl Local {
                 Some(Inbound::Upstream { conn, head, text })
             }
             None => match id.as_ref().and_then(rpc::id_u32) {
-                Some(idn) if port == Port::Local => Some(Inbound::Reply {
+                Some(idn) if port != Port::Ble => Some(Inbound::Reply {
                     conn,
                     id: idn,
                     head,

@@ -46,6 +46,8 @@ impl helper::Out for Conns<'_> {
 impl Node {
     /// Drains the machines' actions into node actions and decisions.
     pub(super) fn pump(&mut self, now: Instant) {
+        #[cfg(feature = "mqtt")]
+        self.mqtt_now(now);
         loop {
             if let Some(e) = self.cloud.as_mut().and_then(Cloud::poll_event) {
                 self.on_cloud_event(now, e);
