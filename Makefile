@@ -10,24 +10,26 @@ STATIC    ?=
 # install: applet names to link; empty means ask the binary (`miio_client --list-applets`, see
 # .ci/list-applets), which links none but miio_client itself while the binary lacks that flag.
 APPLETS   ?=
-# static: board architecture (x86_64, aarch64 or armv7); FAKECLOUD=1 keeps the fake cloud applet.
+# static: board architecture (x86_64, aarch64 or armv7); FEATURES: the optional parts to build in
+# (cargo features, BusyBox style; the device features by default); FAKECLOUD=1 adds the fake cloud.
 TARGET    ?= x86_64
+FEATURES  ?= agent mqtt
 FAKECLOUD ?=
 
 .DEFAULT_GOAL := all
-.PHONY: all test run static static-test static-glue static-deps static-packages install clean fmt-check clippy help
+.PHONY: all test run check-features static static-test static-glue static-deps static-packages install clean fmt-check clippy help
 
 help:
 	@echo 'make                  host release build (target/release/miio_client)'
 	@echo 'make test             cargo test [TEST_ARGS=...], the Python cloud'"'"'s tests, a list of skips'
 	@echo 'make run              daemon in the foreground on a demo data dir (target/demo)'
-	@echo 'make static [TARGET=x86_64|aarch64|armv7] [FAKECLOUD=1]'
+	@echo 'make static [TARGET=x86_64|aarch64|armv7] [FEATURES="agent mqtt"] [FAKECLOUD=1]'
 	@echo '                      fully static musl binary in target/static/$$TARGET/miio_client'
 	@echo 'make install DESTDIR=/path/to/rootfs PREFIX=/usr [STATIC=path/to/miio_client]'
 	@echo 'make static-test [TARGET=...]  unit tests built like make static, ARM under qemu'
 	@echo 'make fuzz [FUZZ_SECS=60] [FUZZ_TARGETS="rpc node"]  each cargo-fuzz target for N s (fuzz/README.md)'
 	@echo 'make fuzz-cmin        minimize fuzz/corpus with what the campaigns found'
-	@echo 'make fmt-check | clippy | clean'
+	@echo 'make fmt-check | clippy | check-features | clean'
 
 all:
 	$(CARGO) build --release
@@ -67,6 +69,15 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# Every optional part alone and none of them: each subset a board may build must compile cleanly.
+FEATURE_SETS ?= none agent mqtt fakecloud
+check-features:
+	@set -e; for f in $(FEATURE_SETS); do \
+		if [ "$$f" = none ]; then flags=; else flags="--features $$f"; fi; \
+		echo "clippy --no-default-features $$flags"; \
+		$(CARGO) clippy -q --all-targets --no-default-features $$flags -- -D warnings; \
+	done
 
 clean:
 	$(CARGO) clean
@@ -157,7 +168,9 @@ S_SPEC   = $(S_SYS)/$(S_TRIPLE).json
 S_OUT    = $(STATIC_DIR)/$(TARGET)
 S_SYS    = $(abspath $(S_OUT)/sys)
 S_UNWIND = $(if $(debarch_$(TARGET)),$(S_OUT)/deb/usr/lib/llvm-14/lib/libunwind.a,/usr/lib/llvm-14/lib/libunwind.a)
-S_FEATURES = $(if $(filter 1,$(FAKECLOUD)),,--no-default-features)
+# Only what FEATURES names (and the fake cloud with FAKECLOUD=1): the host build's defaults do not apply.
+S_FEATURE_LIST = $(strip $(FEATURES) $(if $(filter 1,$(FAKECLOUD)),fakecloud))
+S_FEATURES = --no-default-features $(if $(S_FEATURE_LIST),--features '$(S_FEATURE_LIST)')
 # Without relocation-model=static, Debian's musl-gcc links a binary that asks for the musl loader.
 # link-self-contained=no: crt objects and libc come from Debian's musl through the specs file.
 PANIC ?= immediate-abort
@@ -273,7 +286,7 @@ static: static-glue
 		$(BUILD_STD) -Z build-std-features=$(STD_FEATURES)
 	cp $(STATIC_DIR)/cargo/$(S_TRIPLE)/release/miio_client $(S_OUT)/miio_client
 	@! command -v file >/dev/null || file $(S_OUT)/miio_client
-	@echo "$(S_OUT)/miio_client: $$(stat -c %s $(S_OUT)/miio_client) bytes$(if $(filter 1,$(FAKECLOUD)), (with miio_fakecloud))"
+	@echo "$(S_OUT)/miio_client: $$(stat -c %s $(S_OUT)/miio_client) bytes (features: $(or $(S_FEATURE_LIST),none))"
 
 # The crate's unit tests (--lib --bins) built the same way, for the board's libc and word size, run
 # natively (x86_64) or under qemu-user-static (ARM). Not part of `make test`: each board costs a debug

@@ -114,6 +114,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("lan", lan),
     ("local", local),
     ("node", node),
+    #[cfg(feature = "mqtt")]
     ("mqtt", mqtt),
 ];
 
@@ -3578,6 +3579,7 @@ fn scanned_as_parsed(head: &rpc::Head, raw: &[u8]) {
 /// session, with a broker played from the input (raw bytes or well-formed answers to what the
 /// session sent): everything it writes is whole client packets with non-zero ids, no PINGREQ with
 /// keep-alive 0, no deadline in the past after a timeout, the unacknowledged publishes bounded.
+#[cfg(feature = "mqtt")]
 pub fn mqtt(data: &[u8]) {
     use crate::proto::mqtt as session;
     use crate::wire::mqtt as codec;

@@ -21,3 +21,14 @@ pub mod wire;
 
 /// The version printed by `-v` (`miio-client <version>`, LOCAL_API.md §18).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The optional parts built into this binary (cargo features, ARCHITECTURE.md §6), as `-v` lists
+/// them: `miio-client <version> (features: …)`.
+pub const FEATURES: &[&str] = &[
+    #[cfg(feature = "agent")]
+    "agent",
+    #[cfg(feature = "mqtt")]
+    "mqtt",
+    #[cfg(feature = "fakecloud")]
+    "fakecloud",
+];

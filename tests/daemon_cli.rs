@@ -30,6 +30,26 @@ fn help_and_version_print_on_stderr_and_exit_1() {
     assert_eq!(code, 1);
     assert!(out.is_empty());
     assert!(err.starts_with("miio-client "), "{err}");
+    // The features built in, in a fixed order (this test binary is built with the same ones).
+    let mut want = Vec::new();
+    if cfg!(feature = "agent") {
+        want.push("agent");
+    }
+    if cfg!(feature = "mqtt") {
+        want.push("mqtt");
+    }
+    if cfg!(feature = "fakecloud") {
+        want.push("fakecloud");
+    }
+    let want = if want.is_empty() {
+        "none".to_string()
+    } else {
+        want.join(" ")
+    };
+    assert!(
+        err.trim_end().ends_with(&format!("(features: {want})")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! End-to-end tests of `miio_fakecloud` on loopback: the server runs in-process on free ports and
 //! a raw test device speaks to it over UDP and TCP with `wire::miio::seal`/`open`. Every wait has
 //! a deadline (socket read timeouts); nothing sleeps.
+#![cfg(feature = "fakecloud")]
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

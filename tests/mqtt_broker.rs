@@ -3,6 +3,7 @@
 //! session subscribes, a message published with `mosquitto_pub` arrives as an event, and a QoS 1
 //! publish of the session is acknowledged and seen by `mosquitto_sub`. Skipped (and recorded) when
 //! mosquitto is missing.
+#![cfg(feature = "mqtt")]
 
 mod common;
 

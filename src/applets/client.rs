@@ -70,7 +70,11 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
         Err(CliError::Version) => {
-            eprintln!("miio-client {}", crate::VERSION);
+            let f = match crate::FEATURES {
+                [] => "none".to_string(),
+                f => f.join(" "),
+            };
+            eprintln!("miio-client {} (features: {f})", crate::VERSION);
             return 1;
         }
         Err(CliError::Usage(m)) => {

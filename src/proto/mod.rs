@@ -8,6 +8,7 @@ pub mod ioerr;
 pub mod lan;
 pub mod local;
 pub mod mdns;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod node;
 pub mod outbox;

@@ -6,5 +6,6 @@ pub mod crypto;
 pub mod dns;
 pub mod json_stream;
 pub mod miio;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod rpc;
