@@ -3,6 +3,7 @@
 //! Options whose feature comes later are accepted now, so that scripts written today never break.
 
 use core::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::time::Duration;
 
@@ -49,7 +50,7 @@ pub struct ClientArgs {
     pub max_sleep: Duration,
     pub didkey_method: String,
     pub os_release: String,
-    pub mqtt: Option<(String, u16)>,
+    pub mqtt: Option<SocketAddrV4>,
     pub mqtt_id: String,
     pub mqtt_keepalive: u16,
     pub mdns: bool,
@@ -345,14 +346,14 @@ fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliErr
         }
         "os-release" => a.os_release = v.to_owned(),
         "mqtt" => {
-            let (h, p) = match val {
-                None => ("127.0.0.1".to_owned(), 1883),
-                Some(hp) => match hp.rsplit_once(':') {
-                    Some((h, p)) if !h.is_empty() => (h.to_owned(), port(o, p, false)?),
-                    _ => return Err(usage("option --mqtt: expected HOST:PORT")),
+            // L§11: the broker is on this host or the LAN, named by its IPv4 address (no lookup).
+            a.mqtt = Some(match val {
+                None => SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883),
+                Some(hp) => match hp.rsplit_once(':').map(|(h, p)| (h.parse(), p)) {
+                    Some((Ok(h), p)) => SocketAddrV4::new(h, port(o, p, false)?),
+                    _ => return Err(usage("option --mqtt: expected IPV4:PORT")),
                 },
-            };
-            a.mqtt = Some((h, p));
+            });
         }
         "mqtt-id" => {
             if v.is_empty() || v.len() > 23 {
@@ -523,11 +524,11 @@ mod tests {
         assert_eq!(a.transports, vec![Transport::Tcp]);
         assert_eq!(a.keepalive, Duration::from_millis(500));
         assert_eq!(a.lan_port, 0);
-        assert_eq!(a.mqtt, Some(("127.0.0.1".into(), 1883)));
+        assert_eq!(a.mqtt, Some("127.0.0.1:1883".parse().unwrap()));
         assert!(!a.mdns);
         assert_eq!(a.udp_port, Some(9000));
         let b = p(&["--mqtt=10.0.0.1:1884"]).unwrap();
-        assert_eq!(b.mqtt, Some(("10.0.0.1".into(), 1884)));
+        assert_eq!(b.mqtt, Some("10.0.0.1:1884".parse().unwrap()));
     }
 
     #[test]

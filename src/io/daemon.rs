@@ -163,29 +163,13 @@ pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, mut config: NodeC
             return 1;
         }
     };
-    // L§11: the broker's address, looked up once (it is expected on loopback).
     #[cfg(feature = "mqtt")]
-    let broker = match &a.mqtt {
-        None => None,
-        Some((host, port)) => {
-            use std::net::ToSocketAddrs;
-            match (host.as_str(), *port)
-                .to_socket_addrs()
-                .map(|mut i| i.next())
-            {
-                Ok(Some(addr)) => Some(Broker {
-                    addr,
-                    stream: None,
-                    connected: false,
-                    out: WriteQueue::new(BROKER_OUT_LIMIT),
-                }),
-                Ok(None) | Err(_) => {
-                    error!("--mqtt: cannot resolve {host}");
-                    return 1;
-                }
-            }
-        }
-    };
+    let broker = a.mqtt.map(|addr| Broker {
+        addr: SocketAddr::V4(addr),
+        stream: None,
+        connected: false,
+        out: WriteQueue::new(BROKER_OUT_LIMIT),
+    });
     let mut d = Daemon {
         node: Node::new(crate::io::clock::now(), config, datafiles::fresh_token()),
         args: a,

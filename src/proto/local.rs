@@ -160,14 +160,17 @@ impl Local {
         true
     }
 
-    /// Attaches a connection of the node's own (`Port::Mqtt`), ordinary at once; one already
-    /// attached stays as it is.
+    /// Attaches a connection of the node's own (`Port::Mqtt`), ordinary at once. Attaching one
+    /// that is attached changes nothing: such a connection has no other state.
     pub fn attach(&mut self, conn: ConnId) {
-        self.conns.entry(conn).or_insert(Conn {
-            port: Port::Mqtt,
-            class: Class::Ordinary,
-            extra: false,
-        });
+        self.conns.insert(
+            conn,
+            Conn {
+                port: Port::Mqtt,
+                class: Class::Ordinary,
+                extra: false,
+            },
+        );
     }
 
     /// The reactor saw EOF or an error: forget the connection.

@@ -18,8 +18,6 @@
 //! closed or refused connection is retried after 1 s, doubling to 60 s, reset by an accepted
 //! CONNACK. PINGREQ only when the keep-alive is above 0 (MQTT 3.1.1 §3.1.2.10).
 
-use std::collections::VecDeque;
-
 use log::{info, warn};
 
 use crate::time::{Duration, Instant};
@@ -183,14 +181,14 @@ pub struct Session {
     next_id: u16,
     /// The packet id of the SUBSCRIBE waiting for its SUBACK.
     sub_id: Option<u16>,
-    inflight: VecDeque<Inflight>,
+    inflight: Vec<Inflight>,
     /// Packet ids of QoS 1 publishes received, with when (L§11, DUP); oldest first.
-    seen: VecDeque<(u16, Instant)>,
+    seen: Vec<(u16, Instant)>,
     /// When we last wrote a packet, and the PINGREQ waiting for its PINGRESP (keep-alive only).
     last_send: Instant,
     ping_sent: Option<Instant>,
-    actions: VecDeque<Action>,
-    events: VecDeque<Event>,
+    actions: Vec<Action>,
+    events: Vec<Event>,
     stats: Stats,
 }
 
@@ -208,12 +206,12 @@ impl Session {
             backoff: BACKOFF_MIN,
             next_id: 1,
             sub_id: None,
-            inflight: VecDeque::new(),
-            seen: VecDeque::new(),
+            inflight: Vec::new(),
+            seen: Vec::new(),
             last_send: Instant::ZERO,
             ping_sent: None,
-            actions: VecDeque::new(),
-            events: VecDeque::new(),
+            actions: Vec::new(),
+            events: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -231,11 +229,11 @@ impl Session {
             State::Idle => return,
             State::Up => {
                 self.send(now, vec![mqtt::kind::DISCONNECT << 4, 0]);
-                self.events.push_back(Event::Down);
-                self.actions.push_back(Action::Close);
+                self.events.push(Event::Down);
+                self.actions.push(Action::Close);
             }
             State::Connecting { .. } | State::AwaitConnack { .. } => {
-                self.actions.push_back(Action::Close)
+                self.actions.push(Action::Close)
             }
             State::Backoff { .. } => {}
         }
@@ -258,11 +256,12 @@ impl Session {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        // A few at a time, drained at once by the node: a Vec is small on flash.
+        (!self.actions.is_empty()).then(|| self.actions.remove(0))
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        (!self.events.is_empty()).then(|| self.events.remove(0))
     }
 
     /// The one deadline: the next connect, a connect or CONNACK timeout, a PINGREQ or a missing
@@ -332,7 +331,7 @@ impl Session {
         if let Err(e) = mqtt::connect(&c, &mut out) {
             // Only a client id that is no MQTT string; nothing will change it.
             warn!("mqtt: cannot connect with this client id: {e}");
-            self.actions.push_back(Action::Close);
+            self.actions.push(Action::Close);
             self.state = State::Idle;
             return;
         }
@@ -367,31 +366,25 @@ impl Session {
         }
         self.splitter.push(bytes);
         loop {
-            let frame = match self.splitter.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
-                Err(e) => {
-                    crate::warn_limited!(now, "mqtt: malformed stream from the broker: {e}");
-                    self.lost(now, true);
-                    return;
-                }
-            };
             // The frame borrows the splitter; what the packet says is taken out before acting.
-            let verdict = match mqtt::decode(frame) {
-                Ok(p) => Inbound::from_packet(p),
-                Err(e) => Err(e.to_string()),
+            let step = match self.splitter.next_frame() {
+                Ok(None) => return,
+                Ok(Some(frame)) => mqtt::decode_from_broker(frame).map(Inbound::from_packet),
+                Err(e) => Err(e),
             };
-            let ok = match verdict {
-                Ok(p) => self.handle(now, p),
-                Err(why) => {
-                    crate::warn_limited!(now, "mqtt: malformed packet from the broker: {why}");
-                    false
-                }
+            let why = match step {
+                Ok(p) => match self.handle(now, p) {
+                    Ok(()) => continue,
+                    Err(why) => why,
+                },
+                Err(e) => e.as_str(),
             };
-            if !ok {
-                self.lost(now, true);
-                return;
+            // L§11: malformed input closes the connection.
+            if !why.is_empty() {
+                crate::warn_limited!(now, "mqtt: malformed input from the broker, closing: {why}");
             }
+            self.lost(now, true);
+            return;
         }
     }
 
@@ -438,7 +431,7 @@ impl Session {
             return Err(Dropped::TooLarge);
         }
         self.send(now, packet.clone());
-        self.inflight.push_back(Inflight { id, packet });
+        self.inflight.push(Inflight { id, packet });
         Ok(id)
     }
 
@@ -449,7 +442,7 @@ impl Session {
     }
 
     fn attempt(&mut self, now: Instant) {
-        self.actions.push_back(Action::Connect);
+        self.actions.push(Action::Connect);
         self.state = State::Connecting {
             deadline: now + CONNECT_TIMEOUT,
         };
@@ -457,7 +450,7 @@ impl Session {
 
     fn send(&mut self, now: Instant, bytes: Vec<u8>) {
         self.last_send = now;
-        self.actions.push_back(Action::Send(bytes));
+        self.actions.push(Action::Send(bytes));
     }
 
     fn reset_link(&mut self) {
@@ -469,10 +462,10 @@ impl Session {
     /// The connection is gone (closed by us when `close`): wait, then connect again.
     fn lost(&mut self, now: Instant, close: bool) {
         if close {
-            self.actions.push_back(Action::Close);
+            self.actions.push(Action::Close);
         }
         if self.state == State::Up {
-            self.events.push_back(Event::Down);
+            self.events.push(Event::Down);
         }
         self.reset_link();
         self.state = State::Backoff {
@@ -492,18 +485,20 @@ impl Session {
         }
     }
 
-    /// One packet; false closes the connection.
-    fn handle(&mut self, now: Instant, p: Inbound) -> bool {
+    /// One packet; an error closes the connection (its text for the log, "" when logged).
+    fn handle(&mut self, now: Instant, p: Inbound) -> Result<(), &'static str> {
         match (self.state, p) {
             (State::AwaitConnack { .. }, Inbound::ConnAck(code)) => {
                 if code != connack::ACCEPTED {
+                    // 5 is "not authorized": an anonymous client on mosquitto 2 without
+                    // `allow_anonymous true` (L§11).
                     warn!("mqtt: the broker refused the session (CONNACK {code})");
-                    return false;
+                    return Err("");
                 }
                 info!("mqtt: connected to the broker");
                 self.state = State::Up;
                 self.backoff = BACKOFF_MIN;
-                self.events.push_back(Event::Up);
+                self.events.push(Event::Up);
                 let id = self.alloc_id();
                 self.sub_id = Some(id);
                 let filters = Topic::SUBSCRIBED.map(|t| (t.name(), QoS::AtLeastOnce));
@@ -518,12 +513,9 @@ impl Session {
                     self.inflight[i].packet[0] |= 0x08;
                     self.send(now, packet);
                 }
-                true
+                Ok(())
             }
-            (State::AwaitConnack { .. }, _) => {
-                crate::warn_limited!(now, "mqtt: the broker's first packet is not a CONNACK");
-                false
-            }
+            (State::AwaitConnack { .. }, _) => Err("a first packet that is not CONNACK"),
             (
                 _,
                 Inbound::SubAck {
@@ -534,25 +526,24 @@ impl Session {
             ) if Some(id) == self.sub_id => {
                 self.sub_id = None;
                 if granted + failed != Topic::SUBSCRIBED.len() {
-                    crate::warn_limited!(now, "mqtt: SUBACK with {} codes", granted + failed);
-                    return false;
+                    return Err("a SUBACK with the wrong number of codes");
                 }
                 if failed > 0 {
-                    warn!("mqtt: the broker refused {failed} of the subscriptions");
+                    warn!("mqtt: the broker refused a subscription");
                 }
-                true
+                Ok(())
             }
             (_, Inbound::PubAck(id)) => {
                 if let Some(i) = self.inflight.iter().position(|f| f.id == id) {
                     self.inflight.remove(i);
                 } else {
-                    crate::warn_limited!(now, "mqtt: PUBACK for unknown packet id {id}");
+                    crate::warn_limited!(now, "mqtt: a PUBACK for no publish of ours");
                 }
-                true
+                Ok(())
             }
             (_, Inbound::PingResp) => {
                 self.ping_sent = None;
-                true
+                Ok(())
             }
             (
                 _,
@@ -573,36 +564,27 @@ impl Session {
                         .retain(|&(_, at)| now.saturating_since(at) < DUP_WINDOW);
                     if dup && self.seen.iter().any(|&(s, _)| s == id) {
                         self.stats.duplicates += 1;
-                        return true;
+                        return Ok(());
                     }
                     if let Some(i) = self.seen.iter().position(|&(s, _)| s == id) {
                         self.seen.remove(i);
                     }
                     if self.seen.len() >= DUP_IDS {
-                        self.seen.pop_front();
+                        self.seen.remove(0);
                     }
-                    self.seen.push_back((id, now));
+                    self.seen.push((id, now));
                 }
                 match Topic::from_name(&topic) {
                     Some(t) if Topic::SUBSCRIBED.contains(&t) => {
-                        self.events.push_back(Event::Message { topic: t, payload });
+                        self.events.push(Event::Message { topic: t, payload });
                     }
-                    _ => crate::warn_limited!(now, "mqtt: a message on {topic:?} ignored"),
+                    _ => crate::warn_limited!(now, "mqtt: a message on a topic not ours, ignored"),
                 }
-                true
+                Ok(())
             }
-            (_, Inbound::Unexpected(what)) => {
-                crate::warn_limited!(now, "mqtt: unexpected {what} from the broker");
-                false
-            }
-            (_, Inbound::ConnAck(_)) => {
-                crate::warn_limited!(now, "mqtt: a second CONNACK from the broker");
-                false
-            }
-            (_, Inbound::SubAck { id, .. }) => {
-                crate::warn_limited!(now, "mqtt: SUBACK for unknown packet id {id}");
-                false
-            }
+            (_, Inbound::Unexpected(what)) => Err(what),
+            (_, Inbound::ConnAck(_)) => Err("a second CONNACK"),
+            (_, Inbound::SubAck { .. }) => Err("a SUBACK for no SUBSCRIBE of ours"),
         }
     }
 }
@@ -629,8 +611,8 @@ enum Inbound {
 }
 
 impl Inbound {
-    fn from_packet(p: Packet<'_>) -> Result<Inbound, String> {
-        Ok(match p {
+    fn from_packet(p: Packet<'_>) -> Inbound {
+        match p {
             Packet::ConnAck { code, .. } => Inbound::ConnAck(code),
             Packet::SubAck { id, codes } => {
                 let failed = codes.iter().filter(|&&c| c == 0x80).count();
@@ -658,7 +640,7 @@ impl Inbound {
             Packet::Unsubscribe { .. } => Inbound::Unexpected("UNSUBSCRIBE"),
             Packet::PingReq => Inbound::Unexpected("PINGREQ"),
             Packet::Disconnect => Inbound::Unexpected("DISCONNECT"),
-        })
+        }
     }
 }
 
