@@ -624,22 +624,14 @@ impl Inbound {
             }
             Packet::PubAck(id) => Inbound::PubAck(id),
             Packet::PingResp => Inbound::PingResp,
-            Packet::Publish(p) if p.qos == QoS::ExactlyOnce => Inbound::Unexpected("QoS 2 PUBLISH"),
-            Packet::Publish(p) => Inbound::Publish {
+            Packet::Publish(p) if p.qos != QoS::ExactlyOnce => Inbound::Publish {
                 topic: p.topic.to_owned(),
                 id: p.id,
                 dup: p.dup,
                 payload: p.payload.to_vec(),
             },
-            Packet::PubRec(_) => Inbound::Unexpected("PUBREC"),
-            Packet::PubRel(_) => Inbound::Unexpected("PUBREL"),
-            Packet::PubComp(_) => Inbound::Unexpected("PUBCOMP"),
-            Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
-            Packet::Connect(_) => Inbound::Unexpected("CONNECT"),
-            Packet::Subscribe { .. } => Inbound::Unexpected("SUBSCRIBE"),
-            Packet::Unsubscribe { .. } => Inbound::Unexpected("UNSUBSCRIBE"),
-            Packet::PingReq => Inbound::Unexpected("PINGREQ"),
-            Packet::Disconnect => Inbound::Unexpected("DISCONNECT"),
+            // One text for all: each its own would cost flash for a line that is rare.
+            _ => Inbound::Unexpected("a QoS 2 packet or one not for a client"),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::proto::local::{ConnId, LocalAction};
 use crate::proto::mqtt::{self, Session, Topic};
 use crate::proto::outbox::Action;
 use crate::time::Instant;
+use crate::wire::json_stream::Piece;
 use crate::wire::rpc;
 
 /// The local connection of `miio/report` and `miio/command_ack`; no reactor slot is this high.
@@ -133,7 +134,7 @@ impl Node {
                     self.local_closed(REPORT_CONN);
                     self.local_closed(LOCAL_CONN);
                 }
-                mqtt::Event::Message { topic, payload } => {
+                mqtt::Event::Message { topic, mut payload } => {
                     let conn = if topic == Topic::LocalIn {
                         LOCAL_CONN
                     } else {
@@ -147,7 +148,10 @@ impl Node {
                     // A framing error closes a 54322 client (L§3); the broker's messages come
                     // from many apps, so the connection is attached again for the next one.
                     self.local.attach(conn);
-                    self.local_value(now, conn, &payload[..end]);
+                    payload.truncate(end);
+                    // The path of a 54322 client's value (not `local_value`): one copy of the
+                    // routing code on flash.
+                    self.local_piece(now, conn, Piece::Raw(payload));
                 }
             }
         }
