@@ -299,6 +299,9 @@ impl Daemon {
         };
         let reg = self.reactor.registry();
         match TcpStream::connect(b.addr).and_then(|mut s| {
+            // Small packets that answer one another (a PUBACK, then the ack's PUBLISH): Nagle
+            // would hold the second for the broker's delayed ACK, 40 ms on Linux.
+            s.set_nodelay(true)?;
             reg.register(
                 &mut s,
                 reactor::MQTT,
