@@ -143,7 +143,7 @@ Local:   --lan-port P (0 off) --local-port P --ble-port P (0 off) --max-clients 
          --max-msg BYTES --max-cloud-payload BYTES (<= 16384)
 Timers (seconds, fractions allowed): --keepalive --ack-timeout --user-ack-timeout
          --backoff-min --backoff-max --helper-grace --helper-timeout --max-sleep
-Other:   --didkey-method M --os-release FILE --mqtt[=HOST:PORT] --mqtt-id ID
+Other:   --didkey-method M --os-release FILE --mqtt[=IP:PORT] --mqtt-id ID
          --mqtt-keepalive S --mdns-port P (0 off) --no-mdns
 Signals: TERM/INT stop cleanly, HUP reopens the log and re-reads the data files.
 ";
@@ -194,7 +194,7 @@ fn country(v: &str) -> Result<String, CliError> {
 const SHORT_WITH_ARG: &str = "pHilLdCon";
 const SHORT_FLAGS: &str = "DhveE";
 
-/// Long options: (name, takes a value). `mqtt` takes an optional one (`--mqtt=HOST:PORT`).
+/// Long options: (name, takes a value). `mqtt` takes an optional one (`--mqtt=IP:PORT`).
 const LONG: &[(&str, bool)] = &[
     ("daemonize", false),
     ("datadir", true),
@@ -515,7 +515,6 @@ mod tests {
             "--keepalive=0.5",
             "--lan-port",
             "0",
-            "--mqtt",
             "--no-mdns",
             "--udp-port=9000",
         ])
@@ -524,11 +523,36 @@ mod tests {
         assert_eq!(a.transports, vec![Transport::Tcp]);
         assert_eq!(a.keepalive, Duration::from_millis(500));
         assert_eq!(a.lan_port, 0);
-        assert_eq!(a.mqtt, Some("127.0.0.1:1883".parse().unwrap()));
         assert!(!a.mdns);
         assert_eq!(a.udp_port, Some(9000));
+    }
+
+    #[cfg(feature = "mqtt")]
+    #[test]
+    fn mqtt_options() {
+        let a = p(&["--lan-port", "0", "--mqtt", "--no-mdns"]).unwrap();
+        assert_eq!(a.mqtt, Some("127.0.0.1:1883".parse().unwrap()));
         let b = p(&["--mqtt=10.0.0.1:1884"]).unwrap();
         assert_eq!(b.mqtt, Some("10.0.0.1:1884".parse().unwrap()));
+        // L§11: an address, not a name; MQTT options are notes no more.
+        assert!(matches!(
+            p(&["--mqtt=localhost:1883"]),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(p(&["--mqtt=127.0.0.1"]), Err(CliError::Usage(_))));
+        assert!(b.not_built.is_empty());
+    }
+
+    /// A build without the `mqtt` feature refuses its options (L§18).
+    #[cfg(not(feature = "mqtt"))]
+    #[test]
+    fn mqtt_options_need_the_feature() {
+        for o in ["--mqtt", "--mqtt-id=x", "--mqtt-keepalive=5"] {
+            let Err(CliError::Usage(m)) = p(&[o]) else {
+                panic!("{o} accepted")
+            };
+            assert!(m.contains("this build has no MQTT"), "{m}");
+        }
     }
 
     #[test]
