@@ -21,7 +21,7 @@
 use log::{info, warn};
 
 use crate::time::{Duration, Instant};
-use crate::wire::mqtt::{self, connack, Connect, Packet, Publish, QoS, Splitter};
+use crate::wire::mqtt::{self, connack, Packet, Publish, QoS, Splitter};
 
 /// The six topics of L§11.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -103,6 +103,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DUP_WINDOW: Duration = Duration::from_secs(60);
 /// Received packet ids remembered at most; the oldest is forgotten first.
 pub const DUP_IDS: usize = 64;
+
+/// The SUBSCRIBE of [`Topic::SUBSCRIBED`] at QoS 1 with packet id 0, which is set before sending
+/// (a unit test holds it to what `wire::mqtt::subscribe` writes).
+const SUBSCRIBE: [u8; 60] =
+    *b"\x82\x3a\0\0\0\x0bmiio/report\x01\0\x10miio/command_ack\x01\0\x14local/miio_client_in\x01";
 
 /// What the io side must do with the broker connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -319,22 +324,22 @@ impl Session {
         let State::Connecting { .. } = self.state else {
             return;
         };
-        let c = Connect {
-            client_id: &self.cfg.client_id,
-            clean_session: true,
-            keep_alive: self.cfg.keep_alive,
-            will: None,
-            username: None,
-            password: None,
-        };
-        let mut out = Vec::new();
-        if let Err(e) = mqtt::connect(&c, &mut out) {
-            // Only a client id that is no MQTT string; nothing will change it.
-            warn!("mqtt: cannot connect with this client id: {e}");
+        // MQTT 3.1.1 §3.1: protocol "MQTT" level 4, clean session, no will, user or password,
+        // written as bytes (a unit test holds them to the codec's `connect`).
+        let id = self.cfg.client_id.as_bytes();
+        let len = 12 + id.len();
+        if id.contains(&0) || len > 127 {
+            // A client id that is no MQTT string, or longer than --mqtt-id allows; nothing will
+            // change it.
+            warn!("mqtt: cannot connect with this client id");
             self.actions.push(Action::Close);
             self.state = State::Idle;
             return;
         }
+        let mut out = vec![0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+        out.extend_from_slice(&self.cfg.keep_alive.to_be_bytes());
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id);
         self.send(now, out);
         self.state = State::AwaitConnack {
             deadline: now + CONNECT_TIMEOUT,
@@ -501,10 +506,10 @@ impl Session {
                 self.events.push(Event::Up);
                 let id = self.alloc_id();
                 self.sub_id = Some(id);
-                let filters = Topic::SUBSCRIBED.map(|t| (t.name(), QoS::AtLeastOnce));
-                let mut out = Vec::new();
-                // Fixed, valid filters and a non-zero id: this cannot fail.
-                let _ = mqtt::subscribe(id, &filters, &mut out);
+                // The three filters at QoS 1 (L§11), fixed: the packet is written as bytes
+                // rather than by the codec's general encoder, which a board need not carry.
+                let mut out = SUBSCRIBE.to_vec();
+                out[2..4].copy_from_slice(&id.to_be_bytes());
                 self.send(now, out);
                 // MQTT 3.1.1 §4.4: unacknowledged publishes again, with DUP, in their order.
                 for i in 0..self.inflight.len() {
@@ -718,7 +723,7 @@ mod tests {
         let out = sends(&drain(&mut s));
         assert_eq!(
             mqtt::decode(&out[0]),
-            Ok(Packet::Connect(Connect {
+            Ok(Packet::Connect(mqtt::Connect {
                 client_id: "miio_client",
                 clean_session: true,
                 keep_alive: 0,
@@ -728,6 +733,40 @@ mod tests {
             }))
         );
         assert_eq!(s.poll_timeout(), Some(at(5) + CONNECT_TIMEOUT));
+    }
+
+    #[test]
+    fn the_connect_is_the_codecs() {
+        for (id, ka) in [("miio_client", 0), ("x", 30), ("id-é", 65535)] {
+            let mut s = Session::new(Config {
+                client_id: id.into(),
+                keep_alive: ka,
+                ..Config::default()
+            });
+            s.start(at(0));
+            s.connected(at(0));
+            let mut want = Vec::new();
+            let c = mqtt::Connect {
+                client_id: id,
+                clean_session: true,
+                keep_alive: ka,
+                will: None,
+                username: None,
+                password: None,
+            };
+            mqtt::connect(&c, &mut want).unwrap();
+            assert_eq!(sends(&drain(&mut s)), vec![want], "{id}");
+        }
+    }
+
+    #[test]
+    fn the_fixed_subscribe_is_the_codecs() {
+        let filters = Topic::SUBSCRIBED.map(|t| (t.name(), QoS::AtLeastOnce));
+        let mut out = Vec::new();
+        mqtt::subscribe(0x1234, &filters, &mut out).unwrap();
+        let mut fixed = SUBSCRIBE.to_vec();
+        fixed[2..4].copy_from_slice(&0x1234u16.to_be_bytes());
+        assert_eq!(fixed, out);
     }
 
     #[test]
