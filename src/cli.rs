@@ -3,6 +3,7 @@
 //! Options whose feature comes later are accepted now, so that scripts written today never break.
 
 use core::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::time::Duration;
 
@@ -49,7 +50,7 @@ pub struct ClientArgs {
     pub max_sleep: Duration,
     pub didkey_method: String,
     pub os_release: String,
-    pub mqtt: Option<(String, u16)>,
+    pub mqtt: Option<SocketAddrV4>,
     pub mqtt_id: String,
     pub mqtt_keepalive: u16,
     pub mdns: bool,
@@ -57,7 +58,7 @@ pub struct ClientArgs {
     /// `-e`/`-E`: accepted, no effect (LOCAL_API.md §19).
     pub enckey: bool,
     pub encdata: bool,
-    /// Options given that are parsed but not implemented yet (`--mqtt`, `--didkey-method`).
+    /// Options given that are parsed but not implemented yet (`--didkey-method`).
     pub not_built: Vec<&'static str>,
 }
 
@@ -142,7 +143,7 @@ Local:   --lan-port P (0 off) --local-port P --ble-port P (0 off) --max-clients 
          --max-msg BYTES --max-cloud-payload BYTES (<= 16384)
 Timers (seconds, fractions allowed): --keepalive --ack-timeout --user-ack-timeout
          --backoff-min --backoff-max --helper-grace --helper-timeout --max-sleep
-Other:   --didkey-method M --os-release FILE --mqtt[=HOST:PORT] --mqtt-id ID
+Other:   --didkey-method M --os-release FILE --mqtt[=IP:PORT] --mqtt-id ID
          --mqtt-keepalive S --mdns-port P (0 off) --no-mdns
 Signals: TERM/INT stop cleanly, HUP reopens the log and re-reads the data files.
 ";
@@ -203,7 +204,7 @@ fn country(v: &str) -> Result<String, CliError> {
 const SHORT_WITH_ARG: &str = "pHilLdCon";
 const SHORT_FLAGS: &str = "DhveE";
 
-/// Long options: (name, takes a value). `mqtt` takes an optional one (`--mqtt=HOST:PORT`).
+/// Long options: (name, takes a value). `mqtt` takes an optional one (`--mqtt=IP:PORT`).
 const LONG: &[(&str, bool)] = &[
     ("daemonize", false),
     ("datadir", true),
@@ -248,13 +249,12 @@ const LONG: &[(&str, bool)] = &[
 fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliError> {
     let v = val.unwrap_or("");
     let o = name;
-    let todo = match name {
-        "mqtt" | "mqtt-id" | "mqtt-keepalive" => Some("--mqtt"),
-        "didkey-method" => Some("--didkey-method"),
-        _ => None,
-    };
-    if let Some(t) = todo.filter(|t| !a.not_built.contains(t)) {
-        a.not_built.push(t);
+    if name == "didkey-method" && a.not_built.is_empty() {
+        a.not_built.push("--didkey-method");
+    }
+    #[cfg(not(feature = "mqtt"))]
+    if name.starts_with("mqtt") {
+        return Err(usage("--mqtt: this build has no MQTT (feature mqtt)"));
     }
     match name {
         "D" | "daemonize" => a.daemonize = true,
@@ -356,14 +356,14 @@ fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliErr
         }
         "os-release" => a.os_release = v.to_owned(),
         "mqtt" => {
-            let (h, p) = match val {
-                None => ("127.0.0.1".to_owned(), 1883),
-                Some(hp) => match hp.rsplit_once(':') {
-                    Some((h, p)) if !h.is_empty() => (h.to_owned(), port(o, p, false)?),
-                    _ => return Err(usage("option --mqtt: expected HOST:PORT")),
+            // L§11: the broker is on this host or the LAN, named by its IPv4 address (no lookup).
+            a.mqtt = Some(match val {
+                None => SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883),
+                Some(hp) => match hp.rsplit_once(':').map(|(h, p)| (h.parse(), p)) {
+                    Some((Ok(h), p)) => SocketAddrV4::new(h, port(o, p, false)?),
+                    _ => return Err(usage("option --mqtt: expected IPV4:PORT")),
                 },
-            };
-            a.mqtt = Some((h, p));
+            });
         }
         "mqtt-id" => {
             if v.is_empty() || v.len() > 23 {
@@ -525,7 +525,6 @@ mod tests {
             "--keepalive=0.5",
             "--lan-port",
             "0",
-            "--mqtt",
             "--no-mdns",
             "--udp-port=9000",
         ])
@@ -534,11 +533,36 @@ mod tests {
         assert_eq!(a.transports, vec![Transport::Tcp]);
         assert_eq!(a.keepalive, Duration::from_millis(500));
         assert_eq!(a.lan_port, 0);
-        assert_eq!(a.mqtt, Some(("127.0.0.1".into(), 1883)));
         assert!(!a.mdns);
         assert_eq!(a.udp_port, Some(9000));
+    }
+
+    #[cfg(feature = "mqtt")]
+    #[test]
+    fn mqtt_options() {
+        let a = p(&["--lan-port", "0", "--mqtt", "--no-mdns"]).unwrap();
+        assert_eq!(a.mqtt, Some("127.0.0.1:1883".parse().unwrap()));
         let b = p(&["--mqtt=10.0.0.1:1884"]).unwrap();
-        assert_eq!(b.mqtt, Some(("10.0.0.1".into(), 1884)));
+        assert_eq!(b.mqtt, Some("10.0.0.1:1884".parse().unwrap()));
+        // L§11: an address, not a name; MQTT options are notes no more.
+        assert!(matches!(
+            p(&["--mqtt=localhost:1883"]),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(p(&["--mqtt=127.0.0.1"]), Err(CliError::Usage(_))));
+        assert!(b.not_built.is_empty());
+    }
+
+    /// A build without the `mqtt` feature refuses its options (L§18).
+    #[cfg(not(feature = "mqtt"))]
+    #[test]
+    fn mqtt_options_need_the_feature() {
+        for o in ["--mqtt", "--mqtt-id=x", "--mqtt-keepalive=5"] {
+            let Err(CliError::Usage(m)) = p(&[o]) else {
+                panic!("{o} accepted")
+            };
+            assert!(m.contains("this build has no MQTT"), "{m}");
+        }
     }
 
     #[test]

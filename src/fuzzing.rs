@@ -2494,6 +2494,7 @@ impl LocalH {
                 let ok = match port {
                     Port::Ble => !self.conns.values().any(|c| c.port == Port::Ble),
                     Port::Local => !(extra && extras >= EXTRA_HELPER_CONNS),
+                    Port::Mqtt => unreachable!("the node attaches its MQTT connections"),
                 };
                 assert_eq!(self.l.accept(self.now, id, port), ok, "admission (L§2)");
                 if ok {
@@ -2503,6 +2504,7 @@ impl LocalH {
                             deadline: self.now + CLASSIFY_WINDOW,
                             held: Vec::new(),
                         },
+                        Port::Mqtt => Class::Ordinary,
                     };
                     let split = Splitter::new(self.max_msg);
                     self.conns.insert(
@@ -2771,6 +2773,11 @@ impl NodeH {
     fn on_action(&mut self, a: NodeAction) {
         let now = self.now;
         match a {
+            // The driver gives no --mqtt.
+            #[cfg(feature = "mqtt")]
+            NodeAction::BrokerConnect | NodeAction::BrokerSend(_) | NodeAction::BrokerClose => {
+                panic!("a broker action without --mqtt: {a:?}")
+            }
             NodeAction::Local(LocalAction::Send(c, t)) => self.client_gets(c, &t),
             NodeAction::Local(LocalAction::Close(c)) => {
                 assert!(
@@ -3108,6 +3115,7 @@ impl NodeH {
             let role = match port {
                 Port::Ble => Role::Ble,
                 Port::Local => Role::Unclassified(self.now + CLASSIFY_WINDOW),
+                Port::Mqtt => unreachable!("the node attaches its MQTT connections"),
             };
             let split = Splitter::new(16384);
             let commands = VecDeque::new();

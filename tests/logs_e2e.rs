@@ -122,26 +122,21 @@ fn options_not_built_yet_say_so_on_stderr() {
     // A log file that cannot be opened stops the daemon right after the options are parsed: the
     // note must already be on stderr by then, once per option.
     let bad_log = "/nonexistent-dir/miio.log";
-    for (opt, name) in [
-        ("--mqtt", "--mqtt"),
-        ("--mqtt=127.0.0.1:1883", "--mqtt"),
-        ("--mqtt-id=abc", "--mqtt"),
-        ("--mqtt-keepalive=30", "--mqtt"),
-        ("--didkey-method=_otc.x", "--didkey-method"),
-    ] {
-        let (code, err) = run(&[opt, "-L", bad_log]);
-        assert_eq!(code, 1, "{opt}: {err}");
-        let want = format!("miio_client: {name} is not built yet; ignored\n");
-        assert_eq!(err.matches(&want).count(), 1, "{opt}: {err}");
+    let (code, err) = run(&["--didkey-method=_otc.x", "-L", bad_log]);
+    assert_eq!(code, 1, "{err}");
+    let want = "miio_client: --didkey-method is not built yet; ignored\n";
+    assert_eq!(err.matches(want).count(), 1, "{err}");
+    // MQTT is built (L§11): its options print no note (a build without it refuses them, L§18).
+    if cfg!(feature = "mqtt") {
+        let (_, err) = run(&[
+            "--mqtt",
+            "--mqtt-id=abc",
+            "--didkey-method=m",
+            "-L",
+            bad_log,
+        ]);
+        assert_eq!(err.matches("is not built yet").count(), 1, "{err}");
     }
-    let (_, err) = run(&[
-        "--mqtt",
-        "--mqtt-id=abc",
-        "--didkey-method=m",
-        "-L",
-        bad_log,
-    ]);
-    assert_eq!(err.matches("is not built yet").count(), 2, "{err}");
     let (_, err) = run(&["-L", bad_log]);
     assert!(!err.contains("not built"), "{err}");
 }

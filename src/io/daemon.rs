@@ -84,6 +84,19 @@ const CLIENT_OUT_LIMIT: usize = 64 * 1024;
 /// Pending output of the cloud TCP link before a packet is dropped (P§5.2).
 pub(super) const CLOUD_OUT_LIMIT: usize = 256 * 1024;
 
+/// Pending output to the MQTT broker before the connection is given up as one that does not read.
+#[cfg(feature = "mqtt")]
+pub(super) const BROKER_OUT_LIMIT: usize = 256 * 1024;
+
+/// The MQTT broker's address and its connection of the current attempt (L§11).
+#[cfg(feature = "mqtt")]
+pub(super) struct Broker {
+    pub(super) addr: SocketAddr,
+    pub(super) stream: Option<TcpStream>,
+    pub(super) connected: bool,
+    pub(super) out: WriteQueue,
+}
+
 /// Datagrams (or accepts) taken from one socket per turn: a flood on one cannot hold the loop, and
 /// what it left is taken next turn.
 const BURST: usize = 16;
@@ -100,6 +113,9 @@ pub(super) struct Daemon {
     pub(super) resolver: Resolver<u32>,
     /// The mDNS responder (P§4.8), when enabled and its port could be bound.
     pub(super) mdns: Option<Mdns>,
+    /// `--mqtt`: the broker connection (L§11).
+    #[cfg(feature = "mqtt")]
+    pub(super) broker: Option<Broker>,
     /// Receive buffer for the LAN and cloud sockets, reused (see `with_rx`).
     rx: Vec<u8>,
     /// Sources that may hold more input than their last turn took; served again next turn
@@ -147,6 +163,13 @@ pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, mut config: NodeC
             return 1;
         }
     };
+    #[cfg(feature = "mqtt")]
+    let broker = a.mqtt.map(|addr| Broker {
+        addr: SocketAddr::V4(addr),
+        stream: None,
+        connected: false,
+        out: WriteQueue::new(BROKER_OUT_LIMIT),
+    });
     let mut d = Daemon {
         node: Node::new(crate::io::clock::now(), config, datafiles::fresh_token()),
         args: a,
@@ -157,6 +180,8 @@ pub fn run(args: ClientArgs, log: LogHandle, sockets: Sockets, mut config: NodeC
         cloud: None,
         resolver,
         mdns,
+        #[cfg(feature = "mqtt")]
+        broker,
         rx: vec![0; 65536],
         again: Vec::new(),
     };
@@ -189,6 +214,17 @@ impl Daemon {
         self.node
             .set_os_release(datafiles::os_release(&self.args.os_release));
         self.node.start(now);
+        #[cfg(feature = "mqtt")]
+        if self.broker.is_some() {
+            self.node.mqtt_start(
+                now,
+                crate::proto::mqtt::Config {
+                    client_id: self.args.mqtt_id.clone(),
+                    keep_alive: self.args.mqtt_keepalive,
+                    ..Default::default()
+                },
+            );
+        }
         self.run_actions(now);
         // Every deadline of the process is the node's (ARCHITECTURE.md rule 4), so the
         // `wakeup_time` it reports for a suspend is the one this wait uses. It is asked once per
@@ -231,6 +267,8 @@ impl Daemon {
                     reactor::LOCAL_LISTEN => self.accept(now, Port::Local),
                     reactor::BLE_LISTEN => self.accept(now, Port::Ble),
                     reactor::CLOUD => self.cloud_ready(now, r),
+                    #[cfg(feature = "mqtt")]
+                    reactor::MQTT => self.with_rx(|d, buf| d.broker_ready(now, r, buf)),
                     reactor::MDNS => self.mdns.as_mut().is_some_and(Mdns::readable),
                     reactor::RESOLVER => {
                         for ans in self.resolver.drain() {
@@ -319,6 +357,7 @@ impl Daemon {
             let l = match port {
                 Port::Local => self.sockets.local.as_ref(),
                 Port::Ble => self.sockets.ble.as_ref(),
+                Port::Mqtt => None,
             };
             let Some(l) = l else { return false };
             let stream = match l.accept() {
@@ -432,6 +471,67 @@ impl Daemon {
             }
             ReadStep::More => true,
             ReadStep::Drained => false,
+        }
+    }
+
+    /// The broker's connection (L§11): the connect finished on its first event, then queued
+    /// output written and one read of at most 4 KiB per turn, like a local client (§4.2). True
+    /// when it may hold more.
+    #[cfg(feature = "mqtt")]
+    fn broker_ready(&mut self, now: Instant, r: &reactor::Ready, buf: &mut [u8]) -> bool {
+        let Some(Broker {
+            stream: Some(s),
+            connected,
+            ..
+        }) = self.broker.as_mut()
+        else {
+            return false;
+        };
+        if !*connected {
+            let failed = match s.take_error() {
+                Ok(Some(_)) | Err(_) => true,
+                Ok(None) => match s.peer_addr() {
+                    Ok(_) => false,
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => return false,
+                    Err(_) => true,
+                },
+            };
+            if failed {
+                self.broker_close();
+                self.node.broker_connect_failed(now);
+                return false;
+            }
+            *connected = true;
+            self.node.broker_connected(now);
+            self.run_actions(now);
+        }
+        if r.writable && !self.broker_flush() {
+            self.broker_lost(now);
+            return false;
+        }
+        let buf = &mut buf[..crate::io::conn::READ_CHUNK];
+        loop {
+            let res = match self.broker.as_mut().and_then(|b| b.stream.as_mut()) {
+                Some(s) => s.read(buf),
+                None => return false,
+            };
+            match res {
+                Ok(0) => {
+                    self.broker_lost(now);
+                    return false;
+                }
+                Ok(n) => {
+                    self.node.broker_bytes(now, &buf[..n]);
+                    self.run_actions(now);
+                    return n == buf.len() || r.closed;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.broker_lost(now);
+                    return false;
+                }
+            }
         }
     }
 

@@ -12,6 +12,8 @@ use log::{debug, error, info};
 use mio::net::{TcpStream, UdpSocket};
 use mio::Interest;
 
+#[cfg(feature = "mqtt")]
+use super::daemon::{Broker, BROKER_OUT_LIMIT};
 use super::daemon::{CloudSock, Daemon, CLOUD_OUT_LIMIT};
 use crate::io::datafiles;
 use crate::io::log as ilog;
@@ -107,6 +109,12 @@ impl Daemon {
                 Action::WriteCountry(cc) => {
                     self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644);
                 }
+                #[cfg(feature = "mqtt")]
+                Action::BrokerConnect => self.broker_connect(now),
+                #[cfg(feature = "mqtt")]
+                Action::BrokerSend(b) => self.broker_send(now, b),
+                #[cfg(feature = "mqtt")]
+                Action::BrokerClose => self.broker_close(),
                 Action::SetLogLevel(l) => {
                     crate::info_limited!(now, "log level set to {l}");
                     ilog::set_level(l);
@@ -275,6 +283,79 @@ impl Daemon {
         let ok = out.write_to(stream).is_ok();
         self.node.set_cloud_backlog(!out.is_empty());
         ok
+    }
+}
+
+/// The MQTT broker's connection (L§11): a non-blocking connect, finished on its first event
+/// (`Daemon::broker_ready`), and one bounded write queue. Whatever cannot be written is the
+/// session's business: a failed write or a full queue is reported as a closed connection, and the
+/// session reconnects after its backoff.
+#[cfg(feature = "mqtt")]
+impl Daemon {
+    fn broker_connect(&mut self, now: Instant) {
+        self.broker_close();
+        let Some(b) = self.broker.as_mut() else {
+            return;
+        };
+        let reg = self.reactor.registry();
+        match TcpStream::connect(b.addr).and_then(|mut s| {
+            // Small packets that answer one another (a PUBACK, then the ack's PUBLISH): Nagle
+            // would hold the second for the broker's delayed ACK, 40 ms on Linux.
+            s.set_nodelay(true)?;
+            reg.register(
+                &mut s,
+                reactor::MQTT,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(s)
+        }) {
+            Ok(s) => b.stream = Some(s),
+            Err(e) => {
+                debug!("mqtt connect: {e}");
+                self.node.broker_connect_failed(now);
+            }
+        }
+    }
+
+    pub(super) fn broker_close(&mut self) {
+        if let Some(b) = self.broker.as_mut() {
+            if let Some(mut s) = b.stream.take() {
+                let _ = self.reactor.registry().deregister(&mut s);
+            }
+            b.connected = false;
+            b.out = WriteQueue::new(BROKER_OUT_LIMIT);
+        }
+    }
+
+    /// The connection failed or the broker does not read: closed, and the session told.
+    pub(super) fn broker_lost(&mut self, now: Instant) {
+        self.broker_close();
+        self.node.broker_closed(now);
+    }
+
+    fn broker_send(&mut self, now: Instant, bytes: Vec<u8>) {
+        let Some(b) = self.broker.as_mut().filter(|b| b.stream.is_some()) else {
+            return;
+        };
+        if b.out.push(bytes).is_err() {
+            crate::warn_limited!(now, "mqtt: the broker does not read, reconnecting");
+            self.broker_lost(now);
+        } else if !self.broker_flush() {
+            self.broker_lost(now);
+        }
+    }
+
+    /// Writes what is queued once connected; false when the connection failed.
+    pub(super) fn broker_flush(&mut self) -> bool {
+        match self.broker.as_mut() {
+            Some(Broker {
+                stream: Some(s),
+                connected: true,
+                out,
+                ..
+            }) => out.write_to(s).is_ok(),
+            _ => true,
+        }
     }
 }
 

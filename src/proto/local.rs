@@ -28,6 +28,9 @@ pub enum Port {
     Local,
     /// 54323: the BLE provisioning process (one client, `local.*` only).
     Ble,
+    /// The MQTT bridge (L§11): a connection the node attaches itself, ordinary from the start,
+    /// on no seat of `--max-clients`.
+    Mqtt,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,6 +195,19 @@ impl Local {
             },
         );
         true
+    }
+
+    /// Attaches a connection of the node's own (`Port::Mqtt`), ordinary at once. Attaching one
+    /// that is attached changes nothing: such a connection has no other state.
+    pub fn attach(&mut self, conn: ConnId) {
+        self.conns.insert(
+            conn,
+            Conn {
+                port: Port::Mqtt,
+                class: Class::Ordinary,
+                extra: false,
+            },
+        );
     }
 
     /// The reactor saw EOF or an error: forget the connection.
@@ -419,7 +435,7 @@ impl Local {
                 Some(Inbound::Upstream { conn, head, text })
             }
             None => match id.as_ref().and_then(rpc::id_u32) {
-                Some(idn) if port == Port::Local => Some(Inbound::Reply {
+                Some(idn) if port != Port::Ble => Some(Inbound::Reply {
                     conn,
                     id: idn,
                     head,

@@ -18,12 +18,10 @@
 //! closed or refused connection is retried after 1 s, doubling to 60 s, reset by an accepted
 //! CONNACK. PINGREQ only when the keep-alive is above 0 (MQTT 3.1.1 §3.1.2.10).
 
-use std::collections::VecDeque;
-
 use log::{info, warn};
 
 use crate::time::{Duration, Instant};
-use crate::wire::mqtt::{self, connack, Connect, Packet, Publish, QoS, Splitter};
+use crate::wire::mqtt::{self, connack, Packet, Publish, QoS, Splitter};
 
 /// The six topics of L§11.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,6 +104,11 @@ pub const DUP_WINDOW: Duration = Duration::from_secs(60);
 /// Received packet ids remembered at most; the oldest is forgotten first.
 pub const DUP_IDS: usize = 64;
 
+/// The SUBSCRIBE of [`Topic::SUBSCRIBED`] at QoS 1 with packet id 0, which is set before sending
+/// (a unit test holds it to what `wire::mqtt::subscribe` writes).
+const SUBSCRIBE: [u8; 60] =
+    *b"\x82\x3a\0\0\0\x0bmiio/report\x01\0\x10miio/command_ack\x01\0\x14local/miio_client_in\x01";
+
 /// What the io side must do with the broker connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -183,14 +186,14 @@ pub struct Session {
     next_id: u16,
     /// The packet id of the SUBSCRIBE waiting for its SUBACK.
     sub_id: Option<u16>,
-    inflight: VecDeque<Inflight>,
+    inflight: Vec<Inflight>,
     /// Packet ids of QoS 1 publishes received, with when (L§11, DUP); oldest first.
-    seen: VecDeque<(u16, Instant)>,
+    seen: Vec<(u16, Instant)>,
     /// When we last wrote a packet, and the PINGREQ waiting for its PINGRESP (keep-alive only).
     last_send: Instant,
     ping_sent: Option<Instant>,
-    actions: VecDeque<Action>,
-    events: VecDeque<Event>,
+    actions: Vec<Action>,
+    events: Vec<Event>,
     stats: Stats,
 }
 
@@ -208,12 +211,12 @@ impl Session {
             backoff: BACKOFF_MIN,
             next_id: 1,
             sub_id: None,
-            inflight: VecDeque::new(),
-            seen: VecDeque::new(),
+            inflight: Vec::new(),
+            seen: Vec::new(),
             last_send: Instant::ZERO,
             ping_sent: None,
-            actions: VecDeque::new(),
-            events: VecDeque::new(),
+            actions: Vec::new(),
+            events: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -231,11 +234,11 @@ impl Session {
             State::Idle => return,
             State::Up => {
                 self.send(now, vec![mqtt::kind::DISCONNECT << 4, 0]);
-                self.events.push_back(Event::Down);
-                self.actions.push_back(Action::Close);
+                self.events.push(Event::Down);
+                self.actions.push(Action::Close);
             }
             State::Connecting { .. } | State::AwaitConnack { .. } => {
-                self.actions.push_back(Action::Close)
+                self.actions.push(Action::Close)
             }
             State::Backoff { .. } => {}
         }
@@ -258,11 +261,12 @@ impl Session {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        // A few at a time, drained at once by the node: a Vec is small on flash.
+        (!self.actions.is_empty()).then(|| self.actions.remove(0))
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        (!self.events.is_empty()).then(|| self.events.remove(0))
     }
 
     /// The one deadline: the next connect, a connect or CONNACK timeout, a PINGREQ or a missing
@@ -320,22 +324,22 @@ impl Session {
         let State::Connecting { .. } = self.state else {
             return;
         };
-        let c = Connect {
-            client_id: &self.cfg.client_id,
-            clean_session: true,
-            keep_alive: self.cfg.keep_alive,
-            will: None,
-            username: None,
-            password: None,
-        };
-        let mut out = Vec::new();
-        if let Err(e) = mqtt::connect(&c, &mut out) {
-            // Only a client id that is no MQTT string; nothing will change it.
-            warn!("mqtt: cannot connect with this client id: {e}");
-            self.actions.push_back(Action::Close);
+        // MQTT 3.1.1 §3.1: protocol "MQTT" level 4, clean session, no will, user or password,
+        // written as bytes (a unit test holds them to the codec's `connect`).
+        let id = self.cfg.client_id.as_bytes();
+        let len = 12 + id.len();
+        if id.contains(&0) || len > 127 {
+            // A client id that is no MQTT string, or longer than --mqtt-id allows; nothing will
+            // change it.
+            warn!("mqtt: cannot connect with this client id");
+            self.actions.push(Action::Close);
             self.state = State::Idle;
             return;
         }
+        let mut out = vec![0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+        out.extend_from_slice(&self.cfg.keep_alive.to_be_bytes());
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id);
         self.send(now, out);
         self.state = State::AwaitConnack {
             deadline: now + CONNECT_TIMEOUT,
@@ -367,31 +371,25 @@ impl Session {
         }
         self.splitter.push(bytes);
         loop {
-            let frame = match self.splitter.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
-                Err(e) => {
-                    crate::warn_limited!(now, "mqtt: malformed stream from the broker: {e}");
-                    self.lost(now, true);
-                    return;
-                }
-            };
             // The frame borrows the splitter; what the packet says is taken out before acting.
-            let verdict = match mqtt::decode(frame) {
-                Ok(p) => Inbound::from_packet(p),
-                Err(e) => Err(e.to_string()),
+            let step = match self.splitter.next_frame() {
+                Ok(None) => return,
+                Ok(Some(frame)) => mqtt::decode_from_broker(frame).map(Inbound::from_packet),
+                Err(e) => Err(e),
             };
-            let ok = match verdict {
-                Ok(p) => self.handle(now, p),
-                Err(why) => {
-                    crate::warn_limited!(now, "mqtt: malformed packet from the broker: {why}");
-                    false
-                }
+            let why = match step {
+                Ok(p) => match self.handle(now, p) {
+                    Ok(()) => continue,
+                    Err(why) => why,
+                },
+                Err(e) => e.as_str(),
             };
-            if !ok {
-                self.lost(now, true);
-                return;
+            // L§11: malformed input closes the connection.
+            if !why.is_empty() {
+                crate::warn_limited!(now, "mqtt: malformed input from the broker, closing: {why}");
             }
+            self.lost(now, true);
+            return;
         }
     }
 
@@ -438,7 +436,7 @@ impl Session {
             return Err(Dropped::TooLarge);
         }
         self.send(now, packet.clone());
-        self.inflight.push_back(Inflight { id, packet });
+        self.inflight.push(Inflight { id, packet });
         Ok(id)
     }
 
@@ -449,7 +447,7 @@ impl Session {
     }
 
     fn attempt(&mut self, now: Instant) {
-        self.actions.push_back(Action::Connect);
+        self.actions.push(Action::Connect);
         self.state = State::Connecting {
             deadline: now + CONNECT_TIMEOUT,
         };
@@ -457,7 +455,7 @@ impl Session {
 
     fn send(&mut self, now: Instant, bytes: Vec<u8>) {
         self.last_send = now;
-        self.actions.push_back(Action::Send(bytes));
+        self.actions.push(Action::Send(bytes));
     }
 
     fn reset_link(&mut self) {
@@ -469,10 +467,10 @@ impl Session {
     /// The connection is gone (closed by us when `close`): wait, then connect again.
     fn lost(&mut self, now: Instant, close: bool) {
         if close {
-            self.actions.push_back(Action::Close);
+            self.actions.push(Action::Close);
         }
         if self.state == State::Up {
-            self.events.push_back(Event::Down);
+            self.events.push(Event::Down);
         }
         self.reset_link();
         self.state = State::Backoff {
@@ -492,24 +490,26 @@ impl Session {
         }
     }
 
-    /// One packet; false closes the connection.
-    fn handle(&mut self, now: Instant, p: Inbound) -> bool {
+    /// One packet; an error closes the connection (its text for the log, "" when logged).
+    fn handle(&mut self, now: Instant, p: Inbound) -> Result<(), &'static str> {
         match (self.state, p) {
             (State::AwaitConnack { .. }, Inbound::ConnAck(code)) => {
                 if code != connack::ACCEPTED {
+                    // 5 is "not authorized": an anonymous client on mosquitto 2 without
+                    // `allow_anonymous true` (L§11).
                     warn!("mqtt: the broker refused the session (CONNACK {code})");
-                    return false;
+                    return Err("");
                 }
                 info!("mqtt: connected to the broker");
                 self.state = State::Up;
                 self.backoff = BACKOFF_MIN;
-                self.events.push_back(Event::Up);
+                self.events.push(Event::Up);
                 let id = self.alloc_id();
                 self.sub_id = Some(id);
-                let filters = Topic::SUBSCRIBED.map(|t| (t.name(), QoS::AtLeastOnce));
-                let mut out = Vec::new();
-                // Fixed, valid filters and a non-zero id: this cannot fail.
-                let _ = mqtt::subscribe(id, &filters, &mut out);
+                // The three filters at QoS 1 (L§11), fixed: the packet is written as bytes
+                // rather than by the codec's general encoder, which a board need not carry.
+                let mut out = SUBSCRIBE.to_vec();
+                out[2..4].copy_from_slice(&id.to_be_bytes());
                 self.send(now, out);
                 // MQTT 3.1.1 §4.4: unacknowledged publishes again, with DUP, in their order.
                 for i in 0..self.inflight.len() {
@@ -518,12 +518,9 @@ impl Session {
                     self.inflight[i].packet[0] |= 0x08;
                     self.send(now, packet);
                 }
-                true
+                Ok(())
             }
-            (State::AwaitConnack { .. }, _) => {
-                crate::warn_limited!(now, "mqtt: the broker's first packet is not a CONNACK");
-                false
-            }
+            (State::AwaitConnack { .. }, _) => Err("a first packet that is not CONNACK"),
             (
                 _,
                 Inbound::SubAck {
@@ -534,25 +531,24 @@ impl Session {
             ) if Some(id) == self.sub_id => {
                 self.sub_id = None;
                 if granted + failed != Topic::SUBSCRIBED.len() {
-                    crate::warn_limited!(now, "mqtt: SUBACK with {} codes", granted + failed);
-                    return false;
+                    return Err("a SUBACK with the wrong number of codes");
                 }
                 if failed > 0 {
-                    warn!("mqtt: the broker refused {failed} of the subscriptions");
+                    warn!("mqtt: the broker refused a subscription");
                 }
-                true
+                Ok(())
             }
             (_, Inbound::PubAck(id)) => {
                 if let Some(i) = self.inflight.iter().position(|f| f.id == id) {
                     self.inflight.remove(i);
                 } else {
-                    crate::warn_limited!(now, "mqtt: PUBACK for unknown packet id {id}");
+                    crate::warn_limited!(now, "mqtt: a PUBACK for no publish of ours");
                 }
-                true
+                Ok(())
             }
             (_, Inbound::PingResp) => {
                 self.ping_sent = None;
-                true
+                Ok(())
             }
             (
                 _,
@@ -573,36 +569,27 @@ impl Session {
                         .retain(|&(_, at)| now.saturating_since(at) < DUP_WINDOW);
                     if dup && self.seen.iter().any(|&(s, _)| s == id) {
                         self.stats.duplicates += 1;
-                        return true;
+                        return Ok(());
                     }
                     if let Some(i) = self.seen.iter().position(|&(s, _)| s == id) {
                         self.seen.remove(i);
                     }
                     if self.seen.len() >= DUP_IDS {
-                        self.seen.pop_front();
+                        self.seen.remove(0);
                     }
-                    self.seen.push_back((id, now));
+                    self.seen.push((id, now));
                 }
                 match Topic::from_name(&topic) {
                     Some(t) if Topic::SUBSCRIBED.contains(&t) => {
-                        self.events.push_back(Event::Message { topic: t, payload });
+                        self.events.push(Event::Message { topic: t, payload });
                     }
-                    _ => crate::warn_limited!(now, "mqtt: a message on {topic:?} ignored"),
+                    _ => crate::warn_limited!(now, "mqtt: a message on a topic not ours, ignored"),
                 }
-                true
+                Ok(())
             }
-            (_, Inbound::Unexpected(what)) => {
-                crate::warn_limited!(now, "mqtt: unexpected {what} from the broker");
-                false
-            }
-            (_, Inbound::ConnAck(_)) => {
-                crate::warn_limited!(now, "mqtt: a second CONNACK from the broker");
-                false
-            }
-            (_, Inbound::SubAck { id, .. }) => {
-                crate::warn_limited!(now, "mqtt: SUBACK for unknown packet id {id}");
-                false
-            }
+            (_, Inbound::Unexpected(what)) => Err(what),
+            (_, Inbound::ConnAck(_)) => Err("a second CONNACK"),
+            (_, Inbound::SubAck { .. }) => Err("a SUBACK for no SUBSCRIBE of ours"),
         }
     }
 }
@@ -629,8 +616,8 @@ enum Inbound {
 }
 
 impl Inbound {
-    fn from_packet(p: Packet<'_>) -> Result<Inbound, String> {
-        Ok(match p {
+    fn from_packet(p: Packet<'_>) -> Inbound {
+        match p {
             Packet::ConnAck { code, .. } => Inbound::ConnAck(code),
             Packet::SubAck { id, codes } => {
                 let failed = codes.iter().filter(|&&c| c == 0x80).count();
@@ -642,23 +629,15 @@ impl Inbound {
             }
             Packet::PubAck(id) => Inbound::PubAck(id),
             Packet::PingResp => Inbound::PingResp,
-            Packet::Publish(p) if p.qos == QoS::ExactlyOnce => Inbound::Unexpected("QoS 2 PUBLISH"),
-            Packet::Publish(p) => Inbound::Publish {
+            Packet::Publish(p) if p.qos != QoS::ExactlyOnce => Inbound::Publish {
                 topic: p.topic.to_owned(),
                 id: p.id,
                 dup: p.dup,
                 payload: p.payload.to_vec(),
             },
-            Packet::PubRec(_) => Inbound::Unexpected("PUBREC"),
-            Packet::PubRel(_) => Inbound::Unexpected("PUBREL"),
-            Packet::PubComp(_) => Inbound::Unexpected("PUBCOMP"),
-            Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
-            Packet::Connect(_) => Inbound::Unexpected("CONNECT"),
-            Packet::Subscribe { .. } => Inbound::Unexpected("SUBSCRIBE"),
-            Packet::Unsubscribe { .. } => Inbound::Unexpected("UNSUBSCRIBE"),
-            Packet::PingReq => Inbound::Unexpected("PINGREQ"),
-            Packet::Disconnect => Inbound::Unexpected("DISCONNECT"),
-        })
+            // One text for all: each its own would cost flash for a line that is rare.
+            _ => Inbound::Unexpected("a QoS 2 packet or one not for a client"),
+        }
     }
 }
 
@@ -744,7 +723,7 @@ mod tests {
         let out = sends(&drain(&mut s));
         assert_eq!(
             mqtt::decode(&out[0]),
-            Ok(Packet::Connect(Connect {
+            Ok(Packet::Connect(mqtt::Connect {
                 client_id: "miio_client",
                 clean_session: true,
                 keep_alive: 0,
@@ -754,6 +733,40 @@ mod tests {
             }))
         );
         assert_eq!(s.poll_timeout(), Some(at(5) + CONNECT_TIMEOUT));
+    }
+
+    #[test]
+    fn the_connect_is_the_codecs() {
+        for (id, ka) in [("miio_client", 0), ("x", 30), ("id-é", 65535)] {
+            let mut s = Session::new(Config {
+                client_id: id.into(),
+                keep_alive: ka,
+                ..Config::default()
+            });
+            s.start(at(0));
+            s.connected(at(0));
+            let mut want = Vec::new();
+            let c = mqtt::Connect {
+                client_id: id,
+                clean_session: true,
+                keep_alive: ka,
+                will: None,
+                username: None,
+                password: None,
+            };
+            mqtt::connect(&c, &mut want).unwrap();
+            assert_eq!(sends(&drain(&mut s)), vec![want], "{id}");
+        }
+    }
+
+    #[test]
+    fn the_fixed_subscribe_is_the_codecs() {
+        let filters = Topic::SUBSCRIBED.map(|t| (t.name(), QoS::AtLeastOnce));
+        let mut out = Vec::new();
+        mqtt::subscribe(0x1234, &filters, &mut out).unwrap();
+        let mut fixed = SUBSCRIBE.to_vec();
+        fixed[2..4].copy_from_slice(&0x1234u16.to_be_bytes());
+        assert_eq!(fixed, out);
     }
 
     #[test]

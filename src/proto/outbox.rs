@@ -68,6 +68,17 @@ pub enum Action {
     /// Send the mDNS announcement of the service (P§4.8): at once when it changed, and once more
     /// a second later (RFC 6762 §8.3).
     MdnsAnnounce,
+    /// Open a fresh TCP connection to the MQTT broker (L§11), closing any older one; answer with
+    /// [`crate::proto::node::Node::broker_connected`] / [`crate::proto::node::Node::broker_connect_failed`].
+    #[cfg(feature = "mqtt")]
+    BrokerConnect,
+    /// Whole MQTT packets for the broker connection; a write that fails, or a backlog over its
+    /// cap, is reported with [`crate::proto::node::Node::broker_closed`].
+    #[cfg(feature = "mqtt")]
+    BrokerSend(Vec<u8>),
+    /// Close the broker connection; no report is expected.
+    #[cfg(feature = "mqtt")]
+    BrokerClose,
 }
 
 /// The text of a `wifi.conf`. It holds the router's password, so `Debug` shows its length only

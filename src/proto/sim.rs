@@ -991,6 +991,10 @@ impl Sim {
                     }
                     self.mdns_service = info;
                 }
+                #[cfg(feature = "mqtt")]
+                Action::BrokerConnect | Action::BrokerSend(_) | Action::BrokerClose => {
+                    self.fail("a broker action without --mqtt")
+                }
                 Action::MdnsAnnounce => match self.mdns_due.pop_front() {
                     Some(t) if t <= self.now => {}
                     Some(t) => self.fail(format!("mDNS announcement early, due at {:?}", clock(t))),

@@ -74,34 +74,41 @@ pub enum Error {
     EmptyList,
     /// A SUBACK return code other than 0, 1, 2 or 0x80 (MQTT 3.1.1 §3.9.3).
     BadSubAckCode(u8),
+    /// [`decode_from_broker`]: a packet type only a client sends (CONNECT, SUBSCRIBE,
+    /// UNSUBSCRIBE, PINGREQ, DISCONNECT).
+    FromClient(u8),
 }
 
 impl fmt::Display for Error {
+    // Static texts only: the variant's fields are for tests, and formatting numbers here would
+    // cost flash on every board for a line that names the fault well enough (ARCHITECTURE.md §6).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Error {
+    /// The text of [`fmt::Display`].
+    pub fn as_str(&self) -> &'static str {
         match self {
-            Error::RemainingLength => f.write_str("MQTT remaining length longer than 4 bytes"),
-            Error::TooLarge { len, cap } => {
-                write!(f, "MQTT packet of {len} bytes, above the cap of {cap}")
-            }
-            Error::Truncated => f.write_str("MQTT packet shorter than its fields"),
-            Error::Trailing => f.write_str("MQTT packet has bytes after its last field"),
-            Error::ReservedType(t) => write!(f, "MQTT reserved packet type {t}"),
-            Error::BadFlags { kind, flags } => {
-                write!(f, "MQTT packet type {kind} with flags {flags:#06b}")
-            }
-            Error::BadLength { kind, len } => {
-                write!(f, "MQTT packet type {kind} with remaining length {len}")
-            }
-            Error::BadProtocol => f.write_str("MQTT CONNECT not for protocol MQTT level 4"),
-            Error::BadConnectFlags(b) => write!(f, "MQTT CONNECT flags {b:#04x} are invalid"),
-            Error::BadConnAck => f.write_str("MQTT CONNACK with reserved bits or an unknown code"),
-            Error::BadQos(q) => write!(f, "MQTT invalid QoS {q}"),
-            Error::DupWithoutQos => f.write_str("MQTT PUBLISH with DUP at QoS 0"),
-            Error::BadString => f.write_str("MQTT string not UTF-8, with U+0000, or too long"),
-            Error::BadTopic => f.write_str("MQTT topic empty or with a wildcard"),
-            Error::PacketIdZero => f.write_str("MQTT packet identifier 0"),
-            Error::EmptyList => f.write_str("MQTT subscription list empty"),
-            Error::BadSubAckCode(c) => write!(f, "MQTT SUBACK return code {c:#04x}"),
+            Error::RemainingLength => "MQTT: length over 4 bytes",
+            Error::TooLarge { .. } => "MQTT: packet over the cap",
+            Error::Truncated => "MQTT: truncated",
+            Error::Trailing => "MQTT: trailing bytes",
+            Error::ReservedType(_) => "MQTT: reserved type",
+            Error::BadFlags { .. } => "MQTT: bad flags",
+            Error::BadLength { .. } => "MQTT: bad length",
+            Error::BadProtocol => "MQTT: not protocol level 4",
+            Error::BadConnectFlags(_) => "MQTT: bad CONNECT flags",
+            Error::BadConnAck => "MQTT: bad CONNACK",
+            Error::BadQos(_) => "MQTT: bad QoS",
+            Error::DupWithoutQos => "MQTT: DUP at QoS 0",
+            Error::BadString => "MQTT: bad string",
+            Error::BadTopic => "MQTT: bad topic",
+            Error::PacketIdZero => "MQTT: packet id 0",
+            Error::EmptyList => "MQTT: empty list",
+            Error::BadSubAckCode(_) => "MQTT: bad SUBACK code",
+            Error::FromClient(_) => "MQTT: a client's packet",
         }
     }
 }
@@ -355,10 +362,15 @@ fn take_bytes(b: &[u8]) -> Result<(&[u8], &[u8]), Error> {
 fn take_str(b: &[u8]) -> Result<(&str, &[u8]), Error> {
     let (s, rest) = take_bytes(b)?;
     let s = core::str::from_utf8(s).map_err(|_| Error::BadString)?;
-    if s.contains('\0') {
+    if has_nul(s) {
         return Err(Error::BadString);
     }
     Ok((s, rest))
+}
+
+/// U+0000 in a string (a byte loop: `str::contains` links a searcher).
+fn has_nul(s: &str) -> bool {
+    s.bytes().any(|b| b == 0)
 }
 
 fn take_id(b: &[u8]) -> Result<(u16, &[u8]), Error> {
@@ -380,10 +392,10 @@ fn check_filter(t: &str) -> Result<(), Error> {
 
 /// A topic name of PUBLISH: at least one character and no wildcard (MQTT 3.1.1 §3.3.2.1).
 pub fn check_topic(t: &str) -> Result<(), Error> {
-    if t.is_empty() || t.contains(['#', '+']) {
+    if t.is_empty() || t.bytes().any(|b| b == b'#' || b == b'+') {
         return Err(Error::BadTopic);
     }
-    if t.len() > MAX_STRING || t.contains('\0') {
+    if t.len() > MAX_STRING || has_nul(t) {
         return Err(Error::BadString);
     }
     Ok(())
@@ -400,6 +412,17 @@ fn done<T>(v: T, rest: &[u8]) -> Result<T, Error> {
 /// Decodes one whole frame (as [`Splitter::next_frame`] gives it: fixed header, remaining length,
 /// body, nothing more).
 pub fn decode(frame: &[u8]) -> Result<Packet<'_>, Error> {
+    decode_as::<true>(frame)
+}
+
+/// [`decode`] of what a broker may send a client: the packets only a client sends are
+/// [`Error::FromClient`] after the fixed header's checks, and their decoders are not linked
+/// into a build that uses only this one.
+pub fn decode_from_broker(frame: &[u8]) -> Result<Packet<'_>, Error> {
+    decode_as::<false>(frame)
+}
+
+fn decode_as<const CLIENT: bool>(frame: &[u8]) -> Result<Packet<'_>, Error> {
     let (&first, rest) = frame.split_first().ok_or(Error::Truncated)?;
     let (len, n) = remaining_length(rest)?.ok_or(Error::Truncated)?;
     let body = &rest[n..];
@@ -424,6 +447,14 @@ pub fn decode(frame: &[u8]) -> Result<Packet<'_>, Error> {
             Err(Error::BadLength { kind: t, len })
         }
     };
+    if !CLIENT
+        && matches!(
+            t,
+            kind::CONNECT | kind::SUBSCRIBE | kind::UNSUBSCRIBE | kind::PINGREQ | kind::DISCONNECT
+        )
+    {
+        return Err(Error::FromClient(t));
+    }
     match t {
         kind::CONNECT => decode_connect(body).map(Packet::Connect),
         kind::CONNACK => {
@@ -589,7 +620,7 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 fn string_len(s: &str) -> Result<usize, Error> {
-    if s.len() > MAX_STRING || s.contains('\0') {
+    if s.len() > MAX_STRING || has_nul(s) {
         return Err(Error::BadString);
     }
     Ok(2 + s.len())
@@ -1098,6 +1129,17 @@ mod tests {
             decode(&[0xe1, 0x00]),
             Err(Error::BadFlags { kind: 14, flags: 1 })
         );
+        // What only a client sends is refused from a broker, after the header's checks.
+        for frame in [&[0xc0, 0x00][..], &[0xe0, 0x00], &[0x82, 0x02, 0x00, 0x01]] {
+            assert!(decode(frame).is_ok() || frame[0] == 0x82, "{frame:?}");
+            let t = frame[0] >> 4;
+            assert_eq!(decode_from_broker(frame), Err(Error::FromClient(t)));
+        }
+        assert_eq!(
+            decode_from_broker(&[0xc1, 0x00]),
+            Err(Error::BadFlags { kind: 12, flags: 1 })
+        );
+        assert_eq!(decode_from_broker(&[0xd0, 0x00]), Ok(Packet::PingResp));
         assert_eq!(decode(&[0x00, 0x00]), Err(Error::ReservedType(0)));
         assert_eq!(decode(&[0xf0, 0x00]), Err(Error::ReservedType(15)));
         assert_eq!(decode(&[]), Err(Error::Truncated));

@@ -16,7 +16,7 @@ BENCH_RTT_N (2000), BENCH_CPU_N (2000), BENCH_CPU_BIN, BENCH_STARTS (10), BENCH_
 BENCH_ROUNDS (10),
 BENCH_CPU (the CPU of the latency rows, or "none"),
 BENCH_STATIC_TARGETS ("x86_64 aarch64 armv7", "" for none), BENCH_HOSTILE_SECS (60), BENCH_ONLY (comma
-list of sections: flash,session,startup,static-memory,cpu,syscalls,hostile,agent), BENCH_WITHOUT (tools or Debian packages to treat as missing,
+list of sections: flash,session,startup,static-memory,cpu,syscalls,hostile,agent,mqtt), BENCH_WITHOUT (tools or Debian packages to treat as missing,
 e.g. "mosquitto valgrind perf qemu-arm-static rustc-web"), CARGO, MAKE.
 """
 
@@ -1938,6 +1938,229 @@ def print_table():
         print("%2d. %s" % (i, f["how"]))
 
 
+# --- the MQTT API (L§11) ------------------------------------------------------------------------------
+
+class Broker:
+    """mosquitto on loopback for the daemon's --mqtt: anonymous clients allowed (L§11), no client of
+    ours kept connected."""
+
+    def __init__(self, exe):
+        self.port = free_port()
+        conf = os.path.join(RUN, "mqtt-broker.conf")
+        with open(conf, "w") as f:
+            # set_tcp_nodelay: back-to-back reports would otherwise wait for the daemon's delayed
+            # ACK of the broker's last PUBACK (Nagle on the broker's side, 40 ms on Linux).
+            f.write("listener %d 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                    "persistence false\nlog_dest none\n" % self.port)
+        self.p = spawn([exe, "-c", conf], stdout=subprocess.DEVNULL,
+                       stderr=open(os.path.join(RUN, "mqtt-broker.err"), "w"))
+        wait_for(lambda: tcp_accepts(self.port) or self.p.poll() is not None, 10, "mosquitto")
+        if self.p.poll() is not None:
+            raise Broken("mosquitto exited with %s" % self.p.returncode)
+
+    def close(self):
+        stop(self.p)
+
+
+def mqtt_packet(first, body):
+    n, rl = len(body), b""
+    while True:
+        b, n = n % 128, n // 128
+        rl += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return bytes([first]) + rl + body
+
+
+def mqtt_str(s):
+    return struct.pack(">H", len(s)) + s
+
+
+class MqttApp:
+    """A minimal MQTT 3.1.1 client, an app of L§11: QoS 0 publishes on miio/report, subscribed to
+    miio/report_ack. Blocking socket; `recv_publish` returns (topic, payload)."""
+
+    def __init__(self, port, cid=b"bench-app"):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.sock.sendall(mqtt_packet(0x10, mqtt_str(b"MQTT") + b"\x04\x02\x00\x00" + mqtt_str(cid)))
+        if self.packet()[0] >> 4 != 2:
+            raise Broken("mosquitto sent no CONNACK to the bench app")
+        self.sock.sendall(mqtt_packet(0x82, b"\x00\x01" + mqtt_str(b"miio/report_ack") + b"\x00"))
+        if self.packet()[0] >> 4 != 9:
+            raise Broken("mosquitto sent no SUBACK to the bench app")
+
+    def packet(self):
+        while True:
+            if len(self.buf) >= 2:
+                n, mul, i = 0, 1, 1
+                while i < len(self.buf):
+                    n += (self.buf[i] & 0x7F) * mul
+                    mul *= 128
+                    i += 1
+                    if not self.buf[i - 1] & 0x80:
+                        if len(self.buf) >= i + n:
+                            p, self.buf = self.buf[:i + n], self.buf[i + n:]
+                            return p[0], p[i:]
+                        break
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise Broken("mosquitto closed the bench app's connection")
+            self.buf += chunk
+
+    def publish(self, topic, payload):
+        self.sock.sendall(mqtt_packet(0x30, mqtt_str(topic) + payload))
+
+    def recv_publish(self):
+        while True:
+            first, body = self.packet()
+            if first >> 4 == 3:
+                (tl,) = struct.unpack(">H", body[:2])
+                rest = body[2 + tl:]
+                if (first >> 1) & 3:
+                    rest = rest[2:]  # a packet id (QoS 1 from the broker; the app subscribed at 0)
+                return body[2:2 + tl], rest
+
+    def close(self):
+        self.sock.close()
+
+
+def report_rtts(send, recv, n, tag):
+    """Round trips (us) of n reports, one at a time: send(text) then recv() until the ack's id."""
+    out = []
+    for i in range(n):
+        rid = 1 + i
+        text = b'{"id":%d,"method":"props","params":{"bench":%d}}' % (rid, i)
+        t0 = time.perf_counter()
+        send(text)
+        while True:
+            v = json.loads(recv())
+            if v.get("id") == rid:
+                break
+        if v.get("result") != "ok":
+            raise Broken("%s: report %d answered %r" % (tag, rid, v))
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+class Direct:
+    """A 54322 client with the same loop as the MQTT app."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def recv(self):
+        while True:
+            try:
+                v, end = json.JSONDecoder().raw_decode(self.buf.decode())
+                self.buf = self.buf[end:].lstrip()
+                return json.dumps(v)
+            except ValueError:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise Broken("the daemon closed the bench client")
+                self.buf += chunk
+
+    def close(self):
+        self.sock.close()
+
+
+def section_mqtt(opts):
+    """The daemon with --mqtt against a local mosquitto: idle wakeups beside the same daemon without
+    it over the same window, and the report round trip through the broker beside the direct 54322
+    path (L§11)."""
+    idle = "wakeups, connected idle, --mqtt (vs without)"
+    names = [idle, "report round trip via MQTT p50", "report round trip via MQTT p99"]
+    exe = find_tool("mosquitto")
+    if not exe:
+        for n in names:
+            skipped(n, "/min" if n == idle else "us", "mosquitto not installed")
+        return
+    broker = Broker(exe)
+    clouds, daemons = [Cloud(), Cloud()], []
+    try:
+        plain = Daemon(clouds[0].port, opts, "mqtt-off")
+        daemons.append(plain)
+        with_mqtt = Daemon(clouds[1].port, opts + ["--mqtt=127.0.0.1:%d" % broker.port], "mqtt-on")
+        daemons.append(with_mqtt)
+        for d in daemons:
+            d.connected()
+        with_mqtt.wait_log("mqtt: connected to the broker", 20)
+        time.sleep(2.0)  # the post-connect report and its ack pass
+        part("mqtt idle", part_mqtt_idle, plain, with_mqtt, broker, clouds, idle)
+        part("mqtt round trip", part_mqtt_rtt, with_mqtt, broker)
+    finally:
+        pin(ALL_CPUS)
+        for d in daemons:
+            d.close()
+        for c in clouds:
+            c.close()
+        broker.close()
+
+
+def part_mqtt_idle(plain, with_mqtt, broker, clouds, name):
+    cpus = split_cpus()
+    if cpus:
+        pin(cpus[0], plain.p.pid, with_mqtt.p.pid, broker.p.pid)
+        pin(cpus[1], 0, *[c.p.pid for c in clouds])
+    say("mqtt idle window: %.0f s (BENCH_IDLE_SECS), two connected daemons, one with --mqtt"
+        % IDLE_SECS)
+    noise = Noise(pinned=False)
+    noise.where = ("daemons and mosquitto on CPU %d, fake clouds on CPU %d"
+                   % (min(cpus[0]), min(cpus[1]))) if cpus else "one CPU"
+    a0, b0 = switches(plain.p.pid), switches(with_mqtt.p.pid)
+    t0 = time.monotonic()
+    time.sleep(IDLE_SECS)
+    secs = time.monotonic() - t0
+    a1, b1 = switches(plain.p.pid), switches(with_mqtt.p.pid)
+    for c in clouds:
+        c.check("the mqtt idle window")
+    off = (a1[0] - a0[0]) * 60.0 / secs
+    on = (b1[0] - b0[0]) * 60.0 / secs
+    figure(name, on, "/min", off,
+           "voluntary_ctxt_switches delta of every thread over %.0f s, connected, idle, 0 local "
+           "clients, --mqtt to a local mosquitto (keep-alive 0): %d switches; reference: the same "
+           "daemon without --mqtt, its own fake cloud, same window: %d switches"
+           % (secs, b1[0] - b0[0], a1[0] - a0[0]) + noise.text())
+
+
+def part_mqtt_rtt(d, broker):
+    n = max(1, RTT_N // 10)
+    rounds = ROUNDS
+    chunk = max(1, n // rounds)
+    say("report round trip via MQTT: %d reports, an app on mosquitto and a direct 54322 client "
+        "alternating in %d rounds" % (chunk * rounds, rounds))
+    pin(ONE_CPU, 0, d.p.pid, broker.p.pid)
+    noise = Noise()
+    app = MqttApp(broker.port)
+    direct = Direct(d.local)
+    try:
+        # The daemon's subscription is up (its CONNACK was logged); warm both paths.
+        report_rtts(lambda t: app.publish(b"miio/report", t), lambda: app.recv_publish()[1], 20, "mqtt")
+        report_rtts(lambda t: direct.sock.sendall(t), direct.recv, 20, "direct")
+
+        def measure(t, r):
+            if t == "mqtt":
+                return report_rtts(lambda x: app.publish(b"miio/report", x),
+                                   lambda: app.recv_publish()[1], chunk, "mqtt")
+            return report_rtts(lambda x: direct.sock.sendall(x), direct.recv, chunk, "direct")
+        got = interleaved(rounds, measure, "mqtt", "direct")
+    finally:
+        app.close()
+        direct.close()
+    mv = [x for c in got["mqtt"] for x in c]
+    dv = [x for c in got["direct"] for x in c]
+    how = ("mosquitto with set_tcp_nodelay true; a Python MQTT app publishing on miio/report (QoS 0) "
+           "and subscribed to miio/report_ack, "
+           "one report at a time, publish to ack, %d reports in %d rounds after 20 warm-up, "
+           "miio_fakecloud acking; reference: the direct 54322 path, the same Python loop on one "
+           "local client, rounds alternating" % (len(mv), rounds)) + noise.text()
+    figure("report round trip via MQTT p50", pct(mv, 0.50), "us", pct(dv, 0.50), how)
+    figure("report round trip via MQTT p99", pct(mv, 0.99), "us", pct(dv, 0.99), how)
+
+
 def section(name, fn, *args, rows=()):
     if ONLY and name not in ONLY:
         return
@@ -1970,6 +2193,7 @@ def main():
         section("syscalls", section_syscalls, opts)
         section("hostile", section_hostile)
         section("agent", section_agent, opts)
+        section("mqtt", section_mqtt, opts)
     finally:
         stop_all()
     with open(os.path.join(OUT, "results.json"), "w") as f:

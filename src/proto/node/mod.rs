@@ -15,6 +15,8 @@ mod boot;
 #[cfg(test)]
 mod harness;
 mod methods;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 mod power;
 mod provisioning;
 mod routing;
@@ -130,6 +132,9 @@ pub struct Node {
     mdns_service: Option<ServiceInfo>,
     /// The second mDNS announcement of a changed service (P§4.8).
     mdns_again: Option<Instant>,
+    /// `--mqtt`: the broker session and its routing (L§11).
+    #[cfg(feature = "mqtt")]
+    mqtt: Option<mqtt::Bridge>,
     actions: Outbox,
 }
 
@@ -164,6 +169,8 @@ impl Node {
             mdns_ip: None,
             mdns_service: None,
             mdns_again: None,
+            #[cfg(feature = "mqtt")]
+            mqtt: None,
             actions: Outbox::default(),
         }
     }
@@ -177,6 +184,15 @@ impl Node {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
+        // L§11: a message for the MQTT bridge is published when io takes it.
+        #[cfg(feature = "mqtt")]
+        loop {
+            let a = self.actions.pop()?;
+            if let Some(a) = self.mqtt_divert(a) {
+                return Some(a);
+            }
+        }
+        #[cfg(not(feature = "mqtt"))]
         self.actions.pop()
     }
 
@@ -189,6 +205,8 @@ impl Node {
             self.helper.poll_timeout(),
             self.config_retry,
             self.mdns_again,
+            #[cfg(feature = "mqtt")]
+            self.mqtt_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -212,6 +230,8 @@ impl Node {
         self.lan.handle_timeout(now, &mut self.actions);
         self.helper
             .handle_timeout(&mut Conns::new(&mut self.local, &mut self.actions), now);
+        #[cfg(feature = "mqtt")]
+        self.mqtt_handle_timeout(now);
         self.pump(now);
     }
 
@@ -292,6 +312,8 @@ impl Node {
             c.stop(now, &mut self.actions);
         }
         self.pump(now);
+        #[cfg(feature = "mqtt")]
+        self.mqtt_stop(now);
     }
 }
 

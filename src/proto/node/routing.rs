@@ -46,6 +46,8 @@ impl helper::Out for Conns<'_> {
 impl Node {
     /// Drains the machines' actions into node actions and decisions.
     pub(super) fn pump(&mut self, now: Instant) {
+        #[cfg(feature = "mqtt")]
+        self.mqtt_now(now);
         loop {
             if let Some(e) = self.cloud.as_mut().and_then(Cloud::poll_event) {
                 self.on_cloud_event(now, e);
@@ -271,6 +273,9 @@ impl Node {
 
     /// [`Node::local_value`] of a value as the splitter cut it: one it scanned already is not
     /// scanned again (json_stream::Piece).
+    // Not inlined: the MQTT bridge routes through here too, and one copy of the routing is what a
+    // board's flash should carry (ARCHITECTURE.md §6).
+    #[inline(never)]
     pub fn local_piece(&mut self, now: Instant, conn: ConnId, piece: Piece) {
         let inbound = match piece {
             Piece::Scanned { text, head } => {
