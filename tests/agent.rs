@@ -1,6 +1,7 @@
 //! miio_agent end to end (LOCAL_API.md §10): the real agent between applications and the real
 //! daemon, which talks to `miio_fakecloud`. Every port is a free one (the agent binds port 0 and
 //! logs what it got); every wait has a deadline.
+#![cfg(feature = "agent")]
 
 mod common;
 use common::*;

@@ -6,6 +6,7 @@
 //! `local/miio_client_out`; a `#` monitor shows it all. The broker killed and restarted: the daemon
 //! reconnects and resubscribes, and 54322 is served meanwhile. A broker that never answers, or
 //! talks garbage, stalls nothing either. Skipped (and recorded) without mosquitto.
+#![cfg(feature = "mqtt")]
 
 mod common;
 
