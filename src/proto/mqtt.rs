@@ -21,7 +21,7 @@
 use log::{info, warn};
 
 use crate::time::{Duration, Instant};
-use crate::wire::mqtt::{self, connack, Packet, Publish, QoS, Splitter};
+use crate::wire::mqtt::{self, connack, Packet, QoS, Splitter};
 
 /// The six topics of L§11.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -370,26 +370,34 @@ impl Session {
             return;
         }
         self.splitter.push(bytes);
-        loop {
-            // The frame borrows the splitter; what the packet says is taken out before acting.
-            let step = match self.splitter.next_frame() {
-                Ok(None) => return,
-                Ok(Some(frame)) => mqtt::decode_from_broker(frame).map(Inbound::from_packet),
-                Err(e) => Err(e),
-            };
-            let why = match step {
-                Ok(p) => match self.handle(now, p) {
-                    Ok(()) => continue,
-                    Err(why) => why,
-                },
-                Err(e) => e.as_str(),
-            };
-            // L§11: malformed input closes the connection.
-            if !why.is_empty() {
-                crate::warn_limited!(now, "mqtt: malformed input from the broker, closing: {why}");
+        // A frame borrows the splitter: it is taken out while its packets are handled, so each
+        // is acted on as decoded, with nothing copied but a message's payload.
+        let mut splitter = core::mem::replace(&mut self.splitter, Splitter::new(0));
+        let res = loop {
+            match splitter.next_frame() {
+                Ok(None) => break Ok(()),
+                Ok(Some(frame)) => {
+                    if let Err(log) = mqtt::decode_from_broker(frame)
+                        .map_err(|_| true)
+                        .and_then(|p| self.handle(now, p))
+                    {
+                        break Err(log);
+                    }
+                }
+                Err(_) => break Err(true),
+            }
+        };
+        self.splitter = splitter;
+        if let Err(log) = res {
+            // L§11: malformed input closes the connection. One text for every fault: this is
+            // a rare line, and a text for each would cost flash on every board.
+            if log {
+                crate::warn_limited!(
+                    now,
+                    "mqtt: malformed or unexpected input from the broker, closing"
+                );
             }
             self.lost(now, true);
-            return;
         }
     }
 
@@ -410,7 +418,9 @@ impl Session {
             return Err(Dropped::QueueFull);
         }
         // Header (at most 5), topic and id: the payload must fit the rest.
-        if payload.len() + 5 + 2 + topic.name().len() + 2 > self.cfg.max_packet {
+        if payload.len() + 5 + 2 + topic.name().len() + 2
+            > self.cfg.max_packet.min(mqtt::MAX_REMAINING)
+        {
             self.stats.dropped_large += 1;
             crate::warn_limited!(
                 now,
@@ -421,20 +431,25 @@ impl Session {
             return Err(Dropped::TooLarge);
         }
         let id = self.alloc_id();
-        let mut packet = Vec::new();
-        let p = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: topic.name(),
-            id: Some(id),
-            payload,
-        };
-        if mqtt::publish(&p, &mut packet).is_err() {
-            // The topics are fixed and valid and the size was checked: unreachable in practice.
-            self.stats.dropped_large += 1;
-            return Err(Dropped::TooLarge);
+        // MQTT 3.1.1 §3.3: PUBLISH at QoS 1, written as bytes (the topics are fixed and valid, the
+        // size checked; a unit test holds it to the codec's `publish`).
+        let name = topic.name().as_bytes();
+        let len = 2 + name.len() + 2 + payload.len();
+        let mut packet = Vec::with_capacity(len + 5);
+        packet.push(mqtt::kind::PUBLISH << 4 | 0b0010);
+        let mut v = len;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            packet.push(if v > 0 { byte | 0x80 } else { byte });
+            if v == 0 {
+                break;
+            }
         }
+        packet.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        packet.extend_from_slice(name);
+        packet.extend_from_slice(&id.to_be_bytes());
+        packet.extend_from_slice(payload);
         self.send(now, packet.clone());
         self.inflight.push(Inflight { id, packet });
         Ok(id)
@@ -490,15 +505,15 @@ impl Session {
         }
     }
 
-    /// One packet; an error closes the connection (its text for the log, "" when logged).
-    fn handle(&mut self, now: Instant, p: Inbound) -> Result<(), &'static str> {
+    /// One packet; an error closes the connection (true: to be logged as malformed).
+    fn handle(&mut self, now: Instant, p: Packet<'_>) -> Result<(), bool> {
         match (self.state, p) {
-            (State::AwaitConnack { .. }, Inbound::ConnAck(code)) => {
+            (State::AwaitConnack { .. }, Packet::ConnAck { code, .. }) => {
                 if code != connack::ACCEPTED {
                     // 5 is "not authorized": an anonymous client on mosquitto 2 without
                     // `allow_anonymous true` (L§11).
                     warn!("mqtt: the broker refused the session (CONNACK {code})");
-                    return Err("");
+                    return Err(false);
                 }
                 info!("mqtt: connected to the broker");
                 self.state = State::Up;
@@ -513,32 +528,25 @@ impl Session {
                 self.send(now, out);
                 // MQTT 3.1.1 §4.4: unacknowledged publishes again, with DUP, in their order.
                 for i in 0..self.inflight.len() {
-                    let mut packet = self.inflight[i].packet.clone();
-                    packet[0] |= 0x08;
                     self.inflight[i].packet[0] |= 0x08;
+                    let packet = self.inflight[i].packet.clone();
                     self.send(now, packet);
                 }
                 Ok(())
             }
-            (State::AwaitConnack { .. }, _) => Err("a first packet that is not CONNACK"),
-            (
-                _,
-                Inbound::SubAck {
-                    id,
-                    granted,
-                    failed,
-                },
-            ) if Some(id) == self.sub_id => {
+            // A first packet that is not CONNACK.
+            (State::AwaitConnack { .. }, _) => Err(true),
+            (_, Packet::SubAck { id, codes }) if Some(id) == self.sub_id => {
                 self.sub_id = None;
-                if granted + failed != Topic::SUBSCRIBED.len() {
-                    return Err("a SUBACK with the wrong number of codes");
+                if codes.len() != Topic::SUBSCRIBED.len() {
+                    return Err(true);
                 }
-                if failed > 0 {
+                if codes.contains(&0x80) {
                     warn!("mqtt: the broker refused a subscription");
                 }
                 Ok(())
             }
-            (_, Inbound::PubAck(id)) => {
+            (_, Packet::PubAck(id)) => {
                 if let Some(i) = self.inflight.iter().position(|f| f.id == id) {
                     self.inflight.remove(i);
                 } else {
@@ -546,20 +554,13 @@ impl Session {
                 }
                 Ok(())
             }
-            (_, Inbound::PingResp) => {
+            (_, Packet::PingResp) => {
                 self.ping_sent = None;
                 Ok(())
             }
-            (
-                _,
-                Inbound::Publish {
-                    topic,
-                    id,
-                    dup,
-                    payload,
-                },
-            ) => {
-                if let Some(id) = id {
+            // QoS 2 is refused: the subscriptions are QoS 1.
+            (_, Packet::Publish(p)) if p.qos != QoS::ExactlyOnce => {
+                if let Some(id) = p.id {
                     // MQTT 3.1.1 §4.3.2: PUBACK for QoS 1.
                     self.send(
                         now,
@@ -567,7 +568,7 @@ impl Session {
                     );
                     self.seen
                         .retain(|&(_, at)| now.saturating_since(at) < DUP_WINDOW);
-                    if dup && self.seen.iter().any(|&(s, _)| s == id) {
+                    if p.dup && self.seen.iter().any(|&(s, _)| s == id) {
                         self.stats.duplicates += 1;
                         return Ok(());
                     }
@@ -579,64 +580,20 @@ impl Session {
                     }
                     self.seen.push((id, now));
                 }
-                match Topic::from_name(&topic) {
-                    Some(t) if Topic::SUBSCRIBED.contains(&t) => {
-                        self.events.push(Event::Message { topic: t, payload });
+                match Topic::SUBSCRIBED.into_iter().find(|t| t.name() == p.topic) {
+                    Some(topic) => self.events.push(Event::Message {
+                        topic,
+                        payload: p.payload.to_vec(),
+                    }),
+                    None => {
+                        crate::warn_limited!(now, "mqtt: a message on a topic not ours, ignored")
                     }
-                    _ => crate::warn_limited!(now, "mqtt: a message on a topic not ours, ignored"),
                 }
                 Ok(())
             }
-            (_, Inbound::Unexpected(what)) => Err(what),
-            (_, Inbound::ConnAck(_)) => Err("a second CONNACK"),
-            (_, Inbound::SubAck { .. }) => Err("a SUBACK for no SUBSCRIBE of ours"),
-        }
-    }
-}
-
-/// What a decoded packet tells the session, owned, so the frame's buffer can be reused.
-enum Inbound {
-    ConnAck(u8),
-    SubAck {
-        id: u16,
-        granted: usize,
-        failed: usize,
-    },
-    PubAck(u16),
-    PingResp,
-    Publish {
-        topic: String,
-        id: Option<u16>,
-        dup: bool,
-        payload: Vec<u8>,
-    },
-    /// A packet a broker does not send to this client: QoS 2 (the subscriptions are QoS 1), the
-    /// QoS 2 handshake, UNSUBACK (we never unsubscribe), and the client's own packets.
-    Unexpected(&'static str),
-}
-
-impl Inbound {
-    fn from_packet(p: Packet<'_>) -> Inbound {
-        match p {
-            Packet::ConnAck { code, .. } => Inbound::ConnAck(code),
-            Packet::SubAck { id, codes } => {
-                let failed = codes.iter().filter(|&&c| c == 0x80).count();
-                Inbound::SubAck {
-                    id,
-                    granted: codes.len() - failed,
-                    failed,
-                }
-            }
-            Packet::PubAck(id) => Inbound::PubAck(id),
-            Packet::PingResp => Inbound::PingResp,
-            Packet::Publish(p) if p.qos != QoS::ExactlyOnce => Inbound::Publish {
-                topic: p.topic.to_owned(),
-                id: p.id,
-                dup: p.dup,
-                payload: p.payload.to_vec(),
-            },
-            // One text for all: each its own would cost flash for a line that is rare.
-            _ => Inbound::Unexpected("a QoS 2 packet or one not for a client"),
+            // A second CONNACK, a SUBACK for no SUBSCRIBE of ours, QoS 2 and its handshake,
+            // UNSUBACK (we never unsubscribe), the client's own packets.
+            _ => Err(true),
         }
     }
 }
@@ -695,7 +652,7 @@ mod tests {
     fn publish_in(topic: &str, id: Option<u16>, dup: bool, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         mqtt::publish(
-            &Publish {
+            &mqtt::Publish {
                 dup,
                 qos: if id.is_some() {
                     QoS::AtLeastOnce
