@@ -488,13 +488,10 @@ impl Daemon {
             return false;
         };
         if !*connected {
-            let failed = match s.take_error() {
-                Ok(Some(_)) | Err(_) => true,
-                Ok(None) => match s.peer_addr() {
-                    Ok(_) => false,
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => return false,
-                    Err(_) => true,
-                },
+            let failed = match connect_state(s) {
+                Ok(false) => return false,
+                Ok(true) => false,
+                Err(_) => true,
             };
             if failed {
                 self.broker_close();
@@ -575,13 +572,10 @@ impl Daemon {
         else {
             return false;
         };
-        let failed = match stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(OsError::from(e)),
-            Ok(None) => match stream.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return false,
-                Err(e) => Some(OsError::from(e)),
-            },
+        let failed = match connect_state(stream) {
+            Ok(false) => return false,
+            Ok(true) => None,
+            Err(e) => Some(OsError::from(e)),
         };
         if let Some(reason) = failed {
             self.cloud_close();
@@ -669,4 +663,17 @@ fn log_bound(s: &Sockets, mdns: Option<&Mdns>) {
         show("tcp", s.ble.as_ref().map(|x| x.local_addr())),
         show("udp", mdns.map(|m| m.local_addr())),
     );
+}
+
+/// Where a non-blocking connect stands (the cloud's TCP link and the broker's share it): Ok(false)
+/// not yet, Ok(true) connected, Err why it failed.
+fn connect_state(s: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = s.take_error()? {
+        return Err(e);
+    }
+    match s.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
 }

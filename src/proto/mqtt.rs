@@ -407,28 +407,26 @@ impl Session {
             self.stats.dropped_not_up += 1;
             return Err(Dropped::NotUp);
         }
-        if self.inflight.len() >= self.cfg.max_inflight {
-            self.stats.dropped_full += 1;
-            crate::warn_limited!(
-                now,
-                "mqtt: {} publishes wait for the broker's PUBACK, the new one on {} is dropped",
-                self.inflight.len(),
-                topic.name()
-            );
-            return Err(Dropped::QueueFull);
-        }
         // Header (at most 5), topic and id: the payload must fit the rest.
-        if payload.len() + 5 + 2 + topic.name().len() + 2
-            > self.cfg.max_packet.min(mqtt::MAX_REMAINING)
+        let full = self.inflight.len() >= self.cfg.max_inflight;
+        if full
+            || payload.len() + 5 + 2 + topic.name().len() + 2
+                > self.cfg.max_packet.min(mqtt::MAX_REMAINING)
         {
-            self.stats.dropped_large += 1;
-            crate::warn_limited!(
-                now,
-                "mqtt: a {} byte publish on {} is above the packet cap, dropped",
-                payload.len(),
-                topic.name()
-            );
-            return Err(Dropped::TooLarge);
+            // One warning for both causes: a line for each would cost flash on every board.
+            let why = if full {
+                self.stats.dropped_full += 1;
+                "PUBACKs awaited"
+            } else {
+                self.stats.dropped_large += 1;
+                "over the packet cap"
+            };
+            crate::warn_limited!(now, "mqtt: a publish on {} dropped: {why}", topic.name());
+            return Err(if full {
+                Dropped::QueueFull
+            } else {
+                Dropped::TooLarge
+            });
         }
         let id = self.alloc_id();
         // MQTT 3.1.1 §3.3: PUBLISH at QoS 1, written as bytes (the topics are fixed and valid, the
@@ -550,7 +548,7 @@ impl Session {
                 if let Some(i) = self.inflight.iter().position(|f| f.id == id) {
                     self.inflight.remove(i);
                 } else {
-                    crate::warn_limited!(now, "mqtt: a PUBACK for no publish of ours");
+                    crate::warn_limited!(now, "mqtt: a PUBACK or message not for us, ignored");
                 }
                 Ok(())
             }
