@@ -270,7 +270,7 @@ impl<I: Io> Agent<I> {
         } else if m.starts_with("_internal.") {
             // L§10: the helper channel is the daemon's own (L§9); through the agent it would make
             // the agent's connection a helper connection, which receives no commands (L§4.2).
-            note(now, "_internal.* from a client not forwarded");
+            note(now, "_internal.* not forwarded");
         } else {
             self.request_up(now, app, text, &head);
         }
@@ -302,7 +302,7 @@ impl<I: Io> Agent<I> {
                 debug!("agent: registered a key");
                 a.keys.push(k);
             }
-            _ => note(now, "(un)register refused (L§10 bounds)"),
+            _ => note(now, "(un)register refused"),
         }
     }
 
@@ -346,7 +346,7 @@ impl<I: Io> Agent<I> {
     /// [`MAX_PENDING`] are taken.
     fn alloc_id(&mut self, now: Instant) -> u32 {
         if self.pending.len() >= MAX_PENDING {
-            note(now, "1024 requests pending; oldest given up");
+            note(now, "1024 pending; oldest given up");
             self.pending.remove(0);
         }
         loop {
@@ -362,7 +362,7 @@ impl<I: Io> Agent<I> {
     /// the connection is given up and retried).
     fn send_up(&mut self, now: Instant, text: Rc<str>) -> bool {
         if self.up != Upstream::Up {
-            note(now, "no daemon; a client's message dropped");
+            note(now, "no daemon; message dropped");
             return false;
         }
         if self.io.up(text) {
@@ -380,7 +380,7 @@ impl<I: Io> Agent<I> {
                 return;
             }
         }
-        note(now, "a message from the daemon for nobody; dropped");
+        note(now, "daemon message for nobody; dropped");
     }
 
     /// False: nobody takes `text`.
