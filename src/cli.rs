@@ -204,66 +204,130 @@ fn country(v: &str) -> Result<String, CliError> {
 const SHORT_WITH_ARG: &str = "pHilLdCon";
 const SHORT_FLAGS: &str = "DhveE";
 
-/// Long options: (name, takes a value). `mqtt` takes an optional one (`--mqtt=IP:PORT`).
-const LONG: &[(&str, bool)] = &[
-    ("daemonize", false),
-    ("datadir", true),
-    ("loglevel", true),
-    ("logfile", true),
-    ("host", true),
-    ("port", true),
-    ("interval", true),
-    ("dcountry", true),
-    ("enckey", false),
-    ("encdata", false),
-    ("help", false),
-    ("version", false),
-    ("udp-host", true),
-    ("udp-port", true),
-    ("tcp-host", true),
-    ("tcp-port", true),
-    ("transports", true),
-    ("lan-port", true),
-    ("local-port", true),
-    ("ble-port", true),
-    ("max-clients", true),
-    ("max-msg", true),
-    ("max-cloud-payload", true),
-    ("keepalive", true),
-    ("ack-timeout", true),
-    ("user-ack-timeout", true),
-    ("backoff-min", true),
-    ("backoff-max", true),
-    ("helper-grace", true),
-    ("helper-timeout", true),
-    ("max-sleep", true),
-    ("didkey-method", true),
-    ("os-release", true),
-    ("mqtt", false),
-    ("mqtt-id", true),
-    ("mqtt-keepalive", true),
-    ("mdns-port", true),
-    ("no-mdns", false),
+/// What an option sets: `apply` matches on this, found by name in [`OPTS`], rather than on the
+/// names themselves, whose string compares cost flash (ARCHITECTURE.md §6).
+#[derive(Clone, Copy)]
+enum Opt {
+    Daemonize,
+    Help,
+    Version,
+    Enckey,
+    Encdata,
+    Ignored,
+    Datadir,
+    Loglevel,
+    Logfile,
+    Host,
+    Port,
+    Interval,
+    Dcountry,
+    UdpHost,
+    UdpPort,
+    TcpHost,
+    TcpPort,
+    Transports,
+    LanPort,
+    LocalPort,
+    BlePort,
+    MaxClients,
+    MaxMsg,
+    MaxCloudPayload,
+    Keepalive,
+    AckTimeout,
+    UserAckTimeout,
+    BackoffMin,
+    BackoffMax,
+    HelperGrace,
+    HelperTimeout,
+    MaxSleep,
+    DidkeyMethod,
+    OsRelease,
+    Mqtt,
+    MqttId,
+    MqttKeepalive,
+    MdnsPort,
+    NoMdns,
+}
+
+/// Every option: (name, what it sets, takes a value). Long names, in the order `--help` lists them
+/// and with whether they take a value (`mqtt` takes an optional one, `--mqtt=IP:PORT`), then the
+/// short ones (their values per [`SHORT_WITH_ARG`]; a one-letter name is never a long option).
+const OPTS: &[(&str, Opt, bool)] = &[
+    ("daemonize", Opt::Daemonize, false),
+    ("datadir", Opt::Datadir, true),
+    ("loglevel", Opt::Loglevel, true),
+    ("logfile", Opt::Logfile, true),
+    ("host", Opt::Host, true),
+    ("port", Opt::Port, true),
+    ("interval", Opt::Interval, true),
+    ("dcountry", Opt::Dcountry, true),
+    ("enckey", Opt::Enckey, false),
+    ("encdata", Opt::Encdata, false),
+    ("help", Opt::Help, false),
+    ("version", Opt::Version, false),
+    ("udp-host", Opt::UdpHost, true),
+    ("udp-port", Opt::UdpPort, true),
+    ("tcp-host", Opt::TcpHost, true),
+    ("tcp-port", Opt::TcpPort, true),
+    ("transports", Opt::Transports, true),
+    ("lan-port", Opt::LanPort, true),
+    ("local-port", Opt::LocalPort, true),
+    ("ble-port", Opt::BlePort, true),
+    ("max-clients", Opt::MaxClients, true),
+    ("max-msg", Opt::MaxMsg, true),
+    ("max-cloud-payload", Opt::MaxCloudPayload, true),
+    ("keepalive", Opt::Keepalive, true),
+    ("ack-timeout", Opt::AckTimeout, true),
+    ("user-ack-timeout", Opt::UserAckTimeout, true),
+    ("backoff-min", Opt::BackoffMin, true),
+    ("backoff-max", Opt::BackoffMax, true),
+    ("helper-grace", Opt::HelperGrace, true),
+    ("helper-timeout", Opt::HelperTimeout, true),
+    ("max-sleep", Opt::MaxSleep, true),
+    ("didkey-method", Opt::DidkeyMethod, true),
+    ("os-release", Opt::OsRelease, true),
+    ("mqtt", Opt::Mqtt, false),
+    ("mqtt-id", Opt::MqttId, true),
+    ("mqtt-keepalive", Opt::MqttKeepalive, true),
+    ("mdns-port", Opt::MdnsPort, true),
+    ("no-mdns", Opt::NoMdns, false),
+    ("D", Opt::Daemonize, false),
+    ("h", Opt::Help, false),
+    ("v", Opt::Version, false),
+    ("e", Opt::Enckey, false),
+    ("E", Opt::Encdata, false),
+    ("o", Opt::Ignored, false),
+    ("n", Opt::Ignored, false),
+    ("d", Opt::Datadir, false),
+    ("l", Opt::Loglevel, false),
+    ("L", Opt::Logfile, false),
+    ("H", Opt::Host, false),
+    ("p", Opt::Port, false),
+    ("i", Opt::Interval, false),
+    ("C", Opt::Dcountry, false),
 ];
 
 fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliError> {
     let v = val.unwrap_or("");
     let o = name;
-    if name == "didkey-method" && a.not_built.is_empty() {
-        a.not_built.push("--didkey-method");
-    }
     #[cfg(not(feature = "mqtt"))]
     if name.starts_with("mqtt") {
         return Err(usage("--mqtt: this build has no MQTT (feature mqtt)"));
     }
-    match name {
-        "D" | "daemonize" => a.daemonize = true,
-        "h" | "help" => return Err(CliError::Help),
-        "v" | "version" => return Err(CliError::Version),
-        "e" | "enckey" => a.enckey = true,
-        "E" | "encdata" => a.encdata = true,
-        "o" | "n" => {} // newer gateway builds pass these; meaning unknown (LOCAL_API.md §19).
-        "d" | "datadir" => {
+    let Some(&(_, opt, _)) = OPTS.iter().find(|(n, ..)| *n == name) else {
+        return Err(usage(format!("unknown option {name}")));
+    };
+    if matches!(opt, Opt::DidkeyMethod) && a.not_built.is_empty() {
+        a.not_built.push("--didkey-method");
+    }
+    match opt {
+        Opt::Daemonize => a.daemonize = true,
+        Opt::Help => return Err(CliError::Help),
+        Opt::Version => return Err(CliError::Version),
+        Opt::Enckey => a.enckey = true,
+        Opt::Encdata => a.encdata = true,
+        Opt::Ignored => {} // newer gateway builds pass these; meaning unknown (LOCAL_API.md §19).
+        Opt::Datadir => {
             if v.is_empty() {
                 return Err(usage("option -d: empty data dir"));
             }
@@ -273,34 +337,34 @@ fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliErr
                 format!("{v}/")
             };
         }
-        "l" | "loglevel" => {
+        Opt::Loglevel => {
             let l: u8 = num(o, v)?;
             if l > 4 {
                 return Err(usage(format!("option -l: level {l} is not in 0..4")));
             }
             a.loglevel = l;
         }
-        "L" | "logfile" => {
+        Opt::Logfile => {
             if v.is_empty() {
                 return Err(usage("option -L: empty file name"));
             }
             a.logfile = Some(v.to_owned());
         }
-        "H" | "host" => a.host = Some(host(o, v)?),
-        "p" | "port" => a.port = Some(port(o, v, false)?),
-        "i" | "interval" => {
+        Opt::Host => a.host = Some(host(o, v)?),
+        Opt::Port => a.port = Some(port(o, v, false)?),
+        Opt::Interval => {
             let ms: u64 = num(o, v)?;
             if ms == 0 {
                 return Err(usage("option -i: the interval must be positive"));
             }
             a.interval_ms = Some(ms);
         }
-        "C" | "dcountry" => a.country = Some(country(v)?),
-        "udp-host" => a.udp_host = Some(host(o, v)?),
-        "udp-port" => a.udp_port = Some(port(o, v, false)?),
-        "tcp-host" => a.tcp_host = Some(host(o, v)?),
-        "tcp-port" => a.tcp_port = Some(port(o, v, false)?),
-        "transports" => {
+        Opt::Dcountry => a.country = Some(country(v)?),
+        Opt::UdpHost => a.udp_host = Some(host(o, v)?),
+        Opt::UdpPort => a.udp_port = Some(port(o, v, false)?),
+        Opt::TcpHost => a.tcp_host = Some(host(o, v)?),
+        Opt::TcpPort => a.tcp_port = Some(port(o, v, false)?),
+        Opt::Transports => {
             let mut t = Vec::new();
             for part in v.split(',') {
                 let x = match part.trim() {
@@ -319,43 +383,43 @@ fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliErr
             }
             a.transports = t;
         }
-        "lan-port" => a.lan_port = port(o, v, true)?,
-        "local-port" => a.local_port = port(o, v, true)?,
-        "ble-port" => a.ble_port = port(o, v, true)?,
-        "max-clients" => {
+        Opt::LanPort => a.lan_port = port(o, v, true)?,
+        Opt::LocalPort => a.local_port = port(o, v, true)?,
+        Opt::BlePort => a.ble_port = port(o, v, true)?,
+        Opt::MaxClients => {
             a.max_clients = num(o, v)?;
             if a.max_clients == 0 || a.max_clients > 1000 {
                 return Err(usage("option --max-clients: must be 1..1000"));
             }
         }
-        "max-msg" => {
+        Opt::MaxMsg => {
             a.max_msg = num(o, v)?;
             if !(256..=1 << 20).contains(&a.max_msg) {
                 return Err(usage("option --max-msg: must be 256..1048576"));
             }
         }
-        "max-cloud-payload" => {
+        Opt::MaxCloudPayload => {
             a.max_cloud_payload = num(o, v)?;
             if !(64..=16384).contains(&a.max_cloud_payload) {
                 return Err(usage("option --max-cloud-payload: must be 64..16384"));
             }
         }
-        "keepalive" => a.keepalive = secs(o, v)?,
-        "ack-timeout" => a.ack_timeout = secs(o, v)?,
-        "user-ack-timeout" => a.user_ack_timeout = secs(o, v)?,
-        "backoff-min" => a.backoff_min = secs(o, v)?,
-        "backoff-max" => a.backoff_max = secs(o, v)?,
-        "helper-grace" => a.helper_grace = secs(o, v)?,
-        "helper-timeout" => a.helper_timeout = secs(o, v)?,
-        "max-sleep" => a.max_sleep = secs(o, v)?,
-        "didkey-method" => {
+        Opt::Keepalive => a.keepalive = secs(o, v)?,
+        Opt::AckTimeout => a.ack_timeout = secs(o, v)?,
+        Opt::UserAckTimeout => a.user_ack_timeout = secs(o, v)?,
+        Opt::BackoffMin => a.backoff_min = secs(o, v)?,
+        Opt::BackoffMax => a.backoff_max = secs(o, v)?,
+        Opt::HelperGrace => a.helper_grace = secs(o, v)?,
+        Opt::HelperTimeout => a.helper_timeout = secs(o, v)?,
+        Opt::MaxSleep => a.max_sleep = secs(o, v)?,
+        Opt::DidkeyMethod => {
             if v.is_empty() {
                 return Err(usage("option --didkey-method: empty method"));
             }
             a.didkey_method = v.to_owned();
         }
-        "os-release" => a.os_release = v.to_owned(),
-        "mqtt" => {
+        Opt::OsRelease => a.os_release = v.to_owned(),
+        Opt::Mqtt => {
             // L§11: the broker is on this host or the LAN, named by its IPv4 address (no lookup).
             a.mqtt = Some(match val {
                 None => SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883),
@@ -365,16 +429,15 @@ fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliErr
                 },
             });
         }
-        "mqtt-id" => {
+        Opt::MqttId => {
             if v.is_empty() || v.len() > 23 {
                 return Err(usage("option --mqtt-id: must be 1..23 bytes"));
             }
             a.mqtt_id = v.to_owned();
         }
-        "mqtt-keepalive" => a.mqtt_keepalive = num(o, v)?,
-        "mdns-port" => a.mdns_port = port(o, v, true)?,
-        "no-mdns" => a.mdns = false,
-        _ => return Err(usage(format!("unknown option {name}"))),
+        Opt::MqttKeepalive => a.mqtt_keepalive = num(o, v)?,
+        Opt::MdnsPort => a.mdns_port = port(o, v, true)?,
+        Opt::NoMdns => a.mdns = false,
     }
     Ok(())
 }
@@ -397,7 +460,7 @@ pub fn parse_client<S: AsRef<str>>(args: &[S]) -> Result<ClientArgs, CliError> {
                 Some((n, v)) => (n, Some(v)),
                 None => (long, None),
             };
-            let Some(&(_, takes)) = LONG.iter().find(|(n, _)| *n == name) else {
+            let Some(&(.., takes)) = OPTS.iter().find(|(n, ..)| n.len() > 1 && *n == name) else {
                 return Err(usage(format!("unknown option --{name}")));
             };
             let val = if takes {

@@ -33,7 +33,7 @@ fn port() -> Result<u16, String> {
 /// Connects to the daemon, or prints why and returns the exit status.
 fn connect() -> Result<TcpStream, i32> {
     let port = port().map_err(|v| {
-        eprintln!("invalid MIIO_LOCAL_PORT: {v:?}");
+        eprintln!("invalid MIIO_LOCAL_PORT: {}", crate::config::Quoted(&v));
         1
     })?;
     TcpStream::connect((Ipv4Addr::LOCALHOST, port)).map_err(|_| {

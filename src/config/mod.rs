@@ -77,12 +77,47 @@ impl fmt::Debug for Secret16 {
 }
 
 /// A value for an error message: non-secret text from a file, cut short so a huge line cannot
-/// flood the log, and quoted with escapes so control characters stay visible.
+/// flood the log, and quoted with escapes so control characters stay visible ([`Quoted`]).
 pub(crate) fn shown(v: &str) -> String {
     const MAX: usize = 32;
     match v.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{:?}...", v.get(..cut).unwrap_or("")),
-        None => format!("{v:?}"),
+        Some((cut, _)) => format!("{}...", Quoted(v.get(..cut).unwrap_or(""))),
+        None => Quoted(v).to_string(),
+    }
+}
+
+/// Text in a log or error line, between double quotes: `"` and `\` are escaped with a backslash,
+/// tab, CR, LF and NUL as `\t`, `\r`, `\n`, `\0`, any other control character (C0, DEL, C1) as
+/// `\u{..}` in hex; everything else, non-ASCII included, as it is. This is `{:?}`'s form for every
+/// string without other non-printable characters, without the Unicode tables `{:?}` links.
+pub(crate) struct Quoted<'a>(pub &'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write as _;
+        let s = self.0;
+        f.write_char('"')?;
+        let mut from = 0;
+        for (i, c) in s.char_indices() {
+            if !(c.is_control() || c == '"' || c == '\\') {
+                continue;
+            }
+            f.write_str(s.get(from..i).unwrap_or(""))?;
+            from = i + c.len_utf8();
+            match c {
+                '\t' => f.write_str("\\t")?,
+                '\r' => f.write_str("\\r")?,
+                '\n' => f.write_str("\\n")?,
+                '\0' => f.write_str("\\0")?,
+                '"' | '\\' => {
+                    f.write_char('\\')?;
+                    f.write_char(c)?;
+                }
+                _ => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+            }
+        }
+        f.write_str(s.get(from..).unwrap_or(""))?;
+        f.write_char('"')
     }
 }
 
@@ -119,6 +154,24 @@ mod tests {
         assert!(s.len() < 40, "{s}");
         assert!(s.ends_with("..."));
         assert_eq!(shown("a\tb"), "\"a\\tb\"");
+    }
+
+    /// `Quoted` writes what `{:?}` writes for any string whose only non-printable characters are
+    /// control characters; other non-ASCII text is written as it is.
+    #[test]
+    fn quoted_is_debug_for_control_characters() {
+        for s in [
+            "",
+            "abc",
+            "a\"b\\c",
+            "\t\r\n\0",
+            "\u{1}\u{1b}[0m\u{7f}\u{80}\u{9f}",
+            "héllo wörld ☃ 日本",
+            "'single'",
+        ] {
+            assert_eq!(Quoted(s).to_string(), format!("{s:?}"));
+        }
+        assert_eq!(Quoted("\u{200b}").to_string(), "\"\u{200b}\"");
     }
 
     proptest::proptest! {

@@ -7,11 +7,15 @@
 //! refuses anything larger than the cap, so a wrong path cannot make the daemon swallow a huge file.
 
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fmt;
+use std::fs::{self, File, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+// std's `File::open` and `OpenOptions::open` would link `{:?}` of a string (ARCHITECTURE.md §6).
+use crate::io::sys::open;
 
 /// The cap for every data file: they hold a few lines each.
 pub const MAX_DATA_FILE: usize = 64 * 1024;
@@ -29,7 +33,7 @@ fn parent_dir(path: &Path) -> &Path {
 fn temp_path(path: &Path) -> io::Result<PathBuf> {
     let name = path
         .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+        .ok_or_else(|| why(io::ErrorKind::InvalidInput, "path has no file name".into()))?;
     let mut t = OsString::from(".");
     t.push(name);
     t.push(format!(
@@ -43,7 +47,7 @@ fn temp_path(path: &Path) -> io::Result<PathBuf> {
 /// fsync a directory so a rename or unlink in it survives a power cut. Some file systems refuse
 /// fsync on a directory with EINVAL; there is nothing more we can do on those.
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    match File::open(dir)?.sync_all() {
+    match open(dir, libc::O_RDONLY, 0)?.sync_all() {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         r => r,
     }
@@ -55,11 +59,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_path(path)?;
     // Created with the final mode, so a secret is never readable by others, even for a moment.
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
+    let mut f = open(&tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode)?;
     let written = fill(&mut f, data, mode).and_then(|()| {
         drop(f);
         fs::rename(&tmp, path)
@@ -95,15 +95,38 @@ pub fn remove_durable(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The reason of an `io::Error` of our own, as text. `io::Error::new` with a `String` would do the
+/// same but links `{:?}` of a string for its `Debug` (ARCHITECTURE.md §6); this one's `Debug` is
+/// [`super::Quoted`].
+struct Why(String);
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&super::Quoted(&self.0), f)
+    }
+}
+
+impl std::error::Error for Why {}
+
+fn why(kind: io::ErrorKind, text: String) -> io::Error {
+    io::Error::new(kind, Why(text))
+}
+
 /// Read a UTF-8 text file of at most `max` bytes ([`MAX_DATA_FILE`] for the data files).
 pub fn read_limited(path: &Path, max: usize) -> io::Result<String> {
     let too_big = |n: u64| {
-        io::Error::new(
+        why(
             io::ErrorKind::InvalidData,
             format!("file too large: {n} bytes, the limit is {max}"),
         )
     };
-    let f = File::open(path)?;
+    let f = open(path, libc::O_RDONLY, 0)?;
     let len = f.metadata()?.len();
     let max64 = u64::try_from(max).unwrap_or(u64::MAX);
     if len > max64 {
@@ -116,7 +139,7 @@ pub fn read_limited(path: &Path, max: usize) -> io::Result<String> {
         return Err(too_big(u64::try_from(buf.len()).unwrap_or(u64::MAX)));
     }
     String::from_utf8(buf)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file is not UTF-8 text"))
+        .map_err(|_| why(io::ErrorKind::InvalidData, "file is not UTF-8 text".into()))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! change it at run time.
 //! The sink is stdout or an append-mode file (`-L FILE`) that SIGHUP reopens, for logrotate.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
@@ -77,7 +77,12 @@ impl Write for SharedWriter {
 }
 
 fn open_append(path: &str) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    // What `OpenOptions::new().create(true).append(true)` opens, mode 0666 less the umask.
+    super::sys::open(
+        path.as_ref(),
+        libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
+        0o666,
+    )
 }
 
 /// Installs the global logger. `path` None logs to stdout. Safe to call once per process; a

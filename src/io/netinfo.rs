@@ -23,9 +23,12 @@ pub fn netif_for(local: Ipv4Addr) -> Netif {
     let mask = super::sys::netmask_of(local)
         .map(|m| m.to_string())
         .unwrap_or_default();
-    let gw = std::fs::read_to_string("/proc/net/route")
+    let mut route = String::new();
+    let gw = super::sys::open("/proc/net/route".as_ref(), libc::O_RDONLY, 0)
+        .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut route))
         .ok()
-        .and_then(|t| default_gateway(&t))
+        .map(|_| route.as_str())
+        .and_then(default_gateway)
         .map(|g| g.to_string())
         .unwrap_or_default();
     Netif {

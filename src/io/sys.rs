@@ -1,6 +1,6 @@
 //! The only `unsafe` in the crate: thin wrappers over the libc calls std does not offer
 //! (CLOCK_BOOTTIME, timerfd, signal handlers, fork/setsid, localtime_r, getrandom, waitpid,
-//! socket options).
+//! socket options), and `open(2)`.
 //! Each returns owned, safe values; every block states why it is sound.
 #![allow(unsafe_code)]
 
@@ -160,6 +160,28 @@ pub fn reap_children() -> Vec<(i32, i32)> {
 
 /// Detaches from the terminal (LOCAL_API.md §18 `-D`): fork, parent exits 0, setsid, chdir /,
 /// and, when `redirect_stdio`, stdin/stdout/stderr to /dev/null.
+/// `open(2)` with `flags` (and `O_CLOEXEC`), `mode` for a file it creates; retried on EINTR. What
+/// `File::open` and `OpenOptions::open` do, without std's check of the options, whose error
+/// texts link `{:?}` of a string and its Unicode tables (ARCHITECTURE.md §6). A path with a NUL
+/// byte is `InvalidInput`.
+pub fn open(path: &std::path::Path, flags: libc::c_int, mode: u32) -> io::Result<std::fs::File> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: `c` is a NUL-terminated path alive for the call; open reads nothing else.
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
+        if fd >= 0 {
+            // SAFETY: a descriptor open(2) just returned, owned by nothing else.
+            return Ok(unsafe { std::fs::File::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 pub fn daemonize(redirect_stdio: bool) -> io::Result<()> {
     // SAFETY: we are single-threaded at this point (called before any thread starts).
     let pid = check(unsafe { libc::fork() })?;
@@ -171,10 +193,7 @@ pub fn daemonize(redirect_stdio: bool) -> io::Result<()> {
     check(unsafe { libc::setsid() })?;
     std::env::set_current_dir("/")?;
     if redirect_stdio {
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")?;
+        let null = open("/dev/null".as_ref(), libc::O_RDWR, 0)?;
         use std::os::fd::AsRawFd;
         for target in 0..3 {
             // SAFETY: dup2 onto the standard descriptors, which this process owns.

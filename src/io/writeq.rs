@@ -8,7 +8,6 @@
 //! client's queue shares (20 clients that do not read hold one copy of it, not 20), and a cloud
 //! packet is the sealed `Vec<u8>` itself. The cap counts, per queue, the bytes still to be written.
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::rc::Rc;
 
@@ -46,10 +45,15 @@ impl From<Vec<u8>> for Chunk {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overflow;
 
+/// Two plain `Vec`s rather than a `VecDeque`, whose ring-buffer code would be linked for this one
+/// type (ARCHITECTURE.md §6): messages are pushed onto `back`; when `front` runs dry, `back`
+/// becomes `front`, reversed, and is written from its end.
 #[derive(Debug)]
 pub struct WriteQueue {
-    /// Messages not yet written, oldest first.
-    q: VecDeque<Chunk>,
+    /// Messages pushed since the last refill of `front`, oldest first.
+    back: Vec<Chunk>,
+    /// Messages older than all of `back`, newest first: the one being written is the last.
+    front: Vec<Chunk>,
     /// Bytes of the first message already written.
     pos: usize,
     /// Bytes queued and not yet written: what the cap counts.
@@ -61,7 +65,8 @@ impl WriteQueue {
     /// An empty queue that holds at most `limit` unsent bytes.
     pub fn new(limit: usize) -> WriteQueue {
         WriteQueue {
-            q: VecDeque::new(),
+            back: Vec::new(),
+            front: Vec::new(),
             pos: 0,
             len: 0,
             limit,
@@ -77,7 +82,7 @@ impl WriteQueue {
             return Err(Overflow);
         }
         self.len += n;
-        self.q.push_back(msg);
+        self.back.push(msg);
         Ok(())
     }
 
@@ -97,10 +102,15 @@ impl WriteQueue {
     /// Writes queued messages in order until the queue is empty or `w` would block. Ok(true) when
     /// the queue is empty; an error (a zero-length write counts as one) is the stream's failure.
     pub fn write_to(&mut self, w: &mut impl Write) -> io::Result<bool> {
-        while let Some(msg) = self.q.front() {
+        loop {
+            if self.front.is_empty() {
+                std::mem::swap(&mut self.front, &mut self.back);
+                self.front.reverse();
+            }
+            let Some(msg) = self.front.last() else { break };
             let rest = &msg.bytes()[self.pos..];
             if rest.is_empty() {
-                self.q.pop_front();
+                self.front.pop();
                 self.pos = 0;
                 continue;
             }
@@ -120,8 +130,11 @@ impl WriteQueue {
 
     /// The queued messages, oldest first, and how much of the first is written (tests).
     #[cfg(test)]
-    pub fn chunks(&self) -> (&VecDeque<Chunk>, usize) {
-        (&self.q, self.pos)
+    pub fn chunks(&self) -> (Vec<&Chunk>, usize) {
+        (
+            self.front.iter().rev().chain(&self.back).collect(),
+            self.pos,
+        )
     }
 }
 

@@ -433,7 +433,11 @@ impl Helper {
     /// `["ERROR"]`) when the tz is not a zoneinfo name (D15) or no helper is present.
     pub fn config_tz(&mut self, out: &mut impl Out, now: Instant, tz: &str) -> bool {
         if !valid_tz(tz) {
-            crate::warn_limited!(now, "illegal tz {:?}", tz.get(..64).unwrap_or(tz));
+            crate::warn_limited!(
+                now,
+                "illegal tz {}",
+                crate::config::Quoted(tz.get(..64).unwrap_or(tz))
+            );
             return false;
         }
         if !self.present {

@@ -4,7 +4,6 @@
 //! it, and the reactor executes the actions in that order. The vocabulary is [`Action`]: a socket,
 //! a file, a resolver or the logger, never a decision.
 
-use std::collections::VecDeque;
 use std::net::{SocketAddr, SocketAddrV4};
 
 use super::cloud;
@@ -99,35 +98,76 @@ impl core::fmt::Debug for WifiText {
     }
 }
 
-/// The effects queued by the core, oldest first.
+/// The effects queued by the core, taken oldest first. Two plain `Vec`s rather than a `VecDeque`,
+/// whose ring-buffer code would be linked for this one type (ARCHITECTURE.md §6): actions are
+/// pushed onto `back`; when `front` runs dry, `back` becomes `front`, reversed, and is popped from
+/// its end. Each action is moved twice at most.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    q: VecDeque<Action>,
+    /// Pushed since the last refill of `front`, oldest first.
+    back: Vec<Action>,
+    /// Older than all of `back`, newest first: the next action is the last.
+    front: Vec<Action>,
 }
 
 impl Outbox {
     /// Queues `a` after everything already queued.
     pub fn push(&mut self, a: Action) {
-        self.q.push_back(a);
+        self.back.push(a);
     }
 
     /// The oldest queued action.
     pub fn pop(&mut self) -> Option<Action> {
-        self.q.pop_front()
+        if self.front.is_empty() {
+            core::mem::swap(&mut self.front, &mut self.back);
+            self.front.reverse();
+        }
+        self.front.pop()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.q.is_empty()
+        self.front.is_empty() && self.back.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.q.len()
+        self.front.len() + self.back.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Actions come out in the order they went in, however pushes and pops interleave.
+    #[test]
+    fn fifo_across_refills() {
+        let mut o = Outbox::default();
+        let mut next = 0u8;
+        let mut want = 0u8;
+        for round in 0..20u8 {
+            for _ in 0..round % 4 {
+                o.push(Action::SetLogLevel(next));
+                next += 1;
+            }
+            assert_eq!(o.len(), usize::from(next - want));
+            for _ in 0..round % 3 {
+                match o.pop() {
+                    Some(Action::SetLogLevel(n)) => {
+                        assert_eq!(n, want);
+                        want += 1;
+                    }
+                    None => assert_eq!(want, next),
+                    Some(a) => panic!("{a:?}"),
+                }
+            }
+        }
+        while let Some(a) = o.pop() {
+            assert_eq!(a, Action::SetLogLevel(want));
+            want += 1;
+        }
+        assert_eq!(want, next);
+        assert!(o.is_empty());
+    }
 
     /// A `wifi.conf` in an action never shows its password in `Debug` (L§17).
     #[test]

@@ -358,7 +358,8 @@ impl Cloud {
                 match id.and_then(|id| self.ups.iter().position(|u| u.cloud_id == id)) {
                     Some(i) => self.acked(now, i, text, head, out),
                     // P§5.8: the cloud's ack of one of our replies.
-                    None => debug!("cloud ack swallowed: id {id:?}"),
+                    // -1: no id, or none a cloud id can be.
+                    None => debug!("cloud ack swallowed: id {}", id.map_or(-1, i64::from)),
                 }
             }
             Some(Some(m)) => self.command(now, m, text, head, out),

@@ -133,8 +133,8 @@ impl Node {
     pub(super) fn provision_start(&mut self, now: Instant, p: crate::proto::provision::Params) {
         let in_ap = self.state == State::WifiApMode;
         info!(
-            "provisioning ssid {:?} ({} mode)",
-            p.ssid,
+            "provisioning ssid {} ({} mode)",
+            crate::config::Quoted(&p.ssid),
             if in_ap { "AP" } else { "STA" }
         );
         let uid = p.uid.or(self.boot.uid);
