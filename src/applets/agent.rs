@@ -46,8 +46,8 @@ struct Args {
     daemonize: bool,
 }
 
-/// None: `-h`, or a usage error. Every value is a number but `-L`'s, so one `parse::<u16>` (the
-/// daemon's) reads them all.
+/// None: `-h`, or a usage error. Every value is a number but `-L`'s, read by the crate's one
+/// decimal parser (`cli::uint`, what `str::parse` accepts).
 fn parse(args: &[String]) -> Option<Args> {
     let mut a = Args {
         port: 54320,
@@ -75,7 +75,7 @@ fn parse(args: &[String]) -> Option<Args> {
             "--max-clients" => (&mut a.max_clients, 1, 1000),
             _ => return None,
         };
-        *slot = v.parse().ok().filter(|n| (min..=max).contains(n))?;
+        *slot = crate::cli::uint(v).filter(|n| (min..=max).contains(n))?;
     }
     Some(a)
 }
@@ -159,17 +159,38 @@ impl Io for Sockets {
 
     fn connect(&mut self) -> bool {
         self.peers[UP] = None;
-        let Ok(s) = TcpStream::connect(self.daemon) else {
+        match TcpStream::connect(self.daemon) {
+            Ok(s) => self.add(s, UP, UP_MAX_MSG, UP_OUT_LIMIT),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Sockets {
+    /// Registers `stream` under `slot`'s token and puts it in the slot (`slot` is at most the
+    /// list's length). False: not registered, the stream dropped. One copy for the daemon's
+    /// connection and the applications'.
+    #[inline(never)]
+    fn add(&mut self, stream: TcpStream, slot: usize, max_msg: usize, out_limit: usize) -> bool {
+        let mut p = Peer::new(stream, max_msg, out_limit);
+        if self
+            .reactor
+            .registry()
+            .register(
+                &mut p.conn.stream,
+                Token(reactor::CLIENT_BASE + slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
             return false;
-        };
-        let mut p = Peer::new(s, UP_MAX_MSG, UP_OUT_LIMIT);
-        let r = self.reactor.registry().register(
-            &mut p.conn.stream,
-            Token(reactor::CLIENT_BASE + UP),
-            Interest::READABLE | Interest::WRITABLE,
-        );
-        self.peers[UP] = r.is_ok().then_some(p);
-        r.is_ok()
+        }
+        if slot == self.peers.len() {
+            self.peers.push(Some(p));
+        } else {
+            self.peers[slot] = Some(p);
+        }
+        true
     }
 }
 
@@ -326,26 +347,8 @@ fn accept(core: &mut Agent<Sockets>, listener: &mut TcpListener, now: Instant) -
         if !core.accept(now, slot) {
             continue; // dropped: closed
         }
-        let mut p = Peer::new(stream, APP_MAX_MSG, APP_OUT_LIMIT);
-        if core
-            .io
-            .reactor
-            .registry()
-            .register(
-                &mut p.conn.stream,
-                Token(reactor::CLIENT_BASE + slot),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
+        if !core.io.add(stream, slot, APP_MAX_MSG, APP_OUT_LIMIT) {
             core.closed(slot);
-            continue;
-        }
-        let peers = &mut core.io.peers;
-        if slot == peers.len() {
-            peers.push(Some(p));
-        } else {
-            peers[slot] = Some(p);
         }
     }
     true

@@ -270,7 +270,7 @@ impl<I: Io> Agent<I> {
         } else if m.starts_with("_internal.") {
             // L§10: the helper channel is the daemon's own (L§9); through the agent it would make
             // the agent's connection a helper connection, which receives no commands (L§4.2).
-            note(now, "_internal.* from a client not forwarded");
+            note(now, "_internal.* not forwarded");
         } else {
             self.request_up(now, app, text, &head);
         }
@@ -278,11 +278,9 @@ impl<I: Io> Agent<I> {
 
     /// `register` / `unregister` (L§10): exact method names, a string key, no answer.
     fn registration(&mut self, now: Instant, app: ConnId, reg: bool, text: &str) {
-        let Ok(obj) = rpc::parse_object(text.as_bytes()) else {
-            return;
-        };
-        let key = match obj.get("key") {
-            Some(serde_json::Value::String(k)) => Some(k.clone()),
+        // The one member read from the text, without a tree of the whole message.
+        let key = match rpc::raw_member(text, "key").and_then(|v| rpc::value(v.as_bytes())) {
+            Some(serde_json::Value::String(k)) => Some(k),
             _ => None,
         };
         let subs = key.as_ref().map_or(0, |k| {
@@ -304,7 +302,7 @@ impl<I: Io> Agent<I> {
                 debug!("agent: registered a key");
                 a.keys.push(k);
             }
-            _ => note(now, "(un)register refused (L§10 bounds)"),
+            _ => note(now, "(un)register refused"),
         }
     }
 
@@ -321,10 +319,7 @@ impl<I: Io> Agent<I> {
                 // The daemon would answer -32600 under an id the agent could not route back
                 // (L§4.1): the agent answers it itself, with the id as sent.
                 note(now, "a client's id is not an integer");
-                let raw = match head.id_span.clone().and_then(|s| text.get(s)) {
-                    Some(s) => s,
-                    None => rpc::raw_id(&text).unwrap_or("null"),
-                };
+                let raw = rpc::raw_id(&text).unwrap_or("null");
                 return self.refuse(now, app, Some(raw), RpcError::NotObject);
             }
         };
@@ -351,7 +346,7 @@ impl<I: Io> Agent<I> {
     /// [`MAX_PENDING`] are taken.
     fn alloc_id(&mut self, now: Instant) -> u32 {
         if self.pending.len() >= MAX_PENDING {
-            note(now, "1024 requests pending; oldest given up");
+            note(now, "1024 pending; oldest given up");
             self.pending.remove(0);
         }
         loop {
@@ -367,7 +362,7 @@ impl<I: Io> Agent<I> {
     /// the connection is given up and retried).
     fn send_up(&mut self, now: Instant, text: Rc<str>) -> bool {
         if self.up != Upstream::Up {
-            note(now, "no daemon; a client's message dropped");
+            note(now, "no daemon; message dropped");
             return false;
         }
         if self.io.up(text) {
@@ -385,7 +380,7 @@ impl<I: Io> Agent<I> {
                 return;
             }
         }
-        note(now, "a message from the daemon for nobody; dropped");
+        note(now, "daemon message for nobody; dropped");
     }
 
     /// False: nobody takes `text`.
@@ -404,11 +399,16 @@ impl<I: Io> Agent<I> {
             });
             if let Some(i) = hit {
                 let (_, p) = self.pending.remove(i);
+                // The digits at the end of `buf`, the sign before them (a negative id has at
+                // most 19 digits, so there is room).
                 let mut buf = [0; 20];
-                let digits = rpc::decimal(p.orig.1, &mut buf);
-                let mut orig = String::from(if p.orig.0 { "-" } else { "" });
-                orig.push_str(digits);
-                let back = with_id(&text, head, &orig).unwrap_or(text);
+                let mut i = buf.len() - rpc::decimal(p.orig.1, &mut buf).len();
+                if p.orig.0 {
+                    i -= 1;
+                    buf[i] = b'-';
+                }
+                let orig = core::str::from_utf8(&buf[i..]).unwrap_or("0");
+                let back = with_id(&text, head, orig).unwrap_or(text);
                 self.send_app(now, p.app, back.into());
                 return true;
             }
@@ -457,15 +457,9 @@ fn with_id(text: &str, head: &Head, raw: &str) -> Option<String> {
         out.push_str(b);
         return Some(out);
     }
-    // Several ids (or a text that went through the tree): the tree, with the id set. The id goes
-    // through the daemon's one serde parse (`rpc::value`): a `from_str` of its own would link a
-    // second copy of serde_json's parser.
-    let mut obj = rpc::parse_object(text.as_bytes()).ok()?;
-    let v = rpc::value(raw.as_bytes())?;
-    obj.insert("id".into(), v);
-    let mut out = String::new();
-    rpc::write_value(&mut out, &serde_json::Value::Object(obj));
-    Some(out)
+    // Several ids: each of them is set (the daemon's walk, `rpc::rewrite_id`), so a parser that
+    // keeps the first and one that keeps the last see the same id.
+    rpc::rewrite_id_raw(text, raw)
 }
 
 #[cfg(test)]
@@ -921,7 +915,7 @@ mod tests {
     }
 
     #[test]
-    fn with_id_without_a_span_uses_the_tree() {
+    fn with_id_without_a_span_sets_every_id() {
         let t = r#"{"id":5,"id":6,"result":1}"#;
         let head = rpc::scan_str(t).unwrap();
         let back = with_id(t, &head, "\"abc\"").unwrap();

@@ -642,6 +642,12 @@ pub fn id_u32(v: &Value) -> Option<u32> {
 /// The text must be one valid JSON object (it has parsed already). Keys are compared after unescaping, as a parser sees them (`"\u0069d"` is `id`). Every top-level `id` is
 /// replaced, so no parser (first-wins or last-wins) can see the old one.
 pub fn rewrite_id(text: &str, new_id: u64) -> Option<String> {
+    let mut digits = [0u8; 20];
+    rewrite_id_raw(text, decimal(new_id, &mut digits))
+}
+
+/// [`rewrite_id`] with the JSON text `id` as the new value (any JSON value, written as given).
+pub fn rewrite_id_raw(text: &str, id: &str) -> Option<String> {
     let b = text.as_bytes();
     let spans: Vec<Range<usize>> = members(b)?
         .into_iter()
@@ -651,13 +657,12 @@ pub fn rewrite_id(text: &str, new_id: u64) -> Option<String> {
     if spans.is_empty() {
         return None;
     }
-    let id = new_id.to_string();
     let mut out = String::with_capacity(text.len() + id.len());
     let mut last = 0;
     for Range { start, end } in spans {
         // Spans start and end at ASCII bytes, so these are char boundaries; get() keeps it panic-free.
         out.push_str(text.get(last..start)?);
-        out.push_str(&id);
+        out.push_str(id);
         last = end;
     }
     out.push_str(text.get(last..)?);
@@ -735,10 +740,21 @@ pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
 /// The raw text of the last top-level `id` member (the one a parser keeps), as sent: the id to echo
 /// in a -32600 reply when it is not a u32 (L§4.1), even one no `Value` can hold.
 pub fn raw_id(text: &str) -> Option<&str> {
+    raw_member(text, "id")
+}
+
+/// The raw text of the last top-level member named `name` (after unescaping its key, as a parser
+/// sees it), as written: one member read without building a tree. None when `text` is not one
+/// valid object or has no such member.
+pub fn raw_member<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let b = text.as_bytes();
-    let (_, v) = members(b)?
-        .into_iter()
-        .rfind(|(k, _)| b.get(k.clone()).is_some_and(key_is_id))?;
+    let (_, v) = members(b)?.into_iter().rfind(|(k, _)| {
+        b.get(k.clone()).is_some_and(|k| {
+            // The plain spelling between the quotes, or an escaped one through the one parse.
+            k.get(1..k.len() - 1) == Some(name.as_bytes())
+                || (k.contains(&b'\\') && matches!(value(k), Some(Value::String(s)) if s == name))
+        })
+    })?;
     text.get(v)
 }
 
