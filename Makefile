@@ -70,7 +70,8 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Every optional part alone and none of them: each subset a board may build must compile cleanly.
+# Every optional part alone and none of them: each subset a board may build must compile cleanly,
+# and the unit tests pass without any of them.
 FEATURE_SETS ?= none agent mqtt fakecloud
 check-features:
 	@set -e; for f in $(FEATURE_SETS); do \
@@ -78,6 +79,8 @@ check-features:
 		echo "clippy --no-default-features $$flags"; \
 		$(CARGO) clippy -q --all-targets --no-default-features $$flags -- -D warnings; \
 	done
+	@echo "unit tests with no optional part (what a build without them refuses, e.g. --mqtt)"
+	$(CARGO) test -q --lib --no-default-features
 
 clean:
 	$(CARGO) clean
