@@ -8,76 +8,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use miio_client::proto::mqtt::{Action, Config, Event, Session, Topic};
 use miio_client::time::Instant as VInstant;
 
-use common::{skip, wait_until, TempDir};
-
-/// The first of these that exists.
-fn find(names: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.extend(["/usr/sbin", "/usr/bin"].map(PathBuf::from));
-    names
-        .iter()
-        .flat_map(|n| dirs.iter().map(move |d| d.join(n)))
-        .find(|p| p.is_file())
-}
-
-struct Broker {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// mosquitto on a port that was free a moment ago; another try when it lost the race for it.
-fn broker(bin: &PathBuf) -> Broker {
-    for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = TempDir::new("mosquitto");
-        dir.write(
-            "mosquitto.conf",
-            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
-        );
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(dir.join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto starts");
-        let up = wait_until(Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || child.try_wait().ok().flatten().is_some()
-        });
-        if up && child.try_wait().ok().flatten().is_none() {
-            return Broker {
-                child,
-                port,
-                _dir: dir,
-            };
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("mosquitto did not start on a free port in 5 tries");
-}
+use common::{find, mosquitto, skip};
 
 /// The io side of the session, test-only: one blocking socket with a short read timeout.
 struct Driver {
@@ -164,14 +102,14 @@ impl Driver {
 #[test]
 fn session_subscribes_receives_and_publishes_through_mosquitto() {
     let (Some(bin), Some(sub), Some(publ)) = (
-        find(&["mosquitto"]),
-        find(&["mosquitto_sub"]),
-        find(&["mosquitto_pub"]),
+        find("mosquitto"),
+        find("mosquitto_sub"),
+        find("mosquitto_pub"),
     ) else {
         skip("mosquitto");
         return;
     };
-    let b = broker(&bin);
+    let b = mosquitto(&bin);
     let mut d = Driver {
         s: Session::new(Config::default()),
         port: b.port,

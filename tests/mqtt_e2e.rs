@@ -11,23 +11,15 @@
 mod common;
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(20);
-
-/// The first of these that exists.
-fn find(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.extend(["/usr/sbin", "/usr/bin"].map(PathBuf::from));
-    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
 
 struct Tools {
     broker: PathBuf,
@@ -47,63 +39,6 @@ fn tools() -> Option<Tools> {
             None
         }
     }
-}
-
-struct Broker {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// mosquitto on `port` with the config of `dir`: None when it could not listen there.
-fn mosquitto_on(bin: &Path, dir: TempDir, port: u16) -> Option<Broker> {
-    // L§11: mosquitto 2 refuses anonymous clients unless the listener allows them.
-    dir.write(
-        "mosquitto.conf",
-        &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    );
-    let mut child = Command::new(bin)
-        .arg("-c")
-        .arg(dir.join("mosquitto.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto starts");
-    let up = wait_until(Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok() || child.try_wait().ok().flatten().is_some()
-    });
-    if up && child.try_wait().ok().flatten().is_none() {
-        return Some(Broker {
-            child,
-            port,
-            _dir: dir,
-        });
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
-/// mosquitto on a port that was free a moment ago; another try when it lost the race for it.
-fn mosquitto(bin: &Path) -> Broker {
-    for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if let Some(b) = mosquitto_on(bin, TempDir::new("mosquitto"), port) {
-            return b;
-        }
-    }
-    panic!("mosquitto did not start on a free port in 5 tries");
 }
 
 /// `mosquitto_sub -v` on `topic`: one line `TOPIC PAYLOAD` per message.

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{TcpListener, UdpSocket};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -1072,4 +1072,71 @@ pub fn fakecloud() -> FakeCloudProc {
     };
     let (port, ctl) = (port_after("udp+tcp "), port_after(" control "));
     FakeCloudProc { out, port, ctl }
+}
+
+// ---- a real MQTT broker (Debian's mosquitto) ----------------------------------------------------
+
+/// The first file called `name` in PATH, /usr/sbin or /usr/bin.
+pub fn find(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.extend(["/usr/sbin", "/usr/bin"].map(PathBuf::from));
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+pub struct Broker {
+    pub child: Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// mosquitto on `port` with the config of `dir`: None when it could not listen there.
+pub fn mosquitto_on(bin: &Path, dir: TempDir, port: u16) -> Option<Broker> {
+    // L§11: mosquitto 2 refuses anonymous clients unless the listener allows them.
+    dir.write(
+        "mosquitto.conf",
+        &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    );
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto starts");
+    let up = wait_until(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok() || child.try_wait().ok().flatten().is_some()
+    });
+    if up && child.try_wait().ok().flatten().is_none() {
+        return Some(Broker {
+            child,
+            port,
+            _dir: dir,
+        });
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// mosquitto on a port that was free a moment ago; another try when it lost the race for it.
+pub fn mosquitto(bin: &Path) -> Broker {
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if let Some(b) = mosquitto_on(bin, TempDir::new("mosquitto"), port) {
+            return b;
+        }
+    }
+    panic!("mosquitto did not start on a free port in 5 tries");
 }
