@@ -158,6 +158,68 @@ pub fn reap_children() -> Vec<(i32, i32)> {
     }
 }
 
+/// Starts `argv[0]` (searched on `PATH` when it has no `/`) with the arguments `argv[1..]`, each
+/// one argv element as given (no shell sees them), in a new process group of its own (so
+/// [`kill_group`] reaches everything it starts), with `env` set on top of this process's
+/// environment and, when given, `stdout` as its standard output. SIGPIPE is back to its default
+/// in the child. Returns the child's pid; a program that cannot be run exits 127. Everything the
+/// child needs is allocated before `fork`.
+#[cfg(feature = "ota")]
+pub fn spawn(argv: &[&[u8]], env: &[(&str, &[u8])], stdout: Option<RawFd>) -> io::Result<i32> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
+    let args = argv
+        .iter()
+        .map(|a| CString::new(*a).map_err(bad))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut vars = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if env.iter().all(|(n, _)| n.as_bytes() != k.as_bytes()) {
+            vars.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat()).map_err(bad)?);
+        }
+    }
+    for (k, v) in env {
+        vars.push(CString::new([k.as_bytes(), b"=", v].concat()).map_err(bad)?);
+    }
+    let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argp.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = vars.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let Some(prog) = args.first() else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: miio_ota is single-threaded, and the child only makes async-signal-safe calls
+    // (setpgid, dup2, fcntl, signal, execvpe, _exit) on memory prepared above.
+    let pid = check(unsafe { libc::fork() })?;
+    if pid == 0 {
+        // SAFETY: see above; every pointer is into `args`/`vars`, alive in the child's copy.
+        unsafe {
+            libc::setpgid(0, 0);
+            if let Some(fd) = stdout {
+                libc::dup2(fd, 1);
+                // The pipe was made non-blocking for the reactor; the child writes blocking.
+                libc::fcntl(1, libc::F_SETFL, 0);
+            }
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::execvpe(prog.as_ptr(), argp.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: plain syscall; the child may already have done it (then this fails harmlessly).
+    unsafe { libc::setpgid(pid, pid) };
+    Ok(pid)
+}
+
+/// SIGKILL to the whole process group `pgid` (a child started by [`spawn`] leads its own).
+#[cfg(feature = "ota")]
+pub fn kill_group(pgid: i32) {
+    if pgid > 0 {
+        // SAFETY: plain syscall; a group already gone gives ESRCH, which is fine.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+}
+
 /// Detaches from the terminal (LOCAL_API.md §18 `-D`): fork, parent exits 0, setsid, chdir /,
 /// and, when `redirect_stdio`, stdin/stdout/stderr to /dev/null.
 /// `open(2)` with `flags` (and `O_CLOEXEC`), `mode` for a file it creates; retried on EINTR. What
