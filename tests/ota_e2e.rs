@@ -541,3 +541,24 @@ fn wait_child(c: &mut Child) -> Option<std::process::ExitStatus> {
     });
     st
 }
+
+/// L§14: the daemon names the version rule when `fw_ver` breaks it, and says
+/// nothing when it keeps it.
+#[test]
+fn the_daemon_warns_of_a_fw_ver_that_breaks_the_rule() {
+    for (v, warned) in [("2.1.1", true), ("2.1.1_9527", false)] {
+        let dir = provisioned_dir("ota-fwver");
+        dir.write("os-release", &format!("ACME_VERSION={v}\n"));
+        let mut a = base_args(&dir);
+        let dead = DeadPort::new();
+        a.extend(["-H", "127.0.0.1", "-p", &dead.port.to_string()].map(String::from));
+        let d = Daemon::start(&dir, &a);
+        // The warning comes before the `bound:` line Daemon::start waited for.
+        assert_eq!(
+            d.log_has("breaks the version rule x.y.z_nnnn"),
+            warned,
+            "{v}: {}",
+            d.log_text()
+        );
+    }
+}

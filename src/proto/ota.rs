@@ -60,7 +60,7 @@ pub struct Job {
     pub silent: bool,
 }
 
-/// The failure codes of L§14 (vendor §十.4.3.2), fixed with their messages.
+/// The failure codes of L§14, fixed by the vendor, with their messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fail {
     Down,
