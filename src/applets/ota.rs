@@ -56,6 +56,20 @@ struct Args {
     daemonize: bool,
 }
 
+/// The options, by the place [`parse`] applies them at: two flags, then those with a value.
+const OPTS: [&str; 10] = [
+    "-D",
+    "--agent",
+    "-l",
+    "-L",
+    "--port",
+    "--download-timeout",
+    "--ota-dir",
+    "--download-cmd",
+    "--install-cmd",
+    "--busy-cmd",
+];
+
 /// None: `-h`, or a usage error. Each option and its value are two arguments.
 fn parse(args: &[String]) -> Option<Args> {
     let mut a = Args {
@@ -72,28 +86,23 @@ fn parse(args: &[String]) -> Option<Args> {
     };
     let mut it = args.iter();
     while let Some(opt) = it.next() {
-        match opt.as_str() {
-            "-D" => a.daemonize = true,
-            "--agent" => a.agent = true,
+        // Found in one table and applied by its place (string compares cost flash).
+        let i = OPTS.iter().position(|o| o == opt)?;
+        match i {
+            0 => a.daemonize = true,
+            1 => a.agent = true,
             _ => {
                 let v = it.next()?;
-                match opt.as_str() {
-                    "-l" => a.loglevel = crate::cli::uint(v).filter(|n| *n <= 4)?,
-                    "-L" => a.logfile = Some(v.clone()),
-                    "--port" => a.port = Some(crate::cli::uint(v).filter(|n| *n > 0)?),
-                    "--download-timeout" => {
-                        a.timeout = crate::cli::uint(v).filter(|n| *n > 0)?;
-                    }
-                    "--ota-dir" | "--download-cmd" | "--install-cmd" | "--busy-cmd"
-                        if v.is_empty() =>
-                    {
-                        return None
-                    }
-                    "--ota-dir" => a.dir = v.clone(),
-                    "--download-cmd" => a.download = v.clone(),
-                    "--install-cmd" => a.install = v.clone(),
-                    "--busy-cmd" => a.busy = Some(v.clone()),
-                    _ => return None,
+                match i {
+                    2 => a.loglevel = crate::cli::uint(v).filter(|n| *n <= 4)?,
+                    3 => a.logfile = Some(v.clone()),
+                    4 => a.port = Some(crate::cli::uint(v).filter(|n| *n > 0)?),
+                    5 => a.timeout = crate::cli::uint(v).filter(|n| *n > 0)?,
+                    _ if v.is_empty() => return None,
+                    6 => a.dir = v.clone(),
+                    7 => a.download = v.clone(),
+                    8 => a.install = v.clone(),
+                    _ => a.busy = Some(v.clone()),
                 }
             }
         }
@@ -161,16 +170,23 @@ impl Io for Sys {
     }
 
     fn spawn(&mut self, kind: Kind, job: &Job) -> bool {
-        let mode: &[u8] = if job.silent { b"silent" } else { b"normal" };
-        let env: [(&str, &[u8]); 2] = [
-            ("MIIO_OTA_MODE", mode),
-            ("MIIO_OTA_MD5", job.md5.as_bytes()),
+        let env = [
+            format!(
+                "MIIO_OTA_MODE={}",
+                if job.silent { "silent" } else { "normal" }
+            ),
+            format!("MIIO_OTA_MD5={}", job.md5),
         ];
-        let file = self.file.as_bytes();
-        let argv: Vec<&[u8]> = match kind {
-            Kind::Check => vec![self.busy.as_deref().unwrap_or("false").as_bytes()],
-            Kind::Download => vec![self.download.as_bytes(), job.url.as_bytes(), file],
-            Kind::Install => vec![self.install.as_bytes(), file],
+        let file = self.file.as_str();
+        let argv: [&str; 3] = match kind {
+            Kind::Check => [self.busy.as_deref().unwrap_or("/bin/false"), "", ""],
+            Kind::Download => [&self.download, &job.url, file],
+            Kind::Install => [&self.install, file, ""],
+        };
+        let n = match kind {
+            Kind::Check => 1,
+            Kind::Download => 3,
+            Kind::Install => 2,
         };
         // Only the download's output is read (progress lines); the others write to our stdout.
         let pipe = if kind == Kind::Download {
@@ -181,15 +197,9 @@ impl Io for Sys {
         } else {
             None
         };
-        let pid = match sys::spawn(&argv, &env, pipe.as_ref().map(|(_, w)| w.as_raw_fd())) {
-            Ok(pid) => pid,
-            Err(e) => {
-                error!(
-                    "ota: cannot start {}: {e}",
-                    String::from_utf8_lossy(argv[0])
-                );
-                return false;
-            }
+        let Ok(pid) = sys::spawn(&argv[..n], &env, pipe.as_ref().map(|(_, w)| w.as_raw_fd()))
+        else {
+            return false;
         };
         let out = pipe.and_then(|(r, _w)| self.watch(r));
         self.child = Some(Child {
@@ -309,21 +319,14 @@ fn exit_code(status: i32) -> Option<i32> {
 }
 
 fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
-    if let Err(e) = std::fs::create_dir(&a.dir) {
-        if e.kind() != io::ErrorKind::AlreadyExists {
-            error!("ota: cannot create {}: {e}", a.dir);
-        }
-    }
+    // Made if missing; a dir that cannot be made shows as failed downloads.
+    let _ = std::fs::create_dir(&a.dir);
     if a.daemonize {
         sys::daemonize(true)?;
     }
     let port = a.port.unwrap_or(if a.agent { 54320 } else { 54322 });
     let reactor = Reactor::new()?;
-    info!(
-        "ota: {} 127.0.0.1:{port}, files in {}",
-        if a.agent { "agent" } else { "daemon" },
-        a.dir
-    );
+    info!("ota: to 127.0.0.1:{port}, files in {}", a.dir);
     let io = Sys {
         reactor,
         conn: None,

@@ -158,42 +158,46 @@ pub fn reap_children() -> Vec<(i32, i32)> {
     }
 }
 
-/// Starts `argv[0]` (searched on `PATH` when it has no `/`) with the arguments `argv[1..]`, each
-/// one argv element as given (no shell sees them), in a new process group of its own (so
-/// [`kill_group`] reaches everything it starts), with `env` set on top of this process's
-/// environment and, when given, `stdout` as its standard output. SIGPIPE is back to its default
-/// in the child. Returns the child's pid; a program that cannot be run exits 127. Everything the
-/// child needs is allocated before `fork`.
+/// Starts the program at the path `argv[0]` with the arguments `argv[1..]`, each one argv element
+/// as given (no shell sees them), in a new process group of its own (so [`kill_group`] reaches
+/// everything it starts), with `env` (`NAME=value` entries) ahead of this process's environment
+/// (the first entry of a name wins) and, when given, `stdout` as its standard output. SIGPIPE is
+/// back to its default in the child. Returns the child's pid; a program that cannot be run exits
+/// 127. Everything the child needs is allocated before `fork`. `execve`, not `execvp`: the
+/// commands are paths, and the `PATH` search cost flash for nothing.
 #[cfg(feature = "ota")]
-pub fn spawn(argv: &[&[u8]], env: &[(&str, &[u8])], stdout: Option<RawFd>) -> io::Result<i32> {
+pub fn spawn(argv: &[&str], env: &[String], stdout: Option<RawFd>) -> io::Result<i32> {
     use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
-    let args = argv
-        .iter()
-        .map(|a| CString::new(*a).map_err(bad))
-        .collect::<io::Result<Vec<_>>>()?;
-    let mut vars = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        if env.iter().all(|(n, _)| n.as_bytes() != k.as_bytes()) {
-            vars.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat()).map_err(bad)?);
-        }
+    extern "C" {
+        static environ: *const *const libc::c_char;
     }
-    for (k, v) in env {
-        vars.push(CString::new([k.as_bytes(), b"=", v].concat()).map_err(bad)?);
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let mut keep = Vec::new();
+    for a in argv.iter().copied().chain(env.iter().map(String::as_str)) {
+        keep.push(c(a)?);
     }
+    let (args, vars) = keep.split_at(argv.len());
     let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argp.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = vars.iter().map(|a| a.as_ptr()).collect();
+    // SAFETY: `environ` is libc's null-terminated array; nothing changes it while we read it
+    // (miio_ota is single-threaded and never sets a variable).
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            envp.push(*p);
+            p = p.add(1);
+        }
+    }
     envp.push(std::ptr::null());
-    let Some(prog) = args.first() else {
+    if args.is_empty() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
+    }
     // SAFETY: miio_ota is single-threaded, and the child only makes async-signal-safe calls
-    // (setpgid, dup2, fcntl, signal, execvpe, _exit) on memory prepared above.
+    // (setpgid, dup2, fcntl, signal, execve, _exit) on memory prepared above.
     let pid = check(unsafe { libc::fork() })?;
     if pid == 0 {
-        // SAFETY: see above; every pointer is into `args`/`vars`, alive in the child's copy.
+        // SAFETY: see above; every pointer is into `keep` or `environ`, alive in the child's copy.
         unsafe {
             libc::setpgid(0, 0);
             if let Some(fd) = stdout {
@@ -202,7 +206,7 @@ pub fn spawn(argv: &[&[u8]], env: &[(&str, &[u8])], stdout: Option<RawFd>) -> io
                 libc::fcntl(1, libc::F_SETFL, 0);
             }
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            libc::execvpe(prog.as_ptr(), argp.as_ptr(), envp.as_ptr());
+            libc::execve(argp[0], argp.as_ptr(), envp.as_ptr());
             libc::_exit(127);
         }
     }

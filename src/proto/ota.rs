@@ -15,7 +15,7 @@
 //! - Every string from the cloud is checked here (an http or https URL of printable ASCII without
 //!   spaces, 32 hex digits) and reaches the io side only as a value, never as shell text.
 
-use log::{info, warn};
+use log::info;
 use serde_json::{Map, Value};
 
 use crate::time::{Duration, Instant};
@@ -27,13 +27,13 @@ pub const RETRY: Duration = Duration::from_secs(3);
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// L§14: the longest URL accepted. Download URLs are signed links of a few hundred bytes.
 pub const MAX_URL: usize = 2048;
-/// The methods an `--agent` connection registers (L§10, L§14).
-pub const METHODS: [&str; 4] = [
-    "miIO.ota",
-    "miIO.get_ota_state",
-    "miIO.get_ota_progress",
-    "local.status",
-];
+/// What an `--agent` connection sends first (L§10, L§14): the four methods it handles, registered.
+pub const REGISTER: &str = concat!(
+    r#"{"method":"register","key":"miIO.ota"}"#,
+    r#"{"method":"register","key":"miIO.get_ota_state"}"#,
+    r#"{"method":"register","key":"miIO.get_ota_progress"}"#,
+    r#"{"method":"register","key":"local.status"}"#,
+);
 
 /// Logs a line a peer (the cloud, the daemon, the download command) can make miio_ota repeat: one
 /// kind for the whole applet (P§2.7).
@@ -283,7 +283,6 @@ impl<I: Io> Ota<I> {
                     Kind::Download => Fail::Disconnect,
                     _ => Fail::Unknown,
                 });
-                warn!("ota: {:?} ran too long; killed", r.kind);
                 self.io.kill();
             }
         }
@@ -296,10 +295,7 @@ impl<I: Io> Ota<I> {
         }
         self.up = Upstream::Up;
         if self.cfg.agent {
-            for m in METHODS {
-                let text = format!(r#"{{"method":"register","key":"{m}"}}"#);
-                self.io.send(&text);
-            }
+            self.io.send(REGISTER);
         }
     }
 
@@ -323,12 +319,9 @@ impl<I: Io> Ota<I> {
         self.stopping = true;
         if let Some(r) = self.running.as_mut() {
             if r.kind != Kind::Install && r.killed.is_none() {
-                info!("ota: stopping; the {:?} is cancelled", r.kind);
                 r.killed = Some(Fail::Cancel);
                 r.deadline = None;
                 self.io.kill();
-            } else if r.kind == Kind::Install {
-                info!("ota: stopping once the install ends");
             }
         }
     }
@@ -350,23 +343,23 @@ impl<I: Io> Ota<I> {
             return;
         };
         // Acks of our reports and everything not ours: silent (L§4.1).
-        let Some(Value::String(method)) = obj.get("method") else {
+        let Some(method) = str_of(&obj, "method") else {
             return;
         };
-        let id = obj.get("id");
-        match method.as_str() {
+        let id = member(&obj, "id");
+        match method {
             "miIO.ota" => self.ota(now, id, &obj),
             "miIO.get_ota_state" => {
-                let r = Value::Array(vec![Value::from(self.state.name())]);
-                self.reply(id, &r);
+                let r = format!(r#""result":["{}"]"#, self.state.name());
+                self.answer(id, &r);
             }
             "miIO.get_ota_progress" => {
-                let r = Value::Array(vec![Value::from(self.progress())]);
-                self.reply(id, &r);
+                let r = format!(r#""result":[{}]"#, self.progress());
+                self.answer(id, &r);
             }
             // L§14: after a cloud connect, a state other than idle is reported again.
             "local.status"
-                if obj.get("params").and_then(Value::as_str) == Some("cloud_connected")
+                if str_of(&obj, "params") == Some("cloud_connected")
                     && self.state != State::Idle =>
             {
                 self.report_state();
@@ -383,7 +376,7 @@ impl<I: Io> Ota<I> {
         let Some(n) = line
             .strip_prefix(b"progress ")
             .and_then(|n| core::str::from_utf8(n).ok())
-            .and_then(|n| crate::cli::uint::<u8>(n.trim_end()))
+            .and_then(crate::cli::uint::<u8>)
         else {
             return;
         };
@@ -429,7 +422,6 @@ impl<I: Io> Ota<I> {
         }
         match r.kind {
             Kind::Check if code == Some(0) => {
-                info!("ota: the device is busy; job refused");
                 self.job = None;
                 self.enter(State::Busy);
             }
@@ -447,22 +439,17 @@ impl<I: Io> Ota<I> {
     /// `miIO.ota` (L§14).
     fn ota(&mut self, now: Instant, id: Option<&Value>, obj: &Map<String, Value>) {
         if self.running.is_some() || self.stopping {
-            self.error(id, "busy");
+            self.answer(id, r#""error":{"code":-10000,"message":"busy"}"#);
             return;
         }
         // The vendor guide spells it `param`.
-        let params = obj.get("params").or_else(|| obj.get("param"));
+        let params = member(obj, "params").or_else(|| member(obj, "param"));
         let Some(job) = params.and_then(Value::as_object).and_then(job_of) else {
             note(now, "miIO.ota with invalid params");
-            self.error(id, "invalid params");
+            self.answer(id, r#""error":{"code":-10000,"message":"invalid params"}"#);
             return;
         };
-        self.reply(id, &Value::Array(vec![Value::from("OK")]));
-        info!(
-            "ota: job {:?}{}",
-            job.proc,
-            if job.silent { ", silent" } else { "" }
-        );
+        self.answer(id, r#""result":["OK"]"#);
         self.job = Some(job);
         self.progress = 0;
         self.reported = None;
@@ -491,7 +478,6 @@ impl<I: Io> Ota<I> {
 
     fn downloaded(&mut self, now: Instant) {
         if !self.file_matches() {
-            warn!("ota: the download's md5 differs from file_md5");
             self.fail(Fail::Down);
             return;
         }
@@ -517,7 +503,6 @@ impl<I: Io> Ota<I> {
             return;
         };
         if !self.io.spawn(kind, job) {
-            warn!("ota: cannot start the {kind:?} command");
             if kind == Kind::Check {
                 // No check to run: as if it said "not busy" would skip a check the maker asked
                 // for; refuse instead.
@@ -546,7 +531,6 @@ impl<I: Io> Ota<I> {
     }
 
     fn fail(&mut self, f: Fail) {
-        warn!("ota: failed: {} {}", f.code(), f.message());
         if matches!(self.state, State::Downloading) {
             self.io.remove();
         }
@@ -555,19 +539,19 @@ impl<I: Io> Ota<I> {
     }
 
     fn enter(&mut self, s: State) {
-        if s != self.state {
-            info!("ota: {} -> {}", self.state.name(), s.name());
-        }
         self.state = s;
-        self.report_state();
+        let v = self.report_state();
+        info!("ota: {v}");
     }
 
-    fn report_state(&mut self) {
+    /// Reports the state; returns its text.
+    fn report_state(&mut self) -> String {
         let v = match self.state {
             State::Failed(f) => format!("failed|{}|{}", f.code(), f.message()),
             s => s.name().to_string(),
         };
-        self.report("ota_state", &rpc::json_str(&v));
+        self.report("ota_state", &format!("\"{v}\""));
+        v
     }
 
     fn report_progress(&mut self, p: u8) {
@@ -584,37 +568,44 @@ impl<I: Io> Ota<I> {
         self.io.send(&text);
     }
 
-    fn reply(&mut self, id: Option<&Value>, result: &Value) {
+    /// `{"id":<id>,<body>}` to the daemon; nothing for a request without an id.
+    fn answer(&mut self, id: Option<&Value>, body: &str) {
         if let Some(id) = id {
-            self.io.send(&rpc::result_reply(id, result));
-        }
-    }
-
-    fn error(&mut self, id: Option<&Value>, message: &str) {
-        if id.is_some() {
-            self.io.send(&rpc::error_reply(id, -10000, message));
+            self.io
+                .send(&format!(r#"{{"id":{},{body}}}"#, rpc::Compact(id)));
         }
     }
 }
 
+/// One member of an object: one copy of the map's search on flash for every lookup here.
+#[inline(never)]
+fn member<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    m.get(k)
+}
+
+/// A member that is a string.
+fn str_of<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    member(m, k).and_then(Value::as_str)
+}
+
 /// The checked parameters of `miIO.ota` (L§14), or None: invalid params.
 fn job_of(p: &Map<String, Value>) -> Option<Job> {
-    let url = p.get("app_url")?.as_str()?;
+    let url = str_of(p, "app_url")?;
     if !url_ok(url) {
         return None;
     }
-    let md5 = p.get("file_md5")?.as_str()?;
+    let md5 = str_of(p, "file_md5")?;
     if md5.len() != 32 || !md5.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let proc = match p.get("proc").map(Value::as_str) {
+    let proc = match member(p, "proc").map(Value::as_str) {
         None => Proc::DnldInstall,
         Some(Some("dnld install")) => Proc::DnldInstall,
         Some(Some("dnld")) => Proc::Dnld,
         Some(Some("install")) => Proc::Install,
         Some(_) => return None,
     };
-    let silent = match p.get("mode").map(Value::as_str) {
+    let silent = match member(p, "mode").map(Value::as_str) {
         None | Some(Some("normal")) => false,
         Some(Some("silent")) => true,
         Some(_) => return None,
@@ -1067,8 +1058,9 @@ mod tests {
             "connecting, nothing else to wait for"
         );
         o.connected(Instant(1));
-        assert_eq!(o.io.sent.len(), 4);
-        assert_eq!(o.io.sent[0], r#"{"method":"register","key":"miIO.ota"}"#);
+        assert_eq!(o.io.sent.len(), 1);
+        assert!(o.io.sent[0].starts_with(r#"{"method":"register","key":"miIO.ota"}{"#));
+        assert_eq!(o.io.sent[0].matches("register").count(), 4);
         o.disconnected(Instant(5));
         assert_eq!(o.poll_timeout(), Some(Instant(3005)));
         o.handle_timeout(Instant(3005));
