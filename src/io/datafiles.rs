@@ -114,6 +114,40 @@ pub fn write_token(datadir: &str, token: Option<&Secret16>) -> io::Result<()> {
     }
 }
 
+/// `Action::StoreDidkey` (L§16 step 4): the `did=` and `key=` lines of `device.conf` replaced in
+/// one atomic write ([`config::store::write_atomic`]: a crash leaves the old file or the new one),
+/// every other line and the file's mode kept. The result is read back by the parser first, so a
+/// file that would not load is never written. The error names the file, never the key.
+pub fn store_didkey(datadir: &str, did: u32, key: &Secret16) -> Result<(), ConfError> {
+    let p = path(datadir, "device.conf");
+    let fail = |reason: String| ConfError {
+        file: p.display().to_string(),
+        line: 0,
+        reason,
+    };
+    let text = match read(&p) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(fail("missing; the new identity is not stored".into())),
+        Err(e) => return Err(io_err(&p, e)),
+    };
+    let key_text = key
+        .as_ascii()
+        .ok_or_else(|| fail("the key is not printable".into()))?;
+    let new = config::device::rewrite_didkey(&text, did, key_text);
+    match config::device::parse(&new) {
+        Ok(d) if d.did == did && d.key == *key => {}
+        Ok(_) => {
+            return Err(fail(
+                "the rewritten file does not load the new identity".into(),
+            ))
+        }
+        Err(e) => return Err(at(&p, e)),
+    }
+    let mode = config::store::existing_mode(&p, 0o600);
+    config::store::write_atomic(&p, new.as_bytes(), mode)
+        .map_err(|e| fail(format!("cannot write: {e}")))
+}
+
 /// The text of os-release, if readable.
 pub fn os_release(p: &str) -> Option<String> {
     read(Path::new(p)).ok().flatten()
