@@ -428,6 +428,10 @@ impl Node {
         d.did = did;
         d.key = key;
         info!("device did {did} model {} mac {}", d.model, d.mac);
+        if let Some(t) = self.boot.token.as_ref() {
+            // P§4.2: the LAN hello names the new did.
+            self.lan.set_identity(did, *t.as_bytes());
+        }
         self.drop_session(now);
         self.set_state(State::DidkeyDone);
         let provisioned = self.boot.provisioned.unwrap_or(true);
