@@ -167,3 +167,45 @@ pub fn fresh_token() -> Secret16 {
     }
     crate::config::token::generate(&raw).unwrap_or_else(|| Secret16::new(*b"0123456789abcdef"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// L§16 step 4: only the did and key lines change, the mode stays; a file that is missing or
+    /// that would not load is not written, and no error text holds the key.
+    #[test]
+    fn store_didkey_rewrites_two_lines_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("miio_didkey_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.to_str().unwrap();
+        let key = Secret16::new(*b"Nk3w9Zq0aB7cD1eF");
+        let e = store_didkey(d, 555, &key).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        let conf = dir.join("device.conf");
+        let old = "# board\r\ndid=1\r\nkey=BootstrapKey0001\r\nmac=AA:BB:CC:01:02:03\r\nmodel=a.b.c\r\nx=y\r\n";
+        std::fs::write(&conf, old).unwrap();
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o640)).unwrap();
+        store_didkey(d, 555, &key).unwrap();
+        let new = std::fs::read_to_string(&conf).unwrap();
+        assert_eq!(
+            new,
+            old.replace("did=1", "did=555")
+                .replace("key=BootstrapKey0001", "key=Nk3w9Zq0aB7cD1eF")
+        );
+        let mode = std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        // A file without a model would not load: left as it is.
+        std::fs::write(
+            &conf,
+            "did=1\nkey=BootstrapKey0001\nmac=AA:BB:CC:01:02:03\n",
+        )
+        .unwrap();
+        let e = store_didkey(d, 555, &key).unwrap_err();
+        assert!(!e.to_string().contains("Nk3w9Zq0aB7cD1eF"), "{e}");
+        assert!(std::fs::read_to_string(&conf).unwrap().contains("did=1\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

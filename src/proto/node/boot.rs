@@ -659,80 +659,91 @@ mod tests {
         assert_eq!(step(true, Err(unreadable), vec![]), (vec![], None));
     }
 
+    const BOOT: &[u8; 16] = b"BootstrapKey0000";
+    const NEW: &[u8; 16] = b"Nk3w9Zq0aB7cD1eF";
+    const NEW_DID: u32 = 555;
+
+    fn boot_conf(did: u32) -> String {
+        format!("did={did}\nkey=BootstrapKey0000\nmac=aa:bb:cc:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n")
+    }
+
+    /// The io side of a bootstrap device (`conf` for the file steps, no `wifi.conf`) and a cloud
+    /// that answers the did/key request with `reply(id, params)`; what else the node did goes to
+    /// `seen`, with each message the cloud got as a `CloudSend` of its text.
+    fn didkey_io(
+        n: &mut Node,
+        now: Instant,
+        conf: &str,
+        reply: &dyn Fn(&Value, &Value) -> String,
+        seen: &mut Vec<Action>,
+    ) {
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => {
+                    n.file_dinfo(now, crate::config::device::parse(conf), None)
+                }
+                Action::LoadFiles(Step::Token) => n.file_token(now, token_files(false)),
+                Action::LoadFiles(Step::WifiStatus) => n.file_wifi(now, false, String::new(), None),
+                Action::StoreDidkey { did, ref key } => {
+                    assert_eq!((did, key), (NEW_DID, &Secret16::new(*NEW)));
+                    seen.push(a.clone());
+                    n.didkey_written(now, Ok(()));
+                }
+                Action::Resolve { attempt, .. } => {
+                    n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
+                }
+                Action::Connect { .. } => {
+                    n.cloud_connected(now, Netif::default(), Ipv4Addr::new(192, 168, 1, 20))
+                }
+                Action::CloudSend(b) => {
+                    let p = miio::Packet::new_checked(&b[..]).unwrap();
+                    if p.is_control() && p.ids_all_ff() {
+                        n.cloud_datagram(now, &miio::time_sync_reply(1_700_000_000));
+                        continue;
+                    }
+                    if p.is_control() {
+                        continue;
+                    }
+                    let key = if p.did() < 2 { BOOT } else { NEW };
+                    let keys = Keys::new(key);
+                    let o = miio::open(&keys, p.did(), &p).expect("sealed with the key of its did");
+                    let id = &o.value["id"];
+                    let ack = match o.value["method"].as_str() {
+                        Some("_otc.didkey_req") => {
+                            assert_eq!(o.value["params"]["type"], p.did());
+                            reply(id, &o.value["params"])
+                        }
+                        Some("_otc.info") => {
+                            assert_eq!(p.did(), NEW_DID, "no _otc.info under a bootstrap did");
+                            format!(r#"{{"id":{id},"result":{{"otc_list":[]}}}}"#)
+                        }
+                        _ => format!(r#"{{"id":{id},"result":"ok"}}"#),
+                    };
+                    seen.push(Action::CloudSend(o.text.into_bytes()));
+                    let pkt = miio::seal(&keys, p.did(), p.stamp(), ack.as_bytes());
+                    n.cloud_datagram(now, &pkt);
+                }
+                a => seen.push(a),
+            }
+        }
+    }
+
+    fn assign(id: &Value, _: &Value) -> String {
+        format!(r#"{{"id":{id},"result":{{"did":{NEW_DID},"key":"Nk3w9Zq0aB7cD1eF"}}}}"#)
+    }
+
     /// L§16, P§5.11 for did 0 in virtual time: no provisioning (the device is online without
     /// `wifi.conf`, and its token is kept), the request under the bootstrap did, a day-long
     /// `retry_after` that `wakeup_time` reports and the state keeps, the assignment on the next
     /// try, stored through io, then `cloud_connected` under the new identity.
     #[test]
     fn did0_waits_a_day_then_connects_under_the_assigned_identity() {
-        const BOOT: &[u8; 16] = b"BootstrapKey0000";
-        const NEW: &[u8; 16] = b"Nk3w9Zq0aB7cD1eF";
-        const NEW_DID: u32 = 555;
-        let conf =
-            "did=0\nkey=BootstrapKey0000\nmac=aa:bb:cc:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n";
-        // The io side and a cloud that answers the did/key request with `reply(id)`.
-        let play = |n: &mut Node,
-                    now: Instant,
-                    reply: &dyn Fn(&Value) -> String,
-                    seen: &mut Vec<Action>| {
-            while let Some(a) = n.poll_action() {
-                match a {
-                    Action::LoadFiles(Step::Dinfo) => {
-                        n.file_dinfo(now, crate::config::device::parse(conf), None)
-                    }
-                    Action::LoadFiles(Step::Token) => n.file_token(now, token_files(false)),
-                    Action::LoadFiles(Step::WifiStatus) => {
-                        n.file_wifi(now, false, String::new(), None)
-                    }
-                    Action::StoreDidkey { did, ref key } => {
-                        assert_eq!((did, key), (NEW_DID, &Secret16::new(*NEW)));
-                        seen.push(a.clone());
-                        n.didkey_written(now, Ok(()));
-                    }
-                    Action::Resolve { attempt, .. } => {
-                        n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
-                    }
-                    Action::Connect { .. } => {
-                        n.cloud_connected(now, Netif::default(), Ipv4Addr::new(192, 168, 1, 20))
-                    }
-                    Action::CloudSend(b) => {
-                        let p = miio::Packet::new_checked(&b[..]).unwrap();
-                        if p.is_control() && p.ids_all_ff() {
-                            n.cloud_datagram(now, &miio::time_sync_reply(1_700_000_000));
-                            continue;
-                        }
-                        if p.is_control() {
-                            continue;
-                        }
-                        let (did, key) = if p.did() == 0 {
-                            (0, BOOT)
-                        } else {
-                            (NEW_DID, NEW)
-                        };
-                        assert_eq!(p.did(), did);
-                        let keys = Keys::new(key);
-                        let o = miio::open(&keys, did, &p).expect("sealed with the key of its did");
-                        let id = &o.value["id"];
-                        let ack = match o.value["method"].as_str() {
-                            Some("_otc.didkey_req") => {
-                                assert_eq!(did, 0);
-                                assert_eq!(o.value["params"]["type"], 0);
-                                assert_eq!(o.value["params"]["data"], Value::Null);
-                                reply(id)
-                            }
-                            Some("_otc.info") => {
-                                format!(r#"{{"id":{id},"result":{{"otc_list":[]}}}}"#)
-                            }
-                            _ => format!(r#"{{"id":{id},"result":"ok"}}"#),
-                        };
-                        seen.push(Action::CloudSend(o.text.into_bytes()));
-                        let pkt = miio::seal(&keys, did, p.stamp(), ack.as_bytes());
-                        n.cloud_datagram(now, &pkt);
-                    }
-                    a => seen.push(a),
-                }
-            }
-        };
+        let conf = boot_conf(0);
+        let play =
+            |n: &mut Node,
+             now,
+             reply: &dyn Fn(&Value, &Value) -> String,
+             seen: &mut Vec<Action>| didkey_io(n, now, &conf, reply, seen);
         let mut n = node();
         n.cfg.mdns = Some(54321);
         n.cfg.max_sleep = Duration::from_secs(2 * 86_400);
@@ -741,7 +752,10 @@ mod tests {
         n.start(t0);
         n.handle_timeout(t0); // the helper grace is over: file mode
         let mut seen = Vec::new();
-        let later = |id: &Value| format!(r#"{{"id":{id},"result":{{"retry_after":86400}}}}"#);
+        let later = |id: &Value, p: &Value| {
+            assert_eq!(p["data"], Value::Null, "no helper, no material");
+            format!(r#"{{"id":{id},"result":{{"retry_after":86400}}}}"#)
+        };
         play(&mut n, t0, &later, &mut seen);
         assert_eq!(n.state(), State::DidkeyReq2, "{seen:?}");
         assert!(
@@ -775,9 +789,6 @@ mod tests {
         let t2 = t0 + Duration::from_secs(86_400);
         n.handle_timeout(t2);
         seen.clear();
-        let assign = |id: &Value| {
-            format!(r#"{{"id":{id},"result":{{"did":{NEW_DID},"key":"Nk3w9Zq0aB7cD1eF"}}}}"#)
-        };
         play(&mut n, t2, &assign, &mut seen);
         assert_eq!(n.state(), State::CloudConnected, "{seen:?}");
         let stored = seen
@@ -799,6 +810,97 @@ mod tests {
                 .any(|a| matches!(a, Action::MdnsService(Some(s)) if s.did == NEW_DID)),
             "{seen:?}"
         );
+    }
+
+    /// L§16 with a helper: its material goes up as `data` unread; the assignment is handed to it
+    /// (`req_didkeymac2`) and, when it answers "ok", the daemon writes nothing; without an answer
+    /// in 10 s the daemon stores the identity itself. Either way the token is not asked again.
+    #[test]
+    fn did1_with_a_helper_material_up_and_the_store_by_helper_or_daemon() {
+        let conf = boot_conf(1);
+        let with_data = |id: &Value, p: &Value| {
+            assert_eq!(p["data"], json!({"sn": "X1", "n": [1, 2]}));
+            assign(id, p)
+        };
+        // `miio_recv_line`: a fresh connection's hello gets the head of the queue (L§9.1).
+        let mut next = 10;
+        let mut hello = |n: &mut Node, now| {
+            next += 1;
+            n.local_accept(now, next, Port::Local);
+            n.local_value(now, next, br#"{"method":"_internal.hello"}"#);
+        };
+        for helper_stores in [true, false] {
+            let mut n = node();
+            let t0 = Instant(10_000);
+            n.start(t0);
+            n.local_accept(t0, 1, Port::Local);
+            n.local_value(t0, 1, br#"{"method":"_internal.helper_ready"}"#);
+            let mut seen = Vec::new();
+            for answer in [
+                r#"{"method":"_internal.response_dinfo","params":{"did":1,"key":"BootstrapKey0000","vendor":"acme","mac":"aa:bb:cc:01:02:03","model":"acme.dev.v1"}}"#,
+                r#"{"method":"_internal.res_didkeymac","params":{"sn":"X1","n":[1,2]}}"#,
+                r#"{"method":"_internal.response_dtoken","params":"ABCDEFGHIJKLMNOP"}"#,
+                r#"{"method":"_internal.res_wifi_conf_status","params":1}"#,
+            ] {
+                hello(&mut n, t0);
+                didkey_io(&mut n, t0, &conf, &with_data, &mut seen);
+                n.local_value(t0, 1, answer.as_bytes());
+            }
+            hello(&mut n, t0);
+            didkey_io(&mut n, t0, &conf, &with_data, &mut seen);
+            let to_helper = |seen: &[Action], m: &str| {
+                seen.iter()
+                    .any(|a| matches!(a, Action::Local(LocalAction::Send(_, t)) if t.contains(m)))
+            };
+            assert!(
+                to_helper(&seen, r#""method":"_internal.req_didkeymac","params":"#),
+                "{seen:?}"
+            );
+            assert!(
+                to_helper(
+                    &seen,
+                    r#""params":{"dir":"/etc/miio/","did":555,"key":"Nk3w9Zq0aB7cD1eF"}"#
+                ),
+                "{seen:?}"
+            );
+            assert_eq!(n.state(), State::DidkeyReq2, "waiting for the helper");
+            seen.clear();
+            if helper_stores {
+                n.local_value(
+                    t0,
+                    1,
+                    br#"{"method":"_internal.res_didkeymac2","params":"ok"}"#,
+                );
+                didkey_io(&mut n, t0, &conf, &with_data, &mut seen);
+                assert!(
+                    !seen.iter().any(|a| matches!(a, Action::StoreDidkey { .. })),
+                    "{seen:?}"
+                );
+            } else {
+                hello(&mut n, t0);
+                let t1 = t0 + Duration::from_millis(9_999);
+                n.handle_timeout(t1);
+                didkey_io(&mut n, t1, &conf, &with_data, &mut seen);
+                assert_eq!(n.state(), State::DidkeyReq2);
+                let t2 = t0 + Duration::from_secs(10);
+                n.handle_timeout(t2);
+                didkey_io(&mut n, t2, &conf, &with_data, &mut seen);
+                assert!(
+                    seen.iter().any(|a| matches!(a, Action::StoreDidkey { .. })),
+                    "{seen:?}"
+                );
+            }
+            // The new session asks the helper for `_internal.info`; it is not answered: own INFO.
+            let t3 = t0 + Duration::from_secs(20);
+            n.handle_timeout(t3);
+            didkey_io(&mut n, t3, &conf, &with_data, &mut seen);
+            assert_eq!(n.state(), State::CloudConnected, "{seen:?}");
+            assert_eq!(n.identity().map(|i| i.did), Some(NEW_DID));
+            assert!(
+                !to_helper(&seen, "request_dtoken") && !to_helper(&seen, "req_wifi_conf_status"),
+                "{seen:?}"
+            );
+        }
     }
 
     /// P§5.7 D5, D12: ids are unique for the life of the process and `ota_state idle` goes up once
