@@ -12,7 +12,8 @@
 //! - Every packet is checked in the P§2.7 order; a bad one is dropped with a log line rate-limited
 //!   to 1/s per source and a `drop` event. No input makes the server panic or stop.
 //! - A control socket on 127.0.0.1 speaks line-delimited JSON: push commands, failure modes
-//!   (`silent`, `drop_acks`, `close_tcp`), `status` and an event stream (`watch`).
+//!   (`silent`, `drop_acks`, `close_tcp`), the did/key answer (`didkey`), `status` and an event
+//!   stream (`watch`).
 //!   `miio_fakecloud send` / `miio_fakecloud ctl` are its command-line clients.
 //! - Network faults for the daemon's fault tests: each device packet, in either direction and on
 //!   either transport, passes one rule per fault kind (`drop`, `dup`, `reorder`, `delay`) before it
@@ -158,7 +159,7 @@ A fake OT cloud: serves UDP and TCP on one port (PROTOCOL.md section 5, cloud si
   --ctl-port P      control socket on 127.0.0.1 (default port + 1)
   --interval S      otc_test.interval in the _otc.info reply (default 1800)
   --otc-list L      otc_list in the _otc.info reply (default: this server)
-  --assign DID:KEY  identity handed out by _otc.didkey_req
+  --assign DID:KEY  identity handed out by _otc.didkey_req (to one mac, again on a retry)
   --didkey-retry S  answer _otc.didkey_req with retry_after S instead
   -l LEVEL          0 error, 1 warning, 2 info (default), 3 debug, 4 verbose
   -h                this text
@@ -181,6 +182,8 @@ Control commands: send, status, watch, silent, drop_acks, close_tcp, and the net
    device over TCP is cut after K bytes (default 10) and the connection reset; dir in: the next
    packet from a device over TCP resets the connection unread.
   {\"cmd\":\"clear\"}: every fault rule off, held packets released now (delayed ones stay due).
+  {\"cmd\":\"didkey\",\"retry_after\":S|null}: answer _otc.didkey_req with retry_after S, or (null)
+   with the --assign identity, from now on.
 ";
 
 /// What the command line asks for.
