@@ -374,12 +374,12 @@ impl Node {
     }
 
     /// L§16 step 1 done: the helper's material (None: no helper, or no answer in time).
-    fn didkey_material(&mut self, now: Instant, data: Option<serde_json::Value>) {
+    fn didkey_material(&mut self, now: Instant, data: Option<String>) {
         if self.state != State::DidkeyReq1 {
             crate::info_limited!(now, "did/key material out of turn; ignored");
             return;
         }
-        self.boot.didkey_data = Some(data.map_or_else(|| "null".into(), |v| v.to_string()));
+        self.boot.didkey_data = Some(data.unwrap_or_else(|| "null".into()));
         self.ask_token(now);
     }
 
