@@ -283,3 +283,74 @@ fn killed_at_every_step_the_identity_is_whole_and_a_restart_resumes() {
         assert_no_key(&d);
     }
 }
+
+/// The shipped helper (`etc/miio/miio_client_helper.sh`) under BusyBox sh for a did 0 device: it
+/// answers both did/key steps at once (no 10 s fallback), keeps the token without `wifi.conf`,
+/// and stores the assignment in `device.conf` itself, every other line kept.
+#[test]
+fn shipped_helper_under_busybox_stores_the_assigned_identity() {
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let c = cloud(0, &[]);
+    let dir = TempDir::new("didkey-sh");
+    // CRLF lines and a mode of its own, both of which the helper keeps.
+    let conf = boot_conf(0).replace('\n', "\r\n");
+    dir.write("device.conf", &conf);
+    use std::os::unix::fs::PermissionsExt;
+    let perm = std::fs::Permissions::from_mode(0o640);
+    std::fs::set_permissions(dir.join("device.conf"), perm).unwrap();
+    dir.write("device.token", "TokenOfDid0Dev01");
+    let bin = TempDir::new("didkey-sh-bin");
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    // A grace far longer than the test: only the helper can bring the daemon on.
+    let mut a = args(&dir, c.port);
+    set_opt(&mut a, "--helper-grace", "60");
+    let d = Daemon::start(&dir, &a);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/etc/miio/miio_client_helper.sh"
+    );
+    let helper_log = dir.join("helper.log");
+    let mut helper = Command::new("busybox")
+        .args(["sh", script])
+        .env("MIIO_BIN_DIR", bin.path())
+        .env("MIIO_LOCAL_PORT", d.local().to_string())
+        .env("MIIO_DATADIR", dir.dir_arg())
+        .env("MIIO_WIFI_START", "/bin/true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&helper_log).unwrap())
+        .stderr(std::fs::File::create(dir.join("helper.err")).unwrap())
+        .spawn()
+        .expect("busybox sh");
+    let ok = d.wait_log("STATE_CLOUD_CONNECTED", T);
+    let _ = helper.kill();
+    let _ = helper.wait();
+    let log = d.log_text();
+    assert!(ok, "{log}\nhelper: {}", read_file(&dir.join("helper.err")));
+    for line in [
+        "helper answered _internal.res_didkeymac",
+        "helper answered _internal.res_didkeymac2",
+        "the helper stored the new identity",
+    ] {
+        assert!(log.contains(line), "{line}: {log}");
+    }
+    assert!(
+        !log.contains("stored the new identity in device.conf"),
+        "{log}"
+    );
+    assert_eq!(
+        read_file(&dir.join("device.conf")),
+        new_conf(0).replace('\n', "\r\n")
+    );
+    let mode = std::fs::metadata(dir.join("device.conf"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640);
+    assert_eq!(read_file(&dir.join("device.token")), "TokenOfDid0Dev01");
+    assert_no_key(&d);
+}
