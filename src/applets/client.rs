@@ -44,6 +44,7 @@ fn node_config(a: &ClientArgs) -> NodeConfig {
     c.backoff_max = a.backoff_max;
     c.refresh = a.interval_ms.map(Duration::from_millis);
     c.max_cloud_payload = a.max_cloud_payload;
+    c.didkey_method.clone_from(&a.didkey_method);
     c.seed = sys::random_seed();
     NodeConfig {
         max_clients: a.max_clients,
