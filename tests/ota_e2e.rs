@@ -415,6 +415,12 @@ fn jobs(e: &Env) {
         ["downloading", "installing", "failed|-33005|install error"]
     );
     std::fs::remove_file(e.dir.join("install_rc")).unwrap();
+
+    // dnld, normal mode: downloaded, waiting for an install.
+    ok(&e.ota(70, &url, &md5, "dnld", "normal"));
+    assert_eq!(e.states(18)[16..], ["downloading", "downloaded"]);
+    assert_eq!(e.state(71), "downloaded");
+    assert_eq!(e.progress(72), 100);
 }
 
 #[test]
@@ -425,7 +431,7 @@ fn jobs_on_54322() {
     let e = Env::new("ota-e2e");
     jobs(&e);
     // Other commands are not answered by miio_ota: the daemon's -9999 comes.
-    let v = e.send(&json!({"id":70,"method":"get_prop","params":[]}));
+    let v = e.send(&json!({"id":90,"method":"get_prop","params":[]}));
     assert_eq!(v["error"]["code"], -9999, "{v}");
     let _ = &e.daemon;
 }
