@@ -892,3 +892,63 @@ fn wifi_start_rehost_restarts_udhcpc_under_the_new_did() {
     wifi_start("rehost");
     assert_eq!(udhcpc_lines(), lines);
 }
+
+/// `req_didkeymac2` (L§16): the helper stores the pair, then runs `wifi_start.sh rehost` in the
+/// data dir (which finds the new did), and only then answers "ok": the daemon's new session must
+/// not start while udhcpc restarts.
+#[test]
+fn helper_script_rehosts_after_storing_the_assignment_and_before_the_ok() {
+    if !busybox() {
+        return;
+    }
+    let dir = TempDir::new("helper-rehost");
+    let data = data_dir(&dir);
+    std::fs::write(
+        format!("{data}device.conf"),
+        "did=0\nkey=BootstrapKey0001\nmac=aa:bb:cc:01:02:03\nmodel=acme.dev.v1\n",
+    )
+    .unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    // wifi_start.sh stand-in: logs its arguments and the did line device.conf has at that moment.
+    let calls = dir.join("wifi.calls");
+    write_exec(
+        &dir.join("wifi_start.sh"),
+        &format!(
+            "#!/bin/sh\nprintf '%s|%s\\n' \"$*\" \"$(grep '^did=' \"${{MIIO_DATADIR}}device.conf\")\" >>'{}'\n",
+            calls.display()
+        ),
+    );
+    let (l, port) = listener();
+    l.set_nonblocking(true).unwrap();
+    let _helper = Killed(
+        Command::new("busybox")
+            .arg("sh")
+            .arg(format!("{SCRIPTS}/miio_client_helper.sh"))
+            .env("MIIO_LOCAL_PORT", port.to_string())
+            .env("MIIO_BIN_DIR", &bin)
+            .env("MIIO_DATADIR", &data)
+            .env("MIIO_WIFI_START", dir.join("wifi_start.sh"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox sh"),
+    );
+    assert_eq!(expect_msg(&l), json!({"method":"_internal.helper_ready"}));
+    tell(
+        &l,
+        &format!(
+            r#"{{"method":"_internal.req_didkeymac2","params":{{"dir":"{data}","did":555,"key":"Nk3w9Zq0aB7cD1eF"}}}}"#
+        ),
+    );
+    assert_eq!(
+        expect_msg(&l),
+        json!({"method":"_internal.res_didkeymac2","params":"ok"})
+    );
+    // The "ok" came after the stand-in had run, so its line is there already.
+    assert_eq!(read_file(&calls), "rehost|did=555\n");
+}
