@@ -2,7 +2,8 @@
 //! `miio_fakecloud` as the issuing cloud: did 1 through AP provisioning by python-miio to
 //! `cloud_connected` under the assigned identity, did 0 without provisioning and its
 //! `retry_after` in `wakeup_time`, the daemon killed at each step of the exchange (`device.conf`
-//! is always wholly old or wholly new, and a restart resumes), and the keys never in the log.
+//! is always wholly old or wholly new, and a restart resumes), the keys never in the log, and the
+//! shipped helper storing the identity and restarting udhcpc under the new DHCP hostname.
 
 mod common;
 use common::*;
@@ -353,4 +354,118 @@ fn shipped_helper_under_busybox_stores_the_assigned_identity() {
     assert_eq!(mode & 0o777, 0o640);
     assert_eq!(read_file(&dir.join("device.token")), "TokenOfDid0Dev01");
     assert_no_key(&d);
+}
+
+fn write_exec(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    let _ = Command::new("chmod").arg("755").arg(path).status();
+}
+
+/// The shipped helper with the shipped `wifi_start.sh` (udhcpc, ifconfig and the Wi-Fi tools
+/// stubbed): the board came up under did 0 with udhcpc sending `…_miio0`; after the assignment
+/// udhcpc is started again with the hostname of the new did, asking for the address it had.
+#[test]
+fn shipped_helper_restarts_udhcpc_under_the_assigned_did() {
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let c = cloud(0, &[]);
+    let dir = TempDir::new("didkey-rehost");
+    dir.write("device.conf", &boot_conf(0));
+    dir.write("wifi.conf", "ssid=\"x\"\npsk=\"pw123456\"\nkey_mgmt=WPA\n");
+    dir.write("device.token", "TokenOfDid0Dev01");
+    let run = TempDir::new("didkey-rehost-run");
+    let stubs = TempDir::new("didkey-rehost-stubs");
+    let log = run.join("cmds");
+    // udhcpc: logs its arguments and stays (a sleep) under its pid file, as with a lease.
+    write_exec(
+        &stubs.join("udhcpc"),
+        &format!(
+            "#!/bin/sh\necho \"udhcpc $*\" >>'{}'\npf=\nwhile [ $# -gt 0 ]; do\n\tcase $1 in -p) pf=$2; shift ;; esac\n\tshift\ndone\nsleep 60 </dev/null >/dev/null 2>&1 &\necho $! >\"$pf\"\n",
+            log.display()
+        ),
+    );
+    write_exec(
+        &stubs.join("ifconfig"),
+        "#!/bin/sh\n[ $# -eq 1 ] && echo '          inet addr:192.168.1.57  Bcast:192.168.1.255  Mask:255.255.255.0'\nexit 0\n",
+    );
+    write_exec(&stubs.join("wpa_supplicant"), "#!/bin/sh\nexit 0\n");
+    write_exec(
+        &stubs.join("wpa_cli"),
+        "#!/bin/sh\necho wpa_state=COMPLETED\n",
+    );
+    let wifi_start = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/miio/wifi_start.sh");
+    let env = |cmd: &mut Command| {
+        cmd.env("MIIO_DATADIR", dir.dir_arg())
+            .env("MIIO_RUN_DIR", run.path())
+            .env("MIIO_WIFI_START", wifi_start)
+            .env("MIIO_IP", stubs.join("none"));
+        for name in ["udhcpc", "ifconfig", "wpa_supplicant", "wpa_cli"] {
+            cmd.env(format!("MIIO_{}", name.to_uppercase()), stubs.join(name));
+        }
+    };
+    // The board's start, before the daemon: udhcpc under the bootstrap did.
+    let mut start = Command::new("busybox");
+    start.args(["sh", wifi_start, "sta"]);
+    env(&mut start);
+    let out = start.output().expect("busybox sh");
+    assert!(out.status.success(), "{out:?}");
+    let pidfile = run.join("udhcpc.pid");
+    let first = read_file(&pidfile).trim().to_owned();
+    assert!(
+        read_file(&log).contains("-x hostname:acme-dev-v1_miio0"),
+        "{}",
+        read_file(&log)
+    );
+
+    let bin = TempDir::new("didkey-rehost-bin");
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    let mut a = args(&dir, c.port);
+    set_opt(&mut a, "--helper-grace", "60");
+    let d = Daemon::start(&dir, &a);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/etc/miio/miio_client_helper.sh"
+    );
+    let mut helper = Command::new("busybox");
+    helper
+        .args(["sh", script])
+        .env("MIIO_BIN_DIR", bin.path())
+        .env("MIIO_LOCAL_PORT", d.local().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("helper.err")).unwrap());
+    env(&mut helper);
+    let mut helper = helper.spawn().expect("busybox sh");
+    let restarted = wait_until(T, || {
+        read_file(&log)
+            .lines()
+            .any(|l| l.contains("-x hostname:acme-dev-v1_miio555"))
+    });
+    let ok = d.wait_log("STATE_CLOUD_CONNECTED", T);
+    let _ = helper.kill();
+    let _ = helper.wait();
+    let last = read_file(&pidfile).trim().to_owned();
+    for pid in [&first, &last] {
+        let _ = Command::new("kill").arg(pid).status();
+    }
+    let cmds = read_file(&log);
+    let helper_err = read_file(&dir.join("helper.err"));
+    assert!(restarted, "{cmds}\nhelper: {helper_err}");
+    assert!(ok, "{}\nhelper: {helper_err}", d.log_text());
+    let lines: Vec<&str> = cmds.lines().filter(|l| l.starts_with("udhcpc")).collect();
+    assert_eq!(lines.len(), 2, "{cmds}");
+    assert!(
+        lines[1].contains("-r 192.168.1.57 -x hostname:acme-dev-v1_miio555"),
+        "{cmds}"
+    );
+    assert!(
+        d.log_text().contains("the helper stored the new identity"),
+        "{}",
+        d.log_text()
+    );
+    assert_ne!(first, last);
 }

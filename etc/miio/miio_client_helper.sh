@@ -18,7 +18,8 @@
 #   _internal.wifi_reconnect|reload  `wifi_start.sh reconnect|reload` in the background (L§13)
 #   _internal.req_didkeymac       (did 0 or 1, L§16) no material of its own: params null
 #   _internal.req_didkeymac2      stores the assigned did and key in device.conf (the did= and key=
-#                                 lines replaced, every other line kept, one rename), then "ok"
+#                                 lines replaced, every other line kept, one rename), runs
+#                                 `wifi_start.sh rehost` (the DHCP hostname carries the did), then "ok"
 #
 # Everything else is ignored (the daemon falls back to its own data after its timeout).
 # Needs: a POSIX sh (BusyBox ash, dash), miio_recv_line and miio_send_line, and printf, tr, cat,
@@ -310,7 +311,7 @@ on_didkeymac() {
 # on_didkeymac2 JSON: L§16 step 4. The did= and key= lines of device.conf are replaced (every other
 # line, its CR and the file's mode kept) in a copy that is renamed over the file, so a crash leaves
 # the old file or the new one. Anything odd is logged and left to the daemon, which stores the pair
-# itself when no "ok" comes.
+# itself when no "ok" comes. Then the DHCP hostname, which carries the did (vendor §7), follows.
 on_didkeymac2() {
 	datadir_from dir "$1"
 	ndid=${1#*\"did\":}
@@ -351,6 +352,14 @@ on_didkeymac2() {
 		log "$f: cannot replace; the daemon stores the new identity"
 		return
 	fi
+	# udhcpc restarts under the new hostname before the "ok", not after: the restart takes the
+	# address away for a moment (deconfig, see wifi_start.sh), and right after the "ok" the daemon
+	# opens its new cloud session, asks `_internal.info` (the address) and announces mDNS under the
+	# new did; run first, all of that finds the address back. The restart returns in about 7 s at
+	# worst, typically well under one, inside the daemon's 10 s; were it later, the daemon would
+	# store the same pair again itself, which changes nothing. stdout to /dev/null: the udhcpc left
+	# in the background must not hold ours.
+	MIIO_DATADIR=$DATADIR "$WIFI_START" rehost </dev/null >/dev/null || log "wifi_start.sh rehost failed"
 	send '{"method":"_internal.res_didkeymac2","params":"ok"}'
 }
 
