@@ -14,7 +14,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 
 use log::{error, info};
-use md5::{Digest, Md5};
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
@@ -170,23 +169,17 @@ impl Io for Sys {
     }
 
     fn spawn(&mut self, kind: Kind, job: &Job) -> bool {
+        let mode = if job.silent { "silent" } else { "normal" };
+        // No `format!` here: each of its sites costs flash.
         let env = [
-            format!(
-                "MIIO_OTA_MODE={}",
-                if job.silent { "silent" } else { "normal" }
-            ),
-            format!("MIIO_OTA_MD5={}", job.md5),
+            "MIIO_OTA_MODE=".to_owned() + mode,
+            "MIIO_OTA_MD5=".to_owned() + &job.md5,
         ];
         let file = self.file.as_str();
-        let argv: [&str; 3] = match kind {
-            Kind::Check => [self.busy.as_deref().unwrap_or("/bin/false"), "", ""],
-            Kind::Download => [&self.download, &job.url, file],
-            Kind::Install => [&self.install, file, ""],
-        };
-        let n = match kind {
-            Kind::Check => 1,
-            Kind::Download => 3,
-            Kind::Install => 2,
+        let (argv, n): ([&str; 3], usize) = match kind {
+            Kind::Check => ([self.busy.as_deref().unwrap_or("/bin/false"), "", ""], 1),
+            Kind::Download => ([&self.download, &job.url, file], 3),
+            Kind::Install => ([&self.install, file, ""], 2),
         };
         // Only the download's output is read (progress lines); the others write to our stdout.
         let pipe = if kind == Kind::Download {
@@ -219,11 +212,11 @@ impl Io for Sys {
 
     fn file_md5(&mut self) -> Option<[u8; 16]> {
         let mut f = sys::open(self.file.as_ref(), libc::O_RDONLY, 0).ok()?;
-        let mut h = Md5::new();
+        let mut h = crate::wire::crypto::Md5Sum::default();
         let mut buf = vec![0u8; 16384];
         loop {
             match f.read(&mut buf) {
-                Ok(0) => return Some(h.finalize().into()),
+                Ok(0) => return Some(h.finish()),
                 Ok(n) => h.update(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return None,
@@ -320,7 +313,7 @@ fn exit_code(status: i32) -> Option<i32> {
 
 fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
     // Made if missing; a dir that cannot be made shows as failed downloads.
-    let _ = std::fs::create_dir(&a.dir);
+    sys::mkdir(&a.dir);
     if a.daemonize {
         sys::daemonize(true)?;
     }

@@ -215,6 +215,17 @@ pub fn spawn(argv: &[&str], env: &[String], stdout: Option<RawFd>) -> io::Result
     Ok(pid)
 }
 
+/// `mkdir(2)` with mode 0755, its result ignored (an existing directory is fine; one that cannot be
+/// made shows later as a file that cannot be written). std's `create_dir` costs about 150 bytes
+/// more for a `DirBuilder` miio_ota does not need. A path with a NUL byte is skipped.
+#[cfg(feature = "ota")]
+pub fn mkdir(path: &str) {
+    if let Ok(c) = std::ffi::CString::new(path) {
+        // SAFETY: `c` is a NUL-terminated path alive for the call; mkdir reads nothing else.
+        unsafe { libc::mkdir(c.as_ptr(), 0o755) };
+    }
+}
+
 /// SIGKILL to the whole process group `pgid` (a child started by [`spawn`] leads its own).
 #[cfg(feature = "ota")]
 pub fn kill_group(pgid: i32) {

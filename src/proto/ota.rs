@@ -350,12 +350,12 @@ impl<I: Io> Ota<I> {
         match method {
             "miIO.ota" => self.ota(now, id, &obj),
             "miIO.get_ota_state" => {
-                let r = format!(r#""result":["{}"]"#, self.state.name());
-                self.answer(id, &r);
+                let s = self.state.name();
+                self.answer(id, format_args!(r#""result":["{s}"]"#));
             }
             "miIO.get_ota_progress" => {
-                let r = format!(r#""result":[{}]"#, self.progress());
-                self.answer(id, &r);
+                let p = self.progress();
+                self.answer(id, format_args!(r#""result":[{p}]"#));
             }
             // L§14: after a cloud connect, a state other than idle is reported again.
             "local.status"
@@ -439,17 +439,23 @@ impl<I: Io> Ota<I> {
     /// `miIO.ota` (L§14).
     fn ota(&mut self, now: Instant, id: Option<&Value>, obj: &Map<String, Value>) {
         if self.running.is_some() || self.stopping {
-            self.answer(id, r#""error":{"code":-10000,"message":"busy"}"#);
+            self.answer(
+                id,
+                format_args!(r#""error":{{"code":-10000,"message":"busy"}}"#),
+            );
             return;
         }
         // The vendor guide spells it `param`.
         let params = member(obj, "params").or_else(|| member(obj, "param"));
         let Some(job) = params.and_then(Value::as_object).and_then(job_of) else {
             note(now, "miIO.ota with invalid params");
-            self.answer(id, r#""error":{"code":-10000,"message":"invalid params"}"#);
+            self.answer(
+                id,
+                format_args!(r#""error":{{"code":-10000,"message":"invalid params"}}"#),
+            );
             return;
         };
-        self.answer(id, r#""result":["OK"]"#);
+        self.answer(id, format_args!(r#""result":["OK"]"#));
         self.job = Some(job);
         self.progress = 0;
         self.reported = None;
@@ -524,10 +530,8 @@ impl<I: Io> Ota<I> {
         let Some(job) = &self.job else {
             return false;
         };
-        let want = job.md5.clone();
-        self.io
-            .file_md5()
-            .is_some_and(|d| hex(&d).eq_ignore_ascii_case(&want))
+        // `job.md5` is lower-case (`job_of`), as `hex` writes.
+        self.io.file_md5().is_some_and(|d| hex(&d) == job.md5)
     }
 
     fn fail(&mut self, f: Fail) {
@@ -550,18 +554,18 @@ impl<I: Io> Ota<I> {
             State::Failed(f) => format!("failed|{}|{}", f.code(), f.message()),
             s => s.name().to_string(),
         };
-        self.report("ota_state", &format!("\"{v}\""));
+        self.report("ota_state", format_args!("\"{v}\""));
         v
     }
 
     fn report_progress(&mut self, p: u8) {
         self.reported = Some(p);
-        self.report("ota_progress", &p.to_string());
+        self.report("ota_progress", format_args!("{p}"));
     }
 
     /// `{"id":R,"method":"props","params":{"<key>":<json>}}` upstream (L§14); R from our own
     /// counter (the daemon or the agent rewrites it anyway, L§4.3).
-    fn report(&mut self, key: &str, json: &str) {
+    fn report(&mut self, key: &str, json: core::fmt::Arguments) {
         let id = self.next_id;
         self.next_id = if id >= 0x7fff_ffff { 1 } else { id + 1 };
         let text = format!(r#"{{"id":{id},"method":"props","params":{{"{key}":{json}}}}}"#);
@@ -569,7 +573,7 @@ impl<I: Io> Ota<I> {
     }
 
     /// `{"id":<id>,<body>}` to the daemon; nothing for a request without an id.
-    fn answer(&mut self, id: Option<&Value>, body: &str) {
+    fn answer(&mut self, id: Option<&Value>, body: core::fmt::Arguments) {
         if let Some(id) = id {
             self.io
                 .send(&format!(r#"{{"id":{},{body}}}"#, rpc::Compact(id)));
@@ -610,9 +614,11 @@ fn job_of(p: &Map<String, Value>) -> Option<Job> {
         Some(Some("silent")) => true,
         Some(_) => return None,
     };
+    let mut md5 = md5.to_string();
+    md5.make_ascii_lowercase();
     Some(Job {
         url: url.to_string(),
-        md5: md5.to_ascii_lowercase(),
+        md5,
         proc,
         silent,
     })
