@@ -280,6 +280,59 @@ int pthread_setname_np(pthread_t thread, const char *name)
 endef
 export SETNAME_C
 
+# libgcc_eh.a of the cross gcc (the unwinder on mipsel and s390x) is built for glibc 2.36: it finds a
+# PC's unwind tables with _dl_find_object, which musl lacks, and has no fallback when that fails. This
+# one answers for the static binary itself from its program headers (dl_iterate_phdr, which musl has):
+# the PT_LOAD span holding the PC and the PT_GNU_EH_FRAME segment. The struct is glibc's layout on
+# CPUs without DLFO_STRUCT_HAS_EH_DBASE/EH_COUNT (all but i386, nios2 and arm). It goes only into
+# those boards' libunwind.a and is linked only by builds that unwind (the unit tests).
+define DL_FIND_OBJECT_C
+#define _GNU_SOURCE
+#include <link.h>
+#include <stdint.h>
+struct dl_find_object {
+	unsigned long long dlfo_flags;
+	void *dlfo_map_start, *dlfo_map_end, *dlfo_link_map, *dlfo_eh_frame;
+	unsigned long long dlfo_reserved[7];
+};
+struct query { uintptr_t pc; struct dl_find_object *out; int found; };
+static int visit(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct query *q = arg;
+	uintptr_t lo = UINTPTR_MAX, hi = 0;
+	void *eh = 0;
+	int holds = 0;
+	(void)size;
+	for (size_t i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t a = info->dlpi_addr + ph->p_vaddr;
+		if (ph->p_type == PT_LOAD) {
+			if (a < lo) lo = a;
+			if (a + ph->p_memsz > hi) hi = a + ph->p_memsz;
+			if (q->pc >= a && q->pc - a < ph->p_memsz) holds = 1;
+		} else if (ph->p_type == PT_GNU_EH_FRAME) {
+			eh = (void *)a;
+		}
+	}
+	if (!holds)
+		return 0;
+	q->out->dlfo_flags = 0;
+	q->out->dlfo_map_start = (void *)lo;
+	q->out->dlfo_map_end = (void *)hi;
+	q->out->dlfo_link_map = 0;
+	q->out->dlfo_eh_frame = eh;
+	q->found = eh != 0;
+	return 1;
+}
+int _dl_find_object(void *pc, struct dl_find_object *out)
+{
+	struct query q = { (uintptr_t)pc, out, 0 };
+	dl_iterate_phdr(visit, &q);
+	return q.found ? 0 : -1;
+}
+endef
+export DL_FIND_OBJECT_C
+
 # Print the Debian packages that `make static` needs for STATIC_TARGETS (default: TARGET).
 static-packages:
 	@echo $(static_pkgs)
@@ -310,8 +363,11 @@ static-glue: static-deps
 	$(S_SYS)/cc -Os -c $(S_SYS)/fprintf_chk.c -o $(S_SYS)/fprintf_chk.o
 	@printf '%s\n' "$$SETNAME_C" >$(S_SYS)/setname.c
 	$(S_SYS)/cc -Os -ffunction-sections -c $(S_SYS)/setname.c -o $(S_SYS)/setname.o
+	@if [ -n '$(unwind_$(TARGET))' ]; then printf '%s\n' "$$DL_FIND_OBJECT_C" >$(S_SYS)/dl_find_object.c; fi
+	$(if $(unwind_$(TARGET)),$(S_SYS)/cc -Os -c $(S_SYS)/dl_find_object.c -o $(S_SYS)/dl_find_object.o)
 	@rm -f $(S_SYS)/libunwind.a && cp "$(S_UNWIND)" $(S_SYS)/libunwind.a && chmod u+w $(S_SYS)/libunwind.a
-	$(ar_$(TARGET)) rs $(S_SYS)/libunwind.a $(S_SYS)/fprintf_chk.o $(S_SYS)/setname.o
+	$(ar_$(TARGET)) rs $(S_SYS)/libunwind.a $(S_SYS)/fprintf_chk.o $(S_SYS)/setname.o \
+		$(if $(unwind_$(TARGET)),$(S_SYS)/dl_find_object.o)
 
 static: static-glue
 	@echo "$(TARGET): $$($(STATIC_RUSTC) --version), $$($(STATIC_CARGO) --version)"
