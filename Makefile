@@ -13,7 +13,7 @@ APPLETS   ?=
 # static: board architecture (x86_64, aarch64, armv7, mipsel or s390x); FEATURES: the optional parts to build in
 # (cargo features, BusyBox style; the device features by default); FAKECLOUD=1 adds the fake cloud.
 TARGET    ?= x86_64
-FEATURES  ?= agent mqtt
+FEATURES  ?= agent mqtt ota
 FAKECLOUD ?=
 
 .DEFAULT_GOAL := all
@@ -23,7 +23,7 @@ help:
 	@echo 'make                  host release build (target/release/miio_client)'
 	@echo 'make test             cargo test [TEST_ARGS=...], the Python cloud'"'"'s tests, a list of skips'
 	@echo 'make run              daemon in the foreground on a demo data dir (target/demo)'
-	@echo 'make static [TARGET=x86_64|aarch64|armv7|mipsel|s390x] [FEATURES="agent mqtt"] [FAKECLOUD=1]'
+	@echo 'make static [TARGET=x86_64|aarch64|armv7|mipsel|s390x] [FEATURES="agent mqtt ota"] [FAKECLOUD=1]'
 	@echo '                      fully static musl binary in target/static/$$TARGET/miio_client'
 	@echo 'make install DESTDIR=/path/to/rootfs PREFIX=/usr [STATIC=path/to/miio_client]'
 	@echo 'make static-test [TARGET=...]  unit tests built like make static, other CPUs under qemu'
@@ -72,7 +72,7 @@ clippy:
 
 # Every optional part alone and none of them: each subset a board may build must compile cleanly,
 # and the unit tests pass without any of them.
-FEATURE_SETS ?= none agent mqtt fakecloud
+FEATURE_SETS ?= none agent mqtt ota fakecloud
 check-features:
 	@set -e; for f in $(FEATURE_SETS); do \
 		if [ "$$f" = none ]; then flags=; else flags="--features $$f"; fi; \

@@ -58,7 +58,7 @@ pub struct ClientArgs {
     /// `-e`/`-E`: accepted, no effect (LOCAL_API.md §19).
     pub enckey: bool,
     pub encdata: bool,
-    /// Options given that are parsed but not implemented yet (`--didkey-method`).
+    /// Options given that are parsed but not implemented yet (none in this version).
     pub not_built: Vec<&'static str>,
 }
 
@@ -317,9 +317,6 @@ fn apply(a: &mut ClientArgs, name: &str, val: Option<&str>) -> Result<(), CliErr
     let Some(&(_, opt, _)) = OPTS.iter().find(|(n, ..)| *n == name) else {
         return Err(usage(format!("unknown option {name}")));
     };
-    if matches!(opt, Opt::DidkeyMethod) && a.not_built.is_empty() {
-        a.not_built.push("--didkey-method");
-    }
     match opt {
         Opt::Daemonize => a.daemonize = true,
         Opt::Help => return Err(CliError::Help),

@@ -62,6 +62,7 @@ pub(crate) enum CloudOut {
         params: Value,
     },
     Event(CloudEvent),
+    Didkey(cloud::Didkey),
 }
 
 /// The next of what `c` did into `out` and its events, as one [`CloudOut`].
@@ -96,6 +97,7 @@ pub(crate) fn cloud_out(out: &mut Outbox, c: &mut Cloud) -> Option<CloudOut> {
             CloudOut::SelfMethod { id, method, params }
         }
         cloud::Event::State(e) => CloudOut::Event(e),
+        cloud::Event::Didkey(d) => CloudOut::Didkey(d),
     })
 }
 
@@ -1380,7 +1382,7 @@ impl CloudH {
                     self.handed.push_back(i);
                 }
             }
-            CloudOut::Event(_) => {}
+            CloudOut::Event(_) | CloudOut::Didkey(_) => {}
         }
         while self.handed.len() > 64 {
             self.handed.pop_front();
@@ -2868,6 +2870,16 @@ impl NodeH {
                 }
                 let r = if ok { Ok(()) } else { Err(OsError::Errno(30)) };
                 self.n.token_written(now, r);
+            }
+            // The did/key lines rewritten when the dir takes it (L§16 step 4).
+            NodeAction::StoreDidkey { did, .. } => {
+                assert!(did >= 2, "a bootstrap did stored: {did}");
+                let r = if self.files.writable {
+                    Ok(())
+                } else {
+                    Err(config::ConfError::new("device.conf", 0, "read-only"))
+                };
+                self.n.didkey_written(now, r);
             }
             NodeAction::WriteCountry(cc) => {
                 assert!(

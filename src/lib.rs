@@ -29,6 +29,8 @@ pub const FEATURES: &[&str] = &[
     "agent",
     #[cfg(feature = "mqtt")]
     "mqtt",
+    #[cfg(feature = "ota")]
+    "ota",
     #[cfg(feature = "fakecloud")]
     "fakecloud",
 ];

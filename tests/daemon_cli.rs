@@ -38,6 +38,9 @@ fn help_and_version_print_on_stderr_and_exit_1() {
     if cfg!(feature = "mqtt") {
         want.push("mqtt");
     }
+    if cfg!(feature = "ota") {
+        want.push("ota");
+    }
     if cfg!(feature = "fakecloud") {
         want.push("fakecloud");
     }

@@ -540,46 +540,74 @@ fn control_errors() {
     ctl.cmd(json!({"cmd":"status"}));
 }
 
+/// P§5.11 from the cloud side: a bootstrap did asks, `retry_after` while the control socket says
+/// so, then the assignment; the same mac asking again gets the same identity, another mac and a
+/// did that is not a bootstrap one get an error; the new identity works at once.
 #[test]
 fn didkey_assign_and_retry() {
     let boot_key = *b"BOOTSTRAPKEY0001";
     let new_key = *b"Nk3w9Zq0aB7cD1eF";
     let mut cfg = config();
-    cfg.devices = vec![DeviceCred {
+    cfg.devices.push(DeviceCred {
         did: 1,
         key: boot_key,
-    }];
+    });
     cfg.assign = Some(DeviceCred {
         did: 555,
         key: new_key,
     });
+    cfg.didkey_retry = Some(120);
     let server = start(cfg);
+    let mut ctl = Ctl::watch(server.ctl);
     let bk = Keys::new(&boot_key);
     let mut dev = Dev::udp(server.addr);
     let stamp = time_sync(&mut dev);
-    let req = json!({"id":3,"method":"_otc.didkey_req",
-        "params":{"type":1,"model":"a.b.c","mac":"AA:BB:CC:DD:EE:FF","vendor":"x","data":null}});
-    dev.send(&seal(1, &bk, stamp, &req));
-    let r = open(1, &bk, &dev.recv().unwrap());
-    assert_eq!(
-        r,
-        json!({"id":3,"result":{"did":555,"key":"Nk3w9Zq0aB7cD1eF"}})
-    );
+    let req = |id: u32, mac: &str| {
+        json!({"id":id,"method":"_otc.didkey_req",
+            "params":{"type":1,"model":"a.b.c","mac":mac,"vendor":"x","data":null}})
+    };
+    let ask = |dev: &mut Dev, did: u32, k: &Keys, r: Value| {
+        dev.send(&seal(did, k, stamp, &r));
+        open(did, k, &dev.recv().unwrap())
+    };
+    let r = ask(&mut dev, 1, &bk, req(3, "AA:BB:CC:DD:EE:FF"));
+    assert_eq!(r, json!({"id":3,"result":{"retry_after":120}}));
+    ctl.expect("didkey retry", |v| {
+        v["ev"] == "didkey" && v["result"] == "retry" && v["mac"] == "AA:BB:CC:DD:EE:FF"
+    });
+    // The control socket switches to the assignment.
+    ctl.cmd(json!({"cmd":"didkey","retry_after":null}));
+    let assigned = json!({"did":555,"key":"Nk3w9Zq0aB7cD1eF"});
+    let r = ask(&mut dev, 1, &bk, req(4, "aa:bb:cc:dd:ee:ff"));
+    assert_eq!(r, json!({"id":4,"result":assigned}));
+    ctl.expect("didkey assigned", |v| {
+        v["ev"] == "didkey" && v["result"] == "assigned" && v["assigned"] == 555
+    });
+    // The same mac again: the same identity.
+    let r = ask(&mut dev, 1, &bk, req(5, "AA:BB:CC:DD:EE:FF"));
+    assert_eq!(r, json!({"id":5,"result":assigned}));
+    // Another mac, a type that is not the header's did, no mac, a real did: errors.
+    let r = ask(&mut dev, 1, &bk, req(6, "AA:BB:CC:DD:EE:00"));
+    assert_eq!(r["error"]["code"], -10000, "{r}");
+    let mut bad = req(7, "AA:BB:CC:DD:EE:FF");
+    bad["params"]["type"] = json!(0);
+    assert_eq!(ask(&mut dev, 1, &bk, bad)["error"]["code"], -32602);
+    let mut bad = req(8, "AA:BB:CC:DD:EE:FF");
+    bad["params"].as_object_mut().unwrap().remove("mac");
+    assert_eq!(ask(&mut dev, 1, &bk, bad)["error"]["code"], -32602);
+    let r = ask(&mut dev, DID, &keys(), req(9, "AA:BB:CC:DD:EE:FF"));
+    assert_eq!(r["error"]["code"], -32600, "{r}");
     // The new identity works at once.
     let nk = Keys::new(&new_key);
     let ka = miio::keepalive(&nk, 555, stamp + 1);
     dev.send(&ka);
     assert_eq!(dev.recv().unwrap(), ka.to_vec());
-    drop(server);
-
-    let mut cfg = config();
-    cfg.didkey_retry = Some(120);
-    let server = start(cfg);
-    let mut dev = Dev::udp(server.addr);
-    let k = keys();
-    dev.send(&seal(DID, &k, stamp, &req));
-    let r = open(DID, &k, &dev.recv().unwrap());
-    assert_eq!(r, json!({"id":3,"result":{"retry_after":120}}));
+    // And back to queueing; a bad value is refused.
+    ctl.cmd(json!({"cmd":"didkey","retry_after":60}));
+    let r = ask(&mut dev, 1, &bk, req(10, "AA:BB:CC:DD:EE:FF"));
+    assert_eq!(r, json!({"id":10,"result":{"retry_after":60}}));
+    ctl.send(&json!({"cmd":"didkey","retry_after":"x"}));
+    ctl.expect("error", |v| v["ev"] == "error");
 }
 
 #[test]

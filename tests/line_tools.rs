@@ -697,3 +697,258 @@ fn wifi_start_reconnect_without_a_udhcpc_pid_file_is_quiet() {
         read_file(&log)
     );
 }
+
+/// A udhcpc stand-in for `wifi_start.sh`: logs `udhcpc ARGS` to `log`, notes an overlap when the
+/// udhcpc of the pid file still runs, and leaves a process (a sleep) under that pid file, as a
+/// udhcpc with a lease does.
+fn udhcpc_stub(path: &Path, log: &Path) {
+    write_exec(
+        path,
+        &format!(
+            r#"#!/bin/sh
+echo "udhcpc $*" >>'{log}'
+pf=
+while [ $# -gt 0 ]; do
+	case $1 in -p) pf=$2; shift ;; esac
+	shift
+done
+old=$(cat "$pf" 2>/dev/null)
+if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
+	st=$(cat "/proc/$old/stat" 2>/dev/null)
+	st=${{st##*) }}
+	[ "${{st%% *}}" = Z ] || echo "udhcpc overlap: $old still runs" >>'{log}'
+fi
+sleep 60 </dev/null >/dev/null 2>&1 &
+echo $! >"$pf"
+"#,
+            log = log.display()
+        ),
+    );
+}
+
+/// The process runs (a zombie does not count).
+fn alive(pid: &str) -> bool {
+    let stat = read_file(Path::new(&format!("/proc/{pid}/stat")));
+    match stat.rsplit_once(") ") {
+        Some((_, rest)) => !rest.starts_with('Z'),
+        None => false,
+    }
+}
+
+/// Kills the process named in a pid file when dropped (the udhcpc stand-in's sleep).
+struct PidFile(PathBuf);
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let pid = read_file(&self.0);
+        if !pid.trim().is_empty() {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// `wifi_start.sh rehost` (L§16): udhcpc is restarted under the hostname of the did now in
+/// `device.conf`, asking for the address the interface has, after the old one is gone; nothing
+/// happens when the hostname is unchanged, the udhcpc of the pid file is dead, or there is none.
+#[test]
+fn wifi_start_rehost_restarts_udhcpc_under_the_new_did() {
+    if !busybox() {
+        return;
+    }
+    let dir = TempDir::new("wifi-rehost");
+    let data = data_dir(&dir);
+    let conf = |did: u32| {
+        std::fs::write(
+            format!("{data}device.conf"),
+            format!("did={did}\nkey=0123456789abcdef\nmac=aa:bb:cc:01:a7:47\nmodel=acme.dev.v1\n"),
+        )
+        .unwrap()
+    };
+    conf(1);
+    std::fs::write(
+        format!("{data}wifi.conf"),
+        "ssid=\"x\"\npsk=\"pw123456\"\nkey_mgmt=WPA\n",
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let stubs = dir.join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let log = dir.join("cmds");
+    udhcpc_stub(&stubs.join("udhcpc"), &log);
+    // ifconfig prints ifconfig.out when asked about the interface alone.
+    let ifout = dir.join("ifconfig.out");
+    write_exec(
+        &stubs.join("ifconfig"),
+        &format!(
+            "#!/bin/sh\nif [ $# -eq 1 ]; then cat '{}'; else echo \"ifconfig $*\" >>'{}'; fi\n",
+            ifout.display(),
+            log.display()
+        ),
+    );
+    std::fs::write(
+        &ifout,
+        "wlan0     Link encap:Ethernet  HWaddr AA:BB:CC:01:A7:47\n          \
+         inet addr:192.168.1.57  Bcast:192.168.1.255  Mask:255.255.255.0\n          \
+         inet6 addr: fe80::1/64 Scope:Link\n",
+    )
+    .unwrap();
+    write_exec(
+        &stubs.join("wpa_supplicant"),
+        &format!(
+            "#!/bin/sh\necho \"wpa_supplicant $*\" >>'{}'\n",
+            log.display()
+        ),
+    );
+    write_exec(
+        &stubs.join("wpa_cli"),
+        "#!/bin/sh\necho wpa_state=COMPLETED\n",
+    );
+    let wifi_start = |arg: &str| {
+        let mut c = Command::new("busybox");
+        c.arg("sh")
+            .arg(format!("{SCRIPTS}/wifi_start.sh"))
+            .arg(arg)
+            .env("MIIO_DATADIR", &data)
+            .env("MIIO_RUN_DIR", &run)
+            .stdin(Stdio::null());
+        for name in ["udhcpc", "ifconfig", "wpa_supplicant", "wpa_cli"] {
+            c.env(format!("MIIO_{}", name.to_uppercase()), stubs.join(name));
+        }
+        let out = c.output().expect("busybox sh");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{arg}: {err}");
+        err
+    };
+    let pidfile = run.join("udhcpc.pid");
+    let _cleanup = PidFile(pidfile.clone());
+    let udhcpc_lines = || {
+        read_file(&log)
+            .lines()
+            .filter(|l| l.starts_with("udhcpc"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+
+    // The board's start under the bootstrap did.
+    wifi_start("sta");
+    let started = udhcpc_lines();
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert!(
+        started[0].contains("-x hostname:acme-dev-v1_miio1"),
+        "{started:?}"
+    );
+    let first = read_file(&pidfile).trim().to_owned();
+    assert!(alive(&first), "the stand-in udhcpc {first} runs");
+
+    // Same did: nothing.
+    wifi_start("rehost");
+    assert_eq!(udhcpc_lines(), started);
+    assert!(alive(&first));
+
+    // The assignment: the old udhcpc goes first, the new one asks for the address held now.
+    conf(555);
+    let err = wifi_start("rehost");
+    let lines = udhcpc_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains("-x hostname:acme-dev-v1_miio555"),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains("-r 192.168.1.57"), "{lines:?}");
+    assert!(lines[1].contains("-b"), "{lines:?}");
+    assert!(!read_file(&log).contains("overlap"), "{}", read_file(&log));
+    assert!(!alive(&first), "the old udhcpc {first} still runs");
+    assert!(err.contains("acme-dev-v1_miio555"), "{err}");
+    let second = read_file(&pidfile).trim().to_owned();
+    assert!(second != first && alive(&second), "{second}");
+
+    // Again: the hostname is the one udhcpc has.
+    wifi_start("rehost");
+    assert_eq!(udhcpc_lines(), lines);
+
+    // net-tools' ifconfig says `inet A netmask M`.
+    std::fs::write(
+        &ifout,
+        "wlan0: flags=4163<UP,BROADCAST,RUNNING,MULTICAST>  mtu 1500\n        \
+         inet 10.0.0.8  netmask 255.255.255.0  broadcast 10.0.0.255\n        \
+         inet6 fe80::1  prefixlen 64  scopeid 0x20<link>\n",
+    )
+    .unwrap();
+    conf(556);
+    wifi_start("rehost");
+    let lines = udhcpc_lines();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[2].contains("-r 10.0.0.8 -x hostname:acme-dev-v1_miio556"),
+        "{lines:?}"
+    );
+
+    // The udhcpc of the pid file is dead, then there is no pid file: nothing.
+    let third = read_file(&pidfile).trim().to_owned();
+    let _ = Command::new("kill").arg(&third).status();
+    assert!(wait_until(T, || !alive(&third)));
+    conf(557);
+    wifi_start("rehost");
+    std::fs::remove_file(&pidfile).unwrap();
+    wifi_start("rehost");
+    assert_eq!(udhcpc_lines(), lines);
+}
+
+/// `req_didkeymac2` (L§16): the helper stores the pair, then runs `wifi_start.sh rehost` in the
+/// data dir (which finds the new did), and only then answers "ok": the daemon's new session must
+/// not start while udhcpc restarts.
+#[test]
+fn helper_script_rehosts_after_storing_the_assignment_and_before_the_ok() {
+    if !busybox() {
+        return;
+    }
+    let dir = TempDir::new("helper-rehost");
+    let data = data_dir(&dir);
+    std::fs::write(
+        format!("{data}device.conf"),
+        "did=0\nkey=BootstrapKey0001\nmac=aa:bb:cc:01:02:03\nmodel=acme.dev.v1\n",
+    )
+    .unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for a in ["miio_recv_line", "miio_send_line"] {
+        std::os::unix::fs::symlink(BIN, bin.join(a)).unwrap();
+    }
+    // wifi_start.sh stand-in: logs its arguments and the did line device.conf has at that moment.
+    let calls = dir.join("wifi.calls");
+    write_exec(
+        &dir.join("wifi_start.sh"),
+        &format!(
+            "#!/bin/sh\nprintf '%s|%s\\n' \"$*\" \"$(grep '^did=' \"${{MIIO_DATADIR}}device.conf\")\" >>'{}'\n",
+            calls.display()
+        ),
+    );
+    let (l, port) = listener();
+    l.set_nonblocking(true).unwrap();
+    let _helper = Killed(
+        Command::new("busybox")
+            .arg("sh")
+            .arg(format!("{SCRIPTS}/miio_client_helper.sh"))
+            .env("MIIO_LOCAL_PORT", port.to_string())
+            .env("MIIO_BIN_DIR", &bin)
+            .env("MIIO_DATADIR", &data)
+            .env("MIIO_WIFI_START", dir.join("wifi_start.sh"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox sh"),
+    );
+    assert_eq!(expect_msg(&l), json!({"method":"_internal.helper_ready"}));
+    tell(
+        &l,
+        &format!(
+            r#"{{"method":"_internal.req_didkeymac2","params":{{"dir":"{data}","did":555,"key":"Nk3w9Zq0aB7cD1eF"}}}}"#
+        ),
+    );
+    assert_eq!(
+        expect_msg(&l),
+        json!({"method":"_internal.res_didkeymac2","params":"ok"})
+    );
+    // The "ok" came after the stand-in had run, so its line is there already.
+    assert_eq!(read_file(&calls), "rehost|did=555\n");
+}

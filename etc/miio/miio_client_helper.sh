@@ -5,8 +5,9 @@
 # prints the one message the daemon has for it; the script answers with `miio_send_line`.
 #
 #   _internal.request_dinfo       identity from device.conf in the data dir the daemon names
-#   _internal.request_dtoken      the token: no wifi.conf -> forget device.token; a valid device.token
-#                                 -> answer it; else store the daemon's ntoken (mode 0600) and answer it.
+#   _internal.request_dtoken      the token: no wifi.conf -> forget device.token (not for did 0, which is
+#                                 online without one, L§16); a valid device.token -> answer it; else
+#                                 store the daemon's ntoken (mode 0600) and answer it.
 #                                 device.country, when present, is sent first (response_dcountry)
 #   _internal.req_wifi_conf_status 1 when wifi.conf exists, else 0
 #   _internal.info                hw_ver, fw_ver (os-release <VENDOR>_VERSION), ap (wpa_cli status, else
@@ -15,10 +16,14 @@
 #                                 _internal.wifi_connected or _internal.wifi_ap_mode (vendor §6.4)
 #   _internal.config_tz           relinks the time zone link to the zoneinfo file (vendor §5.2)
 #   _internal.wifi_reconnect|reload  `wifi_start.sh reconnect|reload` in the background (L§13)
+#   _internal.req_didkeymac       (did 0 or 1, L§16) no material of its own: params null
+#   _internal.req_didkeymac2      stores the assigned did and key in device.conf (the did= and key=
+#                                 lines replaced, every other line kept, one rename), runs
+#                                 `wifi_start.sh rehost` (the DHCP hostname carries the did), then "ok"
 #
 # Everything else is ignored (the daemon falls back to its own data after its timeout).
 # Needs: a POSIX sh (BusyBox ash, dash), miio_recv_line and miio_send_line, and printf, tr, cat,
-# mv, rm, ln, sleep (all in BusyBox's defconfig; nothing else, so a minimal BusyBox runs it).
+# cp, mv, rm, ln, sleep (all in BusyBox's defconfig; nothing else, so a minimal BusyBox runs it).
 # Optional: wpa_cli, ip or ifconfig and route (for _internal.info; each skipped when absent).
 # POSIX sh (BusyBox ash, dash). No string from the daemon or the network goes through eval or an
 # unquoted expansion, and every value put into JSON is escaped (D15).
@@ -268,9 +273,11 @@ on_dtoken() {
 	field ntoken "$1"
 	ntoken=$v
 	tf=${DATADIR}device.token
-	# Not provisioned (a reset, L§15): the old token goes, so the device is unbound.
+	# Not provisioned (a reset, L§15): the old token goes, so the device is unbound. A did 0 device
+	# is online without wifi.conf and keeps its token (L§16).
 	if [ ! -e "${DATADIR}wifi.conf" ]; then
-		rm -f "$tf"
+		conf_get "${DATADIR}device.conf" did || v=
+		[ "$v" = 0 ] || rm -f "$tf"
 	fi
 	tok=
 	if [ -r "$tf" ]; then
@@ -294,6 +301,66 @@ on_dtoken() {
 		esac
 	fi
 	send "{\"method\":\"_internal.response_dtoken\",\"params\":\"$tok\"}"
+}
+
+# A dynamic did (L§16 step 1): this example has no material for the cloud.
+on_didkeymac() {
+	send '{"method":"_internal.res_didkeymac","params":null}'
+}
+
+# on_didkeymac2 JSON: L§16 step 4. The did= and key= lines of device.conf are replaced (every other
+# line, its CR and the file's mode kept) in a copy that is renamed over the file, so a crash leaves
+# the old file or the new one. Anything odd is logged and left to the daemon, which stores the pair
+# itself when no "ok" comes. Then the DHCP hostname, which carries the did (vendor §7), follows.
+on_didkeymac2() {
+	datadir_from dir "$1"
+	ndid=${1#*\"did\":}
+	ndid=${ndid%%[!0-9]*}
+	case $ndid in
+	'' | 0 | 1 | 0*) log "req_didkeymac2 without a did"; return ;;
+	esac
+	field key "$1" || v=
+	nkey=$v
+	if ! is_token "$nkey"; then
+		log "req_didkeymac2 without a valid key"
+		return
+	fi
+	f=${DATADIR}device.conf
+	tmp=${f}.tmp.$$
+	if ! cp -p "$f" "$tmp" 2>/dev/null; then
+		log "$f: cannot copy; the daemon stores the new identity"
+		rm -f "$tmp"
+		return
+	fi
+	sd= sk=
+	while IFS= read -r line || [ -n "$line" ]; do
+		body=${line%"$CR"}
+		end=${line#"$body"}
+		case $body in
+		*=*) trim "${body%%=*}" ;;
+		*) t= ;;
+		esac
+		case $t in
+		did) printf 'did=%s%s\n' "$ndid" "$end"; sd=1 ;;
+		key) printf 'key=%s%s\n' "$nkey" "$end"; sk=1 ;;
+		*) printf '%s\n' "$line" ;;
+		esac
+	done <"$f" >"$tmp" || { rm -f "$tmp"; log "$f: cannot write"; return; }
+	{ [ -n "$sd" ] || printf 'did=%s\n' "$ndid"; [ -n "$sk" ] || printf 'key=%s\n' "$nkey"; } >>"$tmp"
+	if ! mv -f "$tmp" "$f"; then
+		rm -f "$tmp"
+		log "$f: cannot replace; the daemon stores the new identity"
+		return
+	fi
+	# udhcpc restarts under the new hostname before the "ok", not after: the restart takes the
+	# address away for a moment (deconfig, see wifi_start.sh), and right after the "ok" the daemon
+	# opens its new cloud session, asks `_internal.info` (the address) and announces mDNS under the
+	# new did; run first, all of that finds the address back. The restart returns in about 7 s at
+	# worst, typically well under one, inside the daemon's 10 s; were it later, the daemon would
+	# store the same pair again itself, which changes nothing. stdout to /dev/null: the udhcpc left
+	# in the background must not hold ours.
+	MIIO_DATADIR=$DATADIR "$WIFI_START" rehost </dev/null >/dev/null || log "wifi_start.sh rehost failed"
+	send '{"method":"_internal.res_didkeymac2","params":"ok"}'
 }
 
 on_wifi_status() {
@@ -511,5 +578,7 @@ while :; do
 	*'"method":"_internal.config_tz"'*) field tz "$BUF" && set_tz "$v" ;;
 	*'"method":"_internal.wifi_reconnect"'*) wifi_bg reconnect ;;
 	*'"method":"_internal.wifi_reload"'*) wifi_bg reload ;;
+	*'"method":"_internal.req_didkeymac"'*) on_didkeymac ;;
+	*'"method":"_internal.req_didkeymac2"'*) on_didkeymac2 "$BUF" ;;
 	esac
 done

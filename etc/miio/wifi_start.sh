@@ -6,14 +6,34 @@
 #   wifi_start.sh sta | ap   that mode
 #   wifi_start.sh reconnect  reassociate (wpa_cli), or restart STA (offline notice, L§13)
 #   wifi_start.sh reload     reload the Wi-Fi driver (MIIO_WIFI_MODULE, when set), then restart STA
+#   wifi_start.sh rehost     restart our udhcpc under the DHCP hostname of the did now in device.conf,
+#                            asking for the address the interface has (after a did/key assignment,
+#                            L§16); nothing when no udhcpc of ours runs or the hostname is the same
 #
-# Exit 0 when the mode is up (STA: associated and a DHCP lease), else non-zero.
+# Exit 0 when the mode is up (STA: associated and a DHCP lease; rehost: udhcpc restarted or nothing
+# to do), else non-zero.
 #
 # STA: the credentials come from wifi.conf (ssid="…", psk="…", key_mgmt=WPA|NONE; \" and \\ escaped),
 # never from the command line; the SSID goes to wpa_supplicant in hex, so no character of it can
 # break the config. The DHCP hostname is `<model, . -> ->_miio<did>` (vendor §7), so a Xiaomi router
 # can push a new password. AP: an open network named `<model, . -> ->_miap<last two MAC bytes, upper
 # hex>` (vendor §5.2), with udhcpd handing out addresses. Identity from device.conf.
+#
+# rehost: udhcpc reads `-x hostname:` once, at its start, and a renew (SIGUSR1, as `reconnect` sends)
+# keeps it, so a new did needs a new udhcpc. At its start BusyBox udhcpc runs its script with
+# `deconfig`, which on most boards (BusyBox's simple.script) flushes the interface's address, and
+# with it the routes, until the server's ACK (`bound`) sets them again. A server asked (`-r`) for the
+# address its client holds gives that one back, usually within a second, and TCP connections on it
+# outlive such a gap; still, nothing should start a connection inside it. Hence the order: the
+# identity, the hostname the running udhcpc was given (udhcpc.host in MIIO_RUN_DIR) and the current
+# address are read first, and any failure there leaves the old udhcpc alone; then the old one is
+# stopped with SIGTERM (no -R: no DHCPRELEASE, the address stays until the new one's deconfig) and
+# the new one started with -b, so a udhcpc is left running (in the background, trying on) even when
+# no server answers (-b exists in BusyBox built for a CPU with an MMU, as all our targets are). It
+# returns after about 7 s at worst (1 s for the old one to go; -t 3 -T 1: three discovers, then
+# three requests, 1 s apart), below the daemon's 10 s helper timeout. The helper runs it before it
+# answers `res_didkeymac2` "ok", so the daemon's new cloud session and mDNS announcement come after
+# the gap (L§16).
 #
 # POSIX sh (BusyBox ash, dash). Nothing read from a file goes through eval or an unquoted expansion.
 #
@@ -172,6 +192,48 @@ stop_all() {
 	done
 }
 
+# alive PID: the process runs. A zombie (dead, not yet reaped) answers kill -0 as well; /proc tells.
+alive() {
+	kill -0 "$1" 2>/dev/null || return 1
+	st=
+	{ IFS= read -r st <"/proc/$1/stat"; } 2>/dev/null || return 0
+	st=${st##*) }
+	[ "${st%% *}" != Z ]
+}
+
+# udhcpc_pid: sets pid to the pid of the udhcpc of ours that runs; returns 1 when none does (no
+# pid file, or a dead pid). The group keeps a missing file quiet (see reconnect).
+udhcpc_pid() {
+	pid=
+	{ IFS= read -r pid <"$RUN_DIR/udhcpc.pid"; } 2>/dev/null || :
+	case $pid in
+	'' | *[!0-9]*) return 1 ;;
+	esac
+	alive "$pid"
+}
+
+# cur_ip: sets ip to the IPv4 address of IFACE from ifconfig (BusyBox `inet addr:A`, net-tools
+# `inet A`), else "".
+cur_ip() {
+	ip=
+	out=$("$IFCONFIG" "$IFACE" 2>/dev/null) || return 0
+	while IFS= read -r line; do
+		trim "$line"
+		case $t in
+		"inet addr:"*) ip=${t#inet addr:} ;;
+		"inet "*) ip=${t#inet } ;;
+		*) continue ;;
+		esac
+		ip=${ip%%[ "$TAB"]*}
+		break
+	done <<EOF
+$out
+EOF
+	case $ip in
+	*[!0-9.]* | 0.0.0.0) ip= ;;
+	esac
+}
+
 # wait_assoc: until wpa_supplicant reports COMPLETED, at most ASSOC_WAIT seconds. Without a usable
 # wpa_cli the DHCP attempt decides.
 wait_assoc() {
@@ -190,15 +252,26 @@ wait_assoc() {
 	done
 }
 
-dhcp() {
+# dhcp_host: sets host to the DHCP hostname of the identity (vendor §7), "" without a model.
+dhcp_host() {
+	host=
 	if [ -n "$model" ]; then
 		dashed "$model"
-		set -- -x "hostname:${d}_miio$did"
-	else
-		set --
+		host=${d}_miio$did
 	fi
-	# -n: give up after the tries (the helper retries); with a lease udhcpc stays to renew it.
-	"$UDHCPC" -i "$IFACE" -n -t 4 -T 2 -p "$RUN_DIR/udhcpc.pid" "$@"
+}
+
+# dhcp [ARG...]: starts our udhcpc with the hostname of the identity (noted in udhcpc.host for
+# rehost) and ARGs, by default -n -t 4 -T 2: give up after the tries (the helper retries); with a
+# lease udhcpc stays to renew it.
+dhcp() {
+	[ $# -gt 0 ] || set -- -n -t 4 -T 2
+	dhcp_host
+	if [ -n "$host" ]; then
+		set -- "$@" -x "hostname:$host"
+	fi
+	printf '%s\n' "$host" >"$RUN_DIR/udhcpc.host" || log "cannot write $RUN_DIR/udhcpc.host"
+	"$UDHCPC" -i "$IFACE" -p "$RUN_DIR/udhcpc.pid" "$@"
 }
 
 start_sta() {
@@ -310,6 +383,44 @@ reconnect() {
 	start_sta
 }
 
+# rehost: see the header. Exit 0 when udhcpc was restarted or nothing was to be done.
+rehost() {
+	udhcpc_pid || return 0
+	old=$pid
+	identity || return 1
+	dhcp_host
+	was=
+	{ IFS= read -r was <"$RUN_DIR/udhcpc.host"; } 2>/dev/null || :
+	[ "$was" != "$host" ] || return 0
+	cur_ip
+	kill "$old" 2>/dev/null
+	# udhcpc leaves at once on SIGTERM and removes its pid file on the way out, so the new one starts
+	# only once it is gone (that removal would take the new one's file); one still there after a
+	# second is killed (it would fight the new one for the lease). i counts tenths of a second (a
+	# BusyBox without fractional sleep sleeps whole seconds).
+	i=0
+	while alive "$old"; do
+		if [ "$i" -ge 10 ]; then
+			kill -9 "$old" 2>/dev/null
+			break
+		fi
+		if sleep 0.1 2>/dev/null; then i=$((i + 1)); else
+			sleep 1
+			i=$((i + 10))
+		fi
+	done
+	if [ -n "$ip" ]; then
+		set -- -b -t 3 -T 1 -r "$ip"
+	else
+		set -- -b -t 3 -T 1
+	fi
+	log "DHCP hostname ${host:-(none)}, asking for ${ip:-any address}"
+	if ! dhcp "$@"; then
+		log "udhcpc failed"
+		return 1
+	fi
+}
+
 reload() {
 	stop_all
 	if [ -n "$WIFI_MODULE" ]; then
@@ -327,8 +438,9 @@ sta) start_sta ;;
 ap) start_ap ;;
 reconnect) reconnect ;;
 reload) reload ;;
+rehost) rehost ;;
 *)
-	printf 'Usage: %s [sta|ap|reconnect|reload]\n' "$0" >&2
+	printf 'Usage: %s [sta|ap|reconnect|reload|rehost]\n' "$0" >&2
 	exit 2
 	;;
 esac

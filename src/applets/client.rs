@@ -44,6 +44,7 @@ fn node_config(a: &ClientArgs) -> NodeConfig {
     c.backoff_max = a.backoff_max;
     c.refresh = a.interval_ms.map(Duration::from_millis);
     c.max_cloud_payload = a.max_cloud_payload;
+    c.didkey_method.clone_from(&a.didkey_method);
     c.seed = sys::random_seed();
     NodeConfig {
         max_clients: a.max_clients,
@@ -58,6 +59,34 @@ fn node_config(a: &ClientArgs) -> NodeConfig {
         },
         // P§4.8: the responder runs unless disabled, and it names a LAN port that is open.
         mdns: (a.mdns && a.mdns_port != 0 && a.lan_port != 0).then_some(a.lan_port),
+    }
+}
+
+/// L§14: a `fw_ver` that breaks `x.y.z_nnnn` is reported as it is, with a warning
+/// at start-up that names the rule, since the cloud judges an upgrade by it. Read here once from
+/// `device.conf`'s vendor and os-release; a missing file or vendor says nothing (the node logs
+/// those itself).
+fn check_fw_ver(a: &ClientArgs) {
+    use crate::config::{device, osrelease, store};
+    let Some(text) = crate::io::datafiles::os_release(&a.os_release) else {
+        return;
+    };
+    let conf = format!("{}device.conf", a.datadir);
+    let Some(vendor) = store::read_limited(conf.as_ref(), store::MAX_DATA_FILE)
+        .ok()
+        .and_then(|t| device::parse(&t).ok())
+        .map(|d| d.vendor)
+    else {
+        return;
+    };
+    if let Some(v) = osrelease::fw_version(&text, &vendor) {
+        if !osrelease::version_rule_ok(&v) {
+            warn!(
+                "fw_ver '{v}' in {} breaks the version rule x.y.z_nnnn (three numbers, '_', four \
+                 digits, e.g. 2.1.1_9527)",
+                a.os_release
+            );
+        }
     }
 }
 
@@ -96,6 +125,7 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
+    check_fw_ver(&a);
     if a.enckey || a.encdata {
         warn!("-e/-E (encrypted storage) are accepted for compatibility and have no effect");
     }

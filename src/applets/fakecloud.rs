@@ -12,7 +12,8 @@
 //! - Every packet is checked in the P§2.7 order; a bad one is dropped with a log line rate-limited
 //!   to 1/s per source and a `drop` event. No input makes the server panic or stop.
 //! - A control socket on 127.0.0.1 speaks line-delimited JSON: push commands, failure modes
-//!   (`silent`, `drop_acks`, `close_tcp`), `status` and an event stream (`watch`).
+//!   (`silent`, `drop_acks`, `close_tcp`), the did/key answer (`didkey`), `status` and an event
+//!   stream (`watch`).
 //!   `miio_fakecloud send` / `miio_fakecloud ctl` are its command-line clients.
 //! - Network faults for the daemon's fault tests: each device packet, in either direction and on
 //!   either transport, passes one rule per fault kind (`drop`, `dup`, `reorder`, `delay`) before it
@@ -158,7 +159,7 @@ A fake OT cloud: serves UDP and TCP on one port (PROTOCOL.md section 5, cloud si
   --ctl-port P      control socket on 127.0.0.1 (default port + 1)
   --interval S      otc_test.interval in the _otc.info reply (default 1800)
   --otc-list L      otc_list in the _otc.info reply (default: this server)
-  --assign DID:KEY  identity handed out by _otc.didkey_req
+  --assign DID:KEY  identity handed out by _otc.didkey_req (to one mac, again on a retry)
   --didkey-retry S  answer _otc.didkey_req with retry_after S instead
   -l LEVEL          0 error, 1 warning, 2 info (default), 3 debug, 4 verbose
   -h                this text
@@ -181,6 +182,8 @@ Control commands: send, status, watch, silent, drop_acks, close_tcp, and the net
    device over TCP is cut after K bytes (default 10) and the connection reset; dir in: the next
    packet from a device over TCP resets the connection unread.
   {\"cmd\":\"clear\"}: every fault rule off, held packets released now (delayed ones stay due).
+  {\"cmd\":\"didkey\",\"retry_after\":S|null}: answer _otc.didkey_req with retry_after S, or (null)
+   with the --assign identity, from now on.
 ";
 
 /// What the command line asks for.
@@ -628,6 +631,8 @@ pub struct FakeCloud {
     interval: u32,
     otc_list: Vec<SocketAddr>,
     assign: Option<DeviceCred>,
+    /// The mac `assign` went to: the same mac asking again gets the same identity (P§5.11).
+    assigned_to: Option<String>,
     didkey_retry: Option<u32>,
     /// Last drop log per source, for the 1/s limit of P§2.7.
     drop_log: HashMap<SocketAddr, Instant>,
@@ -665,6 +670,7 @@ impl FakeCloud {
             interval: cfg.interval,
             otc_list: cfg.otc_list.unwrap_or_else(|| vec![addr]),
             assign: cfg.assign,
+            assigned_to: None,
             didkey_retry: cfg.didkey_retry,
             drop_log: HashMap::new(),
             ubuf: vec![0; 65536],
@@ -1293,24 +1299,51 @@ impl FakeCloud {
                 json!({"id": id, "result": {"otc_list": list,
                     "otc_test": {"list": [], "interval": self.interval, "firsttest": FIRSTTEST}}})
             }
-            "_otc.didkey_req" => self.didkey(did, id),
+            "_otc.didkey_req" => self.didkey(did, id, msg.get("params")),
             _ => json!({"id": id, "result": "ok"}),
         };
         self.send_json(did, via, stamp, &reply);
     }
 
-    /// P§5.11: hand out the configured identity (and accept it from now on), or ask to retry later.
-    fn didkey(&mut self, did: u32, id: Value) -> Value {
+    /// P§5.11: hand out the configured identity (and accept it from now on), or ask to retry
+    /// later. The request must come from a bootstrap did (0 or 1) whose `type` says the same, and
+    /// name its mac: the identity goes to one mac, and that mac asking again (a device that lost
+    /// the answer, or restarted before it stored it) gets the same one.
+    fn didkey(&mut self, did: u32, id: Value, params: Option<&Value>) -> Value {
+        let refuse = |me: &mut Self, code: i64, why: &str| {
+            warn!("fakecloud: did {did}: didkey request refused: {why}");
+            me.event(json!({"ev":"didkey","did":did,"result":"error","message":why}));
+            json!({"id": id, "error": {"code": code, "message": why}})
+        };
+        if did >= 2 {
+            return refuse(self, -32600, "not a bootstrap did");
+        }
+        let ty = params.and_then(|p| p.get("type")).and_then(Value::as_u64);
+        if ty != Some(u64::from(did)) {
+            return refuse(self, -32602, "params.type is not the did of the header");
+        }
+        let Some(mac) = params
+            .and_then(|p| p.get("mac"))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_uppercase)
+        else {
+            return refuse(self, -32602, "params.mac is missing");
+        };
         if let Some(s) = self.didkey_retry {
-            info!("fakecloud: did {did}: didkey request queued, retry_after {s}");
+            info!("fakecloud: did {did} mac {mac}: didkey request queued, retry_after {s}");
+            self.event(json!({"ev":"didkey","did":did,"mac":mac,"result":"retry","retry_after":s}));
             return json!({"id": id, "result": {"retry_after": s}});
         }
         let Some(a) = self.assign.clone() else {
-            warn!("fakecloud: did {did}: didkey request but no --assign given");
-            return json!({"id": id, "error": {"code": -10000, "message": "no did/key to assign"}});
+            return refuse(self, -10000, "no did/key to assign");
         };
-        info!("fakecloud: did {did}: assigning did {}", a.did);
+        if self.assigned_to.as_ref().is_some_and(|m| *m != mac) {
+            return refuse(self, -10000, "the did/key went to another mac");
+        }
+        info!("fakecloud: did {did} mac {mac}: assigning did {}", a.did);
+        self.assigned_to = Some(mac.clone());
         self.add_device(a.did, &a.key);
+        self.event(json!({"ev":"didkey","did":did,"mac":mac,"result":"assigned","assigned":a.did}));
         let key = String::from_utf8_lossy(&a.key).into_owned();
         json!({"id": id, "result": {"did": a.did, "key": key}})
     }
@@ -1478,6 +1511,24 @@ impl FakeCloud {
                 self.ctl_line(t, &line);
                 self.ctl_ok(t);
             }
+            // P§5.11: `{"cmd":"didkey","retry_after":S}` queues the requests from now on;
+            // `"retry_after":null` switches to the assignment.
+            "didkey" => match cmd.get("retry_after") {
+                Some(Value::Null) => {
+                    info!("fakecloud: didkey requests are assigned from now on");
+                    self.didkey_retry = None;
+                    self.ctl_ok(t);
+                }
+                Some(v) => match v.as_u64().and_then(|s| u32::try_from(s).ok()) {
+                    Some(s) => {
+                        info!("fakecloud: didkey requests get retry_after {s} from now on");
+                        self.didkey_retry = Some(s);
+                        self.ctl_ok(t);
+                    }
+                    None => self.ctl_error(t, "\"retry_after\" must be seconds or null"),
+                },
+                None => self.ctl_error(t, "missing \"retry_after\""),
+            },
             "watch" => {
                 if let Some(c) = self.conns.get_mut(&t) {
                     c.watch = on.unwrap_or(true);

@@ -8,6 +8,8 @@ pub mod client;
 #[cfg(feature = "fakecloud")]
 pub mod fakecloud;
 pub mod line;
+#[cfg(feature = "ota")]
+pub mod ota;
 
 /// An applet's entry point: the arguments after its name, returning the exit status.
 pub type Entry = fn(&[String]) -> i32;
@@ -19,6 +21,8 @@ pub const APPLETS: &[(&str, Entry)] = &[
     ("miio_recv_line", line::recv_main),
     #[cfg(feature = "agent")]
     ("miio_agent", agent::main),
+    #[cfg(feature = "ota")]
+    ("miio_ota", ota::main),
     #[cfg(feature = "fakecloud")]
     ("miio_fakecloud", fakecloud::main),
 ];

@@ -185,7 +185,9 @@ pub fn check_vendor(v: &str) -> Result<(), String> {
 /// replaced, so the last-wins rule of [`parse`] sees the new values.
 /// The caller passes a key that passed [`check_key`]; a key with a line break would break the file.
 pub fn rewrite_didkey(text: &str, did: u32, key: &str) -> String {
-    let eol = if text.contains("\r\n") { "\r\n" } else { "\n" };
+    // A byte scan: `str::contains` of a two-byte pattern links a whole substring searcher.
+    let crlf = text.as_bytes().windows(2).any(|w| w == b"\r\n");
+    let eol = if crlf { "\r\n" } else { "\n" };
     let mut out = String::with_capacity(text.len() + 40);
     let (mut saw_did, mut saw_key) = (false, false);
     for piece in text.split_inclusive('\n') {

@@ -114,6 +114,40 @@ pub fn write_token(datadir: &str, token: Option<&Secret16>) -> io::Result<()> {
     }
 }
 
+/// `Action::StoreDidkey` (L§16 step 4): the `did=` and `key=` lines of `device.conf` replaced in
+/// one atomic write ([`config::store::write_atomic`]: a crash leaves the old file or the new one),
+/// every other line and the file's mode kept. The result is read back by the parser first, so a
+/// file that would not load is never written. The error names the file, never the key.
+pub fn store_didkey(datadir: &str, did: u32, key: &Secret16) -> Result<(), ConfError> {
+    let p = path(datadir, "device.conf");
+    let fail = |reason: String| ConfError {
+        file: p.display().to_string(),
+        line: 0,
+        reason,
+    };
+    let text = match read(&p) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(fail("missing; the new identity is not stored".into())),
+        Err(e) => return Err(io_err(&p, e)),
+    };
+    let key_text = key
+        .as_ascii()
+        .ok_or_else(|| fail("the key is not printable".into()))?;
+    let new = config::device::rewrite_didkey(&text, did, key_text);
+    match config::device::parse(&new) {
+        Ok(d) if d.did == did && d.key == *key => {}
+        Ok(_) => {
+            return Err(fail(
+                "the rewritten file does not load the new identity".into(),
+            ))
+        }
+        Err(e) => return Err(at(&p, e)),
+    }
+    let mode = config::store::existing_mode(&p, 0o600);
+    config::store::write_atomic(&p, new.as_bytes(), mode)
+        .map_err(|e| fail(format!("cannot write: {e}")))
+}
+
 /// The text of os-release, if readable.
 pub fn os_release(p: &str) -> Option<String> {
     read(Path::new(p)).ok().flatten()
@@ -132,4 +166,46 @@ pub fn fresh_token() -> Secret16 {
         }
     }
     crate::config::token::generate(&raw).unwrap_or_else(|| Secret16::new(*b"0123456789abcdef"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// L§16 step 4: only the did and key lines change, the mode stays; a file that is missing or
+    /// that would not load is not written, and no error text holds the key.
+    #[test]
+    fn store_didkey_rewrites_two_lines_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("miio_didkey_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.to_str().unwrap();
+        let key = Secret16::new(*b"Nk3w9Zq0aB7cD1eF");
+        let e = store_didkey(d, 555, &key).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        let conf = dir.join("device.conf");
+        let old = "# board\r\ndid=1\r\nkey=BootstrapKey0001\r\nmac=AA:BB:CC:01:02:03\r\nmodel=a.b.c\r\nx=y\r\n";
+        std::fs::write(&conf, old).unwrap();
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o640)).unwrap();
+        store_didkey(d, 555, &key).unwrap();
+        let new = std::fs::read_to_string(&conf).unwrap();
+        assert_eq!(
+            new,
+            old.replace("did=1", "did=555")
+                .replace("key=BootstrapKey0001", "key=Nk3w9Zq0aB7cD1eF")
+        );
+        let mode = std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        // A file without a model would not load: left as it is.
+        std::fs::write(
+            &conf,
+            "did=1\nkey=BootstrapKey0001\nmac=AA:BB:CC:01:02:03\n",
+        )
+        .unwrap();
+        let e = store_didkey(d, 555, &key).unwrap_err();
+        assert!(!e.to_string().contains("Nk3w9Zq0aB7cD1eF"), "{e}");
+        assert!(std::fs::read_to_string(&conf).unwrap().contains("did=1\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -106,6 +106,10 @@ impl Daemon {
                     let r = datafiles::write_token(&self.args.datadir, t.as_ref());
                     self.node.token_written(now, r.map_err(OsError::from));
                 }
+                Action::StoreDidkey { did, key } => {
+                    let r = datafiles::store_didkey(&self.args.datadir, did, &key);
+                    self.node.didkey_written(now, r);
+                }
                 Action::WriteCountry(cc) => {
                     self.write_data("device.country", format!("{cc}\n").as_bytes(), 0o644);
                 }

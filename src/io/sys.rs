@@ -158,6 +158,72 @@ pub fn reap_children() -> Vec<(i32, i32)> {
     }
 }
 
+/// Starts the program at the path `argv[0]` with the arguments `argv[1..]`, each one argv element
+/// as given (no shell sees them), in a new process group of its own (so [`kill_group`] reaches
+/// everything it starts), with `env` (`NAME=value` entries) ahead of this process's environment
+/// (the first entry of a name wins) and, when given, `stdout` as its standard output. SIGPIPE is
+/// back to its default in the child. Returns the child's pid; a program that cannot be run exits
+/// 127. Everything the child needs is allocated before `fork`. `execve`, not `execvp`: the
+/// commands are paths, and the `PATH` search cost flash for nothing.
+#[cfg(feature = "ota")]
+pub fn spawn(argv: &[&str], env: &[String], stdout: Option<RawFd>) -> io::Result<i32> {
+    use std::ffi::CString;
+    extern "C" {
+        static environ: *const *const libc::c_char;
+    }
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let mut keep = Vec::new();
+    for a in argv.iter().copied().chain(env.iter().map(String::as_str)) {
+        keep.push(c(a)?);
+    }
+    let (args, vars) = keep.split_at(argv.len());
+    let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argp.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = vars.iter().map(|a| a.as_ptr()).collect();
+    // SAFETY: `environ` is libc's null-terminated array; nothing changes it while we read it
+    // (miio_ota is single-threaded and never sets a variable).
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            envp.push(*p);
+            p = p.add(1);
+        }
+    }
+    envp.push(std::ptr::null());
+    if args.is_empty() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: miio_ota is single-threaded, and the child only makes async-signal-safe calls
+    // (setpgid, dup2, fcntl, signal, execve, _exit) on memory prepared above.
+    let pid = check(unsafe { libc::fork() })?;
+    if pid == 0 {
+        // SAFETY: see above; every pointer is into `keep` or `environ`, alive in the child's copy.
+        unsafe {
+            libc::setpgid(0, 0);
+            if let Some(fd) = stdout {
+                libc::dup2(fd, 1);
+                // The pipe was made non-blocking for the reactor; the child writes blocking.
+                libc::fcntl(1, libc::F_SETFL, 0);
+            }
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::execve(argp[0], argp.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: plain syscall; the child may already have done it (then this fails harmlessly).
+    unsafe { libc::setpgid(pid, pid) };
+    Ok(pid)
+}
+
+/// SIGKILL to the whole process group `pgid` (a child started by [`spawn`] leads its own).
+#[cfg(feature = "ota")]
+pub fn kill_group(pgid: i32) {
+    if pgid > 0 {
+        // SAFETY: plain syscall; a group already gone gives ESRCH, which is fine.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+}
+
 /// Detaches from the terminal (LOCAL_API.md §18 `-D`): fork, parent exits 0, setsid, chdir /,
 /// and, when `redirect_stdio`, stdin/stdout/stderr to /dev/null.
 /// `open(2)` with `flags` (and `O_CLOEXEC`), `mode` for a file it creates; retried on EINTR. What

@@ -178,8 +178,8 @@ pub enum Event {
     /// The helper's `_internal.info`, its members in the order it sent them but `method` and `id`:
     /// `params` is INFO, the others (e.g. `partner_id`) go to the top level of `_otc.info` (P§5.4).
     Info(Members),
-    /// `res_didkeymac`: any JSON, passed unread to the cloud as `data` (L§16 step 1).
-    DidkeyMaterial(Value),
+    /// `res_didkeymac`: any JSON, as its text, passed unread to the cloud as `data` (L§16 step 1).
+    DidkeyMaterial(String),
     /// `res_didkeymac2` `"ok"`: the helper stored the assigned did/key.
     DidkeyStored,
     /// `_internal.wifi_connected`, or a `wifi_start` with no helper to run it (D9).
@@ -746,7 +746,12 @@ impl Helper {
                 }
                 _ => Err("params not an object".to_string()),
             },
-            Step::Didkeymac => Ok(Event::DidkeyMaterial(params.clone())),
+            // The material's own text, unread (no serializer linked for it).
+            Step::Didkeymac => Ok(Event::DidkeyMaterial(
+                Members::of_object(raw)
+                    .and_then(|m| m.get("params").map(str::to_owned))
+                    .unwrap_or_else(|| "null".into()),
+            )),
             Step::Didkeymac2 => match params.as_str() {
                 Some("ok") => Ok(Event::DidkeyStored),
                 _ => Err("params is not \"ok\"".to_string()),
@@ -911,7 +916,7 @@ mod tests {
         Country(Option<String>),
         WifiStatus(bool),
         Info(Members),
-        DidkeyMaterial(Value),
+        DidkeyMaterial(String),
         DidkeyStored,
         WifiConnected,
         WifiFailed,
@@ -1733,7 +1738,7 @@ mod tests {
                 2,
                 r#"{"method":"_internal.res_didkeymac","params":{"a":[1]}}"#
             ),
-            vec![Action::DidkeyMaterial(serde_json::json!({"a":[1]}))]
+            vec![Action::DidkeyMaterial(r#"{"a":[1]}"#.into())]
         );
         h.ask_didkeymac2(at(2), 5, &Secret16::new(*b"YWJjZGVmZ2hpamts"));
         assert!(send(

@@ -13,6 +13,8 @@ pub mod mdns;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod node;
+#[cfg(feature = "ota")]
+pub mod ota;
 pub mod outbox;
 pub mod provision;
 #[cfg(test)]

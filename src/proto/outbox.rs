@@ -57,6 +57,10 @@ pub enum Action {
     TokenFile(Option<Secret16>),
     /// Provisioning: write `device.country` (0644).
     WriteCountry(String),
+    /// A did/key assignment the helper did not store (L§16 step 4): rewrite the `did=` and `key=`
+    /// lines of `device.conf` in one atomic write, every other line kept. Answer with
+    /// [`crate::proto::node::Node::didkey_written`]. `Debug` shows no key ([`Secret16`]).
+    StoreDidkey { did: u32, key: Secret16 },
     /// Read the ssid of `wifi.conf` ("" without one) and answer with [`crate::proto::node::Node::file_ssid`]: INFO's
     /// `ap.ssid` is the file's (P§5.4) even when a helper answered the Wi-Fi step or after a
     /// failed provisioning put the file back.

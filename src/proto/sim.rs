@@ -1094,6 +1094,10 @@ impl Sim {
                     self.node.file_ssid(ssid.unwrap_or_default());
                 }
                 Action::WriteCountry(cc) => self.files.country = Some(cc),
+                // The simulated device has a real did: it never asks for one (L§16).
+                Action::StoreDidkey { did, .. } => {
+                    self.fail(format!("did {did} stored without a bootstrap did"))
+                }
                 // The token step (L§9.3): the fresh token is the only one ever stored.
                 Action::TokenFile(t) => {
                     if t.as_ref().is_some_and(|t| *t != Secret16::new(TOKEN)) {

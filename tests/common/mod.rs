@@ -1049,6 +1049,11 @@ pub struct FakeCloudProc {
 }
 
 pub fn fakecloud() -> FakeCloudProc {
+    fakecloud_with(&[])
+}
+
+/// [`fakecloud`] with more arguments (more devices, `--assign`, `--didkey-retry`).
+pub fn fakecloud_with(extra: &[&str]) -> FakeCloudProc {
     let mut c = Command::new(BIN);
     c.args([
         "miio_fakecloud",
@@ -1061,6 +1066,7 @@ pub fn fakecloud() -> FakeCloudProc {
         "--key",
         KEY,
     ]);
+    c.args(extra);
     let out = Lines::spawn(c);
     // `[...] [I] fakecloud: udp+tcp 127.0.0.1:P control 127.0.0.1:C devices [...]`
     let line = out

@@ -49,6 +49,19 @@ pub struct CloudConfig {
     pub refresh: Option<Duration>,
     pub max_cloud_payload: usize,
     pub seed: u64,
+    /// `--didkey-method`: the cloud method of the did/key exchange (P§5.11).
+    pub didkey_method: String,
+    /// Set for a bootstrap did (0 or 1): this session asks for an identity (P§5.11) instead of
+    /// sending `_otc.info`, and is never announced.
+    pub didkey: Option<DidkeyAsk>,
+}
+
+/// What the did/key request carries besides the did, model and mac of the config (P§5.11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DidkeyAsk {
+    pub vendor: String,
+    /// The helper's material as JSON text (`null` without it), passed unread (L§16 step 1).
+    pub data: String,
 }
 
 impl CloudConfig {
@@ -80,6 +93,8 @@ impl CloudConfig {
             refresh: None,
             max_cloud_payload: 1024,
             seed: 0,
+            didkey_method: "_otc.didkey_req".into(),
+            didkey: None,
         }
     }
 }
@@ -112,6 +127,8 @@ impl fmt::Debug for CloudConfig {
             .field("backoff_max", &self.backoff_max)
             .field("refresh", &self.refresh)
             .field("max_cloud_payload", &self.max_cloud_payload)
+            .field("didkey_method", &self.didkey_method)
+            .field("didkey", &self.didkey.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -29,7 +29,8 @@
 //!
 //! The node's side: [`Event::NeedInfo`] (answer with [`Cloud::handle_info`]: the helper's
 //! `_internal.info` answer, or the daemon's own `{"params":{..}}`), [`Event::Command`],
-//! [`Event::SelfMethod`] and [`Event::State`].
+//! [`Event::SelfMethod`], [`Event::State`] and, in the bootstrap session of a did 0 or 1,
+//! [`Event::Didkey`] (P§5.11).
 
 use core::fmt;
 use std::net::SocketAddrV4;
@@ -48,13 +49,15 @@ use crate::wire::rpc::{self, Members};
 
 mod commands;
 mod config;
+mod didkey;
 mod servers;
 mod session;
 #[cfg(test)]
 mod testkit;
 mod upstream;
 
-pub use config::{default_hosts, CloudConfig, Endpoint, Transport};
+pub use config::{default_hosts, CloudConfig, DidkeyAsk, Endpoint, Transport};
+pub use didkey::Didkey;
 use servers::Server;
 use upstream::{Origin, Upstream};
 
@@ -120,6 +123,8 @@ pub enum Event {
     },
     /// A change of the link for the node's state and broadcasts.
     State(CloudEvent),
+    /// The bootstrap session's did/key exchange (P§5.11).
+    Didkey(Didkey),
 }
 
 /// A message for one local client only (an ack with its id restored, or an error).

@@ -28,7 +28,7 @@ impl Cloud {
         self.wheel.set(Timer::Hello, now + HELLO_PERIOD);
     }
 
-    pub(super) fn time_sync(&mut self, now: Instant, server: u32) {
+    pub(super) fn time_sync(&mut self, now: Instant, server: u32, out: &mut Outbox) {
         // P§5.3: only while our hello on this connection is unanswered, and never stamp 0 (our own hello).
         if !self.hello_out || server == 0 {
             debug!("time-sync reply ignored (stamp {server})");
@@ -55,8 +55,13 @@ impl Cloud {
             Phase::Hello => {
                 self.wheel.cancel(Timer::Hello);
                 self.phase = Phase::Info;
-                self.wheel.set(Timer::Info, now + INFO_WAIT);
-                self.want_info(true);
+                if self.cfg.didkey.is_some() {
+                    // P§5.11: a bootstrap session asks for its identity; no `_otc.info`.
+                    self.didkey_request(now, out);
+                } else {
+                    self.wheel.set(Timer::Info, now + INFO_WAIT);
+                    self.want_info(true);
+                }
             }
             Phase::Up if self.wheel.cancel(Timer::RefreshHello) => self.want_info(false),
             _ => {}
@@ -292,7 +297,7 @@ impl Cloud {
         };
         if pkt.is_control() {
             if pkt.ids_all_ff() {
-                self.time_sync(now, pkt.stamp());
+                self.time_sync(now, pkt.stamp(), out);
             } else {
                 self.control(now, &pkt, data, out);
             }
@@ -362,6 +367,11 @@ impl Cloud {
                     None => debug!("cloud ack swallowed: id {}", id.map_or(-1, i64::from)),
                 }
             }
+            // P§5.11: a bootstrap identity takes no commands.
+            Some(Some(m)) if self.cfg.didkey.is_some() => self.dropped(
+                now,
+                &format_args!("cloud method {} dropped: no identity yet", m.as_str()),
+            ),
             Some(Some(m)) => self.command(now, m, text, head, out),
             Some(None) => self.dropped(now, &"cloud message with a non-string method"),
         }

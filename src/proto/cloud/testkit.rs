@@ -277,7 +277,11 @@ pub(super) const CMD: &str = r#"{"id":55,"method":"set_power","params":["on"],"f
 pub(super) fn is_event(a: &Action) -> bool {
     matches!(
         a,
-        Action::NeedInfo | Action::Command { .. } | Action::SelfMethod { .. } | Action::Event(_)
+        Action::NeedInfo
+            | Action::Command { .. }
+            | Action::SelfMethod { .. }
+            | Action::Event(_)
+            | Action::Didkey(_)
     )
 }
 

@@ -19,6 +19,8 @@ pub(super) enum Origin {
         refresh: bool,
     },
     IdleReport,
+    /// The did/key request of a bootstrap session (P§5.11).
+    Didkey,
 }
 
 #[derive(Clone, Debug)]
@@ -175,6 +177,7 @@ impl Cloud {
             Origin::Gone => crate::warn_limited!(now, "OT server noack, id:{id} (client gone)"),
             Origin::Info { refresh: true } => warn!("refresh: _otc.info not acked"),
             Origin::Info { refresh: false } => self.fail(now, "_otc.info not acked", out),
+            Origin::Didkey => self.fail(now, "did/key request not acked", out),
             Origin::IdleReport => {
                 warn!("ota_state idle report not acked");
                 self.idle_reported = true;
@@ -216,6 +219,10 @@ impl Cloud {
             Origin::IdleReport => {
                 self.idle_reported = true;
                 self.announce();
+            }
+            Origin::Didkey => {
+                let obj = rpc::parse_object(text.as_bytes()).unwrap_or_default();
+                self.didkey_reply(now, &obj, out);
             }
         }
     }

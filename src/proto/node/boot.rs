@@ -7,7 +7,7 @@ use super::routing::Conns;
 use super::{Identity, Node};
 use crate::config::device::DeviceConf;
 use crate::config::{ConfError, Secret16};
-use crate::proto::cloud::{self, Cloud};
+use crate::proto::cloud::{self, Cloud, Didkey};
 use crate::proto::helper::{self, Step};
 use crate::proto::ioerr::OsError;
 use crate::proto::outbox::Action;
@@ -30,6 +30,10 @@ pub(super) struct Boot {
     pub(super) country: Option<String>,
     /// The token step of the file mode waiting for io (L§9.3).
     pub(super) token_job: Option<TokenJob>,
+    /// A bootstrap did (L§16): the helper's material as JSON text, sent to the cloud as `data`.
+    pub(super) didkey_data: Option<String>,
+    /// An assigned did and key being stored (L§16 step 4), before the node switches to them.
+    pub(super) assigned: Option<(u32, Secret16)>,
 }
 
 /// A file-mode token step waiting for [`Node::token_written`]: the fresh token it will use, and
@@ -131,7 +135,9 @@ impl Node {
     /// answered with [`Node::token_written`]. A token file that cannot be read leaves the device
     /// in `didkey_done` (logged).
     pub fn file_token(&mut self, now: Instant, files: TokenFiles) {
-        if !files.wifi_conf {
+        // L§16: a did 0 device is online without `wifi.conf`; its token is kept across starts.
+        let did0 = self.boot.device.as_ref().is_some_and(|d| d.did == 0);
+        if !files.wifi_conf && !did0 {
             self.token_request(files.fresh, true);
         } else {
             match files.token {
@@ -211,20 +217,29 @@ impl Node {
         if self.boot.device.as_ref() == Some(&d) {
             return;
         }
-        if d.did < 2 {
-            warn!(
-                "did {} asks for a dynamic did/key, which this build does not do yet",
-                d.did
-            );
-        }
         if self.state != State::DeviceInit {
             info!("the identity changed; restarting from the token step");
         }
         info!("device did {} model {} mac {}", d.did, d.model, d.mac);
+        let bootstrap = d.did < 2;
         self.boot.device = Some(d);
         self.boot.token = None;
         self.boot.provisioned = None;
+        self.boot.didkey_data = None;
+        self.boot.assigned = None;
         self.drop_session(now);
+        if bootstrap {
+            // L§16 step 1: the helper's material for the cloud request.
+            self.set_state(State::DidkeyReq1);
+            self.helper
+                .ask_didkeymac(&mut Conns::new(&mut self.local, &mut self.actions), now);
+            return;
+        }
+        self.ask_token(now);
+    }
+
+    /// `didkey_done`: the token step (L§9.3).
+    fn ask_token(&mut self, now: Instant) {
         self.set_state(State::DidkeyDone);
         let fresh = self.fresh_token.clone();
         self.helper.ask_token(
@@ -251,6 +266,8 @@ impl Node {
     }
 
     pub(super) fn got_wifi(&mut self, now: Instant, provisioned: bool) {
+        // L§16 step 2: a did 0 device is already online, whatever the Wi-Fi status says.
+        let provisioned = provisioned || self.boot.device.as_ref().is_some_and(|d| d.did == 0);
         if self.boot.token.is_none() || self.boot.provisioned == Some(provisioned) {
             return;
         }
@@ -336,17 +353,89 @@ impl Node {
                     c.handle_info(now, &info, &mut self.actions);
                 }
             }
-            H::UseFiles(Step::Didkeymac | Step::Didkeymac2) => {
-                crate::info_limited!(now, "no helper answer for the did/key step")
+            H::UseFiles(Step::Didkeymac) => self.didkey_material(now, None),
+            H::DidkeyMaterial(v) => self.didkey_material(now, Some(v)),
+            H::UseFiles(Step::Didkeymac2) => {
+                if let Some((did, key)) = self.boot.assigned.clone() {
+                    self.actions.push(Action::StoreDidkey { did, key });
+                }
+            }
+            H::DidkeyStored => {
+                if self.boot.assigned.is_some() {
+                    info!("the helper stored the new identity");
+                    self.use_assigned(now);
+                }
             }
             H::UseFiles(step) => self.actions.push(Action::LoadFiles(step)),
-            H::DidkeyMaterial(_) | H::DidkeyStored => {
-                crate::info_limited!(now, "did/key helper answer ignored")
-            }
             H::WifiConnected => self.wifi_connected(now),
             H::WifiFailed => self.wifi_failed(now),
             H::Reboot => self.broadcast("reboot"),
         }
+    }
+
+    /// L§16 step 1 done: the helper's material (None: no helper, or no answer in time).
+    fn didkey_material(&mut self, now: Instant, data: Option<String>) {
+        if self.state != State::DidkeyReq1 {
+            crate::info_limited!(now, "did/key material out of turn; ignored");
+            return;
+        }
+        self.boot.didkey_data = Some(data.unwrap_or_else(|| "null".into()));
+        self.ask_token(now);
+    }
+
+    /// The bootstrap session's exchange (P§5.11, L§16 steps 3 and 4).
+    pub(super) fn on_didkey(&mut self, now: Instant, d: Didkey) {
+        match d {
+            Didkey::Asked => self.set_state(State::DidkeyReq2),
+            // The state stays `didkey_req2`; the cloud machine holds the deadline.
+            Didkey::RetryAfter(_) => {}
+            Didkey::Assigned { did, key } => {
+                self.boot.assigned = Some((did, key.clone()));
+                self.helper.ask_didkeymac2(
+                    &mut Conns::new(&mut self.local, &mut self.actions),
+                    now,
+                    did,
+                    &key,
+                );
+            }
+        }
+    }
+
+    /// The result of [`Action::StoreDidkey`]. A `device.conf` that cannot be written does not
+    /// hold the device back: the new identity is used from memory (logged), and the next start
+    /// asks the cloud again.
+    pub fn didkey_written(&mut self, now: Instant, res: Result<(), ConfError>) {
+        if self.boot.assigned.is_none() {
+            return;
+        }
+        match res {
+            Ok(()) => info!("stored the new identity in device.conf"),
+            Err(e) => log::error!("{e}; using the new identity until the next start"),
+        }
+        self.use_assigned(now);
+        self.pump(now);
+    }
+
+    /// L§16 step 5: `didkey_done`, then the normal connection under the assigned identity. The
+    /// token and the Wi-Fi status are not asked again.
+    fn use_assigned(&mut self, now: Instant) {
+        let Some((did, key)) = self.boot.assigned.take() else {
+            return;
+        };
+        let Some(d) = self.boot.device.as_mut() else {
+            return;
+        };
+        d.did = did;
+        d.key = key;
+        info!("device did {did} model {} mac {}", d.model, d.mac);
+        if let Some(t) = self.boot.token.as_ref() {
+            // P§4.2: the LAN hello names the new did.
+            self.lan.set_identity(did, *t.as_bytes());
+        }
+        self.drop_session(now);
+        self.set_state(State::DidkeyDone);
+        let provisioned = self.boot.provisioned.unwrap_or(true);
+        self.rebuild_identity(now, provisioned);
     }
 
     pub(super) fn start_cloud(&mut self, now: Instant) {
@@ -354,6 +443,16 @@ impl Node {
             return;
         };
         let mut cfg = self.cfg.cloud.clone();
+        if id.did < 2 {
+            cfg.didkey = Some(cloud::DidkeyAsk {
+                vendor: id.vendor.clone(),
+                data: self
+                    .boot
+                    .didkey_data
+                    .clone()
+                    .unwrap_or_else(|| "null".into()),
+            });
+        }
         cfg.did = id.did;
         cfg.key = id.key;
         cfg.model = id.model.clone();
@@ -558,6 +657,250 @@ mod tests {
             reason: "cannot read".into(),
         };
         assert_eq!(step(true, Err(unreadable), vec![]), (vec![], None));
+    }
+
+    const BOOT: &[u8; 16] = b"BootstrapKey0000";
+    const NEW: &[u8; 16] = b"Nk3w9Zq0aB7cD1eF";
+    const NEW_DID: u32 = 555;
+
+    fn boot_conf(did: u32) -> String {
+        format!("did={did}\nkey=BootstrapKey0000\nmac=aa:bb:cc:01:02:03\nvendor=acme\nmodel=acme.dev.v1\n")
+    }
+
+    /// The io side of a bootstrap device (`conf` for the file steps, no `wifi.conf`) and a cloud
+    /// that answers the did/key request with `reply(id, params)`; what else the node did goes to
+    /// `seen`, with each message the cloud got as a `CloudSend` of its text.
+    fn didkey_io(
+        n: &mut Node,
+        now: Instant,
+        conf: &str,
+        reply: &dyn Fn(&Value, &Value) -> String,
+        seen: &mut Vec<Action>,
+    ) {
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::LoadFiles(Step::Dinfo) => {
+                    n.file_dinfo(now, crate::config::device::parse(conf), None)
+                }
+                Action::LoadFiles(Step::Token) => n.file_token(now, token_files(false)),
+                Action::LoadFiles(Step::WifiStatus) => n.file_wifi(now, false, String::new(), None),
+                Action::StoreDidkey { did, ref key } => {
+                    assert_eq!((did, key), (NEW_DID, &Secret16::new(*NEW)));
+                    seen.push(a.clone());
+                    n.didkey_written(now, Ok(()));
+                }
+                Action::Resolve { attempt, .. } => {
+                    n.cloud_resolved(now, attempt, Ok(vec![Ipv4Addr::LOCALHOST]))
+                }
+                Action::Connect { .. } => {
+                    n.cloud_connected(now, Netif::default(), Ipv4Addr::new(192, 168, 1, 20))
+                }
+                Action::CloudSend(b) => {
+                    let p = miio::Packet::new_checked(&b[..]).unwrap();
+                    if p.is_control() && p.ids_all_ff() {
+                        n.cloud_datagram(now, &miio::time_sync_reply(1_700_000_000));
+                        continue;
+                    }
+                    if p.is_control() {
+                        continue;
+                    }
+                    let key = if p.did() < 2 { BOOT } else { NEW };
+                    let keys = Keys::new(key);
+                    let o = miio::open(&keys, p.did(), &p).expect("sealed with the key of its did");
+                    let id = &o.value["id"];
+                    let ack = match o.value["method"].as_str() {
+                        Some("_otc.didkey_req") => {
+                            assert_eq!(o.value["params"]["type"], p.did());
+                            reply(id, &o.value["params"])
+                        }
+                        Some("_otc.info") => {
+                            assert_eq!(p.did(), NEW_DID, "no _otc.info under a bootstrap did");
+                            format!(r#"{{"id":{id},"result":{{"otc_list":[]}}}}"#)
+                        }
+                        _ => format!(r#"{{"id":{id},"result":"ok"}}"#),
+                    };
+                    seen.push(Action::CloudSend(o.text.into_bytes()));
+                    let pkt = miio::seal(&keys, p.did(), p.stamp(), ack.as_bytes());
+                    n.cloud_datagram(now, &pkt);
+                }
+                a => seen.push(a),
+            }
+        }
+    }
+
+    fn assign(id: &Value, _: &Value) -> String {
+        format!(r#"{{"id":{id},"result":{{"did":{NEW_DID},"key":"Nk3w9Zq0aB7cD1eF"}}}}"#)
+    }
+
+    /// L§16, P§5.11 for did 0 in virtual time: no provisioning (the device is online without
+    /// `wifi.conf`, and its token is kept), the request under the bootstrap did, a day-long
+    /// `retry_after` that `wakeup_time` reports and the state keeps, the assignment on the next
+    /// try, stored through io, then `cloud_connected` under the new identity.
+    #[test]
+    fn did0_waits_a_day_then_connects_under_the_assigned_identity() {
+        let conf = boot_conf(0);
+        let play =
+            |n: &mut Node,
+             now,
+             reply: &dyn Fn(&Value, &Value) -> String,
+             seen: &mut Vec<Action>| didkey_io(n, now, &conf, reply, seen);
+        let mut n = node();
+        n.cfg.mdns = Some(54321);
+        n.cfg.max_sleep = Duration::from_secs(2 * 86_400);
+        let t0 = Instant(10_000);
+        n.local_accept(t0, 1, Port::Local);
+        n.start(t0);
+        n.handle_timeout(t0); // the helper grace is over: file mode
+        let mut seen = Vec::new();
+        let later = |id: &Value, p: &Value| {
+            assert_eq!(p["data"], Value::Null, "no helper, no material");
+            format!(r#"{{"id":{id},"result":{{"retry_after":86400}}}}"#)
+        };
+        play(&mut n, t0, &later, &mut seen);
+        assert_eq!(n.state(), State::DidkeyReq2, "{seen:?}");
+        assert!(
+            !seen.iter().any(|a| matches!(a, Action::TokenFile(_))),
+            "did 0 keeps its token without wifi.conf: {seen:?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|a| matches!(a, Action::MdnsService(Some(_)))),
+            "no service for a bootstrap did: {seen:?}"
+        );
+        assert_eq!(n.identity().map(|i| i.did), Some(0));
+        // Once the local connection is classified, the retry is the one deadline.
+        let ta = t0 + Duration::from_secs(2);
+        n.handle_timeout(ta);
+        play(&mut n, ta, &later, &mut seen);
+        assert_eq!(n.poll_timeout(), Some(t0 + Duration::from_secs(86_400)));
+        assert_eq!(ask_suspend(&mut n, ta), 86_398);
+        // Nothing happens before the day is over.
+        let t1 = t0 + Duration::from_secs(86_399);
+        n.handle_timeout(t1);
+        seen.clear();
+        play(&mut n, t1, &later, &mut seen);
+        assert!(
+            !seen.iter().any(|a| matches!(a, Action::CloudSend(_))),
+            "{seen:?}"
+        );
+        assert_eq!(n.state(), State::DidkeyReq2);
+        // The next try is assigned.
+        let t2 = t0 + Duration::from_secs(86_400);
+        n.handle_timeout(t2);
+        seen.clear();
+        play(&mut n, t2, &assign, &mut seen);
+        assert_eq!(n.state(), State::CloudConnected, "{seen:?}");
+        let stored = seen
+            .iter()
+            .position(|a| matches!(a, Action::StoreDidkey { .. }))
+            .expect("stored");
+        let info = seen
+            .iter()
+            .position(
+                |a| matches!(a, Action::CloudSend(t) if t.windows(9).any(|w| w == b"_otc.info")),
+            )
+            .expect("_otc.info under the new identity");
+        assert!(stored < info, "stored before the new session: {seen:?}");
+        let id = n.identity().expect("identity");
+        assert_eq!((id.did, id.key), (NEW_DID, *NEW));
+        // The mDNS service is announced under the new did.
+        assert!(
+            seen.iter()
+                .any(|a| matches!(a, Action::MdnsService(Some(s)) if s.did == NEW_DID)),
+            "{seen:?}"
+        );
+    }
+
+    /// L§16 with a helper: its material goes up as `data` unread; the assignment is handed to it
+    /// (`req_didkeymac2`) and, when it answers "ok", the daemon writes nothing; without an answer
+    /// in 10 s the daemon stores the identity itself. Either way the token is not asked again.
+    #[test]
+    fn did1_with_a_helper_material_up_and_the_store_by_helper_or_daemon() {
+        let conf = boot_conf(1);
+        let with_data = |id: &Value, p: &Value| {
+            assert_eq!(p["data"], json!({"sn": "X1", "n": [1, 2]}));
+            assign(id, p)
+        };
+        // `miio_recv_line`: a fresh connection's hello gets the head of the queue (L§9.1).
+        let mut next = 10;
+        let mut hello = |n: &mut Node, now| {
+            next += 1;
+            n.local_accept(now, next, Port::Local);
+            n.local_value(now, next, br#"{"method":"_internal.hello"}"#);
+        };
+        for helper_stores in [true, false] {
+            let mut n = node();
+            let t0 = Instant(10_000);
+            n.start(t0);
+            n.local_accept(t0, 1, Port::Local);
+            n.local_value(t0, 1, br#"{"method":"_internal.helper_ready"}"#);
+            let mut seen = Vec::new();
+            for answer in [
+                r#"{"method":"_internal.response_dinfo","params":{"did":1,"key":"BootstrapKey0000","vendor":"acme","mac":"aa:bb:cc:01:02:03","model":"acme.dev.v1"}}"#,
+                r#"{"method":"_internal.res_didkeymac","params":{"sn":"X1","n":[1,2]}}"#,
+                r#"{"method":"_internal.response_dtoken","params":"ABCDEFGHIJKLMNOP"}"#,
+                r#"{"method":"_internal.res_wifi_conf_status","params":1}"#,
+            ] {
+                hello(&mut n, t0);
+                didkey_io(&mut n, t0, &conf, &with_data, &mut seen);
+                n.local_value(t0, 1, answer.as_bytes());
+            }
+            hello(&mut n, t0);
+            didkey_io(&mut n, t0, &conf, &with_data, &mut seen);
+            let to_helper = |seen: &[Action], m: &str| {
+                seen.iter()
+                    .any(|a| matches!(a, Action::Local(LocalAction::Send(_, t)) if t.contains(m)))
+            };
+            assert!(
+                to_helper(&seen, r#""method":"_internal.req_didkeymac","params":"#),
+                "{seen:?}"
+            );
+            assert!(
+                to_helper(
+                    &seen,
+                    r#""params":{"dir":"/etc/miio/","did":555,"key":"Nk3w9Zq0aB7cD1eF"}"#
+                ),
+                "{seen:?}"
+            );
+            assert_eq!(n.state(), State::DidkeyReq2, "waiting for the helper");
+            seen.clear();
+            if helper_stores {
+                n.local_value(
+                    t0,
+                    1,
+                    br#"{"method":"_internal.res_didkeymac2","params":"ok"}"#,
+                );
+                didkey_io(&mut n, t0, &conf, &with_data, &mut seen);
+                assert!(
+                    !seen.iter().any(|a| matches!(a, Action::StoreDidkey { .. })),
+                    "{seen:?}"
+                );
+            } else {
+                hello(&mut n, t0);
+                let t1 = t0 + Duration::from_millis(9_999);
+                n.handle_timeout(t1);
+                didkey_io(&mut n, t1, &conf, &with_data, &mut seen);
+                assert_eq!(n.state(), State::DidkeyReq2);
+                let t2 = t0 + Duration::from_secs(10);
+                n.handle_timeout(t2);
+                didkey_io(&mut n, t2, &conf, &with_data, &mut seen);
+                assert!(
+                    seen.iter().any(|a| matches!(a, Action::StoreDidkey { .. })),
+                    "{seen:?}"
+                );
+            }
+            // The new session asks the helper for `_internal.info`; it is not answered: own INFO.
+            let t3 = t0 + Duration::from_secs(20);
+            n.handle_timeout(t3);
+            didkey_io(&mut n, t3, &conf, &with_data, &mut seen);
+            assert_eq!(n.state(), State::CloudConnected, "{seen:?}");
+            assert_eq!(n.identity().map(|i| i.did), Some(NEW_DID));
+            assert!(
+                !to_helper(&seen, "request_dtoken") && !to_helper(&seen, "req_wifi_conf_status"),
+                "{seen:?}"
+            );
+        }
     }
 
     /// P§5.7 D5, D12: ids are unique for the life of the process and `ota_state idle` goes up once

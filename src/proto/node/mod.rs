@@ -258,7 +258,10 @@ impl Node {
             return false;
         };
         let want = match (self.identity.as_ref(), self.mdns_ip) {
-            (Some(id), Some(ip)) if id.provisioned && !ip.is_unspecified() && sta(self.state) => {
+            // A bootstrap did (L§16) is no identity to announce.
+            (Some(id), Some(ip))
+                if id.provisioned && id.did >= 2 && !ip.is_unspecified() && sta(self.state) =>
+            {
                 Some(ServiceInfo {
                     model: id.model.clone(),
                     did: id.did,

@@ -160,6 +160,7 @@ impl Node {
                 }
             }
             cloud::Event::State(e) => self.on_cloud_state(now, e),
+            cloud::Event::Didkey(d) => self.on_didkey(now, d),
         }
     }
 
