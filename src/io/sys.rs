@@ -1,6 +1,6 @@
 //! The only `unsafe` in the crate: thin wrappers over the libc calls std does not offer
 //! (CLOCK_BOOTTIME, timerfd, signal handlers, fork/setsid, localtime_r, getrandom, waitpid,
-//! socket options), and `open(2)`.
+//! socket options, interface netmasks), and `open(2)`.
 //! Each returns owned, safe values; every block states why it is sound.
 #![allow(unsafe_code)]
 
@@ -312,40 +312,51 @@ pub fn pid() -> u32 {
     std::process::id()
 }
 
-/// The netmask of the interface that holds `ip` (for INFO's `netif`, PROTOCOL.md §5.4).
+/// The netmask of the interface that holds `ip` (for INFO's `netif`, PROTOCOL.md §5.4): the
+/// interfaces' IPv4 addresses from SIOCGIFCONF (the first `MAX_IFS`; aliases with a label count,
+/// unlabelled secondary addresses are not listed), then SIOCGIFNETMASK on the one that holds `ip`.
+/// Not getifaddrs: musl's walks rtnetlink dumps, which cost flash, and under qemu-user a big-endian
+/// guest on a little-endian host gets them half converted and musl's walk never ends (the s390x test
+/// build hung there, ARCHITECTURE.md §6).
 pub fn netmask_of(ip: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+    use std::os::fd::AsRawFd;
+    const MAX_IFS: usize = 32;
+    // SAFETY: plain syscall; on success we own the returned descriptor.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
+            .ok()?;
+    // SAFETY: `fd` is fresh and owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is a valid value of the plain C struct (name "", address zeroes).
+    let mut reqs: [libc::ifreq; MAX_IFS] = unsafe { std::mem::zeroed() };
+    let mut conf = libc::ifconf {
+        ifc_len: std::mem::size_of_val(&reqs) as libc::c_int,
+        ifc_ifcu: libc::__c_anonymous_ifc_ifcu {
+            ifcu_req: reqs.as_mut_ptr(),
+        },
+    };
+    // SAFETY: `conf` points to `reqs` and gives its exact size; the kernel writes at most that.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFCONF as _, &mut conf) } != 0 {
         return None;
     }
-    let mut found = None;
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned and is not freed yet.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() && !ifa.ifa_netmask.is_null() {
-            // SAFETY: a non-null ifa_addr points to a sockaddr whose family we check first.
-            let fam = unsafe { (*ifa.ifa_addr).sa_family };
-            if i32::from(fam) == libc::AF_INET {
-                // SAFETY: AF_INET addresses (and their masks) are sockaddr_in.
-                let (a, m) = unsafe {
-                    (
-                        &*(ifa.ifa_addr as *const libc::sockaddr_in),
-                        &*(ifa.ifa_netmask as *const libc::sockaddr_in),
-                    )
-                };
-                if u32::from_be(a.sin_addr.s_addr) == u32::from(ip) {
-                    found = Some(std::net::Ipv4Addr::from(u32::from_be(m.sin_addr.s_addr)));
-                    break;
-                }
-            }
-        }
-        cur = ifa.ifa_next;
+    let n = (conf.ifc_len.max(0) as usize / std::mem::size_of::<libc::ifreq>()).min(MAX_IFS);
+    // The union member as a sockaddr_in: SIOCGIFCONF and SIOCGIFNETMASK fill it with one for AF_INET.
+    let sin = |r: &libc::ifreq| {
+        // SAFETY: the union's sockaddr member is 16 plain bytes at offset 16 of a pointer-aligned
+        // struct: the size of a sockaddr_in and aligned for it. Callers check the family.
+        unsafe { *(&r.ifr_ifru.ifru_addr as *const libc::sockaddr).cast::<libc::sockaddr_in>() }
+    };
+    let req = reqs[..n].iter_mut().find(|r| {
+        let a = sin(r);
+        i32::from(a.sin_family) == libc::AF_INET && u32::from_be(a.sin_addr.s_addr) == u32::from(ip)
+    })?;
+    // SAFETY: `req` is a valid ifreq naming an interface; the kernel writes the netmask into it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFNETMASK as _, &mut *req) } != 0 {
+        return None;
     }
-    // SAFETY: `head` came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    found
+    let m = sin(req);
+    (i32::from(m.sin_family) == libc::AF_INET)
+        .then(|| std::net::Ipv4Addr::from(u32::from_be(m.sin_addr.s_addr)))
 }
 
 /// A UDP socket bound to `0.0.0.0:port` with SO_REUSEADDR, and SO_REUSEPORT where the kernel has it,

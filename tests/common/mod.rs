@@ -264,6 +264,13 @@ impl Daemon {
     /// `start` with the binary run through `prefix` (a command that ends by exec'ing its next
     /// argument, the binary, with the rest: `unshare -m sh -c '…; exec "$0" "$@"'`).
     pub fn start_via<S: AsRef<str>>(prefix: &[&str], dir: &TempDir, args: &[S]) -> Daemon {
+        let cmd: Vec<&str> = prefix.iter().copied().chain([BIN]).collect();
+        Daemon::start_cmd(&cmd, dir, args)
+    }
+
+    /// `start` with `cmd` in place of the host build: the program and its leading arguments, e.g.
+    /// `["qemu-mipsel-static", "target/static/mipsel/miio_client"]` (tests/board_e2e.rs).
+    pub fn start_cmd<S: AsRef<str>>(cmd: &[&str], dir: &TempDir, args: &[S]) -> Daemon {
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let mut why = String::new();
         for attempt in 1..=LAUNCH_ATTEMPTS {
@@ -277,7 +284,7 @@ impl Daemon {
                     }
                 })
                 .collect();
-            let mut d = Daemon::spawn_via(prefix, dir, &argv);
+            let mut d = Daemon::spawn_cmd(cmd, dir, &argv);
             match d.launch(&args) {
                 Launch::Bound(p) => {
                     d.ports = p;
@@ -302,20 +309,14 @@ impl Daemon {
     /// Starts the binary with `-L <dir>/miio.log` plus `args`, as given, and returns at once
     /// (stdout/stderr discarded). For a test that wants the start to fail.
     pub fn spawn<S: AsRef<str>>(dir: &TempDir, args: &[S]) -> Daemon {
-        Daemon::spawn_via(&[], dir, args)
+        Daemon::spawn_cmd(&[BIN], dir, args)
     }
 
-    fn spawn_via<S: AsRef<str>>(prefix: &[&str], dir: &TempDir, args: &[S]) -> Daemon {
+    fn spawn_cmd<S: AsRef<str>>(cmd: &[&str], dir: &TempDir, args: &[S]) -> Daemon {
         let log = dir.join("miio.log");
-        let mut cmd = match prefix.split_first() {
-            None => Command::new(BIN),
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(BIN);
-                c
-            }
-        };
-        let child = cmd
+        let (first, rest) = cmd.split_first().expect("a command");
+        let child = Command::new(first)
+            .args(rest)
             .args(["-L", log.to_str().unwrap()])
             .args(args.iter().map(AsRef::as_ref))
             .stdin(Stdio::null())
