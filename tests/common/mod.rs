@@ -518,9 +518,10 @@ pub fn skip(tool: &str) -> bool {
     true
 }
 
-/// The python3 that tests use for outside peers: `MIIO_PYTHON`, else the venv .ci/run builds, else python3.
+/// The python3 that tests use for outside peers: `MIIO_PYTHON` (when set and not empty), else the
+/// venv .ci/run builds, else python3.
 pub fn python() -> String {
-    if let Ok(p) = std::env::var("MIIO_PYTHON") {
+    if let Some(p) = std::env::var("MIIO_PYTHON").ok().filter(|p| !p.is_empty()) {
         return p;
     }
     let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/.venv/bin/python3");
