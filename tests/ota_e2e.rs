@@ -180,6 +180,19 @@ impl Env {
             "{}",
             self.ota_log()
         );
+        // Connected is not yet routed to: commands reach miio_ota once the daemon (or the agent)
+        // has read its first message. A state query answered by miio_ota is the barrier.
+        let mut id = 9000;
+        assert!(
+            wait_until(T, || {
+                id += 1;
+                self.send(&json!({"id":id,"method":"miIO.get_ota_state"}))
+                    .get("result")
+                    .is_some()
+            }),
+            "{}",
+            self.ota_log()
+        );
     }
 
     fn ota_log(&self) -> String {
@@ -466,15 +479,8 @@ fn jobs_through_miio_agent() {
         .wait_line(T, |l| l.contains("agent: connected to the daemon"))
         .is_some());
     e.agent = Some(agent);
+    // start_ota's barrier: the four registrations are in once a state query is answered.
     e.start_ota(port, &["--agent"]);
-    // The four registrations are in once a state query is answered by miio_ota.
-    let mut id = 1000;
-    assert!(wait_until(T, || {
-        id += 1;
-        e.send(&json!({"id":id,"method":"miIO.get_ota_state"}))
-            .get("result")
-            .is_some()
-    }));
     jobs(&e);
 }
 

@@ -26,6 +26,8 @@ pub const MAX_PER_KEY: usize = 20;
 pub const MAX_KEYS_PER_APP: usize = 64;
 /// Rewritten ids waiting for an answer; beyond, the oldest mapping is given up.
 pub const MAX_PENDING: usize = 1024;
+/// What the agent sends the daemon first (L§10): id 0 is outside the counter's range.
+const QUERY: &str = r#"{"id":0,"method":"local.query_status"}"#;
 /// L§10: the counter runs over 1..2^31−1 and wraps.
 pub const MAX_ID: u32 = 0x7fff_ffff;
 
@@ -154,12 +156,15 @@ impl<I: Io> Agent<I> {
         }
     }
 
-    /// The connect succeeded.
-    pub fn upstream_connected(&mut self, _now: Instant) {
+    /// The connect succeeded. The first message classifies the connection at once (L§2): without
+    /// one the daemon holds commands for its 1 s window, a second of the user-ack timeout lost.
+    /// Its answer carries id 0, which the counter never uses, and is dropped.
+    pub fn upstream_connected(&mut self, now: Instant) {
         if self.up != Upstream::Up {
             info!("agent: connected to the daemon");
         }
         self.up = Upstream::Up;
+        self.send_up(now, Rc::from(QUERY));
     }
 
     /// The connect failed: try again in [`RETRY`].
@@ -389,6 +394,10 @@ impl<I: Io> Agent<I> {
             Some(Some(m)) => Some(m.as_str()),
             _ => None,
         };
+        // The answer to the agent's own first message.
+        if method == Some("local.status") && head.id.as_ref().and_then(rpc::id_u32) == Some(0) {
+            return true;
+        }
         // An answer to a rewritten id. A message with a method is one only when the request was
         // `local.*` (L§5 answers carry a method); a cloud command that happens to use a pending
         // id is a command.
@@ -532,6 +541,13 @@ mod tests {
         let mut a = new(20);
         assert_eq!(a.take_actions(), vec![AgentAction::Connect]);
         a.upstream_connected(at(0));
+        assert_eq!(a.take_actions(), vec![AgentAction::Up(QUERY.into())]);
+        // Its answer is the agent's own: dropped, silently.
+        a.upstream_message(
+            at(0),
+            piece(r#"{"id":0,"method":"local.status","params":"cloud_connected"}"#),
+        );
+        assert!(a.take_actions().is_empty());
         assert!(a.accept(at(0), 1));
         assert!(a.accept(at(0), 2));
         a

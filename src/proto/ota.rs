@@ -35,6 +35,9 @@ pub const REGISTER: &str = concat!(
     r#"{"method":"register","key":"local.status"}"#,
 );
 
+/// What a 54322 connection sends first: the daemon's state, answered as `local.status` (L§14).
+pub const QUERY: &str = r#"{"id":1,"method":"local.query_status"}"#;
+
 /// Logs a line a peer (the cloud, the daemon, the download command) can make miio_ota repeat: one
 /// kind for the whole applet (P§2.7).
 #[inline(never)]
@@ -294,9 +297,9 @@ impl<I: Io> Ota<I> {
             info!("ota: connected");
         }
         self.up = Upstream::Up;
-        if self.cfg.agent {
-            self.io.send(REGISTER);
-        }
+        // The first message classifies the connection at once (L§2): without one the daemon
+        // holds commands for its 1 s window, a second of the user-ack timeout lost.
+        self.io.send(if self.cfg.agent { REGISTER } else { QUERY });
     }
 
     /// The connection failed or closed: try again in [`RETRY`]. A running job goes on.
@@ -1071,6 +1074,18 @@ mod tests {
         assert_eq!(o.poll_timeout(), Some(Instant(3005)));
         o.handle_timeout(Instant(3005));
         assert_eq!(o.io.connects, 2);
+    }
+
+    /// On 54322 the first message is a status query: the daemon classifies the connection at once
+    /// instead of holding commands for its 1 s window (L§2), and its answer is a `local.status`.
+    #[test]
+    fn a_local_connection_starts_with_a_status_query() {
+        let mut o = Ota::new(cfg(), Rec::default(), Instant(0));
+        o.handle_timeout(Instant(0));
+        o.connected(Instant(1));
+        assert_eq!(o.io.sent, [QUERY]);
+        let v: serde_json::Value = serde_json::from_str(QUERY).unwrap();
+        assert_eq!(v["method"], "local.query_status");
     }
 
     #[test]
