@@ -286,66 +286,19 @@ fn the_agent_waits_for_the_daemon_and_survives_its_restart() {
     command_to(cloud.ctl, &mut a, 202, "get_prop", "two");
 }
 
+/// `init.d/S51miio_agent` under BusyBox: start, restart, stop.
 #[test]
 fn init_script_start_restart_stop_under_busybox() {
-    if Command::new("busybox").arg("true").status().is_err() {
-        skip("busybox");
-        return;
-    }
-    let dir = TempDir::new("agent-initd");
-    // Installed as a link to the multicall binary, as `make install` does.
-    let exe = dir.join("miio_agent");
-    std::os::unix::fs::symlink(BIN, &exe).unwrap();
-    let (log, pid, defaults) = (
-        dir.join("agent.log"),
-        dir.join("agent.pid"),
-        dir.join("defaults"),
-    );
     // Port 0: no start depends on a port staying free; the daemon is a port where nobody listens.
     let dead = DeadPort::new();
-    std::fs::write(
-        &defaults,
-        format!(
-            "MIIO_AGENT='{}'\nMIIO_AGENT_LOGFILE='{}'\nMIIO_AGENT_PIDFILE='{}'\nMIIO_AGENT_ARGS='--port 0 --daemon-port {}'\n",
-            exe.display(),
-            log.display(),
-            pid.display(),
-            dead.port
-        ),
-    )
-    .unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/init.d/S51miio_agent");
-    let run = |action: &str| {
-        let out = Command::new("busybox")
-            .args(["sh", script, action])
-            .env("MIIO_AGENT_DEFAULTS", &defaults)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{action}: {out:?}");
-    };
-    let bound = |n: usize| {
-        wait_until(T, || {
-            read_file(&log).matches("bound: agent tcp").count() >= n
-        })
-    };
-    run("start");
-    assert!(bound(1), "{}", read_file(&log));
-    let first = std::fs::read_to_string(&pid).unwrap();
-    run("restart");
-    assert!(bound(2), "{}", read_file(&log));
-    let second = std::fs::read_to_string(&pid).unwrap();
-    assert_ne!(first, second, "the agent was restarted");
-    let gone = |p: &str| {
-        let p = p.trim().to_string();
-        wait_until(T, move || {
-            !std::path::Path::new(&format!("/proc/{p}")).exists()
-        })
-    };
-    assert!(gone(&first), "the first agent stopped");
-    run("stop");
-    assert!(gone(&second), "stopped");
-    assert!(!pid.exists());
+    init_script_cycle(
+        &TempDir::new("agent-initd"),
+        "S51miio_agent",
+        "miio_agent",
+        "MIIO_AGENT",
+        &format!("--port 0 --daemon-port {}", dead.port),
+        "bound: agent tcp",
+    );
 }
 
 #[test]

@@ -575,66 +575,23 @@ fn the_daemon_warns_of_a_fw_ver_that_breaks_the_rule() {
     }
 }
 
-/// `init.d/S52miio_ota` under BusyBox: start, restart, stop, each seen in the log and the pid file.
+/// `init.d/S52miio_ota` under BusyBox: start, restart, stop.
 #[test]
 fn init_script_start_restart_stop_under_busybox() {
-    if Command::new("busybox").arg("true").status().is_err() {
-        skip("busybox");
-        return;
-    }
-    let dir = TempDir::new("ota-initd");
-    // Installed as a link to the multicall binary, as `make install` does.
-    let exe = dir.join("miio_ota");
-    std::os::unix::fs::symlink(BIN, &exe).unwrap();
-    let (log, pid, defaults) = (
-        dir.join("ota.log"),
-        dir.join("ota.pid"),
-        dir.join("defaults"),
-    );
     // The daemon is a port where nobody listens: miio_ota retries, and stops at once.
     let dead = DeadPort::new();
-    std::fs::write(
-        &defaults,
-        format!(
-            "MIIO_OTA='{}'\nMIIO_OTA_LOGFILE='{}'\nMIIO_OTA_PIDFILE='{}'\nMIIO_OTA_ARGS='--port {} --ota-dir {}'\n",
-            exe.display(),
-            log.display(),
-            pid.display(),
-            dead.port,
-            dir.join("ota").display()
-        ),
-    )
-    .unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/init.d/S52miio_ota");
-    let run = |action: &str| {
-        let out = Command::new("busybox")
-            .args(["sh", script, action])
-            .env("MIIO_OTA_DEFAULTS", &defaults)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{action}: {out:?}");
-    };
-    let started = |n: usize| {
-        wait_until(T, || {
-            read_file(&log).matches("ota: to 127.0.0.1:").count() >= n
-        })
-    };
-    run("start");
-    assert!(started(1), "{}", read_file(&log));
-    let first = std::fs::read_to_string(&pid).unwrap();
-    run("restart");
-    assert!(started(2), "{}", read_file(&log));
-    let second = std::fs::read_to_string(&pid).unwrap();
-    assert_ne!(first, second, "restarted");
-    let gone = |p: &str| {
-        let p = p.trim().to_string();
-        wait_until(T, move || {
-            !std::path::Path::new(&format!("/proc/{p}")).exists()
-        })
-    };
-    assert!(gone(&first), "the first one stopped");
-    run("stop");
-    assert!(gone(&second), "stopped");
-    assert!(!pid.exists());
+    let dir = TempDir::new("ota-initd");
+    let args = format!(
+        "--port {} --ota-dir {}",
+        dead.port,
+        dir.join("ota").display()
+    );
+    init_script_cycle(
+        &dir,
+        "S52miio_ota",
+        "miio_ota",
+        "MIIO_OTA",
+        &args,
+        "ota: to 127.0.0.1:",
+    );
 }

@@ -1148,3 +1148,74 @@ pub fn mosquitto(bin: &Path) -> Broker {
     }
     panic!("mosquitto did not start on a free port in 5 tries");
 }
+
+// ---- init scripts under BusyBox -----------------------------------------------------------------
+
+/// `init.d/<script>` under BusyBox sh: start, restart and stop of the applet `applet`, installed
+/// in `dir` as a link to the multicall binary (as `make install` does). Each start is seen in the
+/// applet's log (one more `started` line), the restart gives a new pid in the pid file and ends the
+/// old process, the stop ends the new one and removes the pid file. `var` is the prefix of the
+/// script's settings (`MIIO_AGENT`: `MIIO_AGENT`, `…_LOGFILE`, `…_PIDFILE`, `…_ARGS`, and
+/// `…_DEFAULTS`, the file the test writes them to); `args` goes to `…_ARGS`. Skipped (and
+/// recorded) without busybox.
+pub fn init_script_cycle(
+    dir: &TempDir,
+    script: &str,
+    applet: &str,
+    var: &str,
+    args: &str,
+    started: &str,
+) {
+    const T: Duration = Duration::from_secs(20);
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let exe = dir.join(applet);
+    std::os::unix::fs::symlink(BIN, &exe).unwrap();
+    let (log, pid, defaults) = (
+        dir.join(&format!("{applet}.log")),
+        dir.join(&format!("{applet}.pid")),
+        dir.join("defaults"),
+    );
+    std::fs::write(
+        &defaults,
+        format!(
+            "{var}='{}'\n{var}_LOGFILE='{}'\n{var}_PIDFILE='{}'\n{var}_ARGS='{args}'\n",
+            exe.display(),
+            log.display(),
+            pid.display(),
+        ),
+    )
+    .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("init.d")
+        .join(script);
+    let run = |action: &str| {
+        let out = Command::new("busybox")
+            .arg("sh")
+            .arg(&script)
+            .arg(action)
+            .env(format!("{var}_DEFAULTS"), &defaults)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{action}: {out:?}");
+    };
+    let starts = |n: usize| wait_until(T, || read_file(&log).matches(started).count() >= n);
+    let gone = |p: &str| {
+        let proc = PathBuf::from(format!("/proc/{}", p.trim()));
+        wait_until(T, || !proc.exists())
+    };
+    run("start");
+    assert!(starts(1), "{}", read_file(&log));
+    let first = std::fs::read_to_string(&pid).unwrap();
+    run("restart");
+    assert!(starts(2), "{}", read_file(&log));
+    let second = std::fs::read_to_string(&pid).unwrap();
+    assert_ne!(first, second, "{applet} was restarted");
+    assert!(gone(&first), "the first {applet} stopped");
+    run("stop");
+    assert!(gone(&second), "{applet} stopped");
+    assert!(!pid.exists(), "the pid file is removed");
+}
