@@ -76,31 +76,15 @@ impl Drop for AgentProc {
 
 const CONNECTED: &str = "agent: connected to the daemon";
 
+/// The daemon against the fake cloud over TCP; its local API on `local` (None: a port of its own).
 fn daemon_args(dir: &TempDir, cloud: u16, local: Option<u16>) -> Vec<String> {
-    let mut a = base_args(dir);
-    if let Some(p) = local {
-        set_opt(&mut a, "--local-port", p);
+    let a = cloud_args(dir, cloud)
+        .link("tcp")
+        .opt("--user-ack-timeout", 1);
+    match local {
+        Some(p) => a.set("--local-port", p).build(),
+        None => a.build(),
     }
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.to_string(),
-            "--transports",
-            "tcp",
-            "--backoff-min",
-            "1",
-            "--backoff-max",
-            "2",
-            "--user-ack-timeout",
-            "1",
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
-    a
 }
 
 /// `miio_fakecloud send`: pushes `cmd` to the device; its stdout holds the device's reply.

@@ -53,19 +53,7 @@ fn watch(c: &FakeCloudProc) -> Lines {
 }
 
 fn args(dir: &TempDir, port: u16) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--helper-grace",
-            "0",
-        ]
-        .map(String::from),
-    );
-    a
+    cloud_args(dir, port).opt("--helper-grace", 0).build()
 }
 
 /// The state lines of the log, in order.

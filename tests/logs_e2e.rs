@@ -64,22 +64,12 @@ fn wait_connect(port: u16) -> TcpStream {
 fn ten_thousand_invalid_values_from_a_local_client_log_a_few_lines() {
     let dir = TempDir::new("logflood");
     dir.write("device.conf", GOOD_DEVICE_CONF);
-    let mut args = base_args(&dir);
     let cloud = DeadPort::new();
-    args.extend(
-        [
-            "-l",
-            "2",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.port.to_string(),
-            "--helper-grace",
-            "0.3",
-        ]
-        .map(String::from),
-    );
-    let d = Daemon::start(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = cloud_args(&dir, cloud.port)
+        .opt("-l", 2)
+        .opt("--helper-grace", "0.3")
+        .build();
+    let d = Daemon::start(&dir, &args);
     let local = d.local();
     assert!(d.wait_log("STATE_", T), "{}", d.log_text());
     // Warm up: one of each kind is logged once; what counts is that the next 10,000 add (almost) nothing.

@@ -68,26 +68,10 @@ impl Env {
         watch.arg(r#"{"cmd":"watch"}"#);
         let events = Lines::spawn(watch);
         let dir = provisioned_dir(tag);
-        let mut a = base_args(&dir);
-        a.extend(
-            [
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &cloud.port.to_string(),
-                "--transports",
-                "tcp",
-                "--backoff-min",
-                "1",
-                "--backoff-max",
-                "2",
-                "--user-ack-timeout",
-                "1",
-                "-l",
-                "3",
-            ]
-            .map(String::from),
-        );
+        let a = cloud_args(&dir, cloud.port)
+            .link("tcp")
+            .opt("--user-ack-timeout", 1)
+            .build();
         let daemon = Daemon::start(&dir, &a);
         assert!(
             daemon.wait_log("STATE_CLOUD_CONNECTED", T),
@@ -561,10 +545,8 @@ fn the_daemon_warns_of_a_fw_ver_that_breaks_the_rule() {
     for (v, warned) in [("2.1.1", true), ("2.1.1_9527", false)] {
         let dir = provisioned_dir("ota-fwver");
         dir.write("os-release", &format!("ACME_VERSION={v}\n"));
-        let mut a = base_args(&dir);
         let dead = DeadPort::new();
-        a.extend(["-H", "127.0.0.1", "-p", &dead.port.to_string()].map(String::from));
-        let d = Daemon::start(&dir, &a);
+        let d = Daemon::start(&dir, &cloud_args(&dir, dead.port).build());
         // The warning comes before the `bound:` line Daemon::start waited for.
         assert_eq!(
             d.log_has("breaks the version rule x.y.z_nnnn"),

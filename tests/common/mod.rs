@@ -490,6 +490,52 @@ pub fn set_opt(args: &mut [String], opt: &str, value: impl ToString) {
     args[i + 1] = value.to_string();
 }
 
+/// The daemon's arguments for a device against a cloud on 127.0.0.1:`port`: `base_args` plus
+/// `-H 127.0.0.1 -p <port>`. What a test needs on top is one call each; `build` gives the list.
+/// `cloud_args(&dir, cloud.port).link("tcp").build()` is what most end-to-end tests run.
+pub fn cloud_args(dir: &TempDir, port: u16) -> CloudArgs {
+    let mut a = base_args(dir);
+    a.extend([
+        "-H".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ]);
+    CloudArgs(a)
+}
+
+/// See [`cloud_args`].
+pub struct CloudArgs(Vec<String>);
+
+impl CloudArgs {
+    /// The link of the end-to-end tests: only `transport` (`udp`, `tcp`), a lost link tried
+    /// again within 1 to 2 s, and the debug lines (`-l 3`) some waits look for.
+    pub fn link(self, transport: &str) -> CloudArgs {
+        self.opt("--transports", transport)
+            .opt("--backoff-min", 1)
+            .opt("--backoff-max", 2)
+            .opt("-l", 3)
+    }
+    /// Any other option with its value.
+    pub fn opt(mut self, name: &str, value: impl ToString) -> CloudArgs {
+        self.0.extend([name.to_string(), value.to_string()]);
+        self
+    }
+    /// Options as given (flags, `--opt=value`, a test's extra arguments).
+    pub fn args<S: AsRef<str>>(mut self, more: &[S]) -> CloudArgs {
+        self.0.extend(more.iter().map(|s| s.as_ref().to_string()));
+        self
+    }
+    /// Sets the value of an option of `base_args` (`--lan-port`, `--local-port`, …).
+    pub fn set(mut self, opt: &str, value: impl ToString) -> CloudArgs {
+        set_opt(&mut self.0, opt, value);
+        self
+    }
+    pub fn build(self) -> Vec<String> {
+        self.0
+    }
+}
+
 /// `MIIO_REQUIRE_ALL=1` (set by .ci/run) turns a missing outside tool into a failure. Otherwise
 /// the skip is printed and recorded, one `test<TAB>tool` line, in the file named by
 /// `MIIO_SKIP_FILE` (set by `make test`, which prints the list at the end).
