@@ -47,6 +47,7 @@ struct Env {
     http: u16,
     ota: Option<Child>,
     agent: Option<Lines>,
+    gates: std::cell::RefCell<std::collections::HashMap<String, Gate>>,
 }
 
 fn write_exec(path: &Path, text: &str) {
@@ -104,13 +105,14 @@ impl Env {
         let bin = dir.join("bin");
         std::fs::create_dir(&bin).unwrap();
         std::os::unix::fs::symlink(which_busybox(), bin.join("wget")).unwrap();
-        // The download: the URL as received is kept byte for byte, a gate file holds it, then
-        // the shipped script under BusyBox sh does the work.
+        // The download: the URL as received is kept byte for byte, its pid noted, a gate (FIFO)
+        // holds it, then the shipped script under BusyBox sh does the work.
         write_exec(
             &dir.join("download.sh"),
             &format!(
                 "#!/bin/sh\nd={d}\nprintf '%s' \"$1\" >\"$d/url.got\"\necho $# >\"$d/argc.got\"\n\
-                 while [ -e \"$d/hold_dl\" ]; do sleep 0.05; done\n\
+                 echo $$ >\"$d/dl.pid\"\n\
+                 [ -p \"$d/hold_dl\" ] && read -r _ <\"$d/hold_dl\"\n\
                  PATH=\"$d/bin:$PATH\" exec busybox sh {s} \"$@\"\n",
                 d = dir.path().display(),
                 s = shipped("ota_download.sh").display()
@@ -120,7 +122,7 @@ impl Env {
         write_exec(
             &dir.join("install.sh"),
             &format!(
-                "#!/bin/sh\nd={d}\nwhile [ -e \"$d/hold_in\" ]; do sleep 0.05; done\n\
+                "#!/bin/sh\nd={d}\n[ -p \"$d/hold_in\" ] && read -r _ <\"$d/hold_in\"\n\
                  echo \"$MIIO_OTA_MODE $MIIO_OTA_MD5 $(md5sum <\"$1\" | cut -c1-32)\" >>\"$d/installs\"\n\
                  exit $(cat \"$d/install_rc\" 2>/dev/null || echo 0)\n",
                 d = dir.path().display()
@@ -136,6 +138,7 @@ impl Env {
             http,
             ota: None,
             agent: None,
+            gates: Default::default(),
         };
         e.start_ota(port, &[]);
         e
@@ -268,12 +271,18 @@ impl Env {
         all[..=end].to_vec()
     }
 
-    fn hold(&self, gate: &str, on: bool) {
-        let p = self.dir.join(gate);
+    /// Closes (`on`) or opens the gate `name` of the download or install stub (a FIFO, see
+    /// `Gate`).
+    fn hold(&self, name: &str, on: bool) {
+        let mut gates = self.gates.borrow_mut();
         if on {
-            std::fs::write(p, "").unwrap();
+            let gate = Gate::closed(self.dir.join(name));
+            assert!(
+                gates.insert(name.to_string(), gate).is_none(),
+                "{name} held"
+            );
         } else {
-            let _ = std::fs::remove_file(p);
+            gates.remove(name).expect("a gate held").open();
         }
     }
 
@@ -513,6 +522,9 @@ fn sigterm_cancels_a_download() {
     let url = format!("http://127.0.0.1:{}/fw.bin", e.http);
     ok(&e.ota(1, &url, &md5, "dnld install", "normal"));
     assert_eq!(e.states(1), ["downloading"]);
+    // The stub runs (its pid noted just before its gate).
+    let dl_pid = e.dir.join("dl.pid");
+    assert!(wait_until(T, || read_file(&dl_pid).ends_with('\n')));
     let pid = e.ota.as_ref().unwrap().id();
     let ok = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -524,7 +536,16 @@ fn sigterm_cancels_a_download() {
     let mut c = e.ota.take().unwrap();
     let status = wait_child(&mut c).expect("miio_ota exits");
     assert!(status.success(), "{status:?}");
-    // The download's whole process group went with it: the gate loop no longer runs.
+    // The download's whole process group went with it: the stub blocked at its gate is gone
+    // (a zombie until someone reaps it counts as gone), and nothing was written.
+    let stub = read_file(&dl_pid).trim().to_string();
+    let stat = PathBuf::from(format!("/proc/{stub}/stat"));
+    assert!(
+        wait_until(T, || read_file(&stat)
+            .rsplit_once(") ")
+            .is_none_or(|(_, st)| st.starts_with('Z'))),
+        "the download stub {stub} still runs"
+    );
     assert!(!e.dir.join("ota/ota.bin").exists());
     e.hold("hold_dl", false);
 }

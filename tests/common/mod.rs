@@ -1195,6 +1195,62 @@ pub fn mosquitto(bin: &Path) -> Broker {
     panic!("mosquitto did not start on a free port in 5 tries");
 }
 
+// ---- gates for shell stubs ----------------------------------------------------------------------
+
+/// A FIFO that holds a test's shell stub until the test lets it go, with nothing polling: the stub
+/// runs `[ -p "$gate" ] && read -r _ <"$gate"` and blocks in the read. The test holds the only
+/// write end (opened read-write, which does not wait for a reader), so [`Gate::open`] releases
+/// every stub at once: the path goes first (a stub that comes later finds no FIFO and goes on; one
+/// that looked just before gets ENOENT from its redirection and goes on), then the write end is
+/// closed (a stub in the read gets end of file). Dropped, the gate opens.
+pub struct Gate {
+    path: PathBuf,
+    write: Option<std::fs::File>,
+}
+
+impl Gate {
+    /// Makes the FIFO at `path`, closed.
+    pub fn closed(path: PathBuf) -> Gate {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path.
+        let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(
+            r,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        let write = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the gate read-write");
+        Gate {
+            path,
+            write: Some(write),
+        }
+    }
+
+    /// Lets every stub through, now and later.
+    pub fn open(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(w) = self.write.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(w);
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 // ---- init scripts under BusyBox -----------------------------------------------------------------
 
 /// `init.d/<script>` under BusyBox sh: start, restart and stop of the applet `applet`, installed
