@@ -699,9 +699,10 @@ fn wifi_start_reconnect_without_a_udhcpc_pid_file_is_quiet() {
 }
 
 /// A udhcpc stand-in for `wifi_start.sh`: logs `udhcpc ARGS` to `log`, notes an overlap when the
-/// udhcpc of the pid file still runs, and leaves a process (a sleep) under that pid file, as a
-/// udhcpc with a lease does.
-fn udhcpc_stub(path: &Path, log: &Path) {
+/// udhcpc of the pid file still runs, and leaves a process under that pid file, as a udhcpc with a
+/// lease does: a `cat` of the FIFO `lease` (a closed `Gate`), which runs until it is killed or the
+/// gate opens.
+fn udhcpc_stub(path: &Path, log: &Path, lease: &Path) {
     write_exec(
         path,
         &format!(
@@ -718,10 +719,11 @@ if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
 	st=${{st##*) }}
 	[ "${{st%% *}}" = Z ] || echo "udhcpc overlap: $old still runs" >>'{log}'
 fi
-sleep 60 </dev/null >/dev/null 2>&1 &
+cat '{lease}' </dev/null >/dev/null 2>&1 &
 echo $! >"$pf"
 "#,
-            log = log.display()
+            log = log.display(),
+            lease = lease.display()
         ),
     );
 }
@@ -732,17 +734,6 @@ fn alive(pid: &str) -> bool {
     match stat.rsplit_once(") ") {
         Some((_, rest)) => !rest.starts_with('Z'),
         None => false,
-    }
-}
-
-/// Kills the process named in a pid file when dropped (the udhcpc stand-in's sleep).
-struct PidFile(PathBuf);
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let pid = read_file(&self.0);
-        if !pid.trim().is_empty() {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
     }
 }
 
@@ -773,7 +764,9 @@ fn wifi_start_rehost_restarts_udhcpc_under_the_new_did() {
     let stubs = dir.join("stubs");
     std::fs::create_dir_all(&stubs).unwrap();
     let log = dir.join("cmds");
-    udhcpc_stub(&stubs.join("udhcpc"), &log);
+    // Every stand-in udhcpc left running ends when this gate opens, at the end of the test.
+    let lease = Gate::closed(dir.join("lease"));
+    udhcpc_stub(&stubs.join("udhcpc"), &log, &dir.join("lease"));
     // ifconfig prints ifconfig.out when asked about the interface alone.
     let ifout = dir.join("ifconfig.out");
     write_exec(
@@ -819,7 +812,6 @@ fn wifi_start_rehost_restarts_udhcpc_under_the_new_did() {
         err
     };
     let pidfile = run.join("udhcpc.pid");
-    let _cleanup = PidFile(pidfile.clone());
     let udhcpc_lines = || {
         read_file(&log)
             .lines()
@@ -891,6 +883,7 @@ fn wifi_start_rehost_restarts_udhcpc_under_the_new_did() {
     std::fs::remove_file(&pidfile).unwrap();
     wifi_start("rehost");
     assert_eq!(udhcpc_lines(), lines);
+    drop(lease);
 }
 
 /// `req_didkeymac2` (L§16): the helper stores the pair, then runs `wifi_start.sh rehost` in the
