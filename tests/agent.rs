@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -253,17 +253,13 @@ fn the_agent_waits_for_the_daemon_and_survives_its_restart() {
     drop(d);
     let dir2 = provisioned_dir("agent-restart2");
     let d2 = Daemon::start(&dir2, &daemon_args(&dir2, cloud.port, Some(port)));
-    let up = Instant::now();
+    // Back by itself (the retry armed from the core's deadline; a lost timer never comes back,
+    // a retry period over T fails here). That the period is 3 s is a matter of time, proved in
+    // virtual time by proto::agent's the_daemon_is_retried_every_3_s_and_keys_survive_its_restart.
     assert!(
         wait_until(T, || agent.count(CONNECTED) >= 2),
         "{}",
         agent.log_text()
-    );
-    // Retried every 3 s: back within one period (plus scheduling slack on a loaded machine).
-    let took = up.elapsed();
-    assert!(
-        took < Duration::from_millis(4500),
-        "reconnected after {took:?}"
     );
     assert!(d2.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d2.log_text());
     // A kept its registration.
