@@ -221,7 +221,10 @@ size_aarch64 := -C llvm-args=-machine-outliner-reruns=4
 # reloading $ra around it; in a static non-PIC binary there is no $gp to restore after a call, the
 # one thing that makes them unsafe in PIC code. No trap after each division by zero (`teq`): Rust
 # checks the divisor itself before every division that can see zero and panics, so the trap is dead
-# code (46 instructions). Together -2,420 B of .text, tail calls nearly all of it.
+# code (46 instructions). Together -2,420 B of .text, tail calls nearly all of it. make static-test
+# builds without optimisation, where no tail call is made; the unit tests built as the binary is
+# (opt-level z, LTO) pass under qemu too: CARGO_PROFILE_RELEASE_PANIC=unwind make static-test
+# TARGET=mipsel TEST_ARGS=--release (a STATIC_DIR of its own: std is built differently there).
 size_mipsel := -C llvm-args=-disable-mips-df-forward-search=false -C llvm-args=-disable-mips-df-succbb-search=false \
 	-C llvm-args=-mips-tail-calls -C llvm-args=-mno-check-zero-division
 # rustc's mips and s390x musl targets link dynamically unless told otherwise (they were made for
