@@ -170,11 +170,8 @@ impl Io for Sys {
 
     fn spawn(&mut self, kind: Kind, job: &Job) -> bool {
         let mode = if job.silent { "silent" } else { "normal" };
-        // No `format!` here: each of its sites costs flash.
-        let env = [
-            "MIIO_OTA_MODE=".to_owned() + mode,
-            "MIIO_OTA_MD5=".to_owned() + &job.md5,
-        ];
+        // Each entry made in spawn's one buffer: no `String` here.
+        let env = [["MIIO_OTA_MODE=", mode], ["MIIO_OTA_MD5=", &job.md5]];
         let file = self.file.as_str();
         let (argv, n): ([&str; 3], usize) = match kind {
             Kind::Check => ([self.busy.as_deref().unwrap_or("/bin/false"), "", ""], 1),
@@ -415,7 +412,7 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
                 busy |= core.io.rd;
                 while let Some(v) = core.io.conn.as_mut().and_then(Conn::next_piece) {
                     match v {
-                        Ok(piece) => core.message(now, &piece.into_bytes()),
+                        Ok(piece) => core.message(now, piece),
                         Err(_) => {
                             ota::note(now, "bad framing from the daemon; reconnecting");
                             core.io.conn = None;
