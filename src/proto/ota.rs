@@ -78,29 +78,18 @@ pub enum Fail {
 }
 
 impl Fail {
-    pub fn code(self) -> i32 {
+    /// The state as reported, `failed|<code>|<message>` (L§14): whole texts, so no number is
+    /// formatted for a report.
+    pub fn text(self) -> &'static str {
         match self {
-            Fail::Down => -33001,
-            Fail::Dns => -33002,
-            Fail::Connect => -33003,
-            Fail::Disconnect => -33004,
-            Fail::Install => -33005,
-            Fail::Cancel => -33006,
-            Fail::LowEnergy => -33007,
-            Fail::Unknown => -33020,
-        }
-    }
-
-    pub fn message(self) -> &'static str {
-        match self {
-            Fail::Down => "down error",
-            Fail::Dns => "dns error",
-            Fail::Connect => "connect error",
-            Fail::Disconnect => "disconnect",
-            Fail::Install => "install error",
-            Fail::Cancel => "cancel",
-            Fail::LowEnergy => "low energy",
-            Fail::Unknown => "unknown",
+            Fail::Down => "failed|-33001|down error",
+            Fail::Dns => "failed|-33002|dns error",
+            Fail::Connect => "failed|-33003|connect error",
+            Fail::Disconnect => "failed|-33004|disconnect",
+            Fail::Install => "failed|-33005|install error",
+            Fail::Cancel => "failed|-33006|cancel",
+            Fail::LowEnergy => "failed|-33007|low energy",
+            Fail::Unknown => "failed|-33020|unknown",
         }
     }
 
@@ -555,10 +544,10 @@ impl<I: Io> Ota<I> {
     }
 
     /// Reports the state; returns its text.
-    fn report_state(&mut self) -> String {
+    fn report_state(&mut self) -> &'static str {
         let v = match self.state {
-            State::Failed(f) => format!("failed|{}|{}", f.code(), f.message()),
-            s => s.name().to_string(),
+            State::Failed(f) => f.text(),
+            s => s.name(),
         };
         self.report("ota_state", format_args!("\"{v}\""));
         v
@@ -876,6 +865,18 @@ mod tests {
             cmd(&mut o, 0, &ota_cmd("install", "normal"));
             o.child_exited(Instant(1), code);
             assert_eq!(o.state(), want);
+            let r = reports(&std::mem::take(&mut o.io.sent));
+            assert_eq!(
+                r.last().unwrap(),
+                &format!(
+                    r#"{{"ota_state":"{}"}}"#,
+                    match want {
+                        State::Failed(Fail::Install) => "failed|-33005|install error",
+                        State::Failed(Fail::LowEnergy) => "failed|-33007|low energy",
+                        _ => "failed|-33020|unknown",
+                    }
+                )
+            );
             assert_eq!(
                 o.io.removes, 0,
                 "an installed file is not the download's to remove"
