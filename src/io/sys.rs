@@ -229,7 +229,8 @@ pub fn spawn(argv: &[&str], env: &[[&str; 2]], stdout: Option<RawFd>) -> io::Res
 /// more for a `DirBuilder` miio_ota does not need. A path with a NUL byte is skipped.
 #[cfg(feature = "ota")]
 pub fn mkdir(path: &str) {
-    if let Ok(c) = std::ffi::CString::new(path) {
+    // As bytes: the one `CString::new` for byte slices, shared with [`open`].
+    if let Ok(c) = std::ffi::CString::new(path.as_bytes()) {
         // SAFETY: `c` is a NUL-terminated path alive for the call; mkdir reads nothing else.
         unsafe { libc::mkdir(c.as_ptr(), 0o755) };
     }
