@@ -58,8 +58,6 @@ pub struct ClientArgs {
     /// `-e`/`-E`: accepted, no effect (LOCAL_API.md §19).
     pub enckey: bool,
     pub encdata: bool,
-    /// Options given that are parsed but not implemented yet (none in this version).
-    pub not_built: Vec<&'static str>,
 }
 
 impl Default for ClientArgs {
@@ -101,7 +99,6 @@ impl Default for ClientArgs {
             mdns_port: 5353,
             enckey: false,
             encdata: false,
-            not_built: Vec::new(),
         }
     }
 }
@@ -610,7 +607,6 @@ mod tests {
             Err(CliError::Usage(_))
         ));
         assert!(matches!(p(&["--mqtt=127.0.0.1"]), Err(CliError::Usage(_))));
-        assert!(b.not_built.is_empty());
     }
 
     /// A build without the `mqtt` feature refuses its options (L§18).

@@ -73,25 +73,10 @@ fn board_binary_end_to_end() {
     // python-miio says hello to port 54321 only: take it, one test at a time (ARCHITECTURE.md §5).
     let _lock = PortLock::take(54321);
     let dir = provisioned_dir("board");
-    let mut a = base_args(&dir);
-    set_opt(&mut a, "--lan-port", 54321);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.port.to_string(),
-            "--transports",
-            "udp",
-            "--backoff-min",
-            "1",
-            "--backoff-max",
-            "2",
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
+    let a = cloud_args(&dir, cloud.port)
+        .set("--lan-port", 54321)
+        .link("udp")
+        .build();
     let d = Daemon::start_cmd(&cmd, &dir, &a);
     let mut c = LocalClient::connect(d.local());
     c.send(r#"{"id":1,"method":"local.query_status"}"#);

@@ -20,19 +20,14 @@ const T: Duration = Duration::from_secs(10);
 /// A provisioned daemon whose cloud is an empty port (nothing needs the cloud here).
 fn start(tag: &str, extra: &[&str]) -> (TempDir, Daemon, u16, u16, DeadPort) {
     let dir = provisioned_dir(tag);
-    let mut a = base_args(&dir);
     let cloud = DeadPort::new();
-    a.extend(
-        ["-H", "127.0.0.1", "-p", &cloud.port.to_string()]
-            .iter()
-            .chain(["--transports", "udp"].iter())
-            .map(|s| s.to_string()),
-    );
     // No helper script in the data dir: load the files after 0.3 s instead of waiting longer.
-    a.extend(["--helper-grace", "0.3"].map(String::from));
-    a.extend(extra.iter().map(|s| s.to_string()));
-    let v: Vec<&str> = a.iter().map(String::as_str).collect();
-    let d = Daemon::start(&dir, &v);
+    let a = cloud_args(&dir, cloud.port)
+        .opt("--transports", "udp")
+        .opt("--helper-grace", "0.3")
+        .args(extra)
+        .build();
+    let d = Daemon::start(&dir, &a);
     let (lan, local) = (d.lan(), d.local());
     (dir, d, lan, local, cloud)
 }

@@ -10,27 +10,10 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(15);
 
 fn daemon_args(dir: &TempDir, port: u16, transport: &str) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--transports",
-            transport,
-            "--keepalive",
-            "1",
-            "--backoff-min",
-            "1",
-            "--backoff-max",
-            "2",
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
-    a
+    cloud_args(dir, port)
+        .link(transport)
+        .opt("--keepalive", 1)
+        .build()
 }
 
 fn run_fakecloud(transport: &str) {

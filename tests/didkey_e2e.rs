@@ -53,19 +53,7 @@ fn watch(c: &FakeCloudProc) -> Lines {
 }
 
 fn args(dir: &TempDir, port: u16) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--helper-grace",
-            "0",
-        ]
-        .map(String::from),
-    );
-    a
+    cloud_args(dir, port).opt("--helper-grace", 0).build()
 }
 
 /// The state lines of the log, in order.
@@ -378,12 +366,15 @@ fn shipped_helper_restarts_udhcpc_under_the_assigned_did() {
     let run = TempDir::new("didkey-rehost-run");
     let stubs = TempDir::new("didkey-rehost-stubs");
     let log = run.join("cmds");
-    // udhcpc: logs its arguments and stays (a sleep) under its pid file, as with a lease.
+    // udhcpc: logs its arguments and stays under its pid file, as with a lease: a `cat` of a
+    // closed gate, which runs until it is killed or the gate opens at the end of the test.
+    let lease = Gate::closed(run.join("lease"));
     write_exec(
         &stubs.join("udhcpc"),
         &format!(
-            "#!/bin/sh\necho \"udhcpc $*\" >>'{}'\npf=\nwhile [ $# -gt 0 ]; do\n\tcase $1 in -p) pf=$2; shift ;; esac\n\tshift\ndone\nsleep 60 </dev/null >/dev/null 2>&1 &\necho $! >\"$pf\"\n",
-            log.display()
+            "#!/bin/sh\necho \"udhcpc $*\" >>'{}'\npf=\nwhile [ $# -gt 0 ]; do\n\tcase $1 in -p) pf=$2; shift ;; esac\n\tshift\ndone\ncat '{}' </dev/null >/dev/null 2>&1 &\necho $! >\"$pf\"\n",
+            log.display(),
+            run.join("lease").display()
         ),
     );
     write_exec(
@@ -449,9 +440,7 @@ fn shipped_helper_restarts_udhcpc_under_the_assigned_did() {
     let _ = helper.kill();
     let _ = helper.wait();
     let last = read_file(&pidfile).trim().to_owned();
-    for pid in [&first, &last] {
-        let _ = Command::new("kill").arg(pid).status();
-    }
+    drop(lease);
     let cmds = read_file(&log);
     let helper_err = read_file(&dir.join("helper.err"));
     assert!(restarted, "{cmds}\nhelper: {helper_err}");

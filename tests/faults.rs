@@ -415,31 +415,12 @@ struct Net {
 }
 
 fn net_args(dir: &TempDir, port: u16, transport: &str) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--transports",
-            transport,
-            "--keepalive",
-            "1",
-            "--ack-timeout",
-            "2",
-            "--backoff-min",
-            "1",
-            "--backoff-max",
-            "2",
-            "--helper-grace",
-            "0.2",
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
-    a
+    cloud_args(dir, port)
+        .link(transport)
+        .opt("--keepalive", 1)
+        .opt("--ack-timeout", 2)
+        .opt("--helper-grace", "0.2")
+        .build()
 }
 
 impl Net {
@@ -1341,10 +1322,9 @@ fn country_write(f: DiskFault) {
     let dead = DeadPort::new();
     let files = [("device.conf", GOOD_DEVICE_CONF)];
     let Some(disk) = Disk::start(&format!("disk-cc-{f:?}"), &files, None, |data| {
-        let mut a = base_args(data);
-        let p = dead.port.to_string();
-        a.extend(["-H", "127.0.0.1", "-p", &p, "--helper-grace", "0.2"].map(String::from));
-        a
+        cloud_args(data, dead.port)
+            .opt("--helper-grace", "0.2")
+            .build()
     }) else {
         return;
     };
@@ -1441,24 +1421,11 @@ fn restore_remove(f: DiskFault) {
     let dead = DeadPort::new();
     let files = [("device.conf", GOOD_DEVICE_CONF)];
     let Some(disk) = Disk::start(&format!("disk-rm-{f:?}"), &files, None, |data| {
-        let mut a = base_args(data);
-        let p = dead.port.to_string();
-        a.extend(
-            [
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &p,
-                "--helper-grace",
-                "0.2",
-                "--helper-timeout",
-                "0.5",
-                "-l",
-                "3",
-            ]
-            .map(String::from),
-        );
-        a
+        cloud_args(data, dead.port)
+            .opt("--helper-grace", "0.2")
+            .opt("--helper-timeout", "0.5")
+            .opt("-l", 3)
+            .build()
     }) else {
         return;
     };
@@ -1518,10 +1485,9 @@ fn token_write(f: DiskFault) {
         files.push(("device.token", OLD_TOKEN));
     }
     let Some(disk) = Disk::start(&format!("disk-token-{f:?}"), &files, Some(f), |data| {
-        let mut a = base_args(data);
-        let p = dead.port.to_string();
-        a.extend(["-H", "127.0.0.1", "-p", &p, "--helper-grace", "0.2"].map(String::from));
-        a
+        cloud_args(data, dead.port)
+            .opt("--helper-grace", "0.2")
+            .build()
     }) else {
         return;
     };
@@ -1577,10 +1543,9 @@ fn trust_flag_write(f: DiskFault) {
         ("wifi.conf", OLD_WIFI),
     ];
     let Some(disk) = Disk::start(&format!("disk-trust-{f:?}"), &files, None, |data| {
-        let mut a = base_args(data);
-        let p = dead.port.to_string();
-        a.extend(["-H", "127.0.0.1", "-p", &p, "--helper-grace", "0.2"].map(String::from));
-        a
+        cloud_args(data, dead.port)
+            .opt("--helper-grace", "0.2")
+            .build()
     }) else {
         return;
     };

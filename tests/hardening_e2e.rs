@@ -14,31 +14,9 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(15);
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// A provisioned daemon against a cloud on 127.0.0.1:`cloud` (UDP).
-fn cloud_args(dir: &TempDir, cloud: u16) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.to_string(),
-            "--transports",
-            "udp",
-            "--backoff-min",
-            "1",
-            "--backoff-max",
-            "2",
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
-    a
+fn udp_args(dir: &TempDir, cloud: u16) -> Vec<String> {
+    cloud_args(dir, cloud).link("udp").build()
 }
 
 /// A 54322 client that keeps the raw text of each message: some messages here hold numbers that
@@ -99,7 +77,7 @@ impl Raw {
 fn local_valid_json_beyond_serde_is_answered_and_forwarded() {
     let Some(py) = pycloud() else { return };
     let dir = provisioned_dir("hard-local-json");
-    let d = Daemon::start(&dir, &strs(&cloud_args(&dir, py.port)));
+    let d = Daemon::start(&dir, &udp_args(&dir, py.port));
     let local = d.local();
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
 
@@ -135,7 +113,7 @@ fn local_valid_json_beyond_serde_is_answered_and_forwarded() {
 fn cloud_command_beyond_serde_is_forwarded_verbatim() {
     let Some(mut py) = pycloud() else { return };
     let dir = provisioned_dir("hard-cloud-json");
-    let d = Daemon::start(&dir, &strs(&cloud_args(&dir, py.port)));
+    let d = Daemon::start(&dir, &udp_args(&dir, py.port));
     let local = d.local();
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
     let mut c = Raw::connect(local);
@@ -165,9 +143,7 @@ fn cloud_command_beyond_serde_is_forwarded_verbatim() {
 fn lan_command_beyond_serde_is_forwarded_verbatim() {
     let dir = provisioned_dir("hard-lan-json");
     let cloud = DeadPort::new();
-    let mut a = base_args(&dir);
-    a.extend(["-H", "127.0.0.1", "-p", &cloud.port.to_string()].map(String::from));
-    let d = Daemon::start(&dir, &strs(&a));
+    let d = Daemon::start(&dir, &cloud_args(&dir, cloud.port).build());
     let (lan, local) = (d.lan(), d.local());
     assert!(d.wait_log("STATE_WIFI", T), "{}", d.log_text());
     let mut c = Raw::connect(local);
@@ -206,7 +182,7 @@ fn lan_command_beyond_serde_is_forwarded_verbatim() {
 fn new_cloud_session_in_a_run_uses_new_ids() {
     let Some(py) = pycloud() else { return };
     let dir = provisioned_dir("hard-ids");
-    let d = Daemon::start(&dir, &strs(&cloud_args(&dir, py.port)));
+    let d = Daemon::start(&dir, &udp_args(&dir, py.port));
     let local = d.local();
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());
     let msgs = |method: &'static str| {
@@ -344,7 +320,7 @@ fn full_data_dir_refuses_qr_provisioning() {
     let src = provisioned_dir("hard-full-src");
     let data = TempDir::new("hard-full");
     let logdir = TempDir::new("hard-full-log");
-    let mut a = cloud_args(&data, py.port);
+    let mut a = udp_args(&data, py.port);
     let (s, d_path) = (src.path().display(), data.path().display());
     // Four pages: the three files take three, the filler the last one.
     let setup = format!(

@@ -14,21 +14,10 @@ fn pycloud() -> Option<(Lines, u16)> {
 }
 
 fn args(dir: &TempDir, cloud: u16, grace: &str) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.to_string(),
-            "--helper-grace",
-            grace,
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
-    a
+    cloud_args(dir, cloud)
+        .opt("--helper-grace", grace)
+        .opt("-l", 3)
+        .build()
 }
 
 #[test]

@@ -13,13 +13,11 @@ const T: Duration = Duration::from_secs(10);
 /// The daemon, its LAN port `lan` (None: one of its own), and a cloud that is not there: LAN works
 /// offline-first (D7). The dead cloud port lives as long as the daemon.
 fn start(dir: &TempDir, lan: Option<u16>, extra: &[&str]) -> (Daemon, DeadPort) {
-    let mut a = base_args(dir);
+    let dead = DeadPort::new();
+    let mut a = cloud_args(dir, dead.port).args(extra).build();
     if let Some(p) = lan {
         set_opt(&mut a, "--lan-port", p);
     }
-    let dead = DeadPort::new();
-    a.extend(["-H", "127.0.0.1", "-p", &dead.port.to_string()].map(String::from));
-    a.extend(extra.iter().map(|s| s.to_string()));
     let d = Daemon::start(dir, &a);
     assert!(d.wait_log("STATE_WIFI", T), "{}", d.log_text());
     (d, dead)

@@ -31,28 +31,11 @@ fn daemon(tag: &str, cloud_port: u16, extra: &[&str]) -> Dut {
 }
 
 fn daemon_in(dir: TempDir, cloud_port: u16, extra: &[&str]) -> Dut {
-    let mut a = base_args(&dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud_port.to_string(),
-            "--transports",
-            "udp",
-            "--keepalive",
-            "1",
-            "--backoff-min",
-            "1",
-            "--backoff-max",
-            "2",
-            "--no-mdns",
-            "-l",
-            "3",
-        ]
-        .map(String::from),
-    );
-    a.extend(extra.iter().map(|s| s.to_string()));
+    let a = cloud_args(&dir, cloud_port)
+        .link("udp")
+        .opt("--keepalive", 1)
+        .args(extra)
+        .build();
     let d = Daemon::start(&dir, &a);
     let (local, ble) = (d.local(), d.ble());
     Dut { dir, d, local, ble }

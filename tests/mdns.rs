@@ -295,21 +295,11 @@ fn the_daemon_answers_a_legacy_query_once_connected() {
     const T: Duration = Duration::from_secs(15);
     let cloud = fakecloud();
     let dir = provisioned_dir("mdns-daemon");
-    let mut a = base_args(&dir);
+    let mut a = cloud_args(&dir, cloud.port)
+        .opt("--mdns-port", AUTO)
+        .opt("--helper-grace", 0)
+        .build();
     a.retain(|x| x != "--no-mdns");
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.port.to_string(),
-            "--mdns-port",
-            AUTO,
-            "--helper-grace",
-            "0",
-        ]
-        .map(String::from),
-    );
     let d = Daemon::start(&dir, &a);
     let (lan, mdns_port) = (d.lan(), d.mdns());
     assert!(d.wait_log("STATE_CLOUD_CONNECTED", T), "{}", d.log_text());

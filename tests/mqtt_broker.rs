@@ -9,38 +9,58 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use miio_client::proto::mqtt::{Action, Config, Event, Session, Topic};
 use miio_client::time::Instant as VInstant;
+use miio_client::wire::mqtt::{kind, Splitter};
 
-use common::{find, mosquitto, skip};
+use common::{find, mosquitto, skip, Lines};
 
-/// The io side of the session, test-only: one blocking socket with a short read timeout.
+const T: Duration = Duration::from_secs(10);
+
+/// The io side of the session, test-only: one blocking socket, read until the session's next
+/// deadline or the caller's, whichever comes first.
 struct Driver {
     s: Session,
     port: u16,
     sock: Option<TcpStream>,
     t0: Instant,
     events: Vec<Event>,
+    /// The kinds of the packets the broker sent, in order (the test's own split of the bytes the
+    /// session got: the SUBACK, which the session does not report, is the barrier for a publish).
+    from_broker: Vec<u8>,
+    split: Splitter,
 }
 
 impl Driver {
+    fn new(port: u16) -> Driver {
+        Driver {
+            s: Session::new(Config::default()),
+            port,
+            sock: None,
+            t0: Instant::now(),
+            events: Vec::new(),
+            from_broker: Vec::new(),
+            split: Splitter::new(1 << 20),
+        }
+    }
+
     fn now(&self) -> VInstant {
         VInstant::from_millis(self.t0.elapsed().as_millis() as u64)
     }
 
-    /// Carries out the actions, then reads once (up to 50 ms) and runs the deadline.
-    fn turn(&mut self) {
+    /// Carries out the actions, then waits for input until the session's deadline or `end`
+    /// (nothing else can happen without a connection), and runs the deadline.
+    fn turn(&mut self, end: Instant) {
         while let Some(a) = self.s.poll_action() {
             let now = self.now();
             match a {
                 Action::Connect => match TcpStream::connect(("127.0.0.1", self.port)) {
                     Ok(sock) => {
-                        sock.set_read_timeout(Some(Duration::from_millis(50)))
-                            .unwrap();
                         self.sock = Some(sock);
+                        self.split.clear();
                         self.s.connected(now);
                     }
                     Err(_) => self.s.connect_failed(now),
@@ -57,7 +77,16 @@ impl Driver {
         }
         self.events
             .extend(std::iter::from_fn(|| self.s.poll_event()));
+        let due = self
+            .s
+            .poll_timeout()
+            .map(|t| self.t0 + Duration::from_millis(t.millis()));
+        let wake = due.map_or(end, |d| d.min(end));
+        let left = wake.saturating_duration_since(Instant::now());
         if let Some(sock) = self.sock.as_mut() {
+            // A zero timeout is refused; 1 ms is the least wait.
+            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
             let mut buf = [0u8; 4096];
             match sock.read(&mut buf) {
                 Ok(0) => {
@@ -66,6 +95,10 @@ impl Driver {
                     self.s.closed(now);
                 }
                 Ok(n) => {
+                    self.split.push(&buf[..n]);
+                    while let Ok(Some(f)) = self.split.next_frame() {
+                        self.from_broker.push(f[0] >> 4);
+                    }
                     let now = self.now();
                     self.s.received(now, &buf[..n]);
                 }
@@ -77,7 +110,8 @@ impl Driver {
                 Err(e) => panic!("a read on the broker connection failed: {e}"),
             }
         } else {
-            std::thread::sleep(Duration::from_millis(20));
+            // No connection: the session's deadline (a reconnect) is all that can come.
+            std::thread::park_timeout(left);
         }
         let now = self.now();
         if self.s.poll_timeout().is_some_and(|t| t <= now) {
@@ -87,15 +121,18 @@ impl Driver {
             .extend(std::iter::from_fn(|| self.s.poll_event()));
     }
 
+    /// Turns until `cond` holds (true) or `limit` passes (false).
     fn until(&mut self, limit: Duration, mut cond: impl FnMut(&mut Driver) -> bool) -> bool {
         let end = Instant::now() + limit;
-        while Instant::now() < end {
-            self.turn();
+        loop {
             if cond(self) {
                 return true;
             }
+            if Instant::now() >= end {
+                return false;
+            }
+            self.turn(end);
         }
-        false
     }
 }
 
@@ -110,16 +147,10 @@ fn session_subscribes_receives_and_publishes_through_mosquitto() {
         return;
     };
     let b = mosquitto(&bin);
-    let mut d = Driver {
-        s: Session::new(Config::default()),
-        port: b.port,
-        sock: None,
-        t0: Instant::now(),
-        events: Vec::new(),
-    };
+    let mut d = Driver::new(b.port);
     d.s.start(d.now());
     assert!(
-        d.until(Duration::from_secs(10), |d| d.events.contains(&Event::Up)),
+        d.until(T, |d| d.events.contains(&Event::Up)),
         "no CONNACK from mosquitto"
     );
     assert_eq!(
@@ -128,42 +159,38 @@ fn session_subscribes_receives_and_publishes_through_mosquitto() {
         "keep-alive 0: no deadline while up"
     );
 
-    // Inbound: a QoS 1 message on miio/report. Sent again until it arrives, since the SUBACK
-    // cannot be seen from here.
+    // Inbound: once the broker has acked the session's SUBSCRIBE, a QoS 1 message on
+    // miio/report published by mosquitto_pub arrives as an event.
+    assert!(
+        d.until(T, |d| d.from_broker.contains(&kind::SUBACK)),
+        "no SUBACK from mosquitto: {:?}",
+        d.from_broker
+    );
     let port = b.port.to_string();
-    let mut got = false;
-    for _ in 0..20 {
-        let st = Command::new(&publ)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-q",
-                "1",
-                "-t",
-                "miio/report",
-            ])
-            .args(["-m", "{\"id\":1,\"method\":\"props\"}"])
-            .status()
-            .expect("mosquitto_pub runs");
-        assert!(st.success());
-        got = d.until(Duration::from_millis(500), |d| {
-            d.events.iter().any(|e| {
-                *e == Event::Message {
-                    topic: Topic::Report,
-                    payload: b"{\"id\":1,\"method\":\"props\"}".to_vec(),
-                }
-            })
-        });
-        if got {
-            break;
-        }
-    }
-    assert!(got, "the message on miio/report never arrived");
+    let st = Command::new(&publ)
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
+        .args(["-t", "miio/report", "-m", "{\"id\":1,\"method\":\"props\"}"])
+        .status()
+        .expect("mosquitto_pub runs");
+    assert!(st.success());
+    assert!(
+        d.until(T, |d| d.events.iter().any(|e| {
+            *e == Event::Message {
+                topic: Topic::Report,
+                payload: b"{\"id\":1,\"method\":\"props\"}".to_vec(),
+            }
+        })),
+        "the message on miio/report never arrived: {:?}",
+        d.events
+    );
 
-    // Outbound: a QoS 1 publish on miio/command, seen by mosquitto_sub and acked to the session.
-    let watcher = Command::new(&sub)
+    // Outbound: once mosquitto_sub says its SUBSCRIBE was acked, a QoS 1 publish of the session
+    // on miio/command is acked to the session and seen by mosquitto_sub.
+    // stdbuf: mosquitto_sub's lines through a pipe, each as it is written (its `-d` SUBACK line
+    // is the barrier).
+    let mut c = Command::new(find("stdbuf").expect("stdbuf (coreutils)"));
+    c.arg("-oL")
+        .arg(&sub)
         .args([
             "-h",
             "127.0.0.1",
@@ -174,59 +201,35 @@ fn session_subscribes_receives_and_publishes_through_mosquitto() {
             "-t",
             "miio/command",
         ])
-        .args(["-C", "1", "-W", "20", "-v"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
-    let mut watcher = KillOnDrop(watcher);
-    let mut seen = false;
-    for _ in 0..40 {
-        let now = d.now();
-        d.s.publish(now, Topic::Command, b"{\"id\":2,\"method\":\"get_prop\"}")
-            .expect("taken while up");
-        // Until the broker acks it.
-        assert!(
-            d.until(Duration::from_secs(5), |d| d.s.inflight() == 0),
-            "no PUBACK from mosquitto"
-        );
-        if watcher.0.try_wait().unwrap().is_some() {
-            seen = true;
-            break;
-        }
-        d.until(Duration::from_millis(250), |_| false);
-        if watcher.0.try_wait().unwrap().is_some() {
-            seen = true;
-            break;
-        }
-    }
-    assert!(seen, "mosquitto_sub never saw the publish");
-    let mut out = String::new();
-    watcher
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+        .args(["-C", "1", "-W", "20", "-v", "-d"]);
+    let watcher = Lines::spawn(c);
+    assert!(
+        watcher
+            .wait_line(T, |l| l.contains("received SUBACK"))
+            .is_some(),
+        "mosquitto_sub did not subscribe: {:?}",
+        watcher.all()
+    );
+    let now = d.now();
+    d.s.publish(now, Topic::Command, b"{\"id\":2,\"method\":\"get_prop\"}")
+        .expect("taken while up");
+    assert!(
+        d.until(T, |d| d.s.inflight() == 0),
+        "no PUBACK from mosquitto"
+    );
+    let got = watcher.wait_line(T, |l| l.starts_with("miio/command "));
     assert_eq!(
-        out.trim_end(),
-        "miio/command {\"id\":2,\"method\":\"get_prop\"}"
+        got.as_deref(),
+        Some("miio/command {\"id\":2,\"method\":\"get_prop\"}"),
+        "{:?}",
+        watcher.all()
     );
     assert_eq!(d.s.stats().dropped_not_up + d.s.stats().dropped_full, 0);
 
     // A clean stop: DISCONNECT, then the connection closed.
     let now = d.now();
     d.s.stop(now);
-    d.turn();
+    d.turn(Instant::now());
     assert!(d.sock.is_none());
     assert_eq!(d.events.last(), Some(&Event::Down));
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

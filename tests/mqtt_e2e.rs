@@ -78,20 +78,10 @@ fn publish_until(
 }
 
 fn daemon_args(dir: &TempDir, cloud: u16, broker: u16) -> Vec<String> {
-    let mut a = base_args(dir);
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &cloud.to_string(),
-            "--transports",
-            "udp",
-            &format!("--mqtt=127.0.0.1:{broker}"),
-        ]
-        .map(String::from),
-    );
-    a
+    cloud_args(dir, cloud)
+        .opt("--transports", "udp")
+        .args(&[format!("--mqtt=127.0.0.1:{broker}")])
+        .build()
 }
 
 /// 54322 is served: a `local.*` answer and a report's ack.

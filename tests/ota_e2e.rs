@@ -47,6 +47,7 @@ struct Env {
     http: u16,
     ota: Option<Child>,
     agent: Option<Lines>,
+    gates: std::cell::RefCell<std::collections::HashMap<String, Gate>>,
 }
 
 fn write_exec(path: &Path, text: &str) {
@@ -68,26 +69,10 @@ impl Env {
         watch.arg(r#"{"cmd":"watch"}"#);
         let events = Lines::spawn(watch);
         let dir = provisioned_dir(tag);
-        let mut a = base_args(&dir);
-        a.extend(
-            [
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &cloud.port.to_string(),
-                "--transports",
-                "tcp",
-                "--backoff-min",
-                "1",
-                "--backoff-max",
-                "2",
-                "--user-ack-timeout",
-                "1",
-                "-l",
-                "3",
-            ]
-            .map(String::from),
-        );
+        let a = cloud_args(&dir, cloud.port)
+            .link("tcp")
+            .opt("--user-ack-timeout", 1)
+            .build();
         let daemon = Daemon::start(&dir, &a);
         assert!(
             daemon.wait_log("STATE_CLOUD_CONNECTED", T),
@@ -120,13 +105,14 @@ impl Env {
         let bin = dir.join("bin");
         std::fs::create_dir(&bin).unwrap();
         std::os::unix::fs::symlink(which_busybox(), bin.join("wget")).unwrap();
-        // The download: the URL as received is kept byte for byte, a gate file holds it, then
-        // the shipped script under BusyBox sh does the work.
+        // The download: the URL as received is kept byte for byte, its pid noted, a gate (FIFO)
+        // holds it, then the shipped script under BusyBox sh does the work.
         write_exec(
             &dir.join("download.sh"),
             &format!(
                 "#!/bin/sh\nd={d}\nprintf '%s' \"$1\" >\"$d/url.got\"\necho $# >\"$d/argc.got\"\n\
-                 while [ -e \"$d/hold_dl\" ]; do sleep 0.05; done\n\
+                 echo $$ >\"$d/dl.pid\"\n\
+                 [ -p \"$d/hold_dl\" ] && read -r _ <\"$d/hold_dl\"\n\
                  PATH=\"$d/bin:$PATH\" exec busybox sh {s} \"$@\"\n",
                 d = dir.path().display(),
                 s = shipped("ota_download.sh").display()
@@ -136,7 +122,7 @@ impl Env {
         write_exec(
             &dir.join("install.sh"),
             &format!(
-                "#!/bin/sh\nd={d}\nwhile [ -e \"$d/hold_in\" ]; do sleep 0.05; done\n\
+                "#!/bin/sh\nd={d}\n[ -p \"$d/hold_in\" ] && read -r _ <\"$d/hold_in\"\n\
                  echo \"$MIIO_OTA_MODE $MIIO_OTA_MD5 $(md5sum <\"$1\" | cut -c1-32)\" >>\"$d/installs\"\n\
                  exit $(cat \"$d/install_rc\" 2>/dev/null || echo 0)\n",
                 d = dir.path().display()
@@ -152,6 +138,7 @@ impl Env {
             http,
             ota: None,
             agent: None,
+            gates: Default::default(),
         };
         e.start_ota(port, &[]);
         e
@@ -284,12 +271,18 @@ impl Env {
         all[..=end].to_vec()
     }
 
-    fn hold(&self, gate: &str, on: bool) {
-        let p = self.dir.join(gate);
+    /// Closes (`on`) or opens the gate `name` of the download or install stub (a FIFO, see
+    /// `Gate`).
+    fn hold(&self, name: &str, on: bool) {
+        let mut gates = self.gates.borrow_mut();
         if on {
-            std::fs::write(p, "").unwrap();
+            let gate = Gate::closed(self.dir.join(name));
+            assert!(
+                gates.insert(name.to_string(), gate).is_none(),
+                "{name} held"
+            );
         } else {
-            let _ = std::fs::remove_file(p);
+            gates.remove(name).expect("a gate held").open();
         }
     }
 
@@ -529,6 +522,9 @@ fn sigterm_cancels_a_download() {
     let url = format!("http://127.0.0.1:{}/fw.bin", e.http);
     ok(&e.ota(1, &url, &md5, "dnld install", "normal"));
     assert_eq!(e.states(1), ["downloading"]);
+    // The stub runs (its pid noted just before its gate).
+    let dl_pid = e.dir.join("dl.pid");
+    assert!(wait_until(T, || read_file(&dl_pid).ends_with('\n')));
     let pid = e.ota.as_ref().unwrap().id();
     let ok = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -540,7 +536,16 @@ fn sigterm_cancels_a_download() {
     let mut c = e.ota.take().unwrap();
     let status = wait_child(&mut c).expect("miio_ota exits");
     assert!(status.success(), "{status:?}");
-    // The download's whole process group went with it: the gate loop no longer runs.
+    // The download's whole process group went with it: the stub blocked at its gate is gone
+    // (a zombie until someone reaps it counts as gone), and nothing was written.
+    let stub = read_file(&dl_pid).trim().to_string();
+    let stat = PathBuf::from(format!("/proc/{stub}/stat"));
+    assert!(
+        wait_until(T, || read_file(&stat)
+            .rsplit_once(") ")
+            .is_none_or(|(_, st)| st.starts_with('Z'))),
+        "the download stub {stub} still runs"
+    );
     assert!(!e.dir.join("ota/ota.bin").exists());
     e.hold("hold_dl", false);
 }
@@ -561,10 +566,8 @@ fn the_daemon_warns_of_a_fw_ver_that_breaks_the_rule() {
     for (v, warned) in [("2.1.1", true), ("2.1.1_9527", false)] {
         let dir = provisioned_dir("ota-fwver");
         dir.write("os-release", &format!("ACME_VERSION={v}\n"));
-        let mut a = base_args(&dir);
         let dead = DeadPort::new();
-        a.extend(["-H", "127.0.0.1", "-p", &dead.port.to_string()].map(String::from));
-        let d = Daemon::start(&dir, &a);
+        let d = Daemon::start(&dir, &cloud_args(&dir, dead.port).build());
         // The warning comes before the `bound:` line Daemon::start waited for.
         assert_eq!(
             d.log_has("breaks the version rule x.y.z_nnnn"),
@@ -575,66 +578,23 @@ fn the_daemon_warns_of_a_fw_ver_that_breaks_the_rule() {
     }
 }
 
-/// `init.d/S52miio_ota` under BusyBox: start, restart, stop, each seen in the log and the pid file.
+/// `init.d/S52miio_ota` under BusyBox: start, restart, stop.
 #[test]
 fn init_script_start_restart_stop_under_busybox() {
-    if Command::new("busybox").arg("true").status().is_err() {
-        skip("busybox");
-        return;
-    }
-    let dir = TempDir::new("ota-initd");
-    // Installed as a link to the multicall binary, as `make install` does.
-    let exe = dir.join("miio_ota");
-    std::os::unix::fs::symlink(BIN, &exe).unwrap();
-    let (log, pid, defaults) = (
-        dir.join("ota.log"),
-        dir.join("ota.pid"),
-        dir.join("defaults"),
-    );
     // The daemon is a port where nobody listens: miio_ota retries, and stops at once.
     let dead = DeadPort::new();
-    std::fs::write(
-        &defaults,
-        format!(
-            "MIIO_OTA='{}'\nMIIO_OTA_LOGFILE='{}'\nMIIO_OTA_PIDFILE='{}'\nMIIO_OTA_ARGS='--port {} --ota-dir {}'\n",
-            exe.display(),
-            log.display(),
-            pid.display(),
-            dead.port,
-            dir.join("ota").display()
-        ),
-    )
-    .unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/init.d/S52miio_ota");
-    let run = |action: &str| {
-        let out = Command::new("busybox")
-            .args(["sh", script, action])
-            .env("MIIO_OTA_DEFAULTS", &defaults)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{action}: {out:?}");
-    };
-    let started = |n: usize| {
-        wait_until(T, || {
-            read_file(&log).matches("ota: to 127.0.0.1:").count() >= n
-        })
-    };
-    run("start");
-    assert!(started(1), "{}", read_file(&log));
-    let first = std::fs::read_to_string(&pid).unwrap();
-    run("restart");
-    assert!(started(2), "{}", read_file(&log));
-    let second = std::fs::read_to_string(&pid).unwrap();
-    assert_ne!(first, second, "restarted");
-    let gone = |p: &str| {
-        let p = p.trim().to_string();
-        wait_until(T, move || {
-            !std::path::Path::new(&format!("/proc/{p}")).exists()
-        })
-    };
-    assert!(gone(&first), "the first one stopped");
-    run("stop");
-    assert!(gone(&second), "stopped");
-    assert!(!pid.exists());
+    let dir = TempDir::new("ota-initd");
+    let args = format!(
+        "--port {} --ota-dir {}",
+        dead.port,
+        dir.join("ota").display()
+    );
+    init_script_cycle(
+        &dir,
+        "S52miio_ota",
+        "miio_ota",
+        "MIIO_OTA",
+        &args,
+        "ota: to 127.0.0.1:",
+    );
 }

@@ -36,21 +36,10 @@ fn ap_device(tag: &str, lan: Option<u16>, with_cloud: bool) -> Option<Setup> {
         let p = dead.port;
         (None, Some(dead), p)
     };
-    let mut a = base_args(&dir);
+    let mut a = cloud_args(&dir, port).opt("--helper-grace", 0).build();
     if let Some(p) = lan {
         set_opt(&mut a, "--lan-port", p);
     }
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--helper-grace",
-            "0",
-        ]
-        .map(String::from),
-    );
     let d = Daemon::start(&dir, &a);
     assert!(d.wait_log("STATE_WIFI_AP_MODE", T), "{}", d.log_text());
     let (lan, local, ble) = (d.lan(), d.local(), d.ble());
@@ -254,19 +243,8 @@ fn ap_quick_connect_over_the_lan_reaches_the_cloud_with_uid_and_bindkey() {
 fn router_password_change_that_fails_restores_the_old_wifi_conf() {
     let dir = provisioned_dir("sta-change");
     let old = std::fs::read_to_string(dir.join("wifi.conf")).unwrap();
-    let mut a = base_args(&dir);
     let dead = DeadPort::new();
-    a.extend(
-        [
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &dead.port.to_string(),
-            "--helper-grace",
-            "0",
-        ]
-        .map(String::from),
-    );
+    let a = cloud_args(&dir, dead.port).opt("--helper-grace", 0).build();
     let d = Daemon::start(&dir, &a);
     let (lan, local) = (d.lan(), d.local());
     assert!(d.wait_log("STATE_WIFI_STA_MODE", T), "{}", d.log_text());

@@ -35,6 +35,8 @@
 #   MIIO_WIFI_START  wifi_start.sh (default /etc/miio/wifi_start.sh)
 #   MIIO_WIFI_TRIES  runs of wifi_start.sh per _internal.wifi_start (default 5)
 #   MIIO_WIFI_PAUSE  seconds between them (default 3)
+#   MIIO_WIFI_CONF_WAIT  after wifi_ap_mode, the longest wait in seconds for the daemon to delete or
+#                    restore wifi.conf (default 5); the change ends the wait at once
 #   MIIO_OS_RELEASE  os-release (default /etc/os-release)
 #   MIIO_TZ_LINK     the link config_tz rewrites: /etc/localtime (glibc), /etc/TZ (uClibc) or the
 #                    writable file they point to on a read-only root (default /etc/localtime)
@@ -53,6 +55,7 @@ DATADIR=${MIIO_DATADIR:-/etc/miio/}
 WIFI_START=${MIIO_WIFI_START:-/etc/miio/wifi_start.sh}
 WIFI_TRIES=${MIIO_WIFI_TRIES:-5}
 WIFI_PAUSE=${MIIO_WIFI_PAUSE:-3}
+WIFI_CONF_WAIT=${MIIO_WIFI_CONF_WAIT:-5}
 OS_RELEASE=${MIIO_OS_RELEASE:-/etc/os-release}
 TZ_LINK=${MIIO_TZ_LINK:-/etc/localtime}
 TZ_DIR=${MIIO_TZ_DIR:-/usr/share/zoneinfo}
@@ -550,7 +553,7 @@ on_wifi_start() {
 	# The daemon now deletes wifi.conf (back to AP mode) or restores the previous one (a router
 	# password change). Wait a little for that, then bring up whatever it left.
 	i=0
-	while [ "$i" -lt 5 ] && [ "$(cat "$wc" 2>/dev/null)" = "$was" ]; do
+	while [ "$i" -lt "$WIFI_CONF_WAIT" ] && [ "$(cat "$wc" 2>/dev/null)" = "$was" ]; do
 		sleep 1
 		i=$((i + 1))
 	done

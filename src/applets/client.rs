@@ -112,9 +112,6 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    for o in &a.not_built {
-        eprintln!("miio_client: {o} is not built yet; ignored");
-    }
     let log = match ilog::init(a.loglevel, a.logfile.as_deref()) {
         Ok(l) => l,
         Err(e) => {

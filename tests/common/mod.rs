@@ -490,6 +490,52 @@ pub fn set_opt(args: &mut [String], opt: &str, value: impl ToString) {
     args[i + 1] = value.to_string();
 }
 
+/// The daemon's arguments for a device against a cloud on 127.0.0.1:`port`: `base_args` plus
+/// `-H 127.0.0.1 -p <port>`. What a test needs on top is one call each; `build` gives the list.
+/// `cloud_args(&dir, cloud.port).link("tcp").build()` is what most end-to-end tests run.
+pub fn cloud_args(dir: &TempDir, port: u16) -> CloudArgs {
+    let mut a = base_args(dir);
+    a.extend([
+        "-H".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ]);
+    CloudArgs(a)
+}
+
+/// See [`cloud_args`].
+pub struct CloudArgs(Vec<String>);
+
+impl CloudArgs {
+    /// The link of the end-to-end tests: only `transport` (`udp`, `tcp`), a lost link tried
+    /// again within 1 to 2 s, and the debug lines (`-l 3`) some waits look for.
+    pub fn link(self, transport: &str) -> CloudArgs {
+        self.opt("--transports", transport)
+            .opt("--backoff-min", 1)
+            .opt("--backoff-max", 2)
+            .opt("-l", 3)
+    }
+    /// Any other option with its value.
+    pub fn opt(mut self, name: &str, value: impl ToString) -> CloudArgs {
+        self.0.extend([name.to_string(), value.to_string()]);
+        self
+    }
+    /// Options as given (flags, `--opt=value`, a test's extra arguments).
+    pub fn args<S: AsRef<str>>(mut self, more: &[S]) -> CloudArgs {
+        self.0.extend(more.iter().map(|s| s.as_ref().to_string()));
+        self
+    }
+    /// Sets the value of an option of `base_args` (`--lan-port`, `--local-port`, …).
+    pub fn set(mut self, opt: &str, value: impl ToString) -> CloudArgs {
+        set_opt(&mut self.0, opt, value);
+        self
+    }
+    pub fn build(self) -> Vec<String> {
+        self.0
+    }
+}
+
 /// `MIIO_REQUIRE_ALL=1` (set by .ci/run) turns a missing outside tool into a failure. Otherwise
 /// the skip is printed and recorded, one `test<TAB>tool` line, in the file named by
 /// `MIIO_SKIP_FILE` (set by `make test`, which prints the list at the end).
@@ -1147,4 +1193,131 @@ pub fn mosquitto(bin: &Path) -> Broker {
         }
     }
     panic!("mosquitto did not start on a free port in 5 tries");
+}
+
+// ---- gates for shell stubs ----------------------------------------------------------------------
+
+/// A FIFO that holds a test's shell stub until the test lets it go, with nothing polling: the stub
+/// runs `[ -p "$gate" ] && read -r _ <"$gate"` and blocks in the read. The test holds the only
+/// write end (opened read-write, which does not wait for a reader), so [`Gate::open`] releases
+/// every stub at once: the path goes first (a stub that comes later finds no FIFO and goes on; one
+/// that looked just before gets ENOENT from its redirection and goes on), then the write end is
+/// closed (a stub in the read gets end of file). Dropped, the gate opens.
+pub struct Gate {
+    path: PathBuf,
+    write: Option<std::fs::File>,
+}
+
+impl Gate {
+    /// Makes the FIFO at `path`, closed.
+    pub fn closed(path: PathBuf) -> Gate {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path.
+        let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(
+            r,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        let write = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the gate read-write");
+        Gate {
+            path,
+            write: Some(write),
+        }
+    }
+
+    /// Lets every stub through, now and later.
+    pub fn open(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(w) = self.write.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(w);
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+// ---- init scripts under BusyBox -----------------------------------------------------------------
+
+/// `init.d/<script>` under BusyBox sh: start, restart and stop of the applet `applet`, installed
+/// in `dir` as a link to the multicall binary (as `make install` does). Each start is seen in the
+/// applet's log (one more `started` line), the restart gives a new pid in the pid file and ends the
+/// old process, the stop ends the new one and removes the pid file. `var` is the prefix of the
+/// script's settings (`MIIO_AGENT`: `MIIO_AGENT`, `…_LOGFILE`, `…_PIDFILE`, `…_ARGS`, and
+/// `…_DEFAULTS`, the file the test writes them to); `args` goes to `…_ARGS`. Skipped (and
+/// recorded) without busybox.
+pub fn init_script_cycle(
+    dir: &TempDir,
+    script: &str,
+    applet: &str,
+    var: &str,
+    args: &str,
+    started: &str,
+) {
+    const T: Duration = Duration::from_secs(20);
+    if Command::new("busybox").arg("true").status().is_err() {
+        skip("busybox");
+        return;
+    }
+    let exe = dir.join(applet);
+    std::os::unix::fs::symlink(BIN, &exe).unwrap();
+    let (log, pid, defaults) = (
+        dir.join(&format!("{applet}.log")),
+        dir.join(&format!("{applet}.pid")),
+        dir.join("defaults"),
+    );
+    std::fs::write(
+        &defaults,
+        format!(
+            "{var}='{}'\n{var}_LOGFILE='{}'\n{var}_PIDFILE='{}'\n{var}_ARGS='{args}'\n",
+            exe.display(),
+            log.display(),
+            pid.display(),
+        ),
+    )
+    .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("init.d")
+        .join(script);
+    let run = |action: &str| {
+        let out = Command::new("busybox")
+            .arg("sh")
+            .arg(&script)
+            .arg(action)
+            .env(format!("{var}_DEFAULTS"), &defaults)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{action}: {out:?}");
+    };
+    let starts = |n: usize| wait_until(T, || read_file(&log).matches(started).count() >= n);
+    let gone = |p: &str| {
+        let proc = PathBuf::from(format!("/proc/{}", p.trim()));
+        wait_until(T, || !proc.exists())
+    };
+    run("start");
+    assert!(starts(1), "{}", read_file(&log));
+    let first = std::fs::read_to_string(&pid).unwrap();
+    run("restart");
+    assert!(starts(2), "{}", read_file(&log));
+    let second = std::fs::read_to_string(&pid).unwrap();
+    assert_ne!(first, second, "{applet} was restarted");
+    assert!(gone(&first), "the first {applet} stopped");
+    run("stop");
+    assert!(gone(&second), "{applet} stopped");
+    assert!(!pid.exists(), "the pid file is removed");
 }
