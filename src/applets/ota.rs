@@ -119,7 +119,7 @@ pub fn main(args: &[String]) -> i32 {
         eprintln!("miio_ota: cannot open the log file");
         return 1;
     };
-    match run(&a, &log) {
+    match run(a, &log) {
         Ok(()) => 0,
         Err(e) => {
             error!("miio_ota: {e}");
@@ -170,11 +170,8 @@ impl Io for Sys {
 
     fn spawn(&mut self, kind: Kind, job: &Job) -> bool {
         let mode = if job.silent { "silent" } else { "normal" };
-        // No `format!` here: each of its sites costs flash.
-        let env = [
-            "MIIO_OTA_MODE=".to_owned() + mode,
-            "MIIO_OTA_MD5=".to_owned() + &job.md5,
-        ];
+        // Each entry made in spawn's one buffer: no `String` here.
+        let env = [["MIIO_OTA_MODE=", mode], ["MIIO_OTA_MD5=", &job.md5]];
         let file = self.file.as_str();
         let (argv, n): ([&str; 3], usize) = match kind {
             Kind::Check => ([self.busy.as_deref().unwrap_or("/bin/false"), "", ""], 1),
@@ -283,23 +280,26 @@ impl Sys {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             };
-            let mut lines = Vec::new();
+            // Each whole line to the core as it ends (the child's line buffer lent out meanwhile).
+            let mut line = std::mem::take(&mut c.line);
+            let mut skipping = c.skipping;
             for &b in &buf[..n] {
                 // `\r` ends a line too (wget's progress meter rewrites one line).
                 if b == b'\n' || b == b'\r' {
-                    let line = std::mem::take(&mut c.line);
-                    if !std::mem::replace(&mut c.skipping, false) && !line.is_empty() {
-                        lines.push(line);
+                    if !std::mem::replace(&mut skipping, false) && !line.is_empty() {
+                        core.output_line(now, &line);
                     }
-                } else if c.line.len() >= MAX_LINE {
-                    c.skipping = true;
-                    c.line.clear();
-                } else if !c.skipping {
-                    c.line.push(b);
+                    line.clear();
+                } else if line.len() >= MAX_LINE {
+                    skipping = true;
+                    line.clear();
+                } else if !skipping {
+                    line.push(b);
                 }
             }
-            for l in lines {
-                core.output_line(now, &l);
+            if let Some(c) = core.io.child.as_mut() {
+                c.line = line;
+                c.skipping = skipping;
             }
         }
         true
@@ -311,7 +311,7 @@ fn exit_code(status: i32) -> Option<i32> {
     libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
 }
 
-fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
+fn run(a: Args, log: &LogHandle) -> io::Result<()> {
     // Made if missing; a dir that cannot be made shows as failed downloads.
     sys::mkdir(&a.dir);
     if a.daemonize {
@@ -319,6 +319,11 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
     }
     let port = a.port.unwrap_or(if a.agent { 54320 } else { 54322 });
     let reactor = Reactor::new()?;
+    let cfg = Config {
+        download_timeout: Duration::from_secs(u64::from(a.timeout)),
+        busy_check: a.busy.is_some(),
+        agent: a.agent,
+    };
     info!("ota: to 127.0.0.1:{port}, files in {}", a.dir);
     let io = Sys {
         reactor,
@@ -329,14 +334,9 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
         daemon: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
         child: None,
         file: format!("{}/{FILE}", a.dir.trim_end_matches('/')),
-        download: a.download.clone(),
-        install: a.install.clone(),
-        busy: a.busy.clone(),
-    };
-    let cfg = Config {
-        download_timeout: Duration::from_secs(u64::from(a.timeout)),
-        busy_check: a.busy.is_some(),
-        agent: a.agent,
+        download: a.download,
+        install: a.install,
+        busy: a.busy,
     };
     let mut core = Ota::new(cfg, io, clock::now());
     let mut rx = vec![0; READ_CHUNK];
@@ -415,7 +415,7 @@ fn run(a: &Args, log: &LogHandle) -> io::Result<()> {
                 busy |= core.io.rd;
                 while let Some(v) = core.io.conn.as_mut().and_then(Conn::next_piece) {
                     match v {
-                        Ok(piece) => core.message(now, &piece.into_bytes()),
+                        Ok(piece) => core.message(now, piece),
                         Err(_) => {
                             ota::note(now, "bad framing from the daemon; reconnecting");
                             core.io.conn = None;

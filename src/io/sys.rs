@@ -160,44 +160,53 @@ pub fn reap_children() -> Vec<(i32, i32)> {
 
 /// Starts the program at the path `argv[0]` with the arguments `argv[1..]`, each one argv element
 /// as given (no shell sees them), in a new process group of its own (so [`kill_group`] reaches
-/// everything it starts), with `env` (`NAME=value` entries) ahead of this process's environment
-/// (the first entry of a name wins) and, when given, `stdout` as its standard output. SIGPIPE is
-/// back to its default in the child. Returns the child's pid; a program that cannot be run exits
-/// 127. Everything the child needs is allocated before `fork`. `execve`, not `execvp`: the
-/// commands are paths, and the `PATH` search cost flash for nothing.
+/// everything it starts), with `env` (`NAME=` and value, each pair one entry) ahead of this
+/// process's environment (the first entry of a name wins) and, when given, `stdout` as its
+/// standard output. SIGPIPE is back to its default in the child. Returns the child's pid; a
+/// program that cannot be run exits 127. Everything the child needs is made before `fork`, in one
+/// buffer of NUL-terminated strings and one array of pointers into it (argv, a null, the
+/// environment, a null). `execve`, not `execvp`: the commands are paths, and the `PATH` search
+/// cost flash for nothing. A string with a NUL byte is `InvalidInput`.
 #[cfg(feature = "ota")]
-pub fn spawn(argv: &[&str], env: &[String], stdout: Option<RawFd>) -> io::Result<i32> {
-    use std::ffi::CString;
+pub fn spawn(argv: &[&str], env: &[[&str; 2]], stdout: Option<RawFd>) -> io::Result<i32> {
     extern "C" {
         static environ: *const *const libc::c_char;
     }
-    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
-    let mut keep = Vec::new();
-    for a in argv.iter().copied().chain(env.iter().map(String::as_str)) {
-        keep.push(c(a)?);
+    let bad = || io::Error::from(io::ErrorKind::InvalidInput);
+    if argv.is_empty() {
+        return Err(bad());
     }
-    let (args, vars) = keep.split_at(argv.len());
-    let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argp.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = vars.iter().map(|a| a.as_ptr()).collect();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut starts = Vec::new();
+    for parts in argv.iter().map(|a| [*a, ""]).chain(env.iter().copied()) {
+        starts.push(buf.len());
+        for p in parts {
+            if p.as_bytes().contains(&0) {
+                return Err(bad());
+            }
+            buf.extend_from_slice(p.as_bytes());
+        }
+        buf.push(0);
+    }
+    // `buf` is complete: the pointers into it stay valid.
+    let mut ptrs: Vec<*const libc::c_char> =
+        starts.iter().map(|&i| buf[i..].as_ptr().cast()).collect();
+    ptrs.insert(argv.len(), std::ptr::null());
     // SAFETY: `environ` is libc's null-terminated array; nothing changes it while we read it
     // (miio_ota is single-threaded and never sets a variable).
     unsafe {
         let mut p = environ;
         while !p.is_null() && !(*p).is_null() {
-            envp.push(*p);
+            ptrs.push(*p);
             p = p.add(1);
         }
     }
-    envp.push(std::ptr::null());
-    if args.is_empty() {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
+    ptrs.push(std::ptr::null());
     // SAFETY: miio_ota is single-threaded, and the child only makes async-signal-safe calls
     // (setpgid, dup2, fcntl, signal, execve, _exit) on memory prepared above.
     let pid = check(unsafe { libc::fork() })?;
     if pid == 0 {
-        // SAFETY: see above; every pointer is into `keep` or `environ`, alive in the child's copy.
+        // SAFETY: see above; every pointer is into `buf` or `environ`, alive in the child's copy.
         unsafe {
             libc::setpgid(0, 0);
             if let Some(fd) = stdout {
@@ -206,7 +215,7 @@ pub fn spawn(argv: &[&str], env: &[String], stdout: Option<RawFd>) -> io::Result
                 libc::fcntl(1, libc::F_SETFL, 0);
             }
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            libc::execve(argp[0], argp.as_ptr(), envp.as_ptr());
+            libc::execve(ptrs[0], ptrs.as_ptr(), ptrs.as_ptr().add(argv.len() + 1));
             libc::_exit(127);
         }
     }
@@ -220,7 +229,8 @@ pub fn spawn(argv: &[&str], env: &[String], stdout: Option<RawFd>) -> io::Result
 /// more for a `DirBuilder` miio_ota does not need. A path with a NUL byte is skipped.
 #[cfg(feature = "ota")]
 pub fn mkdir(path: &str) {
-    if let Ok(c) = std::ffi::CString::new(path) {
+    // As bytes: the one `CString::new` for byte slices, shared with [`open`].
+    if let Ok(c) = std::ffi::CString::new(path.as_bytes()) {
         // SAFETY: `c` is a NUL-terminated path alive for the call; mkdir reads nothing else.
         unsafe { libc::mkdir(c.as_ptr(), 0o755) };
     }

@@ -248,7 +248,7 @@ impl<I: Io> Agent<I> {
         if self.app_mut(app).is_none() {
             return;
         }
-        let Some((text, head)) = take(piece) else {
+        let Some((text, head)) = rpc::piece_text(piece) else {
             return;
         };
         let head = match head {
@@ -284,10 +284,7 @@ impl<I: Io> Agent<I> {
     /// `register` / `unregister` (L§10): exact method names, a string key, no answer.
     fn registration(&mut self, now: Instant, app: ConnId, reg: bool, text: &str) {
         // The one member read from the text, without a tree of the whole message.
-        let key = match rpc::raw_member(text, "key").and_then(|v| rpc::value(v.as_bytes())) {
-            Some(serde_json::Value::String(k)) => Some(k),
-            _ => None,
-        };
+        let key = rpc::str_member(text, "key").flatten();
         let subs = key.as_ref().map_or(0, |k| {
             self.apps.iter().filter(|(_, a)| a.keys.contains(k)).count()
         });
@@ -380,7 +377,7 @@ impl<I: Io> Agent<I> {
 
     /// One complete JSON value from the daemon (L§10, the dispatch table).
     pub fn upstream_message(&mut self, now: Instant, piece: Piece) {
-        if let Some((text, Ok(head))) = take(piece) {
+        if let Some((text, Ok(head))) = rpc::piece_text(piece) {
             if self.dispatch(now, text, &head) {
                 return;
             }
@@ -440,18 +437,6 @@ impl<I: Io> Agent<I> {
             i += 1;
         }
         sent
-    }
-}
-
-/// A piece's text and what `rpc::scan_str` says of it; None: not UTF-8 (the splitter passes only
-/// valid JSON, so only a `Raw` value can be that).
-fn take(piece: Piece) -> Option<(String, Result<Head, RpcError>)> {
-    match piece {
-        Piece::Scanned { text, head } => Some((text, Ok(head))),
-        Piece::Raw(raw) => String::from_utf8(raw).ok().map(|t| {
-            let head = rpc::scan_str(&t);
-            (t, head)
-        }),
     }
 }
 

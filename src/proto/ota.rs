@@ -16,9 +16,10 @@
 //!   spaces, 32 hex digits) and reaches the io side only as a value, never as shell text.
 
 use log::info;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::time::{Duration, Instant};
+use crate::wire::json_stream::Piece;
 use crate::wire::rpc;
 
 /// The daemon (or miio_agent) is tried again every 3 s, the first connection included (as L§10).
@@ -77,29 +78,18 @@ pub enum Fail {
 }
 
 impl Fail {
-    pub fn code(self) -> i32 {
+    /// The state as reported, `failed|<code>|<message>` (L§14): whole texts, so no number is
+    /// formatted for a report.
+    pub fn text(self) -> &'static str {
         match self {
-            Fail::Down => -33001,
-            Fail::Dns => -33002,
-            Fail::Connect => -33003,
-            Fail::Disconnect => -33004,
-            Fail::Install => -33005,
-            Fail::Cancel => -33006,
-            Fail::LowEnergy => -33007,
-            Fail::Unknown => -33020,
-        }
-    }
-
-    pub fn message(self) -> &'static str {
-        match self {
-            Fail::Down => "down error",
-            Fail::Dns => "dns error",
-            Fail::Connect => "connect error",
-            Fail::Disconnect => "disconnect",
-            Fail::Install => "install error",
-            Fail::Cancel => "cancel",
-            Fail::LowEnergy => "low energy",
-            Fail::Unknown => "unknown",
+            Fail::Down => "failed|-33001|down error",
+            Fail::Dns => "failed|-33002|dns error",
+            Fail::Connect => "failed|-33003|connect error",
+            Fail::Disconnect => "failed|-33004|disconnect",
+            Fail::Install => "failed|-33005|install error",
+            Fail::Cancel => "failed|-33006|cancel",
+            Fail::LowEnergy => "failed|-33007|low energy",
+            Fail::Unknown => "failed|-33020|unknown",
         }
     }
 
@@ -339,19 +329,21 @@ impl<I: Io> Ota<I> {
         self.running.map(|r| r.kind)
     }
 
-    /// One complete JSON value from the daemon (or the agent).
-    pub fn message(&mut self, now: Instant, raw: &[u8]) {
-        let Ok(obj) = rpc::parse_object(raw) else {
+    /// One complete JSON value from the daemon (or the agent), as the splitter cut it. Routed on
+    /// the splitter's scan (`method`, `id`); the few params read are raw members of the text, with
+    /// no tree of the message.
+    pub fn message(&mut self, now: Instant, piece: Piece) {
+        let Some((text, Ok(head))) = rpc::piece_text(piece) else {
             note(now, "a message that is not a JSON object; dropped");
             return;
         };
         // Acks of our reports and everything not ours: silent (L§4.1).
-        let Some(method) = str_of(&obj, "method") else {
+        let Some(Some(method)) = &head.method else {
             return;
         };
-        let id = member(&obj, "id");
-        match method {
-            "miIO.ota" => self.ota(now, id, &obj),
+        let id = head.id.as_ref();
+        match method.as_str() {
+            "miIO.ota" => self.ota(now, id, &text),
             "miIO.get_ota_state" => {
                 let s = self.state.name();
                 self.answer(id, format_args!(r#""result":["{s}"]"#));
@@ -362,8 +354,9 @@ impl<I: Io> Ota<I> {
             }
             // L§14: after a cloud connect, a state other than idle is reported again.
             "local.status"
-                if str_of(&obj, "params") == Some("cloud_connected")
-                    && self.state != State::Idle =>
+                if self.state != State::Idle
+                    && rpc::str_member(&text, "params").flatten().as_deref()
+                        == Some("cloud_connected") =>
             {
                 self.report_state();
                 if self.state == State::Downloading {
@@ -440,7 +433,7 @@ impl<I: Io> Ota<I> {
     }
 
     /// `miIO.ota` (L§14).
-    fn ota(&mut self, now: Instant, id: Option<&Value>, obj: &Map<String, Value>) {
+    fn ota(&mut self, now: Instant, id: Option<&Value>, text: &str) {
         if self.running.is_some() || self.stopping {
             self.answer(
                 id,
@@ -449,8 +442,8 @@ impl<I: Io> Ota<I> {
             return;
         }
         // The vendor guide spells it `param`.
-        let params = member(obj, "params").or_else(|| member(obj, "param"));
-        let Some(job) = params.and_then(Value::as_object).and_then(job_of) else {
+        let params = rpc::raw_member(text, "params").or_else(|| rpc::raw_member(text, "param"));
+        let Some(job) = params.and_then(job_of) else {
             note(now, "miIO.ota with invalid params");
             self.answer(
                 id,
@@ -533,8 +526,7 @@ impl<I: Io> Ota<I> {
         let Some(job) = &self.job else {
             return false;
         };
-        // `job.md5` is lower-case (`job_of`), as `hex` writes.
-        self.io.file_md5().is_some_and(|d| hex(&d) == job.md5)
+        self.io.file_md5().is_some_and(|d| md5_is(&d, &job.md5))
     }
 
     fn fail(&mut self, f: Fail) {
@@ -552,10 +544,10 @@ impl<I: Io> Ota<I> {
     }
 
     /// Reports the state; returns its text.
-    fn report_state(&mut self) -> String {
+    fn report_state(&mut self) -> &'static str {
         let v = match self.state {
-            State::Failed(f) => format!("failed|{}|{}", f.code(), f.message()),
-            s => s.name().to_string(),
+            State::Failed(f) => f.text(),
+            s => s.name(),
         };
         self.report("ota_state", format_args!("\"{v}\""));
         v
@@ -584,43 +576,33 @@ impl<I: Io> Ota<I> {
     }
 }
 
-/// One member of an object: one copy of the map's search on flash for every lookup here.
-#[inline(never)]
-fn member<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
-    m.get(k)
-}
-
-/// A member that is a string.
-fn str_of<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    member(m, k).and_then(Value::as_str)
-}
-
-/// The checked parameters of `miIO.ota` (L§14), or None: invalid params.
-fn job_of(p: &Map<String, Value>) -> Option<Job> {
-    let url = str_of(p, "app_url")?;
-    if !url_ok(url) {
+/// The checked parameters of `miIO.ota` (L§14), read from the text of the `params` object, or
+/// None: invalid params (not an object, a member missing or of the wrong type, a bad value).
+fn job_of(p: &str) -> Option<Job> {
+    let url = rpc::str_member(p, "app_url")??;
+    if !url_ok(&url) {
         return None;
     }
-    let md5 = str_of(p, "file_md5")?;
+    let mut md5 = rpc::str_member(p, "file_md5")??;
     if md5.len() != 32 || !md5.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let proc = match member(p, "proc").map(Value::as_str) {
+    let proc = match rpc::str_member(p, "proc") {
         None => Proc::DnldInstall,
-        Some(Some("dnld install")) => Proc::DnldInstall,
-        Some(Some("dnld")) => Proc::Dnld,
-        Some(Some("install")) => Proc::Install,
+        Some(Some(s)) if s == "dnld install" => Proc::DnldInstall,
+        Some(Some(s)) if s == "dnld" => Proc::Dnld,
+        Some(Some(s)) if s == "install" => Proc::Install,
         Some(_) => return None,
     };
-    let silent = match member(p, "mode").map(Value::as_str) {
-        None | Some(Some("normal")) => false,
-        Some(Some("silent")) => true,
+    let silent = match rpc::str_member(p, "mode") {
+        None => false,
+        Some(Some(s)) if s == "normal" => false,
+        Some(Some(s)) if s == "silent" => true,
         Some(_) => return None,
     };
-    let mut md5 = md5.to_string();
     md5.make_ascii_lowercase();
     Some(Job {
-        url: url.to_string(),
+        url,
         md5,
         proc,
         silent,
@@ -638,15 +620,14 @@ pub fn url_ok(url: &str) -> bool {
         && url.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
-/// Lower-case hex of a digest.
-pub fn hex(d: &[u8; 16]) -> String {
+/// Whether `hex` (lower-case, as `job_of` leaves it) is the digest `d`: compared digit by digit,
+/// without a copy.
+pub fn md5_is(d: &[u8; 16], hex: &str) -> bool {
     const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(32);
-    for b in d {
-        s.push(char::from(H[usize::from(b >> 4)]));
-        s.push(char::from(H[usize::from(b & 15)]));
-    }
-    s
+    hex.len() == 32
+        && d.iter()
+            .zip(hex.as_bytes().chunks(2))
+            .all(|(b, h)| h == [H[usize::from(b >> 4)], H[usize::from(b & 15)]])
 }
 
 #[cfg(test)]
@@ -720,7 +701,13 @@ mod tests {
     }
 
     fn cmd(o: &mut Ota<Rec>, t: u64, text: &str) -> Vec<String> {
-        o.message(Instant(t), text.as_bytes());
+        // As the applet gets it: cut (and scanned) by the splitter, or raw when it cannot be.
+        let mut sp = crate::wire::json_stream::Splitter::new(65536);
+        sp.push(text.as_bytes());
+        match sp.next_piece() {
+            Some(Ok(p)) if sp.buffered() == 0 => o.message(Instant(t), p),
+            _ => o.message(Instant(t), Piece::Raw(text.as_bytes().to_vec())),
+        }
         std::mem::take(&mut o.io.sent)
     }
 
@@ -878,6 +865,18 @@ mod tests {
             cmd(&mut o, 0, &ota_cmd("install", "normal"));
             o.child_exited(Instant(1), code);
             assert_eq!(o.state(), want);
+            let r = reports(&std::mem::take(&mut o.io.sent));
+            assert_eq!(
+                r.last().unwrap(),
+                &format!(
+                    r#"{{"ota_state":"{}"}}"#,
+                    match want {
+                        State::Failed(Fail::Install) => "failed|-33005|install error",
+                        State::Failed(Fail::LowEnergy) => "failed|-33007|low energy",
+                        _ => "failed|-33020|unknown",
+                    }
+                )
+            );
             assert_eq!(
                 o.io.removes, 0,
                 "an installed file is not the download's to remove"
@@ -1105,6 +1104,12 @@ mod tests {
         assert!(!url_ok("file:///etc/passwd"));
         assert!(!url_ok("http://a/\u{e9}"));
         assert!(!url_ok(&format!("http://a/{}", "x".repeat(MAX_URL))));
-        assert_eq!(hex(&digest()), MD5.to_ascii_lowercase());
+        assert!(md5_is(&digest(), &MD5.to_ascii_lowercase()));
+        assert!(
+            !md5_is(&digest(), MD5),
+            "upper case is not what job_of leaves"
+        );
+        assert!(!md5_is(&[0; 16], &MD5.to_ascii_lowercase()));
+        assert!(!md5_is(&digest(), &MD5.to_ascii_lowercase()[..30]));
     }
 }

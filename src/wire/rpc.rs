@@ -737,6 +737,29 @@ pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
     core::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
+/// A piece's text and what [`scan_str`] says of it, the splitter's scan reused when it made one;
+/// None: not UTF-8 (the splitter passes only valid JSON, so only a `Raw` value can be that). The
+/// applets' one way from a piece to what they route on, without a tree.
+pub fn piece_text(piece: super::json_stream::Piece) -> Option<(String, Result<Head, RpcError>)> {
+    use super::json_stream::Piece;
+    match piece {
+        Piece::Scanned { text, head } => Some((text, Ok(head))),
+        Piece::Raw(raw) => String::from_utf8(raw).ok().map(|t| {
+            let head = scan_str(&t);
+            (t, head)
+        }),
+    }
+}
+
+/// A member that is a string, unescaped (the one parse, [`value`]): None when there is no such
+/// member (or `text` is not one valid object), `Some(None)` when its value is not a string.
+pub fn str_member(text: &str, name: &str) -> Option<Option<String>> {
+    raw_member(text, name).map(|v| match value(v.as_bytes()) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    })
+}
+
 /// The raw text of the last top-level `id` member (the one a parser keeps), as sent: the id to echo
 /// in a -32600 reply when it is not a u32 (L§4.1), even one no `Value` can hold.
 pub fn raw_id(text: &str) -> Option<&str> {
@@ -1706,6 +1729,36 @@ mod tests {
         assert_eq!(raw_id(r#"{"id":1.50,"id":"a"}"#), Some(r#""a""#));
         assert_eq!(raw_id(r#"{"params":{"id":1}}"#), None);
         assert_eq!(raw_id("[1]"), None);
+    }
+
+    #[test]
+    fn str_member_unescapes_and_tells_absent_from_not_a_string() {
+        let t = r#"{"a":"x\"\u0041","b":1,"\u0063":"k","d":null,"a2":"\ud800"}"#;
+        assert_eq!(str_member(t, "a"), Some(Some("x\"A".to_string())));
+        assert_eq!(str_member(t, "b"), Some(None));
+        assert_eq!(
+            str_member(t, "c"),
+            Some(Some("k".to_string())),
+            "escaped key"
+        );
+        assert_eq!(str_member(t, "d"), Some(None));
+        assert_eq!(
+            str_member(t, "a2"),
+            Some(None),
+            "a lone surrogate is no string"
+        );
+        assert_eq!(str_member(t, "e"), None);
+        assert_eq!(str_member("[]", "a"), None);
+    }
+
+    #[test]
+    fn piece_text_scans_raw_pieces_too() {
+        use crate::wire::json_stream::Piece;
+        let (t, h) = piece_text(Piece::Raw(br#"{"id":3,"method":"m"}"#.to_vec())).unwrap();
+        assert_eq!(t, r#"{"id":3,"method":"m"}"#);
+        assert_eq!(h.unwrap().method(), "m");
+        assert!(piece_text(Piece::Raw(vec![b'"', 0xff, b'"'])).is_none());
+        assert!(piece_text(Piece::Raw(b"[1]".to_vec())).unwrap().1.is_err());
     }
 
     /// Any JSON value: strings from any characters (control characters, quotes, backslashes,
