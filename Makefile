@@ -349,7 +349,7 @@ export DL_FIND_OBJECT_C
 # tables) as non-PIC code that calls with jal (-fno-pie -mno-shared -mplt; still abicalls, so it links
 # with gcc's libgcc and crt objects unchanged). Kept from Debian's hardening: -fstack-protector-strong
 # (2.6 KB here; musl parses DNS answers). musl's .text in the binary: 77.8 KB -> 61.9 KB (-Os about
-# -7.5 KB, non-PIC calls -8.9 KB); with the tail calls below the file 407,824 -> 387,740 B. The source
+# -7.5 KB, non-PIC calls -8.9 KB); with the tail calls below the file 407,824 -> 387,804 B. The source
 # comes through apt (the Debian mirror's signed Sources index, fetched into the build dir with a
 # deb-src line of its own, so the system's apt sources are not touched; MUSL_DEB_SRC is that line);
 # the build takes about 50 s of CPU once per STATIC_DIR (stamp: version and flags) and keeps only
